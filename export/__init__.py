@@ -1,0 +1,1 @@
+"""skyrt.export — torch reference modules, checkpoint loaders, ONNX export and engine builds."""

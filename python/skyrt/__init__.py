@@ -1,0 +1,19 @@
+"""skyrt — deployment runtime for SkyReels-V2 diffusion-forcing video models.
+
+    import skyrt
+    pipe = skyrt.load("path/to/model")          # official or diffusers layout
+    frames = pipe.generate("a red fox running", num_frames=97)   # uint8 [T, H, W, 3]
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(model_dir, backend: str = "torch", device: str = "cpu", **kwargs):
+    """Load a model folder and return a pipeline (see `skyrt.runtime.pipeline.Pipeline`)."""
+    from skyrt.runtime.api import load as _load
+
+    return _load(model_dir, backend=backend, device=device, **kwargs)
+
+
+__all__ = ["load", "__version__"]
