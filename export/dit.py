@@ -1,0 +1,662 @@
+"""Torch reference of the SkyReels-V2 / Wan2.1 diffusion transformer (DiT), diffusion-forcing ready.
+
+What it is: one flat, readable model whose parameter names are exactly the official checkpoint keys
+(`blocks.0.self_attn.q.weight`, ...), so an official state dict loads with strict=True, plus the key
+maps to and from the diffusers `SkyReelsV2Transformer3DModel` names. It is the numerical reference
+for the exported engines, and the torch backend runs it directly.
+
+Deliberate differences from the public implementations (outputs agree, see tests/test_dit.py):
+- RoPE is real-valued (cos/sin of interleaved pairs), no complex tensors, so it exports to ONNX and
+  TensorRT. Angles are computed in float64 then stored as fp32 tables.
+- Timesteps are always per latent frame ([B, F]); a [B] timestep is broadcast. Modulation is applied
+  per frame on a [B, F, S, D] token grid instead of being repeated for every token.
+- The fps embedding is added per sample. Both public versions tile it with `.repeat(F, 1, 1)`, which
+  mixes samples when B > 1 with different fps (diffusers even fails to broadcast for B > 1).
+- Block-causal attention is an explicit forward argument, never state stored in the model/config.
+- Norms, modulation, RoPE and the time/fps embeddings run in fp32 whatever the weight dtype (weights
+  are upcast on the fly); the residual stream stays fp32; the big matmuls and attention run in the
+  weight dtype of `patch_embedding`.
+
+Shapes: B batch, C channels, F latent frames, H/W latent height/width, f/h/w the token grid after
+patching (f = F for patch (1, 2, 2)), S = h*w tokens per frame, L = f*S tokens, D = dim,
+N heads, Dh = D // N head dim, Lt text tokens, Li = 257 image (CLIP) tokens.
+
+Run its tests: python -m pytest tests/test_dit.py -q
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP_DIM = 1280  # width of the open-clip ViT-H/14 features the i2v models take ([B, 257, 1280])
+ROPE_THETA = 10000.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Transformer hyper-parameters under the official config.json names."""
+
+    model_type: str = "t2v"  # 't2v' or 'i2v' (i2v adds CLIP image tokens and k_img/v_img)
+    text_len: int = 512  # the caller zero-pads the umT5 context to this many tokens
+    in_dim: int = 16  # latent channels in (i2v: 16 noisy + 20 conditioning = 36)
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256  # width of the sinusoidal timestep embedding
+    out_dim: int = 16
+    num_heads: int = 12
+    num_layers: int = 30
+    eps: float = 1e-6
+    inject_sample_info: bool = False  # fps embedding (DF-1.3B only)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096  # umT5-xxl width
+    cross_attn_norm: bool = True
+    qk_norm: bool = True
+    rope_max_positions: int = 1024  # the trained RoPE table length: positions must stay below it
+    # Frames per causal block the checkpoint was configured with (diffusers' `num_frame_per_block`).
+    # Informational: forward() masks only when the caller passes `causal_block_size`.
+    num_frame_per_block: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.model_type not in ("t2v", "i2v"):
+            raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim={self.head_dim} must be even and >= 6 for the 3-axis RoPE")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim={self.freq_dim} must be even")
+        if self.num_frame_per_block < 1:
+            raise ValueError(f"num_frame_per_block must be >= 1, got {self.num_frame_per_block}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    # -- official config.json --------------------------------------------------------------
+    @classmethod
+    def from_official(cls, raw: dict) -> "DiTConfig":
+        """From an official config.json dict; `_class_name`, `__name__`, other unknown keys are ignored.
+
+        `window_size` is accepted only as global attention ((-1, -1)): local windows are not used
+        by any SkyReels-V2 checkpoint and are not implemented.
+        """
+        window = raw.get("window_size")
+        if window is not None and tuple(window) != (-1, -1):
+            raise ValueError(f"window_size={window} (local attention) is not supported; expected (-1, -1)")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def to_official(self) -> dict:
+        """An official config.json dict (all WanModel.__init__ arguments; skyrt extras only if set)."""
+        out = {"_class_name": "WanModel"}
+        for key, value in asdict(self).items():
+            if key == "rope_max_positions" and value == 1024:
+                continue  # not an official field; write it only when it differs from the table size
+            if key == "num_frame_per_block" and value == 1:
+                continue
+            out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    # -- diffusers transformer/config.json ----------------------------------------------------
+    @classmethod
+    def from_diffusers(cls, raw: dict) -> "DiTConfig":
+        """From a diffusers SkyReelsV2Transformer3DModel config.json dict."""
+        heads, head_dim = int(raw["num_attention_heads"]), int(raw["attention_head_dim"])
+        dim = heads * head_dim
+        image_dim = raw.get("image_dim")
+        if image_dim is not None and int(image_dim) != CLIP_DIM:
+            raise ValueError(f"image_dim={image_dim}: only {CLIP_DIM}-wide CLIP features are supported")
+        added_kv = raw.get("added_kv_proj_dim")
+        if (image_dim is None) != (added_kv is None) or (added_kv is not None and int(added_kv) != dim):
+            raise ValueError(f"image_dim={image_dim} and added_kv_proj_dim={added_kv} must be both unset or "
+                             f"{CLIP_DIM} and dim={dim} (the i2v layout)")
+        if raw.get("pos_embed_seq_len") is not None:
+            raise ValueError("pos_embed_seq_len (first-last-frame image position embedding) is not supported")
+        in_dim = int(raw.get("in_channels", 16))
+        return cls(
+            model_type="i2v" if image_dim is not None else "t2v",
+            text_len=512,  # diffusers keeps it in the pipeline (max_sequence_length), not the config
+            in_dim=in_dim,
+            dim=dim,
+            ffn_dim=int(raw["ffn_dim"]),
+            freq_dim=int(raw.get("freq_dim", 256)),
+            out_dim=int(raw.get("out_channels") or in_dim),
+            num_heads=heads,
+            num_layers=int(raw["num_layers"]),
+            eps=float(raw.get("eps", 1e-6)),
+            inject_sample_info=bool(raw.get("inject_sample_info", False)),
+            patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
+            text_dim=int(raw.get("text_dim", 4096)),
+            cross_attn_norm=bool(raw.get("cross_attn_norm", True)),
+            qk_norm=raw.get("qk_norm", "rms_norm_across_heads") is not None,
+            rope_max_positions=int(raw.get("rope_max_seq_len", 1024)),
+            num_frame_per_block=int(raw.get("num_frame_per_block", 1)),
+        )
+
+    def to_diffusers(self) -> dict:
+        """Keyword arguments for diffusers' SkyReelsV2Transformer3DModel (used by tests as the oracle)."""
+        i2v = self.model_type == "i2v"
+        return dict(
+            patch_size=self.patch_size, num_attention_heads=self.num_heads, attention_head_dim=self.head_dim,
+            in_channels=self.in_dim, out_channels=self.out_dim, text_dim=self.text_dim, freq_dim=self.freq_dim,
+            ffn_dim=self.ffn_dim, num_layers=self.num_layers, cross_attn_norm=self.cross_attn_norm,
+            qk_norm="rms_norm_across_heads" if self.qk_norm else None, eps=self.eps,
+            image_dim=CLIP_DIM if i2v else None, added_kv_proj_dim=self.dim if i2v else None,
+            rope_max_seq_len=self.rope_max_positions, inject_sample_info=self.inject_sample_info,
+            num_frame_per_block=self.num_frame_per_block,
+        )
+
+
+# DESIGN.md section 5. The 720P DF-14B has the same transformer as the 540P one.
+DF_1_3B_540P = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, inject_sample_info=True)
+DF_14B_540P = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, inject_sample_info=False)
+DF_14B_720P = DF_14B_540P
+# Tests and the built-in demo: 2 heads of 16, every code path of the real model.
+TINY = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small numerical pieces (pure functions: the exporter and the KV-cached step reuse them)
+
+
+def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear evaluated in fp32 whatever dtype its weights are stored in (fp32 islands)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear in its weight dtype (the big matmuls: bf16/fp16 after a cast, fp32 in the reference)."""
+    return layer(x.to(layer.weight.dtype))
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[...] timesteps -> [..., dim] fp32 embedding, cos half first (the official layout).
+
+    Computed in float64 like both public versions: at t ~ 1000 fp32 angles would be off by ~1e-4.
+    For TensorRT (no float64) compute it on the host and feed it in.
+    """
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64).unsqueeze(-1) * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
+    """Complex pairs per axis (t, h, w): channels t = d - 4*(d//6), h = w = 2*(d//6), halved."""
+    hw = head_dim // 6
+    return head_dim // 2 - 2 * hw, hw, hw
+
+
+def _axis_inv_freq(pairs: int) -> torch.Tensor:
+    """Inverse frequencies of one axis, float64 [pairs]: each axis has its own table of 2*pairs channels."""
+    return 1.0 / ROPE_THETA ** (torch.arange(pairs, dtype=torch.float64) * 2 / (2 * pairs))
+
+
+def rope_cos_sin(
+    head_dim: int,
+    frame_positions,
+    h: int,
+    w: int,
+    max_positions: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real RoPE tables for a (frames, h, w) token grid, tokens in f-major, then h, then w order.
+
+    frame_positions: [f] temporal positions of the frames (int sequence or LongTensor).
+    Returns (cos, sin), each fp32 [f*h*w, head_dim // 2]: pair i of a token is rotated by the angle
+    of its axis (temporal pairs first, then height, then width), exactly the official complex table.
+    """
+    pos_f = torch.as_tensor(frame_positions, dtype=torch.long).reshape(-1)
+    if pos_f.numel() and (int(pos_f.min()) < 0 or int(pos_f.max()) >= max_positions):
+        raise ValueError(f"frame positions {pos_f.min().item()}..{pos_f.max().item()} fall outside the "
+                         f"trained RoPE table [0, {max_positions}); rebase the positions")
+    if h > max_positions or w > max_positions:
+        raise ValueError(f"token grid {h}x{w} exceeds the RoPE table of {max_positions} positions")
+    pt, ph, pw = rope_axis_pairs(head_dim)
+    f = pos_f.numel()
+    ang_t = pos_f.to(torch.float64)[:, None] * _axis_inv_freq(pt)  # [f, pt]
+    ang_h = torch.arange(h, dtype=torch.float64)[:, None] * _axis_inv_freq(ph)  # [h, ph]
+    ang_w = torch.arange(w, dtype=torch.float64)[:, None] * _axis_inv_freq(pw)  # [w, pw]
+    angles = torch.cat(
+        [
+            ang_t[:, None, None, :].expand(f, h, w, pt),
+            ang_h[None, :, None, :].expand(f, h, w, ph),
+            ang_w[None, None, :, :].expand(f, h, w, pw),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, head_dim // 2)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (2i, 2i+1) of x [B, L, N, Dh] by the angles of cos/sin [L, Dh/2].
+
+    The real form of the official `view_as_complex(x) * freqs`; computed and returned in fp32.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, N, Dh/2, 2]
+    re, im = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    return torch.stack([re * c - im * s, re * s + im * c], dim=-1).flatten(-2)
+
+
+def block_causal_mask(num_frames: int, tokens_per_frame: int, block_size: int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool [L, L] mask (True = may attend): a token sees every token of its own block of
+    `block_size` frames and of all earlier blocks. block_size=1 is plain frame-causal attention."""
+    if block_size < 1 or num_frames % block_size:
+        raise ValueError(f"{num_frames} latent frames cannot be split into causal blocks of {block_size}: "
+                         "both public implementations leave such frames undenoised; use a divisor")
+    block_of_token = (torch.arange(num_frames, device=device) // block_size).repeat_interleave(tokens_per_frame)
+    return block_of_token[None, :] <= block_of_token[:, None]  # [query, key]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention, q [B, Lq, N, Dh], k/v [B, Lk, N, Dh], bool mask [Lq, Lk] -> [B, Lq, N*Dh].
+
+    Runs in v's dtype (the compute dtype); q/k arrive fp32 from the norms and RoPE.
+    """
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [B, f, S, D] normalised, shift/scale [B, f, D] per frame (fp32)."""
+    return x * (1 + scale[:, :, None]) + shift[:, :, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers (official module names: they define the checkpoint keys)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the whole feature axis (all heads together), fp32 in, fp32 out."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 (returns fp32) whatever the stored weight dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def _qk_norm(dim: int, cfg: DiTConfig) -> nn.Module:
+    return RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = _qk_norm(cfg.dim, cfg)
+        self.norm_k = _qk_norm(cfg.dim, cfg)
+
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, L, D] -> q, k (fp32, normed and rotated), v (compute dtype), each [B, L, N, Dh].
+
+        The KV-cached step calls this for the new frames and appends k/v to its cache.
+        """
+        q = apply_rope(self.norm_q(_linear(self.q, x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+        k = apply_rope(self.norm_k(_linear(self.k, x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+        v = _linear(self.v, x).unflatten(-1, (self.num_heads, -1))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v = self.project_qkv(x, cos, sin)
+        return _linear(self.o, attention(q, k, v, mask))
+
+
+class CrossKV(NamedTuple):
+    """Per-layer cross-attention keys/values, [B, Lt, N, Dh] (text) and [B, Li, N, Dh] (image or None).
+
+    They depend only on the prompt (and image), so a rollout computes them once per prompt.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_img: Optional[torch.Tensor] = None
+    v_img: Optional[torch.Tensor] = None
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to text tokens; the i2v variant adds a second, separate attention
+    to the CLIP image tokens (own k_img/v_img) whose output is summed before `o`."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = _qk_norm(cfg.dim, cfg)
+        self.norm_k = _qk_norm(cfg.dim, cfg)
+        self.has_image = cfg.model_type == "i2v"
+        if self.has_image:
+            self.k_img = nn.Linear(cfg.dim, cfg.dim)
+            self.v_img = nn.Linear(cfg.dim, cfg.dim)
+            self.norm_k_img = _qk_norm(cfg.dim, cfg)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def context_kv(self, text: torch.Tensor, image: Optional[torch.Tensor] = None) -> CrossKV:
+        """Embedded text [B, Lt, D] (and image [B, Li, D]) -> this layer's CrossKV."""
+        k = self._heads(self.norm_k(_linear(self.k, text))).to(self.v.weight.dtype)
+        v = self._heads(_linear(self.v, text))
+        if not self.has_image:
+            return CrossKV(k, v)
+        if image is None:
+            raise ValueError("an i2v model needs the CLIP image tokens (clip_fea)")
+        k_img = self._heads(self.norm_k_img(_linear(self.k_img, image))).to(self.v_img.weight.dtype)
+        v_img = self._heads(_linear(self.v_img, image))
+        return CrossKV(k, v, k_img, v_img)
+
+    def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+        """x [B, L, D] -> [B, L, D]; no mask: padded text tokens are attended like the public code does."""
+        q = self._heads(self.norm_q(_linear(self.q, x)))
+        out = attention(q, kv.k, kv.v)
+        if kv.k_img is not None:
+            out = out + attention(q, kv.k_img, kv.v_img)
+        return _linear(self.o, out)
+
+
+class AttentionBlock(nn.Module):
+    """adaLN block: self-attention, cross-attention, FFN; six per-frame modulation vectors.
+
+    Official naming: norm1 before self-attention, norm3 (the affine one) before cross-attention,
+    norm2 before the FFN. diffusers swaps norm2 and norm3.
+    """
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm1 = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cross_kv: CrossKV, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, f, S, D] fp32 residual stream; e0 [B, f, 6, D] fp32 per-frame time projection."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(dim=2)  # [B, f, D]
+
+        h = _modulate(self.norm1(x), shift1, scale1).flatten(1, 2)  # [B, L, D]
+        x = x + self.self_attn(h, cos, sin, mask).float().view_as(x) * gate1[:, :, None]
+
+        h = self.norm3(x).flatten(1, 2)
+        x = x + self.cross_attn(h, cross_kv).float().view_as(x)
+
+        h = _modulate(self.norm2(x), shift2, scale2)
+        return x + _linear(self.ffn[2], self.ffn[1](_linear(self.ffn[0], h))).float() * gate2[:, :, None]
+
+
+class Head(nn.Module):
+    """Output adaLN (shift, scale per frame from the time embedding) and projection to patches."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [B, f, S, D], e [B, f, D] time embedding -> [B, f, S, C*pt*ph*pw] fp32."""
+        shift, scale = (self.modulation.float() + e[:, :, None]).unbind(dim=2)
+        return _linear(self.head, _modulate(self.norm(x), shift, scale)).float()
+
+
+class MLPProj(nn.Module):
+    """CLIP image features [B, Li, 1280] -> image tokens [B, Li, D] (i2v only)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.proj = nn.Sequential(
+            LayerNorm32(CLIP_DIM), nn.Linear(CLIP_DIM, CLIP_DIM), nn.GELU(), nn.Linear(CLIP_DIM, cfg.dim),
+            LayerNorm32(cfg.dim),
+        )
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        norm_in, fc1, act, fc2, norm_out = self.proj
+        return norm_out(_linear(fc2, act(_linear(fc1, norm_in(clip_fea)))))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class WanDiT(nn.Module):
+    """SkyReels-V2 / Wan2.1 DiT with official parameter names; see the module docstring."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        if cfg.inject_sample_info:
+            self.fps_embedding = nn.Embedding(2, cfg.dim)  # class 0: 16 fps, class 1: anything else
+            self.fps_projection = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(AttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.model_type == "i2v":
+            self.img_emb = MLPProj(cfg)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    # -- conditioning (per step: time; per prompt: text/image) -------------------------------
+    def embed_time(self, t: torch.Tensor, fps: Optional[torch.Tensor] = None):
+        """Per-frame timesteps t [B, f] -> (e [B, f, D], e0 [B, f, 6, D]), both fp32.
+
+        e feeds the head; e0 (plus each block's own table) the six block modulations.
+        """
+        sinusoid = timestep_sinusoid(t, self.config.freq_dim)  # [B, f, freq_dim]
+        e = _linear32(self.time_embedding[2], F.silu(_linear32(self.time_embedding[0], sinusoid)))
+        e0 = _linear32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, -1))
+        if self.config.inject_sample_info:
+            e0 = e0 + self.embed_fps(fps, t.shape[0], t.device)[:, None]
+        return e, e0
+
+    def embed_fps(self, fps, batch: int, device) -> torch.Tensor:
+        """fps class per sample (0 if fps == 16 else 1) -> modulation offset [B, 6, D] fp32."""
+        if fps is None:
+            raise ValueError("this checkpoint uses the fps embedding (inject_sample_info): pass fps classes "
+                             "(0 for 16 fps, 1 otherwise)")
+        fps = torch.as_tensor(fps, dtype=torch.long, device=device).reshape(-1).expand(batch)
+        if bool(((fps != 0) & (fps != 1)).any()):
+            raise ValueError(f"fps classes must be 0 (16 fps) or 1 (other), got {fps.tolist()}")
+        emb = self.fps_embedding.weight.float()[fps]  # [B, D]
+        proj = self.fps_projection
+        return _linear32(proj[2], F.silu(_linear32(proj[0], emb))).unflatten(-1, (6, -1))
+
+    def embed_context(self, context: torch.Tensor, clip_fea: Optional[torch.Tensor] = None):
+        """umT5 context [B, Lt, text_dim] (and CLIP [B, Li, 1280]) -> (text [B, Lt, D], image [B, Li, D] or None)."""
+        text = _linear(self.text_embedding[2], self.text_embedding[1](_linear(self.text_embedding[0], context)))
+        if self.config.model_type != "i2v":
+            if clip_fea is not None:
+                raise ValueError("clip_fea was given to a t2v model (model_type='t2v' has no image branch)")
+            return text, None
+        if clip_fea is None:
+            raise ValueError("an i2v model needs clip_fea [B, 257, 1280]")
+        return text, self.img_emb(clip_fea).to(text.dtype)
+
+    def cross_attention_kv(self, context: torch.Tensor, clip_fea: Optional[torch.Tensor] = None) -> list[CrossKV]:
+        """All layers' cross-attention K/V for one prompt (compute once, reuse for every step)."""
+        text, image = self.embed_context(context, clip_fea)
+        return [block.cross_attn.context_kv(text, image) for block in self.blocks]
+
+    # -- patches ---------------------------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in_dim, F, H, W] -> tokens [B, f, S, D] fp32 (row-major h, w inside a frame)."""
+        tokens = self.patch_embedding(x.to(self.compute_dtype))  # [B, D, f, h, w]
+        return tokens.flatten(3).permute(0, 2, 3, 1).float()
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """out [B, f, S, pt*ph*pw*C] -> [B, C, f*pt, h*ph, w*pw]; channel is the fastest patch index."""
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        out = out.reshape(out.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, f, pt, h, ph, w, pw]
+        return out.reshape(out.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: Optional[torch.Tensor],
+        fps: Optional[torch.Tensor] = None,
+        clip_fea: Optional[torch.Tensor] = None,
+        y: Optional[torch.Tensor] = None,
+        causal_block_size: Optional[int] = None,
+        frame_offset: int = 0,
+        cross_kv: Optional[Sequence[CrossKV]] = None,
+    ) -> torch.Tensor:
+        """Flow velocity for noisy latents.
+
+        x: [B, C, F, H, W] latents; y: i2v conditioning latents concatenated on channels
+        (C + C_y must equal in_dim); t: [B, F] per-frame timesteps in [0, 1000] (or [B]);
+        context: [B, Lt, text_dim] (padded by the caller to text_len) or None when `cross_kv`
+        (from cross_attention_kv) is given; fps: [B] fps classes, read only with inject_sample_info;
+        clip_fea: [B, 257, 1280] for i2v; causal_block_size: None = full attention, k >= 1 =
+        block-causal over latent frames in blocks of k; frame_offset: RoPE position of frame 0.
+        Returns [B, out_dim, F, H, W] fp32.
+        """
+        cfg = self.config
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != cfg.in_dim:
+            raise ValueError(f"input has {x.shape[1]} channels (x plus y), the model takes in_dim={cfg.in_dim}")
+        B, _, num_frames, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        if num_frames % pt or H % ph or W % pw:
+            raise ValueError(f"latent shape F,H,W = {num_frames},{H},{W} is not divisible by patch {cfg.patch_size}")
+        grid = (num_frames // pt, H // ph, W // pw)
+        f, h, w = grid
+
+        t = torch.as_tensor(t, device=x.device)
+        t = t[:, None].expand(B, f) if t.dim() == 1 else t
+        if tuple(t.shape) != (B, f):
+            raise ValueError(f"timesteps must be [B, F] = [{B}, {f}] (or [B]), got {tuple(t.shape)}")
+
+        tokens = self.patchify(x)  # [B, f, S, D]
+        e, e0 = self.embed_time(t, fps)
+        if cross_kv is None:
+            cross_kv = self.cross_attention_kv(context, clip_fea)
+        if len(cross_kv) != len(self.blocks):
+            raise ValueError(f"cross_kv has {len(cross_kv)} layers, the model {len(self.blocks)}")
+        cos, sin = rope_cos_sin(cfg.head_dim, torch.arange(f) + frame_offset, h, w, cfg.rope_max_positions)
+        cos, sin = cos.to(x.device), sin.to(x.device)
+        mask = None if causal_block_size is None else block_causal_mask(f, h * w, causal_block_size, x.device)
+
+        for block, kv in zip(self.blocks, cross_kv):
+            tokens = block(tokens, e0, cos, sin, kv, mask)
+        return self.unpatchify(self.head(tokens, e), grid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Key maps: official checkpoint names <-> diffusers SkyReelsV2Transformer3DModel names (DESIGN.md 5)
+
+# (official module path, diffusers module path); matched on whole dotted components.
+_TOP_LEVEL = (
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head", "proj_out"),
+    ("fps_projection.0", "fps_projection.net.0.proj"),
+    ("fps_projection.2", "fps_projection.net.2"),
+)
+_IN_BLOCK = (
+    ("modulation", "scale_shift_table"),
+    ("self_attn.q", "attn1.to_q"),
+    ("self_attn.k", "attn1.to_k"),
+    ("self_attn.v", "attn1.to_v"),
+    ("self_attn.o", "attn1.to_out.0"),
+    ("self_attn.norm_q", "attn1.norm_q"),
+    ("self_attn.norm_k", "attn1.norm_k"),
+    ("cross_attn.q", "attn2.to_q"),
+    ("cross_attn.k", "attn2.to_k"),
+    ("cross_attn.v", "attn2.to_v"),
+    ("cross_attn.o", "attn2.to_out.0"),
+    ("cross_attn.norm_q", "attn2.norm_q"),
+    ("cross_attn.norm_k", "attn2.norm_k"),
+    ("cross_attn.k_img", "attn2.add_k_proj"),
+    ("cross_attn.v_img", "attn2.add_v_proj"),
+    ("cross_attn.norm_k_img", "attn2.norm_added_k"),
+    ("norm3", "norm2"),  # the affine cross-attention norm: official norm3 is diffusers norm2
+    ("norm2", "norm3"),  # (parameter-free in both; mapped for completeness)
+    ("ffn.0", "ffn.net.0.proj"),
+    ("ffn.2", "ffn.net.2"),
+)
+
+
+def _rename(key: str, table, src: int) -> str:
+    """Rewrite `key` with the first table entry whose side `src` is a whole-component prefix."""
+    dst = 1 - src
+    prefix, rest = "", key
+    if key.startswith("blocks."):
+        parts = key.split(".", 2)
+        if len(parts) == 3 and parts[1].isdigit():
+            prefix, rest, table = f"blocks.{parts[1]}.", parts[2], _IN_BLOCK
+    for pair in table:
+        old = pair[src]
+        if rest == old or rest.startswith(old + "."):
+            return prefix + pair[dst] + rest[len(old):]
+    return key  # unmapped names pass through, so strict loading reports them as unexpected
+
+
+def official_to_diffusers_key(key: str) -> str:
+    """Official checkpoint key -> diffusers SkyReelsV2Transformer3DModel key."""
+    return _rename(key, _TOP_LEVEL, src=0)
+
+
+def diffusers_to_official_key(key: str) -> str:
+    """diffusers SkyReelsV2Transformer3DModel key -> official checkpoint key."""
+    return _rename(key, _TOP_LEVEL, src=1)
+
+
+def convert_diffusers_state_dict(state: dict) -> dict:
+    """A diffusers transformer state dict under the official names (what WanDiT loads)."""
+    out = {}
+    for key, value in state.items():
+        new_key = diffusers_to_official_key(key)
+        if new_key in out:
+            raise KeyError(f"two diffusers keys map to {new_key!r} (second: {key!r})")
+        out[new_key] = value
+    return out
