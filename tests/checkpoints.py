@@ -1,0 +1,82 @@
+"""Tiny random checkpoints in BOTH layouts, holding the same weights, built from diffusers' classes.
+
+The diffusers pipeline object built here is the oracle; its weights are also written in the
+official layout (renamed with skyrt's key maps, whose correctness test_dit/test_vae establish
+against diffusers) so every loader path is exercised with real files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from skyrt.export.checkpoint import rename_keys
+from skyrt.export.dit import diffusers_to_official_key
+from skyrt.export.text_encoder import load_tokenizer, make_tiny_tokenizer, umt5_config_for_official
+from skyrt.export.tiny import randomize_, umt5_official_state_dict
+from skyrt.export.vae import convert_diffusers_vae_state_dict
+from skyrt.runtime.model_folder import OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
+
+TINY_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+    text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, inject_sample_info=False, num_frame_per_block=1,
+)
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                temperal_downsample=[False, True, True])
+TEXT_LEN = 512  # the real text_len: the context is zero-padded to it
+
+
+def official_scheduler_config() -> dict:
+    """diffusers UniPC settings that reproduce the official FlowUniPCMultistepScheduler
+    when driven with the official shifted sigmas (see tests/test_scheduler.py)."""
+    return dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0, num_train_timesteps=1000,
+                solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True)
+
+
+def build_diffusers_pipeline(workdir: Path, seed: int = 0, **transformer_overrides):
+    """A SkyReelsV2DiffusionForcingPipeline with tiny random weights (fp32, CPU)."""
+    from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Transformer3DModel
+    from diffusers import UniPCMultistepScheduler
+    from transformers import UMT5EncoderModel
+
+    tokenizer = load_tokenizer(make_tiny_tokenizer(workdir / "tokenizer-src"))
+    text_encoder = randomize_(UMT5EncoderModel(umt5_config_for_official("tiny")), seed + 2).eval()
+    transformer = randomize_(
+        SkyReelsV2Transformer3DModel(**{**TINY_TRANSFORMER, **transformer_overrides}), seed
+    ).eval()
+    vae = randomize_(AutoencoderKLWan(**TINY_VAE), seed + 1).eval()
+    scheduler = UniPCMultistepScheduler(**official_scheduler_config())
+    return SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+    )
+
+
+def write_diffusers_layout(pipe, out: Path) -> Path:
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_official_layout(pipe, out: Path, num_shards: int = 2) -> Path:
+    """The same weights as `pipe`, in the official SkyReels-V2 folder layout."""
+    from safetensors.torch import save_file
+
+    from skyrt.export.tiny import _save_shards
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = pipe.transformer.config
+    config = {
+        "_class_name": "WanModel", "model_type": "i2v" if cfg.image_dim else "t2v", "text_len": TEXT_LEN,
+        "in_dim": cfg.in_channels, "dim": cfg.num_attention_heads * cfg.attention_head_dim, "ffn_dim": cfg.ffn_dim,
+        "freq_dim": cfg.freq_dim, "out_dim": cfg.out_channels, "num_heads": cfg.num_attention_heads,
+        "num_layers": cfg.num_layers, "eps": cfg.eps, "inject_sample_info": cfg.inject_sample_info,
+        "text_dim": cfg.text_dim,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    dit_state = rename_keys(pipe.transformer.state_dict(), diffusers_to_official_key)
+    _save_shards({k: v.contiguous() for k, v in dit_state.items()}, out, num_shards, save_file)
+    torch.save(convert_diffusers_vae_state_dict(pipe.vae.state_dict()), out / OFFICIAL_VAE)
+    torch.save(umt5_official_state_dict(pipe.text_encoder), out / OFFICIAL_T5)
+    pipe.tokenizer.save_pretrained(out / OFFICIAL_TOKENIZER)
+    return out
