@@ -1,0 +1,111 @@
+// samplers.h — per-frame samplers for diffusion forcing as fused elementwise kernels.
+//
+// In diffusion forcing every latent frame is at its own step, so each frame has its own
+// coefficients; one call updates many frames at once. Arrays are float32 and C-contiguous with a
+// frame axis: element i belongs to frame (i / inner) % frames, i.e. the shape is
+// [outer, frames, inner] (latents [C, F, H, W]: outer = C, inner = H*W).
+//
+//   flow_euler          out = x + dt[f] * v                   (flow matching Euler; dt = σ_next - σ)
+//   flow_unipc          one step of the official FlowUniPCMultistepScheduler (order 2, bh2,
+//                       predict_x0, flow_prediction): x0 conversion m = x - σ_k v, the UniC
+//                       corrector (steps k >= 1), then the UniP predictor; per-frame coefficients
+//                       come from unipc_frame_coeffs (host, double), the kernel does the elementwise
+//                       part and keeps each frame's history (last sample, two last x0 predictions)
+//   addnoise_condition  out = x * (1 - a) + noise * a on frames [frame_begin, frame_end)
+//                       (official prefix conditioning, a = 0.001 * addnoise_condition)
+//
+// Frames that do not update this step are copied (out = x) and keep their history. `out` may alias
+// `x`. CPU references (samplers.cpp) and CUDA kernels (cuda/samplers.cu) share the *_one functions
+// below and take the same arguments (the CUDA ones add a stream).
+#pragma once
+#include <cstdint>
+#include "common.h"
+
+namespace skyrt {
+
+// ---- per-frame UniPC coefficients ------------------------------------------------------------------
+// Step k of a frame with sigmas σ_0 > ... > σ_S = 0, α = 1 - σ, λ = log α - log σ:
+//   m  = x - σ_k v                                               (x0 prediction)
+//   xc = c_scale x_last - c_alpha_phi m1                          (corrector, if corrector != 0)
+//        - c_alpha_bh (c_rho_d1 (m2 - m1) + c_rho_t (m - m1))
+//   x' = p_scale xc - p_alpha_phi m - p_alpha_bh_rho (m1 - m)      (predictor)
+// with m1, m2 the frame's x0 predictions of steps k-1, k-2 and x_last its xc of step k-1; then
+// x_last = xc, m2 = m1, m1 = m. Orders follow the official warm-up and lower_order_final rules.
+struct UniPCFrameCoeffs {
+  float update;          // 1: step this frame; 0: out = x, history untouched
+  float sigma;           // σ_k
+  float corrector;       // 0 (k = 0), 1 or 2: UniC order (2 reads m2)
+  float c_scale;         // σ_k / σ_{k-1}
+  float c_alpha_phi;     // α_k expm1(-h),  h = λ_k - λ_{k-1}
+  float c_alpha_bh;      // α_k B(h), B(h) = expm1(-h) (bh2)
+  float c_rho_d1;        // ρ_0 / r_1 (order 2), 0 otherwise
+  float c_rho_t;         // ρ_last (0.5 for order 1)
+  float predictor;       // 1 or 2: UniP order (2 reads m1)
+  float p_scale;         // σ_{k+1} / σ_k
+  float p_alpha_phi;     // α_{k+1} expm1(-h),  h = λ_{k+1} - λ_k
+  float p_alpha_bh_rho;  // α_{k+1} B(h) 0.5 / r_1 (order 2), 0 otherwise
+};
+constexpr int kUniPCCoeffs = 12;
+static_assert(sizeof(UniPCFrameCoeffs) == kUniPCCoeffs * sizeof(float), "UniPCFrameCoeffs is a float row");
+
+// Coefficients for `frames` frames; steps[f] is frame f's step k in [0, S), or < 0 for "no update".
+// sigmas: [num_sigmas = S + 1] with σ_0..σ_{S-1} in (0, 1) and σ_S in [0, 1). Host only.
+int unipc_frame_coeffs(const double* sigmas, int64_t num_sigmas, const int64_t* steps, int64_t frames,
+                       UniPCFrameCoeffs* out);
+
+// ---- per-element math shared by host and device ----------------------------------------------------
+
+SKYRT_HD float flow_euler_one(float x, float v, float dt) { return x + dt * v; }
+
+SKYRT_HD float addnoise_one(float x, float noise, float keep, float factor) { return x * keep + noise * factor; }
+
+// One UniPC step of one element; updates the history in place and returns the new sample.
+SKYRT_HD float flow_unipc_one(const UniPCFrameCoeffs& c, float x, float v, float* x_last, float* m1, float* m2) {
+  const float m = x - c.sigma * v;
+  const float prev_m1 = *m1;
+  float xc = x;
+  if (c.corrector != 0.0f) {
+    const float corr = c.corrector == 2.0f ? c.c_rho_d1 * (*m2 - prev_m1) : 0.0f;
+    xc = c.c_scale * *x_last - c.c_alpha_phi * prev_m1 - c.c_alpha_bh * (corr + c.c_rho_t * (m - prev_m1));
+  }
+  float out = c.p_scale * xc - c.p_alpha_phi * m;
+  if (c.predictor == 2.0f) out -= c.p_alpha_bh_rho * (prev_m1 - m);
+  *x_last = xc;
+  *m2 = prev_m1;
+  *m1 = m;
+  return out;
+}
+
+SKYRT_HD int64_t frame_of(int64_t i, int64_t frames, int64_t inner) { return (i / inner) % frames; }
+
+// ---- CPU references and CUDA kernels ---------------------------------------------------------------
+// dt: [frames]; update: [frames] or nullptr (all frames update); coeffs: [frames].
+// x, v, out, x_last, m1, m2, noise: [outer * frames * inner].
+
+namespace cpu {
+int flow_euler(const float* x, const float* v, float* out, const float* dt, const uint8_t* update, int64_t outer,
+               int64_t frames, int64_t inner);
+int flow_unipc(const float* x, const float* v, float* out, float* x_last, float* m1, float* m2,
+               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner);
+int addnoise_condition(const float* x, const float* noise, float* out, int64_t outer, int64_t frames, int64_t inner,
+                       int64_t frame_begin, int64_t frame_end, double factor);
+}  // namespace cpu
+
+namespace cuda {
+int flow_euler(const float* x, const float* v, float* out, const float* dt, const uint8_t* update, int64_t outer,
+               int64_t frames, int64_t inner, void* stream);
+int flow_unipc(const float* x, const float* v, float* out, float* x_last, float* m1, float* m2,
+               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner, void* stream);
+int addnoise_condition(const float* x, const float* noise, float* out, int64_t outer, int64_t frames, int64_t inner,
+                       int64_t frame_begin, int64_t frame_end, double factor, void* stream);
+}  // namespace cuda
+
+// Shared argument checks.
+inline int frame_layout_check(int64_t outer, int64_t frames, int64_t inner) {
+  return (outer < 0 || frames < 0 || inner < 0) ? kInvalidArgument : kOk;
+}
+
+// keep = 1 - factor rounded once from double, as torch does for `latent * (1.0 - factor)`.
+inline float addnoise_keep(double factor) { return static_cast<float>(1.0 - factor); }
+
+}  // namespace skyrt
