@@ -80,3 +80,21 @@ def write_official_layout(pipe, out: Path, num_shards: int = 2) -> Path:
     torch.save(umt5_official_state_dict(pipe.text_encoder), out / OFFICIAL_T5)
     pipe.tokenizer.save_pretrained(out / OFFICIAL_TOKENIZER)
     return out
+
+
+def official_sigmas_scheduler(shift: float):
+    """diffusers' UniPC that always schedules the official shifted sigmas (DESIGN.md §5).
+
+    The diffusers DF pipeline calls set_timesteps(num_inference_steps) itself; this subclass turns
+    that into set_timesteps(sigmas=<official sigmas>), which reproduces the official sampler.
+    """
+    from diffusers import UniPCMultistepScheduler
+
+    from skyrt.runtime.scheduler import shifted_sigmas
+
+    class OfficialSigmasUniPC(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            # float64, as the official set_timesteps has them before truncating the timesteps.
+            super().set_timesteps(sigmas=shifted_sigmas(num_inference_steps, shift), device=device)
+
+    return OfficialSigmasUniPC(**official_scheduler_config())

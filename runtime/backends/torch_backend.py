@@ -1,0 +1,68 @@
+"""The torch reference backend: skyrt.export's modules, fp32 on the CPU by default.
+
+This is the oracle-checked path (tests compare it with diffusers); engines are checked against it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import Backend, ModelSpec, StreamingDecoder, TextContext
+
+
+class TorchStreamingDecoder(StreamingDecoder):
+    """Wraps skyrt.export.vae.StreamingDecoder for numpy in/out."""
+
+    def __init__(self, vae, device: torch.device):
+        from skyrt.export.vae import StreamingDecoder as _Decoder
+
+        self._decoder = _Decoder(vae)
+        self._device = device
+
+    def reset(self) -> None:
+        self._decoder.reset()
+
+    @torch.inference_mode()
+    def decode_next(self, mu_frame: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(np.ascontiguousarray(mu_frame))[None].to(self._device)  # [1, 16, 1, h, w]
+        return self._decoder.decode_next(z)[0].float().cpu().numpy()
+
+
+class TorchBackend(Backend):
+    """Runs the DiT, VAE and umT5 reference modules with torch."""
+
+    name = "torch"
+
+    def __init__(self, model: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__(model)
+        from skyrt.export.loaders import load_components
+
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.dit, self.vae, self.text_encoder = load_components(model, dtype=dtype, device=self.device)
+
+    @torch.inference_mode()
+    def encode_text(self, prompt: str) -> TextContext:
+        context = self.text_encoder.encode([prompt]).to(self.device, self.dtype)  # [1, text_len, text_dim]
+        return TextContext(prompt=prompt, value=context)
+
+    @torch.inference_mode()
+    def predict_velocity(self, latents, timesteps, context, fps_class, causal_block_size):
+        x = torch.from_numpy(np.ascontiguousarray(latents))[None].to(self.device, self.dtype)  # [1, 16, F, h, w]
+        t = torch.from_numpy(np.asarray(timesteps, dtype=np.float32))[None].to(self.device)  # [1, F]
+        fps = None if fps_class is None else torch.tensor([fps_class], device=self.device)
+        v = self.dit(x, t, context.value, fps=fps, causal_block_size=causal_block_size)
+        return v[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def vae_encode(self, pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(pixels))[None].to(self.device)  # [1, 3, T, H, W]
+        return self.vae.encode(x)[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def vae_decode(self, mu: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(np.ascontiguousarray(mu))[None].to(self.device)  # [1, 16, F, h, w]
+        return self.vae.decode(z)[0].float().cpu().numpy()
+
+    def streaming_decoder(self) -> StreamingDecoder:
+        return TorchStreamingDecoder(self.vae, self.device)

@@ -1,0 +1,514 @@
+"""The diffusion-forcing rollout driver (window mode: the official SkyReels-V2 semantics).
+
+One numpy driver for every backend: it owns the DF schedule, the per-frame samplers, the noise and
+the window bookkeeping; the backend only runs networks. Shapes: latents are model-space float32
+[16, F, h, w] (no batch axis), pixels float32 [3, T, H, W] in [-1, 1], frames uint8 [T, H, W, 3].
+
+Window mode, as in the official `DiffusionForcingPipeline`:
+- a clip of `num_frames` pixel frames has L = (num_frames - 1) // 4 + 1 latent frames;
+- if it fits in `base_num_frames` (or no overlap is given) it is one window holding all L frames;
+- otherwise windows of `base_num_frames` overlap by `overlap_history` frames; each later window
+  starts from a prefix carried from the previous one: `pixel` carry (official: decode, take the
+  last `overlap_history` pixel frames, re-encode) or `latent` carry (diffusers: reuse the latents);
+- inside a window the DF timestep matrix says which frames move at each step; every frame has its
+  own UniPC sampler; prefix frames sit at t = 0 (or at `addnoise_condition`, with fresh noise).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from . import latents as lat
+from .backends.base import Backend, TextContext
+from .df_schedule import generate_timestep_matrix
+from .scheduler import FlowEulerScheduler, FlowUniPCScheduler
+from .video_io import ImageLike, VideoLike, load_image, load_video, to_model_pixels, to_uint8_frames
+
+log = logging.getLogger("skyrt.pipeline")
+
+MODES = ("window",)
+OUTPUTS = ("frames", "latent")
+OVERLAP_CARRIES = ("pixel", "latent")
+SAMPLERS = ("unipc", "euler")
+STREAM_FRAMES = 1 + 4 * 2**40  # "forever": a stream is planned one window at a time
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Every generation setting, validated once at the edge (see `Pipeline.generate`)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_frames: int = 97
+    height: int = 544
+    width: int = 960
+    num_inference_steps: int = 30
+    guidance_scale: float = 6.0
+    shift: float = 8.0
+    ar_step: int = 0
+    causal_block_size: int = 1
+    base_num_frames: int = 97
+    overlap_history: int | None = None
+    addnoise_condition: float = 0
+    fps: int = 24
+    seed: int | None = None
+    mode: str = "window"
+    output: str = "frames"
+    overlap_carry: str = "pixel"
+    sampler: str = "unipc"
+    causal_attention: bool = False
+
+    @property
+    def latent_frames(self) -> int:
+        return lat.latent_length(self.num_frames)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return self.height // lat.SPATIAL_FACTOR, self.width // lat.SPATIAL_FACTOR
+
+    @property
+    def use_cfg(self) -> bool:
+        # Official: classifier-free guidance only when the scale exceeds 1.
+        return self.guidance_scale > 1.0
+
+    @property
+    def is_long(self) -> bool:
+        return self.overlap_history is not None and self.num_frames > self.base_num_frames
+
+
+@dataclass
+class Window:
+    """One window of the rollout: its latent frame count and where its prefix comes from."""
+
+    index: int
+    num_frames: int  # latent frames in the window, prefix and end frames included
+    prefix_frames: int = 0
+    end_frames: int = 0
+
+
+@dataclass
+class Conditioning:
+    """Encoded user inputs: prompt contexts and optional image / video / end-image latents."""
+
+    cond: TextContext
+    uncond: TextContext | None
+    start_latents: np.ndarray | None = None  # model space [16, P, h, w], first window's prefix
+    end_latents: np.ndarray | None = None  # model space [16, E, h, w], pinned after the last window
+    input_pixels: np.ndarray | None = None  # V2V: the input video [3, T, H, W], output starts with it
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+
+@dataclass
+class Rollout:
+    """Denoised windows as (latents [16, F, h, w], prefix length) and, with pixel carry, the video."""
+
+    windows: list[tuple[np.ndarray, int]]
+    video: np.ndarray | None = None  # [3, T, H, W] stitched like the official pipeline
+
+    def latents(self, include_first_prefix: bool = False) -> np.ndarray:
+        """Every window's new latents in order [16, F_total, h, w]."""
+        parts = [z if (i == 0 and include_first_prefix) else z[:, p:] for i, (z, p) in enumerate(self.windows)]
+        return np.concatenate(parts, axis=1)
+
+
+def plan_windows(req: GenerationRequest, prefix_frames: int, end_frames: int, v2v: bool) -> list[Window]:
+    """The official window plan: sizes of each window in latent frames (see module docstring)."""
+    total = req.latent_frames
+    if not (req.is_long or v2v):
+        # Short video: one window with every frame, whatever base_num_frames says (official).
+        return [Window(0, total + end_frames, prefix_frames, end_frames)]
+    base = lat.latent_length(req.base_num_frames)
+    overlap = lat.latent_length(req.overlap_history)
+    n_windows = 1 + (total - base - 1) // (base - overlap) + 1 if total > base else 1
+    windows = []
+    for i in range(n_windows):
+        if i == 0 and not v2v:
+            size, prefix = base if req.is_long else total, prefix_frames
+        else:
+            finished = i * (base - overlap) + overlap
+            size, prefix = min(total - finished + overlap, base), overlap
+        end = end_frames if i == n_windows - 1 else 0
+        windows.append(Window(i, size + end, prefix, end))
+    return windows
+
+
+class Pipeline:
+    """SkyReels-V2 diffusion-forcing pipeline over a backend (create it with `skyrt.load`)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.model = backend.model
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        num_frames: int = 97,
+        height: int = 544,
+        width: int = 960,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 6.0,
+        shift: float = 8.0,
+        ar_step: int = 0,
+        causal_block_size: int = 1,
+        base_num_frames: int = 97,
+        overlap_history: int | None = None,
+        addnoise_condition: float = 0,
+        fps: int = 24,
+        seed: int | None = None,
+        image: ImageLike | None = None,
+        video: VideoLike | None = None,
+        end_image: ImageLike | None = None,
+        mode: str = "window",
+        output: str = "frames",
+        latents: np.ndarray | None = None,
+        overlap_carry: str = "pixel",
+        sampler: str = "unipc",
+        causal_attention: bool | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Generate a video.
+
+        Returns uint8 frames [T, H, W, 3] (output="frames") or model-space float32 latents
+        [16, F, h, w] before VAE de-normalisation (output="latent"). `latents` is the initial noise
+        of the first window [16, F, h, w]; otherwise noise comes from `seed` (numpy PCG64: the same
+        seed gives the same video in skyrt, not the same bits as the official torch generator).
+        `image` (I2V) is the first frame, `end_image` the last, `video` (V2V) is extended: the
+        result then starts with the input video. `overlap_carry` picks how long videos carry the
+        overlap between windows: "pixel" (official) or "latent" (diffusers).
+        """
+        req = self._request(locals())
+        cond = self._condition(req, image, video, end_image)
+        windows = self._plan(req, cond)
+        rollout = self._rollout(req, cond, windows, initial_noise=latents, progress=progress)
+        if req.output == "latent":
+            # The latents whose decode is the video: V2V leaves out the input's re-encoded tail.
+            return rollout.latents(include_first_prefix=cond.input_pixels is None)
+        return self._decode(req, cond, rollout)
+
+    def stream(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        height: int = 544,
+        width: int = 960,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 6.0,
+        shift: float = 8.0,
+        ar_step: int = 0,
+        causal_block_size: int = 1,
+        base_num_frames: int = 97,
+        overlap_history: int = 17,
+        addnoise_condition: float = 0,
+        fps: int = 24,
+        seed: int | None = None,
+        image: ImageLike | None = None,
+        mode: str = "window",
+        overlap_carry: str = "latent",
+        sampler: str = "unipc",
+        causal_attention: bool | None = None,
+        max_windows: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield uint8 frame chunks [n, H, W, 3] forever (or for `max_windows` windows).
+
+        Window mode with overlap: every window after the first adds base - overlap latent frames.
+        With the default latent carry, frames go through the streaming VAE decoder, so the
+        concatenated stream equals a whole decode of all latents.
+        """
+        settings = dict(locals())
+        # A stream is a long video of unbounded length: windows are planned one at a time.
+        settings.update(num_frames=STREAM_FRAMES, output="frames", latents=None)
+        req = self._request(settings)
+        cond = self._condition(req, image, None, None)
+        template = timestep_template(req)
+        base = lat.latent_length(req.base_num_frames)
+        decoder = self.backend.streaming_decoder()
+        prefix = cond.start_latents
+        index = 0
+        while max_windows is None or index < max_windows:
+            window = Window(index, base, 0 if prefix is None else prefix.shape[1])
+            z = self._denoise_window(req, cond, window, prefix, None, window_schedule(req, window, template))
+            new = z if index == 0 else z[:, window.prefix_frames :]
+            if req.overlap_carry == "latent":
+                # Streaming decode of each new latent frame == one decode of the whole stream.
+                pixels = np.concatenate(
+                    [decoder.decode_next(lat.denormalize(new[:, i : i + 1])) for i in range(new.shape[1])], axis=1
+                )
+                yield to_uint8_frames(pixels)
+                prefix = self._next_prefix(req, z, None)
+            else:
+                pixels = self.backend.vae_decode(lat.denormalize(z))
+                yield to_uint8_frames(pixels if index == 0 else pixels[:, req.overlap_history :])
+                prefix = self._encode_pixels(pixels[:, -req.overlap_history :])
+            index += 1
+
+    # ------------------------------------------------------------------ validation
+    def _request(self, args: dict) -> GenerationRequest:
+        """Build and validate a request from generate()'s keywords."""
+        fields = GenerationRequest.__dataclass_fields__
+        values = {k: args[k] for k in fields if k in args}
+        if values.get("causal_attention") is None:
+            values["causal_attention"] = self.model.num_frame_per_block > 1
+        req = GenerationRequest(**values)
+        validate_request(req)
+        initial = args.get("latents")
+        if initial is not None:
+            expected = self._first_window_frames(req)
+            shape = (lat.LATENT_CHANNELS, expected, *req.latent_size)
+            if not isinstance(initial, np.ndarray) or initial.shape != shape:
+                got = getattr(initial, "shape", type(initial).__name__)
+                raise ValueError(f"latents must be the first window's noise, float32 {shape}; got {got}")
+        return req
+
+    def _first_window_frames(self, req: GenerationRequest) -> int:
+        return lat.latent_length(req.base_num_frames) if req.is_long else req.latent_frames
+
+    # ------------------------------------------------------------------ conditioning
+    def _condition(self, req, image, video, end_image) -> Conditioning:
+        cond = self.backend.encode_text(req.prompt)
+        uncond = self.backend.encode_text(req.negative_prompt) if req.use_cfg else None
+        out = Conditioning(cond=cond, uncond=uncond, rng=np.random.default_rng(req.seed))
+        if image is not None and video is not None:
+            raise ValueError("pass either image (I2V) or video (V2V), not both")
+        if image is not None:
+            out.start_latents = self._encode_image(image, req)
+        if end_image is not None:
+            out.end_latents = self._encode_image(end_image, req)
+        if video is not None:
+            if req.overlap_history is None:
+                raise ValueError("video extension (V2V) needs overlap_history, e.g. overlap_history=17")
+            frames = load_video(video, req.width, req.height)
+            if len(frames) < req.overlap_history:
+                raise ValueError(
+                    f"the input video has {len(frames)} frames, fewer than overlap_history={req.overlap_history}; "
+                    f"use overlap_history <= {len(frames)} (of the form 1 + 4k)"
+                )
+            out.input_pixels = to_model_pixels(frames)
+            out.start_latents = self._encode_pixels(out.input_pixels[:, -req.overlap_history :])
+        for name, value in (("image", out.start_latents), ("end_image", out.end_latents)):
+            if value is not None and value.shape[1] % req.causal_block_size:
+                raise ValueError(
+                    f"the {name} conditioning is {value.shape[1]} latent frame(s), not a multiple of "
+                    f"causal_block_size={req.causal_block_size} (the official code would silently drop it); "
+                    "use causal_block_size=1 for image conditioning"
+                )
+        return out
+
+    def _encode_image(self, image: ImageLike, req: GenerationRequest) -> np.ndarray:
+        frame = load_image(image, req.width, req.height)[None]  # [1, H, W, 3]
+        return self._encode_pixels(to_model_pixels(frame))
+
+    def _encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels [3, T, H, W] -> model-space latents [16, F, h, w]."""
+        return lat.normalize(self.backend.vae_encode(pixels))
+
+    # ------------------------------------------------------------------ rollout
+    def _plan(self, req: GenerationRequest, cond: Conditioning) -> list[Window]:
+        prefix = 0 if cond.start_latents is None else cond.start_latents.shape[1]
+        end = 0 if cond.end_latents is None else cond.end_latents.shape[1]
+        windows = plan_windows(req, prefix, end, v2v=cond.input_pixels is not None)
+        for w in windows:
+            check_block_alignment(req, w)
+        return windows
+
+    def _rollout(self, req, cond, windows, initial_noise, progress) -> "Rollout":
+        """Denoise every window in order, carrying the overlap from one window to the next."""
+        from tqdm.auto import tqdm
+
+        template = timestep_template(req)
+        schedules = [window_schedule(req, w, template) for w in windows]
+        bar = tqdm(total=sum(len(s[0]) for s in schedules), desc="generate", unit="step", disable=not progress)
+        out = Rollout(windows=[], video=cond.input_pixels)
+        prefix = cond.start_latents
+        for w, schedule in zip(windows, schedules):
+            noise = initial_noise if w.index == 0 else None
+            z = self._denoise_window(req, cond, w, prefix, noise, schedule, bar)
+            body = z[:, : z.shape[1] - w.end_frames]  # end-image latents are not part of the video
+            out.windows.append((body, w.prefix_frames))
+            is_last = w.index + 1 == len(windows)
+            if req.overlap_carry == "pixel" and (not is_last or req.output == "frames"):
+                out.video = self._stitch(req, out.video, body)
+            if not is_last:
+                prefix = self._next_prefix(req, body, out.video)
+        bar.close()
+        return out
+
+    def _stitch(self, req, video, body):
+        """Pixel carry (official): decode the window, append what follows the overlap."""
+        pixels = self.backend.vae_decode(lat.denormalize(body))
+        return pixels if video is None else np.concatenate([video, pixels[:, req.overlap_history :]], axis=1)
+
+    def _next_prefix(self, req, body, video):
+        """The next window's prefix [16, overlap, h, w]: reused latents, or the re-encoded video tail."""
+        if req.overlap_carry == "latent":
+            return body[:, -lat.latent_length(req.overlap_history) :]
+        return self._encode_pixels(video[:, -req.overlap_history :])
+
+    def _denoise_window(self, req, cond, w: Window, prefix, noise, schedule, bar=None) -> np.ndarray:
+        """Run the DF schedule over one window; returns its model-space latents [16, F, h, w]."""
+        h, wd = req.latent_size
+        body_frames = w.num_frames - w.end_frames
+        if noise is None:
+            noise = cond.rng.standard_normal((lat.LATENT_CHANNELS, body_frames, h, wd), dtype=np.float32)
+        z = np.array(noise, dtype=np.float32, copy=True)
+        if w.prefix_frames:
+            z[:, : w.prefix_frames] = prefix[:, : w.prefix_frames]
+        if w.end_frames:
+            z = np.concatenate([z, cond.end_latents], axis=1)
+
+        step_matrix, update_mask, valid_interval = schedule
+        samplers = [new_sampler(req) for _ in range(w.num_frames)]
+        fps_class = (0 if req.fps == 16 else 1) if self.model.inject_sample_info else None
+        block = req.causal_block_size if req.causal_attention else None
+        for row, mask, (start, end) in zip(step_matrix, update_mask, valid_interval):
+            x = z[:, start:end].copy()
+            t = row[start:end].astype(np.float32)
+            if req.addnoise_condition > 0 and start < w.prefix_frames:
+                x, t = self._noise_condition(req, cond.rng, x, t, w.prefix_frames - start)
+            v = self._velocity(req, cond, x, t, fps_class, block)
+            for idx in np.flatnonzero(mask[start:end]) + start:
+                z[:, idx] = samplers[idx].step(v[:, idx - start], row[idx], z[:, idx])
+            if bar is not None:
+                bar.update(1)
+        return z
+
+    @staticmethod
+    def _noise_condition(req, rng, x, t, n):
+        """addnoise_condition a: the first n (prefix) frames get 0.1%·a fresh noise and t = a."""
+        factor = 0.001 * req.addnoise_condition
+        noise = rng.standard_normal(x[:, :n].shape, dtype=np.float32)
+        x[:, :n] = x[:, :n] * (1.0 - factor) + noise * factor
+        t[:n] = req.addnoise_condition
+        return x, t
+
+    def _velocity(self, req, cond, x, t, fps_class, block) -> np.ndarray:
+        v_cond = self.backend.predict_velocity(x, t, cond.cond, fps_class, block)
+        if not req.use_cfg:
+            return v_cond
+        v_uncond = self.backend.predict_velocity(x, t, cond.uncond, fps_class, block)
+        return v_uncond + req.guidance_scale * (v_cond - v_uncond)
+
+    # ------------------------------------------------------------------ decoding
+    def _decode(self, req, cond: Conditioning, rollout: "Rollout") -> np.ndarray:
+        """Rollout -> uint8 frames [T, H, W, 3] with the chosen overlap carry."""
+        if req.overlap_carry == "pixel":
+            return to_uint8_frames(rollout.video)
+        # Latent carry (diffusers): one decode of the first window plus every window's new latents,
+        # so the VAE sees one continuous latent sequence.
+        pixels = self.backend.vae_decode(lat.denormalize(rollout.latents(include_first_prefix=True)))
+        if cond.input_pixels is not None:
+            # V2V: the first window's prefix re-decodes the input video's tail; keep the input instead.
+            first_prefix = lat.pixel_length(rollout.windows[0][1])
+            pixels = np.concatenate([cond.input_pixels, pixels[:, first_prefix:]], axis=1)
+        return to_uint8_frames(pixels)
+
+
+def timestep_template(req: GenerationRequest) -> np.ndarray:
+    """The official DF step template: the UniPC timesteps for (num_inference_steps, shift)."""
+    sched = FlowUniPCScheduler()
+    sched.set_timesteps(req.num_inference_steps, shift=req.shift)
+    return sched.timesteps
+
+
+def window_schedule(req: GenerationRequest, w: Window, template: np.ndarray):
+    """(step_matrix [S, F], update_mask [S, F], valid_interval) of one window (official semantics)."""
+    step_matrix, _, update_mask, valid_interval = generate_timestep_matrix(
+        w.num_frames, template, w.num_frames, req.ar_step, w.prefix_frames, req.causal_block_size
+    )
+    if w.end_frames:
+        # End-frame control (official): the appended end latents stay clean and never move.
+        step_matrix[:, -w.end_frames :] = 0
+        update_mask[:, -w.end_frames :] = False
+    return step_matrix, update_mask, valid_interval
+
+
+def new_sampler(req: GenerationRequest):
+    """A fresh per-frame sampler; each latent frame keeps its own multistep history."""
+    sampler = FlowUniPCScheduler() if req.sampler == "unipc" else FlowEulerScheduler()
+    sampler.set_timesteps(req.num_inference_steps, shift=req.shift)
+    return sampler
+
+
+def validate_request(req: GenerationRequest) -> None:
+    """Refuse settings the public implementations would silently mishandle, naming a fix."""
+    _check_choice("mode", req.mode, MODES, "mode='kvcache' arrives with the KV-cached rollout")
+    _check_choice("output", req.output, OUTPUTS)
+    _check_choice("overlap_carry", req.overlap_carry, OVERLAP_CARRIES)
+    _check_choice("sampler", req.sampler, SAMPLERS)
+    if not isinstance(req.prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
+    for name in ("height", "width"):
+        value = getattr(req, name)
+        unit = lat.SPATIAL_FACTOR * lat.PATCH_SPATIAL
+        if value <= 0 or value % unit:
+            near = max(unit, round(value / unit) * unit)
+            raise ValueError(f"{name}={value} must be a positive multiple of {unit} (VAE 8x, patch 2); try {name}={near}")
+    _check_pixel_frames("num_frames", req.num_frames)
+    _check_pixel_frames("base_num_frames", req.base_num_frames)
+    if req.num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={req.num_inference_steps} must be at least 1 (recommended 30)")
+    if req.shift <= 0:
+        raise ValueError(f"shift={req.shift} must be positive (recommended 8 for T2V, 5 for I2V)")
+    if req.ar_step < 0:
+        raise ValueError(f"ar_step={req.ar_step} must be >= 0 (0 = synchronous, 5 = the official async setting)")
+    if req.causal_block_size < 1:
+        raise ValueError(f"causal_block_size={req.causal_block_size} must be >= 1")
+    if not 0 <= req.addnoise_condition < 1000:
+        raise ValueError(f"addnoise_condition={req.addnoise_condition} must be in [0, 1000); 20 is recommended")
+    if req.overlap_history is not None:
+        _check_pixel_frames("overlap_history", req.overlap_history)
+        if req.overlap_history >= req.base_num_frames:
+            raise ValueError(
+                f"overlap_history={req.overlap_history} must be smaller than base_num_frames={req.base_num_frames}; "
+                "the official recommendation is 17 or 37"
+            )
+        overlap = lat.latent_length(req.overlap_history)
+        if overlap % req.causal_block_size:
+            fix = 1 + 4 * (max(1, overlap // req.causal_block_size) * req.causal_block_size - 1)
+            raise ValueError(
+                f"overlap_history={req.overlap_history} is {overlap} latent frames, not a multiple of "
+                f"causal_block_size={req.causal_block_size} (the official code would truncate it); "
+                f"try overlap_history={fix}"
+            )
+    elif req.num_frames > req.base_num_frames:
+        raise ValueError(
+            f"num_frames={req.num_frames} exceeds base_num_frames={req.base_num_frames}: long videos need "
+            "overlap_history (17 or 37 recommended), or raise base_num_frames to num_frames"
+        )
+
+
+def check_block_alignment(req: GenerationRequest, w: Window) -> None:
+    """Every window's latent frames must split into whole causal blocks (else frames stay noise)."""
+    b = req.causal_block_size
+    if w.num_frames % b == 0:
+        return
+    body = w.num_frames - w.end_frames
+    good = [n for n in range(max(1, body - 2 * b), body + 2 * b + 1) if (n + w.end_frames) % b == 0]
+    suggestion = min(good, key=lambda n: abs(n - body))
+    raise ValueError(
+        f"window {w.index} has {w.num_frames} latent frames, not divisible by causal_block_size={b}: "
+        f"the official code would leave the last {w.num_frames % b} frame(s) as noise. Use a frame count "
+        f"whose latent length works, e.g. num_frames={lat.pixel_length(suggestion)} for a single window, "
+        f"or causal_block_size=1"
+    )
+
+
+def _check_choice(name: str, value, allowed, hint: str = "") -> None:
+    if value not in allowed:
+        extra = f" ({hint})" if hint and name == "mode" else ""
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}{extra}")
+
+
+def _check_pixel_frames(name: str, value: int) -> None:
+    if not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer number of frames, got {type(value).__name__}")
+    if value < 1 or (value - 1) % lat.TEMPORAL_FACTOR:
+        near = 1 + lat.TEMPORAL_FACTOR * max(0, round((int(value) - 1) / lat.TEMPORAL_FACTOR))
+        raise ValueError(
+            f"{name}={value} must be of the form 1 + 4k (the VAE maps 1 + 4k pixel frames to k + 1 latents); "
+            f"try {name}={near}"
+        )
