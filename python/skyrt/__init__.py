@@ -9,8 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(model_dir, backend: str = "torch", device: str = "cpu", **kwargs):
-    """Load a model folder and return a pipeline (see `skyrt.runtime.pipeline.Pipeline`)."""
+def load(model_dir=None, backend: str = "torch", device: str = "cpu", **kwargs):
+    """Load a model folder (official or diffusers layout; None = the built-in default) as a Pipeline."""
     from skyrt.runtime.api import load as _load
 
     return _load(model_dir, backend=backend, device=device, **kwargs)
