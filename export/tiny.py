@@ -20,7 +20,7 @@ from . import dit as dit_module
 from . import vae as vae_module
 from .text_encoder import make_tiny_tokenizer, umt5_config_for_official
 
-DEFAULT_MODEL_NAME = "tiny-random-v1"
+DEFAULT_MODEL_NAME = "tiny-random-v2"
 
 
 def randomize_(module: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
@@ -63,7 +63,8 @@ def write_official_checkpoint(
     t5 = randomize_(UMT5EncoderModel(umt5_config_for_official(t5_size)), seed + 2)
     dit_config = replace(dit_config or dit_module.TINY, text_dim=t5.config.d_model)
     dit = randomize_(dit_module.WanDiT(dit_config), seed)
-    vae = randomize_(vae_module.WanVAE(vae_config or vae_module.TINY), seed + 1)
+    # A wider VAE init than the default 0.05: small random decoders output flat grey.
+    vae = randomize_(vae_module.WanVAE(vae_config or vae_module.TINY), seed + 1, std=0.2)
 
     (out / "config.json").write_text(json.dumps(dit_config.to_official(), indent=2))
     state = {k: v.contiguous() for k, v in dit.state_dict().items()}

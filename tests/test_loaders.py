@@ -117,3 +117,15 @@ def test_bf16_weights_load_as_fp32(official_dir, tmp_path):
     ref, _, _ = load_components(inspect_model_folder(official_dir))
     for (name, p), q in zip(dit.named_parameters(), ref.parameters()):
         assert np.allclose(p.detach().numpy(), q.detach().to(torch.bfloat16).float().numpy()), name
+
+
+def test_default_model_is_written_once_and_loads(tmp_path):
+    import skyrt
+    from skyrt.export.tiny import ensure_default_model
+
+    folder = ensure_default_model(tmp_path)
+    assert ensure_default_model(tmp_path) == folder  # cached, not rewritten
+    assert inspect_model_folder(folder).layout == "official"
+    frames = skyrt.load(folder).generate("a red circle", num_frames=5, height=32, width=32, num_inference_steps=2,
+                                         guidance_scale=1.0, seed=0, progress=False)
+    assert frames.shape == (5, 32, 32, 3) and frames.std() > 1  # random weights, but not a flat image
