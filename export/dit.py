@@ -653,10 +653,6 @@ def diffusers_to_official_key(key: str) -> str:
 
 def convert_diffusers_state_dict(state: dict) -> dict:
     """A diffusers transformer state dict under the official names (what WanDiT loads)."""
-    out = {}
-    for key, value in state.items():
-        new_key = diffusers_to_official_key(key)
-        if new_key in out:
-            raise KeyError(f"two diffusers keys map to {new_key!r} (second: {key!r})")
-        out[new_key] = value
-    return out
+    from .checkpoint import rename_keys
+
+    return rename_keys(state, diffusers_to_official_key)

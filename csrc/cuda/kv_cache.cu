@@ -5,21 +5,13 @@
 // float loads, 4 multiply-adds and stores.
 // Compiled in CI with nvcc; executed only on a user's GPU.
 #include <cuda_runtime.h>
+#include "cuda/launch.cuh"
 #include "kv_cache.h"
 
 namespace skyrt {
 namespace cuda {
 
 namespace {
-
-constexpr int kThreads = 256;
-
-unsigned grid_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16);  // grid-stride loops cover the rest
-}
-
-int launch_status() { return cudaGetLastError() == cudaSuccess ? kOk : kCudaError; }
 
 // cache[l, slot, e] = src[l, e]; one thread per element, grid-stride.
 template <typename T>

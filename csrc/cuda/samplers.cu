@@ -3,25 +3,13 @@
 // shared through samplers.h. Per-frame arrays (dt, update, coeffs) are device pointers.
 // Compiled in CI with nvcc; executed only on a user's GPU.
 #include <cuda_runtime.h>
+#include "cuda/launch.cuh"
 #include "samplers.h"
 
 namespace skyrt {
 namespace cuda {
 
 namespace {
-
-constexpr int kThreads = 256;
-
-unsigned grid_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16);  // grid-stride loops cover the rest
-}
-
-int launch_status() { return cudaGetLastError() == cudaSuccess ? kOk : kCudaError; }
-
-#define SKYRT_GRID_STRIDE(i, n)                                                                       \
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n);              \
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 __global__ void flow_euler_kernel(const float* x, const float* v, float* out, const float* dt, const uint8_t* update,
                                   int64_t frames, int64_t inner, int64_t n) {
