@@ -16,6 +16,7 @@ Window mode, as in the official `DiffusionForcingPipeline`:
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -29,7 +30,7 @@ from .video_io import ImageLike, VideoLike, load_image, load_video, to_model_pix
 
 log = logging.getLogger("skyrt.pipeline")
 
-MODES = ("window",)
+MODES = ("window", "kvcache")
 OUTPUTS = ("frames", "latent")
 OVERLAP_CARRIES = ("pixel", "latent")
 SAMPLERS = ("unipc", "euler")
@@ -60,6 +61,8 @@ class GenerationRequest:
     overlap_carry: str = "pixel"
     sampler: str = "unipc"
     causal_attention: bool = False
+    sink_blocks: int = 1
+    window_blocks: int = 8
 
     @property
     def latent_frames(self) -> int:
@@ -169,6 +172,8 @@ class Pipeline:
         overlap_carry: str = "pixel",
         sampler: str = "unipc",
         causal_attention: bool | None = None,
+        sink_blocks: int = 1,
+        window_blocks: int = 8,
         progress: bool = True,
     ) -> np.ndarray:
         """Generate a video.
@@ -180,9 +185,15 @@ class Pipeline:
         `image` (I2V) is the first frame, `end_image` the last, `video` (V2V) is extended: the
         result then starts with the input video. `overlap_carry` picks how long videos carry the
         overlap between windows: "pixel" (official) or "latent" (diffusers).
+
+        mode="kvcache" denoises each block of `causal_block_size` frames once against a ring KV cache
+        of `sink_blocks` + `window_blocks` finished blocks (exact for block-causal checkpoints while
+        everything fits in the cache; equals window mode with causal_attention=True and the same noise).
         """
         req = self._request(locals())
         cond = self._condition(req, image, video, end_image)
+        if req.mode == "kvcache":
+            return self._generate_kvcache(req, cond, latents, progress)
         windows = self._plan(req, cond)
         rollout = self._rollout(req, cond, windows, initial_noise=latents, progress=progress)
         if req.output == "latent":
@@ -211,9 +222,14 @@ class Pipeline:
         overlap_carry: str = "latent",
         sampler: str = "unipc",
         causal_attention: bool | None = None,
-        max_windows: int | None = None,
+        sink_blocks: int = 1,
+        window_blocks: int = 8,
+        max_chunks: int | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield uint8 frame chunks [n, H, W, 3] forever (or for `max_windows` windows).
+        """Yield uint8 frame chunks [n, H, W, 3] forever (or `max_chunks` chunks).
+
+        A chunk is a window in window mode and a block of `causal_block_size` latent frames in
+        kvcache mode (which needs ar_step >= 1 to run forever).
 
         Window mode with overlap: every window after the first adds base - overlap latent frames.
         With the default latent carry, frames go through the streaming VAE decoder, so the
@@ -224,12 +240,15 @@ class Pipeline:
         settings.update(num_frames=STREAM_FRAMES, output="frames", latents=None)
         req = self._request(settings)
         cond = self._condition(req, image, None, None)
+        if req.mode == "kvcache":
+            yield from self._stream_kvcache(req, cond, max_chunks)
+            return
         template = timestep_template(req)
         base = lat.latent_length(req.base_num_frames)
         decoder = self.backend.streaming_decoder()
         prefix = cond.start_latents
         index = 0
-        while max_windows is None or index < max_windows:
+        while max_chunks is None or index < max_chunks:
             window = Window(index, base, 0 if prefix is None else prefix.shape[1])
             z = self._denoise_window(req, cond, window, prefix, None, window_schedule(req, window, template))
             new = z if index == 0 else z[:, window.prefix_frames :]
@@ -245,6 +264,44 @@ class Pipeline:
                 yield to_uint8_frames(pixels if index == 0 else pixels[:, req.overlap_history :])
                 prefix = self._encode_pixels(pixels[:, -req.overlap_history :])
             index += 1
+
+    # ------------------------------------------------------------------ kvcache mode
+    def _kv_rollout(self, req, cond, horizon_blocks, noise):
+        from .kvcache import KVRollout, KVSettings
+
+        if cond.end_latents is not None or cond.input_pixels is not None:
+            raise ValueError("mode='kvcache' takes text and an optional first image; use mode='window' for "
+                             "end_image or video extension")
+        if not req.causal_attention:
+            warnings.warn("this checkpoint was trained with bidirectional attention: mode='kvcache' approximates "
+                          "the window mode (exact only for block-causal checkpoints)", stacklevel=3)
+        settings = KVSettings(req.sink_blocks, req.window_blocks)
+        return KVRollout(self.backend, req, cond.cond, cond.uncond, cond.rng, settings, horizon_blocks,
+                         prefix=cond.start_latents, noise=noise)
+
+    def _generate_kvcache(self, req, cond, noise, progress) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        total = req.latent_frames
+        prefix = 0 if cond.start_latents is None else cond.start_latents.shape[1]
+        check_block_alignment(req, Window(0, total, prefix))
+        if noise is None:  # one draw for the whole clip, exactly as window mode draws it
+            noise = cond.rng.standard_normal((lat.LATENT_CHANNELS, total, *req.latent_size), dtype=np.float32)
+        rollout = self._kv_rollout(req, cond, total // req.causal_block_size, noise)
+        blocks = list(tqdm(rollout.blocks(), total=total // req.causal_block_size, desc="generate", unit="block",
+                           disable=not progress))
+        z = np.concatenate(blocks, axis=1)
+        if req.output == "latent":
+            return z
+        return to_uint8_frames(self.backend.vae_decode(lat.denormalize(z)))
+
+    def _stream_kvcache(self, req, cond, max_chunks) -> Iterator[np.ndarray]:
+        decoder = self.backend.streaming_decoder()
+        for count, block in enumerate(self._kv_rollout(req, cond, None, None).blocks()):
+            if max_chunks is not None and count >= max_chunks:
+                return
+            pixels = [decoder.decode_next(lat.denormalize(block[:, i : i + 1])) for i in range(block.shape[1])]
+            yield to_uint8_frames(np.concatenate(pixels, axis=1))
 
     # ------------------------------------------------------------------ validation
     def _request(self, args: dict) -> GenerationRequest:
@@ -435,7 +492,7 @@ def new_sampler(req: GenerationRequest):
 
 def validate_request(req: GenerationRequest) -> None:
     """Refuse settings the public implementations would silently mishandle, naming a fix."""
-    _check_choice("mode", req.mode, MODES, "mode='kvcache' arrives with the KV-cached rollout")
+    _check_choice("mode", req.mode, MODES)
     _check_choice("output", req.output, OUTPUTS)
     _check_choice("overlap_carry", req.overlap_carry, OVERLAP_CARRIES)
     _check_choice("sampler", req.sampler, SAMPLERS)

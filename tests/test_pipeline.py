@@ -182,7 +182,7 @@ def test_pixel_carry_reencodes_the_stitched_tail(official_pipeline, monkeypatch)
 
 def test_stream_equals_generate_with_latent_carry(official_pipeline):
     kwargs = dict(SMALL, base_num_frames=9, overlap_history=5, seed=7)
-    chunks = list(official_pipeline.stream("x", max_windows=3, **kwargs))
+    chunks = list(official_pipeline.stream("x", max_chunks=3, **kwargs))
     streamed = np.concatenate(chunks)
     whole = official_pipeline.generate("x", num_frames=17, overlap_carry="latent", progress=False, **kwargs)
     assert streamed.shape == whole.shape == (17, 32, 32, 3)
@@ -197,7 +197,7 @@ def test_stream_equals_generate_with_latent_carry(official_pipeline):
     (dict(num_frames=17, base_num_frames=9, overlap_history=9), r"overlap_history=9 must be smaller than base_num_frames=9"),
     (dict(num_frames=17, base_num_frames=9), r"overlap_history"),
     (dict(num_frames=9, ar_step=-1), r"ar_step=-1"),
-    (dict(num_frames=9, mode="kvcache"), r"mode='kvcache'"),
+    (dict(num_frames=9, mode="stream"), r"mode='stream'"),
     (dict(num_frames=9, output="video"), r"output='video'"),
     (dict(num_frames=9, image=np.zeros((32, 32, 3), np.uint8), causal_block_size=3), r"image conditioning"),
     (dict(num_frames=9, latents=np.zeros((16, 2, 4, 4), np.float32)), r"latents must be .*\(16, 3, 4, 4\)"),

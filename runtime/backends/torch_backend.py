@@ -66,3 +66,34 @@ class TorchBackend(Backend):
 
     def streaming_decoder(self) -> StreamingDecoder:
         return TorchStreamingDecoder(self.vae, self.device)
+
+    # ---- KV-cached step (mode="kvcache") --------------------------------------------------------
+    def kv_layout(self) -> tuple[int, int, int]:
+        cfg = self.dit.config
+        return cfg.num_layers, cfg.num_heads, cfg.head_dim
+
+    @torch.inference_mode()
+    def kv_prompt(self, context: TextContext):
+        """Per-layer cross-attention K/V of a prompt, computed once."""
+        return self.dit.cross_attention_kv(context.value)
+
+    @torch.inference_mode()
+    def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, block_size):
+        """CachedStep on numpy buffers (zero-copy on the CPU): returns velocity [16, f, h, w] and the
+        active tokens' K, V [layers, tokens, heads, head_dim]."""
+        from skyrt.export.cached_step import CachedStep, active_rope, token_valid
+
+        if getattr(self, "_cached_step", None) is None:
+            self._cached_step = CachedStep(self.dit)
+        layers, slots, tokens, heads, head_dim = cache.k.shape
+        x = torch.from_numpy(np.ascontiguousarray(latents))[None].to(self.device, self.dtype)  # [1, 16, f, h, w]
+        t = torch.from_numpy(np.asarray(timesteps, np.float32))[None].to(self.device)  # [1, f]
+        patch_h, patch_w = self.dit.config.patch_size[1:]
+        cos, sin = active_rope(self.dit, first_position, x.shape[2], x.shape[3] // patch_h, x.shape[4] // patch_w)
+        ck = torch.from_numpy(cache.k).to(self.device).reshape(layers, 1, slots * tokens, heads, head_dim)
+        cv = torch.from_numpy(cache.v).to(self.device).reshape(layers, 1, slots * tokens, heads, head_dim)
+        valid = token_valid(slot_valid, tokens).to(self.device)
+        fps = None if fps_class is None else torch.tensor([fps_class], device=self.device)
+        v, new_k, new_v = self._cached_step(x, t, prompt, ck, cv, valid, cos.to(self.device), sin.to(self.device),
+                                            fps=fps, causal_block_size=block_size)
+        return v[0].float().cpu().numpy(), new_k[:, 0].float().cpu().numpy(), new_v[:, 0].float().cpu().numpy()

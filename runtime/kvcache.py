@@ -1,0 +1,208 @@
+"""The KV-cached diffusion-forcing rollout (mode="kvcache"): each block is denoised once, forever.
+
+Blocks of `causal_block_size` latent frames follow the official DF schedule (skyrt._core.DFSchedule,
+streamed row by row). Only blocks that are being denoised are run through the DiT; finished blocks
+live in a ring KV cache (skyrt._core.KVRing: `sink_blocks` kept forever plus a rolling window of
+`window_blocks`) and are never recomputed. When a block finishes, a clean pass at t = 0 writes its
+K/V into the cache ("commit"). When positions approach the model's 1024-entry RoPE table, the
+cache is rebased: cached keys are rotated by minus the shift (temporal part only), so the stream
+never hits the wall.
+
+Exact for block-causal checkpoints while every block fits in the cache: a block-causal full forward
+gives block j the same K/V whether earlier blocks are recomputed at t = 0 (window mode) or cached
+at commit. For bidirectional checkpoints (the released SkyReels-V2 DF weights) it approximates the
+window mode, and the pipeline warns.
+
+Shapes: latents [16, F, h, w] model space; one cache per prompt context (CFG keeps two), each
+K and V [layers, slots * tokens_per_block, heads, head_dim] float32, allocated once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from skyrt import _core
+
+from . import latents as lat
+from .backends.base import Backend, TextContext
+
+ROPE_TABLE = 1024  # positions in the model's RoPE table
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """Cache policy: blocks kept forever (sink) and the rolling window of recent blocks."""
+
+    sink_blocks: int = 1
+    window_blocks: int = 8
+
+    def validate(self, block_frames: int) -> None:
+        if self.sink_blocks < 0 or self.window_blocks < 1:
+            raise ValueError(
+                f"sink_blocks={self.sink_blocks}, window_blocks={self.window_blocks}: need sink_blocks >= 0 and "
+                "window_blocks >= 1 (e.g. sink_blocks=1, window_blocks=8)"
+            )
+        span = (self.sink_blocks + self.window_blocks + 1) * block_frames
+        if span >= ROPE_TABLE:
+            raise ValueError(
+                f"sink_blocks + window_blocks = {self.sink_blocks + self.window_blocks} blocks of {block_frames} frames "
+                f"do not fit the {ROPE_TABLE}-position RoPE table; use fewer blocks"
+            )
+
+
+class KVCache:
+    """One prompt context's K/V ring buffers, laid out for skyrt._core.KVRing slots."""
+
+    def __init__(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
+        shape = (layers, slots, tokens_per_block, heads, head_dim)
+        # Zeros, not garbage: masked slots must hold finite values (NaN would poison the softmax).
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+
+    def write(self, slot: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v [layers, tokens_per_block, heads, head_dim] -> slot."""
+        _core.kv_write_block(self.k, slot, np.ascontiguousarray(k, np.float32))
+        _core.kv_write_block(self.v, slot, np.ascontiguousarray(v, np.float32))
+
+    def rebase(self, shift: int) -> None:
+        _core.kv_rope_rebase(self.k, shift)
+
+
+class KVRollout:
+    """Streams clean latent blocks [16, b, h, w] of one prompt (cond, and uncond with CFG)."""
+
+    def __init__(self, backend: Backend, req, cond: TextContext, uncond: TextContext | None, rng, settings: KVSettings,
+                 horizon_blocks: int | None = None, prefix: np.ndarray | None = None, noise: np.ndarray | None = None):
+        from .pipeline import new_sampler, timestep_template
+
+        self.backend, self.req, self.rng = backend, req, rng
+        self.block = req.causal_block_size
+        settings.validate(self.block)
+        self.h, self.w = req.latent_size
+        template = timestep_template(req)
+        self.num_steps = len(template)
+        self.prefix_blocks = 0 if prefix is None else prefix.shape[1] // self.block
+        in_flight = self._in_flight(horizon_blocks)
+        if (settings.sink_blocks + settings.window_blocks + in_flight) * self.block > ROPE_TABLE:
+            raise ValueError(f"cache plus {in_flight} blocks in flight exceed the {ROPE_TABLE}-position RoPE table")
+        self.schedule = _core.DFSchedule(
+            template, ar_step=req.ar_step, causal_block_size=self.block, num_prefix_blocks=self.prefix_blocks,
+            max_blocks_in_flight=in_flight, horizon_blocks=-1 if horizon_blocks is None else horizon_blocks,
+        )
+        self.ring = _core.KVRing(settings.sink_blocks, settings.window_blocks, self.block)
+        layers, heads, head_dim = backend.kv_layout()
+        tokens = self.block * (self.h // lat.PATCH_SPATIAL) * (self.w // lat.PATCH_SPATIAL)
+        self.tokens_per_block = tokens
+        self.contexts = [c for c in (cond, uncond) if c is not None]
+        self.prompts = [backend.kv_prompt(c) for c in self.contexts]
+        self.caches = [KVCache(layers, self.ring.capacity, tokens, heads, head_dim) for _ in self.contexts]
+        self.fps_class = (0 if req.fps == 16 else 1) if backend.model.inject_sample_info else None
+        self._new_sampler = lambda: new_sampler(req)
+        self.latents: dict[int, np.ndarray] = {}  # block id -> [16, b, h, w] while being denoised
+        self.samplers: dict[int, list] = {}
+        self._noise = noise
+        self._prefix = prefix
+
+    def _in_flight(self, horizon_blocks: int | None) -> int:
+        """Blocks denoised together: all of a finite horizon (like one official window), else the
+        fewest that an endless schedule with this ar_step allows."""
+        if horizon_blocks is not None:
+            return horizon_blocks
+        if self.req.ar_step < 1:
+            raise ValueError(
+                "an endless kvcache stream needs ar_step >= 1 (blocks start one after another); "
+                f"ar_step={self.num_steps} denoises one block at a time, ar_step=5 is the official async setting"
+            )
+        return max(1, math.ceil(self.num_steps / self.req.ar_step))
+
+    # ------------------------------------------------------------------ the loop
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Clean latent blocks in order; prefix blocks first (already clean), then generated ones."""
+        for blk in range(self.prefix_blocks):
+            clean = self._prefix[:, blk * self.block : (blk + 1) * self.block]
+            self._commit(blk, clean)
+            yield clean
+        while True:
+            step = self.schedule.next()
+            if step is None:
+                return
+            yield from self._run_row(step)
+
+    def _run_row(self, step) -> Iterator[np.ndarray]:
+        active = [step.first + i for i, idx in enumerate(step.index) if 1 <= idx <= self.num_steps]
+        timesteps = {step.first + i: int(t) for i, t in enumerate(step.timestep)}
+        updates = {step.first + i for i, u in enumerate(step.update) if u}
+        if active:
+            for blk in active:
+                self._start(blk)
+            x = np.concatenate([self.latents[b] for b in active], axis=1)  # [16, f, h, w]
+            t = np.repeat(np.array([timesteps[b] for b in active], np.float32), self.block)
+            v = self._velocity(x, t, first_block=active[0])
+            for i, blk in enumerate(active):
+                if blk in updates:
+                    self._step_block(blk, v[:, i * self.block : (i + 1) * self.block], timesteps[blk])
+        for blk in step.finished:
+            clean = self.latents.pop(blk)
+            self.samplers.pop(blk)
+            self._commit(blk, clean)
+            yield clean
+
+    def _start(self, blk: int) -> None:
+        if blk in self.latents:
+            return
+        shape = (lat.LATENT_CHANNELS, self.block, self.h, self.w)
+        if self._noise is not None and (blk + 1) * self.block <= self._noise.shape[1]:
+            z = self._noise[:, blk * self.block : (blk + 1) * self.block].copy()
+        else:
+            z = self.rng.standard_normal(shape, dtype=np.float32)
+        self.latents[blk] = z
+        self.samplers[blk] = [self._new_sampler() for _ in range(self.block)]
+
+    def _step_block(self, blk: int, v: np.ndarray, timestep: int) -> None:
+        z = self.latents[blk]
+        for f, sampler in enumerate(self.samplers[blk]):
+            z[:, f] = sampler.step(v[:, f], timestep, z[:, f])
+
+    # ------------------------------------------------------------------ networks and cache
+    def _position(self, blk: int, frames: int) -> int:
+        """RoPE position of the block's first frame, rebasing the cache when the table would run out."""
+        pos = self.ring.position_of(blk)
+        if pos + frames > ROPE_TABLE:
+            # Slide the origin so the cached blocks sit just below `pos`: relative distances, all
+            # RoPE sees, stay the same; sink keys may go to negative positions, which is fine.
+            shift = pos - self.ring.capacity * self.block
+            self.ring.rebase(shift)
+            for cache in self.caches:
+                cache.rebase(shift)
+            pos = self.ring.position_of(blk)
+        return pos
+
+    def _velocity(self, x: np.ndarray, t: np.ndarray, first_block: int) -> np.ndarray:
+        position = self._position(first_block, x.shape[1])
+        valid = np.asarray(self.ring.valid, dtype=bool)
+        outs = [self.backend.kv_step(x, t, prompt, cache, valid, position, self.fps_class, self.block)[0]
+                for prompt, cache in zip(self.prompts, self.caches)]
+        if len(outs) == 1:
+            return outs[0]
+        v_cond, v_uncond = outs
+        return v_uncond + self.req.guidance_scale * (v_cond - v_uncond)
+
+    def _commit(self, blk: int, clean: np.ndarray) -> None:
+        """Clean pass at t = 0 (or at addnoise_condition for prefix blocks): its K/V enter the ring."""
+        t_commit = 0.0
+        x = clean
+        if blk < self.prefix_blocks and self.req.addnoise_condition > 0:
+            factor = 0.001 * self.req.addnoise_condition
+            x = clean * (1.0 - factor) + self.rng.standard_normal(clean.shape, dtype=np.float32) * factor
+            t_commit = float(self.req.addnoise_condition)
+        position = self._position(blk, self.block)
+        valid = np.asarray(self.ring.valid, dtype=bool)
+        t = np.full(self.block, t_commit, np.float32)
+        kvs = [self.backend.kv_step(x, t, prompt, cache, valid, position, self.fps_class, self.block)[1:]
+               for prompt, cache in zip(self.prompts, self.caches)]
+        slot = self.ring.append(blk).slot
+        for cache, (k, v) in zip(self.caches, kvs):
+            cache.write(slot, k, v)
