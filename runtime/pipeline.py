@@ -322,7 +322,8 @@ class Pipeline:
         return req
 
     def _first_window_frames(self, req: GenerationRequest) -> int:
-        return lat.latent_length(req.base_num_frames) if req.is_long else req.latent_frames
+        """Latent frames of the first window's noise (kvcache mode: the whole clip)."""
+        return lat.latent_length(req.base_num_frames) if req.is_long and req.mode == "window" else req.latent_frames
 
     # ------------------------------------------------------------------ conditioning
     def _condition(self, req, image, video, end_image) -> Conditioning:
@@ -531,7 +532,7 @@ def validate_request(req: GenerationRequest) -> None:
                 f"causal_block_size={req.causal_block_size} (the official code would truncate it); "
                 f"try overlap_history={fix}"
             )
-    elif req.num_frames > req.base_num_frames:
+    elif req.num_frames > req.base_num_frames and req.mode == "window":
         raise ValueError(
             f"num_frames={req.num_frames} exceeds base_num_frames={req.base_num_frames}: long videos need "
             "overlap_history (17 or 37 recommended), or raise base_num_frames to num_frames"

@@ -35,6 +35,17 @@ def test_kvcache_equals_block_causal_window_mode(official_pipeline, settings):
     assert np.abs(cached - window).max() <= 1e-4
 
 
+def test_kvcache_needs_no_windows_and_takes_whole_clip_noise(official_pipeline):
+    # 25 frames > base_num_frames=9 without overlap: fine in kvcache mode (no windows), and the
+    # initial noise covers the whole clip [16, 7, 4, 4].
+    noise = np.random.default_rng(0).standard_normal((16, 7, 4, 4), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        z = official_pipeline.generate("x", num_frames=25, base_num_frames=9, ar_step=1, mode="kvcache",
+                                       latents=noise, output="latent", seed=0, **SMALL)
+    assert z.shape == (16, 7, 4, 4)
+
+
 def test_bidirectional_checkpoint_warns(official_pipeline):
     with pytest.warns(UserWarning, match="approximates"):
         official_pipeline.generate("x", num_frames=5, mode="kvcache", output="latent", seed=0, **SMALL)
