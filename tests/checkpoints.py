@@ -7,6 +7,7 @@ against diffusers) so every loader path is exercised with real files.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -26,6 +27,24 @@ TINY_TRANSFORMER = dict(
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                 temperal_downsample=[False, True, True])
 TEXT_LEN = 512  # the real text_len: the context is zero-padded to it
+
+
+def randomize_scaled_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter non-trivial, at scales that keep a deep model's activations O(1): matrices
+    ~ 1/sqrt(fan_in), norm gains 1 + N(0, 0.2), other vectors (biases, modulation tables, embeddings)
+    N(0, 0.3). Default inits leave zeros/ones that hide bugs. Works on official and diffusers names."""
+    gen = torch.Generator().manual_seed(seed)
+    vector_like = ("modulation", "scale_shift_table", "embedding.weight")
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim >= 2 and not any(tag in name for tag in vector_like):
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * noise)
+            else:
+                p.copy_(0.3 * noise)
+    return module
 
 
 def official_scheduler_config() -> dict:

@@ -11,12 +11,13 @@ Run: python -m pytest tests/test_cached_step.py -q
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+
+from checkpoints import randomize_scaled_ as randomize_
 
 from skyrt.export import dit as D
 from skyrt.export.cached_step import CachedStep, active_rope, token_valid
@@ -29,20 +30,6 @@ HT, WT = H // 2, W // 2
 TPF = HT * WT  # tokens per frame
 
 
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter non-trivial: matrices ~ 1/sqrt(fan_in), norm gains 1 + N(0, 0.2), other vectors
-    (biases, modulation tables, embeddings) N(0, 0.3)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2 and "modulation" not in name and "embedding.weight" not in name:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            else:
-                p.copy_(0.3 * noise)
-    return module
 
 
 def make(cfg=CFG, seed=0):

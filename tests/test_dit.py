@@ -10,7 +10,6 @@ skipped when it is absent.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import sys
 import types
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from checkpoints import randomize_scaled_ as randomize_
 
 from skyrt.export import dit as D
 
@@ -35,20 +36,6 @@ BASE = replace(D.TINY, text_len=512)  # diffusers' i2v split assumes 512 text to
 I2V = replace(BASE, model_type="i2v", in_dim=36)
 
 
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter non-trivial: matrices ~ 1/sqrt(fan_in), norm gains 1 + N(0, 0.2), other vectors
-    (biases, modulation tables, embeddings) N(0, 0.3). Default inits leave zeros/ones that hide bugs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2 and "scale_shift_table" not in name and "embedding.weight" not in name:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            else:
-                p.copy_(0.3 * noise)
-    return module
 
 
 def make_pair(cfg: D.DiTConfig, seed: int = 0):
