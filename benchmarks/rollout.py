@@ -37,6 +37,8 @@ def parse_args():
     p.add_argument("--guidance-scale", type=float, default=6.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-ar-step", type=int, default=5, help="ar_step of the kvcache stream")
+    p.add_argument("--kv-sink-blocks", type=int, default=1)
+    p.add_argument("--kv-window-blocks", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout.json")
     return p.parse_args()
 
@@ -68,8 +70,8 @@ def run_skyrt(model_dir, args, settings, carry: str) -> dict:
 
 
 def run_skyrt_kvcache(model_dir, args, settings) -> dict:
-    """mode="kvcache" stream: blocks of one latent frame, official async ar_step 5, 1 sink + 8 window
-    blocks; the same number of latent frames as the long video."""
+    """mode="kvcache" stream: blocks of one latent frame, async (--kv-ar-step), a ring of
+    --kv-sink-blocks + --kv-window-blocks; the same number of latent frames as the long video."""
     import warnings
 
     import skyrt
@@ -82,7 +84,8 @@ def run_skyrt_kvcache(model_dir, args, settings) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random weights are not block-causal-trained
         for chunk in pipe.stream("a red circle", mode="kvcache", ar_step=args.kv_ar_step, causal_block_size=1,
-                                 sink_blocks=1, window_blocks=8, max_chunks=latent_frames, seed=0, **kwargs):
+                                 sink_blocks=args.kv_sink_blocks, window_blocks=args.kv_window_blocks,
+                                 max_chunks=latent_frames, seed=0, **kwargs):
             first = first or time.perf_counter() - start
             frames += len(chunk)
     return {"seconds": time.perf_counter() - start, "time_to_first_frame_s": first, "pixel_frames": frames}
