@@ -4,7 +4,7 @@ per-frame (diffusion-forcing) timesteps. CPU only, a few seconds.
 
 Run: python -m pytest tests/test_dit.py -q
 Official-code checks (parameter names/shapes and a bf16-tolerance forward) import the official
-modules/transformer.py from $SKYRT_OFFICIAL_DIR (default /tmp/official/skyreels_v2_infer) and are
+modules/transformer.py from $SKYRT_OFFICIAL_DIR (an unpacked skyreels_v2_infer folder) and are
 skipped when it is absent.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from skyrt.export import dit as D
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SkyReelsV2Transformer3DModel  # noqa: E402
 
-OFFICIAL_DIR = Path(os.environ.get("SKYRT_OFFICIAL_DIR", "/tmp/official/skyreels_v2_infer"))
+OFFICIAL_DIR = Path(os.environ.get("SKYRT_OFFICIAL_DIR", "/nonexistent"))  # unset: those tests skip
 needs_official = pytest.mark.skipif(not (OFFICIAL_DIR / "modules" / "transformer.py").is_file(),
                                     reason=f"official SkyReels-V2 code not found at {OFFICIAL_DIR}")
 

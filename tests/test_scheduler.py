@@ -4,8 +4,8 @@ Oracle: diffusers' UniPCMultistepScheduler configured for flow matching (UNIPC_A
 given the official shifted sigmas through set_timesteps(sigmas=...) is the official
 FlowUniPCMultistepScheduler (DESIGN.md §5); FlowMatchEulerDiscreteScheduler given the same sigmas is
 flow Euler. The official sigmas are written out here from the official set_timesteps, independently
-of skyrt. If the official SkyReels-V2 source is on disk (SKYREELS_V2_OFFICIAL, default
-/tmp/official/skyreels_v2_infer), its scheduler is checked directly as well.
+of skyrt. If the official SkyReels-V2 source is on disk (SKYRT_OFFICIAL_DIR, an unpacked skyreels_v2_infer
+folder), its scheduler is checked directly as well.
 Run: python -m pytest tests/test_scheduler.py -q
 """
 from __future__ import annotations
@@ -226,10 +226,10 @@ def test_euler_equals_diffusers_flow_match_euler(n, shift):
 
 # ----------------------------------------------------------------------------- the official source
 def _official_module():
-    root = Path(os.environ.get("SKYREELS_V2_OFFICIAL", "/tmp/official/skyreels_v2_infer"))
+    root = Path(os.environ.get("SKYRT_OFFICIAL_DIR", "/nonexistent"))  # unset: this test skips
     path = root / "scheduler" / "fm_solvers_unipc.py"
     if not path.is_file():
-        pytest.skip(f"official SkyReels-V2 source not found at {root} (set SKYREELS_V2_OFFICIAL)")
+        pytest.skip(f"official SkyReels-V2 source not found at {root} (set SKYRT_OFFICIAL_DIR)")
     spec = importlib.util.spec_from_file_location("skyreels_official_fm_solvers_unipc", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
