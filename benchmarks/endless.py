@@ -71,7 +71,7 @@ def main() -> int:
     report = {
         "benchmark": "endless",
         "machine": {"platform": platform.platform(), "device": "cpu", "torch_threads": 2},
-        "config": vars(args) | {"out": str(args.out)},
+        "config": vars(args) | {"out": args.out.name},
         "latent_frames": frames,
         "seconds": seconds,
         "latent_frames_per_s": frames / seconds,

@@ -133,7 +133,7 @@ def main() -> None:
         "benchmark": "rollout",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": args.threads,
                     "device": "cpu"},
-        "config": vars(args) | {"out": str(args.out), "latent_frames": latent_frames},
+        "config": vars(args) | {"out": args.out.name, "latent_frames": latent_frames},
         "results": results,
         "ratios_vs_diffusers": {
             name: {"frames_per_s": r["latent_frames_per_s"] / base["latent_frames_per_s"],
