@@ -6,8 +6,12 @@ against diffusers) so every loader path is exercised with real files.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import os
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -27,6 +31,19 @@ TINY_TRANSFORMER = dict(
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                 temperal_downsample=[False, True, True])
 TEXT_LEN = 512  # the real text_len: the context is zero-padded to it
+
+# The official SkyReels-V2 source (an unpacked skyreels_v2_infer folder), an extra oracle when present.
+OFFICIAL_DIR = Path(os.environ.get("SKYRT_OFFICIAL_DIR", "/nonexistent"))  # unset: those tests skip
+_OFFICIAL_PACKAGE = "_skyrt_official_modules"
+
+
+def import_official_module(name: str):
+    """Import official modules/<name>.py without running the package __init__ (heavy imports)."""
+    if _OFFICIAL_PACKAGE not in sys.modules:
+        package = types.ModuleType(_OFFICIAL_PACKAGE)
+        package.__path__ = [str(OFFICIAL_DIR / "modules")]
+        sys.modules[_OFFICIAL_PACKAGE] = package
+    return importlib.import_module(f"{_OFFICIAL_PACKAGE}.{name}")
 
 
 def randomize_scaled_(module: torch.nn.Module, seed: int) -> torch.nn.Module:

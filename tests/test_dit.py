@@ -9,16 +9,12 @@ skipped when it is absent.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-import types
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
+from checkpoints import OFFICIAL_DIR, import_official_module
 from checkpoints import randomize_scaled_ as randomize_
 
 from skyrt.export import dit as D
@@ -26,7 +22,6 @@ from skyrt.export import dit as D
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SkyReelsV2Transformer3DModel  # noqa: E402
 
-OFFICIAL_DIR = Path(os.environ.get("SKYRT_OFFICIAL_DIR", "/nonexistent"))  # unset: those tests skip
 needs_official = pytest.mark.skipif(not (OFFICIAL_DIR / "modules" / "transformer.py").is_file(),
                                     reason=f"official SkyReels-V2 code not found at {OFFICIAL_DIR}")
 
@@ -340,14 +335,9 @@ def test_bf16_weights_keep_fp32_islands():
 
 
 def load_official_transformer():
-    """Import the official modules/transformer.py without the package __init__ (heavy imports)."""
+    """The official modules/transformer.py."""
     torch._dynamo.config.disable = True  # it torch.compiles helpers at import; eager on the CPU
-    name = "_skyrt_official_modules"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(OFFICIAL_DIR / "modules")]
-        sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.transformer")
+    return import_official_module("transformer")
 
 
 def _sdpa_flash_attention(q, k, v, **_):

@@ -11,13 +11,13 @@ Run: python -m pytest tests/test_scheduler.py -q
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+from checkpoints import OFFICIAL_DIR
 
 from skyrt.runtime.scheduler import (
     FlowEulerScheduler,
@@ -226,10 +226,9 @@ def test_euler_equals_diffusers_flow_match_euler(n, shift):
 
 # ----------------------------------------------------------------------------- the official source
 def _official_module():
-    root = Path(os.environ.get("SKYRT_OFFICIAL_DIR", "/nonexistent"))  # unset: this test skips
-    path = root / "scheduler" / "fm_solvers_unipc.py"
+    path = OFFICIAL_DIR / "scheduler" / "fm_solvers_unipc.py"
     if not path.is_file():
-        pytest.skip(f"official SkyReels-V2 source not found at {root} (set SKYRT_OFFICIAL_DIR)")
+        pytest.skip(f"official SkyReels-V2 source not found at {OFFICIAL_DIR} (set SKYRT_OFFICIAL_DIR)")
     spec = importlib.util.spec_from_file_location("skyreels_official_fm_solvers_unipc", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

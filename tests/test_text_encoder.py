@@ -9,15 +9,13 @@ The official-code oracle tests look for the official package at $SKYRT_OFFICIAL_
 from __future__ import annotations
 
 import html
-import importlib
 import os
 import re
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
+
+from checkpoints import OFFICIAL_DIR, import_official_module
 
 te = pytest.importorskip("skyrt.export.text_encoder")
 transformers = pytest.importorskip("transformers")
@@ -35,7 +33,6 @@ PROMPTS = [
     "A golden retriever races toward the coral reef at golden hour, film grain, shallow depth of field, "
     "aerial shot, vivid colors, dramatic clouds, 4K, highly detailed.",
 ]
-OFFICIAL_DIR = Path(os.environ.get("SKYRT_OFFICIAL_DIR", "/nonexistent"))  # unset: those tests skip
 needs_official = pytest.mark.skipif(not (OFFICIAL_DIR / "modules" / "t5.py").is_file(),
                                     reason=f"official SkyReels-V2 code not found at {OFFICIAL_DIR}")
 
@@ -92,13 +89,8 @@ def reference_embeds(model, tokenizer, prompts, text_len):
 
 
 def load_official_t5_module():
-    """Import the official modules/t5.py without running the package __init__ (heavy imports)."""
-    name = "_skyrt_official_modules"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(OFFICIAL_DIR / "modules")]
-        sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.t5")
+    """The official modules/t5.py."""
+    return import_official_module("t5")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,8 +155,7 @@ def test_clean_prompt_matches_diffusers_and_official():
         assert te.clean_prompt(case) == prompt_clean(case) == ref_clean(case), repr(case)
     assert te.clean_prompt(PROMPTS[1]) == "the DOG & a fox jumps over a frozen lake, caf\u00e9 lighting"
     if (OFFICIAL_DIR / "modules" / "tokenizers.py").is_file():
-        load_official_t5_module()
-        off = sys.modules["_skyrt_official_modules.tokenizers"]
+        off = import_official_module("tokenizers")
         for case in cases:
             assert te.clean_prompt(case) == off.whitespace_clean(off.basic_clean(case)), repr(case)
 
