@@ -25,7 +25,7 @@ import numpy as np
 from . import latents as lat
 from .backends.base import Backend, TextContext
 from .df_schedule import generate_timestep_matrix
-from .scheduler import FlowEulerScheduler, FlowUniPCScheduler
+from .scheduler import FlowEulerScheduler, FlowUniPCScheduler, flow_timesteps
 from .video_io import ImageLike, VideoLike, load_image, load_video, to_model_pixels, to_uint8_frames
 
 log = logging.getLogger("skyrt.pipeline")
@@ -466,10 +466,8 @@ class Pipeline:
 
 
 def timestep_template(req: GenerationRequest) -> np.ndarray:
-    """The official DF step template: the UniPC timesteps for (num_inference_steps, shift)."""
-    sched = FlowUniPCScheduler()
-    sched.set_timesteps(req.num_inference_steps, shift=req.shift)
-    return sched.timesteps
+    """The official DF step template: the sampler's int64 timesteps for (num_inference_steps, shift)."""
+    return flow_timesteps(req.num_inference_steps, req.shift)
 
 
 def window_schedule(req: GenerationRequest, w: Window, template: np.ndarray):

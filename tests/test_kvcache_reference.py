@@ -20,7 +20,6 @@ finish (and so commit, in block order, after the row's update) is derived here f
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest

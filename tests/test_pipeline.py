@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import skyrt
 from skyrt.runtime import latents as lat
 from skyrt.runtime import pipeline as pipeline_module
 
