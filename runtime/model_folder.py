@@ -12,26 +12,12 @@ import json
 from pathlib import Path
 
 from .backends.base import ModelSpec
+from .model_config import DiTConfig
 
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_TOKENIZER = "google/umt5-xxl"
 DIFFUSERS_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
-
-# diffusers transformer config name -> official config.json name (the fields the runtime reads).
-_DIFFUSERS_TO_OFFICIAL = {
-    "in_channels": "in_dim",
-    "out_channels": "out_dim",
-    "ffn_dim": "ffn_dim",
-    "freq_dim": "freq_dim",
-    "num_layers": "num_layers",
-    "num_attention_heads": "num_heads",
-    "text_dim": "text_dim",
-    "eps": "eps",
-    "inject_sample_info": "inject_sample_info",
-    "num_frame_per_block": "num_frame_per_block",
-}
-
 
 class ModelFolderError(ValueError):
     """The folder is not a model folder skyrt understands."""
@@ -63,10 +49,7 @@ def inspect_model_folder(path: str | Path) -> ModelSpec:
             if not (path / part).is_dir():
                 raise ModelFolderError(f"missing folder {path / part} (expected by the diffusers layout)")
         raw = _read_json(path / "transformer" / "config.json")
-        config = {official: raw[name] for name, official in _DIFFUSERS_TO_OFFICIAL.items() if name in raw}
-        config["dim"] = raw["num_attention_heads"] * raw["attention_head_dim"]
-        config["model_type"] = "i2v" if raw.get("image_dim") else "t2v"
-        config["text_len"] = 512  # diffusers keeps it in the pipeline (max_sequence_length), not the config
+        config = DiTConfig.from_diffusers(raw).to_official()
     return ModelSpec(path=path, layout=layout, dit_config=config)
 
 
