@@ -89,7 +89,7 @@ class CachedStep(nn.Module):
         cross_kv: Sequence[CrossKV],
         cache_k: torch.Tensor,
         cache_v: torch.Tensor,
-        cache_valid: torch.Tensor,
+        cache_valid: Optional[torch.Tensor],
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
         fps: Optional[torch.Tensor] = None,
@@ -99,7 +99,7 @@ class CachedStep(nn.Module):
         """latents [B, C, f, H, W] of the active frames (y: i2v conditioning latents of the same frames,
         concatenated on channels); t [B, f] per-frame timesteps; cross_kv: WanDiT.cross_attention_kv
         output (one CrossKV per layer); cache_k/cache_v [layers, B, S, N, Dh]; cache_valid bool [B, S]
-        or [S]; rope_cos/rope_sin [f*h*w, Dh/2] of the active tokens (active_rope); fps [B] classes
+        or [S], or None when every cache token is valid (S may be 0); rope_cos/rope_sin [f*h*w, Dh/2] of the active tokens (active_rope); fps [B] classes
         (inject_sample_info only); causal_block_size: None = full attention among the active tokens,
         k = block-causal in blocks of k frames (a static int, baked into an exported graph).
 
@@ -119,14 +119,7 @@ class CachedStep(nn.Module):
         tokens = dit.patchify(x)  # [B, f, hw, D] fp32
         e, e0 = self.embed_time(t, fps)
 
-        # Attention mask [B, 1, L, S + L]: valid cache tokens, then the active tokens among themselves.
-        valid = cache_valid.to(torch.bool).reshape(-1, S).expand(B, S)
-        if causal_block_size is None:
-            active = torch.ones(L, L, dtype=torch.bool, device=x.device)
-        else:
-            active = block_causal_mask(f, h * w, causal_block_size, x.device)
-        mask = torch.cat([valid[:, None, :].expand(B, L, S), active[None].expand(B, L, L)], dim=2)[:, None]
-        keep = valid[:, :, None, None]  # [B, S, 1, 1] for zero_invalid
+        mask, keep = self._attention_mask(cache_valid, B, S, f, h * w, causal_block_size, x.device)
 
         new_k, new_v = [], []
         for layer, (block, kv) in enumerate(zip(dit.blocks, cross_kv)):
@@ -137,7 +130,7 @@ class CachedStep(nn.Module):
             q, k, v = attn.project_qkv(hid, rope_cos, rope_sin)
             k = k.to(v.dtype)
             ck, cv = cache_k[layer].to(v.dtype), cache_v[layer].to(v.dtype)
-            if self.zero_invalid:
+            if self.zero_invalid and keep is not None:
                 ck = torch.where(keep, ck, torch.zeros((), dtype=ck.dtype, device=ck.device))
                 cv = torch.where(keep, cv, torch.zeros((), dtype=cv.dtype, device=cv.device))
             out = attention(q, torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1), mask)
@@ -154,3 +147,24 @@ class CachedStep(nn.Module):
 
         velocity = dit.unpatchify(dit.head(tokens, e), (f, h, w))
         return velocity, torch.stack(new_k), torch.stack(new_v)
+
+    @staticmethod
+    def _attention_mask(cache_valid, B: int, S: int, f: int, tokens_per_frame: int, causal_block_size, device):
+        """Self-attention mask [B, 1, L, S + L] (valid cache tokens, then the active tokens among
+        themselves) and the [B, S, 1, 1] keep-mask of zero_invalid; (None, None) when nothing is masked
+        (cache_valid None = every cache token valid, and one block or full attention among the active
+        frames), which lets SDPA take its unmasked kernel. Decided from shapes only."""
+        L = f * tokens_per_frame
+        active_full = causal_block_size is None or f <= causal_block_size
+        if cache_valid is None and active_full:
+            return None, None
+        if cache_valid is None:
+            valid = torch.ones(B, S, dtype=torch.bool, device=device)
+        else:
+            valid = cache_valid.to(torch.bool).reshape(-1, S).expand(B, S)
+        if active_full:
+            active = torch.ones(L, L, dtype=torch.bool, device=device)
+        else:
+            active = block_causal_mask(f, tokens_per_frame, causal_block_size, device)
+        mask = torch.cat([valid[:, None, :].expand(B, L, S), active[None].expand(B, L, L)], dim=2)[:, None]
+        return mask, (None if cache_valid is None else valid[:, :, None, None])

@@ -81,7 +81,7 @@ class TorchBackend(Backend):
     def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, block_size):
         """CachedStep on numpy buffers (zero-copy on the CPU): returns velocity [16, f, h, w] and the
         active tokens' K, V [layers, tokens, heads, head_dim]."""
-        from skyrt.export.cached_step import CachedStep, active_rope, token_valid
+        from skyrt.export.cached_step import CachedStep, active_rope
 
         if getattr(self, "_cached_step", None) is None:
             self._cached_step = CachedStep(self.dit)
@@ -90,10 +90,22 @@ class TorchBackend(Backend):
         t = torch.from_numpy(np.asarray(timesteps, np.float32))[None].to(self.device)  # [1, f]
         patch_h, patch_w = self.dit.config.patch_size[1:]
         cos, sin = active_rope(self.dit, first_position, x.shape[2], x.shape[3] // patch_h, x.shape[4] // patch_w)
-        ck = torch.from_numpy(cache.k).to(self.device).reshape(layers, 1, slots * tokens, heads, head_dim)
-        cv = torch.from_numpy(cache.v).to(self.device).reshape(layers, 1, slots * tokens, heads, head_dim)
-        valid = token_valid(slot_valid, tokens).to(self.device)
+        # Eager torch can skip what an engine must mask: attend only to the valid slots (a view when
+        # they lead the ring, a gather otherwise), so a filling cache costs what it holds.
+        ck, cv = (self._valid_slots(torch.from_numpy(c), np.asarray(slot_valid, bool)) for c in (cache.k, cache.v))
+        ck = ck.to(self.device).reshape(layers, 1, -1, heads, head_dim)  # [layers, 1, S_valid, N, Dh]
+        cv = cv.to(self.device).reshape(layers, 1, -1, heads, head_dim)
         fps = None if fps_class is None else torch.tensor([fps_class], device=self.device)
-        v, new_k, new_v = self._cached_step(x, t, prompt, ck, cv, valid, cos.to(self.device), sin.to(self.device),
+        v, new_k, new_v = self._cached_step(x, t, prompt, ck, cv, None, cos.to(self.device), sin.to(self.device),
                                             fps=fps, causal_block_size=block_size)
         return v[0].float().cpu().numpy(), new_k[:, 0].float().cpu().numpy(), new_v[:, 0].float().cpu().numpy()
+
+    @staticmethod
+    def _valid_slots(cache: torch.Tensor, slot_valid: np.ndarray) -> torch.Tensor:
+        """cache [layers, slots, tokens, N, Dh] -> only the valid slots [layers, n_valid, tokens, N, Dh]."""
+        index = np.flatnonzero(slot_valid)
+        if len(index) == len(slot_valid):
+            return cache
+        if len(index) == 0 or index[-1] == len(index) - 1:
+            return cache[:, : len(index)]
+        return cache.index_select(1, torch.from_numpy(index))
