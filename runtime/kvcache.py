@@ -105,6 +105,7 @@ class KVRollout:
         self.samplers: dict[int, list] = {}
         self._noise = noise
         self._prefix = prefix
+        self.committed: dict[int, tuple[int, np.ndarray, float]] = {}  # slot -> (block, commit input, t)
 
     def _in_flight(self, horizon_blocks: int | None) -> int:
         """Blocks denoised together: all of a finite horizon (like one official window), else the
@@ -121,10 +122,12 @@ class KVRollout:
     # ------------------------------------------------------------------ the loop
     def blocks(self) -> Iterator[np.ndarray]:
         """Clean latent blocks in order; prefix blocks first (already clean), then generated ones."""
-        for blk in range(self.prefix_blocks):
-            clean = self._prefix[:, blk * self.block : (blk + 1) * self.block]
-            self._commit(blk, clean)
-            yield clean
+        if self.prefix_blocks:
+            inputs, t_commit = self._prefix_commit_inputs()
+            for blk in range(self.prefix_blocks):
+                frames = slice(blk * self.block, (blk + 1) * self.block)
+                self._commit(blk, inputs[:, frames], t_commit)
+                yield self._prefix[:, frames]
         while True:
             step = self.schedule.next()
             if step is None:
@@ -147,7 +150,7 @@ class KVRollout:
         for blk in step.finished:
             clean = self.latents.pop(blk)
             self.samplers.pop(blk)
-            self._commit(blk, clean)
+            self._commit(blk, clean, 0.0)
             yield clean
 
     def _start(self, blk: int) -> None:
@@ -190,19 +193,57 @@ class KVRollout:
         v_cond, v_uncond = outs
         return v_uncond + self.req.guidance_scale * (v_cond - v_uncond)
 
-    def _commit(self, blk: int, clean: np.ndarray) -> None:
-        """Clean pass at t = 0 (or at addnoise_condition for prefix blocks): its K/V enter the ring."""
-        t_commit = 0.0
-        x = clean
-        if blk < self.prefix_blocks and self.req.addnoise_condition > 0:
-            factor = 0.001 * self.req.addnoise_condition
-            x = clean * (1.0 - factor) + self.rng.standard_normal(clean.shape, dtype=np.float32) * factor
-            t_commit = float(self.req.addnoise_condition)
+    def _prefix_commit_inputs(self) -> tuple[np.ndarray, float]:
+        """What the prefix blocks are committed with: the clean prefix at t = 0, or with
+        addnoise_condition a, the prefix with 0.1%·a noise at t = a. The official loop redraws that
+        noise at every step, which no cache can do: it is drawn once, for the whole prefix, here (the
+        window mode's condition_noise="once" does the same and is the reference for this mode)."""
+        a = self.req.addnoise_condition
+        if a <= 0:
+            return self._prefix, 0.0
+        noise = self.rng.standard_normal(self._prefix.shape, dtype=np.float32)
+        return self._prefix * (1.0 - 0.001 * a) + noise * (0.001 * a), float(a)
+
+    def _commit(self, blk: int, x: np.ndarray, t_commit: float) -> None:
+        """Clean pass of block `blk` (latents x [16, b, h, w] at timestep t_commit): its K/V enter the ring."""
         position = self._position(blk, self.block)
         valid = np.asarray(self.ring.valid, dtype=bool)
-        t = np.full(self.block, t_commit, np.float32)
-        kvs = [self.backend.kv_step(x, t, prompt, cache, valid, position, self.fps_class, self.block)[1:]
-               for prompt, cache in zip(self.prompts, self.caches)]
+        kvs = self._commit_kv(x, t_commit, position, valid)
         slot = self.ring.append(blk).slot
+        self.committed[slot] = (blk, x, t_commit)  # kept for a recache under a new prompt
         for cache, (k, v) in zip(self.caches, kvs):
             cache.write(slot, k, v)
+
+    def _commit_kv(self, x: np.ndarray, t_commit: float, position: int, valid: np.ndarray) -> list:
+        t = np.full(self.block, t_commit, np.float32)
+        return [self.backend.kv_step(x, t, prompt, cache, valid, position, self.fps_class, self.block)[1:]
+                for prompt, cache in zip(self.prompts, self.caches)]
+
+    # ------------------------------------------------------------------ prompt switch
+    def set_prompt(self, cond: TextContext, uncond: TextContext | None, recache: bool = False) -> None:
+        """Denoise with a new prompt from the next schedule row on (call between blocks).
+
+        Blocks in flight keep their partly denoised latents. Without `recache` the cached blocks keep
+        the K/V they were committed with under the old prompt (a soft transition); with it, every
+        cached block is committed again under the new prompt, in block order, each against the
+        blocks re-committed before it, at its current position (one clean pass per cached block).
+        """
+        contexts = [c for c in (cond, uncond) if c is not None]
+        if len(contexts) != len(self.contexts):
+            raise ValueError("a prompt switch keeps classifier-free guidance on or off: pass uncond exactly when "
+                             "the stream was started with guidance_scale > 1")
+        self.contexts = contexts
+        self.prompts = [self.backend.kv_prompt(c) for c in contexts]
+        if recache:
+            self._recache()
+
+    def _recache(self) -> None:
+        valid = np.zeros(self.ring.capacity, dtype=bool)
+        live = np.asarray(self.ring.valid, dtype=bool)
+        in_ring = sorted((blk, slot) for slot, (blk, _, _) in self.committed.items() if live[slot])
+        for blk, slot in in_ring:
+            _, x, t_commit = self.committed[slot]
+            kvs = self._commit_kv(x, t_commit, self.ring.position_of(blk), valid)
+            for cache, (k, v) in zip(self.caches, kvs):
+                cache.write(slot, k, v)
+            valid[slot] = True

@@ -16,6 +16,7 @@ Window mode, as in the official `DiffusionForcingPipeline`:
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -33,6 +34,7 @@ log = logging.getLogger("skyrt.pipeline")
 MODES = ("window", "kvcache")
 OUTPUTS = ("frames", "latent")
 OVERLAP_CARRIES = ("pixel", "latent")
+CONDITION_NOISE = ("step", "once")
 SAMPLERS = ("unipc", "euler")
 STREAM_FRAMES = 1 + 4 * 2**40  # "forever": a stream is planned one window at a time
 
@@ -63,6 +65,7 @@ class GenerationRequest:
     causal_attention: bool = False
     sink_blocks: int = 1
     window_blocks: int = 8
+    condition_noise: str = "step"  # addnoise_condition noise: redrawn every "step" (official) or "once"
 
     @property
     def latent_frames(self) -> int:
@@ -174,6 +177,7 @@ class Pipeline:
         causal_attention: bool | None = None,
         sink_blocks: int = 1,
         window_blocks: int = 8,
+        condition_noise: str | None = None,
         progress: bool = True,
     ) -> np.ndarray:
         """Generate a video.
@@ -189,6 +193,11 @@ class Pipeline:
         mode="kvcache" denoises each block of `causal_block_size` frames once against a ring KV cache
         of `sink_blocks` + `window_blocks` finished blocks (exact for block-causal checkpoints while
         everything fits in the cache; equals window mode with causal_attention=True and the same noise).
+        An image or video prefix enters the cache as committed blocks; an end image needs window mode.
+
+        `condition_noise` is how the `addnoise_condition` noise on prefix frames is drawn: "step"
+        (official, fresh at every step; window mode's default) or "once" per window (the only choice
+        in kvcache mode, where the prefix is committed once).
         """
         req = self._request(locals())
         cond = self._condition(req, image, video, end_image)
@@ -224,12 +233,17 @@ class Pipeline:
         causal_attention: bool | None = None,
         sink_blocks: int = 1,
         window_blocks: int = 8,
+        condition_noise: str | None = None,
+        output: str = "frames",
         max_chunks: int | None = None,
-    ) -> Iterator[np.ndarray]:
-        """Yield uint8 frame chunks [n, H, W, 3] forever (or `max_chunks` chunks).
+    ) -> "FrameStream":
+        """An endless stream: iterate it for uint8 frame chunks [n, H, W, 3] (or, with output="latent",
+        model-space latent chunks [16, f, h, w]) forever, or for `max_chunks` chunks.
 
         A chunk is a window in window mode and a block of `causal_block_size` latent frames in
-        kvcache mode (which needs ar_step >= 1 to run forever).
+        kvcache mode (which needs ar_step >= 1 to run forever). `stream.set_prompt(...)` switches the
+        prompt at the next chunk, from any thread; in kvcache mode `recache=True` also re-commits the
+        cached blocks under the new prompt.
 
         Window mode with overlap: every window after the first adds base - overlap latent frames.
         With the default latent carry, frames go through the streaming VAE decoder, so the
@@ -237,41 +251,56 @@ class Pipeline:
         """
         settings = dict(locals())
         # A stream is a long video of unbounded length: windows are planned one at a time.
-        settings.update(num_frames=STREAM_FRAMES, output="frames", latents=None)
+        settings.update(num_frames=STREAM_FRAMES, latents=None)
         req = self._request(settings)
         cond = self._condition(req, image, None, None)
-        if req.mode == "kvcache":
-            yield from self._stream_kvcache(req, cond, max_chunks)
-            return
+        control = StreamControl(req.prompt, req.negative_prompt)
+        chunks = self._stream_kvcache(req, cond, control) if req.mode == "kvcache" else self._stream_windows(
+            req, cond, control)
+        return FrameStream(chunks, control, max_chunks)
+
+    def _stream_windows(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
         template = timestep_template(req)
         base = lat.latent_length(req.base_num_frames)
         decoder = self.backend.streaming_decoder()
         prefix = cond.start_latents
         index = 0
-        while max_chunks is None or index < max_chunks:
+        while True:
+            switch = control.take()
+            if switch is not None:  # the next window follows the new prompt; the overlap keeps continuity
+                cond.cond, cond.uncond = self._encode_prompts(req, switch)
             window = Window(index, base, 0 if prefix is None else prefix.shape[1])
             z = self._denoise_window(req, cond, window, prefix, None, window_schedule(req, window, template))
             new = z if index == 0 else z[:, window.prefix_frames :]
             if req.overlap_carry == "latent":
                 # Streaming decode of each new latent frame == one decode of the whole stream.
-                pixels = np.concatenate(
-                    [decoder.decode_next(lat.denormalize(new[:, i : i + 1])) for i in range(new.shape[1])], axis=1
-                )
-                yield to_uint8_frames(pixels)
+                yield new if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, new))
                 prefix = self._next_prefix(req, z, None)
             else:
                 pixels = self.backend.vae_decode(lat.denormalize(z))
-                yield to_uint8_frames(pixels if index == 0 else pixels[:, req.overlap_history :])
+                yield new if req.output == "latent" else to_uint8_frames(
+                    pixels if index == 0 else pixels[:, req.overlap_history :])
                 prefix = self._encode_pixels(pixels[:, -req.overlap_history :])
             index += 1
+
+    def _decode_stream(self, decoder, z: np.ndarray) -> np.ndarray:
+        """Model-space latents [16, f, h, w] -> pixels [3, n, H, W] through a streaming decoder."""
+        return np.concatenate([decoder.decode_next(lat.denormalize(z[:, i : i + 1])) for i in range(z.shape[1])],
+                              axis=1)
+
+    def _encode_prompts(self, req, switch: "PromptSwitch"):
+        """(cond, uncond) TextContexts of a prompt switch; uncond only with classifier-free guidance."""
+        negative = req.negative_prompt if switch.negative_prompt is None else switch.negative_prompt
+        cond = self.backend.encode_text(switch.prompt)
+        return cond, (self.backend.encode_text(negative) if req.use_cfg else None)
 
     # ------------------------------------------------------------------ kvcache mode
     def _kv_rollout(self, req, cond, horizon_blocks, noise):
         from .kvcache import KVRollout, KVSettings
 
-        if cond.end_latents is not None or cond.input_pixels is not None:
-            raise ValueError("mode='kvcache' takes text and an optional first image; use mode='window' for "
-                             "end_image or video extension")
+        if cond.end_latents is not None:
+            raise ValueError("mode='kvcache' cannot pin an end image: block-causal attention never lets earlier "
+                             "frames see it; use mode='window' for end_image")
         if not req.causal_attention:
             warnings.warn("this checkpoint was trained with bidirectional attention: mode='kvcache' approximates "
                           "the window mode (exact only for block-causal checkpoints)", stacklevel=3)
@@ -290,18 +319,24 @@ class Pipeline:
         rollout = self._kv_rollout(req, cond, total // req.causal_block_size, noise)
         blocks = list(tqdm(rollout.blocks(), total=total // req.causal_block_size, desc="generate", unit="block",
                            disable=not progress))
-        z = np.concatenate(blocks, axis=1)
+        z = np.concatenate(blocks, axis=1)  # [16, total, h, w], the prefix included
+        if cond.input_pixels is None:
+            return z if req.output == "latent" else to_uint8_frames(self.backend.vae_decode(lat.denormalize(z)))
+        # V2V, as in window mode: latents leave out the input's re-encoded tail, frames start with the
+        # input video itself (the decode of the prefix only warms the VAE's causal caches).
         if req.output == "latent":
-            return z
-        return to_uint8_frames(self.backend.vae_decode(lat.denormalize(z)))
+            return z[:, prefix:]
+        pixels = self.backend.vae_decode(lat.denormalize(z))
+        return to_uint8_frames(np.concatenate([cond.input_pixels, pixels[:, req.overlap_history :]], axis=1))
 
-    def _stream_kvcache(self, req, cond, max_chunks) -> Iterator[np.ndarray]:
+    def _stream_kvcache(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
         decoder = self.backend.streaming_decoder()
-        for count, block in enumerate(self._kv_rollout(req, cond, None, None).blocks()):
-            if max_chunks is not None and count >= max_chunks:
-                return
-            pixels = [decoder.decode_next(lat.denormalize(block[:, i : i + 1])) for i in range(block.shape[1])]
-            yield to_uint8_frames(np.concatenate(pixels, axis=1))
+        rollout = self._kv_rollout(req, cond, None, None)
+        for block in rollout.blocks():
+            yield block if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, block))
+            switch = control.take()  # the generator resumes here: between blocks, before the next row
+            if switch is not None:
+                rollout.set_prompt(*self._encode_prompts(req, switch), recache=switch.recache)
 
     # ------------------------------------------------------------------ validation
     def _request(self, args: dict) -> GenerationRequest:
@@ -310,6 +345,8 @@ class Pipeline:
         values = {k: args[k] for k in fields if k in args}
         if values.get("causal_attention") is None:
             values["causal_attention"] = self.model.num_frame_per_block > 1
+        if values.get("condition_noise") is None:
+            values["condition_noise"] = "once" if values.get("mode") == "kvcache" else "step"
         req = GenerationRequest(**values)
         validate_request(req)
         initial = args.get("latents")
@@ -422,11 +459,15 @@ class Pipeline:
         samplers = [new_sampler(req) for _ in range(w.num_frames)]
         fps_class = (0 if req.fps == 16 else 1) if self.model.inject_sample_info else None
         block = req.causal_block_size if req.causal_attention else None
+        prefix_noise = None  # condition_noise="once": one draw for the window's prefix [16, P, h, w]
+        if req.addnoise_condition > 0 and w.prefix_frames and req.condition_noise == "once":
+            prefix_noise = cond.rng.standard_normal((lat.LATENT_CHANNELS, w.prefix_frames, h, wd), dtype=np.float32)
         for row, mask, (start, end) in zip(step_matrix, update_mask, valid_interval):
             x = z[:, start:end].copy()
             t = row[start:end].astype(np.float32)
             if req.addnoise_condition > 0 and start < w.prefix_frames:
-                x, t = self._noise_condition(req, cond.rng, x, t, w.prefix_frames - start)
+                noise_now = None if prefix_noise is None else prefix_noise[:, start:]
+                x, t = self._noise_condition(req, cond.rng, x, t, w.prefix_frames - start, noise_now)
             v = self._velocity(req, cond, x, t, fps_class, block)
             for idx in np.flatnonzero(mask[start:end]) + start:
                 z[:, idx] = samplers[idx].step(v[:, idx - start], row[idx], z[:, idx])
@@ -435,10 +476,12 @@ class Pipeline:
         return z
 
     @staticmethod
-    def _noise_condition(req, rng, x, t, n):
-        """addnoise_condition a: the first n (prefix) frames get 0.1%·a fresh noise and t = a."""
+    def _noise_condition(req, rng, x, t, n, noise=None):
+        """addnoise_condition a: the first n (prefix) frames get 0.1%·a noise and t = a; the noise is
+        fresh every call (official) unless the window drew it once (condition_noise="once")."""
         factor = 0.001 * req.addnoise_condition
-        noise = rng.standard_normal(x[:, :n].shape, dtype=np.float32)
+        if noise is None:
+            noise = rng.standard_normal(x[:, :n].shape, dtype=np.float32)
         x[:, :n] = x[:, :n] * (1.0 - factor) + noise * factor
         t[:n] = req.addnoise_condition
         return x, t
@@ -495,6 +538,12 @@ def validate_request(req: GenerationRequest) -> None:
     _check_choice("output", req.output, OUTPUTS)
     _check_choice("overlap_carry", req.overlap_carry, OVERLAP_CARRIES)
     _check_choice("sampler", req.sampler, SAMPLERS)
+    _check_choice("condition_noise", req.condition_noise, CONDITION_NOISE)
+    if req.mode == "kvcache" and req.condition_noise == "step" and req.addnoise_condition > 0:
+        raise ValueError(
+            "mode='kvcache' commits the prefix once, so its addnoise_condition noise is drawn once: "
+            "condition_noise='step' (the official per-step redraw) needs mode='window'; use condition_noise='once'"
+        )
     if not isinstance(req.prompt, str):
         raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
     for name in ("height", "width"):
@@ -568,3 +617,74 @@ def _check_pixel_frames(name: str, value: int) -> None:
             f"{name}={value} must be of the form 1 + 4k (the VAE maps 1 + 4k pixel frames to k + 1 latents); "
             f"try {name}={near}"
         )
+
+
+@dataclass(frozen=True)
+class PromptSwitch:
+    """A requested prompt change; negative_prompt None keeps the current one."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    recache: bool = False
+
+
+class StreamControl:
+    """Thread-safe mailbox between whoever steers a stream and the thread that runs it."""
+
+    def __init__(self, prompt: str, negative_prompt: str):
+        self._lock = threading.Lock()
+        self._pending: PromptSwitch | None = None
+        self.prompt, self.negative_prompt = prompt, negative_prompt
+
+    def request(self, switch: PromptSwitch) -> None:
+        with self._lock:
+            self._pending = switch  # the latest request wins
+
+    def take(self) -> PromptSwitch | None:
+        """The pending switch, now in effect (or None)."""
+        with self._lock:
+            switch, self._pending = self._pending, None
+            if switch is not None:
+                self.prompt = switch.prompt
+                if switch.negative_prompt is not None:
+                    self.negative_prompt = switch.negative_prompt
+            return switch
+
+
+class FrameStream(Iterator[np.ndarray]):
+    """What `Pipeline.stream` returns: an iterator of chunks that can be steered while it runs."""
+
+    def __init__(self, chunks: Iterator[np.ndarray], control: StreamControl, max_chunks: int | None):
+        self._chunks, self._control, self._left = chunks, control, max_chunks
+
+    def __iter__(self) -> "FrameStream":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._left is not None:
+            if self._left <= 0:
+                self.close()
+                raise StopIteration
+            self._left -= 1
+        return next(self._chunks)
+
+    def set_prompt(self, prompt: str, negative_prompt: str | None = None, recache: bool = False) -> None:
+        """Switch the prompt from the next chunk on (callable from any thread). In kvcache mode,
+        `recache=True` re-commits the cached blocks under the new prompt (a clean pass each), so the
+        new prompt takes hold at once instead of blending in as the window rolls over."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
+        self._control.request(PromptSwitch(prompt, negative_prompt, bool(recache)))
+
+    @property
+    def prompt(self) -> str:
+        """The prompt the stream is denoising with now."""
+        return self._control.prompt
+
+    def close(self) -> None:
+        """Stop the stream and release its state."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()

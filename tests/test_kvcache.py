@@ -21,12 +21,20 @@ SMALL = dict(height=32, width=32, num_inference_steps=4, shift=8.0, guidance_sca
     dict(num_frames=13, ar_step=2, causal_block_size=2),  # blocks of 2
     dict(num_frames=17, ar_step=0, causal_block_size=5),  # one block of 5
     dict(num_frames=13, ar_step=4, causal_block_size=1, guidance_scale=1.0),  # block after block, no CFG
+    dict(num_frames=13, ar_step=0, causal_block_size=2),  # sync blocks of 2
+    dict(num_frames=37, ar_step=1, causal_block_size=5),  # async blocks of 5
     dict(num_frames=9, ar_step=1, causal_block_size=1, image=True),  # I2V: the image is a committed block
+    # addnoise_condition: the prefix is committed once at t = 20 with noise drawn once; the window
+    # mode reference draws it once per window too (condition_noise="once", set for both below).
+    dict(num_frames=9, ar_step=1, causal_block_size=1, image=True, addnoise_condition=20),
+    dict(num_frames=13, ar_step=0, causal_block_size=1, image=True, addnoise_condition=20, guidance_scale=1.0),
 ])
 def test_kvcache_equals_block_causal_window_mode(official_pipeline, settings):
     kwargs = {**SMALL, **settings}
     if kwargs.pop("image", False):
         kwargs["image"] = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    if kwargs.get("addnoise_condition"):
+        kwargs["condition_noise"] = "once"
     window = official_pipeline.generate("a red circle", output="latent", seed=11, causal_attention=True, **kwargs)
     cached = official_pipeline.generate("a red circle", output="latent", seed=11, causal_attention=True,
                                         mode="kvcache", sink_blocks=1, window_blocks=8, **kwargs)
@@ -60,13 +68,68 @@ def test_endless_stream_rebases_past_the_rope_table(official_pipeline, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         chunks = list(official_pipeline.stream("x", mode="kvcache", ar_step=4, causal_block_size=1, sink_blocks=1,
-                                               window_blocks=2, max_chunks=30, seed=0, height=32, width=32,
+                                               window_blocks=2, max_chunks=40, seed=0, height=32, width=32,
                                                num_inference_steps=4, guidance_scale=1.0))
     frames = np.concatenate(chunks)
-    assert frames.shape == (1 + 4 * 29, 32, 32, 3)
+    assert frames.shape == (1 + 4 * 39, 32, 32, 3)
     assert len(rebases) >= 3 and all(s > 0 for s in rebases)
 
 
 def test_endless_sync_stream_is_refused_with_a_fix(official_pipeline):
     with pytest.raises(ValueError, match="ar_step >= 1"):
         next(official_pipeline.stream("x", mode="kvcache", ar_step=0, height=32, width=32))
+
+
+def test_video_extension_commits_the_input_tail(official_pipeline, tmp_path):
+    # V2V: the input video's last overlap_history frames are encoded and enter the cache as committed
+    # blocks; the result equals the block-causal window mode (latents) and starts with the input video.
+    video = np.random.default_rng(8).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    kwargs = dict(SMALL, num_frames=13, base_num_frames=13, overlap_history=5, ar_step=1, causal_block_size=1,
+                  causal_attention=True, seed=4, video=video)
+    window = official_pipeline.generate("a red circle", output="latent", **kwargs)
+    cached = official_pipeline.generate("a red circle", output="latent", mode="kvcache", **kwargs)
+    print(f"max |kvcache - window| = {np.abs(cached - window).max():.3g} (V2V)")
+    assert cached.shape == window.shape == (16, 2, 4, 4)  # 13 frames - 5 overlap = 8 new = 2 latent frames
+    assert np.abs(cached - window).max() <= 1e-4
+    frames = official_pipeline.generate("a red circle", mode="kvcache", **kwargs)
+    assert frames.shape == (9 + 8, 32, 32, 3)
+    assert np.abs(frames[:9].astype(int) - video.astype(int)).max() <= 1
+
+
+def test_kvcache_refuses_what_a_cache_cannot_do(official_pipeline):
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="end image"):
+        official_pipeline.generate("x", num_frames=9, mode="kvcache", end_image=image, **SMALL)
+    with pytest.raises(ValueError, match="condition_noise='once'"):
+        official_pipeline.generate("x", num_frames=9, mode="kvcache", image=image, addnoise_condition=20,
+                                   condition_noise="step", **SMALL)
+
+
+@pytest.mark.parametrize("mode", ["kvcache", "window"])
+def test_stream_set_prompt_switches_at_the_next_chunk(official_pipeline, mode):
+    red, blue = "a red circle " * 120, "a blue square " * 120  # long: see test_kvcache_reference.py
+    kwargs = dict(mode=mode, ar_step=1, causal_block_size=1, base_num_frames=9, overlap_history=5, seed=2,
+                  height=32, width=32, num_inference_steps=4, guidance_scale=1.0, output="latent", max_chunks=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plain = list(official_pipeline.stream(red, **kwargs))
+        stream = official_pipeline.stream(red, **kwargs)
+        switched = [next(stream), next(stream)]
+        stream.set_prompt(blue, recache=True)
+        assert stream.prompt == red  # takes effect with the next chunk
+        switched += list(stream)
+    assert stream.prompt == blue
+    assert len(switched) == len(plain) == 5
+    for before, after in zip(plain[:2], switched[:2]):
+        np.testing.assert_array_equal(before, after)
+    moved = max(np.abs(a - b).max() for a, b in zip(plain[2:], switched[2:]))
+    print(f"{mode}: the switch moves later chunks by {moved:.3g}")
+    assert moved > 1e-3
+
+
+def test_stream_set_prompt_refuses_bad_input(official_pipeline):
+    stream = official_pipeline.stream("x", height=32, width=32, num_inference_steps=1, max_chunks=1)
+    with pytest.raises(ValueError, match="prompt must be a string"):
+        stream.set_prompt(None)
+    with pytest.raises(ValueError, match="negative_prompt"):
+        stream.set_prompt("y", negative_prompt=3)
