@@ -27,7 +27,7 @@ import numpy as np
 from skyrt import _core
 
 from . import latents as lat
-from .backends.base import Backend, TextContext
+from .backends.base import Backend, HostKVCache, TextContext
 
 ROPE_TABLE = 1024  # positions in the model's RoPE table
 
@@ -53,22 +53,8 @@ class KVSettings:
             )
 
 
-class KVCache:
-    """One prompt context's K/V ring buffers, laid out for skyrt._core.KVRing slots."""
-
-    def __init__(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
-        shape = (layers, slots, tokens_per_block, heads, head_dim)
-        # Zeros, not garbage: masked slots must hold finite values (NaN would poison the softmax).
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
-
-    def write(self, slot: int, k: np.ndarray, v: np.ndarray) -> None:
-        """k, v [layers, tokens_per_block, heads, head_dim] -> slot."""
-        _core.kv_write_block(self.k, slot, np.ascontiguousarray(k, np.float32))
-        _core.kv_write_block(self.v, slot, np.ascontiguousarray(v, np.float32))
-
-    def rebase(self, shift: int) -> None:
-        _core.kv_rope_rebase(self.k, shift)
+# The host cache lives with the backends (each backend may keep its cache elsewhere, e.g. on the GPU).
+KVCache = HostKVCache
 
 
 class KVRollout:
@@ -98,7 +84,8 @@ class KVRollout:
         self.tokens_per_block = tokens
         self.contexts = [c for c in (cond, uncond) if c is not None]
         self.prompts = [backend.kv_prompt(c) for c in self.contexts]
-        self.caches = [KVCache(layers, self.ring.capacity, tokens, heads, head_dim) for _ in self.contexts]
+        self.caches = [backend.new_kv_cache(layers, self.ring.capacity, tokens, heads, head_dim)
+                       for _ in self.contexts]
         self.fps_class = (0 if req.fps == 16 else 1) if backend.model.inject_sample_info else None
         self._new_sampler = lambda: new_sampler(req)
         self.latents: dict[int, np.ndarray] = {}  # block id -> [16, b, h, w] while being denoised

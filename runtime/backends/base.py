@@ -57,6 +57,30 @@ class StreamingDecoder(abc.ABC):
         """Raw latent frame [16, 1, h, w] -> pixels [3, n, H, W] (n = 1 for the first frame, else 4)."""
 
 
+class HostKVCache:
+    """One prompt context's ring K/V buffers in host memory, laid out for skyrt._core.KVRing slots:
+    k, v [layers, slots, tokens_per_block, heads, head_dim] float32, allocated once."""
+
+    def __init__(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
+        shape = (layers, slots, tokens_per_block, heads, head_dim)
+        # Zeros, not garbage: masked slots must hold finite values (NaN would poison the softmax).
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+
+    def write(self, slot: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v [layers, tokens_per_block, heads, head_dim] (what kv_step returned) -> slot."""
+        from skyrt import _core
+
+        _core.kv_write_block(self.k, slot, np.ascontiguousarray(k, np.float32))
+        _core.kv_write_block(self.v, slot, np.ascontiguousarray(v, np.float32))
+
+    def rebase(self, shift: int) -> None:
+        """Rotate every cached key by -shift positions (temporal RoPE part only)."""
+        from skyrt import _core
+
+        _core.kv_rope_rebase(self.k, shift)
+
+
 class Backend(abc.ABC):
     """Runs the networks. Implementations: torch (reference); onnxruntime and TensorRT later."""
 
@@ -94,3 +118,23 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def streaming_decoder(self) -> StreamingDecoder:
         """A fresh streaming VAE decoder."""
+
+    # -- the KV-cached step (mode="kvcache"); backends without it cannot run that mode -------------
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, heads, head_dim) of the DiT's self-attention."""
+        raise NotImplementedError(f"the {self.name} backend has no KV-cached step; use mode='window'")
+
+    def kv_prompt(self, context: TextContext) -> Any:
+        """Per-layer cross-attention K/V of one prompt context, computed once per prompt (opaque)."""
+        raise NotImplementedError(f"the {self.name} backend has no KV-cached step; use mode='window'")
+
+    def kv_step(self, latents: np.ndarray, timesteps: np.ndarray, prompt: Any, cache: Any, slot_valid: np.ndarray,
+                first_position: int, fps_class: int | None, block_size: int) -> tuple[np.ndarray, Any, Any]:
+        """Active latents [16, f, h, w] at per-frame timesteps [f] against `cache` (slots where
+        slot_valid [slots] is True) at RoPE positions first_position.. -> (velocity [16, f, h, w],
+        new_k, new_v): the active tokens' K/V in whatever form this backend's cache.write takes."""
+        raise NotImplementedError(f"the {self.name} backend has no KV-cached step; use mode='window'")
+
+    def new_kv_cache(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
+        """A ring cache for one prompt context; host memory unless the backend keeps it on its device."""
+        return HostKVCache(layers, slots, tokens_per_block, heads, head_dim)

@@ -1,0 +1,219 @@
+"""Build TensorRT / TensorRT-RTX engines from skyrt's ONNX graphs, each with a JSON manifest.
+
+    skyrt export engine --onnx DIR --out DIR --builder tensorrt-rtx      # no GPU needed
+    skyrt export engine --onnx DIR --out DIR --builder tensorrt          # on the GPU that will run it
+
+Both builders share one API (`tensorrt` and `tensorrt_rtx` modules). What differs, and why:
+- TensorRT-RTX compiles ahead of time for the compute capabilities it is told (Turing to Blackwell
+  RTX parts) and builds without a GPU; TensorRT builds for the GPU it runs on and needs one.
+- TensorRT 10.12+/11 networks here are strongly typed: precision comes from the ONNX graph (export
+  fp16/bf16 graphs); there are no builder precision flags to set.
+- The timing cache matters to TensorRT (minutes saved on rebuilds); TensorRT-RTX ignores it.
+
+Every engine gets `<name>.engine.json`: the ONNX file's sha256, the export config and precision
+from the ONNX manifest, the optimization profile, the builder's name and version, and the compute
+capabilities it targets. `skyrt.runtime.engine_manifest.check_engine` refuses an engine whose
+manifest does not match the running TensorRT or GPU and prints the command that rebuilds it.
+
+This module imports no torch: it runs wherever the TensorRT wheel does.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from skyrt.runtime.engine_manifest import (BUILDERS, ENGINE_MANIFEST_SUFFIX, EngineManifest, file_sha256,
+                                           rebuild_command)
+
+# Compute capabilities TensorRT-RTX can target (its ComputeCapability enum): RTX 20xx to 50xx and
+# the workstation parts of the same generations. SM80 (A100) is a datacenter part, but harmless.
+RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0")
+TIMING_CACHE_FILE = "timing.cache"
+
+
+class EngineBuildError(RuntimeError):
+    """An ONNX graph that TensorRT could not parse or build; the message carries TensorRT's errors."""
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph to build: its file and, for dynamic inputs, the optimization profile.
+
+    profile: input name -> (min, opt, max) shapes; static inputs need no entry.
+    """
+
+    name: str
+    onnx_path: Path
+    profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    export_config: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Builder knobs. `compute_capabilities` only applies to TensorRT-RTX (None = all RTX targets)."""
+
+    builder: str = "tensorrt-rtx"
+    optimization_level: int = 3  # TensorRT's default; 5 searches longer for faster kernels
+    workspace_gib: float | None = None  # cap on the builder's scratch memory (None = TensorRT decides)
+    compute_capabilities: Sequence[str] | None = None
+    timing_cache: Path | None = None  # TensorRT only; default <out>/timing.cache
+
+
+def import_builder(builder: str):
+    """The TensorRT module of `builder`, or an error that names the pip package to install."""
+    if builder not in BUILDERS:
+        raise ValueError(f"builder must be one of {', '.join(BUILDERS)}, got {builder!r}")
+    module = BUILDERS[builder]["module"]
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"the {builder} builder needs the '{module}' module: pip install \"skyrt[{builder}]\" "
+            f"({BUILDERS[builder]['note']})"
+        ) from err
+
+
+def graphs_from_onnx_manifest(onnx_dir: Path) -> list[GraphSpec]:
+    """GraphSpecs for every graph listed in an ONNX export folder's manifest.json.
+
+    Dynamic input dimensions (strings or -1 in the manifest) need a profile under the graph's
+    "profile" entry; skyrt's export writes static shapes, so most graphs need none.
+    """
+    onnx_dir = Path(onnx_dir)
+    manifest_path = onnx_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: export the ONNX graphs first (skyrt export onnx "
+                                "--model DIR --out DIR)")
+    manifest = json.loads(manifest_path.read_text())
+    export_config = manifest.get("export_config", manifest.get("config", {}))
+    specs = []
+    for name, graph in _manifest_graphs(manifest):
+        profile = {k: tuple(tuple(int(d) for d in s) for s in v) for k, v in graph.get("profile", {}).items()}
+        specs.append(GraphSpec(name=name, onnx_path=onnx_dir / graph["file"], profile=profile,
+                               export_config=export_config,
+                               precision=graph.get("precision", manifest.get("precision", "fp32"))))
+    return specs
+
+
+def _manifest_graphs(manifest: dict) -> Iterable[tuple[str, dict]]:
+    graphs = manifest.get("graphs", {})
+    if isinstance(graphs, dict):
+        return graphs.items()
+    return ((g["name"], g) for g in graphs)
+
+
+def build_engines(graphs: Sequence[GraphSpec], out_dir: Path, options: BuildOptions = BuildOptions(),
+                  progress: bool = True) -> list[Path]:
+    """Build one engine per graph into out_dir (with manifests); returns the engine paths."""
+    from tqdm.auto import tqdm
+
+    trt = import_builder(options.builder)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger = trt.Logger(trt.Logger.WARNING)
+    paths = []
+    for spec in tqdm(graphs, desc=f"build {options.builder} engines", unit="engine", disable=not progress):
+        paths.append(build_engine(trt, logger, spec, out_dir, options))
+    return paths
+
+
+def build_engine(trt, logger, spec: GraphSpec, out_dir: Path, options: BuildOptions) -> Path:
+    """Parse spec.onnx_path from its file (so >2 GB external data works), build, write engine + manifest."""
+    builder = trt.Builder(logger)
+    network = builder.create_network(_strongly_typed_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(spec.onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT ({options.builder}) could not parse {spec.onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = options.optimization_level
+    if options.workspace_gib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
+    _add_profile(trt, builder, network, config, spec)
+    targets = _set_targets(trt, config, options)
+    cache_path = None if options.builder == "tensorrt-rtx" else (options.timing_cache or out_dir / TIMING_CACHE_FILE)
+    if cache_path is not None:
+        _load_timing_cache(config, cache_path)
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT ({options.builder}) failed to build {spec.onnx_path}; run with "
+                               "SKYRT_TRT_VERBOSE=1 for the builder log")
+    build_s = time.perf_counter() - started
+    if cache_path is not None:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    engine_path = out_dir / f"{spec.name}.engine"
+    engine_path.write_bytes(bytes(serialized))
+    manifest = EngineManifest(
+        name=spec.name, engine_file=engine_path.name, onnx_file=str(spec.onnx_path.name),
+        onnx_sha256=file_sha256(spec.onnx_path), export_config=spec.export_config, precision=spec.precision,
+        profile={k: [list(s) for s in v] for k, v in spec.profile.items()}, builder=options.builder,
+        builder_version=trt.__version__, compute_capabilities=targets, build_seconds=round(build_s, 3),
+        rebuild=rebuild_command(spec.onnx_path.parent, out_dir, options.builder),
+    )
+    manifest.write(out_dir / f"{spec.name}{ENGINE_MANIFEST_SUFFIX}")
+    return engine_path
+
+
+def _strongly_typed_flags(trt) -> int:
+    # TensorRT-RTX and TensorRT 11 are strongly typed whatever the flag; TensorRT 10 needs it asked for.
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _add_profile(trt, builder, network, config, spec: GraphSpec) -> None:
+    """One optimization profile: the spec's shapes for dynamic inputs; refuse dynamic inputs without one."""
+    dynamic = [network.get_input(i) for i in range(network.num_inputs)
+               if any(d < 0 for d in network.get_input(i).shape)]
+    if not dynamic:
+        return
+    missing = [t.name for t in dynamic if t.name not in spec.profile]
+    if missing:
+        raise EngineBuildError(f"{spec.onnx_path.name}: dynamic inputs {missing} have no optimization profile; "
+                               "give (min, opt, max) shapes in the ONNX manifest's 'profile' entry")
+    profile = builder.create_optimization_profile()
+    for tensor in dynamic:
+        profile.set_shape(tensor.name, *spec.profile[tensor.name])
+    config.add_optimization_profile(profile)
+
+
+def _set_targets(trt, config, options: BuildOptions) -> list[str]:
+    """TensorRT-RTX: the compute capabilities to compile for. TensorRT: the GPU it builds on."""
+    if options.builder != "tensorrt-rtx":
+        return [gpu_compute_capability() or "current"]
+    wanted = list(options.compute_capabilities or RTX_COMPUTE_CAPABILITIES)
+    config.num_compute_capabilities = len(wanted)
+    for index, cc in enumerate(wanted):
+        member = "SM" + cc.replace(".", "")
+        if member not in trt.ComputeCapability.__members__:
+            raise ValueError(f"TensorRT-RTX {trt.__version__} cannot target compute capability {cc}; "
+                             f"choose from {', '.join(RTX_COMPUTE_CAPABILITIES)}")
+        config.set_compute_capability(trt.ComputeCapability.__members__[member], index)
+    return wanted
+
+
+def _load_timing_cache(config, path: Path) -> None:
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+
+def gpu_compute_capability() -> str | None:
+    """'major.minor' of CUDA device 0 via cuda-python, or None when there is no GPU or no cuda-python."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None
+    try:
+        err, major = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, 0)
+        err2, minor = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, 0)
+    except Exception:  # a driver-less machine raises from inside the bindings
+        return None
+    if int(err) or int(err2):
+        return None
+    return f"{major}.{minor}"

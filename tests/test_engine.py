@@ -1,0 +1,126 @@
+"""Engine building with TensorRT-RTX (no GPU needed) and the engine-manifest checks.
+
+Engines are built here but never run: loading and executing an engine needs a GPU
+(benchmarks/gpu_validate.py does that on a user's machine).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+trt = pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
+
+from skyrt.export.engine import (BuildOptions, EngineBuildError, GraphSpec, build_engines,  # noqa: E402
+                                 graphs_from_onnx_manifest)
+from skyrt.runtime.engine_manifest import EngineManifest, EngineMismatchError, check_engine  # noqa: E402
+
+
+class Attention(torch.nn.Module):
+    """A past-K/V attention block in fp16 with an fp32 norm: the shape of the cached DiT step."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x, past_k, past_v):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        k_all, v_all = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(q.half(), k_all.half(), v_all.half())
+        return self.norm(out.float()), k, v
+
+
+def export_onnx(path: Path, dynamic: bool) -> Path:
+    module = Attention().eval()
+    args = (torch.randn(1, 8, 32), torch.randn(1, 4, 32), torch.randn(1, 4, 32))
+    axes = {"past_k": {1: "cached"}, "past_v": {1: "cached"}} if dynamic else None
+    torch.onnx.export(module, args, str(path), input_names=["x", "past_k", "past_v"],
+                      output_names=["out", "new_k", "new_v"], dynamic_axes=axes, dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("onnx")
+    export_onnx(folder / "static.onnx", dynamic=False)
+    export_onnx(folder / "dynamic.onnx", dynamic=True)
+    manifest = {"precision": "fp32", "export_config": {"height": 64}, "graphs": {
+        "static": {"file": "static.onnx"},
+        "dynamic": {"file": "dynamic.onnx", "profile": {"past_k": [[1, 0, 32], [1, 4, 32], [1, 16, 32]],
+                                                         "past_v": [[1, 0, 32], [1, 4, 32], [1, 16, 32]]}},
+    }}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engines(onnx_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("engines")
+    build_engines(graphs_from_onnx_manifest(onnx_dir), out, BuildOptions(compute_capabilities=["8.6", "8.9"]),
+                  progress=False)
+    return out
+
+
+def test_builds_every_graph_with_a_manifest(onnx_dir, engines):
+    for name in ("static", "dynamic"):
+        engine = engines / f"{name}.engine"
+        assert engine.stat().st_size > 1000
+        manifest = json.loads((engines / f"{name}.engine.json").read_text())
+        assert manifest["onnx_sha256"] == hashlib.sha256((onnx_dir / f"{name}.onnx").read_bytes()).hexdigest()
+        assert manifest["builder"] == "tensorrt-rtx" and manifest["builder_version"] == trt.__version__
+        assert manifest["compute_capabilities"] == ["8.6", "8.9"]
+        assert manifest["export_config"] == {"height": 64}
+        assert "skyrt export engine --onnx" in manifest["rebuild"]
+    assert json.loads((engines / "dynamic.engine.json").read_text())["profile"]["past_k"][0] == [1, 0, 32]
+
+
+def test_a_dynamic_input_without_a_profile_is_refused(onnx_dir, tmp_path):
+    spec = GraphSpec("dynamic", onnx_dir / "dynamic.onnx")
+    with pytest.raises(EngineBuildError, match="past_k.*no optimization profile"):
+        build_engines([spec], tmp_path, progress=False)
+
+
+def test_an_unparsable_graph_names_the_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(EngineBuildError, match="could not parse .*bad.onnx"):
+        build_engines([GraphSpec("bad", bad)], tmp_path / "out", progress=False)
+
+
+def test_unknown_compute_capability_is_refused(onnx_dir, tmp_path):
+    with pytest.raises(ValueError, match="cannot target compute capability 6.1"):
+        build_engines([GraphSpec("static", onnx_dir / "static.onnx")], tmp_path,
+                      BuildOptions(compute_capabilities=["6.1"]), progress=False)
+
+
+def test_manifest_check_refuses_mismatches_with_the_rebuild_command(onnx_dir, engines, tmp_path):
+    manifest = EngineManifest.read(engines / "static.engine.json")
+    ok = dict(builder="tensorrt-rtx", builder_version=trt.__version__)
+    check_engine(manifest, gpu_compute_capability="8.9", onnx_path=onnx_dir / "static.onnx", **ok)
+    check_engine(manifest, gpu_compute_capability=None, **ok)  # unknown GPU: not checked
+    cases = [
+        (dict(ok, builder_version="0.0.1"), "built with tensorrt-rtx .* this machine has 0.0.1"),
+        (dict(ok, builder="tensorrt"), "built by tensorrt-rtx, this runtime uses tensorrt"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(EngineMismatchError, match=message) as err:
+            check_engine(manifest, gpu_compute_capability="8.9", **kwargs)
+        assert "skyrt export engine --onnx" in str(err.value)
+    with pytest.raises(EngineMismatchError, match="targets compute capability 8.6, 8.9, this GPU is 12.0"):
+        check_engine(manifest, gpu_compute_capability="12.0", **ok)
+    edited = tmp_path / "static.onnx"
+    edited.write_bytes((onnx_dir / "static.onnx").read_bytes() + b"\0")
+    with pytest.raises(EngineMismatchError, match="sha256 differs"):
+        check_engine(manifest, gpu_compute_capability="8.9", onnx_path=edited, **ok)
+
+
+def test_a_missing_or_foreign_manifest_is_refused(tmp_path):
+    with pytest.raises(EngineMismatchError, match="missing"):
+        EngineManifest.read(tmp_path / "none.engine.json")
+    (tmp_path / "x.engine.json").write_text(json.dumps({"name": "x", "surprise": 1}))
+    with pytest.raises(EngineMismatchError, match="not a version-1 skyrt engine manifest"):
+        EngineManifest.read(tmp_path / "x.engine.json")
