@@ -1,13 +1,18 @@
 """Rollout throughput: skyrt kvcache and window modes vs diffusers' SkyReelsV2DiffusionForcingPipeline.
 
 Same random mid-size model (weights shared through the diffusers layout), same CPU, same settings,
-one run each, measured back to back so the ratio is meaningful on a noisy machine. Reports steady
-latent frames per second and time to first decoded frame, and writes JSON.
+one run each, measured back to back so the ratio is meaningful on a noisy machine. Reports latent
+frames per second, the same without VAE time ("denoise only"), and time to first decoded frame;
+writes JSON.
 
-    python benchmarks/rollout.py                      # default mid-size config
-    python benchmarks/rollout.py --dim 128 --layers 2 --latent 16 --steps 4 --frames 33   # quick
+    python benchmarks/rollout.py                      # default: the official long-video settings
+    python benchmarks/rollout.py --dim 128 --layers 2 --latent 16 --steps 4 --frames 33 --base-frames 17 \
+        --overlap 5 --kv-windows 2                    # quick
 
-skyrt's kvcache mode streams the same number of latent frames (blocks of 1 frame, async).
+diffusers and skyrt's window mode run the official long-video recipe (README of SkyReels-V2:
+97-frame windows, 17-frame overlap, synchronous); skyrt's kvcache mode streams the same number of
+latent frames, one block of one latent frame at a time, against a ring of 1 sink block plus each
+--kv-windows size (1 + 4 holds the 17 frames of history the official recipe carries between windows).
 """
 from __future__ import annotations
 
@@ -30,80 +35,121 @@ def parse_args():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--latent", type=int, default=32, help="latent height = width (pixels = 8x)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--frames", type=int, default=57, help="pixel frames of the long video")
-    p.add_argument("--base-frames", type=int, default=17)
-    p.add_argument("--overlap", type=int, default=5)
+    p.add_argument("--frames", type=int, default=257, help="pixel frames of the long video")
+    p.add_argument("--base-frames", type=int, default=97)
+    p.add_argument("--overlap", type=int, default=17)
     p.add_argument("--guidance-scale", type=float, default=6.0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--kv-ar-step", type=int, default=5, help="ar_step of the kvcache stream")
+    p.add_argument("--kv-ar-step", type=int, default=None,
+                   help="ar_step of the kvcache stream (default: --steps, one block in flight at a time)")
     p.add_argument("--kv-sink-blocks", type=int, default=1)
-    p.add_argument("--kv-window-blocks", type=int, default=8)
+    p.add_argument("--kv-windows", type=int, nargs="+", default=[4, 8], help="ring window sizes to measure")
+    p.add_argument("--skip", nargs="*", default=[], help="result names to leave out (e.g. skyrt_window_pixel_carry)")
+    p.add_argument("--baseline", default="diffusers_long_video", help="the result the ratios divide by")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout.json")
     return p.parse_args()
 
 
-class FirstFrameClock:
-    """Wraps a VAE decode to note when the first decoded frame exists."""
+class Clock:
+    """Notes when the first decoded frame exists and how long the VAE ran (decode and encode)."""
 
     def __init__(self):
         self.start = time.perf_counter()
         self.first = None
+        self.vae_s = 0.0
 
-    def mark(self):
-        if self.first is None:
-            self.first = time.perf_counter() - self.start
+    def wrap_decode(self, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            self.vae_s += time.perf_counter() - t0
+            if self.first is None:
+                self.first = time.perf_counter() - self.start
+            return out
+        return timed
+
+    def wrap_encode(self, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            self.vae_s += time.perf_counter() - t0
+            return out
+        return timed
+
+    def result(self, frames: int) -> dict:
+        total = time.perf_counter() - self.start
+        return {"seconds": total, "vae_seconds": self.vae_s, "time_to_first_frame_s": self.first,
+                "pixel_frames": frames}
 
 
 def run_skyrt(model_dir, args, settings, carry: str) -> dict:
     import skyrt
 
     pipe = skyrt.load(model_dir)
-    clock = FirstFrameClock()
-    decode = pipe.backend.vae_decode
-    pipe.backend.vae_decode = lambda mu: (decode(mu), clock.mark())[0]
+    clock = Clock()
+    pipe.backend.vae_decode = clock.wrap_decode(pipe.backend.vae_decode)
+    pipe.backend.vae_encode = clock.wrap_encode(pipe.backend.vae_encode)
     clock.start = time.perf_counter()
     frames = pipe.generate("a red circle", negative_prompt="", overlap_carry=carry, progress=False, seed=0,
                            **settings)
-    total = time.perf_counter() - clock.start
-    return {"seconds": total, "time_to_first_frame_s": clock.first, "pixel_frames": len(frames)}
+    return clock.result(len(frames))
 
 
-def run_skyrt_kvcache(model_dir, args, settings) -> dict:
-    """mode="kvcache" stream: blocks of one latent frame, async (--kv-ar-step), a ring of
-    --kv-sink-blocks + --kv-window-blocks; the same number of latent frames as the long video."""
+def run_skyrt_kvcache(model_dir, args, settings, window_blocks: int) -> dict:
+    """mode="kvcache" stream: blocks of one latent frame, a ring of --kv-sink-blocks + window_blocks;
+    the same number of latent frames as the long video. Also reports the steady rate once the ring is full."""
     import warnings
 
     import skyrt
 
     pipe = skyrt.load(model_dir)
+    clock = Clock()
+    real_decoder = pipe.backend.streaming_decoder
+
+    def timed_decoder():
+        decoder = real_decoder()
+        decoder.decode_next = clock.wrap_decode(decoder.decode_next)
+        return decoder
+
+    pipe.backend.streaming_decoder = timed_decoder
     latent_frames = (settings["num_frames"] - 1) // 4 + 1
     kwargs = {k: v for k, v in settings.items() if k not in ("num_frames", "base_num_frames", "overlap_history", "ar_step")}
-    start = time.perf_counter()
-    first, frames = None, 0
+    ring_full_after = args.kv_sink_blocks + window_blocks
+    frames, steady_start = 0, None
+    clock.start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random weights are not block-causal-trained
-        for chunk in pipe.stream("a red circle", mode="kvcache", ar_step=args.kv_ar_step, causal_block_size=1,
-                                 sink_blocks=args.kv_sink_blocks, window_blocks=args.kv_window_blocks,
-                                 max_chunks=latent_frames, seed=0, **kwargs):
-            first = first or time.perf_counter() - start
+        stream = pipe.stream("a red circle", mode="kvcache", ar_step=args.kv_ar_step or args.steps, causal_block_size=1,
+                             sink_blocks=args.kv_sink_blocks, window_blocks=window_blocks, max_chunks=latent_frames,
+                             seed=0, **kwargs)
+        for index, chunk in enumerate(stream):
             frames += len(chunk)
-    return {"seconds": time.perf_counter() - start, "time_to_first_frame_s": first, "pixel_frames": frames}
+            if index + 1 == ring_full_after:
+                steady_start = time.perf_counter()
+    out = clock.result(frames)
+    steady_blocks = latent_frames - ring_full_after
+    if steady_start is not None and steady_blocks > 0:
+        out["steady_latent_frames_per_s"] = steady_blocks / (time.perf_counter() - steady_start)
+    out["ring_blocks"] = ring_full_after
+    return out
 
 
-def run_diffusers(oracle, args, settings) -> dict:
+def run_diffusers(oracle, args, settings, **overrides) -> dict:
+    """diffusers' long-video mode; overrides (e.g. the async recipe ar_step=5, causal_block_size=5)."""
     from checkpoints import official_sigmas_scheduler
 
     oracle.scheduler = official_sigmas_scheduler(settings["shift"])
-    clock = FirstFrameClock()
-    decode = oracle.vae.decode
-    oracle.vae.decode = lambda *a, **k: (decode(*a, **k), clock.mark())[0]
-    kwargs = {k: v for k, v in settings.items() if k != "shift"}
+    clock = Clock()
+    # Instance attributes shadow the VAE's methods for this run only (deleted below).
+    oracle.vae.decode = clock.wrap_decode(oracle.vae.decode)
+    oracle.vae.encode = clock.wrap_encode(oracle.vae.encode)
+    kwargs = {k: v for k, v in settings.items() if k != "shift"} | overrides
     clock.start = time.perf_counter()
     with torch.no_grad():
         frames = oracle("a red circle", negative_prompt="", output_type="np",
                         generator=torch.Generator().manual_seed(0), **kwargs).frames[0]
-    total = time.perf_counter() - clock.start
-    return {"seconds": total, "time_to_first_frame_s": clock.first, "pixel_frames": len(frames)}
+    del oracle.vae.decode, oracle.vae.encode
+    return clock.result(len(frames))
 
 
 def main() -> None:
@@ -121,21 +167,34 @@ def main() -> None:
                         height=size, width=size, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                         shift=8.0, ar_step=0)
         latent_frames = (args.frames - 1) // 4 + 1
-        results = {"skyrt_kvcache": run_skyrt_kvcache(model_dir, args, settings),
-                   "skyrt_window_pixel_carry": run_skyrt(model_dir, args, settings, "pixel"),
-                   "skyrt_window_latent_carry": run_skyrt(model_dir, args, settings, "latent"),
-                   "diffusers_long_video": run_diffusers(oracle, args, settings)}
+        runs = {f"skyrt_kvcache_ring_{args.kv_sink_blocks}+{w}": (lambda w=w: run_skyrt_kvcache(model_dir, args, settings, w))
+                for w in args.kv_windows}
+        runs |= {"skyrt_window_latent_carry": lambda: run_skyrt(model_dir, args, settings, "latent"),
+                 "skyrt_window_pixel_carry": lambda: run_skyrt(model_dir, args, settings, "pixel"),
+                 "diffusers_long_video": lambda: run_diffusers(oracle, args, settings),
+                 # The official async recipe (README of SkyReels-V2): 5-frame causal blocks, ar_step 5.
+                 "diffusers_long_video_async": lambda: run_diffusers(oracle, args, settings, ar_step=5,
+                                                                     causal_block_size=5)}
+        results = {}
+        for name, run in runs.items():
+            if name in args.skip:
+                continue
+            results[name] = run()
+            print(name, json.dumps(results[name]), flush=True)
     for r in results.values():
         r["latent_frames_per_s"] = latent_frames / r["seconds"]
-    base = results["diffusers_long_video"]
+        r["denoise_latent_frames_per_s"] = latent_frames / (r["seconds"] - r["vae_seconds"])
+    base = results[args.baseline]
     report = {
         "benchmark": "rollout",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": args.threads,
                     "device": "cpu"},
         "config": vars(args) | {"out": args.out.name, "latent_frames": latent_frames},
         "results": results,
-        "ratios_vs_diffusers": {
+        "baseline": args.baseline,
+        "ratios_vs_baseline": {
             name: {"frames_per_s": r["latent_frames_per_s"] / base["latent_frames_per_s"],
+                   "denoise_frames_per_s": r["denoise_latent_frames_per_s"] / base["denoise_latent_frames_per_s"],
                    "time_to_first_frame": base["time_to_first_frame_s"] / r["time_to_first_frame_s"]}
             for name, r in results.items()
         },
@@ -143,7 +202,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["results"], indent=2))
-    print(json.dumps(report["ratios_vs_diffusers"], indent=2))
+    print(json.dumps(report["ratios_vs_baseline"], indent=2))
     print(f"wrote {args.out}")
 
 
