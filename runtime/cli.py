@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on control endpoints")
+    __import__("skyrt.export.export_cli", fromlist=["add_parser"]).add_parser(sub)  # torch only when an export runs
     return parser
 
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "export":
+            return args.run(args)
     except (ValueError, FileNotFoundError) as err:
         # Bad input: one clear line, no traceback.
         print(f"skyrt {args.command}: error: {err}", file=sys.stderr)

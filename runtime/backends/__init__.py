@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .base import Backend, ModelSpec, StreamingDecoder, TextContext
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def get_backend(name: str, model: ModelSpec, device: str = "cpu", **options) -> Backend:
@@ -16,6 +16,14 @@ def get_backend(name: str, model: ModelSpec, device: str = "cpu", **options) -> 
         from .torch_backend import TorchBackend
 
         return TorchBackend(model, device=device, **options)
+    if name == "onnxruntime":
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(model, device=device, **options)
+    if name == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(model, device=device, **options)
     raise ValueError(f"unknown backend {name!r}; available here: {', '.join(BACKENDS)}")
 
 

@@ -1,0 +1,126 @@
+"""`skyrt export onnx`: every graph of a model folder as ONNX, with a manifest.json.
+
+    skyrt export onnx --model DIR --out DIR [--precision fp32|fp16] [--height 544 --width 960]
+                      [--block-frames 1 --cache-blocks 9 --window-frames 25]
+    python -m skyrt.export.export_cli onnx ...      # the same without the skyrt entry point
+
+This module imports no torch at import time: `skyrt serve` builds the whole CLI parser, and only
+running an export loads torch (export/onnx_export.py).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `export` (with its `onnx` subcommand) on the skyrt CLI's subparsers."""
+    export = subparsers.add_parser("export", help="export models: ONNX graphs, then engines")
+    export.set_defaults(run=run)
+    kinds = export.add_subparsers(dest="export_kind", required=True)
+    onnx = kinds.add_parser("onnx", help="export every graph as ONNX plus manifest.json",
+                            description="Export the text encoder, DiT (window and KV-cached step), cross-attention "
+                                        "K/V and streaming VAE graphs of a model folder.")
+    onnx.add_argument("--model", type=Path, default=None,
+                      help="model folder (official or diffusers layout); default: skyrt's built-in tiny model")
+    onnx.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    onnx.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                      help="DiT graphs in fp16 keep norms, RoPE and time embedding fp32 (default fp32)")
+    onnx.add_argument("--height", type=int, default=None, help="pixel height, multiple of 16 (default 544)")
+    onnx.add_argument("--width", type=int, default=None, help="pixel width, multiple of 16 (default 960)")
+    onnx.add_argument("--block-frames", type=int, default=None,
+                      help="latent frames per causal block, baked into dit_step (default 1)")
+    onnx.add_argument("--cache-blocks", type=int, default=None,
+                      help="KV-cache ring slots, sink + window blocks (default 9)")
+    onnx.add_argument("--max-active-blocks", type=int, default=None,
+                      help="most blocks one dit_step call denoises (TensorRT profile maximum; default 6)")
+    onnx.add_argument("--window-frames", type=int, default=None,
+                      help="most latent frames of a dit_window call (default 25 = 97 pixel frames)")
+    onnx.add_argument("--window-attention", choices=("full", "causal", "both"), default=None,
+                      help="window graphs: full attention, block-causal, or both (default full)")
+    onnx.add_argument("--graphs", default=None,
+                      help="comma-separated subset of graphs (default: all for the profile)")
+    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    onnx.add_argument("--external-data-threshold", type=int, default=None,
+                      help="bytes of weights above which a graph keeps them in <graph>.onnx.data (default 1.8e9)")
+    onnx.add_argument("--model-hash", default=None, help=argparse.SUPPRESS)  # recorded in the manifest
+    onnx.add_argument("--no-progress", action="store_true", help="no progress bar")
+    engine = kinds.add_parser("engine", help="build TensorRT / TensorRT-RTX engines from an ONNX export",
+                              description="One engine per graph of an ONNX export folder, each with a manifest "
+                                          "(ONNX hash, precision, profile, builder version, compute capabilities).")
+    engine.add_argument("--onnx", type=Path, required=True, help="folder written by 'skyrt export onnx'")
+    engine.add_argument("--out", type=Path, required=True, help="engine folder (created)")
+    engine.add_argument("--builder", choices=("tensorrt-rtx", "tensorrt"), default="tensorrt-rtx",
+                        help="tensorrt-rtx builds without a GPU for RTX GPUs; tensorrt builds on the GPU that runs it")
+    engine.add_argument("--compute-capability", action="append", default=None,
+                        help="TensorRT-RTX target, repeatable (default: 7.5 8.0 8.6 8.9 12.0)")
+    engine.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder level 0-5 (default 3)")
+    engine.add_argument("--workspace-gib", type=float, default=None, help="cap on builder scratch memory")
+    engine.add_argument("--graphs", default=None, help="comma-separated subset of graphs (default: all)")
+    engine.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return export
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `skyrt export onnx|engine` from parsed arguments."""
+    if args.export_kind == "engine":
+        return run_engine(args)
+    return run_onnx(args)
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    """Build engines (torch-free) and put the ONNX manifest and tokenizer beside them."""
+    from skyrt.runtime.backends.tensorrt_backend import prepare_engine_folder
+
+    from .engine import BuildOptions, build_engines, graphs_from_onnx_manifest
+
+    specs = graphs_from_onnx_manifest(args.onnx)
+    if args.graphs:
+        wanted = {g.strip() for g in args.graphs.split(",") if g.strip()}
+        unknown = wanted - {s.name for s in specs}
+        if unknown:
+            raise ValueError(f"{args.onnx} has no graph(s) {', '.join(sorted(unknown))}")
+        specs = [s for s in specs if s.name in wanted]
+    options = BuildOptions(builder=args.builder, optimization_level=args.optimization_level,
+                           workspace_gib=args.workspace_gib, compute_capabilities=args.compute_capability)
+    paths = build_engines(specs, args.out, options, progress=not args.no_progress)
+    prepare_engine_folder(args.onnx, args.out)
+    print(f"wrote {len(paths)} engines to {args.out}")
+    return 0
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    """Run `skyrt export onnx` from parsed arguments; prints where the manifest went."""
+    from .onnx_export import export_onnx, profile_from_options
+
+    profile = profile_from_options(
+        height=args.height, width=args.width, block_frames=args.block_frames, cache_blocks=args.cache_blocks,
+        max_active_blocks=args.max_active_blocks, window_frames=args.window_frames,
+        window_attention=args.window_attention, precision=args.precision, opset=args.opset,
+        external_data_threshold=args.external_data_threshold)
+    model = args.model
+    if model is None:
+        from .tiny import ensure_default_model
+
+        model = ensure_default_model()
+    graphs = [g.strip() for g in args.graphs.split(",") if g.strip()] if args.graphs else None
+    manifest = export_onnx(model, args.out, profile, graphs=graphs, progress=not args.no_progress,
+                           model_hash=args.model_hash)
+    print(f"wrote {len(manifest['graphs'])} graphs and {args.out / 'manifest.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skyrt.export.export_cli")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"skyrt export: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
