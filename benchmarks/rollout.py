@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -179,7 +180,11 @@ def main() -> None:
         for name, run in runs.items():
             if name in args.skip:
                 continue
+            load_before = os.getloadavg()[0]
             results[name] = run()
+            # Other processes on a 2-core machine slow small ops by far more than their share (OpenMP
+            # threads spin-wait), so each result records the 1-minute load average around it.
+            results[name]["load_average_before_after"] = [load_before, os.getloadavg()[0]]
             print(name, json.dumps(results[name]), flush=True)
     for r in results.values():
         r["latent_frames_per_s"] = latent_frames / r["seconds"]

@@ -1,0 +1,385 @@
+"""Quality of endless streams: prompt adherence, stability over stream time, prompt-switch latency, drift.
+
+Scores a model folder's streams with the demo world's detector (skyrt.export.demo_model.detector),
+for mode="kvcache" under several sink / window ring sizes and for mode="window":
+- adherence: held-out prompt combinations (never seen in training), the first ~2 s of a stream each,
+  read by the detector (background, colour, shape, motion, camera) -> fraction of attributes right;
+- stability: one long stream per setting, cut into 2 s windows; adherence and frame statistics per
+  window, summarised per stream minute (at --fps, 24 by default: 1440 frames a minute);
+- drift: per window, the change of frame statistics (mean colour, luminance spread, edge energy,
+  frame-to-frame change) against the stream's first window and against a ground-truth world clip
+  of the same prompt;
+- switch latency: stream prompt A, call stream.set_prompt(B) (with and without recache in kvcache
+  mode), count frames (and chunks) until the per-frame reading (background, colour, shape) shows B
+  in at least 6 of 8 consecutive frames.
+Also records generated frames per second of every run (wall clock, this machine, as loaded as it is).
+
+    python benchmarks/quality.py                       # the trained demo model (see --model)
+    python benchmarks/quality.py --model DIR --stream-minutes 2 --clips 8
+    python benchmarks/quality.py --quick               # seconds, for a smoke check
+
+Writes benchmarks/results/quality.json and quality.png (needs matplotlib for the plot).
+--model defaults to the trained demo model in $SKYRT_CACHE (or ~/.cache/skyrt)/skyrt-demo-world-v1;
+without it, skyrt's tiny random model is used and the report says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+DEMO_MODEL_NAME = "skyrt-demo-world-v1"
+SWITCH_WINDOW, SWITCH_HITS = 8, 6  # B must show in >= 6 of 8 consecutive frames
+STATS = ("mean_r", "mean_g", "mean_b", "luma_std", "edge_energy", "frame_change")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: the trained demo model)")
+    p.add_argument("--size", type=int, default=128, help="frame height = width")
+    p.add_argument("--clips", type=int, default=8, help="held-out prompts per setting")
+    p.add_argument("--clip-seconds", type=float, default=2.0, help="video per adherence clip")
+    p.add_argument("--stream-minutes", type=float, default=1.0, help="stream time per setting for stability")
+    p.add_argument("--switches", type=int, default=3, help="prompt switches per setting")
+    p.add_argument("--fps", type=int, default=24, help="frames per second of stream time")
+    p.add_argument("--window-seconds", type=float, default=2.0, help="stability window")
+    p.add_argument("--settings", default="all", help="comma list of setting names (see SETTINGS) or 'all'")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
+    p.add_argument("--shift", type=float, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
+    p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.clips, args.stream_minutes, args.switches, args.size = 1, 96 / (60 * args.fps), 1, min(args.size, 64)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+def default_model_dir() -> Path:
+    root = Path(os.environ.get("SKYRT_CACHE", Path.home() / ".cache" / "skyrt"))
+    return root / DEMO_MODEL_NAME
+
+
+def settings_for(block: int) -> dict[str, dict]:
+    """The rollouts compared: kvcache ring sizes (in blocks) and the window mode."""
+    window_frames = 4 * block  # latent frames of a window (block-aligned)
+    overlap = 2 * block
+    return {
+        "kv_sink0_win2": dict(mode="kvcache", sink_blocks=0, window_blocks=2),
+        "kv_sink0_win4": dict(mode="kvcache", sink_blocks=0, window_blocks=4),
+        "kv_sink1_win3": dict(mode="kvcache", sink_blocks=1, window_blocks=3),
+        "kv_sink1_win8": dict(mode="kvcache", sink_blocks=1, window_blocks=8),
+        "window": dict(mode="window", base_num_frames=1 + 4 * (window_frames - 1),
+                       overlap_history=1 + 4 * (overlap - 1), overlap_carry="latent", ar_step=0),
+    }
+
+
+def sampling_defaults(model_dir: Path, args) -> dict:
+    """Steps / shift / guidance: the model's demo_model.json recommendation, overridden by flags."""
+    base = {"num_inference_steps": 4, "shift": 2.0, "guidance_scale": 1.0, "ar_step": 2}
+    meta = model_dir / "demo_model.json"
+    if meta.is_file():
+        rec = json.loads(meta.read_text()).get("recommended", {})
+        base.update({k: rec[k] for k in base if k in rec})
+    for key, flag in (("num_inference_steps", args.steps), ("shift", args.shift), ("guidance_scale", args.guidance_scale)):
+        if flag is not None:
+            base[key] = flag
+    return base
+
+
+def open_stream(pipe, prompt: str, setting: dict, sampling: dict, block: int, size: int, seed: int, max_chunks=None):
+    kwargs = {**sampling, **setting}
+    if kwargs["mode"] == "kvcache":
+        # Window-mode fields are still validated against the block size; give block-aligned ones.
+        kwargs.setdefault("overlap_history", 1 + 4 * (2 * block - 1))
+    else:
+        kwargs["ar_step"] = setting.get("ar_step", 0)
+    return pipe.stream(prompt, causal_block_size=block, height=size, width=size, seed=seed, max_chunks=max_chunks,
+                       **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+
+
+def frame_stats(frames: np.ndarray) -> dict[str, float]:
+    """Statistics of frames uint8 [T, H, W, 3] that drift shows up in."""
+    x = frames.astype(np.float32)
+    luma = x @ np.array([0.299, 0.587, 0.114], np.float32)  # [T, H, W]
+    edges = np.abs(np.diff(luma, axis=1)).mean() + np.abs(np.diff(luma, axis=2)).mean()
+    change = float(np.abs(np.diff(luma, axis=0)).mean()) if len(frames) > 1 else 0.0
+    mean = x.mean(axis=(0, 1, 2))
+    return {"mean_r": float(mean[0]), "mean_g": float(mean[1]), "mean_b": float(mean[2]),
+            "luma_std": float(luma.std()), "edge_energy": float(edges), "frame_change": change}
+
+
+def drift(stats: dict, ref: dict) -> dict[str, float]:
+    """Colour distance (RGB levels) and ratios of spread, edges and motion against a reference."""
+    colour = float(np.linalg.norm([stats[k] - ref[k] for k in ("mean_r", "mean_g", "mean_b")]))
+    ratio = lambda k: float(stats[k] / ref[k]) if ref[k] > 1e-6 else float("nan")  # noqa: E731
+    return {"colour_distance": colour, "luma_std_ratio": ratio("luma_std"), "edge_ratio": ratio("edge_energy"),
+            "change_ratio": ratio("frame_change")}
+
+
+def take_frames(stream, count: int) -> np.ndarray:
+    """At least `count` frames from a stream (whole chunks), then close it: uint8 [T, H, W, 3]."""
+    chunks, made = [], 0
+    for chunk in stream:
+        chunks.append(chunk)
+        made += len(chunk)
+        if made >= count:
+            break
+    stream.close()
+    return np.concatenate(chunks)
+
+
+def adherence_run(pipe, prompts, setting, sampling, block, size, clip_frames, seed) -> dict:
+    from skyrt.export.demo_model.detector import score_clip
+
+    scores, frames_made, seconds = [], 0, 0.0
+    for k, attrs in enumerate(prompts):
+        t0 = time.perf_counter()
+        frames = take_frames(open_stream(pipe, attrs.prompt, setting, sampling, block, size, seed + k), clip_frames)
+        seconds += time.perf_counter() - t0
+        frames_made += len(frames)
+        scores.append(score_clip(frames, attrs))
+    names = list(scores[0].correct)
+    return {"adherence": float(np.mean([s.adherence for s in scores])),
+            "all_correct": float(np.mean([s.all_correct for s in scores])),
+            "per_attribute": {n: float(np.mean([s.correct[n] for s in scores])) for n in names},
+            "frames_per_clip": frames_made // max(1, len(prompts)),
+            "generated_fps": frames_made / seconds if seconds else None,
+            "clips": [s.as_dict() for s in scores]}
+
+
+def stability_run(pipe, attrs, setting, sampling, block, size, total_frames, window, fps, seed) -> dict:
+    """One long stream of `attrs`: per window adherence, statistics and drift; summarised per minute."""
+    from skyrt.export.demo_model.detector import score_clip
+    from skyrt.export.demo_model.world import render_clip
+
+    reference = frame_stats(render_clip(attrs, 1 + 4 * ((window - 1) // 4), size, size, seed=seed).frames)
+    stream = open_stream(pipe, attrs.prompt, setting, sampling, block, size, seed)
+    buffer, made, windows = [], 0, []
+    first = None
+    t0 = time.perf_counter()
+    for chunk in stream:
+        buffer.append(chunk)
+        made += len(chunk)
+        pending = np.concatenate(buffer)
+        while len(pending) >= window:
+            clip, pending = pending[:window], pending[window:]
+            start = made - len(pending) - window
+            stats = frame_stats(clip)
+            first = first or stats
+            score = score_clip(clip, attrs)
+            windows.append({"start_frame": start, "minute": start / (60 * fps), "adherence": score.adherence,
+                            "correct": score.correct, "stats": stats, "drift_vs_first": drift(stats, first),
+                            "drift_vs_truth": drift(stats, reference)})
+        buffer = [pending] if len(pending) else []
+        if made >= total_frames:
+            break
+    seconds = time.perf_counter() - t0
+    stream.close()
+    per_minute = {}
+    for w in windows:
+        per_minute.setdefault(int(w["minute"]), []).append(w)
+    summary = [{"minute": m, "windows": len(ws), "adherence": float(np.mean([w["adherence"] for w in ws])),
+                "colour_drift_vs_first": float(np.mean([w["drift_vs_first"]["colour_distance"] for w in ws])),
+                "edge_ratio_vs_truth": float(np.nanmean([w["drift_vs_truth"]["edge_ratio"] for w in ws])),
+                "change_ratio_vs_truth": float(np.nanmean([w["drift_vs_truth"]["change_ratio"] for w in ws]))}
+               for m, ws in sorted(per_minute.items())]
+    return {"prompt": attrs.prompt, "frames": made, "generated_fps": made / seconds, "reference_stats": reference,
+            "per_minute": summary, "windows": windows}
+
+
+def switch_latency(frames: np.ndarray, target) -> int | None:
+    """First frame of `frames` from which the static attributes of `target` show in >= SWITCH_HITS of
+    SWITCH_WINDOW consecutive frames (None: never)."""
+    from skyrt.export.demo_model.detector import read_frame_attributes
+
+    want = {"background": target.background, "colour": target.colour, "shape": target.shape}
+    hits = np.array([read_frame_attributes(f) == want for f in frames], dtype=np.int32)
+    if len(hits) < SWITCH_WINDOW:
+        return None
+    counts = np.convolve(hits, np.ones(SWITCH_WINDOW, dtype=np.int32), mode="valid")
+    good = np.flatnonzero(counts >= SWITCH_HITS)
+    return int(good[0]) if len(good) else None
+
+
+def switch_run(pipe, pairs, setting, sampling, block, size, warm_chunks, after_frames, recache, seed) -> dict:
+    results = []
+    for k, (a, b) in enumerate(pairs):
+        stream = open_stream(pipe, a.prompt, setting, sampling, block, size, seed + k)
+        for _ in range(warm_chunks):
+            next(stream)
+        stream.set_prompt(b.prompt, recache=recache)
+        chunks, made = [], 0
+        while made < after_frames:
+            chunk = next(stream)
+            chunks.append(chunk)
+            made += len(chunk)
+        stream.close()
+        frames = np.concatenate(chunks)
+        latency = switch_latency(frames, b)
+        results.append({"from": a.prompt, "to": b.prompt, "latency_frames": latency,
+                        "latency_chunks": None if latency is None else latency / len(chunks[0]),
+                        "chunk_frames": len(chunks[0])})
+    found = [r["latency_frames"] for r in results if r["latency_frames"] is not None]
+    return {"recache": recache, "switched": len(found) / len(results),
+            "mean_latency_frames": float(np.mean(found)) if found else None,
+            "mean_latency_chunks": float(np.mean([r["latency_chunks"] for r in results
+                                                  if r["latency_chunks"] is not None])) if found else None,
+            "runs": results}
+
+
+def switch_pairs(rng, count):
+    """Held-out prompt pairs that differ in background, colour and shape (visible frame by frame)."""
+    from skyrt.export.demo_model.world import combinations
+
+    heldout = combinations("heldout")
+    pairs = []
+    while len(pairs) < count:
+        a, b = (heldout[int(i)] for i in rng.choice(len(heldout), size=2, replace=False))
+        if a.background != b.background and a.colour != b.colour and a.shape != b.shape:
+            pairs.append((a, b))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def plot(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    names = list(report["settings"])
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0, 0]
+    for name in names:
+        ws = report["settings"][name]["stability"]["windows"]
+        ax.plot([w["start_frame"] / report["config"]["fps"] for w in ws], [w["adherence"] for w in ws],
+                marker=".", label=name)
+    ax.set(title="adherence over stream time (2 s windows)", xlabel="stream seconds", ylabel="adherence", ylim=(0, 1.05))
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    for name in names:
+        ws = report["settings"][name]["stability"]["windows"]
+        ax.plot([w["start_frame"] / report["config"]["fps"] for w in ws],
+                [w["drift_vs_first"]["colour_distance"] for w in ws], marker=".", label=name)
+    ax.set(title="colour drift vs the first window", xlabel="stream seconds", ylabel="RGB distance")
+    ax = axes[1, 0]
+    held = [report["settings"][n]["heldout"]["adherence"] for n in names]
+    ax.bar(names, held, color="tab:green")
+    ax.set(title=f"held-out prompt adherence ({report['config']['clips']} clips each)", ylim=(0, 1.05))
+    ax.tick_params(axis="x", rotation=30, labelsize=7)
+    ax = axes[1, 1]
+    for offset, recache in ((-0.2, False), (0.2, True)):
+        vals = []
+        for n in names:
+            sw = [s for s in report["settings"][n]["switch"] if s["recache"] == recache]
+            vals.append(sw[0]["mean_latency_frames"] if sw and sw[0]["mean_latency_frames"] is not None else np.nan)
+        ax.bar(np.arange(len(names)) + offset, vals, width=0.4, label=f"recache={recache}")
+    ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+    ax.set(title="prompt-switch latency (frames after set_prompt)", ylabel="frames")
+    for i, n in enumerate(names):
+        rates = "/".join(f"{s['switched']:.0%}" for s in report["settings"][n]["switch"])
+        ax.annotate(f"switched {rates}", (i, 0), ha="center", va="bottom", fontsize=7)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"skyrt stream quality: {report['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import skyrt
+    from skyrt.export.demo_model.world import combinations
+
+    model_dir, note = args.model, None
+    if model_dir is None:
+        model_dir = default_model_dir()
+        if not (model_dir / "config.json").is_file():
+            from skyrt.export.tiny import ensure_default_model
+
+            note = (f"no trained demo model at {model_dir.name}: measured the tiny RANDOM model instead "
+                    "(train one with python -m skyrt.export.demo_model.train)")
+            print(note)
+            model_dir = ensure_default_model()
+    pipe = skyrt.load(model_dir)
+    block = max(1, pipe.model.num_frame_per_block)
+    sampling = sampling_defaults(model_dir, args)
+    all_settings = settings_for(block)
+    names = list(all_settings) if args.settings == "all" else args.settings.split(",")
+    rng = np.random.default_rng(args.seed)
+    heldout = combinations("heldout")
+    prompts = [heldout[int(i)] for i in rng.choice(len(heldout), size=args.clips, replace=False)]
+    pairs = switch_pairs(rng, args.switches)
+    stable_prompt = prompts[0]
+    fps = args.fps
+    window = int(round(args.window_seconds * fps))
+    clip_frames = int(args.clip_seconds * fps) + 1  # ~2 s: long enough for the motion reading
+    total_frames = max(window, int(args.stream_minutes * 60 * fps))
+
+    label = model_dir.name
+    if (model_dir / "demo_model.json").is_file():
+        label = json.loads((model_dir / "demo_model.json").read_text()).get("name", label)
+    report = {"benchmark": "quality", "model": label, "note": note,
+              "machine": {"platform": platform.platform(), "device": "cpu", "torch_threads": args.threads},
+              "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                         "out": args.out.name, "model": label, "block": block, "sampling": sampling,
+                         "window_frames": window},
+              "settings": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the kvcache approximation warning of bidirectional models
+        for name in names:
+            setting = all_settings[name]
+            print(f"[{name}] held-out adherence: {args.clips} clips of >= {clip_frames} frames", flush=True)
+            held = adherence_run(pipe, prompts, setting, sampling, block, args.size, clip_frames, args.seed)
+            print(f"[{name}]   adherence {held['adherence']:.3f}  ({held['generated_fps']:.1f} generated fps)", flush=True)
+            print(f"[{name}] stability: {total_frames} frames of '{stable_prompt.prompt}'", flush=True)
+            stab = stability_run(pipe, stable_prompt, setting, sampling, block, args.size, total_frames, window, fps,
+                                 args.seed)
+            print(f"[{name}]   per minute: " + ", ".join(f"{m['minute']}: {m['adherence']:.2f}" for m in stab["per_minute"]),
+                  flush=True)
+            switches = []
+            for recache in ((False, True) if setting["mode"] == "kvcache" else (False,)):
+                sw = switch_run(pipe, pairs, setting, sampling, block, args.size, warm_chunks=3,
+                                after_frames=3 * fps, recache=recache, seed=args.seed)
+                switches.append(sw)
+                print(f"[{name}] switch (recache={recache}): {sw['switched']:.0%} switched, mean latency "
+                      f"{sw['mean_latency_frames']} frames", flush=True)
+            report["settings"][name] = {"setting": setting, "heldout": held, "stability": stab, "switch": switches}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    png = args.out.with_suffix(".png")
+    drawn = plot(report, png)
+    print(f"wrote {args.out.name}" + (f" and {png.name}" if drawn else "") + f" in {args.out.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The demo model's training script (export/demo_model/train.py), end to end on a few iterations.
+
+A smoke run at 64 x 64 trains the VAE and the DiT for a few steps (losses on fixed probe batches must
+fall), writes the official-layout folder, which must load with skyrt.load and generate in both
+rollout modes; a second call resumes from the checkpoints. Plus the exact pieces: the encoder's
+moments, the latent re-parametrisation fold, the tokenizer's vocabulary.
+
+    python -m pytest tests/test_demo_train.py -q
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from skyrt.export.demo_model import train as T
+from skyrt.export.demo_model import world as W
+from skyrt.export.vae import VAEConfig, WanVAE
+
+SMOKE = ["--size", "64", "--vae-crop", "32", "--vae-steps", "8", "--vae-batch", "2", "--dataset-clips", "4",
+         "--shard-clips", "2", "--dit-steps", "12", "--dit-lr", "2e-3", "--text-lr", "1e-3", "--warmup", "2",
+         "--dit-batch-frames", "16", "--checkpoint-every", "6", "--log-every", "3", "--threads", "1",
+         "--eval-clips", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cfg = T.parse_args(["--out", str(out), *SMOKE])
+    model_dir = T.Trainer(cfg).run()
+    return out, model_dir
+
+
+def test_smoke_run_losses_fall(smoke_run):
+    out, model_dir = smoke_run
+    meta = json.loads((model_dir / T.META_NAME).read_text())
+    vae, dit = meta["summary"]["vae"], meta["summary"]["dit"]
+    assert vae["steps"] == 8 and dit["steps"] == 12
+    # Fixed probe batches (same data, same noise) before and after training.
+    assert vae["probe_l1_end"] < 0.9 * vae["probe_l1_start"], vae
+    assert dit["probe_loss_end"] < dit["probe_loss_start"], dit
+    # The fold makes the fixed Wan2.1 normalisation standardise this VAE's latents, exactly.
+    assert abs(vae["normalised_mean"]) < 1e-3 and vae["normalised_std"] == pytest.approx(1.0, abs=1e-3)
+    assert vae["fold_max_abs_diff"] < 1e-4
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == {"vae", "dit"} and all(np.isfinite(r.get("loss", r.get("l1"))) for r in log)
+
+
+def test_saved_folder_is_the_official_layout(smoke_run):
+    _, model_dir = smoke_run
+    for name in ("config.json", "model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
+                 "google/umt5-xxl/tokenizer.json", T.CARD_NAME, T.META_NAME):
+        assert (model_dir / name).is_file(), name
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["num_frame_per_block"] == 2 and config["dim"] == 128 and config["text_len"] == 32
+    card = (model_dir / T.CARD_NAME).read_text()
+    assert "flow-matching loss" in card and "seed 0" in card
+    # The sampling sweep (--eval-clips) ran and its best setting is the recommendation.
+    meta = json.loads((model_dir / T.META_NAME).read_text())
+    sweep = meta["summary"]["eval"]
+    assert len(sweep["results"]) == len(T.SWEEP) and meta["recommended"] == sweep["best"]
+    assert "| shift | guidance | adherence |" in card and meta["recommended"]["mode"] == "kvcache"
+    assert sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()) < T.MAX_MODEL_BYTES
+
+
+def test_saved_folder_loads_and_generates(smoke_run):
+    import skyrt
+
+    _, model_dir = smoke_run
+    pipe = skyrt.load(model_dir)
+    assert pipe.model.num_frame_per_block == 2  # -> the pipeline picks block-causal attention
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a block-causal checkpoint: kvcache must not warn about approximation
+        kv = pipe.generate(W.EXAMPLE.prompt, num_frames=13, height=64, width=64, num_inference_steps=2, shift=2.0,
+                           guidance_scale=3.0, mode="kvcache", causal_block_size=2, seed=0, progress=False)
+    win = pipe.generate(W.EXAMPLE.prompt, num_frames=13, height=64, width=64, num_inference_steps=2, shift=2.0,
+                        guidance_scale=3.0, mode="window", causal_block_size=2, seed=0, progress=False)
+    for frames in (kv, win):
+        assert frames.shape == (13, 64, 64, 3) and frames.dtype == np.uint8
+    # Block-causal training: kvcache equals window mode with causal attention and the same noise.
+    assert np.abs(kv.astype(int) - win.astype(int)).mean() < 1.0
+    stream = pipe.stream(W.EXAMPLE.prompt, mode="kvcache", ar_step=1, causal_block_size=2, sink_blocks=0,
+                         window_blocks=2, overlap_history=13, height=64, width=64, num_inference_steps=2,
+                         guidance_scale=1.0, seed=0, max_chunks=3)
+    assert [len(c) for c in stream] == [5, 8, 8]
+
+
+def test_resume_continues_and_refuses_to_overwrite(smoke_run):
+    out, _ = smoke_run
+    with pytest.raises(FileExistsError, match="--resume"):
+        T.Trainer(T.parse_args(["--out", str(out), *SMOKE])).run()
+    with pytest.raises(ValueError, match="dit_dim"):
+        T.Trainer(T.parse_args(["--out", str(out), *SMOKE, "--resume", "--dit-dim", "64"])).run()
+    before = len((out / "train_log.jsonl").read_text().splitlines())
+    cfg = T.parse_args(["--out", str(out), *SMOKE, "--resume"])
+    cfg.dit_steps = 15
+    T.Trainer(cfg).run()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()[before:]]
+    # The VAE and the data are reused; the DiT continues from its step-12 checkpoint to 15.
+    assert [r["stage"] for r in log] == ["dit"] and log[-1]["step"] == 15
+    assert torch.load(out / "checkpoints" / "dit.pt", weights_only=False)["step"] == 15
+
+
+def test_tokenizer_holds_every_world_word(tmp_path):
+    from skyrt.export.text_encoder import load_tokenizer
+
+    tok = load_tokenizer(T.make_world_tokenizer(tmp_path / "tok"))
+    for word in W.vocabulary():
+        if word != ",":  # a lone comma gets the word-start marker; inside a prompt it is one piece
+            assert len(tok.tokenize(word)) == 1, word
+    ids = tok(W.EXAMPLE.prompt).input_ids
+    assert ids[-1] == 1 and tok.unk_token_id not in ids and len(ids) == 14  # 13 words and commas + </s>
+    assert tok.unk_token_id not in tok("A Fox 42!").input_ids  # other prompts fall back to characters
+
+
+def test_encode_moments_and_latent_fold_are_exact():
+    torch.manual_seed(0)
+    vae = T.init_vae(WanVAE(VAEConfig(dim=8, num_res_blocks=1))).eval()
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mu, log_var = T.encode_moments(vae, x)
+        torch.testing.assert_close(mu, vae.encode(x), rtol=0, atol=0)
+        before = vae.decode(mu)
+        torch.testing.assert_close(T.decode_unclamped(vae, mu).clamp(-1, 1), before, rtol=0, atol=0)
+        scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+        T.fold_latent_affine(vae, scale, shift)
+        mu2, log_var2 = T.encode_moments(vae, x)
+        torch.testing.assert_close(mu2, mu * scale.view(1, -1, 1, 1, 1) + shift.view(1, -1, 1, 1, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(log_var2, log_var + 2 * torch.log(scale).view(1, -1, 1, 1, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vae.decode(mu2), before, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        T.parse_args(["--out", str(tmp_path), "--size", "100"])
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        T.parse_args(["--out", str(tmp_path), "--clip-frames", "48"])
+    with pytest.raises(ValueError, match="longer than"):
+        T.parse_args(["--out", str(tmp_path), "--crop-frames", "20"])
