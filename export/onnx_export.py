@@ -54,8 +54,8 @@ Run the tests: python -m pytest tests/test_onnx_export.py -q
 """
 from __future__ import annotations
 
+
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -74,6 +74,7 @@ from torch import nn
 from .cached_step import CachedStep
 from .dit import CrossKV, LayerNorm32, RMSNorm, WanDiT, _linear32, block_causal_mask
 from .vae import WanVAE
+from skyrt.runtime.engine_manifest import file_sha256 as sha256_file  # one owner of file hashing
 
 FORMAT = "skyrt-onnx"
 FORMAT_VERSION = 1
@@ -482,14 +483,6 @@ def _build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile
 
 # ----------------------------------------------------------------------------------------------
 # Writing one graph
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _value_info(values) -> list[dict]:

@@ -37,12 +37,7 @@ _FORMAT = 1
 # Hashing model files (also the key of the onnxruntime backend's export cache)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from .engine_manifest import file_sha256  # noqa: E402  one owner of file hashing
 
 
 def tree_sha256(paths: Iterable[str | Path], memo_file: str | Path | None = None) -> str:

@@ -35,9 +35,9 @@ ONNX on the user's GPU before trusting them.
 """
 from __future__ import annotations
 
+
 import argparse
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -55,6 +55,7 @@ from skyrt.runtime.caption_schema import MAX_NEW_TOKENS, caption_instruction
 
 from .graphs import DecoderGraph, VisionGraph
 from .loader import CaptionerCheckpoint, load_captioner, preprocess_settings
+from skyrt.runtime.engine_manifest import file_sha256 as sha256_file  # one owner of file hashing
 
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
@@ -126,14 +127,6 @@ def captioner_config(checkpoint: CaptionerCheckpoint, rope_text_offset: str = "q
 
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 9: "bool"}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _value_info(values) -> list[dict]:
