@@ -485,7 +485,8 @@ def _build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile
 # Writing one graph
 
 
-def _value_info(values) -> list[dict]:
+def value_info(values) -> list[dict]:
+    """ONNX graph inputs/outputs -> [{"name", "shape" (ints, or names of dynamic axes), "dtype"}]."""
     out = []
     for v in values:
         t = v.type.tensor_type
@@ -567,8 +568,8 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int, external_data_thres
         "file": target.name,
         "external_data": data_name if external else None,
         "sha256": {f: sha256_file(out_dir / f) for f in files},
-        "inputs": _value_info(model.graph.input),
-        "outputs": _value_info(model.graph.output),
+        "inputs": value_info(model.graph.input),
+        "outputs": value_info(model.graph.output),
         "dynamic_axes": spec.dynamic_axes,
         "profile": _trt_profile(spec),
         **spec.info,

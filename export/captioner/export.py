@@ -56,6 +56,7 @@ from skyrt.runtime.caption_schema import MAX_NEW_TOKENS, caption_instruction
 from .graphs import DecoderGraph, VisionGraph
 from .loader import CaptionerCheckpoint, load_captioner, preprocess_settings
 from skyrt.runtime.engine_manifest import file_sha256 as sha256_file  # one owner of file hashing
+from ..onnx_export import value_info as _value_info  # one reader of ONNX input/output specs
 
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
@@ -124,18 +125,6 @@ def captioner_config(checkpoint: CaptionerCheckpoint, rope_text_offset: str = "q
         "prompt_templates": prompt_templates(checkpoint),
         "rope_text_offset": rope_text_offset,
     }
-
-
-_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 9: "bool"}
-
-
-def _value_info(values) -> list[dict]:
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-        out.append({"name": v.name, "shape": dims, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type))})
-    return out
 
 
 def export_graph(name: str, module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str],

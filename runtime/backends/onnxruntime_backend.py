@@ -293,7 +293,10 @@ class OnnxRuntimeBackend(Backend):
 
             self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
             self.model_hash = tree_sha256([self.source], memo_file=self.cache_root / "file-hashes.json")
-        cfg = model.dit_config
+        self._read_dit_layout(model.dit_config)
+
+    def _read_dit_layout(self, cfg: dict) -> None:
+        """What the host side needs from the DiT config (official config.json names)."""
         self.num_layers, self.num_heads = int(cfg["num_layers"]), int(cfg["num_heads"])
         self.head_dim = int(cfg["dim"]) // self.num_heads
         self.freq_dim = int(cfg.get("freq_dim", 256))

@@ -193,11 +193,7 @@ class TensorRTBackend(OnnxRuntimeBackend):
         self._sessions: dict[Path, Any] = {}
         self._folders, self._manifests = [self.folder], {self.folder: json.loads((self.folder / ONNX_MANIFEST_COPY).read_text())}
         self._tokenizer = None
-        cfg = model.dit_config
-        self.num_layers, self.num_heads = int(cfg["num_layers"]), int(cfg["num_heads"])
-        self.head_dim = int(cfg["dim"]) // self.num_heads
-        self.freq_dim = int(cfg.get("freq_dim", 256))
-        self.rope_max_positions = int(cfg.get("rope_max_positions", 1024))
+        self._read_dit_layout(model.dit_config)
         self.engine_manifests = {m.name: m for m in map(EngineManifest.read, self.folder.glob(f"*{ENGINE_MANIFEST_SUFFIX}"))}
         builders = {m.builder for m in self.engine_manifests.values()}
         if len(builders) != 1:
