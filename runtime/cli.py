@@ -51,10 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", "-o", type=Path, default=Path("out.mp4"), help="mp4 path")
     gen.add_argument("--no-progress", action="store_true")
 
-    serve = sub.add_parser("serve", help="serve an endless stream over HTTP")
+    serve = sub.add_parser("serve", help="serve an endless stream over HTTP (MJPEG, HLS, fragmented MP4)")
     _add_model_args(serve)
     _add_sampling_args(serve, {"height": 128, "width": 128, "steps": 4, "guidance_scale": 1.0,
                                "base_num_frames": 17, "overlap_history": 5, "overlap_carry": "latent"})
+    serve.add_argument("--mode", choices=("kvcache", "window"), default="kvcache",
+                       help="kvcache: each block denoised once against a ring cache (default); window: official")
+    serve.add_argument("--sink-blocks", type=int, default=1, help="kvcache: blocks kept forever at the ring's start")
+    serve.add_argument("--window-blocks", type=int, default=8, help="kvcache: rolling blocks of history")
+    serve.add_argument("--playlist", type=Path, default=None,
+                       help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}')
+    serve.add_argument("--formats", default="mjpeg,hls,mp4", help="outputs to encode, comma separated")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on control endpoints")
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "export":
             return args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # RequestError is a ValueError
         # Bad input: one clear line, no traceback.
         print(f"skyrt {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -104,10 +111,18 @@ def _generate(args) -> int:
 
 
 def _serve(args) -> int:
-    from .server import serve
+    from .server import PromptChange, ServerConfig, load_playlist, serve
 
+    config = ServerConfig(fps=args.fps, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+                          token=args.token)
+    playlist = load_playlist(args.playlist, config.limits) if args.playlist is not None else None
+    sampling = _sampling_kwargs(args)
+    prompt = PromptChange(sampling.pop("prompt"), sampling.pop("negative_prompt") or None)
+    sampling.update(mode=args.mode, sink_blocks=args.sink_blocks, window_blocks=args.window_blocks)
+    if args.mode == "kvcache" and sampling["ar_step"] == 0:
+        sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
     pipe = _load(args)
-    serve(pipe, host=args.host, port=args.port, token=args.token, **_sampling_kwargs(args))
+    serve(pipe, sampling, config, host=args.host, port=args.port, prompt=prompt, playlist=playlist)
     return 0
 
 

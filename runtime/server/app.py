@@ -1,0 +1,199 @@
+"""The HTTP side of `skyrt serve` (aiohttp): handlers parse, authorize and copy bytes; they never
+touch the pipeline. Control input becomes typed objects at the edge (playlist.py) or a 4xx JSON
+error that names the problem.
+
+    GET  /                 player page (hls.js vendored, works offline), prompt box, live figures
+    GET  /stream.mjpg      MJPEG (multipart/x-mixed-replace)
+    GET  /stream.mp4       H.264 fragmented MP4, a fragment per frame (mpv, VLC, ffplay)
+    GET  /hls/live.m3u8    H.264 HLS, 1 s fMP4 segments, rolling playlist with program-date-time
+    POST /prompt           {"prompt", "negative_prompt"?, "transition"?: "continue"|"recache"}   [token]
+    GET  /playlist         the playlist and its position;  PUT /playlist replaces it              [token]
+    GET  /status           JSON figures;  GET /metrics  Prometheus text;  GET /healthz  liveness
+    GET  /caption          the latest caption of the live stream (with --caption-every)
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+from pathlib import Path
+
+from .playlist import RequestError, parse_playlist, parse_prompt_change
+
+log = logging.getLogger("skyrt.server")
+
+STATIC = Path(__file__).parent / "static"
+BOUNDARY = "skyrtframe"
+HLS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.(m3u8|m4s|mp4)$")
+HLS_TYPES = {"m3u8": "application/vnd.apple.mpegurl", "m4s": "video/iso.segment", "mp4": "video/mp4"}
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}
+
+
+def _error(status: int, message: str):
+    from aiohttp import web
+
+    return web.json_response({"error": message}, status=status)
+
+
+def create_app(server):
+    """The aiohttp application of a `StreamServer` (see server.py)."""
+    from aiohttp import web
+
+    config = server.config
+
+    def authorized(request) -> bool:
+        if config.token is None:
+            return True
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode())
+
+    async def read_json(request):
+        """The request body as JSON, bounded by config.max_body_bytes."""
+        if request.content_length is not None and request.content_length > config.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=config.max_body_bytes, actual_size=request.content_length)
+        body = await request.content.read(config.max_body_bytes + 1)
+        if len(body) > config.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=config.max_body_bytes, actual_size=len(body))
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RequestError(f"body is not valid JSON ({err}); send e.g. {{\"prompt\": \"a red fox\"}}") from err
+
+    def control(handler):
+        """Token check, bounded JSON parsing, and 4xx JSON errors for a control endpoint."""
+        async def wrapped(request):
+            if not authorized(request):
+                return _error(401, "unauthorized: send the header 'Authorization: Bearer <token>' given to --token")
+            try:
+                return await handler(request, await read_json(request))
+            except RequestError as err:
+                return _error(400, str(err))
+            except web.HTTPRequestEntityTooLarge:
+                return _error(413, f"body larger than {config.max_body_bytes} bytes")
+        return wrapped
+
+    async def index(_request):
+        return web.FileResponse(STATIC / "index.html", headers=NO_CACHE)
+
+    async def hls_js(_request):
+        return web.FileResponse(STATIC / "hls.light.min.js", headers={"Content-Type": "application/javascript"})
+
+    async def healthz(_request):
+        health = server.health()
+        return web.json_response(health, status=200 if health["ok"] else 503)
+
+    async def status(_request):
+        return web.json_response(server.status(), headers=NO_CACHE)
+
+    async def metrics(_request):
+        return web.Response(text=server.metrics.prometheus(), content_type="text/plain",
+                            charset="utf-8", headers={"X-Format": "prometheus-0.0.4"})
+
+    async def prompt(request, body):
+        change = parse_prompt_change(body, config.limits)
+        server.board.set_prompt(change)
+        return web.json_response({"ok": True, "prompt": change.prompt, "transition": change.transition})
+
+    async def get_playlist(_request):
+        return web.json_response(server.board.playlist_json())
+
+    async def put_playlist(request, body):
+        playlist = parse_playlist(body, config.limits)
+        server.board.set_playlist(playlist)
+        return web.json_response(dict(server.board.playlist_json(), ok=True))
+
+    async def caption(_request):
+        if server.captioner is None:
+            return _error(404, "live captioning is off; start the server with --caption-every SECONDS")
+        return web.json_response(server.captioner.latest(), headers=NO_CACHE)
+
+    async def hls_file(request):
+        if "hls" not in config.formats:
+            return _error(404, "HLS output is off; add hls to --formats")
+        name = request.match_info["name"]
+        if not HLS_NAME.match(name):
+            return _error(400, "invalid HLS file name: expected live.m3u8, init.mp4 or seg_NNNNNN.m4s")
+        path = server.hls_folder / name
+        if not path.is_file():
+            return _error(404, f"{name} is not there (yet); the playlist lists the segments that exist")
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:  # rolled out of the window between the check and the read
+            return _error(404, f"{name} was just deleted; reload the playlist")
+        return web.Response(body=data, content_type=HLS_TYPES[name.rsplit(".", 1)[1]], headers=NO_CACHE)
+
+    async def mjpeg(request):
+        def frame_part(jpeg: bytes) -> bytes:
+            head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+            return head.encode() + jpeg + b"\r\n"
+        # A multipart client shows each part as it arrives, so send only the newest frame of a batch.
+        return await stream_out(request, "mjpeg", f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+                                lambda batch: frame_part(batch[-1]))
+
+    async def mp4(request):
+        return await stream_out(request, "mp4", "video/mp4", b"".join)
+
+    async def stream_out(request, fmt: str, content_type: str, pack):
+        """Copy a Broadcast to one client until it leaves; a stalled write cuts the client off."""
+        broadcast = server.broadcasts.get(fmt)
+        if broadcast is None:
+            return _error(404, f"{fmt} output is off; add {fmt} to --formats")
+        response = web.StreamResponse(headers=dict(NO_CACHE, **{"Content-Type": content_type}))
+        await response.prepare(request)
+        reader = broadcast.subscribe()
+        server.metrics.client_connected(fmt, reader)
+        try:
+            if broadcast.header:
+                await asyncio.wait_for(response.write(broadcast.header), config.write_timeout_s)
+            while not broadcast.closed:
+                batch = await reader.next_batch()
+                if batch:
+                    await asyncio.wait_for(response.write(pack(batch)), config.write_timeout_s)
+        except asyncio.TimeoutError:
+            with server.metrics.lock:
+                server.metrics.client_write_timeouts += 1
+            log.info("%s client %d stalled for %.0f s; disconnected", fmt, reader.id, config.write_timeout_s)
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client went away (or the server is stopping): nothing to clean up but the count
+        finally:
+            server.metrics.client_disconnected(fmt, reader)
+        return response
+
+    @web.middleware
+    async def json_errors(request, handler):
+        """Unknown paths and wrong methods answer JSON too, and no handler error reaches the client raw."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+        except Exception:
+            log.exception("handler failed on %s %s", request.method, request.path)
+            return _error(500, "internal error (logged on the server)")
+
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[json_errors])
+    app.router.add_get("/", index)
+    app.router.add_get("/static/hls.light.min.js", hls_js)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/prompt", control(prompt))
+    app.router.add_get("/playlist", get_playlist)
+    app.router.add_put("/playlist", control(put_playlist))
+    app.router.add_get("/caption", caption)
+    app.router.add_get("/hls/{name}", hls_file)
+    app.router.add_get("/stream.mjpg", mjpeg)
+    app.router.add_get("/stream.mp4", mp4)
+
+    async def start(_app):
+        server.start(asyncio.get_running_loop())
+
+    async def stop(_app):
+        await asyncio.to_thread(server.stop)
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    return app

@@ -1,0 +1,128 @@
+"""One producer thread, many asyncio readers: a fixed ring of the newest encoded items.
+
+Every reader keeps its own cursor into the shared ring, which makes each reader's queue bounded
+and drop-oldest without copying anything per client: a reader that falls more than `capacity`
+items behind skips to the oldest item still held and counts what it missed. Formats whose items
+depend on earlier ones (H.264 fragments) also skip ahead to the next keyframe, so a slow client
+sees a jump, never a broken picture. Publishing is O(1) whatever the number of readers.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Item:
+    seq: int
+    payload: bytes
+    keyframe: bool
+
+
+class Broadcast:
+    """A ring of the last `capacity` items of one output format (MJPEG frames, fMP4 fragments)."""
+
+    def __init__(self, name: str, capacity: int, needs_keyframe: bool = False):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.name, self.needs_keyframe = name, needs_keyframe
+        self.header = b""  # sent once to every new reader first (the fMP4 init segment)
+        self._items: deque[Item] = deque(maxlen=capacity)
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._closed = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the event loop the readers run on (call from that loop)."""
+        self._loop, self._event = loop, asyncio.Event()
+
+    def publish(self, payload: bytes, keyframe: bool = True) -> None:
+        """Append an item (any thread); readers waiting on the loop wake up."""
+        with self._lock:
+            self._seq += 1
+            self._items.append(Item(self._seq, payload, keyframe))
+        self._wake_readers()
+
+    def close(self) -> None:
+        """End every reader's stream (server shutdown)."""
+        self._closed = True
+        self._wake_readers()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _wake_readers(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._set_event)
+            except RuntimeError:  # the loop closed between the check and the call
+                pass
+
+    def _set_event(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def subscribe(self) -> "Reader":
+        """A new reader, starting at the newest item it can decode from."""
+        with self._lock:
+            items = list(self._items)
+        start = items[-1].seq - 1 if items else self._seq
+        if self.needs_keyframe:
+            keys = [it.seq for it in items if it.keyframe]
+            start = keys[-1] - 1 if keys else self._seq
+        return Reader(self, start)
+
+    def _after(self, cursor: int) -> tuple[list[Item], int]:
+        """Items newer than `cursor` and how many were already evicted (lost to this reader)."""
+        with self._lock:
+            if not self._items or self._items[-1].seq <= cursor:
+                return [], 0
+            oldest = self._items[0].seq
+            lost = max(0, oldest - cursor - 1)
+            return [it for it in self._items if it.seq > cursor], lost
+
+
+_reader_ids = itertools.count(1)
+
+
+class Reader:
+    """One client's view of a Broadcast: a cursor plus its drop count."""
+
+    def __init__(self, broadcast: Broadcast, cursor: int):
+        self.id = next(_reader_ids)
+        self.broadcast, self.cursor = broadcast, cursor
+        self.dropped = 0
+        self._awaiting_keyframe = False
+
+    async def next_batch(self, timeout: float = 5.0) -> list[bytes]:
+        """Every pending payload (waits up to `timeout` for one; [] on timeout or close)."""
+        bc = self.broadcast
+        items, lost = bc._after(self.cursor)
+        if not items and not bc.closed:
+            event = bc._event
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+            items, lost = bc._after(self.cursor)
+        if not items:
+            return []
+        self.cursor = items[-1].seq
+        if lost:
+            self.dropped += lost
+            self._awaiting_keyframe = bc.needs_keyframe
+        if self._awaiting_keyframe:
+            keys = [i for i, it in enumerate(items) if it.keyframe]
+            self.dropped += keys[0] if keys else len(items)
+            if not keys:
+                return []
+            items = items[keys[0]:]
+            self._awaiting_keyframe = False
+        return [it.payload for it in items]

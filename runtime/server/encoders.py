@@ -1,0 +1,168 @@
+"""Output encoders: each runs once per output format (never once per client) on the pacer thread.
+
+    MjpegEncoder  uint8 frame -> one JPEG per frame              -> Broadcast ("mjpeg")
+    Fmp4Encoder   H.264 in fragmented MP4, one fragment a frame  -> Broadcast ("mp4"), init segment as header
+    HlsEncoder    H.264 in 1 s fMP4 segments + rolling playlist  -> files in a folder served by the app
+
+H.264 settings are the ones measured to play in Chromium/hls.js at ~1.5 s behind live (DESIGN §7):
+libx264 veryfast, zerolatency, no B-frames, one keyframe a second, no scene-cut keyframes.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from .broadcast import Broadcast
+
+
+def h264_options(fps: int) -> dict[str, str]:
+    """libx264 options for live output: one GOP per second, frames leave the encoder at once."""
+    return {"preset": "veryfast", "tune": "zerolatency", "bf": "0", "g": str(fps), "sc_threshold": "0"}
+
+
+def _add_h264_stream(container, fps: int, width: int, height: int):
+    if width % 2 or height % 2:
+        raise ValueError(f"H.264 needs an even frame size, got {width}x{height}")
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.options = h264_options(fps)
+    return stream
+
+
+class MjpegEncoder:
+    """One JPEG per output frame (Pillow; ~1 ms at 256x256)."""
+
+    name = "mjpeg"
+
+    def __init__(self, broadcast: Broadcast, quality: int = 85):
+        self.broadcast, self.quality = broadcast, quality
+
+    def encode(self, frame: np.ndarray) -> None:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=self.quality)
+        self.broadcast.publish(buf.getvalue())
+
+    def close(self) -> None:
+        pass
+
+
+class _BoxSplitter(io.RawIOBase):
+    """A write-only file that cuts the muxer's byte stream into top-level MP4 boxes: everything
+    before the first `moof` is the init segment (ftyp + moov); each `moof` + `mdat` is one fragment."""
+
+    def __init__(self, on_init, on_fragment):
+        super().__init__()
+        self._buf = bytearray()
+        self._init = bytearray()
+        self._fragment = bytearray()
+        self._init_done = False
+        self._on_init, self._on_fragment = on_init, on_fragment
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._buf += data
+        while len(self._buf) >= 8:
+            size, kind = struct.unpack(">I4s", self._buf[:8])
+            if size == 1:  # 64-bit size follows the type
+                if len(self._buf) < 16:
+                    break
+                size = struct.unpack(">Q", self._buf[8:16])[0]
+            if size < 8 or len(self._buf) < size:
+                break
+            box = bytes(self._buf[:size])
+            del self._buf[:size]
+            self._box(kind, box)
+        return len(data)
+
+    def _box(self, kind: bytes, box: bytes) -> None:
+        if kind == b"moof" and not self._init_done:
+            self._init_done = True
+            self._on_init(bytes(self._init))
+        if not self._init_done:
+            self._init += box
+            return
+        self._fragment += box
+        if kind == b"mdat":  # moof + mdat complete: one frame
+            self._on_fragment(bytes(self._fragment))
+            self._fragment.clear()
+
+
+class Fmp4Encoder:
+    """H.264 in fragmented MP4 with a fragment per frame, for low-latency players (mpv, VLC, ffplay).
+
+    The muxer emits a frame's fragment when the next frame arrives, so output lags one frame."""
+
+    name = "mp4"
+
+    def __init__(self, broadcast: Broadcast, fps: int, width: int, height: int):
+        import av
+
+        self.broadcast = broadcast
+        self._keyframes: deque[bool] = deque()
+        self._sink = _BoxSplitter(self._set_header, self._publish)
+        self._container = av.open(self._sink, mode="w", format="mp4",
+                                  options={"movflags": "frag_every_frame+empty_moov+default_base_moof"})
+        self._stream = _add_h264_stream(self._container, fps, width, height)
+
+    def _set_header(self, init: bytes) -> None:
+        self.broadcast.header = init
+
+    def _publish(self, fragment: bytes) -> None:
+        self.broadcast.publish(fragment, keyframe=self._keyframes.popleft() if self._keyframes else False)
+
+    def encode(self, frame: np.ndarray) -> None:
+        import av
+
+        for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            self._keyframes.append(bool(packet.is_keyframe))
+            self._container.mux(packet)
+
+    def close(self) -> None:
+        try:
+            self._container.close()
+        except Exception:  # closing a broken muxer must not hide the error that broke it
+            pass
+
+
+class HlsEncoder:
+    """H.264 HLS: `live.m3u8` plus 1 s fMP4 segments in `folder`, a rolling window of
+    `list_size` segments with program-date-time; old segments are deleted as the window rolls."""
+
+    name = "hls"
+    PLAYLIST = "live.m3u8"
+
+    def __init__(self, folder: Path, fps: int, width: int, height: int, segment_s: int = 1, list_size: int = 6):
+        import av
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._container = av.open(str(self.folder / self.PLAYLIST), mode="w", format="hls", options={
+            "hls_time": str(segment_s), "hls_list_size": str(list_size), "hls_segment_type": "fmp4",
+            # temp_file: players never read a half-written playlist or segment
+            "hls_flags": "delete_segments+program_date_time+independent_segments+temp_file",
+            "hls_fmp4_init_filename": "init.mp4",
+            "hls_segment_filename": str(self.folder / "seg_%06d.m4s"),
+        })
+        self._stream = _add_h264_stream(self._container, fps, width, height)
+
+    def encode(self, frame: np.ndarray) -> None:
+        import av
+
+        for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            self._container.mux(packet)
+
+    def close(self) -> None:
+        try:
+            self._container.close()
+        except Exception:
+            pass
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,205 @@
+"""Server figures: one thread-safe owner, rendered as /status JSON and Prometheus text (/metrics)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+
+# Per-chunk generation latency buckets (seconds): a 128x128 block on a CPU takes ~0.05-0.5 s,
+# a real checkpoint's window tens of seconds.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RATE_WINDOW_S = 10.0
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
+        self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+    def quantile(self, q: float) -> float | None:
+        """Upper bucket bound holding the q-quantile (None before any sample)."""
+        if self.n == 0:
+            return None
+        seen = 0
+        for count, bound in zip(self.counts, self.buckets + (float("inf"),)):
+            seen += count
+            if seen >= q * self.n:
+                return bound
+        return float("inf")
+
+
+class Metrics:
+    """Counters the generator, pacer and HTTP handlers update; all access under one lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+        self.frames_generated = 0  # frames the pipeline produced
+        self.frames_output = 0  # frames the pacer emitted (generated + repeated)
+        self.frames_repeated = 0  # pacer ticks with no new frame: the last one was shown again
+        self.pacer_resyncs = 0  # the pacer fell > 1 s behind its clock and restarted it
+        self.first_frame_s: float | None = None
+        self.generator_errors = 0
+        self.generator_restarts = 0
+        self.last_error: str | None = None
+        self.encoder_errors = 0
+        self.chunk_latency = Histogram(LATENCY_BUCKETS)
+        self.clients: dict[int, tuple[str, object]] = {}  # reader id -> (format, Reader)
+        self.client_drops_total: dict[str, int] = {}
+        self.clients_served: dict[str, int] = {}
+        self.client_write_timeouts = 0
+        self._generated_times: deque[tuple[float, int]] = deque()
+
+    # -- updates
+    def chunk_generated(self, frames: int, seconds: float) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.frames_generated += frames
+            self.chunk_latency.observe(seconds)
+            if self.first_frame_s is None:
+                self.first_frame_s = now - self.started
+            self._generated_times.append((now, frames))
+            while self._generated_times and self._generated_times[0][0] < now - RATE_WINDOW_S:
+                self._generated_times.popleft()
+
+    def frame_output(self, repeated: bool) -> None:
+        with self.lock:
+            self.frames_output += 1
+            self.frames_repeated += int(repeated)
+
+    def generator_failed(self, error: BaseException) -> None:
+        with self.lock:
+            self.generator_errors += 1
+            self.last_error = f"{type(error).__name__}: {error}"[:500]
+
+    def client_connected(self, fmt: str, reader) -> None:
+        with self.lock:
+            self.clients[reader.id] = (fmt, reader)
+            self.clients_served[fmt] = self.clients_served.get(fmt, 0) + 1
+
+    def client_disconnected(self, fmt: str, reader) -> None:
+        with self.lock:
+            self.clients.pop(reader.id, None)
+            self.client_drops_total[fmt] = self.client_drops_total.get(fmt, 0) + reader.dropped
+
+    # -- reads
+    def generated_fps(self) -> float:
+        """Frames generated per second over the last RATE_WINDOW_S seconds."""
+        with self.lock:
+            times = list(self._generated_times)
+        if len(times) < 2:
+            return 0.0
+        span = max(1e-6, times[-1][0] - times[0][0])
+        return sum(n for _, n in times[1:]) / span
+
+    def snapshot(self) -> dict:
+        fps = self.generated_fps()
+        with self.lock:
+            clients: dict[str, int] = {}
+            for fmt, _ in self.clients.values():
+                clients[fmt] = clients.get(fmt, 0) + 1
+            drops = dict(self.client_drops_total)
+            for fmt, reader in self.clients.values():
+                drops[fmt] = drops.get(fmt, 0) + reader.dropped
+            return {
+                "uptime_s": round(time.monotonic() - self.started, 3),
+                "frames_generated": self.frames_generated,
+                "frames_output": self.frames_output,
+                "frames_repeated": self.frames_repeated,
+                "generated_fps": round(fps, 3),
+                "time_to_first_frame_s": self.first_frame_s,
+                "chunk_latency_p50_s": self.chunk_latency.quantile(0.5),
+                "chunk_latency_p99_s": self.chunk_latency.quantile(0.99),
+                "generator_errors": self.generator_errors,
+                "generator_restarts": self.generator_restarts,
+                "last_error": self.last_error,
+                "encoder_errors": self.encoder_errors,
+                "pacer_resyncs": self.pacer_resyncs,
+                "clients": clients,
+                "client_drops": drops,
+                "client_write_timeouts": self.client_write_timeouts,
+            }
+
+    def prometheus(self) -> str:
+        """Prometheus text exposition format 0.0.4."""
+        fps = self.generated_fps()
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {_num(value)}" for labels, value in samples)
+
+        with self.lock:
+            metric("skyrt_frames_generated_total", "counter", "Frames produced by the pipeline.",
+                   [("", self.frames_generated)])
+            metric("skyrt_frames_output_total", "counter", "Frames emitted at the output frame rate.",
+                   [("", self.frames_output)])
+            metric("skyrt_frames_repeated_total", "counter",
+                   "Output ticks that repeated the last frame because generation was slower than the fps.",
+                   [("", self.frames_repeated)])
+            metric("skyrt_generated_fps", "gauge", f"Generated frames per second over the last {RATE_WINDOW_S:g} s.",
+                   [("", fps)])
+            metric("skyrt_time_to_first_frame_seconds", "gauge", "Server start to first generated frame.",
+                   [("", self.first_frame_s if self.first_frame_s is not None else float("nan"))])
+            h = self.chunk_latency
+            buckets, seen = [], 0
+            for count, bound in zip(h.counts, h.buckets + (float("inf"),)):
+                seen += count
+                buckets.append((f'{{le="{_num(bound)}"}}', seen))
+            lines.append("# HELP skyrt_chunk_latency_seconds Time to generate one chunk (a latent block, or a window).")
+            lines.append("# TYPE skyrt_chunk_latency_seconds histogram")
+            lines.extend(f"skyrt_chunk_latency_seconds_bucket{labels} {value}" for labels, value in buckets)
+            lines.append(f"skyrt_chunk_latency_seconds_sum {_num(h.total)}")
+            lines.append(f"skyrt_chunk_latency_seconds_count {h.n}")
+            metric("skyrt_generator_errors_total", "counter", "Generator failures (each followed by a clean restart).",
+                   [("", self.generator_errors)])
+            metric("skyrt_encoder_errors_total", "counter", "Output encoder failures.", [("", self.encoder_errors)])
+            metric("skyrt_pacer_resyncs_total", "counter", "Times the pacer fell over 1 s behind and reset its clock.",
+                   [("", self.pacer_resyncs)])
+            per_format: dict[str, int] = {}
+            for fmt, _ in self.clients.values():
+                per_format[fmt] = per_format.get(fmt, 0) + 1
+            metric("skyrt_clients", "gauge", "Connected stream clients.",
+                   [(f'{{format="{f}"}}', n) for f, n in sorted(per_format.items())])
+            metric("skyrt_client_queue_drops", "gauge", "Items a connected client missed because it read too slowly.",
+                   [(f'{{client="{rid}",format="{fmt}"}}', r.dropped) for rid, (fmt, r) in sorted(self.clients.items())])
+            metric("skyrt_client_queue_drops_total", "counter", "Items dropped for clients that have disconnected.",
+                   [(f'{{format="{f}"}}', n) for f, n in sorted(self.client_drops_total.items())])
+            metric("skyrt_client_write_timeouts_total", "counter", "Clients cut off after a write stalled.",
+                   [("", self.client_write_timeouts)])
+        rss, fds = process_resources()
+        metric("skyrt_process_resident_memory_bytes", "gauge", "Resident memory of the server process.", [("", rss)])
+        metric("skyrt_process_open_fds", "gauge", "Open file descriptors of the server process.", [("", fds)])
+        return "\n".join(lines) + "\n"
+
+
+def process_resources() -> tuple[int, int]:
+    """(resident bytes, open file descriptors) of this process; -1 where the OS does not say."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        rss = -1
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = -1
+    return rss, fds
+
+
+def _num(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) else str(value)

@@ -1,0 +1,154 @@
+"""StreamServer: wires the generator, the pacer, the encoders and the broadcasts together, and
+owns their start and stop. The HTTP app (app.py) only reads from it.
+
+    generator thread ─ FrameBuffer ─ pacer thread ─┬─ MjpegEncoder ─ Broadcast("mjpeg") ─ clients
+      (pipeline)        (bounded)    (fps clock)   ├─ Fmp4Encoder  ─ Broadcast("mp4")   ─ clients
+                                                   └─ HlsEncoder   ─ files in a temp folder ─ clients
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .broadcast import Broadcast
+from .encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
+from .generator import FrameBuffer, GeneratorThread, PacerThread
+from .metrics import Metrics, process_resources
+from .playlist import Limits, Playlist, PromptBoard, PromptChange
+
+log = logging.getLogger("skyrt.server")
+
+FORMATS = ("mjpeg", "hls", "mp4")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything about serving that is not a sampling setting."""
+
+    fps: int = 24
+    formats: tuple[str, ...] = FORMATS
+    token: str | None = None  # control endpoints need 'Authorization: Bearer <token>' when set
+    max_body_bytes: int = 64 * 1024
+    limits: Limits = field(default_factory=Limits)
+    client_buffer_s: float = 2.0  # each client may fall this far behind before it drops the oldest
+    write_timeout_s: float = 20.0  # a client whose socket accepts nothing this long is cut off
+    frame_buffer: int = 0  # generator -> pacer frames; 0: half a second of frames
+    jpeg_quality: int = 85
+    hls_list_size: int = 6
+
+    def __post_init__(self):
+        if not 1 <= self.fps <= 120:
+            raise ValueError(f"fps must be in 1..120, got {self.fps}")
+        unknown = sorted(set(self.formats) - set(FORMATS))
+        if unknown or not self.formats:
+            raise ValueError(f"formats must be a non-empty subset of {list(FORMATS)}, got {list(self.formats)}")
+        if self.token is not None and not self.token:
+            raise ValueError("token must not be empty (leave it unset to keep control endpoints open)")
+
+
+class StreamServer:
+    """One endless stream: `start(loop)` after the event loop runs, `stop()` to drain and exit."""
+
+    def __init__(self, pipe, sampling: dict, config: ServerConfig = ServerConfig(),
+                 prompt: PromptChange | None = None, playlist: Playlist | None = None, captioner=None,
+                 caption_every_s: float = 30.0):
+        """captioner: a `skyrt.runtime.captioner.Captioner`; with one, the stream is captioned every
+        `caption_every_s` seconds (GET /caption)."""
+        if "prompt" in sampling:
+            raise ValueError("pass the prompt as `prompt=PromptChange(...)`, not inside `sampling`")
+        self.config = config
+        self.sampling = dict(sampling, fps=config.fps)
+        self.height, self.width = int(sampling.get("height", 544)), int(sampling.get("width", 960))
+        self.metrics = Metrics()
+        self.board = PromptBoard(prompt or PromptChange("a red circle bouncing on a dark blue background"), playlist)
+        self.buffer = FrameBuffer(config.frame_buffer or max(4, config.fps // 2))
+        capacity = max(2, int(config.client_buffer_s * config.fps))
+        self.broadcasts = {fmt: Broadcast(fmt, capacity, needs_keyframe=fmt == "mp4")
+                           for fmt in config.formats if fmt in ("mjpeg", "mp4")}
+        self.hls_folder = Path(tempfile.mkdtemp(prefix="skyrt-hls-"))
+        self.captioner = None
+        if captioner is not None:
+            from .captioning import LiveCaptioner
+
+            self.captioner = LiveCaptioner(captioner, caption_every_s, self._frame_on_screen)
+        self.generator = GeneratorThread(pipe, self.sampling, self.board, self.buffer, self.metrics)
+        self.pacer: PacerThread | None = None
+        self._encoders: list = []
+        self._stopped = False
+
+    def _frame_on_screen(self):
+        return None if self.pacer is None else self.pacer.last_frame
+
+    def _make_encoders(self) -> list:
+        fps, w, h = self.config.fps, self.width, self.height
+        encoders: list = []
+        if "mjpeg" in self.broadcasts:
+            encoders.append(MjpegEncoder(self.broadcasts["mjpeg"], self.config.jpeg_quality))
+        if "mp4" in self.broadcasts:
+            encoders.append(Fmp4Encoder(self.broadcasts["mp4"], fps, w, h))
+        if "hls" in self.config.formats:
+            encoders.append(HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size))
+        return encoders
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        for broadcast in self.broadcasts.values():
+            broadcast.bind(loop)
+        self._encoders = self._make_encoders()
+        self.pacer = PacerThread(self.config.fps, self.buffer, self._encoders, self.board, self.metrics)
+        self.generator.start()
+        self.pacer.start()
+        if self.captioner is not None:
+            self.captioner.start()
+        log.info("stream started: %dx%d at %d fps, outputs %s; HLS files in %s", self.width, self.height,
+                 self.config.fps, ",".join(self.config.formats), self.hls_folder)
+
+    def stop(self) -> None:
+        """Drain: end client streams, stop both threads, close encoders, remove the HLS folder."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for broadcast in self.broadcasts.values():
+            broadcast.close()
+        if self.captioner is not None:
+            self.captioner.stop()
+        self.generator.stop()
+        if self.pacer is not None:
+            self.pacer.stop()
+            self.pacer.join(timeout=5)
+        self.generator.join(timeout=30)  # a chunk in flight finishes first
+        for encoder in self._encoders:
+            encoder.close()
+        shutil.rmtree(self.hls_folder, ignore_errors=True)
+        log.info("stream stopped after %d output frames", self.metrics.frames_output)
+
+    def health(self) -> dict:
+        pacer_alive = self.pacer is not None and self.pacer.is_alive()
+        return {"ok": self.generator.is_alive() and pacer_alive, "generator_alive": self.generator.is_alive(),
+                "pacer_alive": pacer_alive, "frames_output": self.metrics.frames_output}
+
+    def status(self) -> dict:
+        rss, fds = process_resources()
+        change = self.board.current
+        return dict(
+            self.metrics.snapshot(),
+            prompt=change.prompt,
+            negative_prompt=change.negative_prompt,
+            prompt_active=self.generator.active_prompt,
+            prompt_switches=self.board.switches,
+            playlist=self.board.playlist_json()["position"],
+            fps=self.config.fps,
+            width=self.width,
+            height=self.height,
+            mode=self.sampling.get("mode", "window"),
+            formats=list(self.config.formats),
+            frame_buffer=len(self.buffer),
+            caption=None if self.captioner is None else self.captioner.latest()["caption"],
+            resident_memory_bytes=rss,
+            open_fds=fds,
+            time=time.time(),
+        )

@@ -1,0 +1,118 @@
+"""Helpers for tests that run a real `skyrt serve` process on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+TOKEN = "s3cret"
+# Tiny and fast: 32x32 frames, 2 steps, kvcache blocks of one latent frame (4 pixel frames).
+FAST_SAMPLING = ["--height", "32", "--width", "32", "--steps", "2", "--fps", "12"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_dir, *extra: str, ready_timeout: float = 90.0):
+    """Start `skyrt serve` as a subprocess; yield (base_url, process); SIGTERM it afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "skyrt.runtime.cli", "serve", "--model", str(model_dir), "--port", str(port),
+           "--token", TOKEN, *FAST_SAMPLING, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: get_json(base + "/status")["frames_output"] > 0, ready_timeout,
+                   lambda: f"server never produced a frame:\n{_output(proc)}")
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _output(proc) -> str:
+    if proc.poll() is None:
+        return "(still running)"
+    return proc.stdout.read()
+
+
+def wait_until(predicate, timeout: float, message=lambda: "timed out"):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(message())
+        time.sleep(0.2)
+
+
+def get_json(url: str, timeout: float = 5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def request(method: str, url: str, body: bytes | None = None, token: str | None = TOKEN):
+    """(status, parsed JSON body) of a request; 4xx/5xx do not raise."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def read_for(url: str, seconds: float, max_bytes: int = 50_000_000) -> bytes:
+    """Read a streaming response for `seconds` (or until `max_bytes`)."""
+    data = bytearray()
+    deadline = time.monotonic() + seconds
+    with urllib.request.urlopen(url, timeout=30) as r:
+        while time.monotonic() < deadline and len(data) < max_bytes:
+            chunk = r.read1(65536)
+            if not chunk:
+                break
+            data += chunk
+    return bytes(data)
+
+
+def require_tool(name: str) -> str:
+    """Path of a system tool. `.ci/run` installs them and sets SKYRT_REQUIRE_SYSTEM_TOOLS=1, which
+    turns a missing tool into a failure there; elsewhere the test is skipped with the install line."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("SKYRT_REQUIRE_SYSTEM_TOOLS") == "1":
+            pytest.fail(f"{name} is required here but missing (apt-get install chromium ffmpeg)")
+        pytest.skip(f"{name} not installed (apt-get install chromium ffmpeg)")
+    return path
+
+
+def ffprobe(path) -> dict:
+    """ffprobe's view of the first video stream of a file: codec, size, frame rate, frame count."""
+    exe = require_tool("ffprobe")
+    out = subprocess.run([exe, "-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries",
+                          "stream=codec_name,width,height,r_frame_rate,avg_frame_rate,nb_read_frames",
+                          "-of", "json", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["streams"][0]

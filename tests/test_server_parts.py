@@ -1,0 +1,244 @@
+"""The server's parts on their own: control-input validation, the playlist clock, the drop-oldest
+broadcast ring, the fMP4 box splitter (checked by FFmpeg's own demuxer and decoder), metrics text."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+from skyrt.runtime.server.broadcast import Broadcast
+from skyrt.runtime.server.encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
+from skyrt.runtime.server.metrics import Metrics
+from skyrt.runtime.server.playlist import (Limits, PromptBoard, PromptChange, RequestError, load_playlist,
+                                           parse_playlist, parse_prompt_change)
+
+
+# ---------------------------------------------------------------- control input
+def test_prompt_change_accepts_the_documented_form():
+    change = parse_prompt_change({"prompt": "a fox", "negative_prompt": "", "transition": "recache"})
+    assert change == PromptChange("a fox", "", "recache")
+    assert parse_prompt_change({"prompt": "a fox"}) == PromptChange("a fox", None, "continue")
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": 3}, "prompt must be a string"),
+    ({"prompt": "  "}, "must not be empty"),
+    ({"prompt": "x", "colour": "red"}, "unknown field(s) ['colour']"),
+    ({}, "missing field(s) ['prompt']"),
+    ({"prompt": "x", "transition": "fade"}, "transition must be one of"),
+    (["prompt"], "must be a JSON object"),
+    ({"prompt": "x" * 2001}, "the limit is 2000"),
+])
+def test_prompt_change_errors_name_the_problem(body, words):
+    with pytest.raises(RequestError) as err:
+        parse_prompt_change(body)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"items": [{"prompt": "a", "duration_s": 0}]}, "items[0].duration_s must be a number"),
+    ({"items": [{"prompt": "a", "duration_s": True}]}, "duration_s must be a number"),
+    ({"items": [{"prompt": "a", "duration_s": "5"}]}, "duration_s must be a number"),
+    ({"items": [{"prompt": "a"}]}, "items[0]: missing field(s) ['duration_s']"),
+    ({"items": [{"prompt": "a", "duration_s": 1}, {"prompt": 1, "duration_s": 1}]}, "items[1].prompt must be"),
+    ({"items": {}}, "items must be a list"),
+    ({"items": [], "loop": "yes"}, "loop must be true or false"),
+    ({"items": [{"prompt": "a", "duration_s": 1}] * 3}, "the limit is 2"),
+])
+def test_playlist_errors_name_the_item_and_field(body, words):
+    with pytest.raises(RequestError) as err:
+        parse_playlist(body, Limits(max_playlist_items=2))
+    assert words in str(err.value)
+
+
+def test_playlist_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "list.json"
+    bad.write_text('{"items": [{"prompt": "a", "duration_s": -1}]}')
+    with pytest.raises(RequestError, match=r"list\.json: playlist\.items\[0\]\.duration_s"):
+        load_playlist(bad)
+    bad.write_text("{oops")
+    with pytest.raises(RequestError, match="not valid JSON"):
+        load_playlist(bad)
+    with pytest.raises(FileNotFoundError):
+        load_playlist(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------- the playlist clock
+def _board_with(items, loop=True):
+    board = PromptBoard(PromptChange("start"), parse_playlist({"loop": loop, "items": items}))
+    seen = []
+    board.subscribe(seen.append)
+    return board, seen
+
+
+def test_playlist_switches_on_stream_time_and_loops():
+    board, seen = _board_with([{"prompt": "a", "duration_s": 2}, {"prompt": "b", "duration_s": 1}])
+    assert board.current.prompt == "a"  # the first item starts at once
+    timeline = {}
+    for frame in range(1, 5 * 10 + 1):  # 5 s at 10 fps
+        board.tick(frame / 10)
+        timeline[frame / 10] = board.current.prompt
+    assert [c.prompt for c in seen] == ["b", "a", "b"]
+    assert timeline[1.9] == "a" and timeline[2.0] == "b" and timeline[2.9] == "b" and timeline[3.0] == "a"
+    assert timeline[5.0] == "b"
+
+
+def test_playlist_without_loop_keeps_the_last_prompt_and_manual_prompt_holds_until_next_item():
+    board, seen = _board_with([{"prompt": "a", "duration_s": 1}, {"prompt": "b", "duration_s": 1}], loop=False)
+    board.tick(0.5)
+    board.set_prompt(PromptChange("manual"))
+    board.tick(0.9)
+    assert board.current.prompt == "manual"
+    board.tick(1.0)
+    assert board.current.prompt == "b"
+    board.tick(5.0)
+    assert board.current.prompt == "b" and board.playlist_json()["items"] == []
+    assert [c.prompt for c in seen] == ["manual", "b"]
+
+
+def test_put_playlist_restarts_at_the_first_item_and_empty_stops_it():
+    board, _ = _board_with([{"prompt": "a", "duration_s": 10}])
+    board.tick(3.0)
+    board.set_playlist(parse_playlist({"items": [{"prompt": "x", "duration_s": 1}, {"prompt": "y", "duration_s": 1}]}))
+    assert board.current.prompt == "x"
+    board.tick(3.9)
+    assert board.current.prompt == "x"
+    board.tick(4.0)
+    assert board.current.prompt == "y" and board.playlist_json()["position"]["index"] == 1
+    board.set_playlist(parse_playlist({"items": []}))
+    board.tick(100.0)
+    assert board.current.prompt == "y" and board.playlist_json()["position"] is None
+
+
+# ---------------------------------------------------------------- the broadcast ring
+def _drain(reader):
+    return asyncio.get_event_loop().run_until_complete(reader.next_batch(timeout=0.05))
+
+
+@pytest.fixture()
+def loop():
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()
+
+
+def test_reader_gets_items_in_order_and_a_slow_reader_drops_the_oldest(loop):
+    bc = Broadcast("mjpeg", capacity=4)
+    bc.bind(loop)
+    fast, slow = bc.subscribe(), bc.subscribe()
+    for i in range(3):
+        bc.publish(bytes([i]))
+        assert _drain(fast) == [bytes([i])]
+    for i in range(3, 10):
+        bc.publish(bytes([i]))
+    assert _drain(slow) == [bytes([i]) for i in range(6, 10)]  # only the newest `capacity` survive
+    assert slow.dropped == 6 and fast.dropped == 0
+    assert _drain(fast) == [bytes([i]) for i in range(6, 10)] and fast.dropped == 3
+
+
+def test_reader_wakes_when_another_thread_publishes(loop):
+    import threading
+
+    bc = Broadcast("mjpeg", capacity=4)
+    bc.bind(loop)
+    reader = bc.subscribe()
+    threading.Timer(0.05, bc.publish, args=(b"late",)).start()
+    assert loop.run_until_complete(reader.next_batch(timeout=5)) == [b"late"]
+
+
+def test_keyframe_reader_starts_and_resumes_at_keyframes(loop):
+    bc = Broadcast("mp4", capacity=5, needs_keyframe=True)
+    bc.bind(loop)
+    for i in range(4):
+        bc.publish(bytes([i]), keyframe=i % 3 == 0)  # keys at 0 and 3
+    late = bc.subscribe()
+    assert _drain(late) == [b"\x03"]  # joins at the newest keyframe, never mid-GOP
+    for i in range(4, 12):
+        bc.publish(bytes([i]), keyframe=i % 3 == 0)  # keys at 6 and 9; the ring holds 7..11
+    assert _drain(late) == [b"\x09", b"\x0a", b"\x0b"]  # lost 4..6, so it waits for key 9
+    assert late.dropped == 3 + 2
+
+
+# ---------------------------------------------------------------- encoders (FFmpeg decodes what we cut)
+def _frames(n, size=(48, 64)):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+    return [np.roll(base, 3 * i, axis=1) for i in range(n)]
+
+
+def test_fmp4_fragments_decode_from_any_keyframe(loop):
+    import av
+
+    bc = Broadcast("mp4", capacity=100, needs_keyframe=True)
+    bc.bind(loop)
+    reader = bc.subscribe()
+    encoder = Fmp4Encoder(bc, fps=10, width=64, height=48)
+    for frame in _frames(25):
+        encoder.encode(frame)
+    fragments = _drain(reader)
+    assert bc.header[4:8] == b"ftyp" and b"moov" in bc.header
+    assert len(fragments) == 24  # the muxer holds the newest frame until the next one arrives
+    assert all(f[4:8] == b"moof" for f in fragments)
+    late = bc.subscribe()  # a client joining now starts at the second GOP (keyframe every 10 frames)
+    late_fragments = _drain(late)
+    for data, count in ((bc.header + b"".join(fragments), 24), (bc.header + b"".join(late_fragments), 4)):
+        with av.open(io.BytesIO(data), format="mp4") as container:
+            stream = container.streams.video[0]
+            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            assert stream.codec_context.name == "h264" and (stream.width, stream.height) == (64, 48)
+            assert float(stream.average_rate or stream.guessed_rate) == 10
+        assert len(decoded) == count
+    encoder.close()
+
+
+def test_mjpeg_frames_decode_to_the_frame():
+    from PIL import Image
+
+    bc = Broadcast("mjpeg", capacity=4)
+    y, x = np.mgrid[0:48, 0:64]
+    frame = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it
+    MjpegEncoder(bc, quality=95).encode(frame)
+    jpeg = bc._after(0)[0][0].payload
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)))
+    assert decoded.shape == frame.shape and np.abs(decoded.astype(int) - frame).mean() < 2
+
+
+def test_hls_encoder_writes_a_rolling_playlist_and_cleans_up(tmp_path):
+    folder = tmp_path / "hls"
+    encoder = HlsEncoder(folder, fps=10, width=64, height=48, list_size=3)
+    for frame in _frames(65):
+        encoder.encode(frame)
+    playlist = (folder / "live.m3u8").read_text()
+    assert "#EXT-X-TARGETDURATION:1" in playlist and '#EXT-X-MAP:URI="init.mp4"' in playlist
+    assert playlist.count("#EXT-X-PROGRAM-DATE-TIME:") == 3
+    segments = re.findall(r"^(seg_\d{6}\.m4s)$", playlist, flags=re.M)
+    assert len(segments) == 3 and all((folder / s).is_file() for s in segments)
+    assert len(list(folder.glob("seg_*.m4s"))) <= 3 + 2  # delete_segments keeps the folder bounded
+    encoder.close()
+    assert not folder.exists()
+
+
+# ---------------------------------------------------------------- metrics
+def test_prometheus_text_has_consistent_histogram_and_counters():
+    metrics = Metrics()
+    for seconds in (0.02, 0.04, 0.3, 7.0):
+        metrics.chunk_generated(4, seconds)
+    metrics.frame_output(repeated=True)
+    text = metrics.prometheus()
+    samples = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples["skyrt_frames_generated_total"] == 16 and samples["skyrt_frames_repeated_total"] == 1
+    assert samples['skyrt_chunk_latency_seconds_bucket{le="0.025"}'] == 1
+    assert samples['skyrt_chunk_latency_seconds_bucket{le="0.5"}'] == 3
+    assert samples['skyrt_chunk_latency_seconds_bucket{le="+Inf"}'] == samples["skyrt_chunk_latency_seconds_count"] == 4
+    assert abs(samples["skyrt_chunk_latency_seconds_sum"] - 7.36) < 1e-9
+    assert samples["skyrt_process_resident_memory_bytes"] > 0
+    assert json.dumps(metrics.snapshot())  # /status stays JSON-serializable
