@@ -137,13 +137,35 @@ def block_causal_mask(num_frames: int, tokens_per_frame: int, block_size: int,
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Softmax attention, q [B, Lq, N, Dh], k/v [B, Lk, N, Dh], bool mask [Lq, Lk] -> [B, Lq, N*Dh].
+    """Softmax attention, q [B, Lq, N, Dh], k/v [B, Lk, N, Dh], mask [Lq or 1, Lk] (bool, or an additive
+    float bias) -> [B, Lq, N*Dh].
 
     Runs in v's dtype (the compute dtype); q/k arrive fp32 from the norms and RoPE.
     """
     q, k = q.to(v.dtype), k.to(v.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
+
+
+def collapse_padding_rows(context: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """context [1, Lt, C] -> (context [1, Lu, C], logit bias [Lu] fp32, or None if nothing repeats).
+
+    umT5 contexts are padded to 512 tokens with identical (zero) rows, and the public code attends to
+    all of them. Identical context rows give identical keys and values (the text embedding and the
+    key norm act per token), and softmax over n identical keys equals softmax over one of them with
+    log(n) added to its logit. So the trailing run of identical rows becomes one row with that bias.
+    """
+    if context.shape[0] != 1 or context.shape[1] < 2:
+        return context, None
+    rows = context[0]
+    same_as_last = (rows == rows[-1]).all(dim=-1)  # [Lt]
+    run = int(same_as_last.flip(0).int().cumprod(0).sum())  # identical rows at the end
+    if run < 2:
+        return context, None
+    keep = rows.shape[0] - run + 1
+    bias = torch.zeros(keep, dtype=torch.float32)
+    bias[-1] = math.log(run)
+    return context[:, :keep], bias
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -215,6 +237,7 @@ class CrossKV(NamedTuple):
     v: torch.Tensor
     k_img: Optional[torch.Tensor] = None
     v_img: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None  # [Lt] fp32 additive logit bias of the text keys (see collapse_padding)
 
 
 class CrossAttention(nn.Module):
@@ -251,7 +274,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
         """x [B, L, D] -> [B, L, D]; no mask: padded text tokens are attended like the public code does."""
         q = self._heads(self.norm_q(_linear(self.q, x)))
-        out = attention(q, kv.k, kv.v)
+        out = attention(q, kv.k, kv.v, None if kv.bias is None else kv.bias.to(kv.v.dtype)[None])  # [1, Lt]
         if kv.k_img is not None:
             out = out + attention(q, kv.k_img, kv.v_img)
         return _linear(self.o, out)
@@ -382,10 +405,20 @@ class WanDiT(nn.Module):
             raise ValueError("an i2v model needs clip_fea [B, 257, 1280]")
         return text, self.img_emb(clip_fea).to(text.dtype)
 
-    def cross_attention_kv(self, context: torch.Tensor, clip_fea: Optional[torch.Tensor] = None) -> list[CrossKV]:
-        """All layers' cross-attention K/V for one prompt (compute once, reuse for every step)."""
+    def cross_attention_kv(self, context: torch.Tensor, clip_fea: Optional[torch.Tensor] = None,
+                           collapse_padding: bool = False) -> list[CrossKV]:
+        """All layers' cross-attention K/V for one prompt (compute once, reuse for every step).
+
+        collapse_padding: keep one key of the identical padding rows at the end of the context,
+        with a log(count) logit bias (exact; see collapse_padding). A short prompt then costs a few
+        keys per query instead of 512. Off for the static-shape export graphs.
+        """
+        bias = None
+        if collapse_padding:
+            context, bias = collapse_padding_rows(context)
         text, image = self.embed_context(context, clip_fea)
-        return [block.cross_attn.context_kv(text, image) for block in self.blocks]
+        kvs = [block.cross_attn.context_kv(text, image) for block in self.blocks]
+        return kvs if bias is None else [kv._replace(bias=bias.to(context.device)) for kv in kvs]
 
     # -- patches ---------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:

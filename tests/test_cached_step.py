@@ -210,3 +210,41 @@ def test_rope_rebase_keeps_velocity(block, shift):
     print(f"(c) block={block} shift={shift}: velocity max diff {err:.2e}, new keys {err_k:.2e}, new values {err_v:.2e}")
     assert err < TOL and err_k < TOL and err_v < TOL
     assert torch.equal(nv_after[0], nv_before[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", [CFG, I2V], ids=["t2v", "i2v"])
+def test_collapsed_padding_equals_attending_every_padding_token(cfg):
+    """Collapsing the context's trailing identical rows to one key with a log(count) bias is exact:
+    the whole DiT forward with collapsed cross K/V == the one that attends to all 512 rows."""
+    from skyrt.export.dit import collapse_padding_rows
+
+    dit, step = make(cfg)
+    frames = 2
+    x, t, _, y, clip = data(cfg, frames)
+    real = 7
+    ctx = torch.zeros(1, 512, cfg.text_dim)
+    ctx[:, :real] = torch.randn(1, real, cfg.text_dim, generator=torch.Generator().manual_seed(3))
+    short, bias = collapse_padding_rows(ctx)
+    assert short.shape[1] == real + 1 and bias[-1].item() == pytest.approx(np.log(512 - real)) and bias[:-1].eq(0).all()
+    full_kv = dit.cross_attention_kv(ctx, clip[:1] if clip is not None else None)
+    short_kv = dit.cross_attention_kv(ctx, clip[:1] if clip is not None else None, collapse_padding=True)
+    assert short_kv[0].k.shape[1] == real + 1
+    ck, cv, valid = empty_cache(cfg, slots=2, tokens_per_slot=TPF)
+    cos, sin = active_rope(dit, 0, frames, HT, WT)
+    args = dict(fps=FPS[:1] if FPS is not None else None, causal_block_size=1, y=None if y is None else y[:1])
+    want, wk, _ = step(x[:1], t[:1], full_kv, ck[:, :1], cv[:, :1], valid[:1], cos, sin, **args)
+    got, gk, _ = step(x[:1], t[:1], short_kv, ck[:, :1], cv[:, :1], valid[:1], cos, sin, **args)
+    assert max_diff(got, want) < 1e-5 and max_diff(gk, wk) < 1e-5
+    # Dropping the bias (attending to one padding row as if it were one token) is visibly wrong.
+    no_bias = [kv._replace(bias=torch.zeros_like(kv.bias)) for kv in short_kv]
+    wrong, _, _ = step(x[:1], t[:1], no_bias, ck[:, :1], cv[:, :1], valid[:1], cos, sin, **args)
+    assert max_diff(wrong, want) > 1e-3
+
+
+def test_collapse_leaves_contexts_without_repeated_tail_alone():
+    from skyrt.export.dit import collapse_padding_rows
+
+    ctx = torch.randn(1, 16, 8)
+    assert collapse_padding_rows(ctx)[1] is None
+    assert collapse_padding_rows(torch.zeros(2, 16, 8))[1] is None  # batches keep the static layout

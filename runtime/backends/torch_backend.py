@@ -75,7 +75,7 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def kv_prompt(self, context: TextContext):
         """Per-layer cross-attention K/V of a prompt, computed once."""
-        return self.dit.cross_attention_kv(context.value)
+        return self.dit.cross_attention_kv(context.value, collapse_padding=True)
 
     @torch.inference_mode()
     def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, block_size):
