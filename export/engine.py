@@ -11,16 +11,20 @@ Both builders share one API (`tensorrt` and `tensorrt_rtx` modules). What differ
 - The timing cache matters to TensorRT (minutes saved on rebuilds); TensorRT-RTX ignores it.
 
 Every engine gets `<name>.engine.json`: the ONNX file's sha256, the export config and precision
-from the ONNX manifest, the optimization profile, the builder's name and version, and the compute
-capabilities it targets. `skyrt.runtime.engine_manifest.check_engine` refuses an engine whose
-manifest does not match the running TensorRT or GPU and prints the command that rebuilds it.
+from the ONNX manifest, the optimization profile, the builder's name and version, the compute
+capabilities it targets, and the engine file's size and sha256. `skyrt.runtime.engine_manifest`
+refuses an engine whose manifest does not match the running TensorRT or GPU, or whose file is
+corrupted, and prints the command that rebuilds it.
 
 This module imports no torch: it runs wherever the TensorRT wheel does.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +33,13 @@ from typing import Any, Iterable, Sequence
 from skyrt.runtime.engine_manifest import (BUILDERS, ENGINE_MANIFEST_SUFFIX, EngineManifest, file_sha256,
                                            rebuild_command)
 
-# Compute capabilities TensorRT-RTX can target (its ComputeCapability enum): RTX 20xx to 50xx and
-# the workstation parts of the same generations. SM80 (A100) is a datacenter part, but harmless.
-RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0")
+# Compute capabilities TensorRT-RTX builds for by default: RTX 30xx to 50xx (Ampere, Ada,
+# Blackwell) and the workstation parts of those generations; SM80 (A100) is a datacenter part, but
+# harmless. Turing (7.5, RTX 20xx) is in TensorRT-RTX's ComputeCapability enum and can be asked for,
+# but TensorRT-RTX 1.7 cannot compile fp32 (or bf16) GEMMs for it ("FP32 GEMM is not supported"),
+# and every skyrt export keeps fp32 matmuls (umT5, VAE, time embedding): seen here on all 9 graphs
+# in fp32 and bf16 and 8 of 9 in fp16, so a default that included it failed every build.
+RTX_COMPUTE_CAPABILITIES = ("8.0", "8.6", "8.9", "12.0")
 TIMING_CACHE_FILE = "timing.cache"
 
 
@@ -78,6 +86,29 @@ def import_builder(builder: str):
         ) from err
 
 
+def pick_builder(choice: str = "auto") -> str:
+    """'auto' -> standard TensorRT when its module imports (it builds for the GPU at hand, with the
+    timing cache), else TensorRT-RTX (no GPU needed to build); a named builder is returned as is."""
+    if choice != "auto":
+        if choice not in BUILDERS:
+            raise ValueError(f"builder must be 'auto' or one of {', '.join(BUILDERS)}, got {choice!r}")
+        return choice
+    try:
+        importlib.import_module(BUILDERS["tensorrt"]["module"])
+    except ImportError:
+        return "tensorrt-rtx"
+    return "tensorrt"
+
+
+def build_targets(options: BuildOptions) -> list[str]:
+    """The compute capabilities an engine built with `options` runs on: TensorRT-RTX compiles for the
+    ones asked (default: every RTX generation); TensorRT for the GPU it builds on ('current' when
+    that cannot be read)."""
+    if options.builder != "tensorrt-rtx":
+        return [gpu_compute_capability() or "current"]
+    return list(options.compute_capabilities or RTX_COMPUTE_CAPABILITIES)
+
+
 def graphs_from_onnx_manifest(onnx_dir: Path) -> list[GraphSpec]:
     """GraphSpecs for every graph listed in an ONNX export folder's manifest.json.
 
@@ -108,22 +139,28 @@ def _manifest_graphs(manifest: dict) -> Iterable[tuple[str, dict]]:
 
 
 def build_engines(graphs: Sequence[GraphSpec], out_dir: Path, options: BuildOptions = BuildOptions(),
-                  progress: bool = True) -> list[Path]:
-    """Build one engine per graph into out_dir (with manifests); returns the engine paths."""
+                  progress: bool = True, final_dir: Path | None = None) -> list[Path]:
+    """Build one engine per graph into out_dir (with manifests); returns the engine paths.
+
+    final_dir: where the engines will live when out_dir is a staging folder that is renamed once
+    complete (the engine cache does that); the manifests' rebuild command names it."""
     from tqdm.auto import tqdm
 
     trt = import_builder(options.builder)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = collecting_logger(trt)
     paths = []
     for spec in tqdm(graphs, desc=f"build {options.builder} engines", unit="engine", disable=not progress):
-        paths.append(build_engine(trt, logger, spec, out_dir, options))
+        paths.append(build_engine(trt, logger, spec, out_dir, options, final_dir))
     return paths
 
 
-def build_engine(trt, logger, spec: GraphSpec, out_dir: Path, options: BuildOptions) -> Path:
-    """Parse spec.onnx_path from its file (so >2 GB external data works), build, write engine + manifest."""
+def build_engine(trt, logger, spec: GraphSpec, out_dir: Path, options: BuildOptions,
+                 final_dir: Path | None = None) -> Path:
+    """Parse spec.onnx_path from its file (so >2 GB external data works), build, write engine + manifest.
+    `logger` from collecting_logger: its errors go into the EngineBuildError of a failed build."""
+    logger.errors.clear()
     builder = trt.Builder(logger)
     network = builder.create_network(_strongly_typed_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -142,22 +179,46 @@ def build_engine(trt, logger, spec: GraphSpec, out_dir: Path, options: BuildOpti
     started = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"TensorRT ({options.builder}) failed to build {spec.onnx_path}; run with "
-                               "SKYRT_TRT_VERBOSE=1 for the builder log")
+        errors = "; ".join(logger.errors) or "no error logged"
+        raise EngineBuildError(f"TensorRT ({options.builder}) failed to build {spec.onnx_path}: {errors} (set "
+                               "SKYRT_TRT_VERBOSE=1 for the whole builder log)")
     build_s = time.perf_counter() - started
     if cache_path is not None:
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     engine_path = out_dir / f"{spec.name}.engine"
-    engine_path.write_bytes(bytes(serialized))
+    data = bytes(serialized)
+    engine_path.write_bytes(data)
     manifest = EngineManifest(
         name=spec.name, engine_file=engine_path.name, onnx_file=str(spec.onnx_path.name),
         onnx_sha256=file_sha256(spec.onnx_path), export_config=spec.export_config, precision=spec.precision,
         profile={k: [list(s) for s in v] for k, v in spec.profile.items()}, builder=options.builder,
         builder_version=trt.__version__, compute_capabilities=targets, build_seconds=round(build_s, 3),
-        rebuild=rebuild_command(spec.onnx_path.parent, out_dir, options.builder),
+        rebuild=rebuild_command(spec.onnx_path.parent, final_dir or out_dir, options.builder),
+        engine_bytes=len(data), engine_sha256=hashlib.sha256(data).hexdigest(),
     )
     manifest.write(out_dir / f"{spec.name}{ENGINE_MANIFEST_SUFFIX}")
     return engine_path
+
+
+def collecting_logger(trt):
+    """A TensorRT logger that prints warnings and errors (every message with SKYRT_TRT_VERBOSE=1) to
+    stderr and keeps the errors in `.errors`, so that a failed build says why in its exception."""
+    verbose = os.environ.get("SKYRT_TRT_VERBOSE", "") not in ("", "0")
+    shown = int(trt.ILogger.Severity.VERBOSE if verbose else trt.ILogger.Severity.WARNING)
+    errors_up_to = int(trt.ILogger.Severity.ERROR)  # INTERNAL_ERROR (0) and ERROR (1)
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)  # pybind11 trampolines need the base initialised explicitly
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if int(severity) <= errors_up_to:
+                self.errors.append(msg)
+            if int(severity) <= shown:
+                print(f"[TensorRT] {msg}", file=sys.stderr)
+
+    return CollectingLogger()
 
 
 def _strongly_typed_flags(trt) -> int:
@@ -184,9 +245,9 @@ def _add_profile(trt, builder, network, config, spec: GraphSpec) -> None:
 
 def _set_targets(trt, config, options: BuildOptions) -> list[str]:
     """TensorRT-RTX: the compute capabilities to compile for. TensorRT: the GPU it builds on."""
+    wanted = build_targets(options)
     if options.builder != "tensorrt-rtx":
-        return [gpu_compute_capability() or "current"]
-    wanted = list(options.compute_capabilities or RTX_COMPUTE_CAPABILITIES)
+        return wanted
     config.num_compute_capabilities = len(wanted)
     for index, cc in enumerate(wanted):
         member = "SM" + cc.replace(".", "")

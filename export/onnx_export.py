@@ -31,8 +31,11 @@ block-causal graphs). Host-side inputs, so that no graph needs float64 or positi
 Precision: fp32 graphs are the reference. fp16 graphs (`--precision fp16`) hold the big matmuls,
 attention and the K/V caches in fp16; norms, RoPE, the modulation tables and the time/fps
 embeddings stay fp32 (their weights are kept fp32 too): TensorRT builds strongly typed networks, so
-the precision has to be in the graph. The umT5 encoder and the VAE stay fp32 in every export (umT5
-is known to overflow in fp16; the VAE's RMS norm sums squares over channels in the input dtype).
+the precision has to be in the graph. bf16 graphs are the same with bfloat16 for TensorRT (8-bit
+significand: 8x coarser than fp16, but fp32's range); onnxruntime's CPU provider has no bf16
+MatMul, so they are built into engines in the tests but not run here. The umT5 encoder and the VAE
+stay fp32 in every export (umT5 is known to overflow in fp16; the VAE's RMS norm sums squares over
+channels in the input dtype). tests/test_onnx_export.py holds the fp16 tolerance of each graph.
 
 Classifier-free guidance: the DiT graphs (and cross_kv) take batch 1 or 2 (a dynamic axis, TensorRT
 profile 1..2), traced at 1 and checked at 2 by the tests. One batch-2 call against two batch-1
@@ -80,7 +83,8 @@ FORMAT = "skyrt-onnx"
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf refuses messages over 2 GiB
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 WINDOW_ATTENTION = ("full", "causal", "both")
 
 # Every graph, in export order. Groups are what a lazily exporting runtime asks for together, and
@@ -301,11 +305,12 @@ class VAEEncoderGraph(nn.Module):
 
 
 def cast_dit(dit: WanDiT, precision: str) -> WanDiT:
-    """The DiT an export of `precision` traces: fp32 as is; fp16 = a copy with the big matmuls in fp16
-    and the fp32 islands (norms, modulation tables, time/fps embeddings) kept fp32 in storage too."""
+    """The DiT an export of `precision` traces: fp32 as is; fp16/bf16 = a copy with the big matmuls in
+    that dtype and the fp32 islands (norms, modulation tables, time/fps embeddings) kept fp32 in
+    storage too."""
     if precision == "fp32":
         return dit
-    half = copy.deepcopy(dit).to(torch.float16)
+    half = copy.deepcopy(dit).to(_TORCH_DTYPES[precision])
     keep = [half.time_embedding, half.time_projection]
     if half.config.inject_sample_info:
         keep += [half.fps_embedding, half.fps_projection]

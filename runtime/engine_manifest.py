@@ -47,6 +47,10 @@ class EngineManifest:
     profile: dict[str, list[list[int]]] = field(default_factory=dict)
     build_seconds: float | None = None
     rebuild: str = ""
+    # The engine file itself, so that a truncated or corrupted copy is refused with a clear message
+    # instead of failing inside TensorRT (empty/None in manifests written before these fields).
+    engine_bytes: int | None = None
+    engine_sha256: str = ""
     manifest_version: int = MANIFEST_VERSION
 
     def write(self, path: Path) -> None:
@@ -80,6 +84,10 @@ def rebuild_command(onnx_dir: Path, out_dir: Path, builder: str) -> str:
                      shlex.quote(str(out_dir)), "--builder", builder])
 
 
+def _how_to_rebuild(manifest: EngineManifest) -> str:
+    return f"rebuild it: {manifest.rebuild}" if manifest.rebuild else "rebuild it with 'skyrt export engine'"
+
+
 def check_engine(manifest: EngineManifest, *, builder: str, builder_version: str, gpu_compute_capability: str | None,
                  onnx_path: Path | None = None) -> None:
     """Refuse an engine that this TensorRT / GPU / ONNX graph cannot use; the error says how to rebuild.
@@ -87,7 +95,7 @@ def check_engine(manifest: EngineManifest, *, builder: str, builder_version: str
     gpu_compute_capability: 'major.minor' of the GPU that will run it (None: unknown, not checked).
     onnx_path: when given, the graph the engine must have been built from (hash compared).
     """
-    fix = f"rebuild it: {manifest.rebuild}" if manifest.rebuild else "rebuild it with 'skyrt export engine'"
+    fix = _how_to_rebuild(manifest)
     if manifest.builder != builder:
         raise EngineMismatchError(f"engine {manifest.engine_file} was built by {manifest.builder}, this runtime "
                                   f"uses {builder}; {fix}")
@@ -103,6 +111,29 @@ def check_engine(manifest: EngineManifest, *, builder: str, builder_version: str
     if onnx_path is not None and file_sha256(onnx_path) != manifest.onnx_sha256:
         raise EngineMismatchError(f"engine {manifest.engine_file} was built from another version of {onnx_path.name} "
                                   f"(sha256 differs): the graph was re-exported since; {fix}")
+
+
+def check_engine_size(manifest: EngineManifest, path: Path) -> None:
+    """Cheap check at load time (no read): the engine file exists and has the size the build wrote."""
+    fix = _how_to_rebuild(manifest)
+    path = Path(path)
+    if not path.is_file():
+        raise EngineMismatchError(f"engine file {path} is missing; {fix}")
+    size = path.stat().st_size
+    if manifest.engine_bytes is not None and size != manifest.engine_bytes:
+        raise EngineMismatchError(f"engine file {path} is corrupted: {size} bytes, its manifest says "
+                                  f"{manifest.engine_bytes}; {fix}")
+
+
+def read_engine_bytes(manifest: EngineManifest, path: Path) -> bytes:
+    """The engine file's bytes, refused when they are not what the build wrote (sha256 of the bytes
+    read anyway for deserialization: one read, no second pass over a multi-GB file)."""
+    check_engine_size(manifest, path)
+    data = Path(path).read_bytes()
+    if manifest.engine_sha256 and hashlib.sha256(data).hexdigest() != manifest.engine_sha256:
+        raise EngineMismatchError(f"engine file {path} is corrupted (sha256 differs from its manifest); "
+                                  f"{_how_to_rebuild(manifest)}")
+    return data
 
 
 def _runs_on(manifest: EngineManifest, gpu_cc: str) -> bool:

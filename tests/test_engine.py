@@ -16,7 +16,8 @@ trt = pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the 
 
 from skyrt.export.engine import (BuildOptions, EngineBuildError, GraphSpec, build_engines,  # noqa: E402
                                  graphs_from_onnx_manifest)
-from skyrt.runtime.engine_manifest import EngineManifest, EngineMismatchError, check_engine  # noqa: E402
+from skyrt.runtime.engine_manifest import (EngineManifest, EngineMismatchError, check_engine,  # noqa: E402
+                                           check_engine_size, read_engine_bytes)
 
 
 class Attention(torch.nn.Module):
@@ -75,6 +76,8 @@ def test_builds_every_graph_with_a_manifest(onnx_dir, engines):
         assert manifest["compute_capabilities"] == ["8.6", "8.9"]
         assert manifest["export_config"] == {"height": 64}
         assert "skyrt export engine --onnx" in manifest["rebuild"]
+        assert manifest["engine_bytes"] == engine.stat().st_size
+        assert manifest["engine_sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest()
     assert json.loads((engines / "dynamic.engine.json").read_text())["profile"]["past_k"][0] == [1, 0, 32]
 
 
@@ -89,6 +92,14 @@ def test_an_unparsable_graph_names_the_file(tmp_path):
     bad.write_bytes(b"not an onnx file")
     with pytest.raises(EngineBuildError, match="could not parse .*bad.onnx"):
         build_engines([GraphSpec("bad", bad)], tmp_path / "out", progress=False)
+
+
+def test_a_failed_build_says_why(onnx_dir, tmp_path):
+    """TensorRT-RTX 1.7 cannot compile fp32 GEMMs for Turing (which is why the default targets leave
+    7.5 out); the builder's own error reaches the exception."""
+    with pytest.raises(EngineBuildError, match="failed to build .*static.onnx: .*Turing.*FP32 GEMM is not supported"):
+        build_engines([GraphSpec("static", onnx_dir / "static.onnx")], tmp_path,
+                      BuildOptions(compute_capabilities=["7.5"]), progress=False)
 
 
 def test_unknown_compute_capability_is_refused(onnx_dir, tmp_path):
@@ -124,3 +135,38 @@ def test_a_missing_or_foreign_manifest_is_refused(tmp_path):
     (tmp_path / "x.engine.json").write_text(json.dumps({"name": "x", "surprise": 1}))
     with pytest.raises(EngineMismatchError, match="not a version-1 skyrt engine manifest"):
         EngineManifest.read(tmp_path / "x.engine.json")
+
+
+def test_a_corrupted_engine_file_is_refused(engines, tmp_path):
+    """A flipped byte (sha256 at load) or a truncated copy (size, checked without reading) names the
+    rebuild command instead of failing inside TensorRT."""
+    manifest = EngineManifest.read(engines / "static.engine.json")
+    data = (engines / "static.engine").read_bytes()
+    assert read_engine_bytes(manifest, engines / "static.engine") == data
+    flipped = tmp_path / "flipped.engine"
+    flipped.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    check_engine_size(manifest, flipped)  # same size: only the hash tells
+    with pytest.raises(EngineMismatchError, match="corrupted .*sha256.*skyrt export engine --onnx"):
+        read_engine_bytes(manifest, flipped)
+    truncated = tmp_path / "truncated.engine"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineMismatchError, match=f"corrupted: {len(data) // 2} bytes, its manifest says {len(data)}"):
+        check_engine_size(manifest, truncated)
+    with pytest.raises(EngineMismatchError, match="missing"):
+        read_engine_bytes(manifest, tmp_path / "gone.engine")
+
+
+def test_pick_builder_prefers_standard_tensorrt_when_it_imports(monkeypatch):
+    import importlib
+
+    from skyrt.export import engine as E
+
+    real = importlib.import_module
+    monkeypatch.setattr(E.importlib, "import_module",
+                        lambda name: (_ for _ in ()).throw(ImportError(name)) if name == "tensorrt" else real(name))
+    assert E.pick_builder("auto") == "tensorrt-rtx"
+    monkeypatch.setattr(E.importlib, "import_module", lambda name: object())
+    assert E.pick_builder("auto") == "tensorrt"
+    assert E.pick_builder("tensorrt-rtx") == "tensorrt-rtx"  # forced
+    with pytest.raises(ValueError, match="builder must be"):
+        E.pick_builder("onnx")

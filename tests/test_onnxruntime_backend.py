@@ -256,3 +256,9 @@ def test_refuses_a_silent_cpu_fallback(export_dir, monkeypatch):
     backend = ob.OnnxRuntimeBackend(ob.export_folder_spec(export_dir), device="cuda")
     with pytest.raises(RuntimeError, match="silent fallback"):
         backend.encode_text("x")
+
+
+def test_refuses_bf16(model_dir, tmp_path):
+    """ORT's CPU provider has no bfloat16 MatMul: bf16 exports are for TensorRT engines only."""
+    with pytest.raises(ValueError, match="no bfloat16 MatMul"):
+        ob.OnnxRuntimeBackend(inspect_model_folder(model_dir), precision="bf16", cache_dir=tmp_path)

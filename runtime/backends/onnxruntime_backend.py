@@ -51,6 +51,8 @@ GROUP_OF = {"text_encoder": "text", "cross_kv": "text", "dit_window": "window", 
             "vae_encode_step": "vae"}
 GROUP_GRAPHS = {g: tuple(k for k, v in GROUP_OF.items() if v == g) for g in set(GROUP_OF.values())}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
+# ORT's CPU provider has no bfloat16 MatMul (DESIGN.md section 6): bf16 exports are for TensorRT.
+ORT_PRECISIONS = ("fp32", "fp16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +275,9 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(model)
         import onnxruntime as ort
 
+        if precision not in ORT_PRECISIONS:
+            raise ValueError(f"precision={precision!r}: the onnxruntime backend runs {' or '.join(ORT_PRECISIONS)} "
+                             "graphs (no bfloat16 MatMul on its CPU provider)")
         self._ort = ort
         self.device = device
         self.providers = session_providers(device, providers)
@@ -305,7 +310,11 @@ class OnnxRuntimeBackend(Backend):
     # ---- graphs and sessions ------------------------------------------------------------------
     def _add_folder(self, folder: Path) -> None:
         if folder not in self._folders:
-            self._manifests[folder] = read_manifest(folder)
+            manifest = read_manifest(folder)
+            if manifest.get("precision", "fp32") not in ORT_PRECISIONS:
+                raise ValueError(f"{folder} holds {manifest['precision']} graphs; onnxruntime runs "
+                                 f"{' or '.join(ORT_PRECISIONS)} (export with --precision fp16, or build engines)")
+            self._manifests[folder] = manifest
             self._folders.append(folder)
 
     def _find(self, name: str, needs: dict) -> _Graph | None:
