@@ -1,7 +1,9 @@
-"""`skyrt export onnx`: every graph of a model folder as ONNX, with a manifest.json.
+"""`skyrt export onnx`: every graph of a model folder (or of the captioner) as ONNX, with a manifest.json.
 
     skyrt export onnx --model DIR --out DIR [--precision fp32|fp16] [--height 544 --width 960]
                       [--block-frames 1 --cache-blocks 9 --window-frames 25]
+    skyrt export onnx --captioner SkyCaptioner-V1/ --out DIR [--precision fp32|fp16]
+    skyrt export engine --onnx DIR --out DIR          # either kind of export folder
     python -m skyrt.export.export_cli onnx ...      # the same without the skyrt entry point
 
 This module imports no torch at import time: `skyrt serve` builds the whole CLI parser, and only
@@ -21,9 +23,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     kinds = export.add_subparsers(dest="export_kind", required=True)
     onnx = kinds.add_parser("onnx", help="export every graph as ONNX plus manifest.json",
                             description="Export the text encoder, DiT (window and KV-cached step), cross-attention "
-                                        "K/V and streaming VAE graphs of a model folder.")
-    onnx.add_argument("--model", type=Path, default=None,
-                      help="model folder (official or diffusers layout); default: skyrt's built-in tiny model")
+                                        "K/V and streaming VAE graphs of a model folder, or (--captioner) the "
+                                        "SkyCaptioner-V1 vision tower and decoder.")
+    source = onnx.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, default=None,
+                        help="model folder (official or diffusers layout); default: skyrt's built-in tiny model")
+    source.add_argument("--captioner", type=Path, default=None,
+                        help="SkyCaptioner-V1 / Qwen2.5-VL checkpoint folder: export the captioner instead "
+                             "(takes --precision, --opset, --external-data-threshold, --no-progress)")
     onnx.add_argument("--out", type=Path, required=True, help="output folder (created)")
     onnx.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                       help="DiT graphs in fp16 keep norms, RoPE and time embedding fp32 (default fp32)")
@@ -49,7 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine = kinds.add_parser("engine", help="build TensorRT / TensorRT-RTX engines from an ONNX export",
                               description="One engine per graph of an ONNX export folder, each with a manifest "
                                           "(ONNX hash, precision, profile, builder version, compute capabilities).")
-    engine.add_argument("--onnx", type=Path, required=True, help="folder written by 'skyrt export onnx'")
+    engine.add_argument("--onnx", type=Path, required=True,
+                        help="folder written by 'skyrt export onnx' (--model or --captioner)")
     engine.add_argument("--out", type=Path, required=True, help="engine folder (created)")
     engine.add_argument("--builder", choices=("tensorrt-rtx", "tensorrt"), default="tensorrt-rtx",
                         help="tensorrt-rtx builds without a GPU for RTX GPUs; tensorrt builds on the GPU that runs it")
@@ -90,8 +98,31 @@ def run_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+# `export onnx` options that shape the video model's graphs and mean nothing to the captioner.
+DIT_ONLY_OPTIONS = ("height", "width", "block_frames", "cache_blocks", "max_active_blocks", "window_frames",
+                    "window_attention", "graphs", "model_hash")
+
+
+def run_captioner_onnx(args: argparse.Namespace) -> int:
+    """`skyrt export onnx --captioner DIR`: the captioner's graphs (official 16 frames at 420x360)."""
+    given = [f"--{name.replace('_', '-')}" for name in DIT_ONLY_OPTIONS if getattr(args, name, None) is not None]
+    if given:
+        # Refuse rather than ignore: a user passing --height expects it to change something.
+        raise ValueError(f"{', '.join(given)} shape(s) the video model's graphs; the captioner export takes only "
+                         "--precision, --opset, --external-data-threshold and --no-progress")
+    from .captioner.export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, export_captioner_onnx
+
+    threshold = args.external_data_threshold or EXTERNAL_DATA_THRESHOLD
+    manifest = export_captioner_onnx(args.captioner, args.out, precision=args.precision, progress=not args.no_progress,
+                                     opset=args.opset or DEFAULT_OPSET, external_data_threshold=threshold)
+    print(f"wrote {len(manifest['graphs'])} captioner graphs and {args.out / 'manifest.json'}")
+    return 0
+
+
 def run_onnx(args: argparse.Namespace) -> int:
     """Run `skyrt export onnx` from parsed arguments; prints where the manifest went."""
+    if args.captioner is not None:
+        return run_captioner_onnx(args)
     from .onnx_export import export_onnx, profile_from_options
 
     profile = profile_from_options(

@@ -1,11 +1,14 @@
 """SkyCaptioner-V1 captioning without torch: PyAV frames, numpy preprocessing, ONNX graphs, greedy decoding.
 
-    from skyrt.runtime.captioner import caption_video
+    from skyrt.runtime.captioner import caption_video, open_captioner
     caption = caption_video("clip.mp4", "captioner-onnx/")      # -> StructuredCaption
     print(caption.shot_type, to_t2v_prompt(caption))
+    captioner = open_captioner("SkyCaptioner-V1/")               # a checkpoint: exported once into the cache
 
-The folder is what `skyrt.export.captioner.export.export_captioner_onnx` writes (manifest.json,
-vision.onnx, decoder.onnx, embed_tokens.npy, tokenizer.json). Steps, each a function here:
+The folder is what `skyrt.export.captioner.export.export_captioner_onnx` (`skyrt export onnx
+--captioner`) writes: manifest.json, vision.onnx, decoder.onnx, embed_tokens.npy, tokenizer.json.
+`open_captioner` also takes the checkpoint folder itself and exports it into $SKYRT_CACHE on first
+use, in a subprocess (torch stays out of this process). Steps, each a function here:
 
 1. frames: 16 frames at uniform indices round(i * (n - 1) / 16) (`sample_frame_indices`, the official
    script's formula), decoded with PyAV and resized to 360x420 (width x height) as the official
@@ -614,14 +617,146 @@ class Captioner:
         return self.caption_frames(read_video_frames(path, num_frames), strict=strict, max_new_tokens=max_new_tokens)
 
 
+# ----------------------------------------------------------------------------------------------
+# Opening a captioner from what users have: an export folder or the checkpoint itself
+
+CAPTIONER_ENV = "SKYRT_CAPTIONER"
+# What exporting a checkpoint imports (the `export` extra); the serving process never does.
+EXPORT_MODULES = ("torch", "transformers", "onnx")
+_NEEDS = ("a SkyCaptioner-V1 checkpoint folder (config.json with model_type qwen2_5_vl, *.safetensors, "
+          "tokenizer.json, tokenizer_config.json, preprocessor_config.json, a chat template; "
+          "https://huggingface.co/Skywork/SkyCaptioner-V1) or a folder written by "
+          "'skyrt export onnx --captioner DIR --out OUT'")
+
+
+class CaptionerSetupError(RuntimeError):
+    """A captioner that cannot be opened as given (missing export dependencies); the message says the fix."""
+
+
+def is_captioner_export(path: str | Path) -> bool:
+    """True for a folder whose manifest.json is a captioner export's."""
+    manifest = Path(path).expanduser() / "manifest.json"
+    try:
+        return manifest.is_file() and json.loads(manifest.read_text()).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _check_checkpoint_folder(path: Path) -> None:
+    """Refuse a folder that is neither kind with what was expected; name missing files of a checkpoint."""
+    from skyrt.export.captioner.loader import inspect_captioner_folder  # torch-free: only reads JSON
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"captioner folder {path} does not exist; pass {_NEEDS}")
+    manifest, config = path / "manifest.json", path / "config.json"
+    if manifest.is_file():
+        try:
+            fmt = json.loads(manifest.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = "unreadable"
+        raise ValueError(f"{manifest} is a {fmt!r} export, not a captioner export ({MANIFEST_FORMAT!r}); "
+                         f"pass {_NEEDS}")
+    if not config.is_file():
+        raise ValueError(f"{path} is not a captioner: it has neither manifest.json nor config.json; pass {_NEEDS}")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != "qwen2_5_vl":
+        # A video model folder given by mistake is the likely case: say what it is.
+        raise ValueError(f"{config} has model_type {model_type!r}, not 'qwen2_5_vl': this is not a captioner; "
+                         f"pass {_NEEDS}")
+    inspect_captioner_folder(path)  # names every missing file
+
+
+def missing_export_modules() -> list[str]:
+    """The modules of the `export` extra that are not installed here."""
+    import importlib.util
+
+    return [m for m in EXPORT_MODULES if importlib.util.find_spec(m) is None]
+
+
+def _export_checkpoint(source: Path, out: Path, precision: str, progress: bool) -> None:
+    """Export `source` into `out` in a subprocess, so the calling process (a server) never imports torch."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "skyrt.export.export_cli", "onnx", "--captioner", str(source), "--out", str(out),
+           "--precision", precision]
+    if not progress:
+        cmd.append("--no-progress")
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress) goes to the user
+    if result.returncode != 0:
+        raise RuntimeError(f"exporting the captioner failed (exit {result.returncode}): {' '.join(cmd)}\n"
+                           f"{result.stdout}")
+
+
+def exported_captioner_dir(checkpoint_dir: str | Path, precision: str = "fp32", cache_dir: str | Path | None = None,
+                           progress: bool = True) -> Path:
+    """The ONNX export of a checkpoint folder in the cache, exported on first use.
+
+    The cache entry ($SKYRT_CACHE or ~/.cache/skyrt, under captioner/) is keyed by a hash of the
+    checkpoint's files and the export settings, like the DiT exports of the onnxruntime backend, so
+    a changed checkpoint is exported again and an unchanged one never is."""
+    import hashlib
+    import os
+    import shutil
+    import sys
+
+    from .backends.onnxruntime_backend import default_cache_root
+    from .text_cache import tree_sha256
+
+    source = Path(checkpoint_dir).expanduser()
+    _check_checkpoint_folder(source)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
+    # The memo file makes later starts cheap: a 16 GB checkpoint is read once, then known by size and mtime.
+    model_hash = tree_sha256([source], memo_file=root / "file-hashes.json")
+    settings = {"format": MANIFEST_FORMAT, "precision": precision, "num_frames": NUM_FRAMES,
+                "frame_size": list(OFFICIAL_FRAME_SIZE)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    target = root / "captioner" / model_hash[:16] / f"{precision}-{key}"
+    if is_captioner_export(target):
+        return target
+    missing = missing_export_modules()
+    if missing:
+        raise CaptionerSetupError(
+            f"{source} is a captioner checkpoint; its first use exports it to ONNX, which needs the 'export' extra "
+            f"(missing here: {', '.join(missing)}). Install it with pip install 'skyrt[export]' (pin torch on "
+            "CPU-only machines, e.g. torch==2.13.0), or export on a machine that has it with "
+            f"'skyrt export onnx --captioner {source} --out OUT' and pass OUT instead")
+    if progress:
+        print(f"skyrt: exporting the captioner {source} to ONNX in {target} (first use only)", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _export_checkpoint(source, staging, precision, progress)
+        os.replace(staging, target)  # a cache entry is only ever complete
+    except OSError:
+        if not is_captioner_export(target):  # not merely another process finishing the same export first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def open_captioner(path: str | Path, backend: str | CaptionerBackend = "onnxruntime", threads: int | None = None,
+                   cache_dir: str | Path | None = None, progress: bool = True, precision: str = "fp32") -> Captioner:
+    """A ready Captioner from an export folder, or from a SkyCaptioner-V1 / Qwen2.5-VL checkpoint
+    folder (exported into the cache on first use, see `exported_captioner_dir`; needs the `export`
+    extra once). Anything else is refused with what was expected."""
+    folder = Path(path).expanduser()
+    if not is_captioner_export(folder):
+        folder = exported_captioner_dir(folder, precision=precision, cache_dir=cache_dir, progress=progress)
+    return Captioner(folder, backend=backend, threads=threads)
+
+
 def caption_video(path: str | Path, model_dir: str | Path, backend: str = "onnxruntime", strict: bool = False,
                   max_new_tokens: int = MAX_NEW_TOKENS, threads: int | None = None) -> StructuredCaption:
-    """Caption one video file with an exported captioner folder (see the module docstring)."""
-    return Captioner(model_dir, backend=backend, threads=threads).caption_video(
+    """Caption one video file with a captioner export or checkpoint folder (see `open_captioner`)."""
+    return open_captioner(model_dir, backend=backend, threads=threads).caption_video(
         path, strict=strict, max_new_tokens=max_new_tokens)
 
 
-__all__ = ["Captioner", "CaptionerBackend", "CaptionerConfig", "GenerationResult", "OrtCaptionerBackend",
-           "PreprocessConfig", "VisionItem", "caption_video", "expand_vision_tokens", "greedy_decode",
-           "mrope_positions", "preprocess_image", "preprocess_video", "read_video_frames", "sample_frame_indices",
-           "smart_resize", "vision_inputs", "vision_rotary", "vision_segments"]
+__all__ = ["Captioner", "CaptionerBackend", "CaptionerConfig", "CaptionerSetupError", "GenerationResult",
+           "OrtCaptionerBackend", "PreprocessConfig", "VisionItem", "caption_video", "expand_vision_tokens",
+           "exported_captioner_dir", "greedy_decode", "is_captioner_export", "mrope_positions", "open_captioner",
+           "preprocess_image", "preprocess_video", "read_video_frames", "sample_frame_indices", "smart_resize",
+           "vision_inputs", "vision_rotary", "vision_segments"]

@@ -1,25 +1,39 @@
-"""`skyrt` command line: generate, serve (more subcommands arrive with their issues).
+"""`skyrt` command line: generate, serve, export, caption.
 
     skyrt generate --model DIR --prompt "a red fox" --num-frames 97 --output out.mp4
+    skyrt generate --model DIR --video in.mp4 --captioner SkyCaptioner-V1/ ...   # prompt = the video's caption
     skyrt serve                      # endless stream of the default model on http://127.0.0.1:8000
+    skyrt caption clip.mp4 --captioner SkyCaptioner-V1/ [--json]
+    skyrt export onnx --model DIR --out DIR      (export/export_cli.py)
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+from .caption_schema import MAX_NEW_TOKENS, CaptionParseError
+from .captioner import CAPTIONER_ENV, CaptionerSetupError
+
+DEFAULT_PROMPT = "a red circle bouncing on a dark blue background"
+# `skyrt serve --captioner DIR` without --caption-every captions the stream this often.
+DEFAULT_CAPTION_EVERY_S = 30.0
+CAPTIONER_HELP = (f"SkyCaptioner-V1 checkpoint folder (exported to ONNX on first use) or a folder from "
+                  f"'skyrt export onnx --captioner'; default ${CAPTIONER_ENV}")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model folder (official or diffusers layout); default: skyrt's built-in tiny model")
-    p.add_argument("--backend", default="torch", help="torch (reference)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
+                   help="torch (reference, default), onnxruntime (exports on first use), tensorrt (builds engines)")
     p.add_argument("--device", default="cpu", help="torch device for the torch backend (cpu, cuda)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, defaults: dict) -> None:
-    p.add_argument("--prompt", default=defaults.get("prompt", "a red circle bouncing on a dark blue background"))
+    p.add_argument("--prompt", default=defaults.get("prompt", DEFAULT_PROMPT), help=defaults.get("prompt_help"))
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--height", type=int, default=defaults["height"])
     p.add_argument("--width", type=int, default=defaults["width"])
@@ -44,9 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate a video file")
     _add_model_args(gen)
-    _add_sampling_args(gen, {"height": 544, "width": 960, "steps": 30, "guidance_scale": 6.0, "base_num_frames": 97})
+    # prompt None = not given: with --video the prompt is then the video's caption (--captioner).
+    _add_sampling_args(gen, {"height": 544, "width": 960, "steps": 30, "guidance_scale": 6.0, "base_num_frames": 97,
+                             "prompt": None, "prompt_help": f"default: with --video, the video's caption "
+                                                            f"(--captioner); else {DEFAULT_PROMPT!r}"})
     gen.add_argument("--num-frames", type=int, default=97)
     gen.add_argument("--video", default=None, help="video to extend (V2V)")
+    gen.add_argument("--captioner", type=Path, default=None,
+                     help=f"captions --video when no --prompt is given: {CAPTIONER_HELP}")
     gen.add_argument("--end-image", default=None, help="last frame")
     gen.add_argument("--output", "-o", type=Path, default=Path("out.mp4"), help="mp4 path")
     gen.add_argument("--no-progress", action="store_true")
@@ -65,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on control endpoints")
+    serve.add_argument("--captioner", type=Path, default=None,
+                       help=f"caption the stream live (GET /caption): {CAPTIONER_HELP} (with --caption-every)")
+    serve.add_argument("--caption-every", type=float, default=None, metavar="SECONDS",
+                       help=f"caption the last SECONDS of the stream every SECONDS (default "
+                            f"{DEFAULT_CAPTION_EVERY_S:g} with --captioner); costs generated frames/s while it runs")
+
+    caption = sub.add_parser("caption", help="caption a video with SkyCaptioner-V1 (T2V prompt or structured JSON)",
+                             description="Caption a video with SkyCaptioner-V1 (16 frames, greedy decoding) and "
+                                         "print the caption as a T2V prompt, or as SkyCaptioner's JSON (--json).")
+    caption.add_argument("video", type=Path, help="video file")
+    caption.add_argument("--captioner", type=Path, default=None, help=CAPTIONER_HELP)
+    caption.add_argument("--json", action="store_true", help="print the structured caption as JSON")
+    caption.add_argument("--strict", action="store_true",
+                         help="fail (exit 2) on any schema issue: missing fields, labels outside the closed sets")
+    caption.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                         help=f"most tokens the captioner writes (default {MAX_NEW_TOKENS}, the official setting)")
+    caption.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    caption.add_argument("--no-progress", action="store_true", help="no messages while a first use exports")
     __import__("skyrt.export.export_cli", fromlist=["add_parser"]).add_parser(sub)  # torch only when an export runs
     return parser
 
@@ -79,7 +116,14 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "export":
             return args.run(args)
-    except (ValueError, FileNotFoundError) as err:  # RequestError is a ValueError
+        if args.command == "caption":
+            return _caption(args)
+    except CaptionParseError as err:
+        # The model's own words are the only clue to what went wrong: show them whole.
+        print(f"skyrt {args.command}: error: the captioner's output is not a valid caption: {err}\n"
+              f"raw output:\n{err.raw}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, CaptionerSetupError) as err:  # RequestError is a ValueError
         # Bad input: one clear line, no traceback.
         print(f"skyrt {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -99,12 +143,60 @@ def _sampling_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
+def _open_captioner(args, folder: Path | None, why: str):
+    """The Captioner of `folder` (else $SKYRT_CAPTIONER); none given is an error that says `why` one is
+    needed and how to pass it. Nothing is ever downloaded: the user points at the checkpoint."""
+    from .captioner import open_captioner
+
+    if folder is None and os.environ.get(CAPTIONER_ENV):
+        folder = Path(os.environ[CAPTIONER_ENV])
+    if folder is None:
+        raise ValueError(f"{why}: pass --captioner DIR (a SkyCaptioner-V1 checkpoint folder, e.g. a download of "
+                         f"Skywork/SkyCaptioner-V1, or its 'skyrt export onnx --captioner' folder) or set "
+                         f"{CAPTIONER_ENV}; skyrt does not download models")
+    return open_captioner(folder, threads=getattr(args, "threads", None),
+                          progress=not getattr(args, "no_progress", False))
+
+
+def _caption(args) -> int:
+    """`skyrt caption VIDEO`: the T2V prompt rendering (default) or the structured JSON."""
+    from .caption_schema import to_t2v_prompt
+
+    if not args.video.is_file():  # before opening the captioner: that may take a first-use export
+        raise FileNotFoundError(f"video {args.video} not found")
+    captioner = _open_captioner(args, args.captioner, "skyrt caption needs the SkyCaptioner-V1 model")
+    caption = captioner.caption_video(args.video, strict=args.strict, max_new_tokens=args.max_new_tokens)
+    if caption.issues:
+        print(f"skyrt caption: warning: {'; '.join(caption.issues)}", file=sys.stderr)
+    print(caption.to_json(indent=2) if args.json else to_t2v_prompt(caption))
+    return 0
+
+
+def _generate_prompt(args) -> str:
+    """--prompt; else, with --video, the T2V rendering of the video's caption; else the default prompt."""
+    from .caption_schema import to_t2v_prompt
+
+    if args.prompt is not None:
+        return args.prompt
+    if args.video is None:
+        return DEFAULT_PROMPT
+    why = "--video without --prompt takes the prompt from a caption of the video (or pass --prompt TEXT)"
+    captioner = _open_captioner(args, args.captioner, why)
+    prompt = to_t2v_prompt(captioner.caption_video(args.video))
+    if not prompt:
+        raise ValueError(f"the caption of {args.video} renders to an empty prompt; pass --prompt TEXT")
+    print(f"prompt (caption of {args.video}): {prompt}")
+    return prompt
+
+
 def _generate(args) -> int:
     from .video_io import write_mp4
 
+    # Captioning first: a missing captioner fails before the DiT loads, and its memory is freed by then.
+    sampling = {**_sampling_kwargs(args), "prompt": _generate_prompt(args)}
     pipe = _load(args)
     frames = pipe.generate(num_frames=args.num_frames, video=args.video, end_image=args.end_image,
-                           progress=not args.no_progress, **_sampling_kwargs(args))
+                           progress=not args.no_progress, **sampling)
     count = write_mp4(frames, args.output, fps=args.fps)
     print(f"wrote {args.output}: {count} frames, {frames.shape[2]}x{frames.shape[1]} at {args.fps} fps")
     return 0
@@ -121,9 +213,22 @@ def _serve(args) -> int:
     sampling.update(mode=args.mode, sink_blocks=args.sink_blocks, window_blocks=args.window_blocks)
     if args.mode == "kvcache" and sampling["ar_step"] == 0:
         sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
+    captioning = _live_captioning(args)  # before loading the model: a bad captioner folder fails fast
     pipe = _load(args)
-    serve(pipe, sampling, config, host=args.host, port=args.port, prompt=prompt, playlist=playlist)
+    serve(pipe, sampling, config, host=args.host, port=args.port, prompt=prompt, playlist=playlist, **captioning)
     return 0
+
+
+def _live_captioning(args) -> dict:
+    """serve()'s captioner and caption_every_s: on with --captioner or --caption-every (a captioner from
+    $SKYRT_CAPTIONER alone does not start captioning: it costs generated frames/s)."""
+    if args.captioner is None and args.caption_every is None:
+        return {}
+    every = DEFAULT_CAPTION_EVERY_S if args.caption_every is None else args.caption_every
+    if every <= 0:
+        raise ValueError(f"--caption-every must be a positive number of seconds, got {args.caption_every:g}")
+    captioner = _open_captioner(args, args.captioner, "--caption-every needs a captioner")
+    return {"captioner": captioner, "caption_every_s": every}
 
 
 if __name__ == "__main__":
