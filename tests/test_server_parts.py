@@ -242,3 +242,14 @@ def test_prometheus_text_has_consistent_histogram_and_counters():
     assert abs(samples["skyrt_chunk_latency_seconds_sum"] - 7.36) < 1e-9
     assert samples["skyrt_process_resident_memory_bytes"] > 0
     assert json.dumps(metrics.snapshot())  # /status stays JSON-serializable
+
+
+def test_the_server_imports_no_torch():
+    """The serving path with the onnxruntime or TensorRT backend must run without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, skyrt.runtime.server, skyrt.runtime.server.encoders, skyrt.runtime.server.captioning; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

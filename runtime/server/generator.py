@@ -100,6 +100,8 @@ class GeneratorThread(threading.Thread):
         stream = self.pipe.stream(**settings)
         with self._stream_lock:
             self._stream = stream
+        if self.board.current != change:  # switched while the stream was being set up: not lost
+            self._forward(self.board.current)
         try:
             produced = time.monotonic()
             for chunk in stream:  # uint8 [n, H, W, 3]
