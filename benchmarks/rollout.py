@@ -45,6 +45,8 @@ def parse_args():
                    help="ar_step of the kvcache stream (default: --steps, one block in flight at a time)")
     p.add_argument("--kv-sink-blocks", type=int, default=1)
     p.add_argument("--kv-windows", type=int, nargs="+", default=[4, 8], help="ring window sizes to measure")
+    p.add_argument("--kv-backends", nargs="+", default=["torch"], choices=["torch", "onnxruntime"],
+                   help="backends of the kvcache runs (onnxruntime: CPU graphs, exported in an untimed warm-up)")
     p.add_argument("--skip", nargs="*", default=[], help="result names to leave out (e.g. skyrt_window_pixel_carry)")
     p.add_argument("--baseline", default="diffusers_long_video", help="the result the ratios divide by")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout.json")
@@ -96,14 +98,20 @@ def run_skyrt(model_dir, args, settings, carry: str) -> dict:
     return clock.result(len(frames))
 
 
-def run_skyrt_kvcache(model_dir, args, settings, window_blocks: int) -> dict:
+def run_skyrt_kvcache(model_dir, args, settings, window_blocks: int, backend: str = "torch") -> dict:
     """mode="kvcache" stream: blocks of one latent frame, a ring of --kv-sink-blocks + window_blocks;
-    the same number of latent frames as the long video. Also reports the steady rate once the ring is full."""
+    the same number of latent frames as the long video. Also reports the steady rate once the ring is full.
+    backend="onnxruntime" exports its graphs (into a cache beside the model) in an untimed warm-up."""
     import warnings
 
     import skyrt
 
-    pipe = skyrt.load(model_dir)
+    if backend == "torch":
+        pipe = skyrt.load(model_dir)
+    else:
+        pipe = skyrt.load(model_dir, backend=backend, threads=args.threads, cache_dir=Path(model_dir).parent / "cache",
+                          progress=False)
+        _warm_up_exports(pipe, args, settings, window_blocks)
     clock = Clock()
     real_decoder = pipe.backend.streaming_decoder
 
@@ -133,6 +141,19 @@ def run_skyrt_kvcache(model_dir, args, settings, window_blocks: int) -> dict:
         out["steady_latent_frames_per_s"] = steady_blocks / (time.perf_counter() - steady_start)
     out["ring_blocks"] = ring_full_after
     return out
+
+
+def _warm_up_exports(pipe, args, settings, window_blocks: int) -> None:
+    """Two blocks of the same stream, so exporting the graphs is not timed."""
+    import warnings
+
+    kwargs = {k: v for k, v in settings.items() if k not in ("num_frames", "base_num_frames", "overlap_history", "ar_step")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in pipe.stream("a red circle", mode="kvcache", ar_step=args.kv_ar_step or args.steps, causal_block_size=1,
+                             sink_blocks=args.kv_sink_blocks, window_blocks=window_blocks, max_chunks=2, seed=0,
+                             **kwargs):
+            pass
 
 
 def run_diffusers(oracle, args, settings, **overrides) -> dict:
@@ -168,8 +189,9 @@ def main() -> None:
                         height=size, width=size, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                         shift=8.0, ar_step=0)
         latent_frames = (args.frames - 1) // 4 + 1
-        runs = {f"skyrt_kvcache_ring_{args.kv_sink_blocks}+{w}": (lambda w=w: run_skyrt_kvcache(model_dir, args, settings, w))
-                for w in args.kv_windows}
+        runs = {f"skyrt_kvcache_ring_{args.kv_sink_blocks}+{w}" + ("" if b == "torch" else f"_{b}"):
+                (lambda w=w, b=b: run_skyrt_kvcache(model_dir, args, settings, w, b))
+                for b in args.kv_backends for w in args.kv_windows}
         runs |= {"skyrt_window_latent_carry": lambda: run_skyrt(model_dir, args, settings, "latent"),
                  "skyrt_window_pixel_carry": lambda: run_skyrt(model_dir, args, settings, "pixel"),
                  "diffusers_long_video": lambda: run_diffusers(oracle, args, settings),
