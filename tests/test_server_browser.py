@@ -70,6 +70,8 @@ def test_chromium_plays_hls_and_mjpeg_from_the_page(official_dir, tmp_path):
             browser.terminate()
             browser.wait(timeout=20)
     last = samples[-1]
+    print(f"after {len(samples)} s: {last.get('videoFrames')} video frames presented, {last.get('mjpegChanges')} MJPEG "
+          f"changes, {last.get('hlsErrors')} hls.js errors")
     assert last.get("view") == "both", samples
     # Playback progresses: frames keep being presented over the last seconds, not just once.
     assert last["videoFrames"] >= 24, samples
