@@ -26,6 +26,7 @@ Run its tests: python -m pytest tests/test_dit.py -q
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -50,9 +51,45 @@ def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
+CPU_FAST_LINEAR = True  # benchmarks turn it off to measure torch's default CPU GEMM
+# Packed weights live beside the modules, not on them: an opaque oneDNN tensor cannot be deep-copied
+# or saved, and a module must stay copyable.
+_ONEDNN_WEIGHTS: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+
+
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A Linear in its weight dtype (the big matmuls: bf16/fp16 after a cast, fp32 in the reference)."""
-    return layer(x.to(layer.weight.dtype))
+    x = x.to(layer.weight.dtype)
+    if _onednn_linear_applies(x):
+        return _onednn_linear(layer, x)
+    return layer(x)
+
+
+def _onednn_linear_applies(x: torch.Tensor) -> bool:
+    """Eager fp32 CPU inference only: never while training (packed weights would go stale) or while a
+    graph is being captured for export (the plain op is what ONNX must see)."""
+    if not CPU_FAST_LINEAR or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
+def _onednn_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ W^T + b through oneDNN with the weight packed once per weight version.
+
+    torch's default CPU linear calls MKL, which on AMD CPUs (this project's CI machines) runs about
+    half as fast as oneDNN: 172 vs 439 GFLOP/s for 256x256 @ 256x1024 (benchmarks/rollout.py notes).
+    Results agree to fp32 accumulation order (~1e-6 relative).
+    """
+    weight = layer.weight
+    key = (weight.data_ptr(), weight._version)
+    packed = _ONEDNN_WEIGHTS.get(layer)
+    if packed is None or packed[0] != key:
+        packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        _ONEDNN_WEIGHTS[layer] = packed
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed[1], layer.bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
