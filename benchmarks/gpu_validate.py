@@ -26,6 +26,8 @@ from typing import Callable
 
 import numpy as np
 
+from skyrt.export.engine import pick_builder  # torch-free; one owner of the builder choice
+
 # Per-kernel tolerances: fp32 elementwise math with the same formula on both sides; the CUDA
 # build may contract a*b+c into FMAs (one rounding instead of two), hence a few ulps, not zero.
 FP32_ATOL = 1e-5
@@ -173,17 +175,6 @@ def _check_addnoise(rng) -> dict:
 
 
 # ------------------------------------------------------------------------------- engines, rollout
-def pick_builder(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    try:
-        import tensorrt  # noqa: F401
-
-        return "tensorrt"
-    except ImportError:
-        return "tensorrt-rtx"
-
-
 def run_engines_and_rollout(args, workdir: Path, sections: list[str]) -> dict:
     """Export the tiny model, build engines, then compare a TensorRT rollout with ORT-CPU."""
     from skyrt.export.tiny import ensure_default_model

@@ -1,6 +1,6 @@
 """`skyrt export onnx`: every graph of a model folder (or of the captioner) as ONNX, with a manifest.json.
 
-    skyrt export onnx --model DIR --out DIR [--precision fp32|fp16] [--height 544 --width 960]
+    skyrt export onnx --model DIR --out DIR [--precision fp32|fp16|bf16] [--height 544 --width 960]
                       [--block-frames 1 --cache-blocks 9 --window-frames 25]
     skyrt export onnx --captioner SkyCaptioner-V1/ --out DIR [--precision fp32|fp16]
     skyrt export engine --onnx DIR --out DIR          # either kind of export folder
@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="SkyCaptioner-V1 / Qwen2.5-VL checkpoint folder: export the captioner instead "
                              "(takes --precision, --opset, --external-data-threshold, --no-progress)")
     onnx.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    onnx.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                       help="DiT graphs in fp16 keep norms, RoPE and time embedding fp32 (default fp32)")
     onnx.add_argument("--height", type=int, default=None, help="pixel height, multiple of 16 (default 544)")
     onnx.add_argument("--width", type=int, default=None, help="pixel width, multiple of 16 (default 960)")
@@ -59,10 +59,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--onnx", type=Path, required=True,
                         help="folder written by 'skyrt export onnx' (--model or --captioner)")
     engine.add_argument("--out", type=Path, required=True, help="engine folder (created)")
-    engine.add_argument("--builder", choices=("tensorrt-rtx", "tensorrt"), default="tensorrt-rtx",
-                        help="tensorrt-rtx builds without a GPU for RTX GPUs; tensorrt builds on the GPU that runs it")
+    engine.add_argument("--builder", choices=("auto", "tensorrt-rtx", "tensorrt"), default="auto",
+                        help="auto (default): tensorrt when it is installed, else tensorrt-rtx; tensorrt-rtx builds without "
+                             "a GPU for RTX GPUs; tensorrt builds on the GPU that runs it")
     engine.add_argument("--compute-capability", action="append", default=None,
-                        help="TensorRT-RTX target, repeatable (default: 7.5 8.0 8.6 8.9 12.0)")
+                        help="TensorRT-RTX target, repeatable (default: 8.0 8.6 8.9 12.0; TensorRT-RTX 1.7 cannot "
+                             "build fp32/bf16 GEMMs for 7.5)")
     engine.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder level 0-5 (default 3)")
     engine.add_argument("--workspace-gib", type=float, default=None, help="cap on builder scratch memory")
     engine.add_argument("--graphs", default=None, help="comma-separated subset of graphs (default: all)")
@@ -81,7 +83,7 @@ def run_engine(args: argparse.Namespace) -> int:
     """Build engines (torch-free) and put the ONNX manifest and tokenizer beside them."""
     from skyrt.runtime.backends.tensorrt_backend import prepare_engine_folder
 
-    from .engine import BuildOptions, build_engines, graphs_from_onnx_manifest
+    from .engine import BuildOptions, build_engines, graphs_from_onnx_manifest, pick_builder
 
     specs = graphs_from_onnx_manifest(args.onnx)
     if args.graphs:
@@ -90,7 +92,7 @@ def run_engine(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"{args.onnx} has no graph(s) {', '.join(sorted(unknown))}")
         specs = [s for s in specs if s.name in wanted]
-    options = BuildOptions(builder=args.builder, optimization_level=args.optimization_level,
+    options = BuildOptions(builder=pick_builder(args.builder), optimization_level=args.optimization_level,
                            workspace_gib=args.workspace_gib, compute_capabilities=args.compute_capability)
     paths = build_engines(specs, args.out, options, progress=not args.no_progress)
     prepare_engine_folder(args.onnx, args.out)

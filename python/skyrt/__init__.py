@@ -13,19 +13,13 @@ def load(model_dir=None, backend: str = "torch", device: str = "cpu", text_cache
     """Load a model folder (official or diffusers layout; None = the built-in default) as a Pipeline.
 
     backend="onnxruntime" also takes an export folder (manifest.json from `skyrt export onnx`); given
-    a model folder it exports the graphs it needs into $SKYRT_CACHE on first use. text_cache: a
+    a model folder it exports the graphs it needs into $SKYRT_CACHE on first use. backend="tensorrt"
+    takes an engine folder, an export folder or a model folder (engines are built into the cache on
+    first use; see skyrt.runtime.api.load). text_cache: a
     folder where prompt embeddings are kept, so no prompt is ever encoded twice.
     """
     from skyrt.runtime.api import load as _load
 
-    if backend == "tensorrt":
-        from skyrt.runtime.backends.tensorrt_backend import TensorRTBackend, engine_folder_spec
-        from skyrt.runtime.pipeline import Pipeline
-
-        # An engine folder from `skyrt export engine` (building on first use is not wired yet).
-        device = "cuda" if device == "cpu" else device
-        pipe = Pipeline(TensorRTBackend(engine_folder_spec(model_dir), device=device, **kwargs))
-        return _with_text_cache(pipe, text_cache)
     if backend == "onnxruntime" and model_dir is not None:
         from skyrt.runtime.backends.onnxruntime_backend import export_folder_spec, is_export_folder
 
