@@ -515,7 +515,10 @@ def greedy_decode(backend: CaptionerBackend, embeds: np.ndarray, positions: np.n
 
 
 def read_manifest(onnx_dir: str | Path) -> dict:
+    """The export's manifest.json, or in an engine folder the copy `skyrt export engine` puts there."""
     path = Path(onnx_dir) / "manifest.json"
+    if not path.is_file() and (Path(onnx_dir) / "onnx_manifest.json").is_file():
+        path = Path(onnx_dir) / "onnx_manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: export the captioner first "
                                 "(skyrt.export.captioner.export.export_captioner_onnx)")
@@ -546,8 +549,12 @@ class Captioner:
             self.config = replace(self.config, rope_text_offset=rope_text_offset)
         if backend == "onnxruntime":
             self.backend: CaptionerBackend = OrtCaptionerBackend(self.dir, self.manifest, threads, providers)
+        elif backend == "tensorrt":  # an engine folder (see open_captioner for building one)
+            from .backends.tensorrt_captioner import TrtCaptionerBackend
+
+            self.backend = TrtCaptionerBackend(self.dir)
         elif isinstance(backend, str):
-            raise ValueError(f"unknown captioner backend {backend!r}; available: onnxruntime")
+            raise ValueError(f"unknown captioner backend {backend!r}; available: onnxruntime, tensorrt")
         else:
             self.backend = backend
         self.tokenizer = Tokenizer.from_file(str(self.dir / self.manifest["tokenizer"]["file"]))
@@ -743,6 +750,17 @@ def open_captioner(path: str | Path, backend: str | CaptionerBackend = "onnxrunt
     folder (exported into the cache on first use, see `exported_captioner_dir`; needs the `export`
     extra once). Anything else is refused with what was expected."""
     folder = Path(path).expanduser()
+    if backend == "tensorrt":
+        from .backends.tensorrt_captioner import captioner_engines_for, is_captioner_engine_folder
+
+        if not is_captioner_engine_folder(folder):  # export (if a checkpoint), then build on first use
+            if not is_captioner_export(folder):
+                folder = exported_captioner_dir(folder, precision=precision, cache_dir=cache_dir, progress=progress)
+            from .backends.onnxruntime_backend import default_cache_root
+
+            root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
+            folder = captioner_engines_for(folder, root, progress=progress)
+        return Captioner(folder, backend="tensorrt")
     if not is_captioner_export(folder):
         folder = exported_captioner_dir(folder, precision=precision, cache_dir=cache_dir, progress=progress)
     return Captioner(folder, backend=backend, threads=threads)

@@ -258,3 +258,55 @@ def test_serve_passes_a_live_captioner(official_dir, onnx_dir, capsys, monkeypat
     assert main([*base, "--captioner", str(onnx_dir), "--caption-every", "0"]) == 2
     assert "positive number of seconds" in capsys.readouterr().err
     assert len(calls) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# The TensorRT captioner backend, up to the GPU (its engine runs are unexecuted here)
+def test_tensorrt_captioner_builds_engines_on_first_use_then_needs_a_gpu(onnx_dir, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
+    from skyrt.runtime import cuda_mem
+    from skyrt.runtime.backends.tensorrt_captioner import CAPTIONER_ENGINES, read_captioner_engines
+
+    if cuda_mem.device_count() > 0:
+        pytest.skip("a GPU is present: benchmarks/gpu_validate.py runs the engines")
+    cache = tmp_path / "cache"
+    with pytest.raises(cuda_mem.CudaError):
+        rc.open_captioner(onnx_dir, backend="tensorrt", cache_dir=cache, progress=False)
+    [folder] = [p for p in (cache / "engines").glob("*/captioner-*") if p.is_dir()]
+    manifest, engines, builder = read_captioner_engines(folder)
+    assert builder == "tensorrt-rtx" and set(engines) == set(CAPTIONER_ENGINES)
+    onnx_manifest = rc.read_manifest(onnx_dir)
+    for entry in ("tokenizer", "embeddings"):  # what the host side reads beside the engines
+        assert (folder / onnx_manifest[entry]["file"]).is_file()
+    assert rc.read_manifest(folder) == onnx_manifest  # an engine folder reads like its export
+    built = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.engine")}
+    with pytest.raises(cuda_mem.CudaError):  # the engine folder itself, and the cache again: no rebuild
+        rc.Captioner(folder, backend="tensorrt")
+    with pytest.raises(cuda_mem.CudaError):
+        rc.open_captioner(onnx_dir, backend="tensorrt", cache_dir=cache, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.engine")} == built
+
+
+def test_tensorrt_captioner_refuses_incomplete_or_foreign_engine_folders(onnx_dir, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
+    import json
+    import shutil
+
+    from skyrt.runtime.backends.tensorrt_captioner import captioner_engines_for, read_captioner_engines
+
+    folder = captioner_engines_for(onnx_dir, tmp_path / "cache", progress=False)
+    with pytest.raises(FileNotFoundError, match="not a captioner engine folder"):
+        read_captioner_engines(onnx_dir)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "vision.engine.json").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks the vision engine"):
+        read_captioner_engines(broken)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(folder, foreign)
+    copy = json.loads((foreign / "onnx_manifest.json").read_text())
+    entry = copy["graphs"]["decoder_prefill"]
+    entry["sha256"][entry["file"]] = "0" * 64
+    (foreign / "onnx_manifest.json").write_text(json.dumps(copy))
+    with pytest.raises(ValueError, match="built from another export of decoder_prefill"):
+        read_captioner_engines(foreign)

@@ -83,12 +83,14 @@ def engine_folder_spec(path: str | Path | None) -> ModelSpec:
 
 
 def prepare_engine_folder(onnx_dir: Path, engine_dir: Path) -> None:
-    """What `skyrt export engine` adds beside the engines: the ONNX manifest and the tokenizer."""
+    """What `skyrt export engine` adds beside the engines: the ONNX manifest, the tokenizer and (for
+    the captioner) the token embedding table the host side reads."""
     manifest = json.loads((Path(onnx_dir) / "manifest.json").read_text())
     (Path(engine_dir) / ONNX_MANIFEST_COPY).write_text(json.dumps(manifest, indent=2) + "\n")
-    tokenizer = (manifest.get("tokenizer") or {}).get("file")
-    if tokenizer:
-        shutil.copy2(Path(onnx_dir) / tokenizer, Path(engine_dir) / tokenizer)
+    for entry in (manifest.get("tokenizer"), manifest.get("embeddings")):
+        name = (entry or {}).get("file")
+        if name:
+            shutil.copy2(Path(onnx_dir) / name, Path(engine_dir) / name)
 
 
 def engine_cache_key(onnx_manifest: dict, options, builder_version: str) -> str:
