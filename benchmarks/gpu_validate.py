@@ -11,6 +11,8 @@ It writes one JSON report:
   engines  builds engines from the tiny model's ONNX export with the chosen builder
   rollout  a kvcache rollout on TensorRT and on onnxruntime-CPU with the same noise: latent
            difference, per-step time on each (and with CUDA-graph replay when enabled)
+  captioner a tiny random captioner on TensorRT and on onnxruntime-CPU: vision features, greedy
+           tokens (must be equal), prefill / decode timings
 Each section records its error instead of stopping the others, so a partial report still helps.
 """
 from __future__ import annotations
@@ -39,8 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("gpu_report.json"))
     p.add_argument("--builder", choices=("tensorrt", "tensorrt-rtx", "auto"), default="auto",
                    help="engine builder (auto: tensorrt if installed, else tensorrt-rtx)")
-    p.add_argument("--sections", nargs="+", default=["kernels", "engines", "rollout"],
-                   choices=["kernels", "engines", "rollout"])
+    p.add_argument("--sections", nargs="+", default=["kernels", "engines", "rollout", "captioner"],
+                   choices=["kernels", "engines", "rollout", "captioner"])
     p.add_argument("--workdir", type=Path, default=None, help="where to keep the export and engines (default: temp)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -218,6 +220,42 @@ def _compare_rollouts(onnx_dir: Path, engine_dir: Path, seed: int) -> dict:
             "blocks": settings["max_chunks"], "settings": settings}
 
 
+# ------------------------------------------------------------------------------- captioner
+CAPTIONER_VISION_ATOL = 1e-3  # fp32 engines: other kernels and summation order than ORT-CPU
+
+
+def run_captioner(workdir: Path, builder: str, new_tokens: int = 24) -> dict:
+    """A tiny random Qwen2.5-VL captioner exported, built and run on TensorRT and on ORT-CPU with the
+    same frames: vision features within CAPTIONER_VISION_ATOL, greedy tokens equal, timings."""
+    from skyrt.export.captioner.tiny import write_tiny_captioner
+    from skyrt.runtime.captioner import open_captioner, preprocess_video, vision_inputs
+
+    checkpoint = write_tiny_captioner(workdir / "captioner")
+    cache = workdir / "captioner-cache"
+    captioners = {"onnxruntime_cpu": open_captioner(checkpoint, cache_dir=cache, progress=False),
+                  "tensorrt": open_captioner(checkpoint, backend="tensorrt", cache_dir=cache, progress=False)}
+    height, width = captioners["onnxruntime_cpu"].manifest["export_config"]["frame_size"]
+    frames = _smooth_frames(16, height, width)
+    features, results = {}, {}
+    for name, cap in captioners.items():
+        pixels, grid = preprocess_video(frames, cap.config.preprocess)
+        features[name] = cap.backend.vision(vision_inputs(pixels, [grid], cap.config, cap.vision_dtype))
+        results[name] = cap.generate_frames(frames, max_new_tokens=new_tokens)
+    diff = float(np.abs(features["tensorrt"].astype(np.float32) - features["onnxruntime_cpu"]).max())
+    same_tokens = results["tensorrt"].tokens == results["onnxruntime_cpu"].tokens
+    return {"builder": builder, "vision_max_abs_diff": diff, "vision_atol": CAPTIONER_VISION_ATOL,
+            "tokens_equal": same_tokens, "tokens": {n: r.tokens for n, r in results.items()},
+            "timings": {n: r.timings for n, r in results.items()},
+            "passed": diff <= CAPTIONER_VISION_ATOL and same_tokens}
+
+
+def _smooth_frames(count: int, height: int, width: int) -> np.ndarray:
+    """uint8 [count, height, width, 3] moving gradients: deterministic and not degenerate."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([np.stack([(x + 7 * t) % 256, (y + 3 * t) % 256, (x + y) % 256], axis=-1)
+                     for t in range(count)]).astype(np.uint8)
+
+
 def _guarded(fn: Callable[[], dict]) -> dict:
     try:
         return fn()
@@ -242,9 +280,12 @@ def main(argv=None) -> int:
     report = {"benchmark": "gpu_validate", "machine": _guarded(machine_info)}
     if "kernels" in args.sections:
         report["kernels"] = _guarded(lambda: run_kernels(args.seed))
-    if {"engines", "rollout"} & set(args.sections):
-        with tempfile.TemporaryDirectory() as tmp:
-            report |= run_engines_and_rollout(args, args.workdir or Path(tmp), args.sections)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        if {"engines", "rollout"} & set(args.sections):
+            report |= run_engines_and_rollout(args, workdir, args.sections)
+        if "captioner" in args.sections:
+            report["captioner"] = _guarded(lambda: run_captioner(workdir, pick_builder(args.builder)))
     args.out.write_text(json.dumps(report, indent=2, default=str))
     passed = [report[s].get("passed", report[s].get("all_passed")) for s in args.sections if s in report]
     print(json.dumps({s: report[s].get("passed", report[s].get("all_passed")) for s in args.sections if s in report}))

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("cuda.bindings", reason="pip install cuda-python (the test extra installs it)")
@@ -56,3 +57,21 @@ def test_builder_choice_and_cuda_errors_are_clear():
     if cuda_mem.device_count() == 0:
         with pytest.raises(cuda_mem.CudaError, match="cudaMalloc.*failed"):
             cuda_mem.DeviceArray.empty((4,), "float32")
+
+
+def test_captioner_section_runs_up_to_the_gpu_and_records_why_it_stopped(tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
+    from skyrt.runtime import cuda_mem
+
+    if cuda_mem.device_count() > 0:
+        pytest.skip("a GPU is present: run the script itself")
+    gv = load_script()
+    frames = gv._smooth_frames(16, 36, 42)
+    assert frames.shape == (16, 36, 42, 3) and frames.dtype == np.uint8 and len(np.unique(frames[:, 0, 0, 0])) == 16
+    out = tmp_path / "report.json"
+    assert gv.main(["--sections", "captioner", "--out", str(out), "--workdir", str(tmp_path)]) == 1
+    section = json.loads(out.read_text())["captioner"]
+    assert section["passed"] is False and section["error"].startswith("CudaError"), section
+    # Everything before the GPU happened: the ORT export and the TensorRT-RTX engines exist.
+    assert list((tmp_path / "captioner-cache").glob("captioner/*/*/manifest.json"))
+    assert list((tmp_path / "captioner-cache").glob("engines/*/captioner-*/vision.engine"))
