@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                          help=f"most tokens the captioner writes (default {MAX_NEW_TOKENS}, the official setting)")
     caption.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    caption.add_argument("--backend", dest="captioner_backend", choices=("onnxruntime", "tensorrt"),
+                         default="onnxruntime", help="onnxruntime (default, CPU) or tensorrt (engines built on first "
+                                                     "use; needs an NVIDIA GPU)")
     caption.add_argument("--no-progress", action="store_true", help="no messages while a first use exports")
     __import__("skyrt.export.export_cli", fromlist=["add_parser"]).add_parser(sub)  # torch only when an export runs
     return parser
@@ -154,8 +157,8 @@ def _open_captioner(args, folder: Path | None, why: str):
         raise ValueError(f"{why}: pass --captioner DIR (a SkyCaptioner-V1 checkpoint folder, e.g. a download of "
                          f"Skywork/SkyCaptioner-V1, or its 'skyrt export onnx --captioner' folder) or set "
                          f"{CAPTIONER_ENV}; skyrt does not download models")
-    return open_captioner(folder, threads=getattr(args, "threads", None),
-                          progress=not getattr(args, "no_progress", False))
+    return open_captioner(folder, backend=getattr(args, "captioner_backend", "onnxruntime"),
+                          threads=getattr(args, "threads", None), progress=not getattr(args, "no_progress", False))
 
 
 def _caption(args) -> int:
