@@ -94,13 +94,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import skyrt
-    from checkpoints import build_diffusers_pipeline, write_diffusers_layout
+    from checkpoints import mid_size_model
 
-    heads = max(1, args.dim // 64)
     with tempfile.TemporaryDirectory() as tmp:
-        oracle = build_diffusers_pipeline(Path(tmp), num_attention_heads=heads, attention_head_dim=args.dim // heads,
-                                          ffn_dim=4 * args.dim, num_layers=args.layers)
-        model_dir = write_diffusers_layout(oracle, Path(tmp) / "model")
+        _, model_dir = mid_size_model(Path(tmp), args.dim, args.layers)
         backends = {"torch": skyrt.load(model_dir).backend,
                     "onnxruntime": skyrt.load(model_dir, backend="onnxruntime", threads=args.threads,
                                               cache_dir=Path(tmp) / "cache").backend}

@@ -177,13 +177,10 @@ def run_diffusers(oracle, args, settings, **overrides) -> dict:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from checkpoints import build_diffusers_pipeline, write_diffusers_layout
+    from checkpoints import mid_size_model
 
-    heads = max(1, args.dim // 64)
     with tempfile.TemporaryDirectory() as tmp:
-        oracle = build_diffusers_pipeline(Path(tmp), num_attention_heads=heads, attention_head_dim=args.dim // heads,
-                                          ffn_dim=4 * args.dim, num_layers=args.layers)
-        model_dir = write_diffusers_layout(oracle, Path(tmp) / "model")
+        oracle, model_dir = mid_size_model(Path(tmp), args.dim, args.layers)
         size = args.latent * 8
         settings = dict(num_frames=args.frames, base_num_frames=args.base_frames, overlap_history=args.overlap,
                         height=size, width=size, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,

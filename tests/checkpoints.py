@@ -89,6 +89,15 @@ def build_diffusers_pipeline(workdir: Path, seed: int = 0, **transformer_overrid
     )
 
 
+
+def mid_size_model(workdir: Path, dim: int, layers: int):
+    """The benchmarks' random model: a diffusers pipeline with a dim-wide DiT (heads of 64 channels,
+    FFN 4 x dim) and its weights in the diffusers layout. Returns (pipeline, model folder)."""
+    heads = max(1, dim // 64)
+    oracle = build_diffusers_pipeline(Path(workdir), num_attention_heads=heads, attention_head_dim=dim // heads,
+                                      ffn_dim=4 * dim, num_layers=layers)
+    return oracle, write_diffusers_layout(oracle, Path(workdir) / "model")
+
 def write_diffusers_layout(pipe, out: Path) -> Path:
     pipe.save_pretrained(out, safe_serialization=True)
     return out
