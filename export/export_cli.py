@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "(takes --precision, --opset, --external-data-threshold, --no-progress)")
     onnx.add_argument("--out", type=Path, required=True, help="output folder (created)")
     onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                      help="DiT graphs in fp16 keep norms, RoPE and time embedding fp32 (default fp32)")
+                      help="fp32 (default), fp16 or bf16; fp16/bf16 DiT graphs keep norms, RoPE and time "
+                           "embedding fp32; the captioner exports fp32 or fp16")
     onnx.add_argument("--height", type=int, default=None, help="pixel height, multiple of 16 (default 544)")
     onnx.add_argument("--width", type=int, default=None, help="pixel width, multiple of 16 (default 960)")
     onnx.add_argument("--block-frames", type=int, default=None,
@@ -101,6 +102,8 @@ def run_engine(args: argparse.Namespace) -> int:
 
 
 # `export onnx` options that shape the video model's graphs and mean nothing to the captioner.
+# The captioner's export precisions (export/captioner/export.py PRECISIONS; that module imports torch).
+CAPTIONER_PRECISIONS = ("fp32", "fp16")
 DIT_ONLY_OPTIONS = ("height", "width", "block_frames", "cache_blocks", "max_active_blocks", "window_frames",
                     "window_attention", "graphs", "model_hash")
 
@@ -112,6 +115,8 @@ def run_captioner_onnx(args: argparse.Namespace) -> int:
         # Refuse rather than ignore: a user passing --height expects it to change something.
         raise ValueError(f"{', '.join(given)} shape(s) the video model's graphs; the captioner export takes only "
                          "--precision, --opset, --external-data-threshold and --no-progress")
+    if args.precision not in CAPTIONER_PRECISIONS:  # before torch is imported
+        raise ValueError(f"--precision {args.precision}: the captioner exports {' or '.join(CAPTIONER_PRECISIONS)}")
     from .captioner.export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, export_captioner_onnx
 
     threshold = args.external_data_threshold or EXTERNAL_DATA_THRESHOLD

@@ -30,7 +30,7 @@ use, in a subprocess (torch stays out of this process). Steps, each a function h
    the raw text.
 
 Backends implement `CaptionerBackend` (vision features, one decoder call, an empty cache); the
-onnxruntime one is here, a TensorRT one can plug in with the same three methods.
+onnxruntime one is here, the TensorRT one in runtime/backends/tensorrt_captioner.py.
 """
 from __future__ import annotations
 
@@ -405,7 +405,8 @@ def mrope_positions(input_ids: np.ndarray, items: Sequence[VisionItem], cfg: Cap
 
 
 class CaptionerBackend(Protocol):
-    """What the decoding loop needs from an inference backend (onnxruntime here; TensorRT later)."""
+    """What the decoding loop needs from an inference backend (onnxruntime here; TensorRT in
+    backends/tensorrt_captioner.py)."""
 
     def vision(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Vision graph feeds (see `vision_inputs`) -> merged features [N / merge^2, hidden]."""
@@ -532,14 +533,19 @@ def read_manifest(onnx_dir: str | Path) -> dict:
 class Captioner:
     """An exported SkyCaptioner-V1 (or any Qwen2.5-VL) ready to caption videos and images.
 
-    backend: "onnxruntime" (CPU by default; pass providers for a GPU build) or a CaptionerBackend.
+    backend: "onnxruntime" (CPU by default; pass providers for a GPU build), "tensorrt" (onnx_dir is
+    an engine folder, or an export whose engines are built into the cache on first use) or a
+    CaptionerBackend.
     rope_text_offset: override the export's mrope convention ("qwen" or "transformers5", see
     `mrope_positions`).
+    builder, cache_dir, progress: TensorRT only: 'auto', 'tensorrt' or 'tensorrt-rtx'; the cache root
+    ($SKYRT_CACHE or ~/.cache/skyrt); a progress bar while engines build.
     """
 
     def __init__(self, onnx_dir: str | Path, backend: str | CaptionerBackend = "onnxruntime",
                  threads: int | None = None, providers: Sequence[str] | None = None,
-                 rope_text_offset: str | None = None):
+                 rope_text_offset: str | None = None, builder: str = "auto", cache_dir: str | Path | None = None,
+                 progress: bool = True):
         from tokenizers import Tokenizer
 
         self.dir = Path(onnx_dir)
@@ -549,10 +555,13 @@ class Captioner:
             self.config = replace(self.config, rope_text_offset=rope_text_offset)
         if backend == "onnxruntime":
             self.backend: CaptionerBackend = OrtCaptionerBackend(self.dir, self.manifest, threads, providers)
-        elif backend == "tensorrt":  # an engine folder (see open_captioner for building one)
-            from .backends.tensorrt_captioner import TrtCaptionerBackend
+        elif backend == "tensorrt":
+            from .backends.onnxruntime_backend import default_cache_root
+            from .backends.tensorrt_captioner import TrtCaptionerBackend, captioner_engine_folder
 
-            self.backend = TrtCaptionerBackend(self.dir)
+            root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
+            engines = captioner_engine_folder(self.dir, root, builder, progress)
+            self.backend = TrtCaptionerBackend(engines, builder)
         elif isinstance(backend, str):
             raise ValueError(f"unknown captioner backend {backend!r}; available: onnxruntime, tensorrt")
         else:
@@ -745,22 +754,20 @@ def exported_captioner_dir(checkpoint_dir: str | Path, precision: str = "fp32", 
 
 
 def open_captioner(path: str | Path, backend: str | CaptionerBackend = "onnxruntime", threads: int | None = None,
-                   cache_dir: str | Path | None = None, progress: bool = True, precision: str = "fp32") -> Captioner:
+                   cache_dir: str | Path | None = None, progress: bool = True, precision: str = "fp32",
+                   builder: str = "auto") -> Captioner:
     """A ready Captioner from an export folder, or from a SkyCaptioner-V1 / Qwen2.5-VL checkpoint
     folder (exported into the cache on first use, see `exported_captioner_dir`; needs the `export`
-    extra once). Anything else is refused with what was expected."""
+    extra once); backend="tensorrt" also takes an engine folder and builds an export's engines into
+    the cache on first use (`builder`: 'auto', 'tensorrt' or 'tensorrt-rtx'). Anything else is
+    refused with what was expected."""
     folder = Path(path).expanduser()
     if backend == "tensorrt":
-        from .backends.tensorrt_captioner import captioner_engines_for, is_captioner_engine_folder
+        from .backends.tensorrt_captioner import is_captioner_engine_folder
 
-        if not is_captioner_engine_folder(folder):  # export (if a checkpoint), then build on first use
-            if not is_captioner_export(folder):
-                folder = exported_captioner_dir(folder, precision=precision, cache_dir=cache_dir, progress=progress)
-            from .backends.onnxruntime_backend import default_cache_root
-
-            root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
-            folder = captioner_engines_for(folder, root, progress=progress)
-        return Captioner(folder, backend="tensorrt")
+        if not (is_captioner_engine_folder(folder) or is_captioner_export(folder)):
+            folder = exported_captioner_dir(folder, precision=precision, cache_dir=cache_dir, progress=progress)
+        return Captioner(folder, backend="tensorrt", builder=builder, cache_dir=cache_dir, progress=progress)
     if not is_captioner_export(folder):
         folder = exported_captioner_dir(folder, precision=precision, cache_dir=cache_dir, progress=progress)
     return Captioner(folder, backend=backend, threads=threads)

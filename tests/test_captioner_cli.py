@@ -189,6 +189,9 @@ def test_export_onnx_captioner_flags_and_engine_build(onnx_dir, tiny_dir, tmp_pa
     assert "not allowed with argument" in capsys.readouterr().err
     assert main(["export", "onnx", "--captioner", str(tiny_dir), "--out", str(tmp_path / "x"), "--height", "64"]) == 2
     assert "--height shape(s) the video model's graphs" in capsys.readouterr().err
+    assert main(["export", "onnx", "--captioner", str(tiny_dir), "--out", str(tmp_path / "x"), "--precision",
+                 "bf16"]) == 2  # bf16 is a DiT precision
+    assert "the captioner exports fp32 or fp16" in capsys.readouterr().err
     pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
     engines = tmp_path / "engines"
     assert main(["export", "engine", "--onnx", str(onnx_dir), "--out", str(engines), "--compute-capability", "8.9",
@@ -284,7 +287,14 @@ def test_tensorrt_captioner_builds_engines_on_first_use_then_needs_a_gpu(onnx_di
         rc.Captioner(folder, backend="tensorrt")
     with pytest.raises(cuda_mem.CudaError):
         rc.open_captioner(onnx_dir, backend="tensorrt", cache_dir=cache, progress=False)
+    with pytest.raises(cuda_mem.CudaError):  # Captioner given the export finds the same cached engines
+        rc.Captioner(onnx_dir, backend="tensorrt", cache_dir=cache, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.engine")} == built
+    assert len([p for p in (cache / "engines").glob("*/captioner-*") if p.is_dir()]) == 1
+    from skyrt.runtime.backends.tensorrt_captioner import captioner_engine_folder
+
+    with pytest.raises(FileNotFoundError, match="neither a captioner engine folder .* nor a captioner export"):
+        captioner_engine_folder(folder.parent, cache)
 
 
 def test_tensorrt_captioner_refuses_incomplete_or_foreign_engine_folders(onnx_dir, tmp_path):
@@ -310,3 +320,142 @@ def test_tensorrt_captioner_refuses_incomplete_or_foreign_engine_folders(onnx_di
     (foreign / "onnx_manifest.json").write_text(json.dumps(copy))
     with pytest.raises(ValueError, match="built from another export of decoder_prefill"):
         read_captioner_engines(foreign)
+
+
+# ----------------------------------------------------------------------------------------------
+# The TensorRT captioner's host logic, driven with onnxruntime sessions standing in for engines and a
+# numpy array standing in for GPU memory: the ping-pong K/V bookkeeping must give ORT's tokens.
+@pytest.fixture(scope="module")
+def captioner_engines(onnx_dir, tmp_path_factory) -> Path:
+    pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
+    from skyrt.runtime.backends.tensorrt_captioner import captioner_engines_for
+
+    return captioner_engines_for(onnx_dir, tmp_path_factory.mktemp("trt-cache"), progress=False)
+
+
+class FakeDevice:
+    """Bytes standing in for GPU memory: a DeviceArray's ptr is an offset into them."""
+
+    def __init__(self, nbytes: int):
+        # Random bytes: a read of anything not written first shows up as garbage tokens.
+        self.memory = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+
+    def read(self, arr) -> np.ndarray:
+        return self.memory[arr.ptr:arr.ptr + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+
+    def write(self, arr, value: np.ndarray) -> None:
+        self.memory[arr.ptr:arr.ptr + arr.nbytes] = np.ascontiguousarray(value, arr.dtype).view(np.uint8).reshape(-1)
+
+
+class OrtAsEngine:
+    """TrtEngine's run contract over an onnxruntime session and FakeDevice memory."""
+
+    def __init__(self, session, device: FakeDevice):
+        self.session, self.device = session, device
+        self.inputs = [i.name for i in session.get_inputs()]
+        self.outputs = [o.name for o in session.get_outputs()]
+        self.calls: list[dict] = []
+
+    def run(self, feeds: dict, keep_on_device=(), out=None) -> list:
+        from skyrt.runtime.cuda_mem import DeviceArray
+
+        self.calls.append({k: (v.ptr, v.shape) for k, v in feeds.items() if isinstance(v, DeviceArray)})
+        host = {k: self.device.read(v) if isinstance(v, DeviceArray) else v for k, v in feeds.items()}
+        results = []
+        for name, value in zip(self.outputs, self.session.run(self.outputs, host)):
+            if out and name in out:
+                view = DeviceArray(value.shape, out[name].dtype, out[name].ptr)
+                assert view.nbytes <= out[name].nbytes
+                self.device.write(view, value)
+                value = view
+            results.append(value)
+        return results
+
+
+def _wired_trt_backend(onnx_dir: Path, engine_dir: Path):
+    """A TrtCaptionerBackend whose engines are onnxruntime sessions over FakeDevice memory."""
+    from skyrt.runtime.backends.tensorrt_captioner import (KVPingPong, TrtCaptionerBackend, kv_capacity,
+                                                           read_captioner_engines)
+    from skyrt.runtime.cuda_mem import DeviceArray
+
+    onnx_manifest, manifests, _ = read_captioner_engines(engine_dir)
+    ort = rc.OrtCaptionerBackend(onnx_dir, onnx_manifest)
+    cfg, dtype = onnx_manifest["captioner"], np.float32
+    size = KVPingPong.set_bytes(cfg["num_layers"], cfg["num_kv_heads"], kv_capacity(manifests), cfg["head_dim"], dtype)
+    device = FakeDevice(64 + 2 * size)
+    bases = (DeviceArray((size,), np.uint8, 64), DeviceArray((size,), np.uint8, 64 + size))
+    engines = {"vision": OrtAsEngine(ort.vision_session, device),
+               "decoder_prefill": OrtAsEngine(ort.decoder_session, device),
+               "decoder_decode": OrtAsEngine(ort.decoder_session, device)}
+    backend = TrtCaptionerBackend.__new__(TrtCaptionerBackend)
+    backend._wire(engines, manifests, onnx_manifest, bases, dtype)
+    return backend, engines, bases
+
+
+def test_tensorrt_captioner_host_logic_gives_onnxruntimes_tokens(onnx_dir, captioner_engines):
+    backend, engines, bases = _wired_trt_backend(onnx_dir, captioner_engines)
+    cap_ort, cap_trt = rc.Captioner(onnx_dir), rc.Captioner(onnx_dir, backend=backend)
+    height, width = cap_ort.manifest["export_config"]["frame_size"]
+    frames = np.random.default_rng(1).integers(0, 256, (16, height, width, 3), dtype=np.uint8)
+    want = cap_ort.generate_frames(frames, max_new_tokens=6)
+    got = cap_trt.generate_frames(frames, max_new_tokens=6)
+    assert got.tokens == want.tokens and len(got.tokens) == 6
+    # Prefill read 0 past tokens from set 0; decode steps alternate sets with one more token each.
+    prefill, decodes = engines["decoder_prefill"].calls, engines["decoder_decode"].calls
+    assert len(prefill) == 1 and len(decodes) == 5
+    assert prefill[0]["past_key_0"] == (bases[0].ptr, (1, backend.kv.kv_heads, 0, backend.kv.head_dim))
+    prompt = got.prompt_tokens
+    for step, call in enumerate(decodes):
+        ptr, shape = call["past_key_0"]
+        assert ptr == bases[(step + 1) % 2].ptr and shape[2] == prompt + step
+    assert len({ptr for call in decodes for ptr, _ in call.values()}) == 2 * 2 * backend.num_layers
+
+
+def test_tensorrt_captioner_refuses_stale_caches_and_sizes_its_engines_do_not_take(onnx_dir, captioner_engines):
+    from skyrt.runtime.backends.tensorrt_captioner import kv_capacity, profile_violations
+
+    backend, _, _ = _wired_trt_backend(onnx_dir, captioner_engines)
+    manifest = rc.read_manifest(onnx_dir)
+    assert kv_capacity(backend.manifests) == manifest["export_config"]["max_total_tokens"] == backend.kv.capacity
+    hidden = manifest["captioner"]["hidden_size"]
+    first = backend.empty_cache()
+    _, cache = backend.decoder(np.zeros((1, 3, hidden), np.float32), np.zeros((3, 1, 3), np.int64), first)
+    _, newer = backend.decoder(np.zeros((1, 1, hidden), np.float32), np.full((3, 1, 1), 3, np.int64), cache)
+    assert (cache.tokens, newer.tokens, newer.slot) == (3, 4, 0)
+    with pytest.raises(ValueError, match="overwritten by a later decoder call"):
+        backend.decoder(np.zeros((1, 1, hidden), np.float32), np.full((3, 1, 1), 3, np.int64), cache)
+    full = type(newer)(slot=newer.slot, tokens=backend.kv.capacity, serial=newer.serial)
+    with pytest.raises(ValueError, match="do not fit the decoder engines"):
+        backend.decoder(np.zeros((1, 1, hidden), np.float32), np.zeros((3, 1, 1), np.int64), full)
+    # The vision engine's profile pins the export's video size: an image is refused, naming that size.
+    cap = rc.Captioner(onnx_dir, backend=backend)
+    pixels, grid = rc.preprocess_image(np.zeros((56, 56, 3), np.uint8), cap.config.preprocess)
+    with pytest.raises(ValueError, match=r"takes only the video size fixed at export: grid .* pixel_values"):
+        backend.vision(rc.vision_inputs(pixels, [grid], cap.config))
+    profile = {"x": [[1, 0, 4], [1, 8, 4], [1, 16, 4]]}
+    assert profile_violations(profile, {"x": (1, 16, 4), "static": (9,)}) == []
+    assert profile_violations(profile, {"x": (1, 17, 4)}) == ["x [1, 17, 4] not within [1, 0, 4]..[1, 16, 4]"]
+    assert profile_violations(profile, {"x": (1, 4)}) != []
+
+
+def test_tensorrt_captioner_never_imports_torch(captioner_engines):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import json, sys
+        from skyrt.runtime.captioner import open_captioner
+        from skyrt.runtime.cuda_mem import CudaError, device_count
+        try:
+            open_captioner({str(captioner_engines)!r}, backend="tensorrt")
+            error = None
+        except CudaError as err:
+            error = str(err)
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx"))
+        print(json.dumps({{"error": error, "gpus": device_count(), "heavy": heavy}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == [] and (report["gpus"] > 0 or "no usable NVIDIA driver" in report["error"])

@@ -170,3 +170,20 @@ def test_pick_builder_prefers_standard_tensorrt_when_it_imports(monkeypatch):
     assert E.pick_builder("tensorrt-rtx") == "tensorrt-rtx"  # forced
     with pytest.raises(ValueError, match="builder must be"):
         E.pick_builder("onnx")
+
+
+def test_export_cli_defaults_and_choices():
+    """Issue 4: `export engine --builder` defaults to auto; `export onnx --precision` takes bf16;
+    the --compute-capability help names the real defaults."""
+    import argparse
+
+    from skyrt.export import engine as E
+    from skyrt.export.export_cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    export = add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", "engine", "--onnx", "o", "--out", "e"])
+    assert args.builder == "auto" and args.compute_capability is None
+    assert parser.parse_args(["export", "onnx", "--out", "o", "--precision", "bf16"]).precision == "bf16"
+    engine_help = export._subparsers._group_actions[0].choices["engine"].format_help()
+    assert " ".join(E.RTX_COMPUTE_CAPABILITIES) in " ".join(engine_help.split())

@@ -75,3 +75,13 @@ def test_captioner_section_runs_up_to_the_gpu_and_records_why_it_stopped(tmp_pat
     # Everything before the GPU happened: the ORT export and the TensorRT-RTX engines exist.
     assert list((tmp_path / "captioner-cache").glob("captioner/*/*/manifest.json"))
     assert list((tmp_path / "captioner-cache").glob("engines/*/captioner-*/vision.engine"))
+
+
+def test_captioner_report_helpers():
+    gv = load_script()
+    assert gv.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert gv.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert gv.first_difference([1, 2], [1, 2, 3]) == 2  # one stopped early
+    timings = gv._per_token({"prefill_s": 0.5, "decode_s": 0.2, "decode_steps": 4})
+    assert timings["decode_ms_per_token"] == pytest.approx(50.0) and timings["prefill_s"] == 0.5
+    assert gv._per_token({"decode_s": 0.0, "decode_steps": 0})["decode_ms_per_token"] is None

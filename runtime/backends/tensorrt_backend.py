@@ -104,6 +104,36 @@ def engine_cache_key(onnx_manifest: dict, options, builder_version: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def engine_build_options(builder: str, cache_root: Path, compute_capabilities: Sequence[str] | None = None,
+                         optimization_level: int = 3):
+    """(BuildOptions, builder module) for engines built on first use into the cache under `cache_root`;
+    the DiT backend and the captioner share it so both key and build their engines alike."""
+    from skyrt.export.engine import BuildOptions, build_targets, import_builder, pick_builder
+
+    builder = pick_builder(builder)
+    trt = import_builder(builder)
+    # TensorRT-RTX default: every RTX target, not just the GPU present. Measured here: the
+    # tiny model's 9 engines take 6.9 s and 44.72 MB for 4 targets vs 6.8 s and 44.71 MB for one,
+    # so portability is free and one cache entry serves any RTX GPU.
+    timing = None
+    if builder == "tensorrt":  # one timing cache per TensorRT version, shared by every build
+        timing = Path(cache_root) / ENGINE_CACHE / f"timing-{trt.__version__}.cache"
+    options = BuildOptions(builder=builder, optimization_level=optimization_level,
+                           compute_capabilities=list(compute_capabilities) if compute_capabilities else None,
+                           timing_cache=timing)
+    return replace(options, compute_capabilities=build_targets(options)), trt
+
+
+def cached_engine_folder(onnx_dir: Path, cache_root: Path, options, builder_version: str, prefix: str = "",
+                         progress: bool = True) -> Path:
+    """The engine folder of an ONNX export in the cache, $SKYRT_CACHE/engines/<builder>-<version>/
+    <prefix><key>, built first when absent (the key: engine_cache_key)."""
+    manifest = json.loads((Path(onnx_dir) / "manifest.json").read_text())
+    key = engine_cache_key(manifest, options, builder_version)
+    target = Path(cache_root) / ENGINE_CACHE / f"{options.builder}-{builder_version}" / f"{prefix}{key}"
+    return build_engine_folder(Path(onnx_dir), target, options, progress=progress)
+
+
 def build_engine_folder(onnx_dir: Path, target: Path, options, progress: bool = True) -> Path:
     """Engines for every graph of `onnx_dir` in `target` (built in a staging folder, renamed when
     complete, so an interrupted build never leaves a half folder that looks usable)."""
@@ -188,16 +218,21 @@ class TrtEngine:
             buf = self._buffers[name] = DeviceArray.empty(shape, self.dtypes[name])
         return buf
 
-    def run(self, feeds: dict, keep_on_device: Sequence[str] = ()) -> list:
+    def run(self, feeds: dict, keep_on_device: Sequence[str] = (), out: dict | None = None) -> list:
         """feeds: name -> numpy array (copied in) or DeviceArray (bound by address). Outputs in engine
-        order: numpy, or fresh DeviceArray copies for `keep_on_device` (the I/O buffers are reused)."""
+        order: numpy; fresh DeviceArray copies for `keep_on_device` (the I/O buffers are reused); for
+        names in `out` (name -> DeviceArray at least as large), the output is written there and a
+        DeviceArray of its shape at that address is returned, without any copy."""
         from ..cuda_mem import DeviceArray
 
+        out = out or {}
         key = []
         for name in self.inputs:
             value = feeds[name]
             shape = tuple(int(d) for d in value.shape)
-            self.context.set_input_shape(name, shape)
+            if not self.context.set_input_shape(name, shape):
+                raise ValueError(f"{self.name}: input {name} of shape {shape} is outside the engine's optimization "
+                                 f"profile (see the profile in {self.name}.engine.json)")
             if isinstance(value, DeviceArray):
                 address = value.ptr
             else:
@@ -208,14 +243,23 @@ class TrtEngine:
             key.append((name, shape, address))
         out_buffers = []
         for name in self.outputs:
-            buf = self._buffer(name, tuple(self.context.get_tensor_shape(name)))
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+            if name in out:
+                buf = DeviceArray(shape, self.dtypes[name], out[name].ptr)
+                if buf.nbytes > out[name].nbytes:
+                    raise ValueError(f"{self.name}: output {name} {shape} does not fit its "
+                                     f"{out[name].nbytes}-byte buffer")
+            else:
+                buf = self._buffer(name, shape)
             self.context.set_tensor_address(name, buf.ptr)
             out_buffers.append(buf)
             key.append((name, buf.shape, buf.ptr))
         self._launch(tuple(key))
         results = []
         for name, buf in zip(self.outputs, out_buffers):
-            if name in keep_on_device:
+            if name in out:
+                results.append(buf)
+            elif name in keep_on_device:
                 copy = DeviceArray.empty(buf.shape, buf.dtype)
                 copy.copy_from(buf, self.stream)
                 results.append(copy)
@@ -320,28 +364,14 @@ class TensorRTBackend(OnnxRuntimeBackend):
 
     def _prepare_builds(self, builder: str, compute_capabilities: Sequence[str] | None, level: int) -> None:
         """Pick the builder and fix the build options (their targets are part of the cache key)."""
-        from skyrt.export.engine import BuildOptions, build_targets, import_builder, pick_builder
-
-        self.builder = pick_builder(builder)
-        self.trt = import_builder(self.builder)
-        # TensorRT-RTX default: every RTX target, not just the GPU present. Measured here: the
-        # tiny model's 9 engines take 6.9 s and 44.72 MB for 4 targets vs 6.8 s and 44.71 MB for one,
-        # so portability is free and one cache entry serves any RTX GPU.
-        targets = list(compute_capabilities) if compute_capabilities else None
-        timing = None
-        if self.builder == "tensorrt":  # one timing cache per TensorRT version, shared by every build
-            timing = self.cache_root / ENGINE_CACHE / f"timing-{self.trt.__version__}.cache"
-        options = BuildOptions(builder=self.builder, optimization_level=level, compute_capabilities=targets,
-                               timing_cache=timing)
-        self.build_options = replace(options, compute_capabilities=build_targets(options))
+        self.build_options, self.trt = engine_build_options(builder, self.cache_root, compute_capabilities, level)
+        self.builder = self.build_options.builder
 
     def _engines_for(self, onnx_dir: Path) -> Path:
         """The cached engine folder of an ONNX export folder, built first if needed (progress bar)."""
-        manifest = read_manifest(onnx_dir)
-        _check_precision(manifest, onnx_dir)  # before a build whose engines could not run
-        key = engine_cache_key(manifest, self.build_options, self.trt.__version__)
-        target = self.cache_root / ENGINE_CACHE / f"{self.builder}-{self.trt.__version__}" / key
-        return build_engine_folder(Path(onnx_dir), target, self.build_options, progress=self.progress)
+        _check_precision(read_manifest(onnx_dir), onnx_dir)  # before a build whose engines could not run
+        return cached_engine_folder(Path(onnx_dir), self.cache_root, self.build_options, self.trt.__version__,
+                                    progress=self.progress)
 
     def _export_group(self, group: str, needs: dict) -> Path:
         """A model folder's graph group: ONNX into the cache (subprocess, as onnxruntime does), then
@@ -450,5 +480,6 @@ class TensorRTBackend(OnnxRuntimeBackend):
         return velocity[0], new_k, new_v
 
 
-__all__ = ["DeviceKVCache", "TensorRTBackend", "TrtEngine", "build_engine_folder", "engine_cache_key",
-           "engine_folder_spec", "is_engine_folder", "prepare_engine_folder"]
+__all__ = ["DeviceKVCache", "TensorRTBackend", "TrtEngine", "build_engine_folder", "cached_engine_folder",
+           "engine_build_options", "engine_cache_key", "engine_folder_spec", "is_engine_folder",
+           "prepare_engine_folder"]
