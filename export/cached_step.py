@@ -48,6 +48,91 @@ def active_rope(dit: WanDiT, first_frame_position: int, num_frames: int, h: int,
     return rope_cos_sin(cfg.head_dim, positions, h, w, cfg.rope_max_positions)
 
 
+GRAPH_FORMS = (None, "onnx", "onnx-ort")  # CachedStep(graph=...): eager torch, or an export formulation
+
+
+def _fused_linear(layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] through the Linears side by side (outputs concatenated) as one 2-D matmul in their
+    weight dtype: [prod(...), sum(out)]. Exported, a 2-D linear is one Gemm with its bias, and the
+    reshape to 2-D takes a constant shape (no Shape ops)."""
+    weight = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
+    bias = torch.cat([layer.bias for layer in layers]) if len(layers) > 1 else layers[0].bias
+    return F.linear(x.reshape(-1, weight.shape[1]).to(weight.dtype), weight, bias)
+
+
+def _attend_onnx(q, k, v, bias, batch, num_heads: int, head_dim: int):
+    """Softmax attention with the scale already in q: q [B, Lq, N*Dh], k/v [B, Lk, N*Dh], additive bias
+    [B or 1, 1 or N, Lq, Lk] or None -> [B, Lq, N*Dh]; plain ONNX ops (TensorRT builds them). `batch`
+    is B as traced once per graph (ORT then merges the shape computations of every layer)."""
+    q, k, v = (x.reshape(batch, -1, num_heads, head_dim) for x in (q, k, v))
+    scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1))
+    if bias is not None:
+        scores = scores + bias
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.transpose(1, 2))
+    return out.transpose(1, 2).reshape(batch, -1, num_heads * head_dim)
+
+
+def _optional_input(g):
+    """An omitted optional input of an ONNX node (exported as the empty name)."""
+    node = g.op("prim::Constant")
+    node.setType(torch._C.OptionalType.ofTensor())
+    return node
+
+
+class _OrtMultiHeadAttention(torch.autograd.Function):
+    """_attend_onnx exported as one com.microsoft MultiHeadAttention node: onnxruntime's contrib op
+    (3-D [B, S, N*Dh] query/key/value, no transposes; scale 1 because q carries it). TensorRT cannot
+    build it. Eager, it is _attend_onnx."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num_heads: int):
+        return _attend_onnx(q, k, v, None, q.shape[0], num_heads, q.shape[-1] // num_heads)
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads: int):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads, scale_f=1.0)
+        out.setType(q.type())  # [B, Lq, N*Dh] like q (the exporter cannot infer a contrib op's shape)
+        return out
+
+
+class _OrtMultiHeadAttentionBias(torch.autograd.Function):
+    """_OrtMultiHeadAttention with an additive attention_bias [B or 1, 1 or N, Lq, Lk]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, num_heads: int):
+        return _attend_onnx(q, k, v, bias, q.shape[0], num_heads, q.shape[-1] // num_heads)
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, num_heads: int):
+        # inputs: query, key, value, bias (of the projections), key_padding_mask, attention_bias
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, _optional_input(g), _optional_input(g), bias,
+                   num_heads_i=num_heads, scale_f=1.0)
+        out.setType(q.type())
+        return out
+
+
+class _OrtFastGelu(torch.autograd.Function):
+    """GELU, tanh approximation (the FFN's), exported as one com.microsoft FastGelu node instead of
+    the nine elementwise ops of its formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return F.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def symbolic(g, x):
+        out = g.op("com.microsoft::FastGelu", x)
+        out.setType(x.type())
+        return out
+
+
+def _attend_ort(q, k, v, bias, batch, num_heads: int, head_dim: int):
+    """_attend_onnx through onnxruntime's MultiHeadAttention (see _OrtMultiHeadAttention)."""
+    if bias is None:
+        return _OrtMultiHeadAttention.apply(q, k, v, num_heads)
+    return _OrtMultiHeadAttentionBias.apply(q, k, v, bias, num_heads)
+
+
 def token_valid(slot_valid, tokens_per_slot: int) -> torch.Tensor:
     """Slot validity ([slots] or [B, slots], e.g. KVRing.valid) -> token validity [.., slots*tokens_per_slot]."""
     slot_valid = torch.as_tensor(slot_valid, dtype=torch.bool)
@@ -57,10 +142,13 @@ def token_valid(slot_valid, tokens_per_slot: int) -> torch.Tensor:
 class CachedStep(nn.Module):
     """The KV-cached DiT step; wraps (and shares the weights of) a WanDiT. See the module docstring."""
 
-    def __init__(self, dit: WanDiT, zero_invalid: bool = False):
+    def __init__(self, dit: WanDiT, zero_invalid: bool = False, graph: Optional[str] = None):
         super().__init__()
+        if graph not in GRAPH_FORMS:
+            raise ValueError(f"graph={graph!r} is not one of {GRAPH_FORMS}")
         self.dit = dit
         self.zero_invalid = bool(zero_invalid)
+        self.graph = graph
 
     @property
     def config(self):
@@ -127,6 +215,9 @@ class CachedStep(nn.Module):
             # keeps its own tokens, so no row is all -inf.
             mask = torch.zeros(mask.shape, dtype=dit.compute_dtype, device=x.device).masked_fill(~mask, float("-inf"))
 
+        if self.graph is not None:
+            return self._graph_forward(tokens, e, e0, cross_kv, cache_k, cache_v, keep, mask, rope_cos, rope_sin,
+                                       (f, h, w))
         new_k, new_v = [], []
         for layer, (block, kv) in enumerate(zip(dit.blocks, cross_kv)):
             shift1, scale1, gate1, shift2, scale2, gate2 = (block.modulation.float() + e0).unbind(dim=2)
@@ -152,6 +243,77 @@ class CachedStep(nn.Module):
             tokens = tokens + _linear(ffn[2], ffn[1](_linear(ffn[0], hid))).float() * gate2[:, :, None]
 
         velocity = dit.unpatchify(dit.head(tokens, e), (f, h, w))
+        return velocity, torch.stack(new_k), torch.stack(new_v)
+
+    def _graph_forward(self, tokens, e, e0, cross_kv, cache_k, cache_v, keep, bias, rope_cos, rope_sin, grid):
+        """forward's layers as the exported graph computes them (`graph` "onnx" or "onnx-ort"); the
+        same arithmetic as the eager loop up to fp32 summation order, in fewer, larger graph ops:
+        - tokens flattened to [B*L, D] around every linear, so each exports as one Gemm with its bias;
+        - q, k and v of the self-attention from one Gemm over the concatenated weights;
+        - RoPE as x * cos + (x @ P) * sin with P the signed pair swap (exact: P's products are x
+          or -x or 0) and cos/sin repeated per pair, instead of gathering even/odd channels and
+          stacking them back;
+        - the softmax scale folded into the query (its RoPE tables, or its norm for the cross-attention);
+        - "onnx-ort": both attentions as onnxruntime's com.microsoft MultiHeadAttention (its CPU
+          kernel skips the transposes), which TensorRT cannot build."""
+        dit, cfg = self.dit, self.dit.config
+        B, f, hw = tokens.shape[:3]  # traced once: every reshape below reuses them (ORT merges the copies)
+        L = f * hw
+        D, N, Dh = cfg.dim, cfg.num_heads, cfg.head_dim  # python ints: constant shapes
+        scale = Dh ** -0.5
+        attend = _attend_ort if self.graph == "onnx-ort" else _attend_onnx
+        # cos/sin [L, Dh/2] -> [L, 1, Dh], each angle twice (both channels of its pair), over all heads.
+        # (Not repeat_interleave: its export corrupted an unrelated unflatten's constant, torch 2.13.)
+        cos = torch.stack([rope_cos.float()] * 2, dim=2).reshape(L, 1, Dh)
+        sin = torch.stack([rope_sin.float()] * 2, dim=2).reshape(L, 1, Dh)
+        qcos, qsin = cos * scale, sin * scale
+        # (x @ swap)[2i] = -x[2i+1], (x @ swap)[2i+1] = x[2i]: RoPE's rotation by 90 degrees
+        swap = torch.kron(torch.eye(Dh // 2), torch.tensor([[0.0, 1.0], [-1.0, 0.0]])).to(tokens.device)
+
+        def rope(x, c, s):  # x [B*L, D] -> [B, L, N, Dh] fp32
+            x = x.float().reshape(B, L, N, Dh)
+            return x * c + torch.matmul(x, swap) * s
+
+        def stream(x):  # [B*L, D] -> [B, f, hw, D] fp32, the residual stream's layout
+            return x.float().reshape(B, f, hw, D)
+
+        gelu = _OrtFastGelu.apply if self.graph == "onnx-ort" else None
+        caches_k, caches_v = cache_k.split(1), cache_v.split(1)  # one Split each, not a Gather per layer
+        new_k, new_v = [], []
+        for layer, (block, kv) in enumerate(zip(dit.blocks, cross_kv)):
+            # [B, f, 1, D] each: broadcast over a frame's tokens as they are (one Split, no Unsqueeze)
+            shift1, scale1, gate1, shift2, scale2, gate2 = (block.modulation.float() + e0).split(1, dim=2)
+
+            hid = block.norm1(tokens) * (1 + scale1) + shift1  # _modulate  [B, f, hw, D]
+            attn = block.self_attn
+            q, k, v = _fused_linear((attn.q, attn.k, attn.v), hid).split(D, dim=-1)  # [B*L, D] each
+            q = rope(attn.norm_q(q), qcos, qsin)
+            k = rope(attn.norm_k(k), cos, sin).to(v.dtype)
+            v = v.reshape(B, L, N, Dh)
+            # [1, B, S, N, Dh] -> [B, S, N, Dh] by a reshape (an index would export as a copying Gather)
+            ck = caches_k[layer].reshape(B, -1, N, Dh).to(v.dtype)
+            cv = caches_v[layer].reshape(B, -1, N, Dh).to(v.dtype)
+            if self.zero_invalid and keep is not None:
+                ck = torch.where(keep, ck, torch.zeros((), dtype=ck.dtype, device=ck.device))
+                cv = torch.where(keep, cv, torch.zeros((), dtype=cv.dtype, device=cv.device))
+            keys = torch.cat([ck, k], dim=1).reshape(B, -1, D)
+            values = torch.cat([cv, v], dim=1).reshape(B, -1, D)
+            out = attend(q.to(v.dtype).reshape(B, L, D), keys, values, bias, B, N, Dh)  # [B, L, D]
+            tokens = tokens + stream(_fused_linear((attn.o,), out)) * gate1
+            new_k.append(k)
+            new_v.append(v)
+
+            cross = block.cross_attn
+            q = cross.norm_q(_fused_linear((cross.q,), block.norm3(tokens))).float() * scale
+            out = attend(q.to(kv.v.dtype).reshape(B, L, D), kv.k.reshape(B, -1, D), kv.v.reshape(B, -1, D),
+                         None if kv.bias is None else kv.bias.to(kv.v.dtype)[None], B, N, Dh)
+            tokens = tokens + stream(_fused_linear((cross.o,), out))
+
+            hid = _fused_linear((block.ffn[0],), block.norm2(tokens) * (1 + scale2) + shift2)
+            hid = block.ffn[1](hid) if gelu is None else gelu(hid)
+            tokens = tokens + stream(_fused_linear((block.ffn[2],), hid)) * gate2
+
+        velocity = dit.unpatchify(dit.head(tokens, e), grid)
         return velocity, torch.stack(new_k), torch.stack(new_v)
 
     @staticmethod

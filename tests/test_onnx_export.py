@@ -185,9 +185,11 @@ def test_dit_window_graph(model, fp32_export, graph, batch, frames):
     assert diff <= TOL
 
 
+@pytest.mark.parametrize("graph", ["dit_step", "dit_step.ort_cpu"])
 @pytest.mark.parametrize("batch,frames,first_position", [(1, BLOCK, 7), (1, 2 * BLOCK, 4), (2, 2 * BLOCK, 9)])
-def test_dit_step_graph(model, fp32_export, batch, frames, first_position):
-    """dit_step == CachedStep (real float64 timesteps inside) with the same cache and validity."""
+def test_dit_step_graph(model, fp32_export, batch, frames, first_position, graph):
+    """dit_step (and its ORT-CPU variant) == CachedStep (real float64 timesteps inside) with the same
+    cache and validity."""
     _, (dit, _, _) = model
     out, manifest = fp32_export
     tokens_per_block = manifest["graphs"]["dit_step"]["tokens_per_block"]
@@ -202,7 +204,7 @@ def test_dit_step_graph(model, fp32_export, batch, frames, first_position):
         ref = CachedStep(dit)(x, t, kv, cache_k, cache_v, slot_valid.repeat_interleave(tokens_per_block, dim=1),
                               cos, sin, fps=fps, causal_block_size=BLOCK)
     t_emb, cos, sin = _host_inputs(dit, t, first_position, frames)
-    got = _run(out, "dit_step", {"latents": x, "t_emb": t_emb, "cross_k": torch.stack([r.k for r in kv]),
+    got = _run(out, graph, {"latents": x, "t_emb": t_emb, "cross_k": torch.stack([r.k for r in kv]),
                                  "cross_v": torch.stack([r.v for r in kv]), "cache_k": cache_k, "cache_v": cache_v,
                                  "slot_valid": slot_valid, "rope_cos": cos, "rope_sin": sin, "fps": fps})
     for name, a, b in zip(("velocity", "new_k", "new_v"), got, ref):
@@ -241,6 +243,23 @@ def test_vae_encode_graphs_equal_the_whole_encode(model, fp32_export):
         mu, caches = _vae_step(step, "pixels", video[:, :, start:start + 4].numpy(), caches)
         mus.append(mu)
     assert _maxdiff(np.concatenate(mus, axis=2), ref) <= TOL
+
+
+def test_dit_step_ort_cpu_variant_is_recorded_and_only_it_uses_contrib_ops(fp32_export):
+    """The engines' dit_step.onnx holds standard ONNX ops only (TensorRT builds it); the ORT-CPU
+    variant beside it is listed under dit_step's "ort_cpu" entry with its hash, and holds the contrib ops."""
+    out, manifest = fp32_export
+    entry = manifest["graphs"]["dit_step"]
+    variant = entry["ort_cpu"]
+    assert variant["file"] == "dit_step.ort_cpu.onnx" and variant["providers"] == ["CPUExecutionProvider"]
+    assert sha256_file(out / variant["file"]) == variant["sha256"][variant["file"]]
+    plain = onnx.load(str(out / entry["file"]))
+    assert {node.domain for node in plain.graph.node} <= {"", "ai.onnx"}
+    fused = onnx.load(str(out / variant["file"]))
+    contrib = {f"{n.domain}.{n.op_type}" for n in fused.graph.node if n.domain not in ("", "ai.onnx")}
+    assert contrib == set(variant["contrib_ops"]) == {"com.microsoft.MultiHeadAttention", "com.microsoft.FastGelu"}
+    assert [i.name for i in fused.graph.input] == [i.name for i in plain.graph.input]
+    assert [o.name for o in fused.graph.output] == [o.name for o in plain.graph.output]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,17 +375,18 @@ def _fp16_case(model, folder: Path, tokens_per_block: int, graph: str):
                                 "fps": fps}), list(ref)
 
 
-@pytest.mark.parametrize("graph", sorted(FP16_TOL))
+@pytest.mark.parametrize("graph", sorted(FP16_TOL) + ["dit_step.ort_cpu"])
 def test_fp16_graphs_against_the_fp32_reference(model, fp16_export, graph):
     out, manifest = fp16_export
-    assert manifest["graphs"][graph]["precision"] == "fp16"
+    base = graph.split(".")[0]  # dit_step.ort_cpu: dit_step's ORT-CPU variant, the same bound
+    assert manifest["graphs"][base]["precision"] == "fp16"
     got, ref = _fp16_case(model, out, manifest["graphs"]["dit_step"]["tokens_per_block"], graph)
-    names = [o["name"] for o in manifest["graphs"][graph]["outputs"]]
+    names = [o["name"] for o in manifest["graphs"][base]["outputs"]]
     for name, a, b in zip(names, got, ref):
         b = b.float().numpy()
         scale = float(np.abs(b).max())  # the output's magnitude: the bound is relative to it
         rel = float(np.abs(a.astype(np.float32) - b).max()) / scale
         print(f"fp16 {graph}.{name}: max |out| {scale:.3f}, max diff {rel * scale:.2e} = {rel / U16:.2f} u "
-              f"(bound {FP16_TOL[graph] / U16:.0f} u)")
-        assert rel <= FP16_TOL[graph], f"{graph}.{name}: {rel / U16:.2f} u of max |out|"
+              f"(bound {FP16_TOL[base] / U16:.0f} u)")
+        assert rel <= FP16_TOL[base], f"{graph}.{name}: {rel / U16:.2f} u of max |out|"
         assert rel >= FP16_FLOOR, f"{graph}.{name} is too close to fp32 ({rel / U16:.3f} u): did it run in fp16?"

@@ -145,6 +145,17 @@ def test_kvcache_mode_matches_torch(torch_pipe, ort_pipe, settings):
     assert got.shape == ref.shape and np.abs(got - ref).max() <= TOL
 
 
+def test_cpu_provider_runs_the_ort_cpu_step_variant(ort_pipe, export_dir):
+    """On the CPU provider the KV-cached step runs dit_step.ort_cpu.onnx (contrib ops; the rollouts above
+    compare it with torch); a GPU provider would get dit_step.onnx, the graph TensorRT builds."""
+    backend = ort_pipe.backend
+    graph = backend._graph("dit_step", **SIZE, block_frames=1, cache_blocks=PROFILE.cache_blocks)
+    assert graph.path_for("CPUExecutionProvider") == export_dir / "dit_step.ort_cpu.onnx"
+    assert graph.path_for("TensorrtExecutionProvider") == graph.path_for("CUDAExecutionProvider") == graph.path
+    assert backend._session(graph)._model_path == str(export_dir / "dit_step.ort_cpu.onnx")
+    assert backend.spin is False and skyrt.load(export_dir, backend="onnxruntime", spin=True).backend.spin
+
+
 def test_kvcache_stream_frames_match_torch(torch_pipe, ort_pipe):
     kwargs = dict(**SIZE, num_inference_steps=4, mode="kvcache", ar_step=2, causal_block_size=1, sink_blocks=1,
                   window_blocks=2, guidance_scale=1.0, seed=8, max_chunks=5)

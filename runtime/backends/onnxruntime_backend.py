@@ -15,6 +15,9 @@ of export/dit.py (float64 angles, fp32 tables).
 
 Providers: device "cpu" -> CPUExecutionProvider; "cuda" / "cuda:N" -> CUDAExecutionProvider (with
 I/O binding: per-prompt cross K/V stay on the GPU); "tensorrt" -> TensorrtExecutionProvider (+ CUDA).
+On the CPU provider, dit_step runs its "ort_cpu" variant when the export has one (attention and GELU
+as onnxruntime contrib ops; the plain dit_step.onnx is what TensorRT builds). Intra-op threads do
+not spin by default (`spin=True` restores onnxruntime's default; see __init__).
 onnxruntime silently falls back to the CPU when a GPU provider cannot start: this backend checks
 what each session really got and refuses such a session with an error instead.
 
@@ -50,9 +53,13 @@ GROUP_OF = {"text_encoder": "text", "cross_kv": "text", "dit_window": "window", 
             "dit_step": "step", "vae_decode_first": "vae", "vae_decode_step": "vae", "vae_encode_first": "vae",
             "vae_encode_step": "vae"}
 GROUP_GRAPHS = {g: tuple(k for k, v in GROUP_OF.items() if v == g) for g in set(GROUP_OF.values())}
+# Bumped when the exporter writes different graphs for a group, so cached exports are made again:
+# step 2 = dit_step's export formulation plus its ORT-CPU variant (export/onnx_export.py).
+GROUP_REVISION = {"step": 2}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 # ORT's CPU provider has no bfloat16 MatMul (DESIGN.md section 6): bf16 exports are for TensorRT.
 ORT_PRECISIONS = ("fp32", "fp16")
+ORT_CPU_VARIANT = "ort_cpu"  # manifest key of a graph's CPU-provider variant (export/onnx_export.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +183,15 @@ class _Graph:
     def path(self) -> Path:
         return self.folder / self.entry["file"]
 
+    def path_for(self, provider: str) -> Path:
+        """The file to run on `provider`: dit_step's onnxruntime-CPU variant (contrib ops, see
+        export/onnx_export.py ORT_CPU_VARIANT) on the CPU provider when the export has one, else the
+        graph itself (what TensorRT builds)."""
+        variant = self.entry.get(ORT_CPU_VARIANT)
+        if variant is not None and provider in variant.get("providers", ()):
+            return self.folder / variant["file"]
+        return self.path
+
     def input_dtype(self, name: str):
         for spec in self.entry["inputs"]:
             if spec["name"] == name:
@@ -271,7 +287,12 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, model: ModelSpec, device: str = "cpu", providers: Sequence | None = None,
                  precision: str = "fp32", cache_dir: str | Path | None = None, threads: int | None = None,
-                 export_options: dict | None = None, progress: bool = True):
+                 export_options: dict | None = None, progress: bool = True, spin: bool = False):
+        """threads: intra-op threads (None = onnxruntime's choice, one per core). spin: let idle intra-op
+        threads busy-wait for the next op (onnxruntime's default). Off here: with any other process or
+        thread on the cores (the server's decoder and HTTP threads, a training job), spinning workers
+        take their time slices; measured on this 2-core machine under load, the benchmark step took
+        1.5-1.9x longer with spinning (benchmarks/backends.py records both)."""
         super().__init__(model)
         import onnxruntime as ort
 
@@ -283,6 +304,7 @@ class OnnxRuntimeBackend(Backend):
         self.providers = session_providers(device, providers)
         self.precision = precision
         self.threads = threads
+        self.spin = bool(spin)
         self.progress = progress
         self.export_options = dict(export_options or {})
         self._sessions: dict[Path, Any] = {}
@@ -350,8 +372,10 @@ class OnnxRuntimeBackend(Backend):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if self.threads:
                 options.intra_op_num_threads = int(self.threads)
-            session = ort.InferenceSession(str(graph.path), sess_options=options, providers=self.providers)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
             wanted = _provider_name(self.providers[0])
+            session = ort.InferenceSession(str(graph.path_for(wanted)), sess_options=options,
+                                           providers=self.providers)
             if session.get_providers()[0] != wanted:
                 raise RuntimeError(f"onnxruntime created the {graph.name} session on {session.get_providers()} "
                                    f"instead of {wanted} (a silent fallback); refusing. Check the CUDA/TensorRT "
@@ -395,6 +419,8 @@ class OnnxRuntimeBackend(Backend):
         graphs = GROUP_GRAPHS[group]
         settings = {"format": FORMAT, "group": group, "graphs": sorted(graphs), "needs": needs,
                     "precision": self.precision, "options": self.export_options}
+        if group in GROUP_REVISION:
+            settings["revision"] = GROUP_REVISION[group]
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         target = self.cache_root / "onnx" / self.model_hash[:16] / f"{group}-{key}"
         if is_export_folder(target):
