@@ -92,6 +92,13 @@ class Metrics:
             self.client_drops_total[fmt] = self.client_drops_total.get(fmt, 0) + reader.dropped
 
     # -- reads
+    def _clients_per_format(self) -> dict[str, int]:
+        """Connected readers per output format (call with the lock held)."""
+        counts: dict[str, int] = {}
+        for fmt, _ in self.clients.values():
+            counts[fmt] = counts.get(fmt, 0) + 1
+        return counts
+
     def generated_fps(self) -> float:
         """Frames generated per second over the last RATE_WINDOW_S seconds."""
         with self.lock:
@@ -104,9 +111,7 @@ class Metrics:
     def snapshot(self) -> dict:
         fps = self.generated_fps()
         with self.lock:
-            clients: dict[str, int] = {}
-            for fmt, _ in self.clients.values():
-                clients[fmt] = clients.get(fmt, 0) + 1
+            clients = self._clients_per_format()
             drops = dict(self.client_drops_total)
             for fmt, reader in self.clients.values():
                 drops[fmt] = drops.get(fmt, 0) + reader.dropped
@@ -166,11 +171,8 @@ class Metrics:
             metric("skyrt_encoder_errors_total", "counter", "Output encoder failures.", [("", self.encoder_errors)])
             metric("skyrt_pacer_resyncs_total", "counter", "Times the pacer fell over 1 s behind and reset its clock.",
                    [("", self.pacer_resyncs)])
-            per_format: dict[str, int] = {}
-            for fmt, _ in self.clients.values():
-                per_format[fmt] = per_format.get(fmt, 0) + 1
             metric("skyrt_clients", "gauge", "Connected stream clients.",
-                   [(f'{{format="{f}"}}', n) for f, n in sorted(per_format.items())])
+                   [(f'{{format="{f}"}}', n) for f, n in sorted(self._clients_per_format().items())])
             metric("skyrt_client_queue_drops", "gauge", "Items a connected client missed because it read too slowly.",
                    [(f'{{client="{rid}",format="{fmt}"}}', r.dropped) for rid, (fmt, r) in sorted(self.clients.items())])
             metric("skyrt_client_queue_drops_total", "counter", "Items dropped for clients that have disconnected.",
