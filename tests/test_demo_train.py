@@ -20,7 +20,8 @@ from skyrt.export.demo_model import train as T
 from skyrt.export.demo_model import world as W
 from skyrt.export.vae import VAEConfig, WanVAE
 
-SMOKE = ["--size", "64", "--vae-crop", "32", "--vae-steps", "8", "--vae-batch", "2", "--dataset-clips", "4",
+SMOKE = ["--size", "64", "--vae-crop", "32", "--vae-steps", "8", "--vae-batch", "2", "--vae-long-steps", "3",
+         "--vae-long-frames", "17", "--vae-long-crop", "32", "--vae-long-batch", "1", "--dataset-clips", "4",
          "--shard-clips", "2", "--dit-steps", "12", "--dit-lr", "2e-3", "--text-lr", "1e-3", "--warmup", "2",
          "--dit-batch-frames", "16", "--checkpoint-every", "6", "--log-every", "3", "--threads", "1",
          "--eval-clips", "1", "--no-progress"]
@@ -38,9 +39,12 @@ def test_smoke_run_losses_fall(smoke_run):
     out, model_dir = smoke_run
     meta = json.loads((model_dir / T.META_NAME).read_text())
     vae, dit = meta["summary"]["vae"], meta["summary"]["dit"]
-    assert vae["steps"] == 8 and dit["steps"] == 12
+    short, long = vae["phases"]
+    assert (short["phase"], short["steps"], long["phase"], long["steps"]) == ("short", 8, "long", 3)
+    assert dit["steps"] == 12
     # Fixed probe batches (same data, same noise) before and after training.
-    assert vae["probe_l1_end"] < 0.9 * vae["probe_l1_start"], vae
+    assert short["probe_l1_end"] < 0.9 * short["probe_l1_start"], short
+    assert len(long["stationarity"]["latent_drift_per_frame"]) == 13  # the still 49-frame probe, per latent
     assert dit["probe_loss_end"] < dit["probe_loss_start"], dit
     # The fold makes the fixed Wan2.1 normalisation standardise this VAE's latents, exactly.
     assert abs(vae["normalised_mean"]) < 1e-3 and vae["normalised_std"] == pytest.approx(1.0, abs=1e-3)

@@ -93,6 +93,13 @@ class TrainConfig:
     vae_fg_weight: float = 2.0
     vae_lr: float = 1e-3
     vae_kl: float = 1e-4
+    # VAE phase 2 (long clips): a causal VAE trained on short clips only is not stationary (every
+    # conv it learned saw the zero padding of the clip start); 33-frame clips teach it the steady state.
+    vae_long_steps: int = 500
+    vae_long_frames: int = 33
+    vae_long_batch: int = 3
+    vae_long_crop: int = 48
+    vae_long_lr: float = 3e-4
     # data
     dataset_clips: int = 1536
     clip_frames: int = 49
@@ -117,6 +124,7 @@ class TrainConfig:
     crop_frames: str = "4,8,8,12"  # crop lengths in latent frames, drawn per batch
     block_sizes: str = "2,2,1"  # causal block sizes, drawn per batch (must divide the crop)
     dit_lr: float = 3e-4
+    dit_init: str = ""  # start the DiT and text encoder from another run's dit.pt (its EMA weights); "" = scratch
     warmup: int = 200
     train_shift: float = 2.0  # sigma = s u / (1 + (s - 1) u), u ~ U(0, 1): a bit more weight on noise
     empty_prompt: float = 0.1
@@ -150,7 +158,7 @@ class TrainConfig:
 
 
 # Fields that change what is being trained: a resumed run must not change them.
-ARCHITECTURE_FIELDS = ("seed", "size", "vae_dim", "vae_res_blocks", "vae_frames", "dataset_clips", "clip_frames",
+ARCHITECTURE_FIELDS = ("seed", "size", "vae_dim", "vae_res_blocks", "vae_frames", "vae_long_frames", "dataset_clips", "clip_frames",
                        "switch_fraction", "shard_clips", "text_dim", "text_layers", "text_heads", "text_ffn",
                        "text_len", "dit_dim", "dit_layers", "dit_heads", "dit_ffn", "freq_dim", "num_frame_per_block")
 
@@ -179,9 +187,10 @@ def _validate(cfg: TrainConfig) -> None:
     unit = lat.SPATIAL_FACTOR * lat.PATCH_SPATIAL
     if cfg.size % unit or cfg.size < 32:
         raise ValueError(f"--size {cfg.size} must be a multiple of {unit} and >= 32")
-    if cfg.vae_crop % unit or cfg.vae_crop > cfg.size:
-        raise ValueError(f"--vae-crop {cfg.vae_crop} must be a multiple of {unit} and <= --size")
-    for name in ("vae_frames", "clip_frames"):
+    for name in ("vae_crop", "vae_long_crop"):
+        if getattr(cfg, name) % unit or getattr(cfg, name) > cfg.size:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be a multiple of {unit} and <= --size")
+    for name in ("vae_frames", "vae_long_frames", "clip_frames"):
         if (getattr(cfg, name) - 1) % lat.TEMPORAL_FACTOR:
             raise ValueError(f"--{name.replace('_', '-')} must be 1 + 4k frames")
     latents = lat.latent_length(cfg.clip_frames)
@@ -369,6 +378,16 @@ class LatentData:
     switch_latent: np.ndarray  # int [N]: first latent frame of the second prompt, -1 without a switch
 
 
+@dataclass(frozen=True)
+class VAEPhase:
+    name: str
+    steps: int
+    frames: int
+    batch: int
+    crop: int
+    lr: float
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -413,20 +432,20 @@ class Trainer:
             make_world_tokenizer(self.tokenizer_dir)
 
     # -- stage 1: VAE ---------------------------------------------------------------------------
-    def _vae_batch(self, rng: np.random.Generator, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _vae_batch(self, rng: np.random.Generator, step: int, phase: "VAEPhase") -> tuple[torch.Tensor, torch.Tensor]:
         """(pixels [B, 3, T, S, S], loss weights [B, 1, T, S, S]): world clips of the train split,
         cropped around the shape; pixels on and around the shape weigh 1 + vae_fg_weight."""
         cfg = self.cfg
         # Every 4th step whole frames (backgrounds, and the decoder's attention on full-size latents), with
         # about the same pixel count.
-        full = step % 4 == 3 or cfg.vae_crop == cfg.size
-        batch = max(1, cfg.vae_batch * cfg.vae_crop**2 // cfg.size**2) if full else cfg.vae_batch
-        crop = cfg.size if full else cfg.vae_crop
+        full = step % 4 == 3 or phase.crop == cfg.size
+        batch = max(1, phase.batch * phase.crop**2 // cfg.size**2) if full else phase.batch
+        crop = cfg.size if full else phase.crop
         combos = W.combinations("train")
         clips, weights = [], []
         for _ in range(batch):
             attrs = combos[int(rng.integers(len(combos)))]
-            clip = W.render_clip(attrs, cfg.vae_frames, cfg.size, cfg.size, seed=int(rng.integers(2**31)))
+            clip = W.render_clip(attrs, phase.frames, cfg.size, cfg.size, seed=int(rng.integers(2**31)))
             frames = clip.frames
             # The shape (grown by 40% to take in its edges) from the ground truth: [T, S, S].
             mask = np.stack([W.shape_mask(attrs.shape, cfg.size, cfg.size, cx, cy, 1.4 * clip.truth.radius)
@@ -441,33 +460,62 @@ class Trainer:
             weights.append(1.0 + cfg.vae_fg_weight * mask)
         return _to_pixels(np.stack(clips)), torch.from_numpy(np.stack(weights)[:, None]).float()
 
+    def vae_phases(self) -> list["VAEPhase"]:
+        cfg = self.cfg
+        phases = [VAEPhase("short", cfg.vae_steps, cfg.vae_frames, cfg.vae_batch, cfg.vae_crop, cfg.vae_lr)]
+        if cfg.vae_long_steps > 0:
+            phases.append(VAEPhase("long", cfg.vae_long_steps, cfg.vae_long_frames, cfg.vae_long_batch,
+                                   cfg.vae_long_crop, cfg.vae_long_lr))
+        return phases
+
     def train_vae(self) -> WanVAE:
+        """Phase by phase (short clips, then long ones); each ends with the latent fold and a checkpoint
+        marked with the phases done. A phase starts with a fresh optimizer and its own warm-up."""
         cfg = self.cfg
         path = self.ck / "vae.pt"
         torch.manual_seed(cfg.seed + 1)
         vae = init_vae(WanVAE(cfg.vae_config()))
-        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-        rng = np.random.default_rng([cfg.seed, 1])
-        gen = torch.Generator().manual_seed(cfg.seed + 11)
-        step, history = 0, []
-        probe_start = self._vae_probe(vae)
-        if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+        if state is not None:
             vae.load_state_dict(state["vae"])
-            if state.get("done"):
-                self.summary["vae"] = state["summary"]
-                return vae.eval()
-            opt.load_state_dict(state["opt"])
-            rng.bit_generator.state = state["rng"]
-            gen.set_state(state["gen"])
-            step, history = state["step"], state["history"]
+        # Checkpoints of runs before phases existed say done=True: that is the short phase.
+        phases_done = state.get("phases_done", 1 if state.get("done") else 0) if state else 0
+        if state is None:
+            summaries = []
+        elif "summaries" in state:
+            summaries = state["summaries"]
+        else:  # an old-format checkpoint
+            summaries = [state["summary"]] if state.get("done") else []
+        for index, phase in enumerate(self.vae_phases()):
+            if index < phases_done:
+                continue
+            resume = state if state is not None and not state.get("done") and state.get("phase", 0) == index else None
+            summaries.append(self._train_vae_phase(vae, phase, index, resume, path, summaries))
+            state = None
+        self.summary["vae"] = {**summaries[-1], "phases": summaries}
+        return vae.eval()
+
+    def _train_vae_phase(self, vae: WanVAE, phase: "VAEPhase", index: int, resume: dict | None, path: Path,
+                         earlier: list[dict]) -> dict:
+        cfg = self.cfg
+        opt = torch.optim.AdamW(vae.parameters(), lr=phase.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        rng = np.random.default_rng([cfg.seed, 1] if index == 0 else [cfg.seed, 1, index])
+        gen = torch.Generator().manual_seed(cfg.seed + 11 + 100 * index)
+        step, history = 0, []
+        probe_start = self._vae_probe(vae, phase)
+        if resume is not None:
+            opt.load_state_dict(resume["opt"])
+            rng.bit_generator.state = resume["rng"]
+            gen.set_state(resume["gen"])
+            step, history = resume["step"], resume["history"]
+            probe_start = resume.get("probe_start", probe_start)
         vae.train()
-        bar = _bar(cfg.vae_steps, step, "vae", cfg.progress)
+        bar = _bar(phase.steps, step, f"vae ({phase.name} clips)", cfg.progress)
         tic = time.time()
-        while step < cfg.vae_steps:
+        while step < phase.steps:
             for group in opt.param_groups:
-                group["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_steps, min(cfg.warmup, cfg.vae_steps // 10 + 1))
-            x, weight = self._vae_batch(rng, step)  # [B, 3, T, S, S], [B, 1, T, S, S]
+                group["lr"] = phase.lr * _lr_factor(step, phase.steps, min(cfg.warmup, phase.steps // 10 + 1))
+            x, weight = self._vae_batch(rng, step, phase)  # [B, 3, T, S, S], [B, 1, T, S, S]
             mu, log_var = encode_moments(vae, x)  # [B, 16, F, S/8, S/8]
             log_var = log_var.clamp(-30.0, 20.0)
             z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=gen)
@@ -483,27 +531,43 @@ class Trainer:
             history.append(rec.item())
             bar.update(1)
             bar.set_postfix(l1=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
-            if step % cfg.log_every == 0 or step == cfg.vae_steps:
-                _log(self.out, {"stage": "vae", "step": step, "l1": float(np.mean(history[-cfg.log_every:])),
-                                "kl": kl.item(), "sec_per_step": (time.time() - tic) / cfg.log_every})
+            if step % cfg.log_every == 0 or step == phase.steps:
+                _log(self.out, {"stage": "vae", "phase": phase.name, "step": step,
+                                "l1": float(np.mean(history[-cfg.log_every:])), "kl": kl.item(),
+                                "sec_per_step": (time.time() - tic) / cfg.log_every})
                 tic = time.time()
-            if step % cfg.checkpoint_every == 0 and step < cfg.vae_steps:
+            if step % cfg.checkpoint_every == 0 and step < phase.steps:
                 _save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
-                              "gen": gen.get_state(), "step": step, "history": history}, path)
+                              "gen": gen.get_state(), "step": step, "history": history, "phase": index,
+                              "phases_done": index, "summaries": earlier, "probe_start": probe_start}, path)
         bar.close()
         vae.eval()
-        probe_end = self._vae_probe(vae)
+        probe_end = self._vae_probe(vae, phase)
         summary = self._standardise_latents(vae, rng)
-        summary.update(steps=step, l1_start=_head_mean(history), l1_end=_tail_mean(history),
-                       probe_l1_start=probe_start, probe_l1_end=probe_end)
-        self.summary["vae"] = summary
-        _save_atomic({"vae": vae.state_dict(), "done": True, "summary": summary, "step": step, "history": history}, path)
-        return vae
+        summary.update(phase=phase.name, frames=phase.frames, steps=step, l1_start=_head_mean(history),
+                       l1_end=_tail_mean(history), probe_l1_start=probe_start, probe_l1_end=probe_end,
+                       stationarity=self._stationarity(vae))
+        _save_atomic({"vae": vae.state_dict(), "done": True, "phases_done": index + 1,
+                      "summaries": [*earlier, summary]}, path)
+        return summary
 
     @torch.no_grad()
-    def _vae_probe(self, vae: WanVAE) -> float:
+    def _stationarity(self, vae: WanVAE) -> dict:
+        """A still scene must give one latent and one decoded frame for every chunk after the first few:
+        mean |mu_i - mu_last| over the latent frames of a 49-frame still clip, relative to mean |mu|,
+        and the decoded clip's L1 in its first and last 16 frames."""
+        attrs = W.Attributes("circle", "red", "still", "dark blue", "none")
+        x = _to_pixels(W.render_clip(attrs, 49, self.cfg.size, self.cfg.size, seed=0).frames[None])
+        mu = vae.encode(x)  # [1, 16, 13, h, w]
+        drift = (mu - mu[:, :, -1:]).abs().mean(dim=(0, 1, 3, 4)) / mu.abs().mean()
+        err = (vae.decode(mu) - x).abs().mean(dim=(0, 1, 3, 4))  # [49]
+        return {"latent_drift_per_frame": [round(float(v), 4) for v in drift],
+                "decoded_l1_first16": float(err[:16].mean()), "decoded_l1_last16": float(err[-16:].mean())}
+
+    @torch.no_grad()
+    def _vae_probe(self, vae: WanVAE, phase: "VAEPhase") -> float:
         """L1 of a fixed batch through encode -> decode (no sampling): comparable across steps."""
-        x, _ = self._vae_batch(np.random.default_rng([self.cfg.seed, 9]), 0)
+        x, _ = self._vae_batch(np.random.default_rng([self.cfg.seed, 9]), 0, phase)
         was_training = vae.training
         loss = float((vae.decode(vae.encode(x)) - x).abs().mean())
         vae.train(was_training)
@@ -680,6 +744,10 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, 3])
         gen = torch.Generator().manual_seed(cfg.seed + 12)
         step, history = 0, []
+        if cfg.dit_init and not path.exists():
+            init = torch.load(Path(cfg.dit_init).expanduser(), map_location="cpu", weights_only=False)
+            for module, key in ((dit, "ema_dit"), (ema_dit, "ema_dit"), (text_model, "ema_text"), (ema_text, "ema_text")):
+                module.load_state_dict(init[key])
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=False)
             dit.load_state_dict(state["dit"])
@@ -890,7 +958,9 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
         "",
         "## Objective",
         "- VAE: L1 reconstruction (shape pixels weighted " f"{1 + cfg.vae_fg_weight:g}x) + KL (weight {cfg.vae_kl}) "
-        f"on {cfg.vae_frames}-frame clips, {cfg.vae_crop}px crops and whole frames; then an exact affine fold so "
+        f"on {cfg.vae_frames}-frame clips, {cfg.vae_crop}px crops and whole frames, then {cfg.vae_long_steps} steps on "
+        f"{cfg.vae_long_frames}-frame clips ({cfg.vae_long_crop}px crops) so the causal VAE is stationary on long "
+        "streams (short clips alone leave every chunk after the third off); after each, an exact affine fold so "
         "the Wan2.1 latent normalisation standardises its latents.",
         "- DiT: diffusion forcing with rectified flow: x = (1 - sigma) x0 + sigma noise, target noise - x0, "
         "t = 1000 sigma per frame; an independent noise level per causal block; block-causal attention "
@@ -898,19 +968,24 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
         f"context at t = 0; {int(cfg.empty_prompt * 100)}% empty prompts (classifier-free guidance); EMA {cfg.ema}.",
         "",
         "## Training run",
-        f"- seed {cfg.seed}; VAE {fmt(vae.get('steps'))} steps (batch {cfg.vae_batch}, lr {cfg.vae_lr}); "
+        f"- seed {cfg.seed}; VAE {cfg.vae_steps} + {cfg.vae_long_steps} steps (batch {cfg.vae_batch} / "
+        f"{cfg.vae_long_batch}, lr {cfg.vae_lr} / {cfg.vae_long_lr}); "
         f"DiT {fmt(dit.get('steps'))} steps ({cfg.dit_batch_frames} latent frames per batch, lr {cfg.dit_lr}, "
         f"text lr {cfg.text_lr}, warm-up {cfg.warmup}, cosine to 10%, train shift {cfg.train_shift})",
         f"- VAE L1 (pixels in [-1, 1], shape-weighted): {fmt(vae.get('l1_start'))} -> {fmt(vae.get('l1_end'))} "
         f"(mean of the first / last 50 steps); on a fixed probe batch {fmt(vae.get('probe_l1_start'))} -> "
         f"{fmt(vae.get('probe_l1_end'))}; whole-frame L1 after the fold {fmt(vae.get('recon_l1_128'))}; "
-        f"normalised latent std {fmt(vae.get('normalised_std'))}",
+        f"normalised latent std {fmt(vae.get('normalised_std'))}; a still 49-frame clip decodes with L1 "
+        f"{fmt(vae.get('stationarity', {}).get('decoded_l1_first16'))} in its first 16 frames and "
+        f"{fmt(vae.get('stationarity', {}).get('decoded_l1_last16'))} in its last 16",
         f"- DiT flow-matching loss: {fmt(dit.get('loss_start'))} -> {fmt(dit.get('loss_end'))} (first / last 50 "
         f"steps); on a fixed probe batch {fmt(dit.get('probe_loss_start'))} -> {fmt(dit.get('probe_loss_end'))} "
         f"(EMA weights, the ones saved: {fmt(dit.get('probe_loss_end_ema'))})",
         f"- wall time {fmt(summary.get('wall_seconds', 0) / 60)} min with {cfg.threads} CPU threads",
         "- reproduce: `python -m skyrt.export.demo_model.train --out DIR --seed "
-        f"{cfg.seed} --vae-steps {cfg.vae_steps} --dit-steps {cfg.dit_steps} --dataset-clips {cfg.dataset_clips}`",
+        f"{cfg.seed} --vae-steps {cfg.vae_steps} --vae-long-steps {cfg.vae_long_steps} --dit-steps {cfg.dit_steps} "
+        f"--dataset-clips {cfg.dataset_clips}`" + (f" (the DiT started from `--dit-init {Path(cfg.dit_init).name}`, "
+        "an earlier run's DiT, see below)" if cfg.dit_init else ""),
         "",
         "## Sampling",
         "Recommended (" + ("measured by the sweep below" if "eval" in summary else "not yet measured") + "): "
