@@ -17,16 +17,16 @@ Also records generated frames per second of every run (wall clock, this machine,
     python benchmarks/quality.py                       # the trained demo model (see --model)
     python benchmarks/quality.py --model DIR --stream-minutes 2 --clips 8
     python benchmarks/quality.py --quick               # seconds, for a smoke check
+    python benchmarks/quality.py --settings default --stream-frames 21440   # the 20,000-frame target
+    python benchmarks/quality.py --merge a.json b.json # one report from parallel runs of other --settings
 
 Writes benchmarks/results/quality.json and quality.png (needs matplotlib for the plot).
---model defaults to the trained demo model in $SKYRT_CACHE (or ~/.cache/skyrt)/skyrt-demo-world-v1;
-without it, skyrt's tiny random model is used and the report says so.
+--model defaults to skyrt's built-in demo model (skyrt-demo-world-v1, shipped in the package).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 import warnings
@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
-DEMO_MODEL_NAME = "skyrt-demo-world-v1"
 SWITCH_WINDOW, SWITCH_HITS = 8, 6  # B must show in >= 6 of 8 consecutive frames
 STATS = ("mean_r", "mean_g", "mean_b", "luma_std", "edge_energy", "frame_change")
 
@@ -47,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--clips", type=int, default=8, help="held-out prompts per setting")
     p.add_argument("--clip-seconds", type=float, default=2.0, help="video per adherence clip")
     p.add_argument("--stream-minutes", type=float, default=1.0, help="stream time per setting for stability")
+    p.add_argument("--stream-frames", type=int, default=None,
+                   help="stream length in frames (overrides --stream-minutes; 21440 = 20,000 frames + a minute)")
     p.add_argument("--switches", type=int, default=3, help="prompt switches per setting")
     p.add_argument("--fps", type=int, default=24, help="frames per second of stream time")
     p.add_argument("--window-seconds", type=float, default=2.0, help="stability window")
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="merge reports of parallel runs (different --settings) into --out, and plot")
     args = p.parse_args(argv)
     if args.quick:
         args.clips, args.stream_minutes, args.switches, args.size = 1, 96 / (60 * args.fps), 1, min(args.size, 64)
@@ -68,16 +71,12 @@ def parse_args(argv=None):
 # Settings
 
 
-def default_model_dir() -> Path:
-    root = Path(os.environ.get("SKYRT_CACHE", Path.home() / ".cache" / "skyrt"))
-    return root / DEMO_MODEL_NAME
-
-
-def settings_for(block: int) -> dict[str, dict]:
-    """The rollouts compared: kvcache ring sizes (in blocks) and the window mode."""
+def settings_for(block: int, recommended: dict) -> tuple[dict[str, dict], str]:
+    """The rollouts compared: kvcache ring sizes (in blocks), the window mode, and the model's
+    recommended setting (what `skyrt serve` runs by default); returns them and the default's name."""
     window_frames = 4 * block  # latent frames of a window (block-aligned)
     overlap = 2 * block
-    return {
+    settings = {
         "kv_sink0_win2": dict(mode="kvcache", sink_blocks=0, window_blocks=2),
         "kv_sink0_win4": dict(mode="kvcache", sink_blocks=0, window_blocks=4),
         "kv_sink1_win3": dict(mode="kvcache", sink_blocks=1, window_blocks=3),
@@ -85,15 +84,21 @@ def settings_for(block: int) -> dict[str, dict]:
         "window": dict(mode="window", base_num_frames=1 + 4 * (window_frames - 1),
                        overlap_history=1 + 4 * (overlap - 1), overlap_carry="latent", ar_step=0),
     }
+    if recommended.get("mode", "kvcache") != "kvcache":
+        return settings, "window"
+    sink, win = recommended.get("sink_blocks", 1), recommended.get("window_blocks", 8)
+    name = f"kv_sink{sink}_win{win}"
+    settings.setdefault(name, dict(mode="kvcache", sink_blocks=sink, window_blocks=win))
+    return settings, name
 
 
 def sampling_defaults(model_dir: Path, args) -> dict:
     """Steps / shift / guidance: the model's demo_model.json recommendation, overridden by flags."""
+    from skyrt.runtime.default_model import recommended_sampling
+
     base = {"num_inference_steps": 4, "shift": 2.0, "guidance_scale": 1.0, "ar_step": 2}
-    meta = model_dir / "demo_model.json"
-    if meta.is_file():
-        rec = json.loads(meta.read_text()).get("recommended", {})
-        base.update({k: rec[k] for k in base if k in rec})
+    rec = recommended_sampling(model_dir)
+    base.update({k: rec[k] for k in base if k in rec})
     for key, flag in (("num_inference_steps", args.steps), ("shift", args.shift), ("guidance_scale", args.guidance_scale)):
         if flag is not None:
             base[key] = flag
@@ -201,7 +206,16 @@ def stability_run(pipe, attrs, setting, sampling, block, size, total_frames, win
                 "edge_ratio_vs_truth": float(np.nanmean([w["drift_vs_truth"]["edge_ratio"] for w in ws])),
                 "change_ratio_vs_truth": float(np.nanmean([w["drift_vs_truth"]["change_ratio"] for w in ws]))}
                for m, ws in sorted(per_minute.items())]
+    # The first minute against the last minute of the stream (for a 20,000-frame target: run
+    # --stream-frames 21440 so the last minute starts at frame 20,000).
+    minute = 60 * fps
+    first = [w["adherence"] for w in windows if w["start_frame"] + window <= minute]
+    last_start = max(0, made - minute)
+    last = [w["adherence"] for w in windows if w["start_frame"] >= last_start]
+    first_mean, last_mean = float(np.mean(first)), float(np.mean(last))
     return {"prompt": attrs.prompt, "frames": made, "generated_fps": made / seconds, "reference_stats": reference,
+            "adherence_first_minute": first_mean, "adherence_last_minute": last_mean,
+            "last_minute_start_frame": last_start, "drop_points": 100 * (first_mean - last_mean),
             "per_minute": summary, "windows": windows}
 
 
@@ -313,27 +327,28 @@ def plot(report: dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     import torch
 
     torch.set_num_threads(args.threads)
     import skyrt
     from skyrt.export.demo_model.world import combinations
 
-    model_dir, note = args.model, None
-    if model_dir is None:
-        model_dir = default_model_dir()
-        if not (model_dir / "config.json").is_file():
-            from skyrt.export.tiny import ensure_default_model
+    from skyrt.runtime.default_model import default_model_dir
 
-            note = (f"no trained demo model at {model_dir.name}: measured the tiny RANDOM model instead "
-                    "(train one with python -m skyrt.export.demo_model.train)")
-            print(note)
-            model_dir = ensure_default_model()
+    model_dir = args.model if args.model is not None else default_model_dir()
     pipe = skyrt.load(model_dir)
     block = max(1, pipe.model.num_frame_per_block)
     sampling = sampling_defaults(model_dir, args)
-    all_settings = settings_for(block)
-    names = list(all_settings) if args.settings == "all" else args.settings.split(",")
+    from skyrt.runtime.default_model import recommended_sampling
+
+    all_settings, default_name = settings_for(block, recommended_sampling(model_dir))
+    names = list(all_settings) if args.settings == "all" else [
+        default_name if n == "default" else n for n in args.settings.split(",")]
+    unknown = [n for n in names if n not in all_settings]
+    if unknown:
+        raise SystemExit(f"unknown --settings {unknown}: choose from {list(all_settings)}, 'default' or 'all'")
     rng = np.random.default_rng(args.seed)
     heldout = combinations("heldout")
     prompts = [heldout[int(i)] for i in rng.choice(len(heldout), size=args.clips, replace=False)]
@@ -342,12 +357,12 @@ def main(argv=None) -> int:
     fps = args.fps
     window = int(round(args.window_seconds * fps))
     clip_frames = int(args.clip_seconds * fps) + 1  # ~2 s: long enough for the motion reading
-    total_frames = max(window, int(args.stream_minutes * 60 * fps))
+    total_frames = args.stream_frames or max(window, int(args.stream_minutes * 60 * fps))
 
     label = model_dir.name
     if (model_dir / "demo_model.json").is_file():
         label = json.loads((model_dir / "demo_model.json").read_text()).get("name", label)
-    report = {"benchmark": "quality", "model": label, "note": note,
+    report = {"benchmark": "quality", "model": label,
               "machine": {"platform": platform.platform(), "device": "cpu", "torch_threads": args.threads},
               "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                          "out": args.out.name, "model": label, "block": block, "sampling": sampling,
@@ -373,11 +388,61 @@ def main(argv=None) -> int:
                 print(f"[{name}] switch (recache={recache}): {sw['switched']:.0%} switched, mean latency "
                       f"{sw['mean_latency_frames']} frames", flush=True)
             report["settings"][name] = {"setting": setting, "heldout": held, "stability": stab, "switch": switches}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    png = args.out.with_suffix(".png")
+    report["default_setting"] = default_name
+    write_report(report, args.out)
+    return 0
+
+
+def summarise(report: dict) -> None:
+    """Per setting, the headline numbers; for the default setting, the targets of the demo model."""
+    rows = {}
+    for name, r in report["settings"].items():
+        stab = r["stability"]
+        switch = {("recache" if s["recache"] else "continue"): s["mean_latency_chunks"] for s in r["switch"]}
+        switched = {("recache" if s["recache"] else "continue"): s["switched"] for s in r["switch"]}
+        rows[name] = {"heldout_adherence": r["heldout"]["adherence"], "heldout_fps": r["heldout"]["generated_fps"],
+                      "stream_frames": stab["frames"], "stream_fps": stab["generated_fps"],
+                      "adherence_first_minute": stab["adherence_first_minute"],
+                      "adherence_last_minute": stab["adherence_last_minute"], "drop_points": stab["drop_points"],
+                      "switch_latency_blocks": switch, "switched": switched}
+    report["summary"] = rows
+    default = rows.get(report.get("default_setting"))
+    if default is None:
+        return
+    latency = default["switch_latency_blocks"].get("continue")
+    report["targets"] = {
+        "setting": report["default_setting"],
+        "heldout_adherence>=0.90": default["heldout_adherence"] >= 0.90,
+        "stream_frames>=20000+minute": default["stream_frames"] >= 20000 + 60 * report["config"]["fps"],
+        "drop_points<=5": default["drop_points"] <= 5.0,
+        "switch_latency_blocks<=2": latency is not None and latency <= 2.0 and default["switched"]["continue"] == 1.0,
+    }
+
+
+def write_report(report: dict, out: Path) -> None:
+    summarise(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    png = out.with_suffix(".png")
     drawn = plot(report, png)
-    print(f"wrote {args.out.name}" + (f" and {png.name}" if drawn else "") + f" in {args.out.parent}")
+    for name, row in report["summary"].items():
+        print(f"{name:>14}: held-out {row['heldout_adherence']:.3f}, first/last minute "
+              f"{row['adherence_first_minute']:.3f}/{row['adherence_last_minute']:.3f} ({row['stream_frames']} frames), "
+              f"switch {row['switch_latency_blocks']} blocks, {row['stream_fps']:.1f} fps")
+    if "targets" in report:
+        print("targets:", json.dumps(report["targets"]))
+    print(f"wrote {out.name}" + (f" and {png.name}" if drawn else "") + f" in {out.parent}")
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """One report from runs of the same model and config over different --settings (e.g. run in parallel)."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = {**reports[0], "settings": {}, "merged_from": [p.name for p in paths]}
+    for r in reports:
+        if r["model"] != merged["model"]:
+            raise SystemExit(f"cannot merge reports of different models: {r['model']} and {merged['model']}")
+        merged["settings"].update(r["settings"])
+    write_report(merged, out)
     return 0
 
 

@@ -139,9 +139,9 @@ def run_onnx(args: argparse.Namespace) -> int:
         external_data_threshold=args.external_data_threshold)
     model = args.model
     if model is None:
-        from .tiny import ensure_default_model
+        from skyrt.runtime.default_model import default_model_dir
 
-        model = ensure_default_model()
+        model = default_model_dir()
     graphs = [g.strip() for g in args.graphs.split(",") if g.strip()] if args.graphs else None
     manifest = export_onnx(model, args.out, profile, graphs=graphs, progress=not args.no_progress,
                            model_hash=args.model_hash)

@@ -5,15 +5,11 @@ from pathlib import Path
 
 from .backends import get_backend
 from .backends.base import ModelSpec
+from .default_model import default_model_dir
 from .model_folder import inspect_model_folder
 from .pipeline import Pipeline
 
 
-def default_model_dir() -> Path:
-    """The built-in default model, created on first use (a tiny random-weight model for now)."""
-    from skyrt.export.tiny import ensure_default_model
-
-    return ensure_default_model()
 
 
 def source_spec(model_dir: str | Path | None, backend: str = "torch") -> ModelSpec:

@@ -20,28 +20,45 @@ from .captioner import CAPTIONER_ENV, CaptionerSetupError
 DEFAULT_PROMPT = "a red circle bouncing on a dark blue background"
 # `skyrt serve --captioner DIR` without --caption-every captions the stream this often.
 DEFAULT_CAPTION_EVERY_S = 30.0
+# Sampling defaults for a model without a recommendation (a real SkyReels-V2 checkpoint): the official
+# T2V settings. Models with a demo_model.json (the built-in demo model) recommend their own.
+OFFICIAL_SAMPLING = {"height": 544, "width": 960, "num_inference_steps": 30, "guidance_scale": 6.0, "shift": 8.0,
+                     "ar_step": 0, "causal_block_size": 1, "mode": "window", "sink_blocks": 1, "window_blocks": 8}
+RECOMMENDABLE = tuple(OFFICIAL_SAMPLING)
 CAPTIONER_HELP = (f"SkyCaptioner-V1 checkpoint folder (exported to ONNX on first use) or a folder from "
                   f"'skyrt export onnx --captioner'; default ${CAPTIONER_ENV}")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
-                   help="model folder (official or diffusers layout); default: skyrt's built-in tiny model")
+                   help="model folder (official or diffusers layout); default: skyrt's built-in model "
+                        "(the shipped demo model, else the tiny random one)")
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
                    help="torch (reference, default), onnxruntime (exports on first use), tensorrt (builds engines)")
     p.add_argument("--device", default="cpu", help="torch device for the torch backend (cpu, cuda)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """Sampling flags. Those a model can recommend default to None here and are filled in by
+    `_resolve_sampling_defaults`: the model's demo_model.json recommendation, else `defaults`."""
+    p.set_defaults(fallback_sampling=defaults)
     p.add_argument("--prompt", default=defaults.get("prompt", DEFAULT_PROMPT), help=defaults.get("prompt_help"))
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--height", type=int, default=defaults["height"])
-    p.add_argument("--width", type=int, default=defaults["width"])
-    p.add_argument("--steps", dest="num_inference_steps", type=int, default=defaults["steps"])
-    p.add_argument("--guidance-scale", type=float, default=defaults["guidance_scale"])
-    p.add_argument("--shift", type=float, default=8.0)
-    p.add_argument("--ar-step", type=int, default=0)
-    p.add_argument("--causal-block-size", type=int, default=1)
+    p.add_argument("--height", type=int, default=None, help=_default_help(defaults, "height"))
+    p.add_argument("--width", type=int, default=None, help=_default_help(defaults, "width"))
+    p.add_argument("--steps", dest="num_inference_steps", type=int, default=None,
+                   help=_default_help(defaults, "num_inference_steps"))
+    p.add_argument("--guidance-scale", type=float, default=None, help=_default_help(defaults, "guidance_scale"))
+    p.add_argument("--shift", type=float, default=None, help=_default_help(defaults, "shift"))
+    p.add_argument("--ar-step", type=int, default=None, help=_default_help(defaults, "ar_step"))
+    p.add_argument("--causal-block-size", type=int, default=None, help=_default_help(defaults, "causal_block_size"))
+    p.add_argument("--mode", choices=("kvcache", "window"), default=None,
+                   help="kvcache: each block denoised once against a ring KV cache; window: the official "
+                        "rollout. " + _default_help(defaults, "mode"))
+    p.add_argument("--sink-blocks", type=int, default=None,
+                   help="kvcache: blocks kept forever at the ring's start. " + _default_help(defaults, "sink_blocks"))
+    p.add_argument("--window-blocks", type=int, default=None,
+                   help="kvcache: rolling blocks of history. " + _default_help(defaults, "window_blocks"))
     p.add_argument("--base-num-frames", type=int, default=defaults["base_num_frames"])
     p.add_argument("--overlap-history", type=int, default=defaults.get("overlap_history"))
     p.add_argument("--addnoise-condition", type=float, default=0)
@@ -49,6 +66,21 @@ def _add_sampling_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--fps", type=int, default=24)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--image", default=None, help="first frame (I2V)")
+
+
+def _default_help(defaults: dict, key: str) -> str:
+    return f"default: the model's recommendation (demo_model.json), else {defaults[key]}"
+
+
+def _resolve_sampling_defaults(args, model_dir: Path) -> None:
+    """Fill the sampling flags left unset: first from the model's recommendation, then from the
+    command's own defaults (a real checkpoint has no recommendation: the official settings apply)."""
+    from .default_model import recommended_sampling
+
+    recommended = recommended_sampling(model_dir) if model_dir.is_dir() else {}
+    for key in RECOMMENDABLE:
+        if getattr(args, key) is None:
+            setattr(args, key, recommended.get(key, args.fallback_sampling[key]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video file")
     _add_model_args(gen)
     # prompt None = not given: with --video the prompt is then the video's caption (--captioner).
-    _add_sampling_args(gen, {"height": 544, "width": 960, "steps": 30, "guidance_scale": 6.0, "base_num_frames": 97,
+    _add_sampling_args(gen, {**OFFICIAL_SAMPLING, "base_num_frames": 97,
                              "prompt": None, "prompt_help": f"default: with --video, the video's caption "
                                                             f"(--captioner); else {DEFAULT_PROMPT!r}"})
     gen.add_argument("--num-frames", type=int, default=97)
@@ -72,12 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an endless stream over HTTP (MJPEG, HLS, fragmented MP4)")
     _add_model_args(serve)
-    _add_sampling_args(serve, {"height": 128, "width": 128, "steps": 4, "guidance_scale": 1.0,
-                               "base_num_frames": 17, "overlap_history": 5, "overlap_carry": "latent"})
-    serve.add_argument("--mode", choices=("kvcache", "window"), default="kvcache",
-                       help="kvcache: each block denoised once against a ring cache (default); window: official")
-    serve.add_argument("--sink-blocks", type=int, default=1, help="kvcache: blocks kept forever at the ring's start")
-    serve.add_argument("--window-blocks", type=int, default=8, help="kvcache: rolling blocks of history")
+    _add_sampling_args(serve, {**OFFICIAL_SAMPLING, "height": 128, "width": 128, "num_inference_steps": 4,
+                               "guidance_scale": 1.0, "mode": "kvcache", "base_num_frames": 17, "overlap_history": 5,
+                               "overlap_carry": "latent"})
     serve.add_argument("--playlist", type=Path, default=None,
                        help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}')
     serve.add_argument("--formats", default="mjpeg,hls,mp4", help="outputs to encode, comma separated")
@@ -140,9 +169,13 @@ def _load(args):
 
 
 def _sampling_kwargs(args) -> dict:
+    """Pipeline.generate / stream arguments from the flags, unset ones resolved against the model."""
+    from .default_model import default_model_dir
+
+    _resolve_sampling_defaults(args, args.model.expanduser() if args.model is not None else default_model_dir())
     keys = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "shift",
             "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition", "fps",
-            "seed", "image", "overlap_carry")
+            "seed", "image", "overlap_carry", "mode", "sink_blocks", "window_blocks")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -213,7 +246,6 @@ def _serve(args) -> int:
     playlist = load_playlist(args.playlist, config.limits) if args.playlist is not None else None
     sampling = _sampling_kwargs(args)
     prompt = PromptChange(sampling.pop("prompt"), sampling.pop("negative_prompt") or None)
-    sampling.update(mode=args.mode, sink_blocks=args.sink_blocks, window_blocks=args.window_blocks)
     if args.mode == "kvcache" and sampling["ar_step"] == 0:
         sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
     captioning = _live_captioning(args)  # before loading the model: a bad captioner folder fails fast

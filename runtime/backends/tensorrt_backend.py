@@ -68,7 +68,7 @@ def engine_folder_spec(path: str | Path | None) -> ModelSpec:
     folder (layout 'engines'), an ONNX export folder ('onnx') or a model folder ('official' /
     'diffusers'); None is skyrt's built-in default model."""
     if path is None:
-        from ..api import default_model_dir
+        from ..default_model import default_model_dir
 
         path = default_model_dir()
     path = Path(path).expanduser()

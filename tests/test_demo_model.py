@@ -1,0 +1,112 @@
+"""The shipped demo model (skyrt-demo-world-v1): loads like a real checkpoint, follows prompts.
+
+The detector (export/demo_model/detector.py) reads generated clips back into attributes; the shipped
+model must score above a floor on held-out prompt combinations (never seen in training), and the
+same architecture with random DiT weights, run the same way, must not reach that floor: the score
+comes from what training taught the DiT, not from the VAE, the text encoder or the detector.
+
+    python -m pytest tests/test_demo_model.py -q
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import skyrt
+from skyrt.export.demo_model import detector as D
+from skyrt.export.demo_model import world as W
+from skyrt.runtime.default_model import DEMO_META, SHIPPED_DEMO_MODEL, default_model_dir, recommended_sampling
+from skyrt.runtime.model_folder import inspect_model_folder
+
+# The trained demo model ships only once it meets its targets (issue 6); until then the default is
+# the tiny random model and these tests have nothing to check.
+pytestmark = pytest.mark.skipif(not (SHIPPED_DEMO_MODEL / "config.json").is_file(),
+                                reason="no trained demo model shipped in runtime/models yet (issue 6)")
+
+FLOOR = 0.7  # mean detector adherence (5 attributes) the trained model must beat on held-out prompts
+CLIPS, CHUNKS = 4, 6  # held-out prompts, and stream chunks per clip (6 blocks of 2 latent frames: 45 frames)
+
+
+def _heldout_prompts(count: int) -> list[W.Attributes]:
+    heldout = W.combinations("heldout")
+    rng = np.random.default_rng(7)
+    return [heldout[int(i)] for i in rng.choice(len(heldout), size=count, replace=False)]
+
+
+def _adherence(model_dir, prompts) -> list[float]:
+    """Detector adherence of the first CHUNKS chunks of a stream per prompt, at the model's
+    recommended settings (what `skyrt serve` runs)."""
+    pipe = skyrt.load(model_dir)
+    settings = recommended_sampling(default_model_dir())
+    block = settings["causal_block_size"]
+    scores = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, attrs in enumerate(prompts):
+            stream = pipe.stream(attrs.prompt, seed=k, max_chunks=CHUNKS, overlap_history=1 + 4 * (2 * block - 1),
+                                 **settings)
+            frames = np.concatenate(list(stream))
+            scores.append(D.score_clip(frames, attrs).adherence)
+    return scores
+
+
+def test_shipped_model_is_an_official_layout_folder_within_budget():
+    folder = default_model_dir()
+    spec = inspect_model_folder(folder)
+    assert spec.layout == "official"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_frame_per_block"] == 2  # block-causal: the KV-cached rollout is exact for it
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert total <= 30 * 2**20, f"{total / 2**20:.1f} MiB"
+    meta = json.loads((folder / DEMO_META).read_text())
+    assert meta["name"] == "skyrt-demo-world-v1"
+    card = (folder / "model_card.md").read_text()
+    assert "flow-matching loss" in card and "reproduce" in card
+    settings = recommended_sampling(folder)
+    assert settings["height"] >= 128 and settings["width"] >= 128 and settings["mode"] == "kvcache"
+
+
+@pytest.fixture(scope="module")
+def random_dit_model(tmp_path_factory):
+    """The shipped folder with its DiT weights replaced by random ones of the same shapes (VAE,
+    text encoder and tokenizer kept)."""
+    from safetensors.torch import save_file
+
+    from skyrt.export.dit import DiTConfig, WanDiT
+    from skyrt.export.tiny import randomize_
+
+    folder = tmp_path_factory.mktemp("random") / "model"
+    shutil.copytree(default_model_dir(), folder)
+    config = DiTConfig.from_official(json.loads((folder / "config.json").read_text()))
+    dit = randomize_(WanDiT(config), seed=3)
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_shipped_model_follows_heldout_prompts_and_random_weights_do_not(random_dit_model):
+    prompts = _heldout_prompts(CLIPS)
+    trained = _adherence(default_model_dir(), prompts)
+    random = _adherence(random_dit_model, prompts)
+    print(f"held-out adherence: trained {np.mean(trained):.3f} {trained}, random DiT {np.mean(random):.3f} {random}")
+    assert np.mean(trained) >= FLOOR, trained
+    assert np.mean(random) < FLOOR, random
+
+
+def test_cli_defaults_come_from_the_shipped_model(official_dir):
+    from skyrt.runtime.cli import OFFICIAL_SAMPLING, _sampling_kwargs, build_parser
+
+    recommended = recommended_sampling(default_model_dir())
+    for command in ("generate", "serve"):
+        args = build_parser().parse_args([command])
+        sampling = _sampling_kwargs(args)
+        assert {k: sampling[k] for k in recommended} == recommended, command
+    # An explicit flag wins over the recommendation.
+    assert _sampling_kwargs(build_parser().parse_args(["serve", "--height", "192"]))["height"] == 192
+    # A real checkpoint recommends nothing: generate falls back to the official T2V settings.
+    sampling = _sampling_kwargs(build_parser().parse_args(["generate", "--model", str(official_dir)]))
+    assert {k: sampling[k] for k in OFFICIAL_SAMPLING} == OFFICIAL_SAMPLING
