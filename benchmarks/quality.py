@@ -92,13 +92,10 @@ def settings_for(block: int, recommended: dict) -> tuple[dict[str, dict], str]:
     return settings, name
 
 
-def sampling_defaults(model_dir: Path, args) -> dict:
+def sampling_defaults(recommended: dict, args) -> dict:
     """Steps / shift / guidance: the model's demo_model.json recommendation, overridden by flags."""
-    from skyrt.runtime.default_model import recommended_sampling
-
     base = {"num_inference_steps": 4, "shift": 2.0, "guidance_scale": 1.0, "ar_step": 2}
-    rec = recommended_sampling(model_dir)
-    base.update({k: rec[k] for k in base if k in rec})
+    base.update({k: recommended[k] for k in base if k in recommended})
     for key, flag in (("num_inference_steps", args.steps), ("shift", args.shift), ("guidance_scale", args.guidance_scale)):
         if flag is not None:
             base[key] = flag
@@ -335,15 +332,14 @@ def main(argv=None) -> int:
     import skyrt
     from skyrt.export.demo_model.world import combinations
 
-    from skyrt.runtime.default_model import default_model_dir
+    from skyrt.runtime.default_model import default_model_dir, recommended_sampling
 
     model_dir = args.model if args.model is not None else default_model_dir()
     pipe = skyrt.load(model_dir)
     block = max(1, pipe.model.num_frame_per_block)
-    sampling = sampling_defaults(model_dir, args)
-    from skyrt.runtime.default_model import recommended_sampling
-
-    all_settings, default_name = settings_for(block, recommended_sampling(model_dir))
+    recommended = recommended_sampling(model_dir)
+    sampling = sampling_defaults(recommended, args)
+    all_settings, default_name = settings_for(block, recommended)
     names = list(all_settings) if args.settings == "all" else [
         default_name if n == "default" else n for n in args.settings.split(",")]
     unknown = [n for n in names if n not in all_settings]

@@ -20,6 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the built-in demo model)")
@@ -30,17 +31,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stream_backends.json")
     return p.parse_args(argv)
 
+
 def open_stream(pipe, settings: dict, chunks: int, seed: int):
     block = settings["causal_block_size"]
     # kvcache ignores the window fields, but validation still checks them against the block size.
     return pipe.stream("a red circle bouncing on a dark blue background, camera panning left", seed=seed,
                        max_chunks=chunks, overlap_history=1 + 4 * (2 * block - 1), **settings)
 
+
 def timed_stream(pipe, settings: dict, chunks: int, seed: int) -> float:
     """Generated frames per second of one stream of `chunks` chunks, from opening it to the last frame."""
     t0 = time.perf_counter()
     frames = sum(len(chunk) for chunk in open_stream(pipe, settings, chunks, seed))
     return frames / (time.perf_counter() - t0)
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -85,6 +89,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(report, indent=2, default=float))
     print(f"wrote {args.out}")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,8 +10,6 @@ from .model_folder import inspect_model_folder
 from .pipeline import Pipeline
 
 
-
-
 def source_spec(model_dir: str | Path | None, backend: str = "torch") -> ModelSpec:
     """What `backend` is given, without loading anything: a model folder (official or diffusers
     layout) for every backend, an ONNX export folder for onnxruntime and tensorrt, an engine folder

@@ -24,7 +24,6 @@ DEFAULT_CAPTION_EVERY_S = 30.0
 # T2V settings. Models with a demo_model.json (the built-in demo model) recommend their own.
 OFFICIAL_SAMPLING = {"height": 544, "width": 960, "num_inference_steps": 30, "guidance_scale": 6.0, "shift": 8.0,
                      "ar_step": 0, "causal_block_size": 1, "mode": "window", "sink_blocks": 1, "window_blocks": 8}
-RECOMMENDABLE = tuple(OFFICIAL_SAMPLING)
 CAPTIONER_HELP = (f"SkyCaptioner-V1 checkpoint folder (exported to ONNX on first use) or a folder from "
                   f"'skyrt export onnx --captioner'; default ${CAPTIONER_ENV}")
 
@@ -75,10 +74,10 @@ def _default_help(defaults: dict, key: str) -> str:
 def _resolve_sampling_defaults(args, model_dir: Path) -> None:
     """Fill the sampling flags left unset: first from the model's recommendation, then from the
     command's own defaults (a real checkpoint has no recommendation: the official settings apply)."""
-    from .default_model import recommended_sampling
+    from .default_model import SAMPLING_KEYS, recommended_sampling
 
     recommended = recommended_sampling(model_dir) if model_dir.is_dir() else {}
-    for key in RECOMMENDABLE:
+    for key in SAMPLING_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, recommended.get(key, args.fallback_sampling[key]))
 

@@ -15,7 +15,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 import skyrt
 from skyrt.export.demo_model import detector as D

@@ -158,8 +158,8 @@ class TrainConfig:
 
 
 # Fields that change what is being trained: a resumed run must not change them.
-ARCHITECTURE_FIELDS = ("seed", "size", "vae_dim", "vae_res_blocks", "vae_frames", "vae_long_frames", "dataset_clips", "clip_frames",
-                       "switch_fraction", "shard_clips", "text_dim", "text_layers", "text_heads", "text_ffn",
+ARCHITECTURE_FIELDS = ("seed", "size", "vae_dim", "vae_res_blocks", "vae_frames", "vae_long_frames", "dataset_clips",
+                       "clip_frames", "switch_fraction", "shard_clips", "text_dim", "text_layers", "text_heads", "text_ffn",
                        "text_len", "dit_dim", "dit_layers", "dit_heads", "dit_ffn", "freq_dim", "num_frame_per_block")
 
 
@@ -378,6 +378,16 @@ class LatentData:
     switch_latent: np.ndarray  # int [N]: first latent frame of the second prompt, -1 without a switch
 
 
+def _vae_progress(state: dict | None) -> tuple[int, list[dict]]:
+    """(phases finished, their summaries) of a VAE checkpoint. Checkpoints from before the phases
+    existed say done=True when the short phase finished."""
+    if state is None:
+        return 0, []
+    if "phases_done" in state:
+        return state["phases_done"], state.get("summaries", [])
+    return (1, [state["summary"]]) if state.get("done") else (0, [])
+
+
 @dataclass(frozen=True)
 class VAEPhase:
     name: str
@@ -432,7 +442,7 @@ class Trainer:
             make_world_tokenizer(self.tokenizer_dir)
 
     # -- stage 1: VAE ---------------------------------------------------------------------------
-    def _vae_batch(self, rng: np.random.Generator, step: int, phase: "VAEPhase") -> tuple[torch.Tensor, torch.Tensor]:
+    def _vae_batch(self, rng: np.random.Generator, step: int, phase: VAEPhase) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixels [B, 3, T, S, S], loss weights [B, 1, T, S, S]): world clips of the train split,
         cropped around the shape; pixels on and around the shape weigh 1 + vae_fg_weight."""
         cfg = self.cfg
@@ -460,7 +470,7 @@ class Trainer:
             weights.append(1.0 + cfg.vae_fg_weight * mask)
         return _to_pixels(np.stack(clips)), torch.from_numpy(np.stack(weights)[:, None]).float()
 
-    def vae_phases(self) -> list["VAEPhase"]:
+    def vae_phases(self) -> list[VAEPhase]:
         cfg = self.cfg
         phases = [VAEPhase("short", cfg.vae_steps, cfg.vae_frames, cfg.vae_batch, cfg.vae_crop, cfg.vae_lr)]
         if cfg.vae_long_steps > 0:
@@ -478,14 +488,7 @@ class Trainer:
         state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
         if state is not None:
             vae.load_state_dict(state["vae"])
-        # Checkpoints of runs before phases existed say done=True: that is the short phase.
-        phases_done = state.get("phases_done", 1 if state.get("done") else 0) if state else 0
-        if state is None:
-            summaries = []
-        elif "summaries" in state:
-            summaries = state["summaries"]
-        else:  # an old-format checkpoint
-            summaries = [state["summary"]] if state.get("done") else []
+        phases_done, summaries = _vae_progress(state)
         for index, phase in enumerate(self.vae_phases()):
             if index < phases_done:
                 continue
@@ -495,7 +498,7 @@ class Trainer:
         self.summary["vae"] = {**summaries[-1], "phases": summaries}
         return vae.eval()
 
-    def _train_vae_phase(self, vae: WanVAE, phase: "VAEPhase", index: int, resume: dict | None, path: Path,
+    def _train_vae_phase(self, vae: WanVAE, phase: VAEPhase, index: int, resume: dict | None, path: Path,
                          earlier: list[dict]) -> dict:
         cfg = self.cfg
         opt = torch.optim.AdamW(vae.parameters(), lr=phase.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -565,7 +568,7 @@ class Trainer:
                 "decoded_l1_first16": float(err[:16].mean()), "decoded_l1_last16": float(err[-16:].mean())}
 
     @torch.no_grad()
-    def _vae_probe(self, vae: WanVAE, phase: "VAEPhase") -> float:
+    def _vae_probe(self, vae: WanVAE, phase: VAEPhase) -> float:
         """L1 of a fixed batch through encode -> decode (no sampling): comparable across steps."""
         x, _ = self._vae_batch(np.random.default_rng([self.cfg.seed, 9]), 0, phase)
         was_training = vae.training
