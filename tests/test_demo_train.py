@@ -108,6 +108,44 @@ def test_resume_continues_and_refuses_to_overwrite(smoke_run):
     assert torch.load(out / "checkpoints" / "dit.pt", weights_only=False)["step"] == 15
 
 
+def test_old_shards_get_the_same_masks_from_a_replay(smoke_run):
+    out, _ = smoke_run
+    trainer = T.Trainer(T.parse_args(["--out", str(out), *SMOKE, "--resume"]))
+    with np.load(trainer._shard_path(1)) as f:
+        written = dict(f)
+    np.savez(trainer._shard_path(1), **{k: v for k, v in written.items() if k != "fg"})  # a pre-mask shard
+    replayed = trainer._load_shard(1)
+    np.testing.assert_array_equal(replayed["fg"], written["fg"])
+    with np.load(trainer._shard_path(1)) as f:
+        assert "fg" in f.files  # written back: the replay runs once
+
+
+def test_latent_fg_mask_follows_the_shape():
+    size = 64
+    attrs = W.parse_prompt("a red square moving right on a dark blue background, camera panning left")
+    clip = W.render_clip(attrs, 17, size, size, seed=3)
+    mask = T.latent_fg_mask(clip, size)  # [L, h, w]
+    assert mask.shape == (5, size // 8, size // 8) and mask.dtype == np.uint8
+    centers, r = clip.truth.centers, clip.truth.radius
+    cell_centres = (np.arange(size // 8) + 0.5) * 8  # pixel coordinate of each latent cell's centre
+    for latent in range(5):
+        frames = [0] if latent == 0 else list(range(4 * latent - 3, 4 * latent + 1))
+        for t in frames:  # the cell under the shape's centre is on, in every frame the latent covers
+            cx, cy = centers[t]
+            assert mask[latent, int(cy) // 8, int(cx) // 8] == 1, (latent, t)
+        # Cells whose centre is farther than the grown shape's circumcircle (+ half a cell diagonal and a
+        # pixel of anti-aliasing) from every centre of the group are off; a square of radius r has half-side
+        # 0.9 r (world.shape_sdf), so circumradius 0.9 r sqrt(2).
+        reach = 1.4 * 0.9 * r * np.sqrt(2) + 4 * np.sqrt(2) + 1
+        near = np.zeros((size // 8, size // 8), bool)
+        for t in frames:
+            dx = np.abs(cell_centres - centers[t][0]); dx = np.minimum(dx, size - dx)  # torus
+            dy = np.abs(cell_centres - centers[t][1]); dy = np.minimum(dy, size - dy)
+            near |= np.hypot(dx[None, :], dy[:, None]) <= reach
+        assert not mask[latent][~near].any(), latent
+        assert 0 < mask[latent].mean() < 0.5
+
+
 def test_tokenizer_holds_every_world_word(tmp_path):
     from skyrt.export.text_encoder import load_tokenizer
 

@@ -124,6 +124,9 @@ class TrainConfig:
     crop_frames: str = "4,8,8,12"  # crop lengths in latent frames, drawn per batch
     block_sizes: str = "2,2,1"  # causal block sizes, drawn per batch (must divide the crop)
     dit_lr: float = 3e-4
+    # The shape covers ~4% of a frame: with a flat loss the DiT learns backgrounds and pans and leaves the
+    # shape (colour, form, motion: most of a prompt) for last. Latent pixels on the shape weigh 1 + this.
+    dit_fg_weight: float = 4.0
     dit_init: str = ""  # start the DiT and text encoder from another run's dit.pt (its EMA weights); "" = scratch
     warmup: int = 200
     train_shift: float = 2.0  # sigma = s u / (1 + (s - 1) u), u ~ U(0, 1): a bit more weight on noise
@@ -376,6 +379,19 @@ class LatentData:
     prompts: list[str]
     second_prompts: list[str]  # "" when the clip does not switch
     switch_latent: np.ndarray  # int [N]: first latent frame of the second prompt, -1 without a switch
+    fg: torch.Tensor  # uint8 [N, L, h, w]: 1 where the shape is in that latent pixel (from the ground truth)
+
+
+def latent_fg_mask(clip: W.Clip, size: int) -> np.ndarray:
+    """uint8 [L, size/8, size/8]: 1 where the shape (grown by 40%, as the VAE loss grows it) touches a
+    latent pixel in any of the pixel frames that latent frame covers (frame 0, then 4 per latent)."""
+    per_frame = np.stack([W.shape_mask(clip.truth.attributes_at(t).shape, size, size, cx, cy, 1.4 * clip.truth.radius)
+                          for t, (cx, cy) in enumerate(clip.truth.centers)]) > 0.25  # [T, S, S]
+    f = lat.SPATIAL_FACTOR
+    cells = per_frame.reshape(len(per_frame), size // f, f, size // f, f).any(axis=(2, 4))  # [T, h, w]
+    groups = [cells[:1]] + [cells[t : t + lat.TEMPORAL_FACTOR]
+                            for t in range(1, len(cells), lat.TEMPORAL_FACTOR)]
+    return np.stack([g.any(axis=0) for g in groups]).astype(np.uint8)
 
 
 def _vae_progress(state: dict | None) -> tuple[int, list[dict]]:
@@ -606,29 +622,31 @@ class Trainer:
         cfg = self.cfg
         shards = math.ceil(cfg.dataset_clips / cfg.shard_clips)
         latents_per_clip = lat.latent_length(cfg.clip_frames)
-        missing = [s for s in range(shards) if not (self.data_dir / f"shard_{s:05d}.npz").is_file()]
+        missing = [s for s in range(shards) if not self._shard_path(s).is_file()]
         bar = _bar(shards, shards - len(missing), "data", cfg.progress)
         for s in missing:
             self._write_shard(vae, s, min(cfg.shard_clips, cfg.dataset_clips - s * cfg.shard_clips), latents_per_clip)
             bar.update(1)
         bar.close()
-        parts = [np.load(self.data_dir / f"shard_{s:05d}.npz") for s in range(shards)]
+        parts = [self._load_shard(s) for s in range(shards)]
         data = LatentData(
             latents=torch.from_numpy(np.concatenate([p["latents"] for p in parts])),
             prompts=[str(v) for p in parts for v in p["prompts"]],
             second_prompts=[str(v) for p in parts for v in p["second_prompts"]],
-            switch_latent=np.concatenate([p["switch_latent"] for p in parts]))
+            switch_latent=np.concatenate([p["switch_latent"] for p in parts]),
+            fg=torch.from_numpy(np.concatenate([p["fg"] for p in parts])))
         self.summary["data"] = {"clips": len(data.prompts), "switch_clips": int((data.switch_latent >= 0).sum()),
                                 "latent_shape": list(data.latents.shape[1:]),
-                                "latent_std": float(data.latents[:64].float().std())}
+                                "latent_std": float(data.latents[:64].float().std()),
+                                "fg_fraction": float(data.fg.float().mean())}
         return data
 
-    @torch.no_grad()
-    def _write_shard(self, vae: WanVAE, shard: int, count: int, latents_per_clip: int) -> None:
+    def _shard_clips(self, shard: int, count: int, latents_per_clip: int):
+        """The shard's clips in order: (clip, second prompt or "", first latent of the second prompt or -1).
+        Seeded per shard, so a shard can be rebuilt (or its masks recomputed) identically."""
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, 2, shard])  # per shard: resuming rebuilds it identically
+        rng = np.random.default_rng([cfg.seed, 2, shard])
         combos = W.combinations("train")
-        prompts, seconds, switches, encoded = [], [], [], []
         for _ in range(count):
             first = combos[int(rng.integers(len(combos)))]
             second, switch_latent = None, -1
@@ -640,16 +658,43 @@ class Trainer:
             switch_frame = None if second is None else lat.pixel_length(switch_latent) - 3
             clip = W.render_switch_clip(first, second, switch_frame, cfg.clip_frames, cfg.size, cfg.size,
                                         seed=int(rng.integers(2**31)))
+            yield clip, ("" if second is None else second.prompt), switch_latent
+
+    def _shard_path(self, shard: int) -> Path:
+        return self.data_dir / f"shard_{shard:05d}.npz"
+
+    def _save_shard(self, shard: int, arrays: dict) -> None:
+        path = self._shard_path(shard)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    def _load_shard(self, shard: int) -> dict:
+        """A shard's arrays; shards written before the masks existed get theirs from a replay of the world."""
+        with np.load(self._shard_path(shard)) as f:
+            arrays = dict(f)
+        if "fg" not in arrays:
+            clips = list(self._shard_clips(shard, len(arrays["prompts"]), arrays["latents"].shape[2]))
+            if [c.prompt for c, _, _ in clips] != [str(p) for p in arrays["prompts"]]:
+                raise RuntimeError(f"{self._shard_path(shard)} was not written by this world and seed; "
+                                   "delete the data folder to rebuild it")
+            arrays["fg"] = np.stack([latent_fg_mask(clip, self.cfg.size) for clip, _, _ in clips])
+            self._save_shard(shard, arrays)
+        return arrays
+
+    @torch.no_grad()
+    def _write_shard(self, vae: WanVAE, shard: int, count: int, latents_per_clip: int) -> None:
+        prompts, seconds, switches, encoded, masks = [], [], [], [], []
+        for clip, second, switch_latent in self._shard_clips(shard, count, latents_per_clip):
             mu = vae.encode(_to_pixels(clip.frames[None]))  # [1, 16, L, h, w]
             encoded.append(normalize(mu)[0].half().numpy())
-            prompts.append(first.prompt)
-            seconds.append("" if second is None else second.prompt)
+            masks.append(latent_fg_mask(clip, self.cfg.size))
+            prompts.append(clip.prompt)
+            seconds.append(second)
             switches.append(switch_latent)
-        path = self.data_dir / f"shard_{shard:05d}.npz"
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, latents=np.stack(encoded), prompts=np.array(prompts), second_prompts=np.array(seconds),
-                 switch_latent=np.array(switches, dtype=np.int64))
-        os.replace(tmp, path)
+        self._save_shard(shard, {"latents": np.stack(encoded), "prompts": np.array(prompts),
+                                 "second_prompts": np.array(seconds),
+                                 "switch_latent": np.array(switches, dtype=np.int64), "fg": np.stack(masks)})
 
     # -- stage 3: DiT ----------------------------------------------------------------------------
     def _new_text_model(self):
@@ -672,16 +717,17 @@ class Trainer:
 
     def _dit_batch(self, data: LatentData, rng: np.random.Generator, gen: torch.Generator):
         """One diffusion-forcing batch: (x_sigma [B, 16, F, h, w], t [B, F], target [B, 16, F, h, w],
-        loss weight [B, F], prompts [B], block size)."""
+        loss weight [B, F, h, w] (0 on clean context, 1 + dit_fg_weight on the shape), prompts [B], block size)."""
         cfg = self.cfg
         crop = int(rng.choice(cfg.crop_choices))
         block = int(rng.choice([b for b in cfg.block_choices if crop % b == 0]))
         n_blocks = crop // block
         batch = max(1, cfg.dit_batch_frames // crop)
-        x0s, sigmas, weights, prompts = [], [], [], []
+        x0s, fgs, sigmas, weights, prompts = [], [], [], [], []
         for _ in range(batch):
             i, start, ctx_blocks, prompt = self._pick_crop(data, rng, crop, block)
             x0s.append(data.latents[i, :, start : start + crop].float())
+            fgs.append(data.fg[i, start : start + crop].float())
             noisy = n_blocks - ctx_blocks
             u = rng.uniform(size=noisy)
             mode = rng.random()
@@ -700,7 +746,8 @@ class Trainer:
         s5 = sigma[:, None, :, None, None]
         x_t = (1.0 - s5) * x0 + s5 * noise  # rectified flow, as runtime/scheduler.py samples it
         target = noise - x0  # the velocity the sampler integrates: x0 = x - sigma v
-        weight = torch.tensor(np.stack(weights), dtype=torch.float32)  # [B, F]
+        frame_weight = torch.tensor(np.stack(weights), dtype=torch.float32)  # [B, F]
+        weight = frame_weight[:, :, None, None] * (1.0 + cfg.dit_fg_weight * torch.stack(fgs))  # [B, F, h, w]
         return x_t, sigma * 1000.0, target, weight, prompts, block
 
     def _pick_crop(self, data: LatentData, rng: np.random.Generator, crop: int, block: int):
@@ -777,8 +824,8 @@ class Trainer:
             x_t, t, target, weight, prompts, block = probe
             ids, mask = tokens(prompts)
             context = text(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None].float()
-            per_frame = (dit_model(x_t, t, context, causal_block_size=block) - target).square().mean(dim=(1, 3, 4))
-            return float((per_frame * weight).sum() / weight.sum().clamp_min(1.0))
+            err = (dit_model(x_t, t, context, causal_block_size=block) - target).square().mean(dim=1)
+            return float((err * weight).sum() / weight.sum().clamp_min(1.0))
 
         resumed = path.exists() and state.get("probe_start") is not None
         probe_start = state["probe_start"] if resumed else probe_loss(dit, text_model)
@@ -795,8 +842,8 @@ class Trainer:
             # TextEncoder.encode semantics (rows past the prompt are zero), with gradients.
             context = text_model(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None].float()
             v = dit(x_t, t, context, causal_block_size=block)  # [B, 16, F, h, w]
-            per_frame = (v - target).square().mean(dim=(1, 3, 4))  # [B, F]
-            loss = (per_frame * weight).sum() / weight.sum().clamp_min(1.0)
+            err = (v - target).square().mean(dim=1)  # [B, F, h, w]
+            loss = (err * weight).sum() / weight.sum().clamp_min(1.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(dit.parameters()) + list(text_model.parameters()), 1.0)
@@ -968,7 +1015,8 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
         "- DiT: diffusion forcing with rectified flow: x = (1 - sigma) x0 + sigma noise, target noise - x0, "
         "t = 1000 sigma per frame; an independent noise level per causal block; block-causal attention "
         f"(block sizes {cfg.block_sizes}); crops of {cfg.crop_frames} latent frames; leading blocks often clean "
-        f"context at t = 0; {int(cfg.empty_prompt * 100)}% empty prompts (classifier-free guidance); EMA {cfg.ema}.",
+        f"context at t = 0; {int(cfg.empty_prompt * 100)}% empty prompts (classifier-free guidance); EMA {cfg.ema}; "
+        f"latent pixels on the shape (from the world's ground truth) weighted {1 + cfg.dit_fg_weight:g}x.",
         "",
         "## Training run",
         f"- seed {cfg.seed}; VAE {cfg.vae_steps} + {cfg.vae_long_steps} steps (batch {cfg.vae_batch} / "
