@@ -216,13 +216,20 @@ def stability_run(pipe, attrs, setting, sampling, block, size, total_frames, win
             "per_minute": summary, "windows": windows}
 
 
-def switch_latency(frames: np.ndarray, target) -> int | None:
-    """First frame of `frames` from which the static attributes of `target` show in >= SWITCH_HITS of
+SWITCH_KEYS = ("background", "colour", "shape")  # what the latency target reads
+# A second reading without the shape: a model that draws the shape as a blob never "switches" by the
+# first, yet its background and colour may follow the new prompt at once; this tells the two apart.
+SWITCH_KEYS_NO_SHAPE = ("background", "colour")
+
+
+def switch_latency(frames: np.ndarray, target, keys: tuple[str, ...] = SWITCH_KEYS) -> int | None:
+    """First frame of `frames` from which the `keys` attributes of `target` show in >= SWITCH_HITS of
     SWITCH_WINDOW consecutive frames (None: never)."""
     from skyrt.export.demo_model.detector import read_frame_attributes
 
-    want = {"background": target.background, "colour": target.colour, "shape": target.shape}
-    hits = np.array([read_frame_attributes(f) == want for f in frames], dtype=np.int32)
+    want = {k: getattr(target, k) for k in keys}
+    readings = [read_frame_attributes(f) for f in frames]
+    hits = np.array([all(r.get(k) == v for k, v in want.items()) for r in readings], dtype=np.int32)
     if len(hits) < SWITCH_WINDOW:
         return None
     counts = np.convolve(hits, np.ones(SWITCH_WINDOW, dtype=np.int32), mode="valid")
@@ -245,14 +252,19 @@ def switch_run(pipe, pairs, setting, sampling, block, size, warm_chunks, after_f
         stream.close()
         frames = np.concatenate(chunks)
         latency = switch_latency(frames, b)
+        no_shape = switch_latency(frames, b, SWITCH_KEYS_NO_SHAPE)
         results.append({"from": a.prompt, "to": b.prompt, "latency_frames": latency,
+                        "latency_frames_without_shape": no_shape,
                         "latency_chunks": None if latency is None else latency / len(chunks[0]),
                         "chunk_frames": len(chunks[0])})
     found = [r["latency_frames"] for r in results if r["latency_frames"] is not None]
+    no_shape = [r["latency_frames_without_shape"] for r in results if r["latency_frames_without_shape"] is not None]
     return {"recache": recache, "switched": len(found) / len(results),
             "mean_latency_frames": float(np.mean(found)) if found else None,
             "mean_latency_chunks": float(np.mean([r["latency_chunks"] for r in results
                                                   if r["latency_chunks"] is not None])) if found else None,
+            "switched_without_shape": len(no_shape) / len(results),
+            "mean_latency_chunks_without_shape": float(np.mean(no_shape) / results[0]["chunk_frames"]) if no_shape else None,
             "runs": results}
 
 
@@ -382,7 +394,8 @@ def main(argv=None) -> int:
                                 after_frames=3 * fps, recache=recache, seed=args.seed)
                 switches.append(sw)
                 print(f"[{name}] switch (recache={recache}): {sw['switched']:.0%} switched, mean latency "
-                      f"{sw['mean_latency_frames']} frames", flush=True)
+                      f"{sw['mean_latency_frames']} frames; without the shape {sw['switched_without_shape']:.0%}, "
+                      f"{sw['mean_latency_chunks_without_shape']} chunks", flush=True)
             report["settings"][name] = {"setting": setting, "heldout": held, "stability": stab, "switch": switches}
     report["default_setting"] = default_name
     write_report(report, args.out)
@@ -400,7 +413,11 @@ def summarise(report: dict) -> None:
                       "stream_frames": stab["frames"], "stream_fps": stab["generated_fps"],
                       "adherence_first_minute": stab["adherence_first_minute"],
                       "adherence_last_minute": stab["adherence_last_minute"], "drop_points": stab["drop_points"],
-                      "switch_latency_blocks": switch, "switched": switched}
+                      "switch_latency_blocks": switch, "switched": switched,
+                      # .get: reports from before the shape-free reading existed (--merge) lack it
+                      "switch_latency_blocks_without_shape": {("recache" if s["recache"] else "continue"):
+                                                              s.get("mean_latency_chunks_without_shape")
+                                                              for s in r["switch"]}}
     report["summary"] = rows
     default = rows.get(report.get("default_setting"))
     if default is None:
