@@ -909,6 +909,8 @@ class Trainer:
                 "recommended": self.summary.get("eval", {}).get("best", DEFAULT_SAMPLING)}
         for key in ("out", "model_out", "resume", "progress"):  # where and how it ran, not what it is
             meta["config"].pop(key, None)
+        if self.cfg.dit_init:  # the file it started from, not this machine's path to it
+            meta["config"]["dit_init"] = Path(self.cfg.dit_init).name
         (folder / META_NAME).write_text(json.dumps(meta, indent=2))
         (folder / CARD_NAME).write_text(render_card(self.cfg, self.summary, meta["recommended"]))
 
