@@ -394,6 +394,12 @@ def latent_fg_mask(clip: W.Clip, size: int) -> np.ndarray:
     return np.stack([g.any(axis=0) for g in groups]).astype(np.uint8)
 
 
+def weighted_flow_loss(v: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean squared velocity error [B, 16, F, h, w] over channels, then weighted by [B, F, h, w]."""
+    err = (v - target).square().mean(dim=1)  # [B, F, h, w]
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def _vae_progress(state: dict | None) -> tuple[int, list[dict]]:
     """(phases finished, their summaries) of a VAE checkpoint. Checkpoints from before the phases
     existed say done=True when the short phase finished."""
@@ -824,8 +830,7 @@ class Trainer:
             x_t, t, target, weight, prompts, block = probe
             ids, mask = tokens(prompts)
             context = text(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None].float()
-            err = (dit_model(x_t, t, context, causal_block_size=block) - target).square().mean(dim=1)
-            return float((err * weight).sum() / weight.sum().clamp_min(1.0))
+            return float(weighted_flow_loss(dit_model(x_t, t, context, causal_block_size=block), target, weight))
 
         resumed = path.exists() and state.get("probe_start") is not None
         probe_start = state["probe_start"] if resumed else probe_loss(dit, text_model)
@@ -842,8 +847,7 @@ class Trainer:
             # TextEncoder.encode semantics (rows past the prompt are zero), with gradients.
             context = text_model(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None].float()
             v = dit(x_t, t, context, causal_block_size=block)  # [B, 16, F, h, w]
-            err = (v - target).square().mean(dim=1)  # [B, F, h, w]
-            loss = (err * weight).sum() / weight.sum().clamp_min(1.0)
+            loss = weighted_flow_loss(v, target, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(dit.parameters()) + list(text_model.parameters()), 1.0)
