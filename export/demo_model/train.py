@@ -382,11 +382,21 @@ class LatentData:
     fg: torch.Tensor  # uint8 [N, L, h, w]: 1 where the shape is in that latent pixel (from the ground truth)
 
 
+SHAPE_GROWTH = 1.4  # the shape grown by 40% takes in its anti-aliased edges (and the VAE's blur of them)
+
+
+def grown_shape_coverage(clip: W.Clip, size: int) -> np.ndarray:
+    """float32 [T, S, S] in [0, 1]: the clip's shape per frame, grown by SHAPE_GROWTH (the pixels the
+    VAE and DiT losses weight up), from the ground truth; follows a prompt switch's new shape."""
+    return np.stack([W.shape_mask(clip.truth.attributes_at(t).shape, size, size, cx, cy,
+                                  SHAPE_GROWTH * clip.truth.radius)
+                     for t, (cx, cy) in enumerate(clip.truth.centers)])
+
+
 def latent_fg_mask(clip: W.Clip, size: int) -> np.ndarray:
-    """uint8 [L, size/8, size/8]: 1 where the shape (grown by 40%, as the VAE loss grows it) touches a
-    latent pixel in any of the pixel frames that latent frame covers (frame 0, then 4 per latent)."""
-    per_frame = np.stack([W.shape_mask(clip.truth.attributes_at(t).shape, size, size, cx, cy, 1.4 * clip.truth.radius)
-                          for t, (cx, cy) in enumerate(clip.truth.centers)]) > 0.25  # [T, S, S]
+    """uint8 [L, size/8, size/8]: 1 where the grown shape touches a latent pixel in any of the pixel
+    frames that latent frame covers (frame 0, then 4 per latent)."""
+    per_frame = grown_shape_coverage(clip, size) > 0.25  # [T, S, S]
     f = lat.SPATIAL_FACTOR
     cells = per_frame.reshape(len(per_frame), size // f, f, size // f, f).any(axis=(2, 4))  # [T, h, w]
     groups = [cells[:1]] + [cells[t : t + lat.TEMPORAL_FACTOR]
@@ -479,9 +489,7 @@ class Trainer:
             attrs = combos[int(rng.integers(len(combos)))]
             clip = W.render_clip(attrs, phase.frames, cfg.size, cfg.size, seed=int(rng.integers(2**31)))
             frames = clip.frames
-            # The shape (grown by 40% to take in its edges) from the ground truth: [T, S, S].
-            mask = np.stack([W.shape_mask(attrs.shape, cfg.size, cfg.size, cx, cy, 1.4 * clip.truth.radius)
-                             for cx, cy in clip.truth.centers])
+            mask = grown_shape_coverage(clip, cfg.size)  # [T, S, S]
             if crop < cfg.size:
                 # Centre the crop near the shape (wrapping like the world), so most crops hold one.
                 cx, cy = clip.truth.centers[0] + rng.uniform(-crop / 4, crop / 4, size=2)
