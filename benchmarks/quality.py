@@ -104,10 +104,7 @@ def sampling_defaults(recommended: dict, args) -> dict:
 
 def open_stream(pipe, prompt: str, setting: dict, sampling: dict, block: int, size: int, seed: int, max_chunks=None):
     kwargs = {**sampling, **setting}
-    if kwargs["mode"] == "kvcache":
-        # Window-mode fields are still validated against the block size; give block-aligned ones.
-        kwargs.setdefault("overlap_history", 1 + 4 * (2 * block - 1))
-    else:
+    if kwargs["mode"] == "window":
         kwargs["ar_step"] = setting.get("ar_step", 0)
     return pipe.stream(prompt, causal_block_size=block, height=size, width=size, seed=seed, max_chunks=max_chunks,
                        **kwargs)

@@ -44,13 +44,11 @@ def _adherence(model_dir, prompts) -> list[float]:
     recommended settings (what `skyrt serve` runs)."""
     pipe = skyrt.load(model_dir)
     settings = recommended_sampling(default_model_dir())
-    block = settings["causal_block_size"]
     scores = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k, attrs in enumerate(prompts):
-            stream = pipe.stream(attrs.prompt, seed=k, max_chunks=CHUNKS, overlap_history=1 + 4 * (2 * block - 1),
-                                 **settings)
+            stream = pipe.stream(attrs.prompt, seed=k, max_chunks=CHUNKS, **settings)
             frames = np.concatenate(list(stream))
             scores.append(D.score_clip(frames, attrs).adherence)
     return scores

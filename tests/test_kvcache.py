@@ -75,6 +75,19 @@ def test_endless_stream_rebases_past_the_rope_table(official_pipeline, monkeypat
     assert len(rebases) >= 3 and all(s > 0 for s in rebases)
 
 
+def test_kvcache_stream_ignores_the_window_overlap(official_pipeline):
+    # stream()'s default overlap_history=17 is 5 latent frames, not a multiple of causal_block_size=2:
+    # window mode must refuse it, but a kvcache stream has no windows to overlap and must just run.
+    kwargs = dict(ar_step=2, causal_block_size=2, height=32, width=32, num_inference_steps=1, guidance_scale=1.0,
+                  max_chunks=2, seed=0)
+    with pytest.raises(ValueError, match="not a multiple of causal_block_size=2"):
+        next(official_pipeline.stream("x", mode="window", **kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        chunks = list(official_pipeline.stream("x", mode="kvcache", **kwargs))
+    assert [len(c) for c in chunks] == [5, 8]
+
+
 def test_endless_sync_stream_is_refused_with_a_fix(official_pipeline):
     with pytest.raises(ValueError, match="ar_step >= 1"):
         next(official_pipeline.stream("x", mode="kvcache", ar_step=0, height=32, width=32))

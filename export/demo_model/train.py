@@ -950,10 +950,7 @@ SWEEP = [{"shift": s, "guidance_scale": g} for s in (1.0, 2.0, 4.0) for g in (1.
 
 def stream_clip(pipe, prompt: str, settings: dict, chunks: int, size: int, seed: int) -> np.ndarray:
     """The first `chunks` chunks of a stream, concatenated: uint8 [T, H, W, 3]."""
-    kwargs = {k: v for k, v in settings.items()}
-    # kvcache ignores the window settings, but validation still checks them against the block size.
-    kwargs.setdefault("overlap_history", 1 + 4 * (kwargs.get("causal_block_size", 1) * 2 - 1))
-    stream = pipe.stream(prompt, height=size, width=size, seed=seed, max_chunks=chunks, **kwargs)
+    stream = pipe.stream(prompt, height=size, width=size, seed=seed, max_chunks=chunks, **settings)
     return np.concatenate(list(stream))
 
 
