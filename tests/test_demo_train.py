@@ -53,6 +53,70 @@ def test_smoke_run_losses_fall(smoke_run):
     assert {r["stage"] for r in log} == {"vae", "dit"} and all(np.isfinite(r.get("loss", r.get("l1"))) for r in log)
 
 
+def test_smoke_run_reports_prompt_sensitivity(smoke_run):
+    _, model_dir = smoke_run
+    meta = json.loads((model_dir / T.META_NAME).read_text())
+    sensitivity = meta["summary"]["dit"]["prompt_sensitivity"]
+    assert set(sensitivity) == set(W.ATTRIBUTE_NAMES)
+    assert all(len(r) == len(T.SENSITIVITY_SIGMAS) and all(np.isfinite(v) and v > 0 for v in r.values())
+               for r in sensitivity.values())
+    assert "prompt sensitivity" in (model_dir / T.CARD_NAME).read_text()
+
+
+def test_prompt_sensitivity_is_one_for_a_dit_that_ignores_the_prompt_and_not_for_one_that_reads_it():
+    g = torch.Generator().manual_seed(0)
+    prompts = [W.Attributes(s, c, "left", "black").prompt for s in W.SHAPES for c in ("red", "blue")]
+    fg = torch.zeros(len(prompts), 3, 4, 4, dtype=torch.uint8)
+    fg[:, :, 1:3, 1:3] = 1
+    data = T.LatentData(latents=torch.randn(len(prompts), 16, 3, 4, 4, generator=g), prompts=prompts,
+                        second_prompts=[""] * len(prompts), switch_latent=np.full(len(prompts), -1), fg=fg)
+    # A "context" that encodes only the shape word: index of the shape in SHAPES, as a [B, 1, 1] tensor.
+    shape_code = lambda ps: torch.tensor([[[float(W.SHAPES.index(W.parse_prompt(p).shape))]] for p in ps])  # noqa: E731
+
+    def blind(x, t, context, causal_block_size):  # predicts velocity from x alone
+        return 0.5 * x
+
+    def reads_shape(x, t, context, causal_block_size):  # the prompt's shape moves its prediction
+        return 0.5 * x + context.view(-1, 1, 1, 1, 1)
+
+    flat = T.prompt_sensitivity(blind, shape_code, data, block=2)
+    assert all(r == pytest.approx(1.0) for ratios in flat.values() for r in ratios.values()), flat
+    read = T.prompt_sensitivity(reads_shape, shape_code, data, block=2)
+    assert all(r != pytest.approx(1.0) for r in read["shape"].values()), read
+    assert all(r == pytest.approx(1.0) for r in read["colour"].values()), read
+
+
+def test_swap_word_changes_one_attribute_to_another_value():
+    rng = np.random.default_rng(0)
+    attrs = W.Attributes("circle", "red", "left", "black", "none")
+    for name in W.ATTRIBUTE_NAMES:
+        for _ in range(10):
+            swapped = T.swap_word(attrs, name, rng)
+            assert getattr(swapped, name) != getattr(attrs, name)
+            assert all(getattr(swapped, n) == getattr(attrs, n) for n in W.ATTRIBUTE_NAMES if n != name)
+
+
+def test_reproduce_command_gives_back_the_run_settings(tmp_path):
+    import dataclasses
+
+    cfg = T.parse_args(["--out", str(tmp_path / "a"), "--seed", "3", "--dit-steps", "77", "--train-shift", "5",
+                        "--dit-edge-weight", "15", "--dit-init", "/somewhere/dit.pt", "--no-progress", "--threads", "2"])
+    command = T.reproduce_command(cfg)
+    assert "/somewhere" not in command and "--threads" not in command and "--no-progress" not in command
+    again = T.parse_args(command.split()[3:])  # after "python -m skyrt.export.demo_model.train"
+    expected = dataclasses.replace(cfg, out=again.out, dit_init="dit.pt", threads=again.threads, progress=again.progress)
+    assert again == expected
+
+
+def test_shape_outline_is_the_mask_minus_its_erosion_on_the_torus():
+    fg = torch.zeros(1, 1, 8, 8)
+    fg[0, 0, 2:6, 2:6] = 1  # a 4x4 square: its 12 border cells are outline, the 2x2 centre is not
+    outline = T.shape_outline(fg)[0, 0]
+    assert outline.sum() == 12 and outline[3:5, 3:5].sum() == 0 and outline[2, 2:6].sum() == 4
+    full = torch.ones(1, 1, 8, 8)  # wraps all round: no edge anywhere
+    assert T.shape_outline(full).sum() == 0
+
+
 def test_saved_folder_is_the_official_layout(smoke_run):
     _, model_dir = smoke_run
     for name in ("config.json", "model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
@@ -61,7 +125,7 @@ def test_saved_folder_is_the_official_layout(smoke_run):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["num_frame_per_block"] == 2 and config["dim"] == 128 and config["text_len"] == 32
     card = (model_dir / T.CARD_NAME).read_text()
-    assert "flow-matching loss" in card and "seed 0" in card
+    assert "flow-matching loss" in card and "--seed 0" in card
     # The sampling sweep (--eval-clips) ran and its best setting is the recommendation.
     meta = json.loads((model_dir / T.META_NAME).read_text())
     sweep = meta["summary"]["eval"]

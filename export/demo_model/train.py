@@ -127,6 +127,9 @@ class TrainConfig:
     # The shape covers ~4% of a frame: with a flat loss the DiT learns backgrounds and pans and leaves the
     # shape (colour, form, motion: most of a prompt) for last. Latent pixels on the shape weigh 1 + this.
     dit_fg_weight: float = 4.0
+    # Every shape's interior is one flat colour: only its outline says which shape it is. Latent pixels on
+    # the outline (the shape mask minus its 3x3 erosion) weigh this much more on top of dit_fg_weight.
+    dit_edge_weight: float = 0.0
     dit_init: str = ""  # start the DiT and text encoder from another run's dit.pt (its EMA weights); "" = scratch
     warmup: int = 200
     train_shift: float = 2.0  # sigma = s u / (1 + (s - 1) u), u ~ U(0, 1): a bit more weight on noise
@@ -402,6 +405,59 @@ def latent_fg_mask(clip: W.Clip, size: int) -> np.ndarray:
     groups = [cells[:1]] + [cells[t : t + lat.TEMPORAL_FACTOR]
                             for t in range(1, len(cells), lat.TEMPORAL_FACTOR)]
     return np.stack([g.any(axis=0) for g in groups]).astype(np.uint8)
+
+
+def shape_outline(fg: torch.Tensor) -> torch.Tensor:
+    """fg float [B, F, h, w] in {0, 1} -> its outline: fg minus its 3x3 erosion (wrapping, like the world)."""
+    padded = torch.nn.functional.pad(fg.flatten(0, 1)[:, None], (1, 1, 1, 1), mode="circular")  # [BF, 1, h+2, w+2]
+    eroded = -torch.nn.functional.max_pool2d(-padded, kernel_size=3, stride=1)  # [BF, 1, h, w]
+    return fg - eroded.view_as(fg)
+
+
+SENSITIVITY_SIGMAS = (0.5, 0.7, 0.85)
+
+
+def swap_word(attrs: W.Attributes, name: str, rng: np.random.Generator) -> W.Attributes:
+    """`attrs` with attribute `name` changed to another value of the world's vocabulary, drawn by `rng`."""
+    values = {"shape": W.SHAPES, "colour": tuple(W.COLOURS), "motion": W.MOTIONS, "background": tuple(W.BACKGROUNDS),
+              "camera": W.CAMERAS}[name]
+    others = [v for v in values if v != getattr(attrs, name)]
+    return dataclasses.replace(attrs, **{name: others[int(rng.integers(len(others)))]})
+
+
+@torch.no_grad()
+def prompt_sensitivity(dit: WanDiT, context_of, data: "LatentData", block: int, clips: int = 24,
+                       seed: int = 0) -> dict[str, dict[str, float]]:
+    """How much the DiT's x0 prediction on the shape depends on each word of the prompt.
+
+    For the first causal block of `clips` clips without a prompt switch (a stream's start: no context),
+    noised to each of SENSITIVITY_SIGMAS: the x0 MSE on shape latent pixels with one attribute swapped
+    for another value, over the MSE with the true prompt. 1.0 means the DiT ignores that word; a model
+    that draws what the prompt says has ratios well above 1 for colour and shape.
+    `context_of(prompts)` -> text context [B, L, C]. Returns {attribute: {sigma: ratio}}.
+    """
+    rng = np.random.default_rng(seed)
+    index = [i for i in range(len(data.prompts)) if data.switch_latent[i] < 0][:clips]
+    x0 = data.latents[index, :, :block].float()  # [B, 16, block, h, w]
+    fg = data.fg[index, :block].float()  # [B, block, h, w]
+    attrs = [W.parse_prompt(data.prompts[i]) for i in index]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    contexts = {"true": context_of([a.prompt for a in attrs])}
+    for name in W.ATTRIBUTE_NAMES:
+        contexts[name] = context_of([swap_word(a, name, rng).prompt for a in attrs])
+    result: dict[str, dict[str, float]] = {name: {} for name in W.ATTRIBUTE_NAMES}
+    for sigma in SENSITIVITY_SIGMAS:
+        x_t = (1.0 - sigma) * x0 + sigma * noise
+        t = torch.full((len(index), block), 1000.0 * sigma)
+
+        def shape_error(context: torch.Tensor) -> float:
+            pred = x_t - sigma * dit(x_t, t, context, causal_block_size=block)  # x0 = x - sigma v
+            return float(((pred - x0).square().mean(dim=1) * fg).sum() / fg.sum().clamp_min(1.0))
+
+        true_error = shape_error(contexts["true"])
+        for name in W.ATTRIBUTE_NAMES:
+            result[name][f"{sigma:g}"] = shape_error(contexts[name]) / true_error
+    return result
 
 
 def weighted_flow_loss(v: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -761,7 +817,8 @@ class Trainer:
         x_t = (1.0 - s5) * x0 + s5 * noise  # rectified flow, as runtime/scheduler.py samples it
         target = noise - x0  # the velocity the sampler integrates: x0 = x - sigma v
         frame_weight = torch.tensor(np.stack(weights), dtype=torch.float32)  # [B, F]
-        weight = frame_weight[:, :, None, None] * (1.0 + cfg.dit_fg_weight * torch.stack(fgs))  # [B, F, h, w]
+        fg = torch.stack(fgs)  # [B, F, h, w]
+        weight = frame_weight[:, :, None, None] * (1.0 + cfg.dit_fg_weight * fg + cfg.dit_edge_weight * shape_outline(fg))
         return x_t, sigma * 1000.0, target, weight, prompts, block
 
     def _pick_crop(self, data: LatentData, rng: np.random.Generator, crop: int, block: int):
@@ -831,14 +888,18 @@ class Trainer:
                     token_cache[p] = (ids[0], mask[0])
             return (torch.stack([token_cache[p][0] for p in prompts]), torch.stack([token_cache[p][1] for p in prompts]))
 
+        def context_of(text, prompts: list[str]) -> torch.Tensor:
+            """TextEncoder.encode semantics (rows past the prompt are zero), with gradients: [B, L, C]."""
+            ids, mask = tokens(prompts)
+            return text(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None].float()
+
         probe = self._dit_batch(data, np.random.default_rng([cfg.seed, 8]), torch.Generator().manual_seed(cfg.seed + 13))
 
         @torch.no_grad()
         def probe_loss(dit_model, text) -> float:
             x_t, t, target, weight, prompts, block = probe
-            ids, mask = tokens(prompts)
-            context = text(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None].float()
-            return float(weighted_flow_loss(dit_model(x_t, t, context, causal_block_size=block), target, weight))
+            return float(weighted_flow_loss(dit_model(x_t, t, context_of(text, prompts), causal_block_size=block),
+                                            target, weight))
 
         resumed = path.exists() and state.get("probe_start") is not None
         probe_start = state["probe_start"] if resumed else probe_loss(dit, text_model)
@@ -851,10 +912,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["base"] * factor
             x_t, t, target, weight, prompts, block = self._dit_batch(data, rng, gen)
-            ids, mask = tokens(prompts)
-            # TextEncoder.encode semantics (rows past the prompt are zero), with gradients.
-            context = text_model(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None].float()
-            v = dit(x_t, t, context, causal_block_size=block)  # [B, 16, F, h, w]
+            v = dit(x_t, t, context_of(text_model, prompts), causal_block_size=block)  # [B, 16, F, h, w]
             loss = weighted_flow_loss(v, target, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -883,6 +941,8 @@ class Trainer:
         self.summary["dit"] = {"steps": step, "loss_start": _head_mean(history), "loss_end": _tail_mean(history),
                                "probe_loss_start": probe_start, "probe_loss_end": probe_loss(dit, text_model),
                                "probe_loss_end_ema": probe_loss(ema_dit, ema_text),
+                               "prompt_sensitivity": prompt_sensitivity(ema_dit, lambda p: context_of(ema_text, p), data,
+                                                                        block=cfg.num_frame_per_block, seed=cfg.seed),
                                "params": sum(p.numel() for p in dit.parameters()),
                                "text_params": sum(p.numel() for p in text_model.parameters())}
         return ema_dit.eval(), ema_text.eval()
@@ -987,6 +1047,22 @@ def evaluate(model_dir: Path, cfg: TrainConfig) -> dict:
             "best": best["settings"], "best_adherence": best["adherence"]}
 
 
+def reproduce_command(cfg: TrainConfig) -> str:
+    """The training command line of `cfg`: the seed, then every setting that differs from the defaults
+    (paths and thread counts left out: where and how fast it ran, not what it trained)."""
+    defaults = TrainConfig()
+    flags = [f"--seed {cfg.seed}"]
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name in ("seed", "out", "model_out", "resume", "progress", "threads") or value == getattr(defaults, f.name):
+            continue
+        if f.name == "dit_init":
+            value = Path(value).name
+        flag = "--" + f.name.replace("_", "-")
+        flags.append(flag if value is True else f"--no-{f.name.replace('_', '-')}" if value is False else f"{flag} {value}")
+    return "python -m skyrt.export.demo_model.train --out DIR " + " ".join(flags)
+
+
 def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
     """model_card.md: what the model is, its data, objective, hyper-parameters and measured losses."""
     vae, data, dit = summary.get("vae", {}), summary.get("data", {}), summary.get("dit", {})
@@ -1027,7 +1103,8 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
         "t = 1000 sigma per frame; an independent noise level per causal block; block-causal attention "
         f"(block sizes {cfg.block_sizes}); crops of {cfg.crop_frames} latent frames; leading blocks often clean "
         f"context at t = 0; {int(cfg.empty_prompt * 100)}% empty prompts (classifier-free guidance); EMA {cfg.ema}; "
-        f"latent pixels on the shape (from the world's ground truth) weighted {1 + cfg.dit_fg_weight:g}x.",
+        f"latent pixels on the shape (from the world's ground truth) weighted {1 + cfg.dit_fg_weight:g}x"
+        + (f", on its outline {1 + cfg.dit_fg_weight + cfg.dit_edge_weight:g}x." if cfg.dit_edge_weight else "."),
         "",
         "## Training run",
         f"- seed {cfg.seed}; VAE {cfg.vae_steps} + {cfg.vae_long_steps} steps (batch {cfg.vae_batch} / "
@@ -1043,11 +1120,15 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
         f"- DiT flow-matching loss: {fmt(dit.get('loss_start'))} -> {fmt(dit.get('loss_end'))} (first / last 50 "
         f"steps); on a fixed probe batch {fmt(dit.get('probe_loss_start'))} -> {fmt(dit.get('probe_loss_end'))} "
         f"(EMA weights, the ones saved: {fmt(dit.get('probe_loss_end_ema'))})",
+        *([] if not dit.get("prompt_sensitivity") else [
+            "- prompt sensitivity at a stream's start (x0 error on the shape's latent pixels with one prompt word "
+            "swapped, over the error with the true prompt; 1.00 = the DiT ignores that word), at sigma "
+            + " / ".join(f"{s:g}" for s in SENSITIVITY_SIGMAS) + ": "
+            + "; ".join(f"{name} " + " / ".join(f"{r:.2f}" for r in ratios.values())
+                        for name, ratios in dit["prompt_sensitivity"].items())]),
         f"- wall time {fmt(summary.get('wall_seconds', 0) / 60)} min with {cfg.threads} CPU threads",
-        "- reproduce: `python -m skyrt.export.demo_model.train --out DIR --seed "
-        f"{cfg.seed} --vae-steps {cfg.vae_steps} --vae-long-steps {cfg.vae_long_steps} --dit-steps {cfg.dit_steps} "
-        f"--dataset-clips {cfg.dataset_clips}`" + (f" (the DiT started from `--dit-init {Path(cfg.dit_init).name}`, "
-        "an earlier run's DiT, see below)" if cfg.dit_init else ""),
+        f"- reproduce: `{reproduce_command(cfg)}`" + (" (`--dit-init` names an earlier run's DiT checkpoint, see "
+                                                       "below)" if cfg.dit_init else ""),
         "",
         "## Sampling",
         "Recommended (" + ("measured by the sweep below" if "eval" in summary else "not yet measured") + "): "
