@@ -80,8 +80,9 @@ BOUNCE_HEIGHT, BOUNCE_PERIOD = 0.38, 24  # |sin| hops: one hop every BOUNCE_PERI
 ORBIT_RADIUS, ORBIT_PERIOD = 0.22, 48
 STRIPES_PER_FRAME, STRIPE_AMPLITUDE = 4, 16.0  # background texture (grey levels), world-fixed
 # Shape radius as a fraction of min(H, W). At 128 px the shipped demo VAE (8x down, base width 8) reads a
-# shape this small back as itself in only 10 of 15 clips (crosses come back as diamonds, squares as
-# circles), and 15 of 15 at 0.15-0.20: a model that is to draw shapes needs the larger world (issue 6).
+# shape this small back as itself in only 6 of 15 clips (crosses come back as diamonds, squares and
+# triangles as circles), and 15 of 15 at 0.15-0.20 (`python -m skyrt.export.demo_model.probe
+# [--radius 0.15,0.20]`): a model that is to draw shapes needs the larger world (issue 6).
 RADIUS_RANGE = (0.09, 0.13)
 
 
