@@ -108,6 +108,16 @@ def test_reproduce_command_gives_back_the_run_settings(tmp_path):
     assert again == expected
 
 
+def test_text_only_share_makes_crops_start_the_stream_without_context(tmp_path):
+    latents = torch.zeros(6, 16, 13, 2, 2)
+    data = T.LatentData(latents=latents, prompts=[W.EXAMPLE.prompt] * 6, second_prompts=[""] * 6,
+                        switch_latent=np.full(6, -1), fg=torch.zeros(6, 13, 2, 2, dtype=torch.uint8))
+    picks = lambda share: [T.Trainer(T.parse_args(["--out", str(tmp_path), "--text-only-share", str(share)]))  # noqa: E731
+                           ._pick_crop(data, rng, crop=8, block=2)[1:3] for rng in [np.random.default_rng(0)] for _ in range(200)]
+    assert set(picks(1.0)) == {(0, 0)}  # (first latent, context blocks)
+    assert len(set(picks(0.0))) > 1  # the ordinary mix: later starts and clean context too
+
+
 def test_shape_outline_is_the_mask_minus_its_erosion_on_the_torus():
     fg = torch.zeros(1, 1, 8, 8)
     fg[0, 0, 2:6, 2:6] = 1  # a 4x4 square: its 12 border cells are outline, the 2x2 centre is not
