@@ -112,8 +112,13 @@ def test_text_only_share_makes_crops_start_the_stream_without_context(tmp_path):
     latents = torch.zeros(6, 16, 13, 2, 2)
     data = T.LatentData(latents=latents, prompts=[W.EXAMPLE.prompt] * 6, second_prompts=[""] * 6,
                         switch_latent=np.full(6, -1), fg=torch.zeros(6, 13, 2, 2, dtype=torch.uint8))
-    picks = lambda share: [T.Trainer(T.parse_args(["--out", str(tmp_path), "--text-only-share", str(share)]))  # noqa: E731
-                           ._pick_crop(data, rng, crop=8, block=2)[1:3] for rng in [np.random.default_rng(0)] for _ in range(200)]
+
+    def picks(share: float) -> list[tuple[int, int]]:
+        """(first latent, context blocks) of 200 crops of 4 blocks."""
+        trainer = T.Trainer(T.parse_args(["--out", str(tmp_path), "--text-only-share", str(share)]))
+        rng = np.random.default_rng(0)
+        return [trainer._pick_crop(data, rng, crop=8, block=2)[1:3] for _ in range(200)]
+
     assert set(picks(1.0)) == {(0, 0)}  # (first latent, context blocks)
     assert len(set(picks(0.0))) > 1  # the ordinary mix: later starts and clean context too
 
