@@ -217,6 +217,25 @@ def classify_motion(world: np.ndarray, height: int, width: int) -> tuple[str | N
     return None, features  # horizontal oscillation: no motion of the world does that
 
 
+def unwrap_track(centers: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Screen centres float [T, 2] (NaN where no shape was found) -> the same track unwrapped across the
+    frame edges (positions wrap around), NaN kept where no shape was found.
+
+    Steps are taken between consecutive frames that found the shape, so a hole (a generated frame
+    where the shape fades, often the first one) neither loses the motion made across it nor, at the
+    start, leaves the whole track undefined.
+    """
+    track = np.full_like(centers, np.nan)
+    found = np.flatnonzero(np.isfinite(centers).all(axis=1))
+    if len(found) == 0:
+        return track
+    period = np.array([width, height], dtype=np.float64)
+    steps = np.diff(centers[found], axis=0)  # [n - 1, 2]
+    steps = (steps + period / 2) % period - period / 2  # shortest way round
+    track[found] = centers[found[0]] + np.concatenate([np.zeros((1, 2)), np.cumsum(steps, axis=0)])
+    return track
+
+
 def read_clip(frames: np.ndarray) -> Reading:
     """frames uint8 [T, H, W, 3] -> Reading."""
     frames = np.asarray(frames)
@@ -238,10 +257,7 @@ def read_clip(frames: np.ndarray) -> Reading:
 
     # Motion: unwrap the screen track across the frame edges, add the camera motion back.
     centers = np.array([r.center if r.found else (np.nan, np.nan) for r in per_frame], dtype=np.float64)  # [T, 2]
-    steps = np.diff(centers, axis=0)
-    steps = (steps + np.array([W, H]) / 2) % np.array([W, H]) - np.array([W, H]) / 2  # shortest way round
-    screen = np.concatenate([centers[:1], centers[:1] + np.nancumsum(np.where(np.isfinite(steps), steps, 0), axis=0)])
-    screen[~np.isfinite(centers).all(axis=1)] = np.nan
+    screen = unwrap_track(centers, W, H)
     cam = np.concatenate([[0.0], np.cumsum(-shifts)]) if len(shifts) else np.zeros(1)
     world = screen.copy()
     world[:, 0] += cam
