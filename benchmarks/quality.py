@@ -250,19 +250,28 @@ def switch_run(pipe, pairs, setting, sampling, block, size, warm_chunks, after_f
         frames = np.concatenate(chunks)
         latency = switch_latency(frames, b)
         no_shape = switch_latency(frames, b, SWITCH_KEYS_NO_SHAPE)
+        per_chunk = len(chunks[0])  # each run's own chunk length: a stream's first chunk may differ
         results.append({"from": a.prompt, "to": b.prompt, "latency_frames": latency,
                         "latency_frames_without_shape": no_shape,
-                        "latency_chunks": None if latency is None else latency / len(chunks[0]),
-                        "chunk_frames": len(chunks[0])})
-    found = [r["latency_frames"] for r in results if r["latency_frames"] is not None]
-    no_shape = [r["latency_frames_without_shape"] for r in results if r["latency_frames_without_shape"] is not None]
-    return {"recache": recache, "switched": len(found) / len(results),
-            "mean_latency_frames": float(np.mean(found)) if found else None,
-            "mean_latency_chunks": float(np.mean([r["latency_chunks"] for r in results
-                                                  if r["latency_chunks"] is not None])) if found else None,
-            "switched_without_shape": len(no_shape) / len(results),
-            "mean_latency_chunks_without_shape": float(np.mean(no_shape) / results[0]["chunk_frames"]) if no_shape else None,
+                        "latency_chunks": None if latency is None else latency / per_chunk,
+                        "latency_chunks_without_shape": None if no_shape is None else no_shape / per_chunk,
+                        "chunk_frames": per_chunk})
+
+    def mean_of(key: str) -> float | None:
+        values = [r[key] for r in results if r[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    return {"recache": recache, "switched": mean_of_found(results, "latency_frames"),
+            "mean_latency_frames": mean_of("latency_frames"),
+            "mean_latency_chunks": mean_of("latency_chunks"),
+            "switched_without_shape": mean_of_found(results, "latency_frames_without_shape"),
+            "mean_latency_chunks_without_shape": mean_of("latency_chunks_without_shape"),
             "runs": results}
+
+
+def mean_of_found(results: list[dict], key: str) -> float:
+    """The fraction of runs whose `key` latency was found (the new prompt was read at all)."""
+    return sum(r[key] is not None for r in results) / len(results)
 
 
 def switch_pairs(rng, count):

@@ -1,0 +1,83 @@
+"""benchmarks/quality.py: the switch-latency bookkeeping, on world-rendered streams whose delay is known.
+
+A stand-in stream renders the demo world itself (the detector reads it ~perfectly) and keeps showing
+the old prompt for a chosen number of frames after set_prompt; the benchmark must report that delay,
+in frames and in each run's own chunks.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import skyrt.export.demo_model.world as W
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality_benchmark"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class DelayedWorldStream:
+    """Chunks of `chunk` frames of a world scene; set_prompt takes effect `delay` frames later."""
+
+    def __init__(self, attrs: W.Attributes, chunk: int, delay: int, seed: int):
+        self.scene = W.Scene(attrs, 64, 64, seed=seed)
+        self.chunk, self.delay = chunk, delay
+        self.pending: tuple[int, W.Attributes] | None = None
+
+    def __next__(self) -> np.ndarray:
+        frames = []
+        for _ in range(self.chunk):  # frame by frame, so the delayed switch lands on its exact frame
+            if self.pending and self.scene.frame >= self.pending[0]:
+                self.scene.set_attributes(self.pending[1])
+                self.pending = None
+            frames.append(self.scene.render(1)[0])
+        return np.concatenate(frames)
+
+    def set_prompt(self, prompt: str, recache: bool = False) -> None:
+        self.pending = (self.scene.frame + self.delay, W.parse_prompt(prompt))
+
+    def close(self) -> None:
+        pass
+
+
+def test_switch_latency_is_counted_in_each_runs_own_chunks(monkeypatch):
+    q = load_script()
+    pairs = [(W.Attributes("circle", "red", "still", "black"), W.Attributes("square", "green", "still", "dark blue")),
+             (W.Attributes("diamond", "yellow", "still", "gray"), W.Attributes("circle", "blue", "still", "brown"))]
+    runs = iter([(8, 16), (4, 12)])  # (chunk frames, switch delay in frames) of each run
+
+    def open_stream(pipe, prompt, *args, **kwargs):
+        chunk, delay = next(runs)
+        return DelayedWorldStream(W.parse_prompt(prompt), chunk, delay, seed=1)
+
+    monkeypatch.setattr(q, "open_stream", open_stream)
+    result = q.switch_run(None, pairs, {}, {}, 2, 64, warm_chunks=2, after_frames=48, recache=False, seed=0)
+    frames = [r["latency_frames"] for r in result["runs"]]
+    assert frames == [r["latency_frames_without_shape"] for r in result["runs"]]
+    # The reading window starts counting once SWITCH_HITS of its SWITCH_WINDOW frames show the new prompt.
+    early = q.SWITCH_WINDOW - q.SWITCH_HITS
+    assert frames == [16 - early, 12 - early]
+    assert result["switched"] == result["switched_without_shape"] == 1.0
+    per_run_chunks = [frames[0] / 8, frames[1] / 4]  # (16 - 2) / 8 and (12 - 2) / 4 chunks
+    assert result["mean_latency_chunks"] == pytest.approx(np.mean(per_run_chunks))
+    assert result["mean_latency_chunks_without_shape"] == pytest.approx(np.mean(per_run_chunks))
+
+
+def test_a_prompt_that_never_shows_has_no_latency(monkeypatch):
+    q = load_script()
+    pairs = [(W.Attributes("circle", "red", "still", "black"), W.Attributes("square", "green", "still", "dark blue"))]
+    monkeypatch.setattr(q, "open_stream", lambda pipe, prompt, *a, **k: DelayedWorldStream(W.parse_prompt(prompt),
+                                                                                          8, 10**6, seed=1))
+    result = q.switch_run(None, pairs, {}, {}, 2, 64, warm_chunks=1, after_frames=32, recache=False, seed=0)
+    assert result["switched"] == 0.0 and result["mean_latency_chunks"] is None
+    assert result["mean_latency_chunks_without_shape"] is None
