@@ -84,6 +84,10 @@ STRIPES_PER_FRAME, STRIPE_AMPLITUDE = 4, 16.0  # background texture (grey levels
 # triangles as circles), and 15 of 15 at 0.15-0.20 (`python -m skyrt.export.demo_model.probe
 # [--radius 0.15,0.20]`): a model that is to draw shapes needs the larger world (issue 6).
 RADIUS_RANGE = (0.09, 0.13)
+# Where a clip's shape starts (frame-relative u and v, uniform in the range); bouncing hops rise from
+# BOUNCE_START_V, near the bottom.
+START_RANGE = (0.2, 0.8)
+BOUNCE_START_V = (0.75, 0.85)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,9 +332,9 @@ class Scene:
         self.height, self.width = int(height), int(width)
         rng = np.random.default_rng(seed)
         self.style = style or Style.sample(rng)
-        start = rng.uniform(0.2, 0.8, size=2)
+        start = rng.uniform(*START_RANGE, size=2)
         if attrs.motion == "bouncing":
-            start[1] = rng.uniform(0.75, 0.85)  # hops rise from near the bottom
+            start[1] = rng.uniform(*BOUNCE_START_V)
         self._anchor = start.astype(np.float64)  # world (u, v) at the current segment start
         self._cam_anchor = 0.0
         self._segment_start = 0
