@@ -250,28 +250,29 @@ def switch_run(pipe, pairs, setting, sampling, block, size, warm_chunks, after_f
         frames = np.concatenate(chunks)
         latency = switch_latency(frames, b)
         no_shape = switch_latency(frames, b, SWITCH_KEYS_NO_SHAPE)
-        per_chunk = len(chunks[0])  # each run's own chunk length: a stream's first chunk may differ
+        per_chunk = len(chunks[0])  # this run's chunk length (runs need not share one)
         results.append({"from": a.prompt, "to": b.prompt, "latency_frames": latency,
                         "latency_frames_without_shape": no_shape,
                         "latency_chunks": None if latency is None else latency / per_chunk,
                         "latency_chunks_without_shape": None if no_shape is None else no_shape / per_chunk,
                         "chunk_frames": per_chunk})
-
-    def mean_of(key: str) -> float | None:
-        values = [r[key] for r in results if r[key] is not None]
-        return float(np.mean(values)) if values else None
-
-    return {"recache": recache, "switched": mean_of_found(results, "latency_frames"),
-            "mean_latency_frames": mean_of("latency_frames"),
-            "mean_latency_chunks": mean_of("latency_chunks"),
-            "switched_without_shape": mean_of_found(results, "latency_frames_without_shape"),
-            "mean_latency_chunks_without_shape": mean_of("latency_chunks_without_shape"),
+    return {"recache": recache, "switched": found_share(results, "latency_frames"),
+            "mean_latency_frames": mean_found(results, "latency_frames"),
+            "mean_latency_chunks": mean_found(results, "latency_chunks"),
+            "switched_without_shape": found_share(results, "latency_frames_without_shape"),
+            "mean_latency_chunks_without_shape": mean_found(results, "latency_chunks_without_shape"),
             "runs": results}
 
 
-def mean_of_found(results: list[dict], key: str) -> float:
+def found_share(results: list[dict], key: str) -> float:
     """The fraction of runs whose `key` latency was found (the new prompt was read at all)."""
     return sum(r[key] is not None for r in results) / len(results)
+
+
+def mean_found(results: list[dict], key: str) -> float | None:
+    """Mean of the `key` latencies that were found (None: none was)."""
+    values = [r[key] for r in results if r[key] is not None]
+    return float(np.mean(values)) if values else None
 
 
 def switch_pairs(rng, count):
