@@ -79,15 +79,17 @@ PAN_SPEED = 0.008  # camera pan
 BOUNCE_HEIGHT, BOUNCE_PERIOD = 0.38, 24  # |sin| hops: one hop every BOUNCE_PERIOD frames
 ORBIT_RADIUS, ORBIT_PERIOD = 0.22, 48
 STRIPES_PER_FRAME, STRIPE_AMPLITUDE = 4, 16.0  # background texture (grey levels), world-fixed
-# Shape radius as a fraction of min(H, W). At 128 px the shipped demo VAE (8x down, base width 8) reads a
-# shape this small back as itself in only 6 of 15 clips (crosses come back as diamonds, squares and
-# triangles as circles), and 15 of 15 at 0.15-0.20 (`python -m skyrt.export.demo_model.probe
-# [--radius 0.15,0.20]`): a model that is to draw shapes needs the larger world (issue 6).
-RADIUS_RANGE = (0.09, 0.13)
-# Where a clip's shape starts (frame-relative u and v, uniform in the range); bouncing hops rise from
-# BOUNCE_START_V, near the bottom.
-START_RANGE = (0.2, 0.8)
-BOUNCE_START_V = (0.75, 0.85)
+# Shape radius as a fraction of min(H, W). The demo VAE (8x down, base width 8) reads a shape back as
+# itself in 15 of 15 clips at 0.15-0.20 but in only 6 of 15 at the first world's 0.09-0.13 (crosses came
+# back as diamonds, squares and triangles as circles; `python -m skyrt.export.demo_model.probe
+# --radius 0.09,0.13`): smaller shapes cannot be drawn through that VAE (issue 6).
+RADIUS_RANGE = (0.15, 0.20)
+# Where a clip's shape starts (frame-relative u, v; uniform in the range). A stream's first block is drawn
+# from the prompt alone; with the start fixed at the centre the shape word says what to draw at a known
+# place, and the demo DiT learns it (with random starts, 0.2-0.8, it drew a blob of the right colour;
+# issue 6). Later positions still cover the frame: every motion but "still" carries the shape across it.
+START_RANGE = (0.5, 0.5)
+BOUNCE_START_V = (0.8, 0.8)  # bouncing hops rise from near the bottom
 
 
 # ----------------------------------------------------------------------------------------------
