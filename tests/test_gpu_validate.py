@@ -5,32 +5,20 @@ crashing, and the script must exit non-zero; with a GPU the same test demands th
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("cuda.bindings", reason="pip install cuda-python (the test extra installs it)")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_validate.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_validate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_validate"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_kernel_section_reports_every_kernel(tmp_path):
     from skyrt import _core
     from skyrt.runtime import cuda_mem
 
-    gv = load_script()
+    gv = load_benchmark("gpu_validate")
     out = tmp_path / "report.json"
     code = gv.main(["--sections", "kernels", "--out", str(out)])
     report = json.loads(out.read_text())
@@ -49,7 +37,7 @@ def test_kernel_section_reports_every_kernel(tmp_path):
 
 
 def test_builder_choice_and_cuda_errors_are_clear():
-    gv = load_script()
+    gv = load_benchmark("gpu_validate")
     assert gv.pick_builder("tensorrt-rtx") == "tensorrt-rtx"
     assert gv.pick_builder("auto") in ("tensorrt", "tensorrt-rtx")
     from skyrt.runtime import cuda_mem
@@ -65,7 +53,7 @@ def test_captioner_section_runs_up_to_the_gpu_and_records_why_it_stopped(tmp_pat
 
     if cuda_mem.device_count() > 0:
         pytest.skip("a GPU is present: run the script itself")
-    gv = load_script()
+    gv = load_benchmark("gpu_validate")
     frames = gv._smooth_frames(16, 36, 42)
     assert frames.shape == (16, 36, 42, 3) and frames.dtype == np.uint8 and len(np.unique(frames[:, 0, 0, 0])) == 16
     out = tmp_path / "report.json"
@@ -78,7 +66,7 @@ def test_captioner_section_runs_up_to_the_gpu_and_records_why_it_stopped(tmp_pat
 
 
 def test_captioner_report_helpers():
-    gv = load_script()
+    gv = load_benchmark("gpu_validate")
     assert gv.first_difference([1, 2, 3], [1, 2, 3]) is None
     assert gv.first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert gv.first_difference([1, 2], [1, 2, 3]) == 2  # one stopped early

@@ -6,24 +6,11 @@ in frames and in each run's own chunks.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 import skyrt.export.demo_model.world as W
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class DelayedWorldStream:
@@ -51,7 +38,7 @@ class DelayedWorldStream:
 
 
 def test_switch_latency_is_counted_in_each_runs_own_chunks(monkeypatch):
-    q = load_script()
+    q = load_benchmark("quality")
     pairs = [(W.Attributes("circle", "red", "still", "black"), W.Attributes("square", "green", "still", "dark blue")),
              (W.Attributes("diamond", "yellow", "still", "gray"), W.Attributes("circle", "blue", "still", "brown"))]
     runs = iter([(8, 16), (4, 12)])  # (chunk frames, switch delay in frames) of each run
@@ -74,7 +61,7 @@ def test_switch_latency_is_counted_in_each_runs_own_chunks(monkeypatch):
 
 
 def test_a_prompt_that_never_shows_has_no_latency(monkeypatch):
-    q = load_script()
+    q = load_benchmark("quality")
     pairs = [(W.Attributes("circle", "red", "still", "black"), W.Attributes("square", "green", "still", "dark blue"))]
     monkeypatch.setattr(q, "open_stream", lambda pipe, prompt, *a, **k: DelayedWorldStream(W.parse_prompt(prompt),
                                                                                           8, 10**6, seed=1))
