@@ -1131,7 +1131,7 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
             + " / ".join(f"{s:g}" for s in SENSITIVITY_SIGMAS) + ": "
             + "; ".join(f"{name} " + " / ".join(f"{r:.2f}" for r in ratios.values())
                         for name, ratios in dit["prompt_sensitivity"].items())]),
-        f"- wall time {fmt(summary.get('wall_seconds', 0) / 60)} min with {cfg.threads} CPU threads",
+        f"- wall time {fmt(summary.get('wall_seconds', 0) / 60)} min with {cfg.threads} CPU thread{'s' if cfg.threads != 1 else ''}",
         f"- reproduce: `{reproduce_command(cfg)}`" + (" (`--dit-init` names an earlier run's DiT checkpoint, see "
                                                        "below)" if cfg.dit_init else ""),
         "",
