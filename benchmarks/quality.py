@@ -21,7 +21,7 @@ Also records generated frames per second of every run (wall clock, this machine,
     python benchmarks/quality.py --merge a.json b.json # one report from parallel runs of other --settings
 
 Writes benchmarks/results/quality.json and quality.png (needs matplotlib for the plot).
---model defaults to skyrt's built-in demo model (skyrt-demo-world-v2, shipped in the package).
+--model defaults to skyrt's built-in demo model (skyrt-demo-world-v3, shipped in the package).
 """
 from __future__ import annotations
 
