@@ -332,7 +332,7 @@ def plot(report: dict, path: Path) -> bool:
     ax.set(title="prompt-switch latency (frames after set_prompt)", ylabel="frames")
     for i, n in enumerate(names):
         rates = "/".join(f"{s['switched']:.0%}" for s in report["settings"][n]["switch"])
-        ax.annotate(f"switched {rates}", (i, 0), ha="center", va="bottom", fontsize=7)
+        ax.annotate(f"switched\n{rates}", (i, 0), ha="center", va="bottom", fontsize=7)  # 2 lines: bars are narrow
     ax.legend(fontsize=7)
     fig.suptitle(f"skyrt stream quality: {report['model']}")
     fig.tight_layout()
