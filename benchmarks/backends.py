@@ -146,7 +146,7 @@ def main() -> None:
         "benchmark": "backends",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                     "load_average": os.getloadavg()[0], "device": "cpu"},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": vars(args) | {"out": args.out.name},  # as the other benchmarks: no machine folders
         "step_ms_median": {name: 1e3 * m for name, m in median.items()},
         "step_ms_min": {name: 1e3 * min(t) for name, t in times.items()},
         "ratio_torch_over_ort": median["torch"] / median["onnxruntime"],

@@ -128,8 +128,7 @@ def main() -> None:
         "benchmark": "serve",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
                     "load_average_at_end": os.getloadavg()[0]},
-        # Paths by file name only: the report describes the run, not the machine's folders.
-        "config": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": vars(args) | {"out": args.out.name},  # as the other benchmarks: no machine folders
         "alone": alone,
         "with_clients": dict(loaded, bytes_per_client=[g[0] for g in got]),
         "ratio_generated_fps_with_clients_vs_alone": loaded["generated_fps"] / alone["generated_fps"],
