@@ -9,6 +9,7 @@ moments, the latent re-parametrisation fold, the tokenizer's vocabulary.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -121,6 +122,47 @@ def test_text_only_share_makes_crops_start_the_stream_without_context(tmp_path):
 
     assert set(picks(1.0)) == {(0, 0)}  # (first latent, context blocks)
     assert len(set(picks(0.0))) > 1  # the ordinary mix: later starts and clean context too
+
+
+def test_switch_crop_share_draws_switch_crops_conditioned_on_the_new_prompt(tmp_path):
+    # Clips 0-1 switch at latent 6 to a second prompt, clips 2-5 do not.
+    switch_at = np.array([6, 6, -1, -1, -1, -1])
+    data = T.LatentData(latents=torch.zeros(6, 16, 13, 2, 2), prompts=[W.EXAMPLE.prompt] * 6,
+                        second_prompts=["new"] * 2 + [""] * 4, switch_latent=switch_at,
+                        fg=torch.zeros(6, 13, 2, 2, dtype=torch.uint8))
+
+    def picks(share: float) -> list[tuple]:
+        trainer = T.Trainer(T.parse_args(["--out", str(tmp_path), "--switch-crop-share", str(share)]))
+        rng = np.random.default_rng(0)
+        return [trainer._pick_crop(data, rng, crop=8, block=2) for _ in range(300)]
+
+    for i, start, ctx, prompt in picks(1.0):  # every crop: old-prompt context up to the switch, then new blocks
+        assert i in (0, 1) and prompt == "new" and start + 2 * ctx == 6 and 1 <= ctx <= 3
+    ordinary = sum(p == "new" for *_, p in picks(0.0)) / 300
+    assert 0.05 < ordinary < 0.5  # the ordinary mix draws some switch crops, far from all
+    with pytest.raises(ValueError, match="switch-crop-share"):
+        T.parse_args(["--out", str(tmp_path), "--switch-crop-share", "1.5"])
+
+
+def test_grown_dit_computes_what_the_shallow_one_did_and_its_new_blocks_can_learn():
+    torch.manual_seed(0)
+    shallow_cfg = T.TrainConfig(dit_dim=32, dit_heads=2, dit_ffn=64, dit_layers=2, text_dim=16, freq_dim=16)
+    shallow = T.WanDiT(shallow_cfg.dit_config()).eval()
+    with torch.no_grad():  # trained-looking weights: nothing zero, so an identity block is not trivially given
+        for param in shallow.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    deep = T.WanDiT(dataclasses.replace(shallow_cfg, dit_layers=6).dit_config()).eval()
+    deep.load_state_dict(T.grown_dit_state(shallow.state_dict(), deep))
+    x, t, ctx = torch.randn(2, 16, 4, 4, 4), torch.rand(2, 4) * 1000, torch.randn(2, shallow_cfg.text_len, 16)
+    with torch.no_grad():
+        want = shallow(x, t, ctx, causal_block_size=2)
+    got = deep(x, t, ctx, causal_block_size=2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.square().mean().backward()
+    assert deep.blocks[1].ffn[2].weight.grad.abs().max() > 0  # a grown block is not stuck at the identity
+    assert deep.blocks[1].self_attn.o.weight.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="multiple"):
+        T.grown_dit_state(shallow.state_dict(), T.WanDiT(dataclasses.replace(shallow_cfg, dit_layers=3).dit_config()))
 
 
 def test_shape_outline_is_the_mask_minus_its_erosion_on_the_torus():

@@ -30,7 +30,7 @@ Stages (each checkpointed with its optimizer state; `--resume` continues where a
    do not start at latent 0 always begin with clean context: the first latent of a video is a
    single encoded frame and only a block with no history may be one. Prompt-switch clips keep the
    blocks before the switch as clean context and are conditioned on the new prompt (what a
-   stream sees after set_prompt). 10% empty prompts train the unconditional branch for CFG.
+   stream sees after set_prompt; --switch-crop-share draws more of them). 10% empty prompts train the unconditional branch for CFG.
    AdamW with warm-up and cosine decay; EMA weights are what gets saved.
 4. Export DIR/model and write its model card; 5. optionally (`--eval-clips N`) score held-out
    prompts with the detector over a small shift / guidance sweep and record the best as the
@@ -133,7 +133,13 @@ class TrainConfig:
     # Extra share of crops that are a stream's start with no context (the text alone must say what to draw):
     # with the ordinary mix (~21% such crops) the DiT learns to copy its context and ignores the shape word.
     text_only_share: float = 0.0
-    dit_init: str = ""  # start the DiT and text encoder from another run's dit.pt (its EMA weights); "" = scratch
+    # Extra share of crops that are a prompt switch (clean old-prompt context, new-prompt blocks to denoise), on
+    # top of the ~14% the ordinary mix draws: what a stream sees after set_prompt, where it must stop copying
+    # its context's shape and draw the new one.
+    switch_crop_share: float = 0.0
+    # Start the DiT and text encoder from another run's dit.pt (its EMA weights); "" = scratch. A shallower
+    # DiT is grown to --dit-layers exactly (grown_dit_state: identity blocks between the trained ones).
+    dit_init: str = ""
     warmup: int = 200
     train_shift: float = 2.0  # sigma = s u / (1 + (s - 1) u), u ~ U(0, 1): a bit more weight on noise
     empty_prompt: float = 0.1
@@ -210,6 +216,9 @@ def _validate(cfg: TrainConfig) -> None:
             raise ValueError(f"no block size in {cfg.block_sizes} divides a crop of {crop} latent frames")
     if cfg.num_frame_per_block not in cfg.block_choices:
         raise ValueError(f"num_frame_per_block={cfg.num_frame_per_block} must be one of the trained block sizes")
+    for name in ("switch_fraction", "empty_prompt", "text_only_share", "switch_crop_share"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is a share: give a value in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +470,38 @@ def prompt_sensitivity(dit: WanDiT, context_of, data: "LatentData", block: int, 
         for name in W.ATTRIBUTE_NAMES:
             result[name][f"{sigma:g}"] = shape_error(contexts[name]) / true_error
     return result
+
+
+GROWN_ZERO = ("self_attn.o", "cross_attn.o", "ffn.2")  # a block with these zero adds nothing to the residual
+
+
+def grown_dit_state(init: dict[str, torch.Tensor], fresh: WanDiT) -> dict[str, torch.Tensor]:
+    """`init` (a trained DiT's state, L blocks) in `fresh`'s deeper layout (k L blocks), computing the same
+    function: the trained blocks go to positions 0, k, 2k, ...; each block between them keeps `fresh`'s
+    random weights with its output projections zeroed, so it is the identity until training moves them
+    (their gradients are not zero: the projections' inputs are live). Growing capacity this way keeps
+    what the shallower model learned instead of training the deeper one from scratch."""
+    old_layers = 1 + max(int(k.split(".")[1]) for k in init if k.startswith("blocks."))
+    new_layers = len(fresh.blocks)
+    if new_layers % old_layers:
+        raise ValueError(f"--dit-init has {old_layers} blocks: --dit-layers {new_layers} must be a multiple of it")
+    ratio = new_layers // old_layers
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    for key, value in init.items():
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            state[f"blocks.{int(index) * ratio}.{rest}"] = value.clone()
+        else:
+            state[key] = value.clone()
+    for block in range(new_layers):
+        if block % ratio:
+            for name in GROWN_ZERO:
+                state[f"blocks.{block}.{name}.weight"].zero_()
+                state[f"blocks.{block}.{name}.bias"].zero_()
+            # The shared time projection adds to every block's modulation: start from the trained
+            # neighbour's, so the new block's norms see the scales the trained blocks see.
+            state[f"blocks.{block}.modulation"] = init[f"blocks.{block // ratio}.modulation"].clone()
+    return state
 
 
 def weighted_flow_loss(v: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -828,10 +869,13 @@ class Trainer:
         """(clip index, first latent frame, clean context blocks, prompt) of one training crop."""
         n_blocks = crop // block
         total = data.latents.shape[2]
+        switching = np.flatnonzero(data.switch_latent >= 0)
         for _ in range(1000):
-            i = int(rng.integers(len(data.prompts)))
+            forced = (self.cfg.switch_crop_share and n_blocks > 1 and len(switching)
+                      and rng.random() < self.cfg.switch_crop_share)
+            i = int(rng.choice(switching)) if forced else int(rng.integers(len(data.prompts)))
             s = int(data.switch_latent[i])
-            if s >= 0 and n_blocks > 1 and rng.random() < 0.7:
+            if s >= 0 and n_blocks > 1 and (forced or rng.random() < 0.7):
                 # Clean history under the old prompt, new-prompt blocks to denoise: a stream after set_prompt.
                 ctx_blocks = int(rng.integers(1, n_blocks))
                 start = s - ctx_blocks * block
@@ -872,8 +916,10 @@ class Trainer:
         step, history = 0, []
         if cfg.dit_init and not path.exists():
             init = torch.load(Path(cfg.dit_init).expanduser(), map_location="cpu", weights_only=False)
-            for module, key in ((dit, "ema_dit"), (ema_dit, "ema_dit"), (text_model, "ema_text"), (ema_text, "ema_text")):
-                module.load_state_dict(init[key])
+            dit_state = grown_dit_state(init["ema_dit"], dit)  # the same state when the depths agree
+            for module, weights in ((dit, dit_state), (ema_dit, dit_state), (text_model, init["ema_text"]),
+                                    (ema_text, init["ema_text"])):
+                module.load_state_dict(weights)
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=False)
             dit.load_state_dict(state["dit"])
@@ -1109,7 +1155,9 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
         f"(block sizes {cfg.block_sizes}); crops of {cfg.crop_frames} latent frames; leading blocks often clean "
         f"context at t = 0; {int(cfg.empty_prompt * 100)}% empty prompts (classifier-free guidance); EMA {cfg.ema}; "
         f"latent pixels on the shape (from the world's ground truth) weighted {1 + cfg.dit_fg_weight:g}x"
-        + (f", on its outline {1 + cfg.dit_fg_weight + cfg.dit_edge_weight:g}x." if cfg.dit_edge_weight else "."),
+        + (f", on its outline {1 + cfg.dit_fg_weight + cfg.dit_edge_weight:g}x." if cfg.dit_edge_weight else ".")
+        + (f" Extra shares of crops: {cfg.text_only_share:.0%} stream starts with no context, "
+           f"{cfg.switch_crop_share:.0%} prompt switches." if cfg.text_only_share or cfg.switch_crop_share else ""),
         "",
         "## Training run",
         f"- seed {cfg.seed}; VAE {cfg.vae_steps} + {cfg.vae_long_steps} steps (batch {cfg.vae_batch} / "
