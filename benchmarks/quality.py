@@ -11,7 +11,10 @@ for mode="kvcache" under several sink / window ring sizes and for mode="window":
   of the same prompt;
 - switch latency: stream prompt A, call stream.set_prompt(B) (with and without recache in kvcache
   mode), count frames (and chunks) until the per-frame reading (background, colour, shape) shows B
-  in at least 6 of 8 consecutive frames.
+  in at least 6 of 8 consecutive frames;
+- shape grid (`--shape-grid`, its own report): every colour x shape pair, standing still on a black
+  background, at a stream's start: which shape the detector reads, per shape and as a confusion table
+  (held-out adherence samples 8 prompts; the grid shows which shape a model cannot draw, in any colour).
 Also records generated frames per second of every run (wall clock, this machine, as loaded as it is).
 
     python benchmarks/quality.py                       # the trained demo model (see --model)
@@ -19,9 +22,10 @@ Also records generated frames per second of every run (wall clock, this machine,
     python benchmarks/quality.py --quick               # seconds, for a smoke check
     python benchmarks/quality.py --settings default --stream-frames 21440   # the 20,000-frame target
     python benchmarks/quality.py --merge a.json b.json # one report from parallel runs of other --settings
+    python benchmarks/quality.py --shape-grid          # colour x shape grid -> results/quality_shapes.json
 
 Writes benchmarks/results/quality.json and quality.png (needs matplotlib for the plot).
---model defaults to skyrt's built-in demo model (skyrt-demo-world-v3, shipped in the package).
+--model defaults to skyrt's built-in demo model (skyrt-demo-world-v4, shipped in the package).
 """
 from __future__ import annotations
 
@@ -58,10 +62,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
-    p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    p.add_argument("--shape-grid", action="store_true",
+                   help="only the colour x shape grid, on the default setting (writes results/quality_shapes.json)")
+    p.add_argument("--out", type=Path, default=None, help="report path (default: results/quality.json, or "
+                   "results/quality_shapes.json with --shape-grid)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="merge reports of parallel runs (different --settings) into --out, and plot")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("quality_shapes.json" if args.shape_grid else "quality.json")
     if args.quick:
         args.clips, args.stream_minutes, args.switches, args.size = 1, 96 / (60 * args.fps), 1, min(args.size, 64)
     return args
@@ -162,6 +171,34 @@ def adherence_run(pipe, prompts, setting, sampling, block, size, clip_frames, se
             "frames_per_clip": frames_made // max(1, len(prompts)),
             "generated_fps": frames_made / seconds if seconds else None,
             "clips": [s.as_dict() for s in scores]}
+
+
+def shape_grid_run(pipe, setting, sampling, block, size, clip_frames, seed, colours=None) -> dict:
+    """Every colour x shape pair ("still" on a black background), the first `clip_frames` of a stream each:
+    the shape the detector reads (by vote over the clip), per shape and as a confusion table.
+
+    `colours` limits the grid (default: every named colour). Pairs that are held out of training are marked.
+    """
+    from skyrt.export.demo_model.detector import score_clip
+    from skyrt.export.demo_model.world import COLOURS, SHAPES, Attributes, split_of
+
+    cells = []
+    for colour in colours or list(COLOURS):
+        for shape in SHAPES:
+            attrs = Attributes(shape, colour, "still", "black")
+            frames = take_frames(open_stream(pipe, attrs.prompt, setting, sampling, block, size, seed), clip_frames)
+            read = score_clip(frames, attrs).read["shape"]
+            cells.append({"colour": colour, "shape": shape, "read": read, "split": split_of(attrs)})
+    confusion = {s: {} for s in SHAPES}  # true shape -> {read shape (or "none"): count}
+    for c in cells:
+        key = c["read"] or "none"
+        confusion[c["shape"]][key] = confusion[c["shape"]].get(key, 0) + 1
+    right = [c["read"] == c["shape"] for c in cells]
+    return {"pairs": len(cells), "correct": int(sum(right)),
+            "per_shape": {s: float(np.mean([c["read"] == s for c in cells if c["shape"] == s])) for s in SHAPES},
+            "heldout_correct": int(sum(r for r, c in zip(right, cells) if c["split"] == "heldout")),
+            "heldout_pairs": sum(c["split"] == "heldout" for c in cells),
+            "confusion": confusion, "cells": cells}
 
 
 def stability_run(pipe, attrs, setting, sampling, block, size, total_frames, window, fps, seed) -> dict:
@@ -377,6 +414,9 @@ def main(argv=None) -> int:
     label = model_dir.name
     if (model_dir / "demo_model.json").is_file():
         label = json.loads((model_dir / "demo_model.json").read_text()).get("name", label)
+    if args.shape_grid:
+        name = default_name if args.settings == "all" else names[0]
+        return write_shape_grid(pipe, label, name, all_settings[name], sampling, block, clip_frames, args)
     report = {"benchmark": "quality", "model": label,
               "machine": {"platform": platform.platform(), "device": "cpu", "torch_threads": args.threads},
               "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -406,6 +446,34 @@ def main(argv=None) -> int:
             report["settings"][name] = {"setting": setting, "heldout": held, "stability": stab, "switch": switches}
     report["default_setting"] = default_name
     write_report(report, args.out)
+    return 0
+
+
+def write_shape_grid(pipe, label: str, name: str, setting: dict, sampling: dict, block: int, clip_frames: int,
+                     args) -> int:
+    """Run the colour x shape grid on one setting, print it as a table and write its own report."""
+    from skyrt.export.demo_model.world import COLOURS, SHAPES
+
+    colours = list(COLOURS)[:2] if args.quick else None
+    print(f"[{name}] shape grid: every colour x shape, still on black, {clip_frames} frames each", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        grid = shape_grid_run(pipe, setting, sampling, block, args.size, clip_frames, args.seed, colours)
+    read = {(c["colour"], c["shape"]): c for c in grid["cells"]}
+    print(f"{'':8}" + "".join(f"{s:>10}" for s in SHAPES) + "   (* held out of training)")
+    for colour in dict.fromkeys(c["colour"] for c in grid["cells"]):
+        row = [read[colour, s] for s in SHAPES]
+        print(f"{colour:8}" + "".join(f"{('*' if c['split'] == 'heldout' else '') + (c['read'] or '-'):>10}" for c in row))
+    print(f"right: {grid['correct']} of {grid['pairs']} pairs ({grid['heldout_correct']} of {grid['heldout_pairs']} "
+          f"held out); per shape " + ", ".join(f"{s} {v:.2f}" for s, v in grid["per_shape"].items()))
+    report = {"benchmark": "quality_shapes", "model": label,
+              "machine": {"platform": platform.platform(), "device": "cpu", "torch_threads": args.threads},
+              "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                         "out": args.out.name, "model": label, "block": block, "sampling": sampling},
+              "setting": name, "grid": grid}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out.name} in {args.out.parent}")
     return 0
 
 

@@ -21,6 +21,9 @@ class DelayedWorldStream:
         self.chunk, self.delay = chunk, delay
         self.pending: tuple[int, W.Attributes] | None = None
 
+    def __iter__(self):
+        return self
+
     def __next__(self) -> np.ndarray:
         frames = []
         for _ in range(self.chunk):  # frame by frame, so the delayed switch lands on its exact frame
@@ -68,3 +71,37 @@ def test_a_prompt_that_never_shows_has_no_latency(monkeypatch):
     result = q.switch_run(None, pairs, {}, {}, 2, 64, warm_chunks=1, after_frames=32, recache=False, seed=0)
     assert result["switched"] == 0.0 and result["mean_latency_chunks"] is None
     assert result["mean_latency_chunks_without_shape"] is None
+
+
+def _world_streams(draw_as: dict[str, str]):
+    """open_stream stand-in: a world stream of the prompt, with shapes in `draw_as` drawn as another shape."""
+
+    def open_stream(pipe, prompt, *args, **kwargs):
+        attrs = W.parse_prompt(prompt)
+        drawn = W.Attributes(draw_as.get(attrs.shape, attrs.shape), attrs.colour, attrs.motion, attrs.background,
+                             attrs.camera)
+        return DelayedWorldStream(drawn, chunk=8, delay=0, seed=3)
+
+    return open_stream
+
+
+def test_shape_grid_reads_every_world_shape(monkeypatch):
+    q = load_benchmark("quality")
+    monkeypatch.setattr(q, "open_stream", _world_streams({}))
+    grid = q.shape_grid_run(None, {}, {}, 2, 64, clip_frames=24, seed=0)
+    assert grid["pairs"] == len(W.COLOURS) * len(W.SHAPES)
+    assert grid["correct"] == grid["pairs"]
+    assert grid["heldout_pairs"] == len(W.HELDOUT_COLOUR_SHAPE)  # "still" on "black" holds out no motion pair
+    assert all(v == 1.0 for v in grid["per_shape"].values())
+
+
+def test_shape_grid_confusion_names_the_shape_drawn(monkeypatch):
+    q = load_benchmark("quality")
+    monkeypatch.setattr(q, "open_stream", _world_streams({"cross": "diamond"}))
+    grid = q.shape_grid_run(None, {}, {}, 2, 64, clip_frames=24, seed=0, colours=["red", "green", "blue"])
+    assert grid["pairs"] == 15 and grid["correct"] == 12
+    assert grid["confusion"]["cross"] == {"diamond": 3}
+    assert grid["confusion"]["diamond"] == {"diamond": 3}
+    assert grid["per_shape"]["cross"] == 0.0 and grid["per_shape"]["circle"] == 1.0
+    # ("green", "cross") is the one held-out pair among these colours; it was drawn as a diamond.
+    assert (grid["heldout_pairs"], grid["heldout_correct"]) == (1, 0)
