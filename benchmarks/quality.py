@@ -417,12 +417,7 @@ def main(argv=None) -> int:
     if args.shape_grid:
         name = default_name if args.settings == "all" else names[0]
         return write_shape_grid(pipe, label, name, all_settings[name], sampling, block, clip_frames, args)
-    report = {"benchmark": "quality", "model": label,
-              "machine": {"platform": platform.platform(), "device": "cpu", "torch_threads": args.threads},
-              "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                         "out": args.out.name, "model": label, "block": block, "sampling": sampling,
-                         "window_frames": window},
-              "settings": {}}
+    report = {**report_header("quality", args, label, block, sampling, window_frames=window), "settings": {}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the kvcache approximation warning of bidirectional models
         for name in names:
@@ -449,6 +444,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def report_header(benchmark: str, args, label: str, block: int, sampling: dict, **config) -> dict:
+    """benchmark, model, machine and config (the CLI arguments, the out file by name) of a report."""
+    return {"benchmark": benchmark, "model": label,
+            "machine": {"platform": platform.platform(), "device": "cpu", "torch_threads": args.threads},
+            "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                       "out": args.out.name, "model": label, "block": block, "sampling": sampling, **config}}
+
+
 def write_shape_grid(pipe, label: str, name: str, setting: dict, sampling: dict, block: int, clip_frames: int,
                      args) -> int:
     """Run the colour x shape grid on one setting, print it as a table and write its own report."""
@@ -466,11 +469,7 @@ def write_shape_grid(pipe, label: str, name: str, setting: dict, sampling: dict,
         print(f"{colour:8}" + "".join(f"{('*' if c['split'] == 'heldout' else '') + (c['read'] or '-'):>10}" for c in row))
     print(f"right: {grid['correct']} of {grid['pairs']} pairs ({grid['heldout_correct']} of {grid['heldout_pairs']} "
           f"held out); per shape " + ", ".join(f"{s} {v:.2f}" for s, v in grid["per_shape"].items()))
-    report = {"benchmark": "quality_shapes", "model": label,
-              "machine": {"platform": platform.platform(), "device": "cpu", "torch_threads": args.threads},
-              "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                         "out": args.out.name, "model": label, "block": block, "sampling": sampling},
-              "setting": name, "grid": grid}
+    report = {**report_header("quality_shapes", args, label, block, sampling), "setting": name, "grid": grid}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out.name} in {args.out.parent}")
