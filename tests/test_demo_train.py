@@ -174,6 +174,43 @@ def test_shape_outline_is_the_mask_minus_its_erosion_on_the_torus():
     assert T.shape_outline(full).sum() == 0
 
 
+def test_outline_band_lies_on_the_true_outline():
+    size = 64
+    clip = W.render_clip(W.parse_prompt("a red square standing still on a black background"), 5, size, size, seed=1)
+    band = T.shape_outline_band(clip, size)  # [T, S, S]
+    cx, cy = clip.truth.centers[0]
+    half_side = 0.9 * clip.truth.radius  # world.shape_sdf's square
+    assert band.shape == (5, size, size) and band.min() >= 0
+    assert band[0, int(cy), int(cx)] == 0  # the middle of the shape
+    assert band[0, int(cy), int(cx + half_side)] > 0.5  # on its right edge
+    assert band[0, int(cy), int((cx + size / 2) % size)] == 0  # the far side of the torus
+    band_width = 2 * T.OUTLINE_BAND * half_side
+    assert band[0].sum() == pytest.approx(4 * 2 * half_side * band_width, rel=0.1)  # four edges' worth
+
+
+def test_decoder_phase_trains_the_decoder_alone_and_keeps_the_data(smoke_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    dit_step = torch.load(out / "checkpoints" / "dit.pt", weights_only=False)["step"]
+    before = torch.load(out / "checkpoints" / "vae.pt", weights_only=False)["vae"]
+    shards = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+    cfg = T.parse_args(["--out", str(out), *SMOKE, "--resume", "--vae-decoder-steps", "4", "--vae-decoder-lr", "3e-3",
+                        "--vae-edge-weight", "4", "--dit-steps", str(dit_step)])
+    model_dir = T.Trainer(cfg).run()
+    after = torch.load(out / "checkpoints" / "vae.pt", weights_only=False)["vae"]
+    decoder_side = [k for k in before if k.startswith(("decoder.", "conv2."))]
+    assert decoder_side and any(not torch.equal(before[k], after[k]) for k in decoder_side)
+    for k in before.keys() - set(decoder_side):  # encoder and its fold: the latent space did not move
+        assert torch.equal(before[k], after[k]), k
+    assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == shards  # encoded data reused as is
+    vae = json.loads((model_dir / T.META_NAME).read_text())["summary"]["vae"]
+    assert [p["phase"] for p in vae["phases"]] == ["short", "long", "decoder"]
+    assert vae["normalised_std"] == vae["phases"][1]["normalised_std"]  # the fold's statistics still hold
+    assert "decoder-only steps" in (model_dir / T.CARD_NAME).read_text()
+
+
 def test_saved_folder_is_the_official_layout(smoke_run):
     _, model_dir = smoke_run
     for name in ("config.json", "model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",

@@ -63,7 +63,7 @@ from ..tiny import umt5_official_state_dict
 from ..vae import CacheIO, VAEConfig, WanVAE
 from . import world as W
 
-MODEL_NAME = "skyrt-demo-world-v4"
+MODEL_NAME = "skyrt-demo-world-v5"
 CARD_NAME = "model_card.md"
 META_NAME = "demo_model.json"
 MAX_MODEL_BYTES = 30 * 1024 * 1024
@@ -100,6 +100,12 @@ class TrainConfig:
     vae_long_batch: int = 3
     vae_long_crop: int = 48
     vae_long_lr: float = 3e-4
+    # VAE phase 3 (decoder only, on long clips): sharper shapes without moving the latent space, so
+    # encoded data and a DiT trained on it stay valid. The outline band (where a cross's notches and
+    # every corner live, and where a narrow decoder blurs) weighs vae_edge_weight more.
+    vae_decoder_steps: int = 0
+    vae_decoder_lr: float = 3e-4
+    vae_edge_weight: float = 0.0
     # data
     dataset_clips: int = 1536
     clip_frames: int = 49
@@ -148,6 +154,9 @@ class TrainConfig:
     checkpoint_every: int = 250
     log_every: int = 25
     eval_clips: int = 0  # held-out prompts per setting of the final sweep (0: no sweep)
+    # The classifier-free guidance scale recommended when there is no sweep (chosen with
+    # benchmarks/quality.py: its shape grid and prompt switches, which the sweep does not measure).
+    recommend_guidance: float = 1.0
     progress: bool = True
 
     @property
@@ -398,6 +407,7 @@ class LatentData:
 
 
 SHAPE_GROWTH = 1.4  # the shape grown by 40% takes in its anti-aliased edges (and the VAE's blur of them)
+OUTLINE_BAND = 0.15  # half-width of the decoder phase's outline band, relative to the shape's radius
 
 
 def grown_shape_coverage(clip: W.Clip, size: int) -> np.ndarray:
@@ -406,6 +416,17 @@ def grown_shape_coverage(clip: W.Clip, size: int) -> np.ndarray:
     return np.stack([W.shape_mask(clip.truth.attributes_at(t).shape, size, size, cx, cy,
                                   SHAPE_GROWTH * clip.truth.radius)
                      for t, (cx, cy) in enumerate(clip.truth.centers)])
+
+
+def shape_outline_band(clip: W.Clip, size: int, half_width: float = OUTLINE_BAND) -> np.ndarray:
+    """float32 [T, S, S] in [0, 1]: a band along the true shape's outline, the shape at (1 + half_width)
+    times its radius minus the shape at (1 - half_width) (every world shape is star-shaped about its
+    centre, so the difference is >= 0): about +-3 px at the world's radii."""
+    def coverage(scale: float) -> np.ndarray:
+        return np.stack([W.shape_mask(clip.truth.attributes_at(t).shape, size, size, cx, cy, scale * clip.truth.radius)
+                         for t, (cx, cy) in enumerate(clip.truth.centers)])
+
+    return coverage(1.0 + half_width) - coverage(1.0 - half_width)
 
 
 def latent_fg_mask(clip: W.Clip, size: int) -> np.ndarray:
@@ -528,6 +549,7 @@ class VAEPhase:
     batch: int
     crop: int
     lr: float
+    decoder_only: bool = False  # encoder (and the latent space) frozen; no re-standardising fold
 
 
 class Trainer:
@@ -576,7 +598,8 @@ class Trainer:
     # -- stage 1: VAE ---------------------------------------------------------------------------
     def _vae_batch(self, rng: np.random.Generator, step: int, phase: VAEPhase) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixels [B, 3, T, S, S], loss weights [B, 1, T, S, S]): world clips of the train split,
-        cropped around the shape; pixels on and around the shape weigh 1 + vae_fg_weight."""
+        cropped around the shape; pixels on and around the shape weigh 1 + vae_fg_weight, and in the
+        decoder phase those on the shape's outline vae_edge_weight more."""
         cfg = self.cfg
         # Every 4th step whole frames (backgrounds, and the decoder's attention on full-size latents), with
         # about the same pixel count.
@@ -590,14 +613,17 @@ class Trainer:
             clip = W.render_clip(attrs, phase.frames, cfg.size, cfg.size, seed=int(rng.integers(2**31)))
             frames = clip.frames
             mask = grown_shape_coverage(clip, cfg.size)  # [T, S, S]
+            weight = 1.0 + cfg.vae_fg_weight * mask
+            if phase.decoder_only and cfg.vae_edge_weight:
+                weight = weight + cfg.vae_edge_weight * shape_outline_band(clip, cfg.size)
             if crop < cfg.size:
                 # Centre the crop near the shape (wrapping like the world), so most crops hold one.
                 cx, cy = clip.truth.centers[0] + rng.uniform(-crop / 4, crop / 4, size=2)
                 shift = (crop // 2 - int(cy), crop // 2 - int(cx))
                 frames = np.roll(frames, shift, axis=(1, 2))[:, :crop, :crop]
-                mask = np.roll(mask, shift, axis=(1, 2))[:, :crop, :crop]
+                weight = np.roll(weight, shift, axis=(1, 2))[:, :crop, :crop]
             clips.append(frames)
-            weights.append(1.0 + cfg.vae_fg_weight * mask)
+            weights.append(weight)
         return _to_pixels(np.stack(clips)), torch.from_numpy(np.stack(weights)[:, None]).float()
 
     def vae_phases(self) -> list[VAEPhase]:
@@ -606,6 +632,9 @@ class Trainer:
         if cfg.vae_long_steps > 0:
             phases.append(VAEPhase("long", cfg.vae_long_steps, cfg.vae_long_frames, cfg.vae_long_batch,
                                    cfg.vae_long_crop, cfg.vae_long_lr))
+        if cfg.vae_decoder_steps > 0:
+            phases.append(VAEPhase("decoder", cfg.vae_decoder_steps, cfg.vae_long_frames, cfg.vae_long_batch,
+                                   cfg.vae_long_crop, cfg.vae_decoder_lr, decoder_only=True))
         return phases
 
     def train_vae(self) -> WanVAE:
@@ -631,7 +660,13 @@ class Trainer:
     def _train_vae_phase(self, vae: WanVAE, phase: VAEPhase, index: int, resume: dict | None, path: Path,
                          earlier: list[dict]) -> dict:
         cfg = self.cfg
-        opt = torch.optim.AdamW(vae.parameters(), lr=phase.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        params = list(vae.parameters())
+        if phase.decoder_only:
+            vae.requires_grad_(False)
+            params = [*vae.conv2.parameters(), *vae.decoder.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.99), weight_decay=0.0)
         rng = np.random.default_rng([cfg.seed, 1] if index == 0 else [cfg.seed, 1, index])
         gen = torch.Generator().manual_seed(cfg.seed + 11 + 100 * index)
         step, history = 0, []
@@ -649,7 +684,8 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = phase.lr * _lr_factor(step, phase.steps, min(cfg.warmup, phase.steps // 10 + 1))
             x, weight = self._vae_batch(rng, step, phase)  # [B, 3, T, S, S], [B, 1, T, S, S]
-            mu, log_var = encode_moments(vae, x)  # [B, 16, F, S/8, S/8]
+            with torch.set_grad_enabled(not phase.decoder_only):
+                mu, log_var = encode_moments(vae, x)  # [B, 16, F, S/8, S/8]
             log_var = log_var.clamp(-30.0, 20.0)
             z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=gen)
             recon = decode_unclamped(vae, z)  # the clamp would stop gradients on overshooting pixels
@@ -658,7 +694,7 @@ class Trainer:
             loss = rec + cfg.vae_kl * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
             history.append(rec.item())
@@ -676,13 +712,27 @@ class Trainer:
         bar.close()
         vae.eval()
         probe_end = self._vae_probe(vae, phase)
-        summary = self._standardise_latents(vae, rng)
+        vae.requires_grad_(True)
+        summary = self._decoder_summary(vae, earlier) if phase.decoder_only else self._standardise_latents(vae, rng)
         summary.update(phase=phase.name, frames=phase.frames, steps=step, l1_start=_head_mean(history),
                        l1_end=_tail_mean(history), probe_l1_start=probe_start, probe_l1_end=probe_end,
                        stationarity=self._stationarity(vae))
         _save_atomic({"vae": vae.state_dict(), "done": True, "phases_done": index + 1,
                       "summaries": [*earlier, summary]}, path)
         return summary
+
+    @torch.no_grad()
+    def _decoder_summary(self, vae: WanVAE, earlier: list[dict]) -> dict:
+        """The decoder phase leaves the latent space alone: the last fold's latent statistics still hold;
+        the whole-frame L1 is measured again like `_standardise_latents` does (same clips)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, 1, 99])
+        combos = W.combinations("train")
+        clips = [W.render_clip(combos[int(rng.integers(len(combos)))], 17, cfg.size, cfg.size,
+                               seed=int(rng.integers(2**31))).frames for _ in range(8)]
+        x = _to_pixels(np.stack(clips))
+        kept = {k: earlier[-1][k] for k in ("latent_std_raw", "normalised_mean", "normalised_std") if k in earlier[-1]}
+        return {**kept, "recon_l1_128": float((vae.decode(vae.encode(x)) - x).abs().mean())}
 
     @torch.no_grad()
     def _stationarity(self, vae: WanVAE) -> dict:
@@ -1027,9 +1077,12 @@ class Trainer:
                                f"{MAX_MODEL_BYTES / 2**20:.0f} MiB budget: use a smaller --dit-dim / --dit-layers")
         return self.model_dir
 
+    def recommended_without_sweep(self) -> dict:
+        return {**DEFAULT_SAMPLING, "guidance_scale": self.cfg.recommend_guidance}
+
     def _write_card(self, folder: Path) -> None:
         meta = {"name": MODEL_NAME, "config": self.cfg.to_json(), "summary": self.summary,
-                "recommended": self.summary.get("eval", {}).get("best", DEFAULT_SAMPLING)}
+                "recommended": self.summary.get("eval", {}).get("best", self.recommended_without_sweep())}
         for key in ("out", "model_out", "resume", "progress"):  # where and how it ran, not what it is
             meta["config"].pop(key, None)
         if self.cfg.dit_init:  # the file it started from, not this machine's path to it
@@ -1149,7 +1202,10 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
         f"on {cfg.vae_frames}-frame clips, {cfg.vae_crop}px crops and whole frames, then {cfg.vae_long_steps} steps on "
         f"{cfg.vae_long_frames}-frame clips ({cfg.vae_long_crop}px crops) so the causal VAE is stationary on long "
         "streams (short clips alone leave every chunk after the third off); after each, an exact affine fold so "
-        "the Wan2.1 latent normalisation standardises its latents.",
+        "the Wan2.1 latent normalisation standardises its latents."
+        + (f" Then {cfg.vae_decoder_steps} steps of the decoder alone on {cfg.vae_long_frames}-frame clips (encoder "
+           f"frozen, so the latent space stays put), the shape's outline weighted {cfg.vae_edge_weight:g}x more."
+           if cfg.vae_decoder_steps else ""),
         "- DiT: diffusion forcing with rectified flow: x = (1 - sigma) x0 + sigma noise, target noise - x0, "
         "t = 1000 sigma per frame; an independent noise level per causal block; block-causal attention "
         f"(block sizes {cfg.block_sizes}); crops of {cfg.crop_frames} latent frames; leading blocks often clean "
@@ -1161,7 +1217,9 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
         "",
         "## Training run",
         f"- seed {cfg.seed}; VAE {cfg.vae_steps} + {cfg.vae_long_steps} steps (batch {cfg.vae_batch} / "
-        f"{cfg.vae_long_batch}, lr {cfg.vae_lr} / {cfg.vae_long_lr}); "
+        f"{cfg.vae_long_batch}, lr {cfg.vae_lr} / {cfg.vae_long_lr})"
+        + (f" + {cfg.vae_decoder_steps} decoder-only steps (lr {cfg.vae_decoder_lr})" if cfg.vae_decoder_steps else "")
+        + "; "
         f"DiT {fmt(dit.get('steps'))} steps ({cfg.dit_batch_frames} latent frames per batch, lr {cfg.dit_lr}, "
         f"text lr {cfg.text_lr}, warm-up {cfg.warmup}, cosine to 10%, train shift {cfg.train_shift})",
         f"- VAE L1 (pixels in [-1, 1], shape-weighted): {fmt(vae.get('l1_start'))} -> {fmt(vae.get('l1_end'))} "
@@ -1184,7 +1242,9 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
                                                        "below)" if cfg.dit_init else ""),
         "",
         "## Sampling",
-        "Recommended (" + ("measured by the sweep below" if "eval" in summary else "not yet measured") + "): "
+        "Recommended (" + ("measured by the sweep below" if "eval" in summary
+                           else "guidance from --recommend-guidance, chosen with benchmarks/quality.py"
+                           if cfg.recommend_guidance != 1.0 else "not yet measured") + "): "
         + ", ".join(f"{k}={v}" for k, v in recommended.items()) + f", at {cfg.size}x{cfg.size}.",
     ]
     ev = summary.get("eval")
