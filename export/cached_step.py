@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import (CrossKV, WanDiT, _linear, _linear32, _modulate, attention, block_causal_mask, rope_cos_sin,
+from .dit import (CrossKV, cross_bias, WanDiT, _linear, _linear32, _modulate, attention, block_causal_mask, rope_cos_sin,
                   timestep_sinusoid)
 
 
@@ -306,7 +306,7 @@ class CachedStep(nn.Module):
             cross = block.cross_attn
             q = cross.norm_q(_fused_linear((cross.q,), block.norm3(tokens))).float() * scale
             out = attend(q.to(kv.v.dtype).reshape(B, L, D), kv.k.reshape(B, -1, D), kv.v.reshape(B, -1, D),
-                         None if kv.bias is None else kv.bias.to(kv.v.dtype)[None], B, N, Dh)
+                         cross_bias(kv.bias, kv.v.dtype), B, N, Dh)
             tokens = tokens + stream(_fused_linear((cross.o,), out))
 
             hid = _fused_linear((block.ffn[0],), block.norm2(tokens) * (1 + scale2) + shift2)

@@ -274,7 +274,16 @@ class CrossKV(NamedTuple):
     v: torch.Tensor
     k_img: Optional[torch.Tensor] = None
     v_img: Optional[torch.Tensor] = None
-    bias: Optional[torch.Tensor] = None  # [Lt] fp32 additive logit bias of the text keys (see collapse_padding)
+    bias: Optional[torch.Tensor] = None  # [Lt] fp32 additive logit bias of the text keys (collapse_padding); [B, Lt] batched
+
+
+def cross_bias(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """CrossKV.bias -> an additive attention bias on [B, N, Lq, Lt] scores: [Lt] (one prompt) -> [1, Lt];
+    [B, Lt] (a batch of prompts padded to one length, -inf on the padding) -> [B, 1, 1, Lt]."""
+    if bias is None:
+        return None
+    bias = bias.to(dtype)
+    return bias[None] if bias.dim() == 1 else bias[:, None, None]
 
 
 class CrossAttention(nn.Module):
@@ -311,7 +320,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
         """x [B, L, D] -> [B, L, D]; no mask: padded text tokens are attended like the public code does."""
         q = self._heads(self.norm_q(_linear(self.q, x)))
-        out = attention(q, kv.k, kv.v, None if kv.bias is None else kv.bias.to(kv.v.dtype)[None])  # [1, Lt]
+        out = attention(q, kv.k, kv.v, cross_bias(kv.bias, kv.v.dtype))
         if kv.k_img is not None:
             out = out + attention(q, kv.k_img, kv.v_img)
         return _linear(self.o, out)

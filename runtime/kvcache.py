@@ -173,8 +173,8 @@ class KVRollout:
     def _velocity(self, x: np.ndarray, t: np.ndarray, first_block: int) -> np.ndarray:
         position = self._position(first_block, x.shape[1])
         valid = np.asarray(self.ring.valid, dtype=bool)
-        outs = [self.backend.kv_step(x, t, prompt, cache, valid, position, self.fps_class, self.block)[0]
-                for prompt, cache in zip(self.prompts, self.caches)]
+        outs = [out[0] for out in self.backend.kv_step_many(x, t, self.prompts, self.caches, valid, position,
+                                                             self.fps_class, self.block)]
         if len(outs) == 1:
             return outs[0]
         v_cond, v_uncond = outs
@@ -203,8 +203,8 @@ class KVRollout:
 
     def _commit_kv(self, x: np.ndarray, t_commit: float, position: int, valid: np.ndarray) -> list:
         t = np.full(self.block, t_commit, np.float32)
-        return [self.backend.kv_step(x, t, prompt, cache, valid, position, self.fps_class, self.block)[1:]
-                for prompt, cache in zip(self.prompts, self.caches)]
+        return [out[1:] for out in self.backend.kv_step_many(x, t, self.prompts, self.caches, valid, position,
+                                                              self.fps_class, self.block)]
 
     # ------------------------------------------------------------------ prompt switch
     def set_prompt(self, cond: TextContext, uncond: TextContext | None, recache: bool = False) -> None:

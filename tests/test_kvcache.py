@@ -146,3 +146,33 @@ def test_stream_set_prompt_refuses_bad_input(official_pipeline):
         stream.set_prompt(None)
     with pytest.raises(ValueError, match="negative_prompt"):
         stream.set_prompt("y", negative_prompt=3)
+
+
+def test_batched_cfg_step_equals_one_step_per_prompt(official_pipeline):
+    """TorchBackend.kv_step_many runs cond and uncond as one batch: prompts of different lengths
+    (padding collapsed per prompt) padded under a -inf bias, each against its own cache. It must
+    give what one kv_step per prompt gives, to fp32 tolerance; the base class's loop is the oracle."""
+    from skyrt.runtime.backends.base import Backend
+
+    backend = official_pipeline.backend
+    layers, heads, head_dim = backend.kv_layout()
+    prompts = [backend.kv_prompt(backend.encode_text(p)) for p in ("a red fox running through snow", "")]
+    assert prompts[0][0].k.shape[1] != prompts[1][0].k.shape[1]  # the padding case is exercised
+    rng = np.random.default_rng(0)
+    frames, h, w = 2, 4, 4  # latent frames of one block, and latent size (32 px / 8)
+    tokens = frames * (h // 2) * (w // 2)
+    caches = []
+    for _ in prompts:
+        cache = backend.new_kv_cache(layers, 3, tokens, heads, head_dim)
+        cache.k[:] = rng.standard_normal(cache.k.shape, dtype=np.float32)
+        cache.v[:] = rng.standard_normal(cache.v.shape, dtype=np.float32)
+        caches.append(cache)
+    latents = rng.standard_normal((16, frames, h, w), dtype=np.float32)
+    timesteps = np.array([700.0, 300.0], np.float32)
+    for valid in ([True, False, True], [True, True, True], [False, False, False]):
+        args = (latents, timesteps, prompts, caches, np.array(valid), 4, None, frames)
+        batched = backend.kv_step_many(*args)
+        looped = Backend.kv_step_many(backend, *args)
+        for got, want in zip(batched, looped):
+            for g, w_ in zip(got, want):
+                np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-4)

@@ -135,6 +135,15 @@ class Backend(abc.ABC):
         new_k, new_v): the active tokens' K/V in whatever form this backend's cache.write takes."""
         raise NotImplementedError(f"the {self.name} backend has no KV-cached step; use mode='window'")
 
+    def kv_step_many(self, latents: np.ndarray, timesteps: np.ndarray, prompts: list, caches: list,
+                     slot_valid: np.ndarray, first_position: int, fps_class: int | None,
+                     block_size: int) -> list[tuple[np.ndarray, Any, Any]]:
+        """kv_step of the same latents under several prompts, each against its own cache (sharing
+        slot_valid): classifier-free guidance's cond and uncond. One kv_step each here; a backend
+        that can run them as one batch overrides this."""
+        return [self.kv_step(latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, block_size)
+                for prompt, cache in zip(prompts, caches)]
+
     def new_kv_cache(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
         """A ring cache for one prompt context; host memory unless the backend keeps it on its device."""
         return HostKVCache(layers, slots, tokens_per_block, heads, head_dim)

@@ -81,24 +81,38 @@ class TorchBackend(Backend):
     def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, block_size):
         """CachedStep on numpy buffers (zero-copy on the CPU): returns velocity [16, f, h, w] and the
         active tokens' K, V [layers, tokens, heads, head_dim]."""
+        return self.kv_step_many(latents, timesteps, [prompt], [cache], slot_valid, first_position, fps_class,
+                                 block_size)[0]
+
+    @torch.inference_mode()
+    def kv_step_many(self, latents, timesteps, prompts, caches, slot_valid, first_position, fps_class, block_size):
+        """kv_step under B prompts as one batch of B (cond and uncond: the demo model streams 1.19x the
+        frames per second of one call per prompt on 2 CPU cores, benchmarks/cfg_batch.py). Each prompt
+        attends to its own cache; the batch shares slot_valid, the latents, timesteps and positions."""
         from skyrt.export.cached_step import CachedStep, active_rope
 
         if getattr(self, "_cached_step", None) is None:
             self._cached_step = CachedStep(self.dit)
-        layers, slots, tokens, heads, head_dim = cache.k.shape
+        batch = len(prompts)
+        layers, slots, tokens, heads, head_dim = caches[0].k.shape
         x = torch.from_numpy(np.ascontiguousarray(latents))[None].to(self.device, self.dtype)  # [1, 16, f, h, w]
-        t = torch.from_numpy(np.asarray(timesteps, np.float32))[None].to(self.device)  # [1, f]
+        x = x.expand(batch, *x.shape[1:])  # [B, 16, f, h, w]
+        t = torch.from_numpy(np.asarray(timesteps, np.float32))[None].to(self.device).expand(batch, -1)  # [B, f]
         patch_h, patch_w = self.dit.config.patch_size[1:]
         cos, sin = active_rope(self.dit, first_position, x.shape[2], x.shape[3] // patch_h, x.shape[4] // patch_w)
         # Eager torch can skip what an engine must mask: attend only to the valid slots (a view when
         # they lead the ring, a gather otherwise), so a filling cache costs what it holds.
-        ck, cv = (self._valid_slots(torch.from_numpy(c), np.asarray(slot_valid, bool)) for c in (cache.k, cache.v))
-        ck = ck.to(self.device).reshape(layers, 1, -1, heads, head_dim)  # [layers, 1, S_valid, N, Dh]
-        cv = cv.to(self.device).reshape(layers, 1, -1, heads, head_dim)
-        fps = None if fps_class is None else torch.tensor([fps_class], device=self.device)
-        v, new_k, new_v = self._cached_step(x, t, prompt, ck, cv, None, cos.to(self.device), sin.to(self.device),
+        valid = np.asarray(slot_valid, bool)
+        ck, cv = ([self._valid_slots(torch.from_numpy(getattr(c, name)), valid).reshape(layers, 1, -1, heads, head_dim)
+                   for c in caches] for name in ("k", "v"))
+        ck = (ck[0] if batch == 1 else torch.cat(ck, dim=1)).to(self.device)  # [layers, B, S_valid, N, Dh]
+        cv = (cv[0] if batch == 1 else torch.cat(cv, dim=1)).to(self.device)
+        fps = None if fps_class is None else torch.full((batch,), fps_class, device=self.device)
+        cross = prompts[0] if batch == 1 else batch_cross_kv(prompts)
+        v, new_k, new_v = self._cached_step(x, t, cross, ck, cv, None, cos.to(self.device), sin.to(self.device),
                                             fps=fps, causal_block_size=block_size)
-        return v[0].float().cpu().numpy(), new_k[:, 0].float().cpu().numpy(), new_v[:, 0].float().cpu().numpy()
+        v, new_k, new_v = v.float().cpu().numpy(), new_k.float().cpu().numpy(), new_v.float().cpu().numpy()
+        return [(v[b], new_k[:, b], new_v[:, b]) for b in range(batch)]
 
     @staticmethod
     def _valid_slots(cache: torch.Tensor, slot_valid: np.ndarray) -> torch.Tensor:
@@ -109,3 +123,31 @@ class TorchBackend(Backend):
         if len(index) == 0 or index[-1] == len(index) - 1:
             return cache[:, : len(index)]
         return cache.index_select(1, torch.from_numpy(index))
+
+
+def batch_cross_kv(prompts: list) -> list:
+    """Per-prompt cross-attention K/V lists (one CrossKV [1, Lt_i, N, Dh] per layer, `kv_prompt`) -> one
+    list of batched CrossKV [B, Lt, N, Dh]: shorter prompts (collapse_padding leaves each its own
+    length) padded with zero keys under a -inf logit bias [B, Lt], which softmax gives exactly 0."""
+    from skyrt.export.dit import CrossKV
+
+    length = max(p[0].k.shape[1] for p in prompts)
+    bias = None
+    if any(p[0].bias is not None or p[0].k.shape[1] != length for p in prompts):
+        bias = torch.full((len(prompts), length), float("-inf"))
+        for b, p in enumerate(prompts):
+            n = p[0].k.shape[1]
+            bias[b, :n] = 0.0 if p[0].bias is None else p[0].bias
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [1, n, N, Dh] -> [1, length, N, Dh]
+        return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, length - x.shape[1]))
+
+    layers = []
+    for per_prompt in zip(*prompts):
+        k = torch.cat([pad(kv.k) for kv in per_prompt])
+        v = torch.cat([pad(kv.v) for kv in per_prompt])
+        images = [kv.k_img for kv in per_prompt]
+        k_img = None if images[0] is None else torch.cat(images)
+        v_img = None if images[0] is None else torch.cat([kv.v_img for kv in per_prompt])
+        layers.append(CrossKV(k, v, k_img, v_img, None if bias is None else bias.to(k.device)))
+    return layers
