@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import (CrossKV, cross_bias, WanDiT, _linear, _linear32, _modulate, attention, block_causal_mask, rope_cos_sin,
-                  timestep_sinusoid)
+from .dit import (CrossKV, WanDiT, _linear, _linear32, _modulate, attention, block_causal_mask, cross_bias,
+                  rope_cos_sin, timestep_sinusoid)
 
 
 def active_rope(dit: WanDiT, first_frame_position: int, num_frames: int, h: int, w: int):

@@ -274,7 +274,9 @@ class CrossKV(NamedTuple):
     v: torch.Tensor
     k_img: Optional[torch.Tensor] = None
     v_img: Optional[torch.Tensor] = None
-    bias: Optional[torch.Tensor] = None  # [Lt] fp32 additive logit bias of the text keys (collapse_padding); [B, Lt] batched
+    # [Lt] fp32 additive logit bias of the text keys (see collapse_padding); [B, Lt] for a batch of
+    # prompts padded to one length (runtime TorchBackend.kv_step_many)
+    bias: Optional[torch.Tensor] = None
 
 
 def cross_bias(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:

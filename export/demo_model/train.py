@@ -661,11 +661,11 @@ class Trainer:
                          earlier: list[dict]) -> dict:
         cfg = self.cfg
         params = list(vae.parameters())
-        if phase.decoder_only:
+        if phase.decoder_only:  # only what turns latents into pixels learns; the latent space stays
             vae.requires_grad_(False)
             params = [*vae.conv2.parameters(), *vae.decoder.parameters()]
-        for p in params:
-            p.requires_grad_(True)
+            for p in params:
+                p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.99), weight_decay=0.0)
         rng = np.random.default_rng([cfg.seed, 1] if index == 0 else [cfg.seed, 1, index])
         gen = torch.Generator().manual_seed(cfg.seed + 11 + 100 * index)
@@ -723,8 +723,9 @@ class Trainer:
 
     @torch.no_grad()
     def _decoder_summary(self, vae: WanVAE, earlier: list[dict]) -> dict:
-        """The decoder phase leaves the latent space alone: the last fold's latent statistics still hold;
-        the whole-frame L1 is measured again like `_standardise_latents` does (same clips)."""
+        """The decoder phase leaves the latent space alone: the last fold's latent statistics still hold.
+        The whole-frame L1 is measured again on 8 fixed 17-frame train clips, a draw of its own (so it
+        does not compare with the fold's recon_l1_128, which saw other clips)."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 1, 99])
         combos = W.combinations("train")
