@@ -25,7 +25,7 @@ Also records generated frames per second of every run (wall clock, this machine,
     python benchmarks/quality.py --shape-grid          # colour x shape grid -> results/quality_shapes.json
 
 Writes benchmarks/results/quality.json and quality.png (needs matplotlib for the plot).
---model defaults to skyrt's built-in demo model (skyrt-demo-world-v5, shipped in the package).
+--model defaults to skyrt's built-in demo model (skyrt-demo-world-v6, shipped in the package).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """skyrt's built-in default model: the trained demo model shipped inside the package (when one is).
 
-`skyrt-demo-world-v5` is a small SkyReels-V2 / Wan2.1 model trained on skyrt's procedural world
+`skyrt-demo-world-v6` is a small SkyReels-V2 / Wan2.1 model trained on skyrt's procedural world
 (export/demo_model/): an ordinary official-layout folder that every loader reads like a real
 checkpoint. Its `demo_model.json` holds the sampling settings its training run measured best;
 `recommended_sampling` gives them to the CLI, the server and the benchmarks as defaults.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEMO_MODEL_NAME = "skyrt-demo-world-v5"
+DEMO_MODEL_NAME = "skyrt-demo-world-v6"
 DEMO_META = "demo_model.json"
 SHIPPED_DEMO_MODEL = Path(__file__).parent / "models" / DEMO_MODEL_NAME
 

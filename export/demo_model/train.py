@@ -63,7 +63,7 @@ from ..tiny import umt5_official_state_dict
 from ..vae import CacheIO, VAEConfig, WanVAE
 from . import world as W
 
-MODEL_NAME = "skyrt-demo-world-v5"
+MODEL_NAME = "skyrt-demo-world-v6"
 CARD_NAME = "model_card.md"
 META_NAME = "demo_model.json"
 MAX_MODEL_BYTES = 30 * 1024 * 1024
