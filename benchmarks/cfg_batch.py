@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = Path(args.model) if args.model else default_model_dir()
     settings = recommended_sampling(model)
-    guidance = args.guidance_scale or (settings.get("guidance_scale", 1.0) if settings.get("guidance_scale", 1.0) > 1
-                                       else 3.0)
+    recommended = settings.get("guidance_scale", 1.0)
+    guidance = args.guidance_scale or (recommended if recommended > 1 else 3.0)
     settings = {**settings, "guidance_scale": guidance}
     pipe = skyrt.load(model)
     backend = pipe.backend

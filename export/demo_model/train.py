@@ -284,6 +284,14 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _train_clip_pixels(rng: np.random.Generator, size: int, count: int = 8, frames: int = 17) -> torch.Tensor:
+    """`count` random train-split world clips of `frames` frames as VAE input [count, 3, frames, S, S]."""
+    combos = W.combinations("train")
+    clips = [W.render_clip(combos[int(rng.integers(len(combos)))], frames, size, size,
+                           seed=int(rng.integers(2**31))).frames for _ in range(count)]
+    return _to_pixels(np.stack(clips))
+
+
 def _to_pixels(frames: np.ndarray) -> torch.Tensor:
     """uint8 [B, T, H, W, 3] -> float32 [B, 3, T, H, W] in [-1, 1]."""
     return torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
@@ -410,23 +418,23 @@ SHAPE_GROWTH = 1.4  # the shape grown by 40% takes in its anti-aliased edges (an
 OUTLINE_BAND = 0.15  # half-width of the decoder phase's outline band, relative to the shape's radius
 
 
-def grown_shape_coverage(clip: W.Clip, size: int) -> np.ndarray:
-    """float32 [T, S, S] in [0, 1]: the clip's shape per frame, grown by SHAPE_GROWTH (the pixels the
-    VAE and DiT losses weight up), from the ground truth; follows a prompt switch's new shape."""
-    return np.stack([W.shape_mask(clip.truth.attributes_at(t).shape, size, size, cx, cy,
-                                  SHAPE_GROWTH * clip.truth.radius)
+def shape_coverage(clip: W.Clip, size: int, scale: float) -> np.ndarray:
+    """float32 [T, S, S] in [0, 1]: the clip's shape per frame at `scale` times its radius, from the
+    ground truth; follows a prompt switch's new shape."""
+    return np.stack([W.shape_mask(clip.truth.attributes_at(t).shape, size, size, cx, cy, scale * clip.truth.radius)
                      for t, (cx, cy) in enumerate(clip.truth.centers)])
+
+
+def grown_shape_coverage(clip: W.Clip, size: int) -> np.ndarray:
+    """The shape grown by SHAPE_GROWTH: the pixels the VAE and DiT losses weight up."""
+    return shape_coverage(clip, size, SHAPE_GROWTH)
 
 
 def shape_outline_band(clip: W.Clip, size: int, half_width: float = OUTLINE_BAND) -> np.ndarray:
     """float32 [T, S, S] in [0, 1]: a band along the true shape's outline, the shape at (1 + half_width)
     times its radius minus the shape at (1 - half_width) (every world shape is star-shaped about its
     centre, so the difference is >= 0): about +-3 px at the world's radii."""
-    def coverage(scale: float) -> np.ndarray:
-        return np.stack([W.shape_mask(clip.truth.attributes_at(t).shape, size, size, cx, cy, scale * clip.truth.radius)
-                         for t, (cx, cy) in enumerate(clip.truth.centers)])
-
-    return coverage(1.0 + half_width) - coverage(1.0 - half_width)
+    return shape_coverage(clip, size, 1.0 + half_width) - shape_coverage(clip, size, 1.0 - half_width)
 
 
 def latent_fg_mask(clip: W.Clip, size: int) -> np.ndarray:
@@ -728,10 +736,7 @@ class Trainer:
         does not compare with the fold's recon_l1_128, which saw other clips)."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 1, 99])
-        combos = W.combinations("train")
-        clips = [W.render_clip(combos[int(rng.integers(len(combos)))], 17, cfg.size, cfg.size,
-                               seed=int(rng.integers(2**31))).frames for _ in range(8)]
-        x = _to_pixels(np.stack(clips))
+        x = _train_clip_pixels(rng, cfg.size)
         kept = {k: earlier[-1][k] for k in ("latent_std_raw", "normalised_mean", "normalised_std") if k in earlier[-1]}
         return {**kept, "recon_l1_128": float((vae.decode(vae.encode(x)) - x).abs().mean())}
 
@@ -762,10 +767,7 @@ class Trainer:
         """Fold an affine into the VAE so the Wan2.1 normalisation gives per-channel zero mean and
         unit overall variance on world clips (one scale for all channels keeps their relative sizes)."""
         cfg = self.cfg
-        combos = W.combinations("train")
-        clips = [W.render_clip(combos[int(rng.integers(len(combos)))], 17, cfg.size, cfg.size,
-                               seed=int(rng.integers(2**31))).frames for _ in range(8)]
-        x = _to_pixels(np.stack(clips))
+        x = _train_clip_pixels(rng, cfg.size)
         mu = vae.encode(x)  # [8, 16, 5, h, w]
         mean_raw = mu.mean(dim=(0, 2, 3, 4))
         std_raw = (mu - mean_raw.view(1, -1, 1, 1, 1)).square().mean().sqrt()
