@@ -227,14 +227,41 @@ def _generate_prompt(args) -> str:
 def _generate(args) -> int:
     from .video_io import write_mp4
 
+    block_size_given = args.causal_block_size is not None
     # Captioning first: a missing captioner fails before the DiT loads, and its memory is freed by then.
     sampling = {**_sampling_kwargs(args), "prompt": _generate_prompt(args)}
+    num_frames = args.num_frames
+    if not block_size_given and args.video is None:
+        num_frames = _window_frames_in_whole_blocks(num_frames, sampling)
     pipe = _load(args)
-    frames = pipe.generate(num_frames=args.num_frames, video=args.video, end_image=args.end_image,
+    frames = pipe.generate(num_frames=num_frames, video=args.video, end_image=args.end_image,
                            progress=not args.no_progress, **sampling)
     count = write_mp4(frames, args.output, fps=args.fps)
     print(f"wrote {args.output}: {count} frames, {frames.shape[2]}x{frames.shape[1]} at {args.fps} fps")
     return 0
+
+
+def _window_frames_in_whole_blocks(num_frames: int, sampling: dict) -> int:
+    """Window mode refuses a clip whose latent frames do not split into causal blocks (the official
+    code leaves the rest as noise). When the block size is the model's recommendation rather than the
+    user's choice, a default must not make the command fail: round the clip to whole blocks (up, unless
+    that overflows the window) and say so. kvcache mode takes any frame count, and a long (multi-window) video keeps its own checks."""
+    from . import latents as lat
+
+    block = sampling["causal_block_size"]
+    overlap = sampling["overlap_history"]
+    single_window = overlap is None or num_frames <= sampling["base_num_frames"]
+    if sampling["mode"] != "window" or not single_window or (num_frames - 1) % lat.TEMPORAL_FACTOR:
+        return num_frames
+    latent = lat.latent_length(num_frames)
+    if latent % block == 0:
+        return num_frames
+    up, down = lat.pixel_length(-(-latent // block) * block), lat.pixel_length(latent // block * block)
+    rounded = up if up <= sampling["base_num_frames"] or down < 1 else down  # one window holds at most base frames
+    print(f"skyrt generate: note: {num_frames} frames are {latent} latent frames, not whole blocks of the model's "
+          f"causal_block_size={block} in window mode; generating {rounded} frames (pass --num-frames "
+          f"{rounded}, --causal-block-size 1 or --mode kvcache to choose)", file=sys.stderr)
+    return rounded
 
 
 def _serve(args) -> int:

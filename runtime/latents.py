@@ -45,6 +45,12 @@ def latent_length(num_pixel_frames: int) -> int:
     return (num_pixel_frames - 1) // TEMPORAL_FACTOR + 1
 
 
+def latents_covering(num_pixel_frames: int) -> int:
+    """The fewest latent frames whose decode has at least `num_pixel_frames` frames (latent_length
+    for 1 + 4k frames)."""
+    return -(-(num_pixel_frames - 1) // TEMPORAL_FACTOR) + 1
+
+
 def pixel_length(num_latent_frames: int) -> int:
     """Pixel frames decoded from `num_latent_frames` latents: 1 + 4 (F - 1)."""
     return 1 + TEMPORAL_FACTOR * (num_latent_frames - 1) if num_latent_frames > 0 else 0

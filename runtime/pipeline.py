@@ -69,7 +69,8 @@ class GenerationRequest:
 
     @property
     def latent_frames(self) -> int:
-        return lat.latent_length(self.num_frames)
+        """Latent frames whose decode covers num_frames (window mode's 1 + 4k frames: exactly)."""
+        return lat.latents_covering(self.num_frames)
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -194,6 +195,9 @@ class Pipeline:
         of `sink_blocks` + `window_blocks` finished blocks (exact for block-causal checkpoints while
         everything fits in the cache; equals window mode with causal_attention=True and the same noise).
         An image or video prefix enters the cache as committed blocks; an end image needs window mode.
+        kvcache mode takes any `num_frames` >= 1: it denoises whole blocks of latents that cover the
+        clip and returns exactly `num_frames` frames (the causal VAE's first frames do not depend on
+        later latents). Window mode keeps the official constraints (1 + 4k frames, whole blocks).
 
         `condition_noise` is how the `addnoise_condition` noise on prefix frames is drawn: "step"
         (official, fresh at every step; window mode's default) or "once" per window (the only choice
@@ -219,7 +223,7 @@ class Pipeline:
         num_inference_steps: int = 30,
         guidance_scale: float = 6.0,
         shift: float = 8.0,
-        ar_step: int = 0,
+        ar_step: int | None = None,
         causal_block_size: int = 1,
         base_num_frames: int = 97,
         overlap_history: int = 17,
@@ -241,7 +245,9 @@ class Pipeline:
         model-space latent chunks [16, f, h, w]) forever, or for `max_chunks` chunks.
 
         A chunk is a window in window mode and a block of `causal_block_size` latent frames in
-        kvcache mode (which needs ar_step >= 1 to run forever). `stream.set_prompt(...)` switches the
+        kvcache mode. `ar_step` left unset is 0 (synchronous) in window mode and, in kvcache mode,
+        `num_inference_steps`: one block in flight at a time, the lowest latency per block (an endless
+        kvcache stream needs ar_step >= 1; 0 given explicitly is refused). `stream.set_prompt(...)` switches the
         prompt at the next chunk, from any thread; in kvcache mode `recache=True` also re-commits the
         cached blocks under the new prompt.
 
@@ -252,6 +258,8 @@ class Pipeline:
         settings = dict(locals())
         # A stream is a long video of unbounded length: windows are planned one at a time.
         settings.update(num_frames=STREAM_FRAMES, latents=None)
+        if ar_step is None:
+            settings["ar_step"] = num_inference_steps if mode == "kvcache" else 0
         if mode == "kvcache":
             # No windows and no input video: the window overlap means nothing here, so its block-alignment
             # checks must not reject a kvcache stream (17 frames = 5 latents fails causal_block_size=2).
@@ -316,21 +324,27 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         total = req.latent_frames
-        prefix = 0 if cond.start_latents is None else cond.start_latents.shape[1]
-        check_block_alignment(req, Window(0, total, prefix))
+        # Whole blocks only: a clip whose latents do not split into blocks gets one more partial block's
+        # worth of frames, denoised and dropped (block-causal: earlier blocks never see it).
+        blocks_needed = -(-total // req.causal_block_size)
+        if blocks_needed * req.causal_block_size != total:
+            log.debug("kvcache: %d latent frames denoised as %d blocks of %d; the last %d dropped", total,
+                      blocks_needed, req.causal_block_size, blocks_needed * req.causal_block_size - total)
         if noise is None:  # one draw for the whole clip, exactly as window mode draws it
-            noise = cond.rng.standard_normal((lat.LATENT_CHANNELS, total, *req.latent_size), dtype=np.float32)
-        rollout = self._kv_rollout(req, cond, total // req.causal_block_size, noise)
-        blocks = list(tqdm(rollout.blocks(), total=total // req.causal_block_size, desc="generate", unit="block",
-                           disable=not progress))
-        z = np.concatenate(blocks, axis=1)  # [16, total, h, w], the prefix included
-        if cond.input_pixels is None:
-            return z if req.output == "latent" else to_uint8_frames(self.backend.vae_decode(lat.denormalize(z)))
-        # V2V, as in window mode: latents leave out the input's re-encoded tail, frames start with the
-        # input video itself (the decode of the prefix only warms the VAE's causal caches).
+            shape = (lat.LATENT_CHANNELS, blocks_needed * req.causal_block_size, *req.latent_size)
+            noise = cond.rng.standard_normal(shape, dtype=np.float32)
+        rollout = self._kv_rollout(req, cond, blocks_needed, noise)
+        blocks = list(tqdm(rollout.blocks(), total=blocks_needed, desc="generate", unit="block", disable=not progress))
+        z = np.concatenate(blocks, axis=1)[:, :total]  # [16, total, h, w], the prefix included
+        prefix = 0 if cond.start_latents is None else cond.start_latents.shape[1]
         if req.output == "latent":
-            return z[:, prefix:]
-        pixels = self.backend.vae_decode(lat.denormalize(z))
+            # V2V, as in window mode: latents leave out the input's re-encoded tail.
+            return z if cond.input_pixels is None else z[:, prefix:]
+        pixels = self.backend.vae_decode(lat.denormalize(z))[:, : req.num_frames]  # exactly the frames asked for
+        if cond.input_pixels is None:
+            return to_uint8_frames(pixels)
+        # V2V: frames start with the input video itself (the decode of the prefix only warms the VAE's
+        # causal caches).
         return to_uint8_frames(np.concatenate([cond.input_pixels, pixels[:, req.overlap_history :]], axis=1))
 
     def _stream_kvcache(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
@@ -556,7 +570,12 @@ def validate_request(req: GenerationRequest) -> None:
         if value <= 0 or value % unit:
             near = max(unit, round(value / unit) * unit)
             raise ValueError(f"{name}={value} must be a positive multiple of {unit} (VAE 8x, patch 2); try {name}={near}")
-    _check_pixel_frames("num_frames", req.num_frames)
+    if req.mode == "kvcache":
+        # kvcache mode returns any frame count (see Pipeline.generate); window mode keeps 1 + 4k.
+        if not isinstance(req.num_frames, (int, np.integer)) or req.num_frames < 1:
+            raise ValueError(f"num_frames={req.num_frames!r} must be a positive integer number of frames")
+    else:
+        _check_pixel_frames("num_frames", req.num_frames)
     _check_pixel_frames("base_num_frames", req.base_num_frames)
     if req.num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={req.num_inference_steps} must be at least 1 (recommended 30)")

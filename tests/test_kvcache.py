@@ -88,6 +88,39 @@ def test_kvcache_stream_ignores_the_window_overlap(official_pipeline):
     assert [len(c) for c in chunks] == [5, 8]
 
 
+@pytest.mark.parametrize("num_frames, whole_blocks_frames", [(1, 5), (9, 13), (10, 13), (12, 13), (14, 21)])
+def test_kvcache_takes_any_frame_count_and_returns_exactly_those_frames(official_pipeline, num_frames,
+                                                                        whole_blocks_frames):
+    # Blocks of 2 latent frames: 1, 9, 10, 12 and 14 pixel frames need 1, 3, 4, 4 and 5 latents, so the
+    # clip is denoised as whole blocks (2, 4, 4, 4, 6 latents: 5, 13, 13, 13, 21 frames) and cut. With
+    # the same seed both draw the same noise, so the cut clip must be the start of the whole-block one.
+    kwargs = dict(SMALL, ar_step=0, causal_block_size=2, causal_attention=True, mode="kvcache", seed=3)
+    latent = -(-(num_frames - 1) // 4) + 1
+    whole = official_pipeline.generate("a red circle", num_frames=whole_blocks_frames, output="latent", **kwargs)
+    cut = official_pipeline.generate("a red circle", num_frames=num_frames, output="latent", **kwargs)
+    assert cut.shape == (16, latent, 4, 4)
+    assert np.abs(cut - whole[:, :latent]).max() <= 1e-6
+    whole_frames = official_pipeline.generate("a red circle", num_frames=whole_blocks_frames, **kwargs)
+    frames = official_pipeline.generate("a red circle", num_frames=num_frames, **kwargs)
+    assert frames.shape == (num_frames, 32, 32, 3)
+    assert np.array_equal(frames, whole_frames[:num_frames])
+
+
+def test_kvcache_stream_defaults_to_one_block_in_flight(official_pipeline):
+    # No ar_step: a kvcache stream runs (one block at a time, ar_step = num_inference_steps), and
+    # is the very stream that ar_step=num_inference_steps gives.
+    kwargs = dict(height=32, width=32, num_inference_steps=3, guidance_scale=1.0, causal_block_size=1, seed=2,
+                  max_chunks=3, output="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        default = list(official_pipeline.stream("x", mode="kvcache", **kwargs))
+        explicit = list(official_pipeline.stream("x", mode="kvcache", ar_step=3, **kwargs))
+        other = list(official_pipeline.stream("x", mode="kvcache", ar_step=1, **kwargs))
+    assert [c.shape[1] for c in default] == [1, 1, 1]
+    assert all(np.array_equal(a, b) for a, b in zip(default, explicit))
+    assert not all(np.array_equal(a, b) for a, b in zip(default, other))  # ar_step matters: the check can fail
+
+
 def test_endless_sync_stream_is_refused_with_a_fix(official_pipeline):
     with pytest.raises(ValueError, match="ar_step >= 1"):
         next(official_pipeline.stream("x", mode="kvcache", ar_step=0, height=32, width=32))
