@@ -245,7 +245,8 @@ def _window_frames_in_whole_blocks(num_frames: int, sampling: dict) -> int:
     """Window mode refuses a clip whose latent frames do not split into causal blocks (the official
     code leaves the rest as noise). When the block size is the model's recommendation rather than the
     user's choice, a default must not make the command fail: round the clip to whole blocks (up, unless
-    that overflows the window) and say so. kvcache mode takes any frame count, and a long (multi-window) video keeps its own checks."""
+    that overflows the window) and say so. kvcache mode takes any frame count, and a long
+    (multi-window) video keeps its own checks."""
     from . import latents as lat
 
     block = sampling["causal_block_size"]

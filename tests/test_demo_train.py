@@ -9,6 +9,7 @@ moments, the latent re-parametrisation fold, the tokenizer's vocabulary.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import warnings
@@ -193,13 +194,13 @@ def test_decoder_phase_trains_the_decoder_alone_and_keeps_the_data(smoke_run, tm
 
     out = tmp_path / "run"
     shutil.copytree(smoke_run[0], out)
-    dit_step = torch.load(out / "checkpoints" / "dit.pt", weights_only=False)["step"]
-    before = torch.load(out / "checkpoints" / "vae.pt", weights_only=False)["vae"]
+    dit_step = torch.load(out / "checkpoints" / "dit.pt", weights_only=True)["step"]
+    before = torch.load(out / "checkpoints" / "vae.pt", weights_only=True)["vae"]
     shards = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
     cfg = T.parse_args(["--out", str(out), *SMOKE, "--resume", "--vae-decoder-steps", "4", "--vae-decoder-lr", "3e-3",
                         "--vae-edge-weight", "4", "--dit-steps", str(dit_step)])
     model_dir = T.Trainer(cfg).run()
-    after = torch.load(out / "checkpoints" / "vae.pt", weights_only=False)["vae"]
+    after = torch.load(out / "checkpoints" / "vae.pt", weights_only=True)["vae"]
     decoder_side = [k for k in before if k.startswith(("decoder.", "conv2."))]
     assert decoder_side and any(not torch.equal(before[k], after[k]) for k in decoder_side)
     for k in before.keys() - set(decoder_side):  # encoder and its fold: the latent space did not move
@@ -263,7 +264,7 @@ def test_resume_continues_and_refuses_to_overwrite(smoke_run):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()[before:]]
     # The VAE and the data are reused; the DiT continues from its step-12 checkpoint to 15.
     assert [r["stage"] for r in log] == ["dit"] and log[-1]["step"] == 15
-    assert torch.load(out / "checkpoints" / "dit.pt", weights_only=False)["step"] == 15
+    assert torch.load(out / "checkpoints" / "dit.pt", weights_only=True)["step"] == 15
 
 
 def test_old_shards_get_the_same_masks_from_a_replay(smoke_run):
@@ -340,3 +341,15 @@ def test_bad_settings_are_refused(tmp_path):
         T.parse_args(["--out", str(tmp_path), "--clip-frames", "48"])
     with pytest.raises(ValueError, match="longer than"):
         T.parse_args(["--out", str(tmp_path), "--crop-frames", "20"])
+
+
+def test_checkpoints_load_without_running_code(smoke_run, tmp_path):
+    # Every .pt the trainer reads (its own, and a user's --dit-init) goes through weights_only loading:
+    # the smoke run's checkpoint loads, a pickle naming any other global is refused with the file named.
+    out, _ = smoke_run
+    state = T.load_checkpoint(out / "checkpoints" / "dit.pt")
+    assert "ema_dit" in state and isinstance(state["step"], int)
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"ema_dit": {}, "payload": argparse.Namespace(run="anything")}, crafted)
+    with pytest.raises(ValueError, match=r"crafted\.pt is not a skyrt training checkpoint"):
+        T.load_checkpoint(crafted)

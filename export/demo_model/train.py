@@ -270,6 +270,18 @@ def make_world_tokenizer(out_dir: str | Path) -> Path:
 # Small helpers
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint (ours, or a user's --dit-init) read without running code: tensors, numbers,
+    strings and containers only (weights_only), so a crafted pickle cannot execute anything."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path} is not a skyrt training checkpoint (tensors and numbers only): {first_line}") from err
+
+
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -652,7 +664,7 @@ class Trainer:
         path = self.ck / "vae.pt"
         torch.manual_seed(cfg.seed + 1)
         vae = init_vae(WanVAE(cfg.vae_config()))
-        state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+        state = load_checkpoint(path) if path.exists() else None
         if state is not None:
             vae.load_state_dict(state["vae"])
         phases_done, summaries = _vae_progress(state)
@@ -968,13 +980,13 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed + 12)
         step, history = 0, []
         if cfg.dit_init and not path.exists():
-            init = torch.load(Path(cfg.dit_init).expanduser(), map_location="cpu", weights_only=False)
+            init = load_checkpoint(Path(cfg.dit_init).expanduser())
             dit_state = grown_dit_state(init["ema_dit"], dit)  # the same state when the depths agree
             for module, weights in ((dit, dit_state), (ema_dit, dit_state), (text_model, init["ema_text"]),
                                     (ema_text, init["ema_text"])):
                 module.load_state_dict(weights)
         if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_checkpoint(path)
             dit.load_state_dict(state["dit"])
             text_model.load_state_dict(state["text"])
             ema_dit.load_state_dict(state["ema_dit"])
