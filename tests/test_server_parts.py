@@ -253,3 +253,32 @@ def test_the_server_imports_no_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_latency_percentiles_are_measured_values_not_bucket_bounds():
+    from skyrt.runtime.server.metrics import LATENCY_WINDOW
+
+    rng = np.random.default_rng(7)
+    latencies = rng.lognormal(mean=np.log(0.08), sigma=0.6, size=LATENCY_WINDOW + 300)  # ~10-500 ms
+    metrics = Metrics()
+    for seconds in latencies:
+        metrics.chunk_generated(4, float(seconds))
+    window = latencies[-LATENCY_WINDOW:]  # only the newest LATENCY_WINDOW chunks count
+    snap = metrics.snapshot()
+    assert snap["chunk_latency_p50_s"] == pytest.approx(np.percentile(window, 50), abs=1e-6)
+    assert snap["chunk_latency_p99_s"] == pytest.approx(np.percentile(window, 99), abs=1e-6)
+    assert snap["chunk_latency_min_s"] == pytest.approx(window.min(), abs=1e-6)
+    assert snap["chunk_latency_max_s"] == pytest.approx(window.max(), abs=1e-6)
+    assert snap["chunk_latency_window"] == LATENCY_WINDOW
+    samples = dict(line.rsplit(" ", 1) for line in metrics.prometheus().splitlines() if not line.startswith("#"))
+    assert float(samples['skyrt_chunk_latency_window_seconds{quantile="0.99"}']) == pytest.approx(
+        np.percentile(window, 99), rel=1e-9)
+    # The histogram stays, fine enough between 10 and 500 ms to tell those latencies apart.
+    bounds = sorted({float(name.split('le="')[1].rstrip('"}')) for name in samples if 'le="' in name and "Inf" not in name})
+    assert sum(1 for b in bounds if 0.01 <= b <= 0.5) >= 15
+
+
+def test_latency_percentiles_before_any_chunk_are_none():
+    snap = Metrics().snapshot()
+    assert snap["chunk_latency_p50_s"] is None and snap["chunk_latency_p99_s"] is None
+    assert 'quantile="0.5"} NaN' in Metrics().prometheus()

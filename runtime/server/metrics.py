@@ -6,10 +6,12 @@ import threading
 import time
 from collections import deque
 
-# Per-chunk generation latency buckets (seconds): a 128x128 block on a CPU takes ~0.05-0.5 s,
-# a real checkpoint's window tens of seconds.
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Per-chunk generation latency buckets (seconds): fine from 10 ms to 500 ms, where a small block on
+# a CPU or a GPU lands, coarse above up to a real checkpoint's window of tens of seconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125, 0.15, 0.175,
+                   0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_WINDOW_S = 10.0
+LATENCY_WINDOW = 1000  # /status percentiles come from the last this many measured chunk latencies
 
 
 class Histogram:
@@ -25,16 +27,27 @@ class Histogram:
         self.total += value
         self.n += 1
 
-    def quantile(self, q: float) -> float | None:
-        """Upper bucket bound holding the q-quantile (None before any sample)."""
-        if self.n == 0:
+
+
+class RollingWindow:
+    """The last `size` measurements, for percentiles of what was measured (not bucket bounds)."""
+
+    def __init__(self, size: int = LATENCY_WINDOW):
+        self.values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    def percentile(self, q: float) -> float | None:
+        """The q-th percentile (0..100) with linear interpolation between the two nearest ranks
+        (numpy's default method); None before any measurement."""
+        if not self.values:
             return None
-        seen = 0
-        for count, bound in zip(self.counts, self.buckets + (float("inf"),)):
-            seen += count
-            if seen >= q * self.n:
-                return bound
-        return float("inf")
+        ordered = sorted(self.values)
+        rank = (len(ordered) - 1) * q / 100.0
+        low = int(rank)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 class Metrics:
@@ -53,10 +66,13 @@ class Metrics:
         self.last_error: str | None = None
         self.encoder_errors = 0
         self.chunk_latency = Histogram(LATENCY_BUCKETS)
+        self.chunk_latency_window = RollingWindow()
+        self.clients_gone = 0  # requests or streams whose client went away first (normal for viewers)
         self.clients: dict[int, tuple[str, object]] = {}  # reader id -> (format, Reader)
         self.client_drops_total: dict[str, int] = {}
         self.clients_served: dict[str, int] = {}
         self.client_write_timeouts = 0
+        self.control_refused = 0  # control requests refused before their body was read (Host, Origin, token, type)
         self._generated_times: deque[tuple[float, int]] = deque()
 
     # -- updates
@@ -65,6 +81,7 @@ class Metrics:
         with self.lock:
             self.frames_generated += frames
             self.chunk_latency.observe(seconds)
+            self.chunk_latency_window.add(seconds)
             if self.first_frame_s is None:
                 self.first_frame_s = now - self.started
             self._generated_times.append((now, frames))
@@ -122,8 +139,7 @@ class Metrics:
                 "frames_repeated": self.frames_repeated,
                 "generated_fps": round(fps, 3),
                 "time_to_first_frame_s": self.first_frame_s,
-                "chunk_latency_p50_s": self.chunk_latency.quantile(0.5),
-                "chunk_latency_p99_s": self.chunk_latency.quantile(0.99),
+                **self._latency_summary(),
                 "generator_errors": self.generator_errors,
                 "generator_restarts": self.generator_restarts,
                 "last_error": self.last_error,
@@ -132,7 +148,23 @@ class Metrics:
                 "clients": clients,
                 "client_drops": drops,
                 "client_write_timeouts": self.client_write_timeouts,
+                "clients_gone": self.clients_gone,
+                "control_refused": self.control_refused,
             }
+
+    def _latency_summary(self) -> dict:
+        """Chunk latency percentiles, min and max over the rolling window (call with the lock held)."""
+        window = self.chunk_latency_window
+        values = window.values
+
+        def rounded(value):
+            return None if value is None else round(value, 6)
+
+        return {"chunk_latency_p50_s": rounded(window.percentile(50)),
+                "chunk_latency_p99_s": rounded(window.percentile(99)),
+                "chunk_latency_min_s": rounded(min(values)) if values else None,
+                "chunk_latency_max_s": rounded(max(values)) if values else None,
+                "chunk_latency_window": len(values)}
 
     def prometheus(self) -> str:
         """Prometheus text exposition format 0.0.4."""
@@ -166,6 +198,10 @@ class Metrics:
             lines.extend(f"skyrt_chunk_latency_seconds_bucket{labels} {value}" for labels, value in buckets)
             lines.append(f"skyrt_chunk_latency_seconds_sum {_num(h.total)}")
             lines.append(f"skyrt_chunk_latency_seconds_count {h.n}")
+            window = self.chunk_latency_window
+            metric("skyrt_chunk_latency_window_seconds", "gauge",
+                   f"Chunk latency percentiles over the last {window.values.maxlen} measured chunks.",
+                   [(f'{{quantile="{q / 100:g}"}}', nan_if_none(window.percentile(q))) for q in (50, 99)])
             metric("skyrt_generator_errors_total", "counter", "Generator failures (each followed by a clean restart).",
                    [("", self.generator_errors)])
             metric("skyrt_encoder_errors_total", "counter", "Output encoder failures.", [("", self.encoder_errors)])
@@ -179,6 +215,10 @@ class Metrics:
                    [(f'{{format="{f}"}}', n) for f, n in sorted(self.client_drops_total.items())])
             metric("skyrt_client_write_timeouts_total", "counter", "Clients cut off after a write stalled.",
                    [("", self.client_write_timeouts)])
+            metric("skyrt_clients_gone_total", "counter", "Requests and streams whose client went away first.",
+                   [("", self.clients_gone)])
+            metric("skyrt_control_refused_total", "counter",
+                   "Control requests refused for their Host, Origin, token or content type.", [("", self.control_refused)])
         rss, fds = process_resources()
         metric("skyrt_process_resident_memory_bytes", "gauge", "Resident memory of the server process.", [("", rss)])
         metric("skyrt_process_open_fds", "gauge", "Open file descriptors of the server process.", [("", fds)])
@@ -197,6 +237,10 @@ def process_resources() -> tuple[int, int]:
     except OSError:
         fds = -1
     return rss, fds
+
+
+def nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _num(value: float) -> str:
