@@ -1,4 +1,4 @@
-"""Torch reference of the KV-cached DiT step of the `kvcache` rollout (DESIGN.md section 4).
+"""Torch reference of the KV-cached DiT step of the `kvcache` rollout (runtime/kvcache.py drives it).
 
 One call denoises the ACTIVE frames (a block, or a few blocks in flight) against a KV cache of
 finished blocks. It is the function that gets exported to ONNX/TensorRT, so:

@@ -538,7 +538,7 @@ class WanDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Key maps: official checkpoint names <-> diffusers SkyReelsV2Transformer3DModel names (DESIGN.md 5)
+# Key maps: official checkpoint names <-> diffusers SkyReelsV2Transformer3DModel names
 
 # (official module path, diffusers module path); matched on whole dotted components.
 _TOP_LEVEL = (

@@ -3,7 +3,7 @@
 What this file holds
 - The official checkpoint layout (`models_t5_umt5-xxl-enc-bf16.pth`, Wan's own T5Encoder with a
   relative position embedding in every block) mapped onto transformers' `UMT5EncoderModel`
-  (DESIGN.md section 5), plus a config inferred from the state-dict shapes (the official folder
+  (the key map below), plus a config inferred from the state-dict shapes (the official folder
   carries no config for the T5).
 - The official prompt cleaning and encode semantics: tokenize with padding/truncation to
   `text_len` (512) and the EOS token, run the encoder with the attention mask, zero every position
@@ -108,7 +108,7 @@ def infer_umt5_config(sd: Mapping[str, torch.Tensor], relative_attention_max_dis
 
 
 # --------------------------------------------------------------------------------------------
-# Official checkpoint key map (DESIGN.md section 5)
+# Official checkpoint key map (Wan's umT5 names -> transformers' UMT5EncoderModel names)
 # --------------------------------------------------------------------------------------------
 
 _TOP_LEVEL = {

@@ -1,8 +1,8 @@
 """Tiny random-weight checkpoints of the real architecture, written in the official layout.
 
 Tests use them (with the real loaders) because no real weights can be downloaded here, and
-`skyrt serve` uses one as the built-in default until the trained demo model lands. The weights are
-random: the video they make is structured noise, not content.
+`skyrt serve` falls back to one when the package holds no trained demo model (runtime/models/). The
+weights are random: the video they make is structured noise, not content.
 """
 from __future__ import annotations
 

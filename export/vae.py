@@ -8,7 +8,7 @@ What this file holds
 - The causal-conv caches as a flat list of tensors with fixed shapes (`decode_step`,
   `encode_step`), so a streaming decoder can be exported to ONNX as "one latent frame + caches in,
   pixel frames + caches out". `StreamingDecoder` is the convenience wrapper on top.
-- Latent normalisation (DESIGN.md section 5) and key maps between the official and diffusers
+- Latent normalisation (the official per-channel mean/std) and key maps between the official and diffusers
   (`AutoencoderKLWan`) layouts.
 
 Shapes: B batch, T pixel frames (T = 1 + 4(F - 1)), F latent frames, H x W pixels (multiples of 8),
@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------
-# Latent normalisation (DESIGN.md section 5): model space z = (mu - mean) / std
+# Latent normalisation (official WanVAE constants): model space z = (mu - mean) / std
 # --------------------------------------------------------------------------------------------
 
 # One owner for the constants: the torch-free runtime (skyrt.runtime.latents).

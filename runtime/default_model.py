@@ -20,9 +20,8 @@ SAMPLING_KEYS = ("mode", "num_inference_steps", "shift", "guidance_scale", "ar_s
 
 
 def default_model_dir() -> Path:
-    """The shipped demo model's folder (read-only: nothing is ever written into it); until a trained
-    demo model that meets its quality targets ships, skyrt's tiny random-weight model (written into
-    the cache on first use)."""
+    """The shipped demo model's folder (read-only: nothing is ever written into it); in a package
+    without it (a trimmed install), skyrt's tiny random-weight model (written into the cache on first use)."""
     if (SHIPPED_DEMO_MODEL / "config.json").is_file():
         return SHIPPED_DEMO_MODEL
     from skyrt.export.tiny import ensure_default_model

@@ -1,4 +1,5 @@
-"""Wan2.1 VAE latent normalisation (DESIGN.md §5), torch-free so every backend shares it.
+"""Wan2.1 VAE latent normalisation (the official WanVAE's per-channel mean/std), torch-free so
+every backend shares it.
 
 Model space (what the DiT sees) is z = (mu - mean) / std; the VAE decoder takes mu = z * std + mean.
 """

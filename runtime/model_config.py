@@ -132,7 +132,8 @@ class DiTConfig:
         )
 
 
-# DESIGN.md section 5. The 720P DF-14B has the same transformer as the 540P one.
+# The released SkyReels-V2 DF transformers (official WanModel configs; diffusers
+# SkyReelsV2Transformer3DModel agrees). The 720P DF-14B has the same transformer as the 540P one.
 DF_1_3B_540P = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, inject_sample_info=True)
 DF_14B_540P = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, inject_sample_info=False)
 DF_14B_720P = DF_14B_540P

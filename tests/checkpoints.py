@@ -128,7 +128,8 @@ def write_official_layout(pipe, out: Path, num_shards: int = 2) -> Path:
 
 
 def official_sigmas_scheduler(shift: float):
-    """diffusers' UniPC that always schedules the official shifted sigmas (DESIGN.md §5).
+    """diffusers' UniPC that always schedules the official shifted sigmas (which makes it the
+    official FlowUniPCMultistepScheduler; tests/test_scheduler.py checks that).
 
     The diffusers DF pipeline calls set_timesteps(num_inference_steps) itself; this subclass turns
     that into set_timesteps(sigmas=<official sigmas>), which reproduces the official sampler.

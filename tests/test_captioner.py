@@ -379,7 +379,7 @@ def test_caption_video_end_to_end_keeps_raw_text(onnx_dir, tmp_path):
 
 
 def test_runtime_path_imports_no_torch(onnx_dir):
-    """The serving path (DESIGN section 2) captions with numpy + onnxruntime + tokenizers only."""
+    """The serving path (no torch: torch is for export and the reference backend) captions with numpy + onnxruntime + tokenizers only."""
     code = (
         "import sys, numpy as np\n"
         "from skyrt.runtime.captioner import Captioner\n"

@@ -5,7 +5,7 @@ transcription of the official FlowUniPCMultistepScheduler.step (order 2, bh2, pr
 flow_prediction), and diffusers' UniPCMultistepScheduler(use_flow_sigmas=True,
 prediction_type="flow_prediction", flow_shift=1.0, solver_order=2) driven with the official shifted
 sigmas through set_timesteps(sigmas=...) — one scheduler per frame, frames at different steps as in
-diffusion forcing (DESIGN.md section 5: that diffusers configuration matches the official scheduler).
+diffusion forcing (tests/test_scheduler.py shows that diffusers configuration is the official scheduler).
 Run: pytest tests/test_core_samplers.py
 """
 from __future__ import annotations

@@ -22,15 +22,16 @@ from skyrt.export.demo_model import world as W
 from skyrt.runtime.default_model import DEMO_META, DEMO_MODEL_NAME, SHIPPED_DEMO_MODEL, default_model_dir, recommended_sampling
 from skyrt.runtime.model_folder import inspect_model_folder
 
-# Without a shipped model the default is the tiny random one and these tests have nothing to check.
-pytestmark = pytest.mark.skipif(not (SHIPPED_DEMO_MODEL / "config.json").is_file(),
-                                reason="no trained demo model shipped in runtime/models yet (issue 6)")
+# The package ships the model: a checkout without it fails here instead of skipping.
+assert (SHIPPED_DEMO_MODEL / "config.json").is_file(), f"the built-in demo model is missing: {SHIPPED_DEMO_MODEL}"
 
-# Mean detector adherence (5 attributes) the trained model must reach on held-out prompts. Measured on
+# Mean detector adherence (5 attributes) the trained model must keep on held-out prompts. Measured on
 # these 4 clips: the shipped model 0.90 (background, colour, motion, camera right; the shape in 2 of 4: both
-# crosses read as diamonds), its VAE and text encoder with a random DiT 0.15. The floor sits between, one
-# attribute per clip below the model, so a model that lost its prompt fails.
-FLOOR = 0.65
+# crosses read as diamonds), the same with 8 different noise seeds per clip (0.90 every time: the misreads
+# are the model's, not the noise's), its VAE and text encoder with a random DiT 0.15. The floor is the
+# measurement less one attribute reading of one clip (0.05), for float differences on other CPUs, which
+# act like another noise draw at most; a model that loses two readings fails.
+FLOOR = 0.85
 CLIPS, CHUNKS = 4, 6  # held-out prompts, and stream chunks per clip (6 blocks of 2 latent frames: 45 frames)
 
 

@@ -1,7 +1,7 @@
 """The window-mode pipeline against diffusers' SkyReelsV2DiffusionForcingPipeline as the oracle.
 
-The oracle runs with a UniPC scheduler given the official shifted sigmas (DESIGN.md §5: that makes
-diffusers' UniPC the official FlowUniPC). Noise is shared by recording every draw skyrt makes and
+The oracle runs with a UniPC scheduler given the official shifted sigmas (that makes
+diffusers' UniPC the official FlowUniPC; tests/test_scheduler.py checks it). Noise is shared by recording every draw skyrt makes and
 replaying the same arrays into diffusers' randn_tensor / torch.randn_like, in the same order.
 """
 from __future__ import annotations

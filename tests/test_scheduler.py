@@ -2,7 +2,7 @@
 
 Oracle: diffusers' UniPCMultistepScheduler configured for flow matching (UNIPC_AS_OFFICIAL) and
 given the official shifted sigmas through set_timesteps(sigmas=...) is the official
-FlowUniPCMultistepScheduler (DESIGN.md §5); FlowMatchEulerDiscreteScheduler given the same sigmas is
+FlowUniPCMultistepScheduler (the tests below show it); FlowMatchEulerDiscreteScheduler given the same sigmas is
 flow Euler. The official sigmas are written out here from the official set_timesteps, independently
 of skyrt. If the official SkyReels-V2 source is on disk (SKYRT_OFFICIAL_DIR, an unpacked skyreels_v2_infer
 folder), its scheduler is checked directly as well.

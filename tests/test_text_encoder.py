@@ -42,7 +42,7 @@ needs_official = pytest.mark.skipif(not (OFFICIAL_DIR / "modules" / "t5.py").is_
 # ---------------------------------------------------------------------------------------------
 
 def to_official_key(k: str) -> str:
-    """transformers UMT5EncoderModel key -> official Wan umT5 key, by hand from DESIGN.md section 5."""
+    """transformers UMT5EncoderModel key -> official Wan umT5 key, written out by hand from the official module names."""
     top = {"shared.weight": "token_embedding.weight", "encoder.final_layer_norm.weight": "norm.weight"}
     if k in top:
         return top[k]

@@ -82,7 +82,7 @@ class HostKVCache:
 
 
 class Backend(abc.ABC):
-    """Runs the networks. Implementations: torch (reference); onnxruntime and TensorRT later."""
+    """Runs the networks. Implementations: torch (reference), onnxruntime, TensorRT."""
 
     name: str = "abstract"
 

@@ -57,7 +57,7 @@ GROUP_GRAPHS = {g: tuple(k for k, v in GROUP_OF.items() if v == g) for g in set(
 # step 2 = dit_step's export formulation plus its ORT-CPU variant (export/onnx_export.py).
 GROUP_REVISION = {"step": 2}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
-# ORT's CPU provider has no bfloat16 MatMul (DESIGN.md section 6): bf16 exports are for TensorRT.
+# ORT's CPU provider has no bfloat16 MatMul (it refuses bf16 MatMul nodes): bf16 exports are for TensorRT.
 ORT_PRECISIONS = ("fp32", "fp16")
 ORT_CPU_VARIANT = "ort_cpu"  # manifest key of a graph's CPU-provider variant (export/onnx_export.py)
 
