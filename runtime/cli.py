@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from .caption_schema import MAX_NEW_TOKENS, CaptionParseError
@@ -111,7 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--formats", default="mjpeg,hls,mp4", help="outputs to encode, comma separated")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on control endpoints")
+    serve.add_argument("--token", default=None,
+                       help="control token (shows in the process list: prefer --token-file or $SKYRT_TOKEN); "
+                            "default: one generated per run, printed at start in the page's URL")
+    serve.add_argument("--token-file", type=Path, default=None, help="read the control token from this file")
+    serve.add_argument("--no-token", action="store_true",
+                       help="leave POST /prompt and PUT /playlist open to anyone who can reach the server")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a host name control requests may use besides IP addresses and localhost "
+                            "(a reverse proxy's public name; repeatable)")
+    serve.add_argument("--max-connections", type=int, default=1000, help="open connections in all (default 1000)")
+    serve.add_argument("--max-connections-per-address", type=int, default=256,
+                       help="open connections from one client address (default 256; behind a proxy raise it)")
+    serve.add_argument("--stall-timeout", type=float, default=20.0, metavar="SECONDS",
+                       help="cut off a stream client whose socket accepts nothing this long (default 20)")
+    serve.add_argument("--send-buffer-kib", type=int, default=256, metavar="KIB",
+                       help="kernel send buffer of each stream client (default 256; a slow client's backlog lives "
+                            "in a drop-oldest ring, not here): lower it for many viewers on little memory, raise "
+                            "it for distant viewers on fast links")
+    serve.add_argument("--state", type=Path, default=None, metavar="FILE",
+                       help="keep the prompt and playlist in FILE (written atomically on every change) and "
+                            "resume them from it at start")
     serve.add_argument("--captioner", type=Path, default=None,
                        help=f"caption the stream live (GET /caption): {CAPTIONER_HELP} (with --caption-every)")
     serve.add_argument("--caption-every", type=float, default=None, metavar="SECONDS",
@@ -138,7 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one `skyrt` command; returns its exit code (in-process: tests call this)."""
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def run() -> None:
+    """The `skyrt` console command. A server that has shut down leaves without the interpreter's
+    teardown (see exit_without_teardown: a SIGTERM'd server must be gone within 2 s)."""
+    args = build_parser().parse_args()
+    code = _dispatch(args)
+    if args.command == "serve":
+        from .server.startup import exit_without_teardown
+
+        exit_without_teardown(code)
+    sys.exit(code)
+
+
+def _dispatch(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "generate":
@@ -266,18 +303,30 @@ def _window_frames_in_whole_blocks(num_frames: int, sampling: dict) -> int:
 
 
 def _serve(args) -> int:
-    from .server import PromptChange, ServerConfig, load_playlist, serve
+    from .server import ConnectionLimits, PipelineSpec, PromptChange, ServerConfig, load_playlist, serve
+    from .server.startup import StartupInterrupted, resolve_token, sigterm_sets
 
+    token = resolve_token(args.token, args.token_file, args.no_token)
     config = ServerConfig(fps=args.fps, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
-                          token=args.token)
+                          token=token.token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
+                          connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
+                          state_path=args.state, write_timeout_s=args.stall_timeout,
+                          stream_send_buffer_bytes=args.send_buffer_kib * 1024)
     playlist = load_playlist(args.playlist, config.limits) if args.playlist is not None else None
     sampling = _sampling_kwargs(args)
     prompt = PromptChange(sampling.pop("prompt"), sampling.pop("negative_prompt") or None)
     if args.mode == "kvcache" and sampling["ar_step"] == 0:
         sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
     captioning = _live_captioning(args)  # before loading the model: a bad captioner folder fails fast
-    pipe = _load(args)
-    serve(pipe, sampling, config, host=args.host, port=args.port, prompt=prompt, playlist=playlist, **captioning)
+    # The pipeline loads and runs in a child process (server/generator_process.py): serving never
+    # shares an interpreter lock with generation.
+    spec = PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device)
+    try:
+        with sigterm_sets(threading.Event()) as stopped:  # a stop while the model loads is a clean exit too
+            serve(spec, sampling, config, host=args.host, port=args.port, prompt=prompt, playlist=playlist,
+                  show_token=token.generated, startup_cancelled=stopped, **captioning)
+    except StartupInterrupted:
+        print("skyrt serve: stopped (SIGTERM) before the stream started", file=sys.stderr)
     return 0
 
 
@@ -294,4 +343,4 @@ def _live_captioning(args) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

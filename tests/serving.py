@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -27,12 +29,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model_dir, *extra: str, ready_timeout: float = 90.0):
-    """Start `skyrt serve` as a subprocess; yield (base_url, process); SIGTERM it afterwards."""
+def running_server(model_dir, *extra: str, ready_timeout: float = 90.0, token: str | None = TOKEN,
+                   sampling=FAST_SAMPLING):
+    """Start `skyrt serve` as a subprocess; yield (base_url, process); SIGTERM it afterwards.
+
+    The token travels in $SKYRT_TOKEN (not argv: a token on the command line shows in the process
+    list); token=None starts it with --no-token. The server's log goes to a file, so a chatty server
+    can never block on a full pipe: `proc.output()` reads it."""
     port = free_port()
     cmd = [sys.executable, "-m", "skyrt.runtime.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--token", TOKEN, *FAST_SAMPLING, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           *([] if token else ["--no-token"]), *sampling, *extra]
+    env = {k: v for k, v in os.environ.items() if k != "SKYRT_TOKEN"}
+    if token:
+        env["SKYRT_TOKEN"] = token
+    log = tempfile.NamedTemporaryFile(prefix="skyrt-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    proc.output = lambda: Path(log.name).read_text(errors="replace")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: get_json(base + "/status")["frames_output"] > 0, ready_timeout,
@@ -45,12 +57,23 @@ def running_server(model_dir, *extra: str, ready_timeout: float = 90.0):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(timeout=30)
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
 
 
 def _output(proc) -> str:
     if proc.poll() is None:
-        return "(still running)"
-    return proc.stdout.read()
+        return "(still running)\n" + proc.output()[-4000:]
+    return proc.output()
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def wait_until(predicate, timeout: float, message=lambda: "timed out"):

@@ -150,7 +150,7 @@ def test_sigterm_drains_and_exits_cleanly(official_dir):
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        output = proc.stdout.read()
+        output = proc.output()
         assert "stream stopped after" in output, output
         assert time.monotonic() - started < 15
         folder = re.search(r"HLS files in (\S+)", output)

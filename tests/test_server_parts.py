@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from skyrt.runtime.server.broadcast import Broadcast
-from skyrt.runtime.server.encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
+from skyrt.runtime.server.encoders import MJPEG_KEEPALIVE_S, Fmp4Encoder, HlsEncoder, MjpegEncoder, jpeg_of_part
+from skyrt.runtime.server.file_cache import FileCache
 from skyrt.runtime.server.metrics import Metrics
 from skyrt.runtime.server.playlist import (Limits, PromptBoard, PromptChange, RequestError, load_playlist,
                                            parse_playlist, parse_prompt_change)
@@ -203,9 +204,58 @@ def test_mjpeg_frames_decode_to_the_frame():
     y, x = np.mgrid[0:48, 0:64]
     frame = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it
     MjpegEncoder(bc, quality=95).encode(frame)
-    jpeg = bc._after(0)[0][0].payload
+    part = bc._after(0)[0][0].payload
+    head = part.split(b"\r\n\r\n", 1)[0].decode()
+    jpeg = jpeg_of_part(part)
+    assert head.startswith("--skyrtframe\r\nContent-Type: image/jpeg") and f"Content-Length: {len(jpeg)}" in head
+    assert jpeg[:2] == b"\xff\xd8" and jpeg[-2:] == b"\xff\xd9"  # JPEG start and end markers
     decoded = np.asarray(Image.open(io.BytesIO(jpeg)))
     assert decoded.shape == frame.shape and np.abs(decoded.astype(int) - frame).mean() < 2
+
+
+def test_mjpeg_sends_new_frames_and_repeats_only_as_a_keepalive():
+    bc = Broadcast("mjpeg", capacity=100)
+    now = [0.0]
+    encoder = MjpegEncoder(bc, clock=lambda: now[0])
+    first, second = _frames(2)
+
+    def published() -> list[bytes]:
+        return [it.payload for it in bc._after(0)[0]]
+
+    encoder.encode(first)
+    for _ in range(10):  # the pacer repeats the frame at 120 fps for 0.5 s: nothing new to send
+        now[0] += 0.05
+        encoder.encode(first, repeated=True)
+    assert len(published()) == 1
+    now[0] += MJPEG_KEEPALIVE_S
+    encoder.encode(first, repeated=True)
+    assert len(published()) == 2 and published()[1] is published()[0]  # the same bytes, not re-encoded
+    encoder.encode(second)
+    assert len(published()) == 3 and jpeg_of_part(published()[2]) != jpeg_of_part(published()[0])
+
+
+def _replace(path, data: bytes) -> None:
+    """Write as FFmpeg's temp_file flag does: a temp name, then a rename into place."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def test_file_cache_reads_each_version_once(tmp_path):
+    cache = FileCache(tmp_path, max_files=2)
+    playlist = tmp_path / "live.m3u8"
+    assert cache.get("live.m3u8") is None and cache.read("live.m3u8") is None  # not there yet
+    _replace(playlist, b"v1")
+    assert cache.get("live.m3u8") is None and cache.read("live.m3u8") == b"v1"
+    assert [cache.get("live.m3u8") for _ in range(100)] == [b"v1"] * 100 and cache.reads == 1
+    _replace(playlist, b"v2, longer")
+    assert cache.get("live.m3u8") is None and cache.read("live.m3u8") == b"v2, longer" and cache.reads == 2
+    playlist.unlink()  # rolled out of the window: gone from the answers too
+    assert cache.get("live.m3u8") is None and cache.read("live.m3u8") is None
+    for i in range(3):
+        _replace(tmp_path / f"seg_{i}.m4s", bytes([i]) * 10)
+        cache.read(f"seg_{i}.m4s")
+    assert cache.get("seg_0.m4s") is None and cache.get("seg_2.m4s") == bytes([2]) * 10  # at most 2 kept
 
 
 def test_hls_encoder_writes_a_rolling_playlist_and_cleans_up(tmp_path):

@@ -7,9 +7,10 @@ import socket
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
-from serving import get_json, running_server, wait_until
+from serving import get_json, process_gone, running_server, wait_until
 
 from skyrt.runtime.server import PromptChange, ServerConfig, StreamServer
 
@@ -136,3 +137,30 @@ def test_twenty_clients_a_stalled_client_and_churn_leave_no_trace(official_dir):
         assert fds1 <= fds0 + 2, (fds0, fds1)
         assert rss1 <= rss0 + 40e6, (rss0, rss1)
         assert proc.poll() is None and get_json(base + "/healthz")["ok"]
+
+
+def test_a_killed_generator_process_is_restarted_while_the_stream_plays_on(official_dir):
+    """`skyrt serve` runs the pipeline in a child process: a crash there (here SIGKILL, as the OOM
+    killer would) is a generator restart, not a server crash; the frame on screen stays up meanwhile."""
+    import os
+    import signal
+
+    with running_server(official_dir, "--formats", "mjpeg") as (base, proc):
+        first = get_json(base + "/status")["generator_process"]
+        assert first["starts"] == 1 and first["pid"] != proc.pid
+        # torch lives in the child only: the serving process never maps it
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch" in Path(f"/proc/{first['pid']}/maps").read_text()
+        os.kill(first["pid"], signal.SIGKILL)
+        output_before = get_json(base + "/status")["frames_output"]
+        time.sleep(1.0)
+        assert get_json(base + "/status")["frames_output"] > output_before  # the pacer repeats the last frame
+        wait_until(lambda: get_json(base + "/status")["generator_process"]["starts"] == 2, 60)
+        generated = get_json(base + "/status")["frames_generated"]
+        wait_until(lambda: get_json(base + "/status")["frames_generated"] > generated, 60)
+        status = get_json(base + "/status")
+        assert status["generator_restarts"] >= 1 and "died" in status["last_error"]
+        assert status["generator_process"]["pid"] not in (first["pid"], None) and proc.poll() is None
+        child = status["generator_process"]["pid"]
+    # SIGTERM took the server down (running_server), and its child with it
+    wait_until(lambda: process_gone(child), 5, lambda: f"generator process {child} outlived the server")

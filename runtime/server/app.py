@@ -14,18 +14,21 @@ error that names the problem.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
+import socket
 from pathlib import Path
 
+from .encoders import MJPEG_BOUNDARY
+from .file_cache import FileCache
+from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, check_origin, json_depth_exceeds,
+                    token_matches)
 from .playlist import RequestError, parse_playlist, parse_prompt_change
 
 log = logging.getLogger("skyrt.server")
 
 STATIC = Path(__file__).parent / "static"
-BOUNDARY = "skyrtframe"
 HLS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.(m3u8|m4s|mp4)$")
 HLS_TYPES = {"m3u8": "application/vnd.apple.mpegurl", "m4s": "video/iso.segment", "mp4": "video/mp4"}
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
@@ -37,17 +40,28 @@ def _error(status: int, message: str):
     return web.json_response({"error": message}, status=status)
 
 
+_UNAUTHORIZED = Refusal(401, "unauthorized: send the header 'Authorization: Bearer <token>' with the server's "
+                             "token (printed at start, or the one given with --token-file / SKYRT_TOKEN)")
+
+
 def create_app(server):
     """The aiohttp application of a `StreamServer` (see server.py)."""
     from aiohttp import web
 
     config = server.config
+    allowed_hosts = frozenset(name.lower().rstrip(".") for name in config.allowed_hosts)
+    streams: set = set()  # transports of the stream responses in flight (aborted at shutdown)
+    hls_files = FileCache(server.hls_folder)
 
     def authorized(request) -> bool:
-        if config.token is None:
-            return True
-        given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode())
+        return config.token is None or token_matches(request.raw_headers, config.token)
+
+    def refusal(request):
+        """Why a control request is refused before its body is read (see guard.py), or None."""
+        host = request.headers.get("Host")
+        return (check_host(host, allowed_hosts) or check_origin(request.headers.get("Origin"), host, allowed_hosts)
+                or (None if authorized(request) else _UNAUTHORIZED)
+                or check_content_type(request.content_type))
 
     async def read_json(request):
         """The request body as JSON, bounded by config.max_body_bytes."""
@@ -56,18 +70,28 @@ def create_app(server):
         body = await request.content.read(config.max_body_bytes + 1)
         if len(body) > config.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=config.max_body_bytes, actual_size=len(body))
+        if json_depth_exceeds(body):
+            raise RequestError(f"body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels; a prompt or a "
+                               f"playlist needs 3, send e.g. {{\"prompt\": \"a red fox\"}}")
         try:
             return json.loads(body)
+        except RecursionError as err:  # unreachable after the depth check; kept so no input can 500
+            raise RequestError(f"body nests too deeply to parse; keep it under {MAX_JSON_DEPTH} levels") from err
         except (ValueError, UnicodeDecodeError) as err:
             raise RequestError(f"body is not valid JSON ({err}); send e.g. {{\"prompt\": \"a red fox\"}}") from err
 
     def control(handler):
         """Token check, bounded JSON parsing, and 4xx JSON errors for a control endpoint."""
         async def wrapped(request):
-            if not authorized(request):
-                return _error(401, "unauthorized: send the header 'Authorization: Bearer <token>' given to --token")
+            refused = refusal(request)
+            if refused is not None:
+                with server.metrics.lock:
+                    server.metrics.control_refused += 1
+                return _error(refused.status, refused.message)
             try:
-                return await handler(request, await read_json(request))
+                response = await handler(request, await read_json(request))
+                await asyncio.to_thread(server.save_state)  # a 200 means the change is on disk
+                return response
             except RequestError as err:
                 return _error(400, str(err))
             except web.HTTPRequestEntityTooLarge:
@@ -92,7 +116,7 @@ def create_app(server):
                             charset="utf-8", headers={"X-Format": "prometheus-0.0.4"})
 
     async def prompt(request, body):
-        change = parse_prompt_change(body, config.limits)
+        change = parse_prompt_change(body, server.limits)
         server.board.set_prompt(change)
         return web.json_response({"ok": True, "prompt": change.prompt, "transition": change.transition})
 
@@ -100,7 +124,7 @@ def create_app(server):
         return web.json_response(server.board.playlist_json())
 
     async def put_playlist(request, body):
-        playlist = parse_playlist(body, config.limits)
+        playlist = parse_playlist(body, server.limits)
         server.board.set_playlist(playlist)
         return web.json_response(dict(server.board.playlist_json(), ok=True))
 
@@ -115,22 +139,18 @@ def create_app(server):
         name = request.match_info["name"]
         if not HLS_NAME.match(name):
             return _error(400, "invalid HLS file name: expected live.m3u8, init.mp4 or seg_NNNNNN.m4s")
-        path = server.hls_folder / name
-        if not path.is_file():
-            return _error(404, f"{name} is not there (yet); the playlist lists the segments that exist")
-        try:
-            data = await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:  # rolled out of the window between the check and the read
-            return _error(404, f"{name} was just deleted; reload the playlist")
+        data = hls_files.get(name)
+        if data is None:
+            data = await asyncio.to_thread(hls_files.read, name)
+        if data is None:
+            return _error(404, f"{name} is not there (yet, or it rolled out of the window); reload the playlist")
         return web.Response(body=data, content_type=HLS_TYPES[name.rsplit(".", 1)[1]], headers=NO_CACHE)
 
     async def mjpeg(request):
-        def frame_part(jpeg: bytes) -> bytes:
-            head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
-            return head.encode() + jpeg + b"\r\n"
-        # A multipart client shows each part as it arrives, so send only the newest frame of a batch.
-        return await stream_out(request, "mjpeg", f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-                                lambda batch: frame_part(batch[-1]))
+        # Items are whole multipart parts (encoders.py); a client shows each part as it arrives, so
+        # only the newest of a batch is worth sending.
+        return await stream_out(request, "mjpeg", f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+                                lambda batch: batch[-1])
 
     async def mp4(request):
         return await stream_out(request, "mp4", "video/mp4", b"".join)
@@ -141,25 +161,59 @@ def create_app(server):
         if broadcast is None:
             return _error(404, f"{fmt} output is off; add {fmt} to --formats")
         response = web.StreamResponse(headers=dict(NO_CACHE, **{"Content-Type": content_type}))
-        await response.prepare(request)
+        transport = request.transport
         reader = broadcast.subscribe()
         server.metrics.client_connected(fmt, reader)
+        streams.add(transport)
+
+        async def send(data: bytes) -> None:
+            """Write and wait until the kernel took it all, so the stall clock counts time in which
+            the socket accepted nothing (aiohttp alone waits only every 64 KiB written)."""
+            await response.write(data)
+            await request.writer.drain()
+
         try:
+            await response.prepare(request)
+            bound_send_buffers(transport)
             if broadcast.header:
-                await asyncio.wait_for(response.write(broadcast.header), config.write_timeout_s)
+                await asyncio.wait_for(send(broadcast.header), config.write_timeout_s)
             while not broadcast.closed:
                 batch = await reader.next_batch()
                 if batch:
-                    await asyncio.wait_for(response.write(pack(batch)), config.write_timeout_s)
+                    await asyncio.wait_for(send(pack(batch)), config.write_timeout_s)
         except asyncio.TimeoutError:
+            # Abort, not close: close() would wait to flush the very send queue that stalled, and keep
+            # the socket and its kernel buffers until then.
+            if transport is not None:
+                transport.abort()
             with server.metrics.lock:
                 server.metrics.client_write_timeouts += 1
             log.info("%s client %d stalled for %.0f s; disconnected", fmt, reader.id, config.write_timeout_s)
-        except (ConnectionError, asyncio.CancelledError):
-            pass  # the client went away (or the server is stopping): nothing to clean up but the count
+        except ConnectionError:
+            client_gone(request)
+        except asyncio.CancelledError:
+            pass  # the server is stopping
         finally:
+            streams.discard(transport)
             server.metrics.client_disconnected(fmt, reader)
         return response
+
+    def bound_send_buffers(transport) -> None:
+        """A stream socket's backlog lives in its drop-oldest ring, not in buffers: a fixed kernel
+        send buffer (Linux would grow it to 4 MiB) and no user-space buffer past the frame in hand
+        (the transport pauses, and `send` waits, as soon as the kernel leaves bytes unsent)."""
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.stream_send_buffer_bytes)
+        transport.set_write_buffer_limits(high=0)
+
+    def client_gone(request) -> None:
+        """A viewer going away is normal: counted, logged at debug level only."""
+        with server.metrics.lock:
+            server.metrics.clients_gone += 1
+        log.debug("client %s went away during %s %s", request.remote, request.method, request.path)
 
     @web.middleware
     async def json_errors(request, handler):
@@ -170,6 +224,11 @@ def create_app(server):
             if exc.status < 400:
                 raise
             return _error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+        except ConnectionError:  # the client left before its answer: nobody to answer
+            client_gone(request)
+            response = web.Response(status=204)
+            response.force_close()
+            return response
         except Exception:
             log.exception("handler failed on %s %s", request.method, request.path)
             return _error(500, "internal error (logged on the server)")
@@ -192,6 +251,10 @@ def create_app(server):
         server.start(asyncio.get_running_loop())
 
     async def stop(_app):
+        # Streams never end by themselves, and a stalled one would hold shutdown until its write
+        # times out: cut every stream client off at once, then drain the threads.
+        for transport in list(streams):
+            transport.abort()
         await asyncio.to_thread(server.stop)
 
     app.on_startup.append(start)

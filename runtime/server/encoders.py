@@ -1,10 +1,10 @@
 """Output encoders: each runs once per output format (never once per client) on the pacer thread.
 
-    MjpegEncoder  uint8 frame -> one JPEG per frame              -> Broadcast ("mjpeg")
+    MjpegEncoder  uint8 frame -> a multipart JPEG part per new frame -> Broadcast ("mjpeg")
     Fmp4Encoder   H.264 in fragmented MP4, one fragment a frame  -> Broadcast ("mp4"), init segment as header
     HlsEncoder    H.264 in 1 s fMP4 segments + rolling playlist  -> files in a folder served by the app
 
-H.264 settings are the ones measured to play in Chromium/hls.js at ~1.5 s behind live (DESIGN §7):
+H.264 settings are the ones measured to play in Chromium/hls.js at ~1.5 s behind live (PyAV 18 / FFmpeg 8):
 libx264 veryfast, zerolatency, no B-frames, one keyframe a second, no scene-cut keyframes.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import shutil
 import struct
+import time
 from collections import deque
 from pathlib import Path
 
@@ -34,23 +35,54 @@ def _add_h264_stream(container, fps: int, width: int, height: int):
     return stream
 
 
+MJPEG_BOUNDARY = "skyrtframe"
+MJPEG_KEEPALIVE_S = 1.0  # with no new frame for this long, the last part is sent again
+
+
 class MjpegEncoder:
-    """One JPEG per output frame (Pillow; ~1 ms at 256x256)."""
+    """One JPEG per NEW frame (Pillow; ~1 ms at 256x256), published as a whole multipart part.
+
+    An MJPEG client shows each part as it arrives and has no clock, so a frame the pacer repeats
+    carries nothing: it is neither encoded nor sent, except the last part once a second, so players
+    and proxies see a live connection while the generator is slow or restarting. Each part (boundary,
+    headers, JPEG) is built once here and written as-is to every viewer."""
 
     name = "mjpeg"
 
-    def __init__(self, broadcast: Broadcast, quality: int = 85):
-        self.broadcast, self.quality = broadcast, quality
+    def __init__(self, broadcast: Broadcast, quality: int = 85, clock=time.monotonic):
+        self.broadcast, self.quality, self.clock = broadcast, quality, clock
+        self._last_part: bytes | None = None
+        self._last_sent = 0.0
 
-    def encode(self, frame: np.ndarray) -> None:
+    def encode(self, frame: np.ndarray, repeated: bool = False) -> None:
+        now = self.clock()
+        if repeated and self._last_part is not None:
+            if now - self._last_sent >= MJPEG_KEEPALIVE_S:
+                self.broadcast.publish(self._last_part)
+                self._last_sent = now
+            return
         from PIL import Image
 
         buf = io.BytesIO()
         Image.fromarray(frame).save(buf, format="JPEG", quality=self.quality)
-        self.broadcast.publish(buf.getvalue())
+        self._last_part = multipart_part(buf.getvalue())
+        self.broadcast.publish(self._last_part)
+        self._last_sent = now
 
     def close(self) -> None:
         pass
+
+
+def multipart_part(jpeg: bytes) -> bytes:
+    """One part of a multipart/x-mixed-replace stream carrying `jpeg`."""
+    head = f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+    return head.encode() + jpeg + b"\r\n"
+
+
+def jpeg_of_part(part: bytes) -> bytes:
+    """The JPEG inside a `multipart_part`."""
+    head, _, rest = part.partition(b"\r\n\r\n")
+    return rest[:-2]
 
 
 class _BoxSplitter(io.RawIOBase):
@@ -119,7 +151,7 @@ class Fmp4Encoder:
     def _publish(self, fragment: bytes) -> None:
         self.broadcast.publish(fragment, keyframe=self._keyframes.popleft() if self._keyframes else False)
 
-    def encode(self, frame: np.ndarray) -> None:
+    def encode(self, frame: np.ndarray, repeated: bool = False) -> None:
         import av
 
         for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -154,7 +186,7 @@ class HlsEncoder:
         })
         self._stream = _add_h264_stream(self._container, fps, width, height)
 
-    def encode(self, frame: np.ndarray) -> None:
+    def encode(self, frame: np.ndarray, repeated: bool = False) -> None:
         import av
 
         for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

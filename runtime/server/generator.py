@@ -61,7 +61,8 @@ class FrameBuffer:
 
 
 class GeneratorThread(threading.Thread):
-    """Owns the pipeline. `sampling` are `Pipeline.stream` keywords (prompt excluded)."""
+    """Owns the pipeline (a Pipeline, or a ProcessPipeline whose streams run in a child process).
+    `sampling` are `Pipeline.stream` keywords (prompt excluded)."""
 
     def __init__(self, pipe, sampling: dict, board: PromptBoard, buffer: FrameBuffer, metrics: Metrics):
         super().__init__(name="skyrt-generator", daemon=True)
@@ -85,6 +86,8 @@ class GeneratorThread(threading.Thread):
                 self._run_stream()
                 failures = 0
             except Exception as err:  # the last good frame stays on screen; start over from a clean state
+                if self.stop_event.is_set():
+                    return  # stopping: the stream was cut off on purpose
                 log.exception("generator failed; restarting from a clean state")
                 self.metrics.generator_failed(err)
                 self.stop_event.wait(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
@@ -106,7 +109,9 @@ class GeneratorThread(threading.Thread):
             produced = time.monotonic()
             for chunk in stream:  # uint8 [n, H, W, 3]
                 now = time.monotonic()
-                self.metrics.chunk_generated(len(chunk), now - produced)
+                # A stream in another process times its own chunks (it may run one chunk ahead).
+                seconds = getattr(stream, "last_chunk_seconds", None)
+                self.metrics.chunk_generated(len(chunk), now - produced if seconds is None else seconds)
                 self.active_prompt = stream.prompt
                 if not self.buffer.put_chunk(chunk, self.stop_event):
                     return
@@ -159,7 +164,7 @@ class PacerThread(threading.Thread):
     def _emit(self, frame: np.ndarray, repeated: bool) -> None:
         for encoder in self.encoders:
             try:
-                encoder.encode(frame)
+                encoder.encode(frame, repeated)  # H.264 encodes every tick; MJPEG only new frames
             except Exception:  # one broken output must not take the others down
                 if encoder.name not in self._failed:
                     self._failed.add(encoder.name)

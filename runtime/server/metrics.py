@@ -225,15 +225,16 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def process_resources() -> tuple[int, int]:
-    """(resident bytes, open file descriptors) of this process; -1 where the OS does not say."""
+def process_resources(pid: int | str = "self") -> tuple[int, int]:
+    """(resident bytes, open file descriptors) of a process (this one by default); -1 where the OS
+    does not say."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         rss = -1
     try:
-        fds = len(os.listdir("/proc/self/fd"))
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         fds = -1
     return rss, fds

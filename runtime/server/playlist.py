@@ -60,6 +60,9 @@ class Limits:
     max_prompt_chars: int = 2000
     max_playlist_items: int = 256
     max_duration_s: float = 24 * 3600.0
+    # The shortest playlist item: a prompt applies at the next generated block, so an item shorter
+    # than one block would switch every frame. StreamServer sets it to one block of its stream.
+    min_duration_s: float = 0.0
 
 
 def _check_fields(obj, allowed: set[str], required: set[str], where: str) -> None:
@@ -120,6 +123,10 @@ def parse_playlist(obj, limits: Limits = Limits()) -> Playlist:
                 0 < duration <= limits.max_duration_s):
             raise RequestError(f"{where}.duration_s must be a number of seconds in (0, {limits.max_duration_s:g}], "
                                f"got {duration!r}")
+        if duration < limits.min_duration_s:
+            raise RequestError(f"{where}.duration_s is {duration:g} s, shorter than one generated block "
+                               f"({limits.min_duration_s:g} s), so the prompt would never show; use at least "
+                               f"{limits.min_duration_s:g}")
         negative = item.get("negative_prompt")
         parsed.append(PlaylistItem(
             _text(item["prompt"], f"{where}.prompt", limits), float(duration),
@@ -161,6 +168,7 @@ class PromptBoard:
         self._item_started_s = 0.0
         self._now_s = 0.0
         self.switches = 0
+        self._on_step = None
         if playlist is not None and playlist.items:
             self._start_playlist(playlist, 0.0)
 
@@ -174,6 +182,42 @@ class PromptBoard:
         """`listener(change)` is called (from the writer's thread) on every switch."""
         with self._lock:
             self._listener = listener
+
+    def on_playlist_step(self, callback) -> None:
+        """`callback()` is called (from the pacer thread, lock held: keep it quick) when the playlist
+        moves to its next item by itself."""
+        self._on_step = callback
+
+    def snapshot(self) -> dict:
+        """The state worth keeping across a restart, as JSON-able data (see `restore`)."""
+        with self._lock:
+            playlist = None
+            if self._playlist is not None:
+                playlist = dict(self._playlist.to_json(), index=self._index,
+                                elapsed_s=round(self._now_s - self._item_started_s, 3))
+            return {"prompt": asdict(self._current), "playlist": playlist}
+
+    def restore(self, state: dict, limits: Limits = Limits()) -> None:
+        """Resume a `snapshot`: the playlist at its item and elapsed time, then the prompt that was
+        showing (a manual prompt holds until the next item, as it did). Raises RequestError on a
+        state that does not validate."""
+        if not isinstance(state, dict):
+            raise RequestError("state must be a JSON object")
+        saved = state.get("playlist")
+        playlist, index, elapsed = None, 0, 0.0
+        if saved is not None:
+            if not isinstance(saved, dict):
+                raise RequestError("state.playlist must be an object or null")
+            playlist = parse_playlist({k: saved[k] for k in ("loop", "items") if k in saved}, limits)
+            index, elapsed = saved.get("index", 0), saved.get("elapsed_s", 0.0)
+            if not (isinstance(index, int) and 0 <= index < max(1, len(playlist.items))) or not isinstance(
+                    elapsed, (int, float)):
+                raise RequestError(f"state.playlist index {index!r} / elapsed_s {elapsed!r} do not fit its items")
+        change = parse_prompt_change(state.get("prompt"), limits)
+        with self._lock:
+            self._playlist = playlist if playlist is not None and playlist.items else None
+            self._index, self._item_started_s = index, self._now_s - float(elapsed)
+            self._switch(change)
 
     def playlist_json(self) -> dict:
         with self._lock:
@@ -209,10 +253,14 @@ class PromptBoard:
             if nxt >= len(playlist.items):
                 if not playlist.loop:
                     self._playlist = None  # the last item's prompt stays on screen
+                    if self._on_step is not None:
+                        self._on_step()
                     return
                 nxt = 0
             self._index, self._item_started_s = nxt, stream_time_s
             self._switch(playlist.items[nxt].change())
+            if self._on_step is not None:
+                self._on_step()
 
     # -- internals (lock held)
     def _start_playlist(self, playlist: Playlist, now_s: float) -> None:

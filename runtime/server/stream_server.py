@@ -10,18 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..latents import TEMPORAL_FACTOR
 from .broadcast import Broadcast
+from .connections import ConnectionLimits, ConnectionRegistry
 from .encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
 from .generator import FrameBuffer, GeneratorThread, PacerThread
+from .generator_process import ProcessPipeline
 from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
+from .state import StateFile, StateSaver, make_hls_folder
 
 log = logging.getLogger("skyrt.server")
+
+GENERATOR_STOP_WAIT_S = 0.5  # how long a stop waits for the generator to finish its chunk
 
 FORMATS = ("mjpeg", "hls", "mp4")
 
@@ -37,9 +42,18 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     client_buffer_s: float = 2.0  # each client may fall this far behind before it drops the oldest
     write_timeout_s: float = 20.0  # a client whose socket accepts nothing this long is cut off
+    # Kernel send buffer of a stream socket. Fixed (Linux otherwise grows it to 4 MiB per socket), so a
+    # client that stops reading is noticed within seconds and holds little kernel memory; the drop-oldest
+    # ring above is where a slow client's backlog belongs.
+    stream_send_buffer_bytes: int = 256 * 1024
     frame_buffer: int = 0  # generator -> pacer frames; 0: half a second of frames
     jpeg_quality: int = 85
     hls_list_size: int = 6
+    # Host names (besides IP literals and localhost) control requests may name: the bound name, a
+    # reverse proxy's public name. Guards against DNS rebinding; see guard.py.
+    allowed_hosts: tuple[str, ...] = ()
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    state_path: Path | None = None  # --state FILE: the prompt and playlist survive a restart
 
     def __post_init__(self):
         if not 1 <= self.fps <= 120:
@@ -49,6 +63,8 @@ class ServerConfig:
             raise ValueError(f"formats must be a non-empty subset of {list(FORMATS)}, got {list(self.formats)}")
         if self.token is not None and not self.token:
             raise ValueError("token must not be empty (leave it unset to keep control endpoints open)")
+        if self.stream_send_buffer_bytes < 4096:
+            raise ValueError(f"the send buffer must be at least 4 KiB, got {self.stream_send_buffer_bytes} bytes")
 
 
 class StreamServer:
@@ -62,15 +78,25 @@ class StreamServer:
         if "prompt" in sampling:
             raise ValueError("pass the prompt as `prompt=PromptChange(...)`, not inside `sampling`")
         self.config = config
+        self.pipe = pipe
         self.sampling = dict(sampling, fps=config.fps)
         self.height, self.width = int(sampling.get("height", 544)), int(sampling.get("width", 960))
         self.metrics = Metrics()
+        self.connections = ConnectionRegistry(config.connections)
+        self.limits = replace(config.limits, min_duration_s=max(config.limits.min_duration_s,
+                                                                block_seconds(self.sampling)))
         self.board = PromptBoard(prompt or PromptChange("a red circle bouncing on a dark blue background"), playlist)
+        self.state = StateFile(config.state_path) if config.state_path is not None else None
+        self._saver: StateSaver | None = None
+        if self.state is not None:
+            self.state.restore(self.board, self.limits)
+            self._saver = StateSaver(self.state, self.board)
+            self.board.on_playlist_step(self._saver.mark_dirty)
         self.buffer = FrameBuffer(config.frame_buffer or max(4, config.fps // 2))
         capacity = max(2, int(config.client_buffer_s * config.fps))
         self.broadcasts = {fmt: Broadcast(fmt, capacity, needs_keyframe=fmt == "mp4")
                            for fmt in config.formats if fmt in ("mjpeg", "mp4")}
-        self.hls_folder = Path(tempfile.mkdtemp(prefix="skyrt-hls-"))
+        self.hls_folder = make_hls_folder()  # reaps the folders of servers that died first
         self.captioner = None
         if captioner is not None:
             from .captioning import LiveCaptioner
@@ -102,6 +128,9 @@ class StreamServer:
         self.pacer = PacerThread(self.config.fps, self.buffer, self._encoders, self.board, self.metrics)
         self.generator.start()
         self.pacer.start()
+        if self._saver is not None:
+            self._saver.start()
+            self._saver.mark_dirty()  # the file exists (and names this run's state) from the start
         if self.captioner is not None:
             self.captioner.start()
         log.info("stream started: %dx%d at %d fps, outputs %s; HLS files in %s", self.width, self.height,
@@ -120,11 +149,24 @@ class StreamServer:
         if self.pacer is not None:
             self.pacer.stop()
             self.pacer.join(timeout=5)
-        self.generator.join(timeout=30)  # a chunk in flight finishes first
+        # A chunk in flight is lost either way; waiting for it would make a stop as slow as the
+        # slowest DiT call. The generator is a daemon thread: past this wait the process leaves it.
+        if isinstance(self.pipe, ProcessPipeline):
+            self.pipe.stop()  # the child is killed; a chunk it was making is lost, as below
+        self.generator.join(timeout=GENERATOR_STOP_WAIT_S)
+        if self.generator.is_alive():
+            log.info("left the chunk in flight unfinished (stopping within %.1f s)", GENERATOR_STOP_WAIT_S)
         for encoder in self._encoders:
             encoder.close()
+        if self._saver is not None and self._saver.is_alive():
+            self._saver.stop()
         shutil.rmtree(self.hls_folder, ignore_errors=True)
         log.info("stream stopped after %d output frames", self.metrics.frames_output)
+
+    def save_state(self) -> None:
+        """Write the control state now (after an HTTP change: a 200 means it is on disk)."""
+        if self.state is not None:
+            self.state.save(self.board)
 
     def health(self) -> dict:
         pacer_alive = self.pacer is not None and self.pacer.is_alive()
@@ -148,7 +190,30 @@ class StreamServer:
             formats=list(self.config.formats),
             frame_buffer=len(self.buffer),
             caption=None if self.captioner is None else self.captioner.latest()["caption"],
+            connections={"open": self.connections.count, "refused": self.connections.refused,
+                         "idle_shed": self.connections.shed},
             resident_memory_bytes=rss,
             open_fds=fds,
+            generator_process=self._generator_process(),
             time=time.time(),
         )
+
+
+    def _generator_process(self) -> dict | None:
+        """The child process that runs the pipeline (None when it runs in this process)."""
+        if not isinstance(self.pipe, ProcessPipeline):
+            return None
+        pid = self.pipe.pid
+        rss = process_resources(pid)[0] if pid is not None else -1
+        return {"pid": pid, "starts": self.pipe.starts, "resident_memory_bytes": rss}
+
+
+def block_seconds(sampling: dict) -> float:
+    """Seconds of output one generated chunk covers: a prompt change can show no sooner than this.
+    kvcache mode: a block of `causal_block_size` latent frames; window mode: a window's new frames."""
+    fps = float(sampling.get("fps") or 24)
+    if sampling.get("mode", "window") == "window" and sampling.get("base_num_frames"):
+        frames = int(sampling["base_num_frames"]) - int(sampling.get("overlap_history") or 0)
+    else:
+        frames = TEMPORAL_FACTOR * int(sampling.get("causal_block_size") or 1)
+    return max(1, frames) / fps
