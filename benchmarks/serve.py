@@ -1,13 +1,18 @@
-"""`skyrt serve` under load: generation rate alone vs with many clients, in one run.
+"""`skyrt serve` under viewer load: generated frames/s with 0, 10, 50 and 200 MJPEG and HLS viewers,
+as ratios to no viewers, in one run; then connect/disconnect cycles with a stalled client.
 
-Starts a real server process on loopback, lets the generator run flat out (the pacer fps is set
-above what the model can generate, so the generated rate is the model's rate), measures the
-generated frames/s with no clients, then again while N clients read across MJPEG, fMP4 and HLS
-(one of them never reads), then runs connect/disconnect cycles and checks open files and memory
-return to their baseline. Writes JSON; the ratio (load / alone) is the figure to quote.
+Starts a real server process on loopback and lets the generator run flat out (the output fps is set
+above what the model can generate, so the generated rate is the model's rate under that load).
+Viewers run in a second process (benchmarks/viewers.py, at lower CPU priority, standing in for
+players on other machines; its CPU time is reported). "No viewers" is measured before and after
+every viewer phase and each phase's ratio is against the mean of its two neighbours; the figure is
+the median over `--rounds` rounds (this machine's speed drifts with other tenants; the hypervisor's
+CPU steal over the run is recorded). Each phase
+also records the server's own CPU use and the generator's busy-time rate (frames / seconds spent
+generating chunks). Writes JSON.
 
-    python benchmarks/serve.py                          # default model and serve settings, 128x128
-    python benchmarks/serve.py --model DIR --height 32 --width 32 --steps 2 --seconds 10
+    python benchmarks/serve.py                          # built-in default model, serve settings, 128x128
+    python benchmarks/serve.py --model DIR --height 32 --width 32 --steps 2 --seconds 10 --viewers 10,50
 """
 from __future__ import annotations
 
@@ -15,14 +20,18 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
+from statistics import median
+
+VIEWERS_SCRIPT = Path(__file__).with_name("viewers.py")
+FORMATS = ("mjpeg", "hls")
 
 
 def parse_args() -> argparse.Namespace:
@@ -33,16 +42,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: serve's default)")
     p.add_argument("--extra", default="", help="more `skyrt serve` flags, e.g. '--mode window'")
     p.add_argument("--pacer-fps", type=int, default=120, help="output fps; above the generated rate on purpose")
-    p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--seconds", type=float, default=20.0, help="length of each measured phase")
+    p.add_argument("--viewers", default="10,50,200", help="viewer counts, each run for MJPEG and for HLS")
+    p.add_argument("--viewer-nice", type=int, default=10, help="CPU priority the viewer process gives up")
+    p.add_argument("--seconds", type=float, default=12.0, help="length of each measured phase")
+    p.add_argument("--rounds", type=int, default=2, help="times every viewer phase is measured (median taken)")
     p.add_argument("--cycles", type=int, default=200, help="connect/disconnect cycles")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
     return p.parse_args()
 
 
-def get_json(url: str) -> dict:
+def get_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
+        return r.read().decode()
+
+
+def get_json(url: str) -> dict:
+    return json.loads(get_text(url))
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -50,7 +65,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "skyrt.runtime.cli", "serve", "--port", str(port), "--fps", str(args.pacer_fps),
-           "--height", str(args.height), "--width", str(args.width), *args.extra.split()]
+           "--height", str(args.height), "--width", str(args.width), "--no-token",
+           "--max-connections-per-address", "1000", *args.extra.split()]
     if args.model:
         cmd += ["--model", args.model]
     if args.steps:
@@ -68,79 +84,144 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server never produced a frame")
 
 
-def generated_rate(base: str, seconds: float) -> dict:
-    """Generated frames/s over `seconds`, from the server's own counters."""
-    a = get_json(base + "/status")
-    time.sleep(seconds)
-    b = get_json(base + "/status")
-    return {"generated_fps": (b["frames_generated"] - a["frames_generated"]) / (b["uptime_s"] - a["uptime_s"]),
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live children (the generator process), all
+    their threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(cpu_seconds(int(child)) for child in children if Path(f"/proc/{child}").exists())
+
+
+def busy_seconds(base: str) -> float:
+    """Seconds the generator has spent generating chunks (the latency histogram's sum)."""
+    return float(re.search(r"^skyrt_chunk_latency_seconds_sum (\S+)$", get_text(base + "/metrics"), re.M).group(1))
+
+
+def snapshot(base: str, pid: int) -> dict:
+    status = get_json(base + "/status")
+    return {"status": status, "busy_s": busy_seconds(base), "cpu_s": cpu_seconds(pid), "t": time.monotonic()}
+
+
+def rate(before: dict, after: dict) -> dict:
+    """Generation figures between two snapshots."""
+    a, b = before["status"], after["status"]
+    frames = b["frames_generated"] - a["frames_generated"]
+    wall = after["t"] - before["t"]
+    busy = after["busy_s"] - before["busy_s"]
+    return {"generated_fps": frames / (b["uptime_s"] - a["uptime_s"]),
+            "generator_busy_fps": frames / busy if busy > 0 else None,
+            "server_cpu_cores": (after["cpu_s"] - before["cpu_s"]) / wall,  # server + generator process
             "chunk_latency_p50_s": b["chunk_latency_p50_s"], "chunk_latency_p99_s": b["chunk_latency_p99_s"],
-            "open_fds": b["open_fds"], "resident_memory_mb": b["resident_memory_bytes"] / 1e6,
-            "clients": b["clients"], "client_drops": b["client_drops"]}
+            "clients": b["clients"], "client_drops": b["client_drops"], "client_write_timeouts":
+            b["client_write_timeouts"] - a["client_write_timeouts"], "open_fds": b["open_fds"],
+            "resident_memory_mb": b["resident_memory_bytes"] / 1e6}
 
 
-def reader(url: str, stop: threading.Event, got: list) -> None:
-    with urllib.request.urlopen(url, timeout=60) as r:
-        while not stop.is_set():
-            got[0] += len(r.read1(65536))
+def mean(runs: list[dict], key: str) -> float:
+    return sum(r[key] for r in runs) / len(runs)
 
 
-def hls_poller(url: str, stop: threading.Event, got: list) -> None:
-    while not stop.is_set():
-        with urllib.request.urlopen(url, timeout=60) as r:
-            got[0] += len(r.read())
-        time.sleep(0.5)
+def measure_alone(base: str, pid: int, seconds: float) -> dict:
+    before = snapshot(base, pid)
+    time.sleep(seconds)
+    return rate(before, snapshot(base, pid))
+
+
+def measure_viewers(base: str, pid: int, fmt: str, count: int, args) -> dict:
+    """Start `count` viewers of `fmt`, let them connect, measure `args.seconds`, collect their report."""
+    ramp = 2.0 + count * 0.005
+    viewers = subprocess.Popen(
+        [sys.executable, str(VIEWERS_SCRIPT), "--port", base.rsplit(":", 1)[1], "--format", fmt, "--count",
+         str(count), "--seconds", str(ramp + args.seconds + 1.0), "--nice", str(args.viewer_nice)],
+        stdout=subprocess.PIPE, text=True)
+    time.sleep(ramp)
+    before = snapshot(base, pid)
+    time.sleep(args.seconds)
+    measured = rate(before, snapshot(base, pid))
+    out, _ = viewers.communicate(timeout=120)
+    report = json.loads(out.strip().splitlines()[-1])
+    return dict(measured, viewer_process=report)
+
+
+def connect_cycles(base: str, cycles: int) -> float:
+    """Open and drop `cycles` stream connections (one client stalled throughout); seconds taken."""
+    stalled = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+    stalled.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never reads
+    started = time.perf_counter()
+    for i in range(cycles):
+        with urllib.request.urlopen(base + ("/stream.mjpg", "/stream.mp4")[i % 2], timeout=30) as r:
+            r.read1(100)
+    took = time.perf_counter() - started
+    stalled.close()
+    return took
+
+
+def cpu_steal_share(before: list[int], after: list[int]) -> float:
+    """Share of this machine's CPU time the hypervisor took (/proc/stat 'steal') between two readings."""
+    total = sum(after) - sum(before)
+    return (after[7] - before[7]) / total if total else 0.0
+
+
+def proc_stat_cpu() -> list[int]:
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
 
 
 def main() -> None:
     args = parse_args()
+    counts = [int(c) for c in args.viewers.split(",") if c.strip()]
     proc, base = start_server(args)
+    phases: dict[str, list] = {f"{fmt}_{c}": [] for fmt in FORMATS for c in counts}
+    alone_runs: list[dict] = []
+    steal_before = proc_stat_cpu()
     try:
         time.sleep(3.0)  # past the first-chunk warm-up
-        alone = generated_rate(base, args.seconds)
-        stop = threading.Event()
-        paths = ["/stream.mjpg", "/stream.mp4", "/hls/live.m3u8"]
-        got = [[0] for _ in range(args.clients - 1)]
-        workers = [threading.Thread(target=hls_poller if i % 3 == 2 else reader,
-                                    args=(base + paths[i % 3], stop, got[i]), daemon=True)
-                   for i in range(args.clients - 1)]
-        stalled = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
-        stalled.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: bench\r\n\r\n")  # never reads
-        for w in workers:
-            w.start()
-        time.sleep(1.0)
-        loaded = generated_rate(base, args.seconds)
-        stop.set()
-        for w in workers:
-            w.join(timeout=60)
-        stalled.close()
-        started = time.perf_counter()
-        for i in range(args.cycles):
-            with urllib.request.urlopen(base + paths[i % 2], timeout=30) as r:
-                r.read1(100)
-        cycles_s = time.perf_counter() - started
+        # No viewers before and after every viewer phase: the machine's speed drifts (other tenants),
+        # so each phase is compared with its own two neighbours, and each ratio is the median of rounds.
+        alone_runs.append(measure_alone(base, proc.pid, args.seconds))
+        for round_ in range(args.rounds):
+            for fmt in FORMATS:
+                for count in counts:
+                    phase = measure_viewers(base, proc.pid, fmt, count, args)
+                    time.sleep(2.0)  # the viewers' sockets close
+                    alone_runs.append(measure_alone(base, proc.pid, args.seconds))
+                    neighbours = alone_runs[-2:]
+                    phase["ratio"] = phase["generated_fps"] / mean(neighbours, "generated_fps")
+                    phase["busy_ratio"] = phase["generator_busy_fps"] / mean(neighbours, "generator_busy_fps")
+                    phase["no_viewers_neighbours_fps"] = [a["generated_fps"] for a in neighbours]
+                    phases[f"{fmt}_{count}"].append(phase)
+                    print(f"round {round_ + 1}: {fmt} x{count}: {phase['generated_fps']:.1f} fps, "
+                          f"{phase['ratio']:.3f} of no viewers", flush=True)
+        cycles_s = connect_cycles(base, args.cycles)
         time.sleep(2.0)
-        after = generated_rate(base, 2.0)
+        after = measure_alone(base, proc.pid, 2.0)
     finally:
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=60)
+    ratios = {fmt: {str(c): round(median(p["ratio"] for p in phases[f"{fmt}_{c}"]), 3) for c in counts}
+              for fmt in FORMATS}
+    busy_ratios = {fmt: {str(c): round(median(p["busy_ratio"] for p in phases[f"{fmt}_{c}"]), 3) for c in counts}
+                   for fmt in FORMATS}
+    phases["no_viewers"] = alone_runs
     report = {
         "benchmark": "serve",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
                     "load_average_at_end": os.getloadavg()[0]},
         "config": vars(args) | {"out": args.out.name},  # as the other benchmarks: no machine folders
-        "alone": alone,
-        "with_clients": dict(loaded, bytes_per_client=[g[0] for g in got]),
-        "ratio_generated_fps_with_clients_vs_alone": loaded["generated_fps"] / alone["generated_fps"],
+        "generated_fps_no_viewers": mean(alone_runs, "generated_fps"),
+        "ratio_generated_fps_vs_no_viewers": ratios,
+        "ratio_generator_busy_fps_vs_no_viewers": busy_ratios,
+        "cpu_steal_share": round(cpu_steal_share(steal_before, proc_stat_cpu()), 4),
+        "phases": phases,
         "connect_disconnect": {"cycles": args.cycles, "seconds": cycles_s},
-        "after": {"open_fds": after["open_fds"], "resident_memory_mb": after["resident_memory_mb"],
-                  "clients": after["clients"]},
+        "after": {"open_fds": after["open_fds"], "baseline_open_fds": alone_runs[0]["open_fds"],
+                  "resident_memory_mb": after["resident_memory_mb"], "clients": after["clients"]},
         "exit_code_after_sigterm": exit_code,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("alone", "ratio_generated_fps_with_clients_vs_alone", "after")},
-                     indent=2))
+    print(json.dumps({k: report[k] for k in ("generated_fps_no_viewers", "ratio_generated_fps_vs_no_viewers",
+                                             "ratio_generator_busy_fps_vs_no_viewers", "after")}, indent=2))
     print(f"wrote {args.out}")
 
 

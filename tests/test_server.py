@@ -51,6 +51,9 @@ def test_hls_playlist_rolls_and_its_segments_are_h264(server, tmp_path):
     init = re.search(r'#EXT-X-MAP:URI="([^"]+)"', playlist).group(1)
     segments = re.findall(r"^(\S+\.m4s)$", playlist, flags=re.M)
     data = b"".join(urllib.request.urlopen(f"{base}/hls/{name}").read() for name in [init, *segments[-2:]])
+    # The playlist is revalidated by every poll; segments (named per run) may be cached for good.
+    assert urllib.request.urlopen(base + "/hls/live.m3u8").headers["Cache-Control"] == "no-cache"
+    assert "immutable" in urllib.request.urlopen(f"{base}/hls/{segments[-1]}").headers["Cache-Control"]
     (tmp_path / "hls.mp4").write_bytes(data)
     info = ffprobe(tmp_path / "hls.mp4")
     assert (info["codec_name"], info["width"], info["height"]) == ("h264", 32, 32)

@@ -264,9 +264,12 @@ def test_hls_encoder_writes_a_rolling_playlist_and_cleans_up(tmp_path):
     for frame in _frames(65):
         encoder.encode(frame)
     playlist = (folder / "live.m3u8").read_text()
-    assert "#EXT-X-TARGETDURATION:1" in playlist and '#EXT-X-MAP:URI="init.mp4"' in playlist
+    assert "#EXT-X-TARGETDURATION:1" in playlist and f'#EXT-X-MAP:URI="init_{encoder.run}.mp4"' in playlist
+    other = HlsEncoder(tmp_path / "other", fps=10, width=64, height=48)  # another run: other names
+    assert re.fullmatch(r"[0-9a-f]{8}", encoder.run) and other.run != encoder.run
+    other.close()
     assert playlist.count("#EXT-X-PROGRAM-DATE-TIME:") == 3
-    segments = re.findall(r"^(seg_\d{6}\.m4s)$", playlist, flags=re.M)
+    segments = re.findall(rf"^(seg_{encoder.run}_\d{{6}}\.m4s)$", playlist, flags=re.M)
     assert len(segments) == 3 and all((folder / s).is_file() for s in segments)
     assert len(list(folder.glob("seg_*.m4s"))) <= 3 + 2  # delete_segments keeps the folder bounded
     encoder.close()

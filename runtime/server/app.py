@@ -32,6 +32,10 @@ STATIC = Path(__file__).parent / "static"
 HLS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.(m3u8|m4s|mp4)$")
 HLS_TYPES = {"m3u8": "application/vnd.apple.mpegurl", "m4s": "video/iso.segment", "mp4": "video/mp4"}
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
+# HLS: the playlist changes every segment; segment and init names are new in every run (encoders.py),
+# so their bytes never change and any cache in front may keep them.
+HLS_CACHE = {"m3u8": {"Cache-Control": "no-cache"}, "m4s": {"Cache-Control": "public, max-age=31536000, immutable"},
+             "mp4": {"Cache-Control": "public, max-age=31536000, immutable"}}
 
 
 def _error(status: int, message: str):
@@ -138,13 +142,14 @@ def create_app(server):
             return _error(404, "HLS output is off; add hls to --formats")
         name = request.match_info["name"]
         if not HLS_NAME.match(name):
-            return _error(400, "invalid HLS file name: expected live.m3u8, init.mp4 or seg_NNNNNN.m4s")
+            return _error(400, "invalid HLS file name: expected live.m3u8 or a segment name it lists")
         data = hls_files.get(name)
         if data is None:
             data = await asyncio.to_thread(hls_files.read, name)
         if data is None:
             return _error(404, f"{name} is not there (yet, or it rolled out of the window); reload the playlist")
-        return web.Response(body=data, content_type=HLS_TYPES[name.rsplit(".", 1)[1]], headers=NO_CACHE)
+        kind = name.rsplit(".", 1)[1]
+        return web.Response(body=data, content_type=HLS_TYPES[kind], headers=HLS_CACHE[kind])
 
     async def mjpeg(request):
         # Items are whole multipart parts (encoders.py); a client shows each part as it arrives, so

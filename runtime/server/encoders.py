@@ -10,6 +10,7 @@ libx264 veryfast, zerolatency, no B-frames, one keyframe a second, no scene-cut 
 from __future__ import annotations
 
 import io
+import secrets
 import shutil
 import struct
 import time
@@ -166,23 +167,27 @@ class Fmp4Encoder:
 
 
 class HlsEncoder:
-    """H.264 HLS: `live.m3u8` plus 1 s fMP4 segments in `folder`, a rolling window of
+    """H.264 HLS: `live.m3u8` plus 1 s fMP4 segments in `folder` (named per run), a rolling window of
     `list_size` segments with program-date-time; old segments are deleted as the window rolls."""
 
     name = "hls"
     PLAYLIST = "live.m3u8"
 
-    def __init__(self, folder: Path, fps: int, width: int, height: int, segment_s: int = 1, list_size: int = 6):
+    def __init__(self, folder: Path, fps: int, width: int, height: int, segment_s: int = 1, list_size: int = 6,
+                 run: str | None = None):
         import av
 
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Every run names its init segment and segments anew (seg_<run>_000001.m4s), so a name means
+        # the same bytes forever and caches (a CDN, a proxy, the browser) may keep them.
+        self.run = run or secrets.token_hex(4)
         self._container = av.open(str(self.folder / self.PLAYLIST), mode="w", format="hls", options={
             "hls_time": str(segment_s), "hls_list_size": str(list_size), "hls_segment_type": "fmp4",
             # temp_file: players never read a half-written playlist or segment
             "hls_flags": "delete_segments+program_date_time+independent_segments+temp_file",
-            "hls_fmp4_init_filename": "init.mp4",
-            "hls_segment_filename": str(self.folder / "seg_%06d.m4s"),
+            "hls_fmp4_init_filename": f"init_{self.run}.mp4",
+            "hls_segment_filename": str(self.folder / f"seg_{self.run}_%06d.m4s"),
         })
         self._stream = _add_h264_stream(self._container, fps, width, height)
 
