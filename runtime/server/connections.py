@@ -91,8 +91,15 @@ class ConnectionRegistry:
 def guarded_runner(app, registry: ConnectionRegistry, **kwargs):
     """An aiohttp AppRunner whose connections go through `registry` (classes built here so the module
     imports without aiohttp)."""
+    import aiohttp
     from aiohttp import web
     from aiohttp.web_protocol import RequestHandler
+
+    missing = [name for name in ("_waiter", "_request_in_progress") if name not in RequestHandler.__slots__]
+    if missing or not hasattr(RequestHandler, "force_close"):
+        raise RuntimeError(f"aiohttp {aiohttp.__version__} changed the internals skyrt's connection guard uses "
+                           f"({', '.join(missing) or 'force_close'}); install the tested release: "
+                           f"pip install 'aiohttp>=3.14,<3.15'")
 
     class GuardedRequestHandler(RequestHandler):
         """aiohttp's per-connection protocol, admitted by the registry; see the module docstring."""
