@@ -53,6 +53,21 @@ class KVSettings:
             )
 
 
+def ring_position(ring, caches: list, blk: int, frames: int) -> int:
+    """RoPE position of block `blk`'s first frame (`frames` frames from there), rebasing the ring and its
+    caches when the table would run out."""
+    pos = ring.position_of(blk)
+    if pos + frames > ROPE_TABLE:
+        # Slide the origin so the cached blocks sit just below `pos`: relative distances, all
+        # RoPE sees, stay the same; sink keys may go to negative positions, which is fine.
+        shift = pos - ring.capacity * ring.frames_per_block
+        ring.rebase(shift)
+        for cache in caches:
+            cache.rebase(shift)
+        pos = ring.position_of(blk)
+    return pos
+
+
 # The host cache lives with the backends (each backend may keep its cache elsewhere, e.g. on the GPU).
 KVCache = HostKVCache
 
@@ -158,17 +173,7 @@ class KVRollout:
 
     # ------------------------------------------------------------------ networks and cache
     def _position(self, blk: int, frames: int) -> int:
-        """RoPE position of the block's first frame, rebasing the cache when the table would run out."""
-        pos = self.ring.position_of(blk)
-        if pos + frames > ROPE_TABLE:
-            # Slide the origin so the cached blocks sit just below `pos`: relative distances, all
-            # RoPE sees, stay the same; sink keys may go to negative positions, which is fine.
-            shift = pos - self.ring.capacity * self.block
-            self.ring.rebase(shift)
-            for cache in self.caches:
-                cache.rebase(shift)
-            pos = self.ring.position_of(blk)
-        return pos
+        return ring_position(self.ring, self.caches, blk, frames)
 
     def _velocity(self, x: np.ndarray, t: np.ndarray, first_block: int) -> np.ndarray:
         position = self._position(first_block, x.shape[1])
