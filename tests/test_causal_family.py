@@ -11,6 +11,7 @@ fixtures; skyrt's are tested against transformers / diffusers elsewhere).
 from __future__ import annotations
 
 import gc
+import json
 import os
 import pickle
 import warnings
@@ -392,3 +393,13 @@ def test_cli_generate_and_serve_take_a_preset(folders, tmp_path, monkeypatch):
     for flags in (["--steps", "30"], ["--mode", "window"]):  # flags the preset's checkpoint cannot honour
         assert cli.main(["generate", "--model", str(model), "--preset", "self-forcing", *flags, "--height", "32",
                          "--width", "48", "--num-frames", "9", "--output", str(out)]) == 2
+
+
+def test_speed_benchmark_runs_its_tiny_shape(tmp_path):
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("causal_family")
+    out = tmp_path / "causal_family.json"
+    assert bench.main(["--shape", "tiny", "--blocks", "2", "--no-decode", "--preset", "longlive", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["result"]
+    assert result["blocks"] == 2 and result["chunk_sizes"] == [3] and result["video_fps_steady"] > 0
