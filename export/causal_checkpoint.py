@@ -8,10 +8,12 @@ Their files are `torch.save` pickles of training state, not bare state dicts:
   `lora.pt` ({"generator_lora": peft state dict}: `base_model.model.<module>.lora_A.weight` /
   `lora_B.weight` for every Linear of every transformer block), merged here as W + alpha / rank * B @ A.
 
-Safety: `torch.load(weights_only=True)` always. A file that needs pickle globals beyond torch's own
-weights-only set is refused unless every one of them is in TENSOR_GLOBALS (tensor data, never code);
-the refusal names the file and the globals. Checks: missing/unexpected keys, shapes (naming the key),
-a LoRA whose modules or shapes do not fit the base (naming the LoRA file).
+Safety: `torch.load(weights_only=True)` always. torch's weights-only allow-list already holds every
+tensor-rebuild global (tensors, parameters, storages, dtypes, OrderedDict, torch.Size); skyrt allows
+nothing beyond it, so a file naming any other pickle global (code such as os.system, but also numpy
+scalars) is refused, the message naming the file and the globals (read without running them).
+Checks: missing/unexpected keys, shapes (naming the key), a LoRA whose modules or shapes do not fit
+the base (naming the LoRA file).
 
 Config: from the folder's config.json when there is one, else from the weights' shapes; the head
 count is the one thing shapes cannot tell, so without config.json it is dim / 128 (every Wan2.1 DiT
@@ -29,9 +31,6 @@ from skyrt.runtime.model_config import DiTConfig
 
 from .checkpoint import CheckpointError, StateDict, cast_floats, load_strict
 
-# Pickle globals a checkpoint may use beyond torch's weights-only defaults: tensor data only. (torch's
-# defaults already hold every tensor-rebuild function; these are tensor classes torch.save may name.)
-TENSOR_GLOBALS = ("torch.nn.parameter.Parameter", "torch.nn.parameter.Buffer")
 # Top-level entries of their training checkpoints that hold the generator, in order of preference.
 GENERATOR_KEYS = ("generator", "model")
 EMA_KEY = "generator_ema"
@@ -53,7 +52,7 @@ def read_pickled_checkpoint(path: str | Path) -> object:
         raise
     except Exception as err:
         if type(err).__name__ == "UnpicklingError":
-            return _load_with_tensor_globals(path, err)
+            raise _refusal(path, err) from err
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({type(err).__name__}: "
                               f"{_first_line(err)}); download it again") from err
 
@@ -68,26 +67,16 @@ def _load(path: Path, mmap: bool = True):
         raise
 
 
-def _load_with_tensor_globals(path: Path, err: Exception):
-    """A pickle that names globals outside torch's weights-only set: load it only if all are TENSOR_GLOBALS."""
+def _refusal(path: Path, err: Exception) -> CheckpointError:
+    """The error for a pickle naming globals outside torch's weights-only set (listed, never imported)."""
     try:
-        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) or _first_line(err)
     except Exception as inner:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(inner)})") from err
-    refused = [g for g in needed if g not in TENSOR_GLOBALS]
-    if refused:
-        raise CheckpointError(
-            f"{path} needs pickle globals that are not tensor data: {', '.join(refused)}. skyrt reads checkpoints "
-            "with weights_only=True and never runs pickled code; re-save the generator's state dict "
-            "(torch.save({'generator': model.state_dict()}, path))") from err
-    allowed = [_resolve(name) for name in needed]
-    with torch.serialization.safe_globals(allowed):
-        return _load(path)
-
-
-def _resolve(dotted: str):
-    module, _, name = dotted.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
+        return CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(inner)})")
+    return CheckpointError(
+        f"{path} needs pickle globals that are not tensor data: {names}. skyrt reads checkpoints with "
+        "weights_only=True and never runs pickled code; re-save the generator's state dict "
+        "(torch.save({'generator': model.state_dict()}, path))")
 
 
 def _first_line(err: Exception) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import pickle
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -271,22 +270,25 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_pickle_with_a_code_global_is_refused_without_running_it(folders, tmp_path):
+@pytest.mark.parametrize("extra, global_name", [("code", "system"), ("numpy", "numpy")])
+def test_pickle_with_a_non_tensor_global_is_refused_without_running_it(folders, tmp_path, extra, global_name):
     marker = tmp_path / "pwned"
     evil = tmp_path / "model.pt"
     state = {f"model.{k}": v for k, v in generator_weights(RECIPES["causvid"], "generator").items()}
-    torch.save({"generator": state, "hook": _Payload(marker)}, evil)
-    with pytest.raises(CheckpointError, match="system") as err:
+    torch.save({"generator": state, "extra": _Payload(marker) if extra == "code" else np.int64(3)}, evil)
+    with pytest.raises(CheckpointError, match=global_name) as err:
         load_preset(folders, "causvid", checkpoint=evil)
     assert str(evil) in str(err.value) and "not tensor data" in str(err.value)
     assert not marker.exists()
 
 
-def test_a_tensor_class_global_is_allowed(folders, tmp_path):
-    # torch.save of a dict holding nn.Parameters names torch.nn.parameter.Parameter: tensor data, loads.
+def test_parameters_and_training_state_load(folders, tmp_path):
+    # torch.save of nn.Parameters, optimizer-like entries, ints: all within torch's weights-only set.
     state = {f"model.{k}": torch.nn.Parameter(v) for k, v in generator_weights(RECIPES["causvid"], "generator").items()}
     path = tmp_path / "params.pt"
-    torch.save({"generator": state}, path)
+    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+                 "param_groups": [{"lr": 2e-6, "betas": (0.0, 0.999), "params": [0]}]}
+    torch.save({"generator": state, "generator_optimizer": optimizer, "step": 3}, path)
     load_preset(folders, "causvid", checkpoint=path)
 
 
