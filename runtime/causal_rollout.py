@@ -292,7 +292,8 @@ class CausalRollout:
         t = np.full(x.shape[1], self.sampling.context_noise, np.float32)
         position = self.ring.position_of(chunk[0])
         if position < 0:
-            raise RuntimeError(f"recache chunk starts at RoPE position {position} (a rebased sink block)")
+            # Cannot happen: a rebase leaves block j at >= (sink + window + 1) * b, the chunk >= sink * b.
+            raise RuntimeError(f"recache chunk starts at RoPE position {position}")
         outs = self._step(x, t, position, valid, block_size=x.shape[1])  # one block: full attention
         slot_of = {int(b): s for s, b in enumerate(np.asarray(self.ring.slot_block)) if b >= 0}
         n = self.tokens_per_block

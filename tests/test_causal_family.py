@@ -193,6 +193,52 @@ def test_rope_rebase_is_exact(folders, their_inputs, monkeypatch):
     assert np.abs(ours - data["latents"]).max() <= TOLERANCE
 
 
+def test_recache_across_rebases_is_exact(folders, monkeypatch):
+    """Prompt switches with recache on a stream that rebases at every block from the fourth on (a
+    10-position table, no sink) equal the same stream with the real table."""
+    pipe = load_preset(folders, "self_forcing")
+    contexts = {p: torch.from_numpy(np.random.default_rng(i).standard_normal((1, 512, 32), dtype=np.float32))
+                for i, p in enumerate(("a", "b", "c"))}
+    monkeypatch.setattr(pipe.backend, "encode_text", lambda prompt: TextContext(prompt, contexts[prompt]))
+
+    def run():
+        stream = pipe.stream("a", height=32, width=48, output="latent", seed=4, sink_blocks=0, window_blocks=2)
+        chunks = []
+        for blk in range(10):
+            if blk in (5, 8):
+                stream.set_prompt("b" if blk == 5 else "c", recache=True)
+            chunks.append(next(stream))
+        stream.close()
+        return np.concatenate(chunks, axis=1)
+
+    reference = run()
+    rebases = []
+    real = kvcache.KVCache.rebase
+    monkeypatch.setattr(kvcache.KVCache, "rebase", lambda self, shift: (rebases.append(shift), real(self, shift)))
+    monkeypatch.setattr(kvcache, "ROPE_TABLE", 10)
+    shrunk = run()
+    assert len(rebases) == 7
+    assert np.abs(shrunk - reference).max() <= TOLERANCE
+
+
+def test_guidance_combines_cond_and_uncond(folders, monkeypatch):
+    """No family uses classifier-free guidance, but a preset pipeline takes it (cond and uncond caches)."""
+    pipe = load_preset(folders, "self_forcing")
+    contexts = {p: torch.from_numpy(np.random.default_rng(i).standard_normal((1, 512, 32), dtype=np.float32))
+                for i, p in enumerate(("cat", "", "dog"))}
+    monkeypatch.setattr(pipe.backend, "encode_text", lambda prompt: TextContext(prompt, contexts[prompt]))
+    size = tiny_size(RECIPES["self_forcing"])
+    one = dict(num_frames=9, output="latent", seed=1, progress=False, **size)
+    cond = pipe.generate("cat", **one)
+    uncond = pipe.generate("", **one)
+    # guidance_scale <= 1 is no guidance (the official rule): the negative prompt is not even encoded
+    assert np.abs(pipe.generate("cat", guidance_scale=1.0, negative_prompt="dog", **one) - cond).max() == 0
+    guided = pipe.generate("cat", guidance_scale=2.0, **one)
+    other = pipe.generate("cat", guidance_scale=2.0, negative_prompt="dog", **one)
+    assert np.abs(guided - cond).max() > 1e-2 and np.abs(guided - other).max() > 1e-2
+    assert np.abs(uncond - cond).max() > 1e-2
+
+
 # ------------------------------------------------------------------------------------------ loading
 def test_use_ema_reads_generator_ema(folders):
     recipe = RECIPES["self_forcing"]
