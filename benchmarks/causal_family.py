@@ -116,9 +116,8 @@ def measure(folder: Path, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     dtype = getattr(torch, args.dtype)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():  # scoped: tests call main() in-process
         folder = (args.workdir or Path(tmp)) / f"{args.preset}-{args.shape}"
         folder.mkdir(parents=True, exist_ok=True)
         write_random_folder(folder, args.preset, args.shape, dtype)

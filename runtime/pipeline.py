@@ -215,8 +215,8 @@ class Pipeline:
         (official, fresh at every step; window mode's default) or "once" per window (the only choice
         in kvcache mode, where the prefix is committed once).
         """
-        req = self._request(self._with_preset(locals(), Pipeline.generate))
         self._check_preset_inputs(image=image, video=video, end_image=end_image)
+        req = self._request(self._with_preset(locals(), Pipeline.generate))
         cond = self._condition(req, image, video, end_image)
         if req.mode == "kvcache":
             return self._generate_kvcache(req, cond, latents, progress)
@@ -268,8 +268,8 @@ class Pipeline:
         With the default latent carry, frames go through the streaming VAE decoder, so the
         concatenated stream equals a whole decode of all latents.
         """
-        settings = self._with_preset(dict(locals()), Pipeline.stream)
         self._check_preset_inputs(image=image)
+        settings = self._with_preset(dict(locals()), Pipeline.stream)
         mode, num_inference_steps, ar_step = settings["mode"], settings["num_inference_steps"], settings["ar_step"]
         # A stream is a long video of unbounded length: windows are planned one at a time.
         settings.update(num_frames=STREAM_FRAMES, latents=None)
@@ -330,7 +330,7 @@ class Pipeline:
         if cond.end_latents is not None:
             raise ValueError("mode='kvcache' cannot pin an end image: block-causal attention never lets earlier "
                              "frames see it; use mode='window' for end_image")
-        if not req.causal_attention and self.preset is None:
+        if not req.causal_attention:
             warnings.warn("this checkpoint was trained with bidirectional attention: mode='kvcache' approximates "
                           "the window mode (exact only for block-causal checkpoints)", stacklevel=3)
         settings = KVSettings(req.sink_blocks, req.window_blocks)
