@@ -50,7 +50,7 @@ from skyrt import _core
 
 from . import latents as lat
 from .backends.base import Backend, TextContext
-from .kvcache import KVSettings, ring_position
+from .kvcache import KVSettings, ring_position, switched_contexts
 
 TRAIN_TIMESTEPS = 1000  # their scheduler grid: 1000 training timesteps
 
@@ -259,12 +259,8 @@ class CausalRollout:
         Without `recache` the cache keeps the K/V its blocks were committed with. With it, the cache is
         recomputed under the new prompt by LongLive's method (see `_recache`).
         """
-        contexts = [c for c in (cond, uncond) if c is not None]
-        if len(contexts) != len(self.contexts):
-            raise ValueError("a prompt switch keeps classifier-free guidance on or off: pass uncond exactly when "
-                             "the stream was started with guidance_scale > 1")
-        self.contexts = contexts
-        self.prompts = [self.backend.kv_prompt(c) for c in contexts]
+        self.contexts = switched_contexts(self.contexts, cond, uncond)
+        self.prompts = [self.backend.kv_prompt(c) for c in self.contexts]
         if recache:
             self._recache()
 

@@ -68,6 +68,16 @@ def ring_position(ring, caches: list, blk: int, frames: int) -> int:
     return pos
 
 
+def switched_contexts(current: list, cond: TextContext, uncond: TextContext | None) -> list[TextContext]:
+    """The prompt contexts after a prompt switch (cond, and uncond with guidance): guidance stays as the
+    stream started it, on or off."""
+    contexts = [c for c in (cond, uncond) if c is not None]
+    if len(contexts) != len(current):
+        raise ValueError("a prompt switch keeps classifier-free guidance on or off: pass uncond exactly when "
+                         "the stream was started with guidance_scale > 1")
+    return contexts
+
+
 # The host cache lives with the backends (each backend may keep its cache elsewhere, e.g. on the GPU).
 KVCache = HostKVCache
 
@@ -220,12 +230,8 @@ class KVRollout:
         cached block is committed again under the new prompt, in block order, each against the
         blocks re-committed before it, at its current position (one clean pass per cached block).
         """
-        contexts = [c for c in (cond, uncond) if c is not None]
-        if len(contexts) != len(self.contexts):
-            raise ValueError("a prompt switch keeps classifier-free guidance on or off: pass uncond exactly when "
-                             "the stream was started with guidance_scale > 1")
-        self.contexts = contexts
-        self.prompts = [self.backend.kv_prompt(c) for c in contexts]
+        self.contexts = switched_contexts(self.contexts, cond, uncond)
+        self.prompts = [self.backend.kv_prompt(c) for c in self.contexts]
         if recache:
             self._recache()
 
