@@ -94,6 +94,15 @@ def their_inputs(monkeypatch):
     return apply
 
 
+@pytest.fixture
+def rebases(monkeypatch) -> list[int]:
+    """The shift of every cache rebase while the test runs, in order."""
+    seen: list[int] = []
+    real = kvcache.KVCache.rebase
+    monkeypatch.setattr(kvcache.KVCache, "rebase", lambda self, shift: (seen.append(shift), real(self, shift))[1])
+    return seen
+
+
 def tiny_size(recipe) -> dict:
     return dict(height=recipe["latent"]["height"] * 8, width=recipe["latent"]["width"] * 8)
 
@@ -179,21 +188,18 @@ def test_fixtures_tell_the_semantics_apart(folders, their_inputs, name, change):
     assert err > 30 * TOLERANCE
 
 
-def test_rope_rebase_is_exact(folders, their_inputs, monkeypatch):
+def test_rope_rebase_is_exact(folders, their_inputs, monkeypatch, rebases):
     """Past the RoPE table skyrt rebases the cache; relative positions, hence outputs, stay the same.
     A table shrunk to 13 positions rebases the longlive fixture's stream at each of its last 3 blocks."""
     pipe = load_preset(folders, "longlive")
     data = their_inputs(pipe, "longlive")
-    rebases = []
-    real = kvcache.KVCache.rebase
-    monkeypatch.setattr(kvcache.KVCache, "rebase", lambda self, shift: (rebases.append(shift), real(self, shift)))
     monkeypatch.setattr(kvcache, "ROPE_TABLE", 13)
     ours = run_like_theirs(pipe, "longlive")
     assert len(rebases) == 3
     assert np.abs(ours - data["latents"]).max() <= TOLERANCE
 
 
-def test_recache_across_rebases_is_exact(folders, monkeypatch):
+def test_recache_across_rebases_is_exact(folders, monkeypatch, rebases):
     """Prompt switches with recache on a stream that rebases at every block from the fourth on (a
     10-position table, no sink) equal the same stream with the real table."""
     pipe = load_preset(folders, "self_forcing")
@@ -212,9 +218,7 @@ def test_recache_across_rebases_is_exact(folders, monkeypatch):
         return np.concatenate(chunks, axis=1)
 
     reference = run()
-    rebases = []
-    real = kvcache.KVCache.rebase
-    monkeypatch.setattr(kvcache.KVCache, "rebase", lambda self, shift: (rebases.append(shift), real(self, shift)))
+    assert not rebases  # 30 frames: far from the real table
     monkeypatch.setattr(kvcache, "ROPE_TABLE", 10)
     shrunk = run()
     assert len(rebases) == 7
@@ -387,32 +391,36 @@ def test_preset_defaults_fill_only_unset_arguments(folders):
 
 
 # ------------------------------------------------------------------------------------------ endless
-def test_endless_stream_past_the_rope_table_with_flat_memory(folders):
+@pytest.fixture
+def one_torch_thread():
+    """Ops on tiny tensors run faster on one thread; with two, a busy machine makes every op wait for
+    the second thread (measured here: 0.07 s a block on one thread, 0.3 s on two with other jobs running)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_endless_stream_past_the_rope_table_with_flat_memory(folders, rebases, one_torch_thread):
     """1,500 latent frames (500 blocks) of a Self-Forcing-layout model, 16 x 16 latents: positions pass
     the 1024-entry RoPE table (their code stops there; skyrt rebases) and memory stays flat."""
     import psutil
     import tracemalloc
 
     pipe = load_preset(folders, "self_forcing")
-    rebases = []
-    real = kvcache.KVCache.rebase
-    kvcache.KVCache.rebase = lambda self, shift: (rebases.append(shift), real(self, shift))[1]
-    try:
-        stream = pipe.stream("a red circle", height=128, width=128, output="latent", seed=0, max_chunks=500)
-        process, frames, rss, heap = psutil.Process(), 0, {}, 0
-        for index, block in enumerate(stream):
-            frames += block.shape[1]
-            assert np.isfinite(block).all()
-            if index == 100:  # warmed up: every buffer allocated, the ring full
-                gc.collect()
-                rss[100] = process.memory_info().rss
-                tracemalloc.start()
-        gc.collect()
-        heap = tracemalloc.get_traced_memory()[0]  # Python-side allocations still alive after 400 blocks
-        tracemalloc.stop()
-        rss[499] = process.memory_info().rss
-    finally:
-        kvcache.KVCache.rebase = real
+    stream = pipe.stream("a red circle", height=128, width=128, output="latent", seed=0, max_chunks=500)
+    process, frames, rss, heap = psutil.Process(), 0, {}, 0
+    for index, block in enumerate(stream):
+        frames += block.shape[1]
+        assert np.isfinite(block).all()
+        if index == 100:  # warmed up: every buffer allocated, the ring full
+            gc.collect()
+            rss[100] = process.memory_info().rss
+            tracemalloc.start()
+    gc.collect()
+    heap = tracemalloc.get_traced_memory()[0]  # Python-side allocations still alive after 400 blocks
+    tracemalloc.stop()
+    rss[499] = process.memory_info().rss
     assert frames == 1500 and rebases, "the stream must pass the RoPE table"
     growth_mb = (rss[499] - rss[100]) / 2**20
     print(f"1500 latent frames, {len(rebases)} rebases, RSS {rss[100] / 2**20:.0f} -> {rss[499] / 2**20:.0f} MiB, "
