@@ -26,7 +26,7 @@ from causal_checkpoints import (FIXTURES, dit_config, generator_weights, load_re
                                 weights_digest, write_family_files, write_model_folder)
 from skyrt.export.checkpoint import CheckpointError
 from skyrt.runtime import causal_rollout, kvcache
-from skyrt.runtime.backends.base import TextContext
+from skyrt.runtime.backends.base import HostKVCache, TextContext
 from skyrt.runtime.causal_family import PRESETS
 from skyrt.runtime.causal_rollout import CausalSampling, FewStepSchedule, flow_match_grid
 
@@ -96,10 +96,11 @@ def their_inputs(monkeypatch):
 
 @pytest.fixture
 def rebases(monkeypatch) -> list[int]:
-    """The shift of every cache rebase while the test runs, in order."""
+    """The shift of every cache rebase while the test runs, in order (the torch backend's new_kv_cache
+    gives the causal rollout host caches)."""
     seen: list[int] = []
-    real = kvcache.KVCache.rebase
-    monkeypatch.setattr(kvcache.KVCache, "rebase", lambda self, shift: (seen.append(shift), real(self, shift))[1])
+    real = HostKVCache.rebase
+    monkeypatch.setattr(HostKVCache, "rebase", lambda self, shift: (seen.append(shift), real(self, shift))[1])
     return seen
 
 
