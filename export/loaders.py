@@ -35,8 +35,11 @@ def load_components(
     The DiT takes `dtype`; the VAE and the text encoder stay fp32 (the official pipeline keeps the
     VAE in fp32; fp32 umT5 is the reference — the official code runs it in bf16).
     """
-    loader = _load_official if spec.layout == "official" else _load_diffusers
-    dit, vae, text_encoder = loader(spec.path, dtype)
+    if spec.layout == "causal":
+        dit, vae, text_encoder = _load_causal(spec, dtype)
+    else:
+        loader = _load_official if spec.layout == "official" else _load_diffusers
+        dit, vae, text_encoder = loader(spec.path, dtype)
     for module in (dit, vae, text_encoder.model):
         module.to(device).eval()
     return dit, vae, text_encoder
@@ -71,12 +74,25 @@ def load_vae(path: Path, layout: str) -> WanVAE:
 def _load_official(path: Path, dtype: torch.dtype):
     dit = load_dit(path, "official", dtype)
     vae = load_vae(path / OFFICIAL_VAE, "official")
+    return dit, vae, _official_text_encoder(path, dit.config.text_len)
+
+
+def _load_causal(spec: ModelSpec, dtype: torch.dtype):
+    """A causal-family preset's folder: its generator checkpoint (LoRA merged) + the Wan2.1 VAE and umT5."""
+    from .causal_checkpoint import load_causal_generator
+
+    dit = load_causal_generator(spec.family, dtype)
+    vae = load_vae(spec.path / OFFICIAL_VAE, "official")
+    text_encoder = _official_text_encoder(spec.path, dit.config.text_len)
+    return dit, vae, text_encoder
+
+
+def _official_text_encoder(path: Path, text_len: int) -> TextEncoder:
     t5 = require_file(path / OFFICIAL_T5, "official")
     tokenizer = path / OFFICIAL_TOKENIZER
     if not tokenizer.is_dir():
         raise FileNotFoundError(f"missing tokenizer folder {tokenizer} (expected by the official layout)")
-    text_encoder = load_text_encoder_official(t5, tokenizer, text_len=dit.config.text_len)
-    return dit, vae, text_encoder
+    return load_text_encoder_official(t5, tokenizer, text_len=text_len)
 
 
 def _load_diffusers(path: Path, dtype: torch.dtype):

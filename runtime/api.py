@@ -27,7 +27,8 @@ def source_spec(model_dir: str | Path | None, backend: str = "torch") -> ModelSp
     return inspect_model_folder(path)
 
 
-def load(model_dir: str | Path | None = None, backend: str = "torch", device: str = "cpu", **options) -> Pipeline:
+def load(model_dir: str | Path | None = None, backend: str = "torch", device: str = "cpu", preset: str | None = None,
+         **options) -> Pipeline:
     """Load a model for `backend`.
 
     Args:
@@ -36,8 +37,29 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
             model folder) or "tensorrt" (also builds engines into the cache on first use).
         device: torch device for the torch backend ("cpu", "cuda"); onnxruntime: "cpu", "cuda[:N]",
             "tensorrt"; TensorRT engines always run on the GPU.
+        preset: a causal Wan2.1 family ("self-forcing", "causvid", "causvid-warp4", "longlive"; see
+            runtime/causal_family.py): `model_dir` holds its checkpoint beside the Wan2.1 VAE and umT5
+            files, and the pipeline runs its own sampler with its recommended settings. The options
+            checkpoint=, lora=, lora_alpha=, use_ema= override which files (and how) it loads.
         options: passed to the backend (e.g. precision, cache_dir, builder).
     """
     if backend == "tensorrt" and device == "cpu":
         device = "cuda"  # engines only run on the GPU; "cpu" is merely skyrt.load's default
+    if preset is not None:
+        return _load_preset(model_dir, backend, device, preset, options)
     return Pipeline(get_backend(backend, source_spec(model_dir, backend), device=device, **options))
+
+
+def _load_preset(model_dir, backend: str, device: str, name: str, options: dict) -> Pipeline:
+    from .causal_family import FAMILY_OPTIONS, causal_model_spec, get_preset
+
+    preset = get_preset(name)
+    if model_dir is None:
+        raise ValueError(f"preset {name!r} needs a model folder holding its checkpoint ({preset.repo})")
+    if backend != "torch":
+        # Their exporters re-read a folder as the official layout: they would export the Wan2.1 base.
+        raise ValueError(f"preset {name!r} runs on the torch backend (backend='torch', device='cuda' on a GPU); "
+                         f"exporting the causal family to {backend} is not wired up yet")
+    family = {k: options.pop(k) for k in FAMILY_OPTIONS if k in options}
+    spec = causal_model_spec(model_dir, preset, **family)
+    return Pipeline(get_backend(backend, spec, device=device, **options), preset=preset)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from .caption_schema import MAX_NEW_TOKENS, CaptionParseError
 from .captioner import CAPTIONER_ENV, CaptionerSetupError
+from .causal_family import PRESETS
 
 DEFAULT_PROMPT = "a red circle bouncing on a dark blue background"
+DEFAULT_FPS = 24
 # `skyrt serve --captioner DIR` without --caption-every captions the stream this often.
 DEFAULT_CAPTION_EVERY_S = 30.0
 # Sampling defaults for a model without a recommendation (a real SkyReels-V2 checkpoint): the official
@@ -36,6 +38,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
                    help="torch (reference, default), onnxruntime (exports on first use), tensorrt (builds engines)")
     p.add_argument("--device", default="cpu", help="torch device for the torch backend (cpu, cuda)")
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="a causal Wan2.1 family (--model holds its checkpoint beside the Wan2.1 VAE and umT5 files): "
+                        "runs its own sampler and sets its recommended sampling flags (runtime/causal_family.py)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -63,7 +68,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--overlap-history", type=int, default=defaults.get("overlap_history"))
     p.add_argument("--addnoise-condition", type=float, default=0)
     p.add_argument("--overlap-carry", choices=("pixel", "latent"), default=defaults.get("overlap_carry", "pixel"))
-    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--fps", type=int, default=None, help=f"default: the preset's, else {DEFAULT_FPS}")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--image", default=None, help="first frame (I2V)")
 
@@ -73,14 +78,32 @@ def _default_help(defaults: dict, key: str) -> str:
 
 
 def _resolve_sampling_defaults(args, model_dir: Path) -> None:
-    """Fill the sampling flags left unset: first from the model's recommendation, then from the
-    command's own defaults (a real checkpoint has no recommendation: the official settings apply)."""
+    """Fill the sampling flags left unset: first from --preset or the model's recommendation, then from
+    the command's own defaults (a real checkpoint has no recommendation: the official settings apply)."""
     from .default_model import SAMPLING_KEYS, recommended_sampling
 
-    recommended = recommended_sampling(model_dir) if model_dir.is_dir() else {}
+    if args.preset is not None:
+        recommended = PRESETS[args.preset].sampling_defaults()
+        _check_preset_flags(args, recommended)
+    else:
+        recommended = recommended_sampling(model_dir) if model_dir.is_dir() else {}
     for key in SAMPLING_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, recommended.get(key, args.fallback_sampling[key]))
+    if args.fps is None:
+        args.fps = recommended.get("fps", DEFAULT_FPS)
+
+
+def _check_preset_flags(args, recommended: dict) -> None:
+    """Flags a causal preset cannot honour, refused here: Pipeline takes a value equal to its own default
+    as unset (the preset's), so an explicit --steps 30 or --mode window would silently become the preset's."""
+    if args.mode not in (None, "kvcache"):
+        raise ValueError(f"--preset {args.preset} runs its own sampler with a KV cache (--mode kvcache); "
+                         f"--mode {args.mode} is the SkyReels-V2 diffusion-forcing rollout")
+    steps = recommended["num_inference_steps"]
+    if args.num_inference_steps not in (None, steps):
+        raise ValueError(f"--preset {args.preset} was distilled for {steps} steps; --steps "
+                         f"{args.num_inference_steps} is not one of its schedules")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +224,7 @@ def _dispatch(args) -> int:
 def _load(args):
     from .api import load
 
-    return load(args.model, backend=args.backend, device=args.device)
+    return load(args.model, backend=args.backend, device=args.device, preset=args.preset)
 
 
 def _sampling_kwargs(args) -> dict:
@@ -307,20 +330,21 @@ def _serve(args) -> int:
     from .server.startup import StartupInterrupted, resolve_token, sigterm_sets
 
     token = resolve_token(args.token, args.token_file, args.no_token)
+    sampling = _sampling_kwargs(args)  # resolves --fps too
     config = ServerConfig(fps=args.fps, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                           token=token.token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                           connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
                           state_path=args.state, write_timeout_s=args.stall_timeout,
                           stream_send_buffer_bytes=args.send_buffer_kib * 1024)
     playlist = load_playlist(args.playlist, config.limits) if args.playlist is not None else None
-    sampling = _sampling_kwargs(args)
     prompt = PromptChange(sampling.pop("prompt"), sampling.pop("negative_prompt") or None)
     if args.mode == "kvcache" and sampling["ar_step"] == 0:
         sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
     captioning = _live_captioning(args)  # before loading the model: a bad captioner folder fails fast
     # The pipeline loads and runs in a child process (server/generator_process.py): serving never
     # shares an interpreter lock with generation.
-    spec = PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device)
+    spec = PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device,
+                        options={} if args.preset is None else {"preset": args.preset})
     try:
         with sigterm_sets(threading.Event()) as stopped:  # a stop while the model loads is a clean exit too
             serve(spec, sampling, config, host=args.host, port=args.port, prompt=prompt, playlist=playlist,

@@ -53,6 +53,31 @@ class KVSettings:
             )
 
 
+def ring_position(ring, caches: list, blk: int, frames: int) -> int:
+    """RoPE position of block `blk`'s first frame (`frames` frames from there), rebasing the ring and its
+    caches when the table would run out."""
+    pos = ring.position_of(blk)
+    if pos + frames > ROPE_TABLE:
+        # Slide the origin so the cached blocks sit just below `pos`: relative distances, all
+        # RoPE sees, stay the same; sink keys may go to negative positions, which is fine.
+        shift = pos - ring.capacity * ring.frames_per_block
+        ring.rebase(shift)
+        for cache in caches:
+            cache.rebase(shift)
+        pos = ring.position_of(blk)
+    return pos
+
+
+def switched_contexts(current: list, cond: TextContext, uncond: TextContext | None) -> list[TextContext]:
+    """The prompt contexts after a prompt switch (cond, and uncond with guidance): guidance stays as the
+    stream started it, on or off."""
+    contexts = [c for c in (cond, uncond) if c is not None]
+    if len(contexts) != len(current):
+        raise ValueError("a prompt switch keeps classifier-free guidance on or off: pass uncond exactly when "
+                         "the stream was started with guidance_scale > 1")
+    return contexts
+
+
 # The host cache lives with the backends (each backend may keep its cache elsewhere, e.g. on the GPU).
 KVCache = HostKVCache
 
@@ -158,17 +183,7 @@ class KVRollout:
 
     # ------------------------------------------------------------------ networks and cache
     def _position(self, blk: int, frames: int) -> int:
-        """RoPE position of the block's first frame, rebasing the cache when the table would run out."""
-        pos = self.ring.position_of(blk)
-        if pos + frames > ROPE_TABLE:
-            # Slide the origin so the cached blocks sit just below `pos`: relative distances, all
-            # RoPE sees, stay the same; sink keys may go to negative positions, which is fine.
-            shift = pos - self.ring.capacity * self.block
-            self.ring.rebase(shift)
-            for cache in self.caches:
-                cache.rebase(shift)
-            pos = self.ring.position_of(blk)
-        return pos
+        return ring_position(self.ring, self.caches, blk, frames)
 
     def _velocity(self, x: np.ndarray, t: np.ndarray, first_block: int) -> np.ndarray:
         position = self._position(first_block, x.shape[1])
@@ -215,12 +230,8 @@ class KVRollout:
         cached block is committed again under the new prompt, in block order, each against the
         blocks re-committed before it, at its current position (one clean pass per cached block).
         """
-        contexts = [c for c in (cond, uncond) if c is not None]
-        if len(contexts) != len(self.contexts):
-            raise ValueError("a prompt switch keeps classifier-free guidance on or off: pass uncond exactly when "
-                             "the stream was started with guidance_scale > 1")
-        self.contexts = contexts
-        self.prompts = [self.backend.kv_prompt(c) for c in contexts]
+        self.contexts = switched_contexts(self.contexts, cond, uncond)
+        self.prompts = [self.backend.kv_prompt(c) for c in self.contexts]
         if recache:
             self._recache()
 

@@ -19,7 +19,7 @@ import logging
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from .backends.base import Backend, TextContext
 from .df_schedule import generate_timestep_matrix
 from .scheduler import FlowEulerScheduler, FlowUniPCScheduler, flow_timesteps
 from .video_io import ImageLike, VideoLike, load_image, load_video, to_model_pixels, to_uint8_frames
+
+if TYPE_CHECKING:
+    from .causal_family import CausalPreset
 
 log = logging.getLogger("skyrt.pipeline")
 
@@ -143,11 +146,20 @@ def plan_windows(req: GenerationRequest, prefix_frames: int, end_frames: int, v2
 
 
 class Pipeline:
-    """SkyReels-V2 diffusion-forcing pipeline over a backend (create it with `skyrt.load`)."""
+    """SkyReels-V2 diffusion-forcing pipeline over a backend (create it with `skyrt.load`).
 
-    def __init__(self, backend: Backend):
+    With a causal-family preset (`skyrt.load(folder, preset="self-forcing")`, runtime/causal_family.py)
+    generate / stream run that family's own few-step sampler with its KV cache (runtime/causal_rollout.py),
+    always (the preset sets mode="kvcache"). Arguments left at their defaults take the preset's values
+    (steps, shift, block size, ring, 480x832, no guidance, 16 fps); a value equal to the signature's
+    default counts as left (num_inference_steps=30 is the preset's 4). DF-only arguments (ar_step,
+    sampler, overlap_*, base_num_frames, addnoise_condition) do not apply.
+    """
+
+    def __init__(self, backend: Backend, preset: "CausalPreset | None" = None):
         self.backend = backend
         self.model = backend.model
+        self.preset = preset
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -203,7 +215,8 @@ class Pipeline:
         (official, fresh at every step; window mode's default) or "once" per window (the only choice
         in kvcache mode, where the prefix is committed once).
         """
-        req = self._request(locals())
+        self._check_preset_inputs(image=image, video=video, end_image=end_image)
+        req = self._request(self._with_preset(locals(), Pipeline.generate))
         cond = self._condition(req, image, video, end_image)
         if req.mode == "kvcache":
             return self._generate_kvcache(req, cond, latents, progress)
@@ -255,7 +268,9 @@ class Pipeline:
         With the default latent carry, frames go through the streaming VAE decoder, so the
         concatenated stream equals a whole decode of all latents.
         """
-        settings = dict(locals())
+        self._check_preset_inputs(image=image)
+        settings = self._with_preset(dict(locals()), Pipeline.stream)
+        mode, num_inference_steps, ar_step = settings["mode"], settings["num_inference_steps"], settings["ar_step"]
         # A stream is a long video of unbounded length: windows are planned one at a time.
         settings.update(num_frames=STREAM_FRAMES, latents=None)
         if ar_step is None:
@@ -310,6 +325,8 @@ class Pipeline:
     def _kv_rollout(self, req, cond, horizon_blocks, noise):
         from .kvcache import KVRollout, KVSettings
 
+        if self.preset is not None:
+            return self._causal_rollout(req, cond, horizon_blocks, noise)
         if cond.end_latents is not None:
             raise ValueError("mode='kvcache' cannot pin an end image: block-causal attention never lets earlier "
                              "frames see it; use mode='window' for end_image")
@@ -319,6 +336,49 @@ class Pipeline:
         settings = KVSettings(req.sink_blocks, req.window_blocks)
         return KVRollout(self.backend, req, cond.cond, cond.uncond, cond.rng, settings, horizon_blocks,
                          prefix=cond.start_latents, noise=noise)
+
+    def _causal_rollout(self, req, cond, horizon_blocks, noise):
+        """The preset family's own sampler and cache semantics (runtime/causal_rollout.py)."""
+        from dataclasses import replace
+
+        from .causal_rollout import CausalRollout, NoiseSource
+        from .kvcache import KVSettings
+
+        sampling = replace(self.preset.sampling, num_frame_per_block=req.causal_block_size)
+        fps_class = (0 if req.fps == 16 else 1) if self.model.inject_sample_info else None
+        return CausalRollout(self.backend, sampling, cond.cond, cond.uncond, req.guidance_scale, req.latent_size,
+                             KVSettings(req.sink_blocks, req.window_blocks), NoiseSource(cond.rng, noise),
+                             horizon_blocks, shift=req.shift, fps_class=fps_class)
+
+    # ------------------------------------------------------------------ causal-family presets
+    def _with_preset(self, args: dict, method) -> dict:
+        """generate / stream arguments with those left at `method`'s defaults set by the preset."""
+        if self.preset is None:
+            return args
+        import inspect
+
+        defaults = {name: p.default for name, p in inspect.signature(method).parameters.items()}
+        out = dict(args)
+        for key, value in self.preset.sampling_defaults().items():
+            if key in out and key in defaults and out[key] == defaults[key]:
+                out[key] = value
+        return out
+
+    def _check_preset_inputs(self, **inputs) -> None:
+        if self.preset is None:
+            return
+        given = [name for name, value in inputs.items() if value is not None]
+        if given:
+            raise ValueError(f"the {self.preset.name} preset generates from text only here; {', '.join(given)} "
+                             "conditioning of the causal family is not supported by skyrt yet")
+
+    def _validate_preset(self, req: GenerationRequest) -> None:
+        preset = self.preset
+        steps = preset.sampling.denoising_step_list
+        if req.num_inference_steps != len(steps):
+            raise ValueError(f"the {preset.name} checkpoint was distilled for {len(steps)} steps (denoising_step_list "
+                             f"{', '.join(f'{s:g}' for s in steps)}); num_inference_steps={req.num_inference_steps} "
+                             f"is not one of its schedules: leave it unset or pass {len(steps)}")
 
     def _generate_kvcache(self, req, cond, noise, progress) -> np.ndarray:
         from tqdm.auto import tqdm
@@ -367,6 +427,8 @@ class Pipeline:
             values["condition_noise"] = "once" if values.get("mode") == "kvcache" else "step"
         req = GenerationRequest(**values)
         validate_request(req)
+        if self.preset is not None:
+            self._validate_preset(req)
         initial = args.get("latents")
         if initial is not None:
             expected = self._first_window_frames(req)

@@ -22,8 +22,9 @@ class ModelSpec:
     """
 
     path: Path
-    layout: str  # "official" or "diffusers"
+    layout: str  # "official", "diffusers", or "causal" (a causal-family preset's folder)
     dit_config: dict[str, Any] = field(default_factory=dict)
+    family: Any = None  # layout "causal": the files a preset loads (runtime.causal_family.CausalFiles)
 
     @property
     def text_len(self) -> int:

@@ -1,0 +1,169 @@
+"""Presets of the causal Wan2.1-1.3B family: their sampler settings and where their releases keep weights.
+
+Each preset is read off the family's own inference config and loader (torch-free here):
+
+| preset        | repo                          | steps (warped?)                | shift | block | attention            |
+|---------------|-------------------------------|--------------------------------|-------|-------|----------------------|
+| self-forcing  | guandeh17/Self-Forcing        | 1000 750 500 250 (warped)      | 5     | 3     | global               |
+| causvid       | tianweiy/CausVid              | 1000 757 522 (not warped)      | 8     | 3     | global               |
+| causvid-warp4 | tianweiy/CausVid              | 1000 750 500 250 (warped)      | 8     | 3     | global               |
+| longlive      | NVlabs/LongLive (Wan2.1 1.3B) | 1000 750 500 250 (warped)      | 5     | 3     | 12 frames, sink 3    |
+
+All run without classifier-free guidance at 480x832, 16 fps. A model folder for a preset holds the
+family's checkpoint (and LoRA) beside the Wan2.1 files: `Wan2.1_VAE.pth`,
+`models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/` and, optionally, the Wan2.1 `config.json`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .causal_rollout import CausalSampling
+from .kvcache import KVSettings
+from .model_config import DiTConfig
+
+OUTPUT_FPS = 16  # every family writes its videos at 16 fps
+
+
+@dataclass(frozen=True)
+class CausalPreset:
+    """A causal family: its sampler (`sampling`), its release's file names and skyrt's stream defaults."""
+
+    name: str
+    repo: str
+    sampling: CausalSampling
+    checkpoint_names: tuple[str, ...]  # relative to the model folder, first found wins
+    use_ema: bool = False  # read 'generator_ema' instead of 'generator' (their --use_ema)
+    lora_names: tuple[str, ...] = ()
+    lora_rank: int | None = None  # the rank its LoRA config says, with
+    lora_alpha: float | None = None  # this alpha (scale = alpha / rank)
+    # skyrt's ring for families without local attention: the first 7 blocks (21 frames, their whole
+    # cache at 480x832) are exact; past that skyrt keeps block 0 as a sink and rolls 5 blocks.
+    global_ring: KVSettings = KVSettings(sink_blocks=1, window_blocks=5)
+    height: int = 480
+    width: int = 832
+
+    @property
+    def ring(self) -> KVSettings:
+        s = self.sampling
+        return self.global_ring if s.local_attn_size == -1 else s.ring()
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """Pipeline.generate / stream arguments this preset sets (arguments left at their defaults)."""
+        return dict(mode="kvcache", num_inference_steps=len(self.sampling.denoising_step_list),
+                    shift=self.sampling.timestep_shift, guidance_scale=1.0,
+                    causal_block_size=self.sampling.num_frame_per_block, sink_blocks=self.ring.sink_blocks,
+                    window_blocks=self.ring.window_blocks, height=self.height, width=self.width, fps=OUTPUT_FPS)
+
+
+PRESETS: dict[str, CausalPreset] = {p.name: p for p in (
+    # configs/self_forcing_dmd.yaml + default_config.yaml; README: inference.py --use_ema
+    CausalPreset("self-forcing", "guandeh17/Self-Forcing",
+                 CausalSampling((1000, 750, 500, 250), warp_denoising_step=True, timestep_shift=5.0),
+                 checkpoint_names=("self_forcing_dmd.pt", "checkpoints/self_forcing_dmd.pt"), use_ema=True),
+    # configs/wan_causal_dmd.yaml (the trailing 0 of its list is dropped by their pipeline); shift 8 is
+    # their CausalWanDiffusionWrapper's scheduler
+    CausalPreset("causvid", "tianweiy/CausVid",
+                 CausalSampling((1000, 757, 522), warp_denoising_step=False, timestep_shift=8.0),
+                 checkpoint_names=("model.pt", "autoregressive_checkpoint/model.pt")),
+    # configs/wan_causal_dmd_warp_4step_cfg2.yaml
+    CausalPreset("causvid-warp4", "tianweiy/CausVid",
+                 CausalSampling((1000, 750, 500, 250), warp_denoising_step=True, timestep_shift=8.0),
+                 checkpoint_names=("model.pt", "autoregressive_checkpoint_warp_4step_cfg2/model.pt")),
+    # configs/longlive_inference.yaml of LongLive 1 (Wan2.1-T2V-1.3B; before the LongLive 2.0 rewrite)
+    CausalPreset("longlive", "NVlabs/LongLive",
+                 CausalSampling((1000, 750, 500, 250), warp_denoising_step=True, timestep_shift=5.0,
+                                local_attn_size=12, sink_size=3),
+                 checkpoint_names=("longlive_base.pt", "models/longlive_base.pt"),
+                 lora_names=("lora.pt", "models/lora.pt"), lora_rank=256, lora_alpha=256),
+)}
+
+
+def get_preset(name: str) -> CausalPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class CausalFiles:
+    """Which files of a model folder a preset loads, and how."""
+
+    preset: str
+    checkpoint: Path
+    use_ema: bool
+    lora: Path | None = None
+    lora_alpha: float | None = None
+    lora_rank: int | None = None  # the preset's rank, for which lora_alpha is meant
+    config_json: dict | None = field(default=None, compare=False)
+
+    def lora_scale(self, rank: int) -> float:
+        """alpha / rank; refused when the file's rank is not the one the alpha was given for."""
+        if self.lora_rank is not None and rank != self.lora_rank:
+            raise ValueError(f"{self.lora} has rank {rank}, the {self.preset} preset's alpha={self.lora_alpha:g} is "
+                             f"for rank {self.lora_rank}: pass lora_alpha= (the alpha it was trained with)")
+        return float(self.lora_alpha) / rank
+
+
+def find_causal_files(folder: Path, preset: CausalPreset, checkpoint: str | Path | None = None,
+                      lora: str | Path | None = None, lora_alpha: float | None = None,
+                      use_ema: bool | None = None) -> CausalFiles:
+    """The preset's checkpoint (and LoRA) in `folder`, or the given paths; a clear error when missing."""
+    ckpt = Path(checkpoint).expanduser() if checkpoint is not None else _first(folder, preset.checkpoint_names)
+    if ckpt is None:
+        raise FileNotFoundError(_missing_checkpoint(folder, preset))
+    if ckpt.suffix == ".safetensors":
+        raise ValueError(f"{ckpt} is a safetensors DiT: a bidirectional Wan2.1 / SkyReels-V2 release, not a "
+                         f"{preset.name} checkpoint (their training .pt with a 'generator' entry)")
+    lora_path = Path(lora).expanduser() if lora is not None else _first(folder, preset.lora_names)
+    if preset.lora_names and lora_path is None:
+        raise FileNotFoundError(f"{folder} has no {preset.name} LoRA ({' or '.join(preset.lora_names)}); "
+                                "pass lora=PATH")
+    rank = preset.lora_rank if lora_alpha is None else None
+    alpha = preset.lora_alpha if lora_alpha is None else lora_alpha
+    if lora_path is not None and alpha is None:
+        raise ValueError(f"a LoRA ({lora_path}) needs its alpha: pass lora_alpha=")
+    return CausalFiles(preset.name, ckpt, preset.use_ema if use_ema is None else bool(use_ema), lora_path, alpha,
+                       rank, _config_json(folder))
+
+
+def _first(folder: Path, names: tuple[str, ...]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _config_json(folder: Path) -> dict | None:
+    import json
+
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _missing_checkpoint(folder: Path, preset: CausalPreset) -> str:
+    found = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    what = (f"; it holds {', '.join(found[:3])}: a bidirectional Wan2.1 / SkyReels-V2 DiT, which the causal "
+            f"{preset.name} sampler would run as garbage") if found else ""
+    return (f"{folder} has no {preset.name} checkpoint ({' or '.join(preset.checkpoint_names)}, from "
+            f"{preset.repo}){what}. Put the family's checkpoint beside the Wan2.1 VAE and umT5 files, or pass "
+            "checkpoint=PATH")
+
+
+def causal_model_spec(folder: str | Path, preset: CausalPreset, **options):
+    """The ModelSpec of a preset's model folder (layout 'causal'); options: checkpoint, lora, lora_alpha,
+    use_ema. The DiT config is config.json's, else read off the checkpoint's shapes (imports torch)."""
+    from .backends.base import ModelSpec
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    files = find_causal_files(folder, preset, **options)
+    if files.config_json is not None:
+        config = DiTConfig.from_official(files.config_json)
+    else:
+        from skyrt.export.causal_checkpoint import checkpoint_config
+
+        config = checkpoint_config(files)
+    return ModelSpec(path=folder, layout="causal", dit_config=config.to_official(), family=files)
+
+
+FAMILY_OPTIONS = ("checkpoint", "lora", "lora_alpha", "use_ema")  # skyrt.load options of a preset
