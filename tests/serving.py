@@ -107,12 +107,12 @@ def request(method: str, url: str, body: bytes | None = None, token: str | None 
         return err.code, json.loads(err.read())
 
 
-def read_for(url: str, seconds: float, max_bytes: int = 50_000_000) -> bytes:
-    """Read a streaming response for `seconds` (or until `max_bytes`)."""
+def read_for(url: str, seconds: float, max_bytes: int = 50_000_000, enough=None) -> bytes:
+    """Read a streaming response for `seconds` (or until `max_bytes`, or until `enough(data)` holds)."""
     data = bytearray()
     deadline = time.monotonic() + seconds
     with urllib.request.urlopen(url, timeout=30) as r:
-        while time.monotonic() < deadline and len(data) < max_bytes:
+        while time.monotonic() < deadline and len(data) < max_bytes and not (enough and enough(data)):
             chunk = r.read1(65536)
             if not chunk:
                 break
