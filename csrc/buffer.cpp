@@ -37,6 +37,7 @@ bool parse_dtype(const std::string& name, DType* out) {
   if (name == "float32") *out = kFloat32;
   else if (name == "float16") *out = kFloat16;
   else if (name == "uint8" || name == "bool") *out = kUInt8;
+  else if (name == "int64") *out = kInt64;
   else return false;
   return true;
 }

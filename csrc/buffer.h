@@ -22,11 +22,14 @@
 
 namespace skyrt {
 
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kUInt8 = 2 };
+// kInt64 carries the integer inputs of exported graphs (the fps class); no kernel takes it.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kUInt8 = 2, kInt64 = 3 };
 
-inline size_t dtype_size(DType d) { return d == kFloat32 ? 4 : d == kFloat16 ? 2 : 1; }
-inline const char* dtype_name(DType d) { return d == kFloat32 ? "float32" : d == kFloat16 ? "float16" : "uint8"; }
-bool parse_dtype(const std::string& name, DType* out);  // "float32", "float16", "uint8" (also "bool")
+inline size_t dtype_size(DType d) { return d == kFloat32 ? 4 : d == kFloat16 ? 2 : d == kInt64 ? 8 : 1; }
+inline const char* dtype_name(DType d) {
+  return d == kFloat32 ? "float32" : d == kFloat16 ? "float16" : d == kInt64 ? "int64" : "uint8";
+}
+bool parse_dtype(const std::string& name, DType* out);  // "float32", "float16", "uint8" (also "bool"), "int64"
 
 struct Device {
   bool cuda = false;

@@ -47,6 +47,7 @@ void require(bool ok, const std::string& message) {
 }
 
 void* as_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+void* stream_of(uintptr_t s) { return reinterpret_cast<void*>(s); }  // cudaStream_t (0 = default)
 
 // Runs a CPU reference with the GIL released (the serving threads keep running) and returns its status.
 template <typename F>
@@ -463,10 +464,34 @@ nb::object numpy_view(const Buffer& b) {
   }
   nb::dlpack::dtype dt = b.dtype == skyrt::kFloat32   ? nb::dtype<float>()
                          : b.dtype == skyrt::kFloat16 ? nb::dlpack::dtype{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 16, 1}
+                         : b.dtype == skyrt::kInt64   ? nb::dtype<int64_t>()
                                                       : nb::dtype<uint8_t>();
   nb::ndarray<nb::numpy> array(b.ptr, shape.size(), shape.data(), owner, nullptr, dt);
   return nb::cast(array, nb::rv_policy::reference);
 }
+
+// The DType of a numpy array (bool travels as uint8), or a ValueError naming what is accepted.
+skyrt::DType array_dtype(const nb::dlpack::dtype& dt, const char* fn) {
+  using Code = nb::dlpack::dtype_code;
+  const auto code = static_cast<Code>(dt.code);
+  if (code == Code::Float && dt.bits == 32) return skyrt::kFloat32;
+  if (code == Code::Float && dt.bits == 16) return skyrt::kFloat16;
+  if ((code == Code::UInt || code == Code::Bool) && dt.bits == 8) return skyrt::kUInt8;
+  if (code == Code::Int && dt.bits == 64) return skyrt::kInt64;
+  throw std::invalid_argument(std::string(fn) + ": arrays must be float32, float16, uint8/bool or int64");
+}
+
+// Host array <-> the first bytes of a Buffer: the dtype must match and the array must fit.
+void expect_fits(const Buffer& b, skyrt::DType dtype, size_t nbytes, const char* fn, const char* what) {
+  require(b.ptr != nullptr, std::string(fn) + ": the buffer is released (closed)");
+  require(b.dtype == dtype, std::string(fn) + ": " + what + " is " + skyrt::dtype_name(dtype) + " but the buffer is " +
+                                b.describe());
+  require(nbytes <= b.nbytes(), std::string(fn) + ": " + what + " of " + std::to_string(nbytes) +
+                                    " bytes does not fit the buffer " + b.describe());
+}
+
+using HostIn = nb::ndarray<nb::ro, nb::device::cpu, nb::c_contig>;
+using HostOut = nb::ndarray<nb::device::cpu, nb::c_contig>;
 
 void bind_buffer(nb::module_& m) {
   nb::class_<Buffer>(m, "Buffer",
@@ -487,6 +512,45 @@ void bind_buffer(nb::module_& m) {
           },
           "ptr"_a, "shape"_a, "dtype"_a, "device"_a,
           "A non-owning Buffer over memory allocated elsewhere (a torch tensor, a cuda_mem.DeviceArray).")
+      .def_static(
+          "allocate",
+          [](std::vector<int64_t> shape, const std::string& dtype, const std::string& device, bool zero,
+             uintptr_t stream) {
+            const skyrt::Device d = device_of(device);
+#ifndef SKYRT_WITH_CUDA
+            require(!d.cuda, "Buffer.allocate on " + device + ": " + skyrt::status_message(skyrt::kNotCompiled));
+#endif
+            for (int64_t n : shape) require(n >= 0, "Buffer.allocate: negative dimension");
+            Buffer b = skyrt::allocate(d, dtype_of(dtype), std::move(shape), zero, stream_of(stream));
+            if (zero) check_status(skyrt::synchronize(d, stream_of(stream)), "Buffer.allocate");
+            return b;
+          },
+          "shape"_a, "dtype"_a, "device"_a = "cpu", "zero"_a = true, "stream"_a = 0,
+          "Memory owned by this Buffer (counted by memory_stats), freed by close() or when the last owner goes. "
+          "Slices of device memory never own it, so close() frees it at once.")
+      .def("close",
+           [](Buffer& b) {
+             b.owner.reset();
+             b.ptr = nullptr;
+             b.shape.assign(1, 0);
+           },
+           "Drop this Buffer's memory now (an owning Buffer frees it; host numpy views keep theirs alive).")
+      .def_prop_ro("owning", [](const Buffer& b) { return static_cast<bool>(b.owner); })
+      .def("slice",
+           [](const Buffer& b, std::vector<int64_t> shape, int64_t offset) {
+             Buffer probe;
+             probe.dtype = b.dtype;
+             probe.shape = shape;
+             require(b.ptr != nullptr, "Buffer.slice: the buffer is released (closed)");
+             require(offset >= 0 && offset + probe.numel() <= b.numel(),
+                     "Buffer.slice: " + std::to_string(probe.numel()) + " elements from element " +
+                         std::to_string(offset) + " do not fit " + b.describe());
+             Buffer out = b.device.cuda ? b.view() : b;
+             return out.slice(offset, std::move(shape));
+           },
+           "shape"_a, "offset"_a = 0,
+           "The contiguous elements [offset, offset + prod(shape)) as a Buffer of `shape` (bounds checked; a "
+           "device slice does not own the memory).")
       .def_prop_ro("ptr", [](const Buffer& b) { return reinterpret_cast<uintptr_t>(b.ptr); })
       .def_prop_ro("shape", [](const Buffer& b) { return nb::tuple(nb::cast(b.shape)); })
       .def_prop_ro("dtype", [](const Buffer& b) { return std::string(skyrt::dtype_name(b.dtype)); })
@@ -499,7 +563,10 @@ void bind_buffer(nb::module_& m) {
                      require(b.device.cuda, "__cuda_array_interface__: " + b.describe() + " is host memory");
                      nb::dict d;
                      d["shape"] = nb::tuple(nb::cast(b.shape));
-                     d["typestr"] = b.dtype == skyrt::kFloat32 ? "<f4" : b.dtype == skyrt::kFloat16 ? "<f2" : "|u1";
+                     d["typestr"] = b.dtype == skyrt::kFloat32   ? "<f4"
+                                   : b.dtype == skyrt::kFloat16 ? "<f2"
+                                   : b.dtype == skyrt::kInt64   ? "<i8"
+                                                                : "|u1";
                      d["data"] = nb::make_tuple(reinterpret_cast<uintptr_t>(b.ptr), false);
                      d["version"] = 3;
                      d["strides"] = nb::none();
@@ -507,6 +574,53 @@ void bind_buffer(nb::module_& m) {
                      return d;
                    })
       .def("__repr__", [](const Buffer& b) { return "Buffer(" + b.describe() + ")"; });
+
+  m.def("upload",
+        [](Buffer& dst, HostIn src, uintptr_t stream) {
+          const skyrt::DType dt = array_dtype(src.dtype(), "upload");
+          expect_fits(dst, dt, src.nbytes(), "upload", "the array");
+          const void* data = src.data();
+          const size_t bytes = src.nbytes();
+          nb::gil_scoped_release release;
+          check_status(skyrt::copy_bytes(dst.ptr, dst.device, data, skyrt::Device{}, bytes, stream_of(stream)), "upload");
+        },
+        "dst"_a, "src"_a.noconvert(), "stream"_a = 0,
+        "Copy a C-contiguous host array into the start of `dst` (same dtype, must fit); returns when the copy is "
+        "done, so `src` may be reused.");
+  m.def("download",
+        [](const Buffer& src, HostOut out, uintptr_t stream) {
+          const skyrt::DType dt = array_dtype(out.dtype(), "download");
+          expect_fits(src, dt, out.nbytes(), "download", "the output array");
+          void* data = out.data();
+          const size_t bytes = out.nbytes();
+          nb::gil_scoped_release release;
+          check_status(skyrt::copy_bytes(data, skyrt::Device{}, src.ptr, src.device, bytes, stream_of(stream)),
+                       "download");
+        },
+        "src"_a, "out"_a.noconvert(), "stream"_a = 0,
+        "Copy the first out.nbytes bytes of `src` into the C-contiguous host array `out` (same dtype); waits for "
+        "the stream.");
+  m.def("copy",
+        [](Buffer& dst, const Buffer& src, uintptr_t stream) {
+          expect_fits(dst, src.dtype, src.nbytes(), "copy", ("the source " + src.describe()).c_str());
+          nb::gil_scoped_release release;
+          check_status(skyrt::copy_bytes(dst.ptr, dst.device, src.ptr, src.device, src.nbytes(), stream_of(stream)),
+                       "copy");
+        },
+        "dst"_a, "src"_a, "stream"_a = 0, "Copy all of `src` into the start of `dst` (async on a GPU stream).");
+  m.def("fill_zero",
+        [](Buffer& b, uintptr_t stream) {
+          require(b.ptr != nullptr || b.numel() == 0, "fill_zero: the buffer is released (closed)");
+          check_status(skyrt::fill_zero(b.ptr, b.nbytes(), b.device, stream_of(stream)), "fill_zero");
+        },
+        "buffer"_a, "stream"_a = 0);
+  m.def("synchronize",
+        [](const std::string& device, uintptr_t stream) {
+          const skyrt::Device d = device_of(device);
+          nb::gil_scoped_release release;
+          check_status(skyrt::synchronize(d, stream_of(stream)), "synchronize");
+        },
+        "device"_a, "stream"_a = 0, "Wait for the stream's work on `device` (nothing to wait for on the CPU).");
 
   m.def("memory_stats", []() {
     const skyrt::MemoryStats s = skyrt::memory_stats();
@@ -521,7 +635,6 @@ void bind_buffer(nb::module_& m) {
 
 // ---- CUDA entry points: Buffers in, sizes and dtypes checked ----------------------------------------
 
-void* stream_of(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
 void require_cuda(const char* fn) {
 #ifndef SKYRT_WITH_CUDA

@@ -62,6 +62,9 @@ class StreamingDecoder(abc.ABC):
     def decode_next(self, mu_frame: np.ndarray) -> np.ndarray:
         """Raw latent frame [16, 1, h, w] -> pixels [3, n, H, W] (n = 1 for the first frame, else 4)."""
 
+    def close(self) -> None:
+        """Release what the decoder holds on its device now (a decoder used again re-acquires it)."""
+
 
 class HostKVCache:
     """One prompt context's ring K/V buffers in host memory, laid out for skyrt._core.KVRing slots:

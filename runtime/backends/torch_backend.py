@@ -1,13 +1,18 @@
 """The torch reference backend: skyrt.export's modules, fp32 on the CPU by default.
 
 This is the oracle-checked path (tests compare it with diffusers); engines are checked against it.
+
+The KV-cached stream (TorchKVStreamSession) runs on the rollout core's own buffers, seen as torch
+tensors without a copy (numpy views on the CPU, __cuda_array_interface__ on a GPU): latents in, the
+ring K/V read in place, velocity and new K/V written in place, on the core's CUDA stream (torch's
+current stream). With a CUDA device nothing of the stream's state crosses to the host.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .base import Backend, ModelSpec, StreamingDecoder, TextContext
+from .base import Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec, StreamingDecoder, TextContext
 
 
 class TorchStreamingDecoder(StreamingDecoder):
@@ -114,6 +119,9 @@ class TorchBackend(Backend):
         v, new_k, new_v = v.float().cpu().numpy(), new_k.float().cpu().numpy(), new_v.float().cpu().numpy()
         return [(v[b], new_k[:, b], new_v[:, b]) for b in range(batch)]
 
+    def open_kv_stream(self, spec: KVStreamSpec) -> KVStreamSession:
+        return TorchKVStreamSession(self, spec)
+
     @staticmethod
     def _valid_slots(cache: torch.Tensor, slot_valid: np.ndarray) -> torch.Tensor:
         """cache [layers, slots, tokens, N, Dh] -> only the valid slots [layers, n_valid, tokens, N, Dh]."""
@@ -123,6 +131,89 @@ class TorchBackend(Backend):
         if len(index) == 0 or index[-1] == len(index) - 1:
             return cache[:, : len(index)]
         return cache.index_select(1, torch.from_numpy(index))
+
+
+class TorchKVStreamSession(KVStreamSession):
+    """The KV-cached step on the rollout core's buffers as torch tensors (no copies): every context
+    (cond, uncond) in one batch of B; the ring K/V [layers, B, S, heads, head_dim] read in place."""
+
+    def __init__(self, backend: TorchBackend, spec: KVStreamSpec):
+        super().__init__(spec)
+        from skyrt.export.cached_step import CachedStep
+
+        self.backend = backend
+        device = backend.device
+        self.cuda = device.type == "cuda"
+        index = device.index if device.index is not None else (torch.cuda.current_device() if self.cuda else 0)
+        self.torch_device = torch.device(device.type, index) if self.cuda else device
+        self.device = f"cuda:{index}" if self.cuda else "cpu"
+        # The core's kernels go on torch's current stream: one stream, so no synchronisation between them.
+        self.stream = torch.cuda.current_stream(self.torch_device).cuda_stream if self.cuda else 0
+        # The ring holds what the step writes: fp32 K/V in fp32, fp16 for half-precision models (bf16
+        # K/V lose nothing in fp16: more mantissa bits, and normed keys and values stay far below its range).
+        self.kv_dtype = "float32" if backend.dtype == torch.float32 else "float16"
+        self._step = CachedStep(backend.dit)
+        self._cross = None
+        self._fps = None if spec.fps_class is None else torch.full((spec.contexts,), spec.fps_class,
+                                                                   device=self.torch_device)
+        self._tensors: dict = {}
+
+    def bind(self, core) -> None:
+        super().bind(core)
+        self._tensors = {name: self._tensor(name) for name in ("cache_k", "cache_v")}
+
+    def _tensor(self, name: str, frames: int | None = None) -> torch.Tensor:
+        """A core buffer as a tensor over the same memory."""
+        buf = self.core.buffer(name, frames)
+        if self.cuda:
+            return torch.as_tensor(buf, device=self.torch_device)
+        return torch.from_numpy(buf.numpy())
+
+    @torch.inference_mode()
+    def set_prompts(self, contexts: list[TextContext]) -> None:
+        prompts = [self.backend.kv_prompt(c) for c in contexts]
+        self._cross = prompts[0] if len(prompts) == 1 else batch_cross_kv(prompts)
+
+    @torch.inference_mode()
+    def step(self, call: KVStepCall) -> None:
+        from skyrt.export.cached_step import active_rope
+
+        backend, B, f = self.backend, self.spec.contexts, call.frames
+        x = self._tensor("latents_in", f).to(backend.dtype)  # [B, 16, f, h, w]
+        t = torch.from_numpy(np.asarray(call.timesteps, np.float32))[None].to(self.torch_device).expand(B, -1)
+        patch_h, patch_w = backend.dit.config.patch_size[1:]
+        cos, sin = active_rope(backend.dit, call.position, f, x.shape[3] // patch_h, x.shape[4] // patch_w)
+        ck, cv, valid = self._cache(np.asarray(call.slot_valid, bool))
+        v, new_k, new_v = self._step(x, t, self._cross, ck, cv, valid, cos.to(self.torch_device),
+                                     sin.to(self.torch_device), fps=self._fps,
+                                     causal_block_size=self.spec.block_frames)
+        if call.want_velocity:
+            self._tensor("velocity", f).copy_(v)
+        if call.want_kv:
+            self._tensor("new_k", f).copy_(new_k)
+            self._tensor("new_v", f).copy_(new_v)
+
+    def _cache(self, slot_valid: np.ndarray):
+        """(cache_k, cache_v, token validity or None) for the step. On the CPU only the valid slots
+        are attended (a view while they lead the ring, a gather otherwise), so a filling cache costs
+        what it holds; on a GPU the whole ring with a validity mask, shapes that never change."""
+        k, v = self._tensors["cache_k"], self._tensors["cache_v"]  # [layers, B, slots * tokens, N, Dh]
+        slots = len(slot_valid)
+        if self.cuda:
+            if slot_valid.all():
+                return k, v, None
+            tokens = k.shape[2] // slots
+            valid = torch.from_numpy(np.repeat(slot_valid, tokens)).to(self.torch_device)
+            return k, v, valid
+        shape = (k.shape[0], k.shape[1], slots, k.shape[2] // slots, *k.shape[3:])
+        k5, v5 = (TorchBackend._valid_slots(c.view(shape).transpose(1, 2), slot_valid).transpose(1, 2)
+                  for c in (k, v))
+        flat = (k.shape[0], k.shape[1], -1, *k.shape[3:])
+        return k5.reshape(flat), v5.reshape(flat), None
+
+    def close(self) -> None:
+        self._tensors, self._cross = {}, None
+        super().close()
 
 
 def batch_cross_kv(prompts: list) -> list:
