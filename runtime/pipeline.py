@@ -359,6 +359,7 @@ class Pipeline:
                     rollout.set_prompt(*self._encode_prompts(req, switch), recache=switch.recache)
         finally:  # close() of the stream (or an error) releases the core's and the backend's buffers at once
             rollout.close()
+            decoder.close()
 
     # ------------------------------------------------------------------ validation
     def _request(self, args: dict) -> GenerationRequest:
