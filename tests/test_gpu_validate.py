@@ -2,6 +2,9 @@
 
 On this machine (no NVIDIA driver) every kernel check must report the CUDA error instead of
 crashing, and the script must exit non-zero; with a GPU the same test demands that they pass.
+The torch-only mode's rollout and throughput sections run here on the CPU (device="cpu", a small
+config): the same code as on the GPU minus the device; the DiT FLOP count it reports is checked
+against torch's FlopCounterMode. Nothing here ran on a GPU.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def test_kernel_section_reports_every_kernel(tmp_path):
         assert "no CUDA kernels" in kernels["error"] and code == 1
         return
     names = set(gv.kernel_cases(None))
-    assert names <= set(kernels) and len(names) == 8
+    assert names <= set(kernels) and len(names) == 9  # 8 kernels, UniPC with and without the DF aliasing
     if cuda_mem.device_count() == 0:
         assert code == 1 and report["machine"]["gpus"] == 0
         for name in names:
@@ -73,3 +76,58 @@ def test_captioner_report_helpers():
     timings = gv._per_token({"prefill_s": 0.5, "decode_s": 0.2, "decode_steps": 4})
     assert timings["decode_ms_per_token"] == pytest.approx(50.0) and timings["prefill_s"] == 0.5
     assert gv._per_token({"decode_s": 0.0, "decode_steps": 0})["decode_ms_per_token"] is None
+
+
+def test_torch_only_mode_rollout_and_throughput_run_on_the_cpu():
+    """The torch-only sections with the GPU swapped for the CPU: the rollout comparison runs both
+    sides (cpu vs cpu here: identical), the throughput section drives the real code path on a small
+    config and reports finite numbers."""
+    from skyrt.runtime.model_config import DiTConfig
+
+    gv = load_benchmark("gpu_validate")
+    rollout = gv.run_torch_rollout(0, device="cpu")
+    assert rollout["passed"], rollout
+    for name in gv.ROLLOUT_CASES:
+        assert rollout[name]["max_abs_diff"] == 0.0 and rollout[name]["latent_std"] > 0.1
+    small = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16,
+                      inject_sample_info=True)
+    report = gv.run_throughput(0, ["32x48"], device="cpu", config=small, peak_n=128)
+    assert report["passed"], report
+    size = report["32x48"]
+    assert size["ms_per_block"] > 0 and size["pixel_fps"] == pytest.approx(12 / (size["ms_per_block"] / 1e3))
+    assert 0 < size["share_of_bf16_matmul_peak"] and size["vae_decode"]["passed"], size
+    assert len(size["ms_per_block_all"]) == gv.THROUGHPUT["warmup_blocks"] + gv.THROUGHPUT["measured_blocks"]
+
+
+def test_forward_flops_agree_with_torch_flop_counter(monkeypatch):
+    """forward_flops (projections, FFN, attention over cache + active tokens and over the text) against
+    torch's FlopCounterMode on a real KV-cached step: the counter also sees the patch embedding, the
+    head and the time embedding, which the formula leaves out (a few percent at this size, less at
+    DF-1.3B's)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import skyrt.export.dit as dit_module
+    from skyrt.export.cached_step import CachedStep, active_rope
+    from skyrt.runtime.model_config import DiTConfig
+
+    gv = load_benchmark("gpu_validate")
+    monkeypatch.setattr(dit_module, "_onednn_linear_applies", lambda x: False)  # plain aten linears, counted
+    cfg = DiTConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=4, freq_dim=32, text_dim=32, text_len=16)
+    torch.manual_seed(0)
+    dit = dit_module.WanDiT(cfg).eval()
+    frames, h, w, slots = 2, 8, 8, 3
+    tokens_per_frame = (h // 2) * (w // 2)
+    cached = slots * tokens_per_frame
+    with torch.inference_mode():
+        cross = dit.cross_attention_kv(torch.randn(1, cfg.text_len, cfg.text_dim))
+        cache = torch.randn(cfg.num_layers, 1, cached, cfg.num_heads, cfg.head_dim)
+        cos, sin = active_rope(dit, 3, frames, h // 2, w // 2)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # attention as bmm
+            CachedStep(dit)(torch.randn(1, 16, frames, h, w), torch.full((1, frames), 500.0), cross, cache, cache,
+                            None, cos, sin)
+    counted = counter.get_total_flops()
+    formula = gv.forward_flops(cfg, frames * tokens_per_frame, cached, cfg.text_len)
+    print(f"forward_flops {formula:.4g}, FlopCounterMode {counted:.4g}")
+    assert 0.95 * counted <= formula <= counted
