@@ -369,6 +369,7 @@ def run_torch_rollout(seed: int, device: str = DEVICE) -> dict:
     one batch of 2, ring eviction and RoPE rebases; the noise comes from one numpy generator."""
     import torch
 
+    require_torch_device(device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False  # the patch embedding is a Conv3d
     from skyrt.export.dit import WanDiT
@@ -443,6 +444,17 @@ def forward_flops(cfg, active_tokens: int, cached_tokens: int, text_tokens: int)
     return 2.0 * cfg.num_layers * per_layer
 
 
+def require_torch_device(device: str) -> None:
+    """Stop a torch section at once, with the reason, when torch cannot reach `device` (before any
+    CPU-side half of a comparison spends minutes)."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"torch {torch.__version__} sees no CUDA device for {device} (torch.cuda.is_available() "
+                           "is False): run the torch-only mode with a CUDA build of torch on a machine with an "
+                           "NVIDIA GPU")
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -474,6 +486,7 @@ def run_throughput(seed: int, sizes: list[str], device: str = DEVICE, config=Non
     from skyrt.runtime.backends.torch_backend import TorchBackend
     from skyrt.runtime.model_config import DF_1_3B_540P
 
+    require_torch_device(device)
     config = config or DF_1_3B_540P
     torch.manual_seed(seed)
     with torch.device(device):

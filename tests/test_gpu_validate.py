@@ -9,15 +9,21 @@ against torch's FlopCounterMode. Nothing here ran on a GPU.
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 from benchmark_scripts import load_benchmark
 
-pytest.importorskip("cuda.bindings", reason="pip install cuda-python (the test extra installs it)")
+
+
+def need_cuda_python():
+    """The full mode's device memory goes through cuda-python; the torch-only mode does without."""
+    pytest.importorskip("cuda.bindings", reason="pip install cuda-python (the test extra installs it)")
 
 
 def test_kernel_section_reports_every_kernel(tmp_path):
+    need_cuda_python()
     from skyrt import _core
     from skyrt.runtime import cuda_mem
 
@@ -40,6 +46,7 @@ def test_kernel_section_reports_every_kernel(tmp_path):
 
 
 def test_builder_choice_and_cuda_errors_are_clear():
+    need_cuda_python()
     gv = load_benchmark("gpu_validate")
     assert gv.pick_builder("tensorrt-rtx") == "tensorrt-rtx"
     assert gv.pick_builder("auto") in ("tensorrt", "tensorrt-rtx")
@@ -51,6 +58,7 @@ def test_builder_choice_and_cuda_errors_are_clear():
 
 
 def test_captioner_section_runs_up_to_the_gpu_and_records_why_it_stopped(tmp_path):
+    need_cuda_python()
     pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
     from skyrt.runtime import cuda_mem
 
@@ -97,6 +105,34 @@ def test_torch_only_mode_rollout_and_throughput_run_on_the_cpu():
     assert size["ms_per_block"] > 0 and size["pixel_fps"] == pytest.approx(12 / (size["ms_per_block"] / 1e3))
     assert 0 < size["share_of_bf16_matmul_peak"] and size["vae_decode"]["passed"], size
     assert len(size["ms_per_block_all"]) == gv.THROUGHPUT["warmup_blocks"] + gv.THROUGHPUT["measured_blocks"]
+
+
+def test_torch_only_command_without_a_gpu_reports_every_section_and_fails(tmp_path, monkeypatch):
+    """The one command of the torch-only mode, end to end on a machine without a GPU: the build step
+    runs its command (a stand-in here: rebuilding the extension is CI's job) and records the build
+    info, then each section records why it stopped instead of ending the run, and the exit code is 1.
+    With a GPU the same command is the real validation; this machine has none."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run the script itself")
+    gv = load_benchmark("gpu_validate")
+    args = gv.parse_args(["--mode", "torch-only"])
+    assert args.sections == ["kernels", "torch_rollout", "throughput"] and args.sizes == ["480x832", "544x960"]
+    # The offline build the mode promises: no build isolation (no network), no dependency resolution.
+    assert gv.BUILD_COMMAND[1:] == ["-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
+    monkeypatch.setattr(gv, "BUILD_COMMAND", [sys.executable, "-c", "print('stand-in build')"])
+    out = tmp_path / "report.json"
+    assert gv.main(["--mode", "torch-only", "--build", "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    build = report["build"]
+    assert build["returncode"] == 0 and "stand-in build" in build["output_tail"]
+    assert build["passed"] is True and build["build_info"]["cuda"] is True  # this build compiled the kernels
+    assert report["machine"]["gpus"] == 0 and report["machine"]["torch"] == torch.__version__
+    for name in gv.kernel_cases(None):
+        assert report["kernels"][name]["passed"] is False and "cuda" in report["kernels"][name]["error"].lower()
+    for section in ("torch_rollout", "throughput"):  # cuda:0 does not exist here: recorded, not raised
+        assert report[section]["passed"] is False and "sees no CUDA device for cuda:0" in report[section]["error"]
 
 
 def test_forward_flops_agree_with_torch_flop_counter(monkeypatch):
