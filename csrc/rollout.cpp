@@ -1,4 +1,4 @@
-// rollout.cpp — the rollout core (see rollout.h). Every data operation goes through run_op, which
+// rollout.cpp — the rollout core (see rollout.h). Every data operation goes through SKYRT_RUN, which
 // calls the CPU reference on host memory and the CUDA kernel on a GPU with the same arguments.
 #include "rollout.h"
 
@@ -16,6 +16,18 @@ namespace {
 bool fail(std::string* why, const std::string& message) {
   if (why != nullptr) *why = message;
   return false;
+}
+
+// The DF schedule a rollout configuration asks for (one place, for the check and the core).
+DFScheduleConfig schedule_config(const RolloutConfig& c) {
+  DFScheduleConfig s;
+  s.step_template = c.step_template;
+  s.ar_step = c.ar_step;
+  s.causal_block_size = c.block_frames;
+  s.num_prefix_blocks = c.prefix_blocks;
+  s.max_blocks_in_flight = c.max_blocks_in_flight;
+  s.horizon_blocks = c.horizon_blocks;
+  return s;
 }
 
 bool check_config(const RolloutConfig& c, std::string* why) {
@@ -42,27 +54,10 @@ bool check_config(const RolloutConfig& c, std::string* why) {
   if (c.max_blocks_in_flight < 1) return fail(why, "max_blocks_in_flight must be >= 1");
   std::string ring_why;
   if (KVRing::check(c.sink_blocks, c.window_blocks, c.block_frames, &ring_why) != kOk) return fail(why, ring_why);
-  DFScheduleConfig s;
-  s.step_template = c.step_template;
-  s.ar_step = c.ar_step;
-  s.causal_block_size = c.block_frames;
-  s.num_prefix_blocks = c.prefix_blocks;
-  s.max_blocks_in_flight = c.max_blocks_in_flight;
-  s.horizon_blocks = c.horizon_blocks;
-  if (df_schedule_check(s, why) != kOk) return false;
-  return true;
+  return df_schedule_check(schedule_config(c), why) == kOk;
 }
 
-DFSchedule make_schedule(const RolloutConfig& c) {
-  DFScheduleConfig s;
-  s.step_template = c.step_template;
-  s.ar_step = c.ar_step;
-  s.causal_block_size = c.block_frames;
-  s.num_prefix_blocks = c.prefix_blocks;
-  s.max_blocks_in_flight = c.max_blocks_in_flight;
-  s.horizon_blocks = c.horizon_blocks;
-  return DFSchedule(s);
-}
+DFSchedule make_schedule(const RolloutConfig& c) { return DFSchedule(schedule_config(c)); }
 
 void check_status(int status, const std::string& what) {
   if (status != kOk) throw std::runtime_error("rollout core: " + what + ": " + status_message(status));

@@ -125,7 +125,7 @@ class TorchBackend(Backend):
         # Eager torch can skip what an engine must mask: attend only to the valid slots (a view when
         # they lead the ring, a gather otherwise), so a filling cache costs what it holds.
         valid = np.asarray(slot_valid, bool)
-        ck, cv = ([self._valid_slots(torch.from_numpy(getattr(c, name)), valid).reshape(layers, 1, -1, heads, head_dim)
+        ck, cv = ([valid_slots(torch.from_numpy(getattr(c, name)), valid, 1).reshape(layers, 1, -1, heads, head_dim)
                    for c in caches] for name in ("k", "v"))
         ck = (ck[0] if batch == 1 else torch.cat(ck, dim=1)).to(self.device)  # [layers, B, S_valid, N, Dh]
         cv = (cv[0] if batch == 1 else torch.cat(cv, dim=1)).to(self.device)
@@ -136,106 +136,22 @@ class TorchBackend(Backend):
         v, new_k, new_v = v.float().cpu().numpy(), new_k.float().cpu().numpy(), new_v.float().cpu().numpy()
         return [(v[b], new_k[:, b], new_v[:, b]) for b in range(batch)]
 
-    def open_kv_stream(self, spec: KVStreamSpec) -> KVStreamSession:
-        return TorchKVStreamSession(self, spec)
-
-    def open_kv_stream(self, spec: KVStreamSpec) -> "TorchKVStream":
+    def open_kv_stream(self, spec: KVStreamSpec) -> "TorchKVStreamSession":
         """The stream lives on this backend's device (host memory on the CPU, the GPU with device='cuda'):
         the core's buffers are used in place as torch tensors, cond and uncond run as one batch."""
-        return TorchKVStream(self, spec)
-
-    @staticmethod
-    def _valid_slots(cache: torch.Tensor, slot_valid: np.ndarray) -> torch.Tensor:
-        """cache [layers, slots, tokens, N, Dh] -> only the valid slots [layers, n_valid, tokens, N, Dh]."""
-        index = np.flatnonzero(slot_valid)
-        if len(index) == len(slot_valid):
-            return cache
-        if len(index) == 0 or index[-1] == len(index) - 1:
-            return cache[:, : len(index)]
-        return cache.index_select(1, torch.from_numpy(index))
+        return TorchKVStreamSession(self, spec)
 
 
-class TorchKVStreamSession(KVStreamSession):
-    """The KV-cached step on the rollout core's buffers as torch tensors (no copies): every context
-    (cond, uncond) in one batch of B; the ring K/V [layers, B, S, heads, head_dim] read in place."""
 
-    def __init__(self, backend: TorchBackend, spec: KVStreamSpec):
-        super().__init__(spec)
-        from skyrt.export.cached_step import CachedStep
-
-        self.backend = backend
-        device = backend.device
-        self.cuda = device.type == "cuda"
-        index = device.index if device.index is not None else (torch.cuda.current_device() if self.cuda else 0)
-        self.torch_device = torch.device(device.type, index) if self.cuda else device
-        self.device = f"cuda:{index}" if self.cuda else "cpu"
-        # The core's kernels go on torch's current stream: one stream, so no synchronisation between them.
-        self.stream = torch.cuda.current_stream(self.torch_device).cuda_stream if self.cuda else 0
-        # The ring holds what the step writes: fp32 K/V in fp32, fp16 for half-precision models (bf16
-        # K/V lose nothing in fp16: more mantissa bits, and normed keys and values stay far below its range).
-        self.kv_dtype = "float32" if backend.dtype == torch.float32 else "float16"
-        self._step = CachedStep(backend.dit)
-        self._cross = None
-        self._fps = None if spec.fps_class is None else torch.full((spec.contexts,), spec.fps_class,
-                                                                   device=self.torch_device)
-        self._tensors: dict = {}
-
-    def bind(self, core) -> None:
-        super().bind(core)
-        self._tensors = {name: self._tensor(name) for name in ("cache_k", "cache_v")}
-
-    def _tensor(self, name: str, frames: int | None = None) -> torch.Tensor:
-        """A core buffer as a tensor over the same memory."""
-        buf = self.core.buffer(name, frames)
-        if self.cuda:
-            return torch.as_tensor(buf, device=self.torch_device)
-        return torch.from_numpy(buf.numpy())
-
-    @torch.inference_mode()
-    def set_prompts(self, contexts: list[TextContext]) -> None:
-        prompts = [self.backend.kv_prompt(c) for c in contexts]
-        self._cross = prompts[0] if len(prompts) == 1 else batch_cross_kv(prompts)
-
-    @torch.inference_mode()
-    def step(self, call: KVStepCall) -> None:
-        from skyrt.export.cached_step import active_rope
-
-        backend, B, f = self.backend, self.spec.contexts, call.frames
-        x = self._tensor("latents_in", f).to(backend.dtype)  # [B, 16, f, h, w]
-        t = torch.from_numpy(np.asarray(call.timesteps, np.float32))[None].to(self.torch_device).expand(B, -1)
-        patch_h, patch_w = backend.dit.config.patch_size[1:]
-        cos, sin = active_rope(backend.dit, call.position, f, x.shape[3] // patch_h, x.shape[4] // patch_w)
-        ck, cv, valid = self._cache(np.asarray(call.slot_valid, bool))
-        v, new_k, new_v = self._step(x, t, self._cross, ck, cv, valid, cos.to(self.torch_device),
-                                     sin.to(self.torch_device), fps=self._fps,
-                                     causal_block_size=self.spec.block_frames)
-        if call.want_velocity:
-            self._tensor("velocity", f).copy_(v)
-        if call.want_kv:
-            self._tensor("new_k", f).copy_(new_k)
-            self._tensor("new_v", f).copy_(new_v)
-
-    def _cache(self, slot_valid: np.ndarray):
-        """(cache_k, cache_v, token validity or None) for the step. On the CPU only the valid slots
-        are attended (a view while they lead the ring, a gather otherwise), so a filling cache costs
-        what it holds; on a GPU the whole ring with a validity mask, shapes that never change."""
-        k, v = self._tensors["cache_k"], self._tensors["cache_v"]  # [layers, B, slots * tokens, N, Dh]
-        slots = len(slot_valid)
-        if self.cuda:
-            if slot_valid.all():
-                return k, v, None
-            tokens = k.shape[2] // slots
-            valid = torch.from_numpy(np.repeat(slot_valid, tokens)).to(self.torch_device)
-            return k, v, valid
-        shape = (k.shape[0], k.shape[1], slots, k.shape[2] // slots, *k.shape[3:])
-        k5, v5 = (TorchBackend._valid_slots(c.view(shape).transpose(1, 2), slot_valid).transpose(1, 2)
-                  for c in (k, v))
-        flat = (k.shape[0], k.shape[1], -1, *k.shape[3:])
-        return k5.reshape(flat), v5.reshape(flat), None
-
-    def close(self) -> None:
-        self._tensors, self._cross = {}, None
-        super().close()
+def valid_slots(cache: torch.Tensor, slot_valid: np.ndarray, axis: int) -> torch.Tensor:
+    """Only the valid ring slots of `cache` along `axis` (the slots axis): a view when they lead the
+    ring (no copy), a gather otherwise."""
+    index = np.flatnonzero(slot_valid)
+    if len(index) == len(slot_valid):
+        return cache
+    if len(index) == 0 or index[-1] == len(index) - 1:
+        return cache.narrow(axis, 0, len(index))
+    return cache.index_select(axis, torch.from_numpy(index).to(cache.device))
 
 
 def core_tensor(buffer) -> torch.Tensor:
@@ -246,7 +162,7 @@ def core_tensor(buffer) -> torch.Tensor:
     return torch.as_tensor(buffer, device=buffer.device)
 
 
-class TorchKVStream(KVStreamSession):
+class TorchKVStreamSession(KVStreamSession):
     """The torch backend's side of a KV-cached stream, on the CPU or a GPU.
 
     Reads latents_in and the ring K/V and writes velocity / new K/V of the rollout core in place; the
@@ -292,7 +208,7 @@ class TorchKVStream(KVStreamSession):
         ck, cv = (self._view(n).view(layers, batch, spec.slots, tokens, heads, head_dim) for n in ("cache_k", "cache_v"))
         valid = np.asarray(call.slot_valid, bool)
         # Attend only to the valid slots: a view when they lead the ring (no copy), a gather otherwise.
-        ck, cv = (self._valid_slots(c, valid).flatten(2, 3) for c in (ck, cv))  # [layers, B, S_valid, N, Dh]
+        ck, cv = (valid_slots(c, valid, 2).flatten(2, 3) for c in (ck, cv))  # [layers, B, S_valid, N, Dh]
         v, new_k, new_v = self._step(x, t, self._cross, ck, cv, None, cos.to(dev), sin.to(dev), fps=self._fps,
                                      causal_block_size=spec.block_frames)
         if call.want_velocity:
@@ -300,16 +216,6 @@ class TorchKVStream(KVStreamSession):
         if call.want_kv:
             self._view("new_k", f).copy_(new_k)
             self._view("new_v", f).copy_(new_v)
-
-    @staticmethod
-    def _valid_slots(cache: torch.Tensor, valid: np.ndarray) -> torch.Tensor:
-        """cache [layers, B, slots, tokens, N, Dh] -> its valid slots [layers, B, n_valid, tokens, N, Dh]."""
-        index = np.flatnonzero(valid)
-        if len(index) == len(valid):
-            return cache
-        if len(index) == 0 or index[-1] == len(index) - 1:
-            return cache[:, :, : len(index)]
-        return cache.index_select(2, torch.from_numpy(index).to(cache.device))
 
     def close(self) -> None:
         self._cross = None
