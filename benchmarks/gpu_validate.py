@@ -1,18 +1,39 @@
-"""Validate skyrt's GPU paths on YOUR machine: CUDA kernels, engines, and the rollout on them.
+"""Validate skyrt's GPU paths on YOUR machine: CUDA kernels, the rollout core, engines, throughput.
 
 skyrt's CI has no GPU: the CUDA kernels are compiled there but never run, and TensorRT engines are
-built (TensorRT-RTX) but never executed. Run this once on a machine with an NVIDIA GPU:
+built (TensorRT-RTX) but never executed. Run this once on a machine with an NVIDIA GPU.
+
+Full mode (TensorRT and onnxruntime installed):
 
     pip install torch==2.13.0 -e ".[export,ort,tensorrt]"        # or .[tensorrt-rtx] on RTX GPUs
     python benchmarks/gpu_validate.py --out gpu_report.json          # tiny random model, minutes
 
-It writes one JSON report:
   kernels  every skyrt._core.cuda kernel against its CPU reference on odd sizes (max abs diff)
   engines  builds engines from the tiny model's ONNX export with the chosen builder
   rollout  a kvcache rollout on TensorRT and on onnxruntime-CPU with the same noise: latent
-           difference, per-step time on each (and with CUDA-graph replay when enabled)
+           difference, per-step time on each
   captioner a tiny random captioner on TensorRT and on onnxruntime-CPU: vision features, greedy
            tokens (must be equal), prefill / decode timings
+
+Torch-only mode: a machine with torch (CUDA), nvcc, cmake, nanobind and scikit-build-core, and no
+TensorRT, no onnxruntime-gpu, no network. One command from the repository root builds the extension
+offline and runs everything (under 6 minutes on a Hopper GPU by design: seconds for the kernels and
+the rollout, about a minute of DF-1.3B blocks, the rest is the build):
+
+    python benchmarks/gpu_validate.py --mode torch-only --build --out benchmarks/results/gpu_validate_torch.json
+
+  build          pip install --no-build-isolation --no-deps -e . (seconds, status, CUDA compiled in)
+  kernels        as above
+  torch_rollout  the KV-cached rollout with its state in the rollout core on the GPU (torch-CUDA DiT
+                 step on the core's buffers) against the same rollout on the CPU, same noise: a small
+                 random DiT with the fps embedding, CFG (batch 2), blocks of 1 and 2, ring eviction
+                 and RoPE rebases; max latent difference
+  throughput     the real DF-1.3B architecture (30 layers, dim 1536) with random bf16 weights, 4
+                 steps, blocks of 3 latent frames, a 21-frame KV context (1 sink + 6 window blocks),
+                 no CFG, at 480x832 and 544x960: ms per block (4 denoising rows + the commit pass),
+                 pixel frames per second of the DiT (12 per block; the VAE decode is timed apart),
+                 peak memory, and the achieved share of the GPU's bf16 matmul peak measured in the
+                 same run (model FLOPs counted from the shapes, see forward_flops)
 Each section records its error instead of stopping the others, so a partial report still helps.
 """
 from __future__ import annotations
@@ -28,7 +49,13 @@ from typing import Callable
 
 import numpy as np
 
-from skyrt.export.engine import pick_builder  # torch-free; one owner of the builder choice
+
+def pick_builder(name: str) -> str:
+    """skyrt.export.engine.pick_builder (torch-free; one owner of the builder choice), imported late
+    so that --build can make skyrt importable first."""
+    from skyrt.export.engine import pick_builder as pick
+
+    return pick(name)
 
 # Per-kernel tolerances: fp32 elementwise math with the same formula on both sides; the CUDA
 # build may contract a*b+c into FMAs (one rounding instead of two), hence a few ulps, not zero.
@@ -36,16 +63,29 @@ FP32_ATOL = 1e-5
 FP16_ATOL = 2e-3  # fp16 storage: one half-precision ulp at |x| ~ 2
 
 
+FULL_SECTIONS = ["kernels", "engines", "rollout", "captioner"]
+TORCH_ONLY_SECTIONS = ["kernels", "torch_rollout", "throughput"]
+BUILD_COMMAND = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("gpu_report.json"))
+    p.add_argument("--mode", choices=("full", "torch-only"), default="full",
+                   help="full: TensorRT and onnxruntime sections; torch-only: kernels, torch rollout, throughput")
+    p.add_argument("--build", action="store_true",
+                   help="first build the extension offline: " + " ".join(BUILD_COMMAND[2:]))
     p.add_argument("--builder", choices=("tensorrt", "tensorrt-rtx", "auto"), default="auto",
                    help="engine builder (auto: tensorrt if installed, else tensorrt-rtx)")
-    p.add_argument("--sections", nargs="+", default=["kernels", "engines", "rollout", "captioner"],
-                   choices=["kernels", "engines", "rollout", "captioner"])
+    p.add_argument("--sections", nargs="+", default=None, choices=FULL_SECTIONS + TORCH_ONLY_SECTIONS[1:],
+                   help="default: every section of the mode")
+    p.add_argument("--sizes", nargs="+", default=["480x832", "544x960"], help="throughput frame sizes HxW")
     p.add_argument("--workdir", type=Path, default=None, help="where to keep the export and engines (default: temp)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.sections is None:
+        args.sections = TORCH_ONLY_SECTIONS if args.mode == "torch-only" else FULL_SECTIONS
+    return args
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -58,7 +98,8 @@ def kernel_cases(rng: np.random.Generator) -> dict[str, Callable[[], dict]]:
         "kv_rope_rebase_fp32": lambda: _check_rebase(rng, np.float32),
         "kv_rope_rebase_fp16": lambda: _check_rebase(rng, np.float16),
         "flow_euler": lambda: _check_flow_euler(rng),
-        "flow_unipc": lambda: _check_flow_unipc(rng),
+        "flow_unipc": lambda: _check_flow_unipc(rng, official_df_aliasing=False),
+        "flow_unipc_official_df_aliasing": lambda: _check_flow_unipc(rng, official_df_aliasing=True),
         "addnoise_condition": lambda: _check_addnoise(rng),
     }
 
@@ -80,53 +121,72 @@ def _result(diff: float, atol: float, **extra) -> dict:
     return {"max_abs_diff": float(diff), "atol": atol, "passed": bool(diff <= atol), **extra}
 
 
+DEVICE = "cuda:0"
+
+
+def _to_device(array: np.ndarray):
+    """A skyrt._core.Buffer on the GPU holding a copy of `array` (the core allocates and counts it)."""
+    from skyrt import _core
+
+    array = np.ascontiguousarray(array)
+    dtype = "uint8" if array.dtype == np.bool_ else str(array.dtype)
+    buf = _core.Buffer.allocate(list(array.shape), dtype, DEVICE, False)
+    _core.upload(buf, array.view(np.uint8) if array.dtype == np.bool_ else array)
+    return buf
+
+
+def _empty(shape, dtype=np.float32):
+    from skyrt import _core
+
+    return _core.Buffer.allocate(list(shape), np.dtype(dtype).name, DEVICE, False)
+
+
+def _to_host(buf) -> np.ndarray:
+    from skyrt import _core
+
+    out = np.empty(tuple(buf.shape), np.dtype(buf.dtype))
+    _core.download(buf, out)
+    return out
+
+
 def _check_cfg_combine(rng) -> dict:
     from skyrt import _core
-    from skyrt.runtime.cuda_mem import DeviceArray
 
     n = 16 * 3 * 7 * 9 + 5
     cond, uncond = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
     want = np.empty_like(cond)
     _core.cfg_combine(cond, uncond, want, 5.5)
-    d_cond, d_uncond, d_out = DeviceArray.from_host(cond), DeviceArray.from_host(uncond), DeviceArray.empty((n,), np.float32)
-    _core.cuda.cfg_combine(d_cond.ptr, d_uncond.ptr, d_out.ptr, n, 5.5, 0)
-    return _result(np.abs(d_out.download() - want).max(), FP32_ATOL, size=n)
+    d_out = _empty((n,))
+    _core.cuda.cfg_combine(_to_device(cond), _to_device(uncond), d_out, 5.5)
+    return _result(np.abs(_to_host(d_out) - want).max(), FP32_ATOL, size=n)
 
 
 def _check_kv_write(rng, dtype) -> dict:
     from skyrt import _core
-    from skyrt.runtime.cuda_mem import DeviceArray
 
     layers, slots, tokens, heads, head_dim = 3, 5, 7, 2, 24
     cache = rng.standard_normal((layers, slots, tokens, heads, head_dim)).astype(dtype)
     src = rng.standard_normal((layers, tokens, heads, head_dim)).astype(dtype)
-    d_cache, d_src = DeviceArray.from_host(cache), DeviceArray.from_host(src)
-    block = tokens * heads * head_dim
-    _core.cuda.kv_write_block(d_src.ptr, block, d_cache.ptr, slots * block, block, 3, layers, block,
-                              "float16" if dtype == np.float16 else "float32", 0)
+    d_cache = _to_device(cache)
+    _core.cuda.kv_write_block(d_cache, 3, _to_device(src))
     _core.kv_write_block(cache, 3, src)
-    return _result(np.abs(d_cache.download().astype(np.float32) - cache.astype(np.float32)).max(), 0.0)
+    return _result(np.abs(_to_host(d_cache).astype(np.float32) - cache.astype(np.float32)).max(), 0.0)
 
 
 def _check_rebase(rng, dtype) -> dict:
     from skyrt import _core
-    from skyrt.runtime.cuda_mem import DeviceArray
 
     shape = (2, 3, 5, 2, 36)  # head_dim 36: temporal part 36 - 4 * 6 = 12
     keys = rng.standard_normal(shape).astype(dtype)
-    d_keys = DeviceArray.from_host(keys)
-    layers, slots, tokens, heads, head_dim = shape
-    strides = [s // keys.itemsize for s in keys.strides]
-    _core.cuda.kv_rope_rebase(d_keys.ptr, layers, slots, tokens, heads, head_dim, strides[0], strides[1], strides[2],
-                              strides[3], 37, 10000.0, "float16" if dtype == np.float16 else "float32", 0)
+    d_keys = _to_device(keys)
+    _core.cuda.kv_rope_rebase(d_keys, 37)
     _core.kv_rope_rebase(keys, 37)
     atol = FP16_ATOL if dtype == np.float16 else FP32_ATOL
-    return _result(np.abs(d_keys.download().astype(np.float32) - keys.astype(np.float32)).max(), atol)
+    return _result(np.abs(_to_host(d_keys).astype(np.float32) - keys.astype(np.float32)).max(), atol)
 
 
 def _check_flow_euler(rng) -> dict:
     from skyrt import _core
-    from skyrt.runtime.cuda_mem import DeviceArray
 
     outer, frames, inner = 3, 5, 7 * 11
     x, v = (rng.standard_normal((outer, frames, inner)).astype(np.float32) for _ in range(2))
@@ -134,46 +194,43 @@ def _check_flow_euler(rng) -> dict:
     update = np.array([True, False, True, True, False])
     want = np.empty_like(x)
     _core.flow_euler(x, v, want, dt, update)
-    d = [DeviceArray.from_host(a) for a in (x, v, dt, update.astype(np.uint8))]
-    d_out = DeviceArray.empty(x.shape, np.float32)
-    _core.cuda.flow_euler(d[0].ptr, d[1].ptr, d_out.ptr, d[2].ptr, d[3].ptr, outer, frames, inner, 0)
-    return _result(np.abs(d_out.download() - want).max(), FP32_ATOL)
+    d_out = _empty(x.shape)
+    _core.cuda.flow_euler(_to_device(x), _to_device(v), d_out, _to_device(dt), _to_device(update))
+    return _result(np.abs(_to_host(d_out) - want).max(), FP32_ATOL)
 
 
-def _check_flow_unipc(rng) -> dict:
+def _check_flow_unipc(rng, official_df_aliasing: bool) -> dict:
     """Three consecutive steps (order 1, then 2) so the per-frame history buffers are exercised."""
     from skyrt import _core
-    from skyrt.runtime.cuda_mem import DeviceArray
     from skyrt.runtime.scheduler import shifted_sigmas
 
     outer, frames, inner = 2, 3, 5 * 13
     sigmas = np.asarray(shifted_sigmas(10, 8.0), np.float64)
     x = rng.standard_normal((outer, frames, inner)).astype(np.float32)
     hist = [np.zeros_like(x) for _ in range(3)]
-    d_x = DeviceArray.from_host(x)
-    d_hist = [DeviceArray.from_host(h) for h in hist]
+    d_x = _to_device(x)
+    d_hist = [_to_device(h) for h in hist]
     worst = 0.0
     for step in range(3):
         v = rng.standard_normal(x.shape).astype(np.float32)
         coeffs = _core.unipc_frame_coeffs(sigmas, np.array([step, step + 1, -1 if step == 0 else step], np.int64))
-        _core.flow_unipc(x, v, x, *hist, coeffs)
-        d_v, d_coeffs = DeviceArray.from_host(v), DeviceArray.from_host(coeffs)
-        _core.cuda.flow_unipc(d_x.ptr, d_v.ptr, d_x.ptr, *(h.ptr for h in d_hist), d_coeffs.ptr, outer, frames, inner, 0)
-        worst = max(worst, float(np.abs(d_x.download() - x).max()))
+        _core.flow_unipc(x, v, x, *hist, coeffs, official_df_aliasing=official_df_aliasing)
+        _core.cuda.flow_unipc(d_x, _to_device(v), d_x, *d_hist, _to_device(coeffs),
+                              official_df_aliasing=official_df_aliasing)
+        worst = max(worst, float(np.abs(_to_host(d_x) - x).max()))
     return _result(worst, 1e-4, steps=3)
 
 
 def _check_addnoise(rng) -> dict:
     from skyrt import _core
-    from skyrt.runtime.cuda_mem import DeviceArray
 
     outer, frames, inner = 4, 6, 9 * 5
     x, noise = (rng.standard_normal((outer, frames, inner)).astype(np.float32) for _ in range(2))
     want = np.empty_like(x)
     _core.addnoise_condition(x, noise, want, 0.02, 1, 4)
-    d_x, d_noise, d_out = DeviceArray.from_host(x), DeviceArray.from_host(noise), DeviceArray.empty(x.shape, np.float32)
-    _core.cuda.addnoise_condition(d_x.ptr, d_noise.ptr, d_out.ptr, outer, frames, inner, 1, 4, 0.02, 0)
-    return _result(np.abs(d_out.download() - want).max(), FP32_ATOL)
+    d_out = _empty(x.shape)
+    _core.cuda.addnoise_condition(_to_device(x), _to_device(noise), d_out, 0.02, 1, 4)
+    return _result(np.abs(_to_host(d_out) - want).max(), FP32_ATOL)
 
 
 # ------------------------------------------------------------------------------- engines, rollout
@@ -281,10 +338,256 @@ def _guarded(fn: Callable[[], dict]) -> dict:
         return {"passed": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
-def machine_info() -> dict:
+# ------------------------------------------------------------------------------- torch-only mode
+def run_build(repo: Path) -> dict:
+    """The offline build of the extension (no network: --no-build-isolation uses the installed
+    scikit-build-core and nanobind), then what it contains."""
+    import subprocess
+
+    started = time.perf_counter()
+    result = subprocess.run(BUILD_COMMAND, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    report = {"command": " ".join(BUILD_COMMAND[2:]), "seconds": time.perf_counter() - started,
+              "returncode": result.returncode, "output_tail": result.stdout[-3000:]}
+    if result.returncode == 0:
+        from skyrt import _core
+
+        report["build_info"] = dict(_core.build_info())
+    report["passed"] = result.returncode == 0 and report.get("build_info", {}).get("cuda") is True
+    return report
+
+
+TORCH_ROLLOUT_ATOL = 1e-3  # fp32 on both devices (TF32 off); summation order differs, CFG 5 amplifies it
+ROLLOUT_CASES = {  # name: (request overrides, blocks, RoPE table) - the table shrunk so rebases happen
+    "guided_blocks_of_1_evict_rebase": (dict(ar_step=1, causal_block_size=1, guidance_scale=5.0), 12, 24),
+    "blocks_of_2_euler": (dict(ar_step=2, causal_block_size=2, sampler="euler"), 6, 1024),
+}
+
+
+def run_torch_rollout(seed: int, device: str = DEVICE) -> dict:
+    """The same KV-cached rollout with its state on the GPU (rollout core on cuda:0, torch-CUDA DiT
+    step on the core's buffers) and on the CPU: a small random DiT with the fps embedding, CFG as
+    one batch of 2, ring eviction and RoPE rebases; the noise comes from one numpy generator."""
+    import torch
+
+    require_torch_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False  # the patch embedding is a Conv3d
+    from skyrt.export.dit import WanDiT
+    from skyrt.runtime.model_config import DiTConfig
+
+    cfg = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16,
+                    inject_sample_info=True)
+    torch.manual_seed(seed)
+    dit = WanDiT(cfg).eval()
+    contexts = [torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(seed + i))
+                for i in range(2)]
+    report = {}
+    for name, (overrides, blocks, table) in ROLLOUT_CASES.items():
+        def case(overrides=overrides, blocks=blocks, table=table) -> dict:
+            got = {}
+            timings = {}
+            for where in ("cpu", device):
+                started = time.perf_counter()
+                got[where] = _rollout_blocks(dit, contexts, where, overrides, blocks, table, seed)
+                timings[where] = time.perf_counter() - started
+            diff = float(np.abs(got[device] - got["cpu"]).max())
+            return {**_result(diff, TORCH_ROLLOUT_ATOL), "blocks": blocks, "seconds": timings,
+                    "latent_std": float(got["cpu"].std()), "settings": overrides, "rope_table": table}
+        report[name] = _guarded(case)
+    report["passed"] = all(r.get("passed") for r in report.values())
+    return report
+
+
+def _rollout_blocks(dit, contexts, device: str, overrides: dict, blocks: int, table: int, seed: int) -> np.ndarray:
+    """The first `blocks` clean latent blocks [16, F, h, w] of a kvcache rollout on `device`."""
+    import copy
+
+    import torch
+
+    from skyrt.runtime import kvcache
+    from skyrt.runtime.backends.base import TextContext
+    from skyrt.runtime.backends.torch_backend import TorchBackend
+    from skyrt.runtime.pipeline import Pipeline
+
+    backend = TorchBackend.from_modules(copy.deepcopy(dit), device=device)
+    req = Pipeline(backend)._request(dict(prompt="random", num_frames=1 + 4 * 2**40, height=64, width=64,
+                                          num_inference_steps=4, shift=8.0, mode="kvcache", causal_attention=True,
+                                          sink_blocks=1, window_blocks=3, fps=24, seed=seed, **overrides))
+    cond, uncond = (TextContext(f"context {i}", c.to(device)) for i, c in enumerate(contexts))
+    saved, kvcache.ROPE_TABLE = kvcache.ROPE_TABLE, table
+    try:
+        rollout = kvcache.KVRollout(backend, req, cond, uncond if req.use_cfg else None,
+                                    np.random.default_rng(seed), kvcache.KVSettings(1, 3))
+        with rollout, torch.inference_mode():
+            assert rollout.core.device == device, f"the stream's state is on {rollout.core.device}, not {device}"
+            out = []
+            for block in rollout.blocks():
+                out.append(np.array(block))
+                if len(out) == blocks:
+                    break
+    finally:
+        kvcache.ROPE_TABLE = saved
+    return np.concatenate(out, axis=1)
+
+
+# DF-1.3B throughput ------------------------------------------------------------------------------
+THROUGHPUT = dict(num_inference_steps=4, block_frames=3, context_frames=21, warmup_blocks=7, measured_blocks=4)
+
+
+def forward_flops(cfg, active_tokens: int, cached_tokens: int, text_tokens: int) -> float:
+    """FLOPs of one DiT step over `active_tokens` against `cached_tokens` (matmuls only, 2 per
+    multiply-add): per layer the q, k, v, o projections (4 L d^2), the cross-attention q and o (2 L d^2;
+    its K/V are per prompt), the FFN (2 L d ffn), self-attention scores and values over the cache and
+    the active tokens (2 L (S + L) d) and cross-attention over the text (2 L Lt d)."""
+    d, f, L, S = cfg.dim, cfg.ffn_dim, active_tokens, cached_tokens
+    per_layer = 6 * L * d * d + 2 * L * d * f + 2 * L * (S + L) * d + 2 * L * text_tokens * d
+    return 2.0 * cfg.num_layers * per_layer
+
+
+def require_torch_device(device: str) -> None:
+    """Stop a torch section at once, with the reason, when torch cannot reach `device` (before any
+    CPU-side half of a comparison spends minutes)."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"torch {torch.__version__} sees no CUDA device for {device} (torch.cuda.is_available() "
+                           "is False): run the torch-only mode with a CUDA build of torch on a machine with an "
+                           "NVIDIA GPU")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def measure_bf16_peak(n: int = 8192, iters: int = 30, device: str = DEVICE) -> float:
+    """TFLOP/s of a square bf16 matmul on this GPU (cuBLAS), the yardstick for the model's share."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    return 2.0 * n**3 * iters / (time.perf_counter() - started) / 1e12
+
+
+def run_throughput(seed: int, sizes: list[str], device: str = DEVICE, config=None, peak_n: int = 8192) -> dict:
+    """The real DF-1.3B architecture (or `config`), random bf16 weights, on the KV-cached rollout
+    (module docstring). device / config / peak_n exist so the tests can run the same code on a CPU."""
+    import torch
+
+    from skyrt.export.dit import WanDiT
+    from skyrt.runtime.backends.torch_backend import TorchBackend
+    from skyrt.runtime.model_config import DF_1_3B_540P
+
+    require_torch_device(device)
+    config = config or DF_1_3B_540P
+    torch.manual_seed(seed)
+    with torch.device(device):
+        dit = WanDiT(config)
+    backend = TorchBackend.from_modules(dit.to(torch.bfloat16), device=device, dtype=torch.bfloat16)
+    report = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
+              "bf16_matmul_tflops": measure_bf16_peak(peak_n, device=device),
+              "settings": {**THROUGHPUT, "guidance": "none (one context)", "dtype": "bfloat16",
+                           "kv_dtype": "float16", "layers": config.num_layers, "dim": config.dim}}
+    for size in sizes:
+        height, width = (int(v) for v in size.lower().split("x"))
+        report[size] = _guarded(lambda: _throughput_at(backend, height, width, report["bf16_matmul_tflops"], seed))
+    report["passed"] = all(report[s].get("passed") for s in sizes)
+    return report
+
+
+def _throughput_at(backend, height: int, width: int, peak_tflops: float, seed: int) -> dict:
+    import torch
+
+    from skyrt import _core
+    from skyrt.runtime import kvcache
+    from skyrt.runtime.backends.base import TextContext
+    from skyrt.runtime.pipeline import Pipeline
+
+    t, device = THROUGHPUT, backend.device
+    cfg, block = backend.dit.config, t["block_frames"]
+    cuda = device.type == "cuda"
+    window = t["context_frames"] // block - 1
+    req = Pipeline(backend)._request(dict(
+        prompt="random", num_frames=1 + 4 * 2**40, height=height, width=width, mode="kvcache",
+        causal_attention=True, num_inference_steps=t["num_inference_steps"], shift=5.0, guidance_scale=1.0,
+        ar_step=t["num_inference_steps"], causal_block_size=block, sink_blocks=1, window_blocks=window, fps=24,
+        seed=seed))
+    context = TextContext("random", torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=torch.bfloat16))
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    rollout = kvcache.KVRollout(backend, req, context, None, np.random.default_rng(seed), kvcache.KVSettings(1, window))
+    times = []
+    with rollout, torch.inference_mode():
+        blocks = rollout.blocks()
+        for _ in range(t["warmup_blocks"] + t["measured_blocks"]):
+            started = time.perf_counter()
+            next(blocks)  # the block's clean latents come back to the host: the GPU work is done
+            times.append(time.perf_counter() - started)
+        core_bytes = _core.memory_stats()["live_bytes"]
+    measured = times[t["warmup_blocks"]:]
+    ms = 1e3 * float(np.median(measured))
+    tokens_per_frame = (height // 16) * (width // 16)
+    active, cached = block * tokens_per_frame, t["context_frames"] * tokens_per_frame
+    flops = (t["num_inference_steps"] + 1) * forward_flops(cfg, active, cached, cfg.text_len)
+    achieved = flops / (ms / 1e3) / 1e12
+    result = {"ms_per_block": ms, "ms_per_block_all": [1e3 * x for x in times],
+              "pixel_fps": 4 * block / (ms / 1e3), "latent_frames_per_block": block,
+              "dit_tflops": achieved, "share_of_bf16_matmul_peak": achieved / peak_tflops,
+              "flops_per_block": flops, "core_buffers_gib": core_bytes / 2**30,
+              "torch_peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+              "passed": bool(np.isfinite(ms))}
+    result["vae_decode"] = _guarded(lambda: _vae_decode_time(height, width, block, str(device)))
+    return result
+
+
+def _vae_decode_time(height: int, width: int, latent_frames: int, device: str, dim: int = 96) -> dict:
+    """The Wan2.1 VAE (random fp32 weights) streaming-decoding one block, per latent frame."""
+    import torch
+
+    from skyrt.export.vae import StreamingDecoder, VAEConfig, WanVAE
+
+    with torch.device(device):
+        vae = WanVAE(VAEConfig(dim=dim)).eval()
+    decoder = StreamingDecoder(vae)
+    z = torch.randn(1, 16, 1, height // 8, width // 8, device=device)
+    with torch.inference_mode():
+        for _ in range(2):  # the first frame and one later frame as warm-up
+            decoder.decode_next(z)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(latent_frames):
+            decoder.decode_next(z)
+        _sync(device)
+    ms = 1e3 * (time.perf_counter() - started)
+    del vae, decoder
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"ms_per_block": ms, "pixel_fps": 4 * latent_frames / (ms / 1e3), "passed": True}
+
+
+# ------------------------------------------------------------------------------------------------
+def machine_info(torch_only: bool = False) -> dict:
+    info = {"platform": platform.platform(), "python": sys.version.split()[0]}
+    if torch_only:
+        import torch
+
+        info["gpus"] = torch.cuda.device_count()
+        info["torch"] = torch.__version__
+        if info["gpus"]:
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        return info
     from skyrt.runtime import cuda_mem
 
-    info = {"platform": platform.platform(), "python": sys.version.split()[0]}
     if cuda_mem.device_count():
         info["compute_capability"] = cuda_mem.compute_capability()
     info["gpus"] = cuda_mem.device_count()
@@ -295,20 +598,32 @@ def main(argv=None) -> int:
     import tempfile
 
     args = parse_args(argv)
-    report = {"benchmark": "gpu_validate", "machine": _guarded(machine_info)}
+    torch_only = args.mode == "torch-only"
+    started = time.perf_counter()
+    report = {"benchmark": "gpu_validate", "mode": args.mode}
+    if args.build:  # before anything imports skyrt
+        report["build"] = _guarded(lambda: run_build(Path(__file__).resolve().parents[1]))
+    report["machine"] = _guarded(lambda: machine_info(torch_only))
     if "kernels" in args.sections:
         report["kernels"] = _guarded(lambda: run_kernels(args.seed))
+    if "torch_rollout" in args.sections:
+        report["torch_rollout"] = _guarded(lambda: run_torch_rollout(args.seed))
+    if "throughput" in args.sections:
+        report["throughput"] = _guarded(lambda: run_throughput(args.seed, args.sizes))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         if {"engines", "rollout"} & set(args.sections):
             report |= run_engines_and_rollout(args, workdir, args.sections)
         if "captioner" in args.sections:
             report["captioner"] = _guarded(lambda: run_captioner(workdir, pick_builder(args.builder)))
+    report["seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
-    passed = [report[s].get("passed", report[s].get("all_passed")) for s in args.sections if s in report]
-    print(json.dumps({s: report[s].get("passed", report[s].get("all_passed")) for s in args.sections if s in report}))
-    print(f"wrote {args.out}")
-    return 0 if all(passed) else 1
+    checked = (["build"] if args.build else []) + [s for s in args.sections if s in report]
+    verdicts = {s: report[s].get("passed", report[s].get("all_passed")) for s in checked}
+    print(json.dumps(verdicts))
+    print(f"wrote {args.out} ({report['seconds']:.0f} s)")
+    return 0 if all(verdicts.values()) else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ diffusers and skyrt's window mode run the official long-video recipe (README of 
 97-frame windows, 17-frame overlap, synchronous); skyrt's kvcache mode streams the same number of
 latent frames, one block of one latent frame at a time, against a ring of 1 sink block plus each
 --kv-windows size (1 + 4 holds the 17 frames of history the official recipe carries between windows).
+
+Each kvcache run is made twice, back to back (--kv-drivers): by the runtime (its state in the C++
+rollout core, skyrt._core.RolloutCore, the backend's step on the core's buffers) and by the all-numpy
+driver the core replaced (tests/kvcache_numpy_reference.py: numpy UniPC per frame, host caches, the
+backend's per-call kv_step), so "core_vs_numpy_reference" in the JSON says whether the core is slower
+than what it replaced, measured in the same run.
 """
 from __future__ import annotations
 
@@ -47,8 +53,14 @@ def parse_args():
     p.add_argument("--kv-windows", type=int, nargs="+", default=[4, 8], help="ring window sizes to measure")
     p.add_argument("--kv-backends", nargs="+", default=["torch"], choices=["torch", "onnxruntime"],
                    help="backends of the kvcache runs (onnxruntime: CPU graphs, exported in an untimed warm-up)")
+    p.add_argument("--kv-drivers", nargs="+", default=["core", "numpy_reference"], choices=["core", "numpy_reference"],
+                   help="who drives the kvcache runs: the rollout core, and/or the numpy rollout it replaced")
+    p.add_argument("--kv-repeats", type=int, default=1,
+                   help="runs of each kvcache stream, the drivers' order reversed on every other repeat (ABBA); "
+                        "the fastest run is reported, all durations are kept in seconds_all")
     p.add_argument("--skip", nargs="*", default=[], help="result names to leave out (e.g. skyrt_window_pixel_carry)")
     p.add_argument("--baseline", default="diffusers_long_video", help="the result the ratios divide by")
+    p.add_argument("--machine-note", default="", help="free text stored with the machine (e.g. shared with other jobs)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout.json")
     return p.parse_args()
 
@@ -98,10 +110,21 @@ def run_skyrt(model_dir, args, settings, carry: str) -> dict:
     return clock.result(len(frames))
 
 
-def run_skyrt_kvcache(model_dir, args, settings, window_blocks: int, backend: str = "torch") -> dict:
+def run_skyrt_kvcache(model_dir, args, settings, window_blocks: int, backend: str = "torch",
+                      driver: str = "core") -> dict:
     """mode="kvcache" stream: blocks of one latent frame, a ring of --kv-sink-blocks + window_blocks;
     the same number of latent frames as the long video. Also reports the steady rate once the ring is full.
-    backend="onnxruntime" exports its graphs (into a cache beside the model) in an untimed warm-up."""
+    backend="onnxruntime" exports its graphs (into a cache beside the model) in an untimed warm-up.
+    driver="numpy_reference": the stream driven by the numpy rollout the core replaced."""
+    if driver == "numpy_reference":
+        from skyrt.runtime import kvcache
+
+        saved = kvcache.KVRollout
+        kvcache.KVRollout = _numpy_reference_rollout()  # Pipeline._kv_rollout reads it from the module
+        try:
+            return run_skyrt_kvcache(model_dir, args, settings, window_blocks, backend)
+        finally:
+            kvcache.KVRollout = saved
     import warnings
 
     import skyrt
@@ -143,6 +166,18 @@ def run_skyrt_kvcache(model_dir, args, settings, window_blocks: int, backend: st
     return out
 
 
+def _numpy_reference_rollout():
+    """tests/kvcache_numpy_reference.KVRollout with the close() the pipeline calls (it holds nothing
+    to release: numpy arrays)."""
+    import kvcache_numpy_reference
+
+    class NumpyReferenceRollout(kvcache_numpy_reference.KVRollout):
+        def close(self) -> None:
+            pass
+
+    return NumpyReferenceRollout
+
+
 def _warm_up_exports(pipe, args, settings, window_blocks: int) -> None:
     """Two blocks of the same stream, so exporting the graphs is not timed."""
     import warnings
@@ -174,6 +209,43 @@ def run_diffusers(oracle, args, settings, **overrides) -> dict:
     return clock.result(len(frames))
 
 
+def kv_name(args, window_blocks: int, backend: str, driver: str) -> str:
+    return (f"skyrt_kvcache_ring_{args.kv_sink_blocks}+{window_blocks}" + ("" if backend == "torch" else f"_{backend}")
+            + ("" if driver == "core" else f"_{driver}"))
+
+
+def kv_runs(args, run) -> list:
+    """(name, thunk) of every kvcache stream, each --kv-repeats times; on odd repeats the drivers run in
+    reverse order, so neither driver always runs first on a machine whose load drifts."""
+    out = []
+    for repeat in range(args.kv_repeats):
+        drivers = args.kv_drivers if repeat % 2 == 0 else args.kv_drivers[::-1]
+        out += [(kv_name(args, w, b, d), lambda w=w, b=b, d=d: run(w, b, d))
+                for b in args.kv_backends for w in args.kv_windows for d in drivers]
+    return out
+
+
+def keep_fastest(kept: dict | None, new: dict) -> dict:
+    """Of repeated runs the fastest (the least disturbed by other processes), with every duration listed."""
+    durations = (kept or {}).get("seconds_all", []) + [new["seconds"]]
+    best = new if kept is None or new["seconds"] < kept["seconds"] else kept
+    return best | {"seconds_all": durations}
+
+
+def core_vs_reference(args, results: dict) -> dict:
+    """Per kvcache run measured both ways: the core's rate over the numpy driver's (> 1: the core is faster)."""
+    out = {}
+    for b in args.kv_backends:
+        for w in args.kv_windows:
+            core, ref = results.get(kv_name(args, w, b, "core")), results.get(kv_name(args, w, b, "numpy_reference"))
+            if core is None or ref is None:
+                continue
+            out[kv_name(args, w, b, "core")] = {
+                key: core[key] / ref[key] for key in ("latent_frames_per_s", "denoise_latent_frames_per_s",
+                                                      "steady_latent_frames_per_s") if key in core and key in ref}
+    return out
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -186,25 +258,24 @@ def main() -> None:
                         height=size, width=size, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                         shift=8.0, ar_step=0)
         latent_frames = (args.frames - 1) // 4 + 1
-        runs = {f"skyrt_kvcache_ring_{args.kv_sink_blocks}+{w}" + ("" if b == "torch" else f"_{b}"):
-                (lambda w=w, b=b: run_skyrt_kvcache(model_dir, args, settings, w, b))
-                for b in args.kv_backends for w in args.kv_windows}
-        runs |= {"skyrt_window_latent_carry": lambda: run_skyrt(model_dir, args, settings, "latent"),
+        runs = kv_runs(args, lambda w, b, d: run_skyrt_kvcache(model_dir, args, settings, w, b, d))
+        runs += [(name, run) for name, run in {"skyrt_window_latent_carry": lambda: run_skyrt(model_dir, args, settings, "latent"),
                  "skyrt_window_pixel_carry": lambda: run_skyrt(model_dir, args, settings, "pixel"),
                  "diffusers_long_video": lambda: run_diffusers(oracle, args, settings),
                  # The official async recipe (README of SkyReels-V2): 5-frame causal blocks, ar_step 5.
                  "diffusers_long_video_async": lambda: run_diffusers(oracle, args, settings, ar_step=5,
-                                                                     causal_block_size=5)}
+                                                                     causal_block_size=5)}.items()]
         results = {}
-        for name, run in runs.items():
+        for name, run in runs:
             if name in args.skip:
                 continue
             load_before = os.getloadavg()[0]
-            results[name] = run()
+            result = run()
             # Other processes on a 2-core machine slow small ops by far more than their share (OpenMP
             # threads spin-wait), so each result records the 1-minute load average around it.
-            results[name]["load_average_before_after"] = [load_before, os.getloadavg()[0]]
-            print(name, json.dumps(results[name]), flush=True)
+            result["load_average_before_after"] = [load_before, os.getloadavg()[0]]
+            print(name, json.dumps(result), flush=True)
+            results[name] = keep_fastest(results.get(name), result)
     for r in results.values():
         r["latent_frames_per_s"] = latent_frames / r["seconds"]
         r["denoise_latent_frames_per_s"] = latent_frames / (r["seconds"] - r["vae_seconds"])
@@ -212,7 +283,7 @@ def main() -> None:
     report = {
         "benchmark": "rollout",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": args.threads,
-                    "device": "cpu"},
+                    "cpu_count": os.cpu_count(), "device": "cpu", "note": args.machine_note},
         "config": vars(args) | {"out": args.out.name, "latent_frames": latent_frames},
         "results": results,
         "baseline": args.baseline,
@@ -222,11 +293,13 @@ def main() -> None:
                    "time_to_first_frame": base["time_to_first_frame_s"] / r["time_to_first_frame_s"]}
             for name, r in results.items()
         },
+        "core_vs_numpy_reference": core_vs_reference(args, results),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["results"], indent=2))
     print(json.dumps(report["ratios_vs_baseline"], indent=2))
+    print(json.dumps(report["core_vs_numpy_reference"], indent=2))
     print(f"wrote {args.out}")
 
 

@@ -2,9 +2,11 @@
 // shapes and dtypes, hands raw pointers to the kernels and turns status codes into exceptions.
 //
 // CPU entry points take numpy arrays. The CUDA entry points live in the submodule `_core.cuda`,
-// have the same names and take raw device pointers as integers (e.g. torch's tensor.data_ptr()),
-// element counts/strides and a stream handle as an integer (0 = default stream); in a build
-// without CUDA they raise RuntimeError. Build: `pip install --no-build-isolation -e .`.
+// have the same names and argument order and take `Buffer`s (address, shape, dtype, device: a
+// wrong size, dtype or device is a ValueError naming the buffer, never an out-of-bounds write) and a
+// stream handle as an integer (0 = default stream); in a build without CUDA they raise
+// RuntimeError. `RolloutCore` is the stream's state on one device (rollout.h).
+// Build: `pip install --no-build-isolation -e .`.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -22,6 +24,8 @@
 #include "guidance.h"
 #include "half.h"
 #include "kv_cache.h"
+#include "buffer.h"
+#include "rollout.h"
 #include "samplers.h"
 
 namespace nb = nanobind;
@@ -43,6 +47,7 @@ void require(bool ok, const std::string& message) {
 }
 
 void* as_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+void* stream_of(uintptr_t s) { return reinterpret_cast<void*>(s); }  // cudaStream_t (0 = default)
 
 // Runs a CPU reference with the GIL released (the serving threads keep running) and returns its status.
 template <typename F>
@@ -376,7 +381,7 @@ nb::ndarray<nb::numpy, float> unipc_frame_coeffs_binding(
 }
 
 void flow_unipc_binding(CpuConstArray x, CpuConstArray v, CpuArray out, CpuArray x_last, CpuArray m1, CpuArray m2,
-                        CpuConstArray coeffs, int64_t frame_axis) {
+                        CpuConstArray coeffs, int64_t frame_axis, bool official_df_aliasing) {
   const Layout l = frame_layout(x, frame_axis, "flow_unipc");
   same_size(v.size(), x.size(), "flow_unipc", "v");
   same_size(out.size(), x.size(), "flow_unipc", "out");
@@ -389,7 +394,7 @@ void flow_unipc_binding(CpuConstArray x, CpuConstArray v, CpuArray out, CpuArray
   const auto* table = reinterpret_cast<const skyrt::UniPCFrameCoeffs*>(coeffs.data());
   check_status(without_gil([&] {
                  return skyrt::cpu::flow_unipc(x.data(), v.data(), out.data(), x_last.data(), m1.data(), m2.data(),
-                                               table, l.outer, l.frames, l.inner);
+                                               table, l.outer, l.frames, l.inner, official_df_aliasing);
                }),
                "flow_unipc");
 }
@@ -416,27 +421,270 @@ void bind_samplers(nb::module_& m) {
         "float32 [frames, 12] per-frame FlowUniPC (order 2, bh2) coefficients for step steps[f] of the float64 "
         "sigma schedule [S+1] (computed in double); steps[f] < 0 = frame not updated.");
   m.def("flow_unipc", &flow_unipc_binding, "x"_a, "v"_a, "out"_a, "x_last"_a, "m1"_a, "m2"_a, "coeffs"_a,
-        "frame_axis"_a = 1,
+        "frame_axis"_a = 1, "official_df_aliasing"_a = false,
         "One per-frame FlowUniPC step: out = next sample; x_last, m1, m2 (the frame's history, same shape as x) "
-        "are updated in place. out may be x.");
+        "are updated in place. out may be x. official_df_aliasing: keep a frame's first output, not its input, "
+        "as the corrector's last sample (what the official DF loop computes; samplers.h).");
   m.def("addnoise_condition", &addnoise_condition_binding, "x"_a, "noise"_a, "out"_a, "factor"_a,
         "frame_begin"_a, "frame_end"_a, "frame_axis"_a = 1,
         "out = x * (1 - factor) + noise * factor on frames [frame_begin, frame_end), copy elsewhere.");
 }
 
-// ---- CUDA entry points (raw device pointers) -------------------------------------------------------
+// ---- Buffers: memory with its size, dtype and device ------------------------------------------------
 
-void* stream_of(uintptr_t s) { return reinterpret_cast<void*>(s); }
+using skyrt::Buffer;
 
-bool half_dtype(const std::string& dtype, const char* what) {
-  require(dtype == "float32" || dtype == "float16", std::string(what) + ": dtype must be 'float32' or 'float16'");
-  return dtype == "float16";
+const Buffer& as_buffer(nb::handle h, const char* fn, const char* name) {
+  if (!nb::isinstance<Buffer>(h))
+    throw nb::type_error((std::string(fn) + ": " + name + " must be a skyrt._core.Buffer (Buffer.wrap(ptr, shape, dtype, "
+                          "device) for memory allocated elsewhere), got " + nb::type_name(h.type()).c_str()).c_str());
+  return nb::cast<const Buffer&>(h);
+}
+
+skyrt::DType dtype_of(const std::string& name) {
+  skyrt::DType d;
+  require(skyrt::parse_dtype(name, &d), "dtype '" + name + "' is not one of float32, float16, uint8");
+  return d;
+}
+
+skyrt::Device device_of(const std::string& name) {
+  skyrt::Device d;
+  require(skyrt::parse_device(name, &d), "device '" + name + "' is not 'cpu', 'cuda' or 'cuda:N'");
+  return d;
+}
+
+// numpy view of host memory; the array keeps the allocation alive (a copy of its owner).
+nb::object numpy_view(const Buffer& b) {
+  require(!b.device.cuda, "Buffer.numpy(): " + b.describe() + " is not host memory");
+  std::vector<size_t> shape(b.shape.begin(), b.shape.end());
+  nb::object owner = nb::none();
+  if (b.owner) {
+    auto* keep = new std::shared_ptr<void>(b.owner);
+    owner = nb::capsule(keep, [](void* p) noexcept { delete static_cast<std::shared_ptr<void>*>(p); });
+  }
+  nb::dlpack::dtype dt = b.dtype == skyrt::kFloat32   ? nb::dtype<float>()
+                         : b.dtype == skyrt::kFloat16 ? nb::dlpack::dtype{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 16, 1}
+                         : b.dtype == skyrt::kInt64   ? nb::dtype<int64_t>()
+                                                      : nb::dtype<uint8_t>();
+  nb::ndarray<nb::numpy> array(b.ptr, shape.size(), shape.data(), owner, nullptr, dt);
+  return nb::cast(array, nb::rv_policy::reference);
+}
+
+// The DType of a numpy array (bool travels as uint8), or a ValueError naming what is accepted.
+skyrt::DType array_dtype(const nb::dlpack::dtype& dt, const char* fn) {
+  using Code = nb::dlpack::dtype_code;
+  const auto code = static_cast<Code>(dt.code);
+  if (code == Code::Float && dt.bits == 32) return skyrt::kFloat32;
+  if (code == Code::Float && dt.bits == 16) return skyrt::kFloat16;
+  if ((code == Code::UInt || code == Code::Bool) && dt.bits == 8) return skyrt::kUInt8;
+  if (code == Code::Int && dt.bits == 64) return skyrt::kInt64;
+  throw std::invalid_argument(std::string(fn) + ": arrays must be float32, float16, uint8/bool or int64");
+}
+
+// Host array <-> the first bytes of a Buffer: the dtype must match and the array must fit.
+void expect_fits(const Buffer& b, skyrt::DType dtype, size_t nbytes, const char* fn, const char* what) {
+  require(b.ptr != nullptr, std::string(fn) + ": the buffer is released (closed)");
+  require(b.dtype == dtype, std::string(fn) + ": " + what + " is " + skyrt::dtype_name(dtype) + " but the buffer is " +
+                                b.describe());
+  require(nbytes <= b.nbytes(), std::string(fn) + ": " + what + " of " + std::to_string(nbytes) +
+                                    " bytes does not fit the buffer " + b.describe());
+}
+
+using HostIn = nb::ndarray<nb::ro, nb::device::cpu, nb::c_contig>;
+using HostOut = nb::ndarray<nb::device::cpu, nb::c_contig>;
+
+void bind_buffer(nb::module_& m) {
+  nb::class_<Buffer>(m, "Buffer",
+                     "Typed memory on one device: address, shape, dtype, device. Kernels check all four.\n"
+                     "Host buffers give zero-copy numpy views (numpy()); CUDA buffers offer "
+                     "__cuda_array_interface__ (torch.as_tensor reads it) and their address (ptr).")
+      .def_static(
+          "wrap",
+          [](uintptr_t ptr, std::vector<int64_t> shape, const std::string& dtype, const std::string& device) {
+            Buffer b;
+            b.ptr = as_ptr(ptr);
+            b.dtype = dtype_of(dtype);
+            b.device = device_of(device);
+            for (int64_t d : shape) require(d >= 0, "Buffer.wrap: negative dimension");
+            b.shape = std::move(shape);
+            require(b.ptr != nullptr || b.numel() == 0, "Buffer.wrap: null address for " + b.describe());
+            return b;
+          },
+          "ptr"_a, "shape"_a, "dtype"_a, "device"_a,
+          "A non-owning Buffer over memory allocated elsewhere (a torch tensor, a cuda_mem.DeviceArray).")
+      .def_static(
+          "allocate",
+          [](std::vector<int64_t> shape, const std::string& dtype, const std::string& device, bool zero,
+             uintptr_t stream) {
+            const skyrt::Device d = device_of(device);
+#ifndef SKYRT_WITH_CUDA
+            require(!d.cuda, "Buffer.allocate on " + device + ": " + skyrt::status_message(skyrt::kNotCompiled));
+#endif
+            for (int64_t n : shape) require(n >= 0, "Buffer.allocate: negative dimension");
+            Buffer b = skyrt::allocate(d, dtype_of(dtype), std::move(shape), zero, stream_of(stream));
+            if (zero) check_status(skyrt::synchronize(d, stream_of(stream)), "Buffer.allocate");
+            return b;
+          },
+          "shape"_a, "dtype"_a, "device"_a = "cpu", "zero"_a = true, "stream"_a = 0,
+          "Memory owned by this Buffer (counted by memory_stats), freed by close() or when the last owner goes. "
+          "Slices of device memory never own it, so close() frees it at once.")
+      .def("close",
+           [](Buffer& b) {
+             b.owner.reset();
+             b.ptr = nullptr;
+             b.shape.assign(1, 0);
+           },
+           "Drop this Buffer's memory now (an owning Buffer frees it; host numpy views keep theirs alive).")
+      .def_prop_ro("owning", [](const Buffer& b) { return static_cast<bool>(b.owner); })
+      .def("slice",
+           [](const Buffer& b, std::vector<int64_t> shape, int64_t offset) {
+             Buffer probe;
+             probe.dtype = b.dtype;
+             probe.shape = shape;
+             require(b.ptr != nullptr, "Buffer.slice: the buffer is released (closed)");
+             require(offset >= 0 && offset + probe.numel() <= b.numel(),
+                     "Buffer.slice: " + std::to_string(probe.numel()) + " elements from element " +
+                         std::to_string(offset) + " do not fit " + b.describe());
+             Buffer out = b.device.cuda ? b.view() : b;
+             return out.slice(offset, std::move(shape));
+           },
+           "shape"_a, "offset"_a = 0,
+           "The contiguous elements [offset, offset + prod(shape)) as a Buffer of `shape` (bounds checked; a "
+           "device slice does not own the memory).")
+      .def_prop_ro("ptr", [](const Buffer& b) { return reinterpret_cast<uintptr_t>(b.ptr); })
+      .def_prop_ro("shape", [](const Buffer& b) { return nb::tuple(nb::cast(b.shape)); })
+      .def_prop_ro("dtype", [](const Buffer& b) { return std::string(skyrt::dtype_name(b.dtype)); })
+      .def_prop_ro("device", [](const Buffer& b) { return b.device.str(); })
+      .def_prop_ro("nbytes", &Buffer::nbytes)
+      .def_prop_ro("numel", &Buffer::numel)
+      .def("numpy", &numpy_view, "A zero-copy numpy view (host memory only).")
+      .def_prop_ro("__cuda_array_interface__",
+                   [](const Buffer& b) {
+                     require(b.device.cuda, "__cuda_array_interface__: " + b.describe() + " is host memory");
+                     nb::dict d;
+                     d["shape"] = nb::tuple(nb::cast(b.shape));
+                     d["typestr"] = b.dtype == skyrt::kFloat32   ? "<f4"
+                                   : b.dtype == skyrt::kFloat16 ? "<f2"
+                                   : b.dtype == skyrt::kInt64   ? "<i8"
+                                                                : "|u1";
+                     d["data"] = nb::make_tuple(reinterpret_cast<uintptr_t>(b.ptr), false);
+                     d["version"] = 3;
+                     d["strides"] = nb::none();
+                     d["stream"] = nb::none();  // the caller orders work on the core's stream
+                     return d;
+                   })
+      .def("__repr__", [](const Buffer& b) { return "Buffer(" + b.describe() + ")"; });
+
+  m.def("upload",
+        [](Buffer& dst, HostIn src, uintptr_t stream) {
+          const skyrt::DType dt = array_dtype(src.dtype(), "upload");
+          expect_fits(dst, dt, src.nbytes(), "upload", "the array");
+          const void* data = src.data();
+          const size_t bytes = src.nbytes();
+          nb::gil_scoped_release release;
+          check_status(skyrt::copy_bytes(dst.ptr, dst.device, data, skyrt::Device{}, bytes, stream_of(stream)), "upload");
+        },
+        "dst"_a, "src"_a.noconvert(), "stream"_a = 0,
+        "Copy a C-contiguous host array into the start of `dst` (same dtype, must fit); returns when the copy is "
+        "done, so `src` may be reused.");
+  m.def("download",
+        [](const Buffer& src, HostOut out, uintptr_t stream) {
+          const skyrt::DType dt = array_dtype(out.dtype(), "download");
+          expect_fits(src, dt, out.nbytes(), "download", "the output array");
+          void* data = out.data();
+          const size_t bytes = out.nbytes();
+          nb::gil_scoped_release release;
+          check_status(skyrt::copy_bytes(data, skyrt::Device{}, src.ptr, src.device, bytes, stream_of(stream)),
+                       "download");
+        },
+        "src"_a, "out"_a.noconvert(), "stream"_a = 0,
+        "Copy the first out.nbytes bytes of `src` into the C-contiguous host array `out` (same dtype); waits for "
+        "the stream.");
+  m.def("copy",
+        [](Buffer& dst, const Buffer& src, uintptr_t stream) {
+          expect_fits(dst, src.dtype, src.nbytes(), "copy", ("the source " + src.describe()).c_str());
+          nb::gil_scoped_release release;
+          check_status(skyrt::copy_bytes(dst.ptr, dst.device, src.ptr, src.device, src.nbytes(), stream_of(stream)),
+                       "copy");
+        },
+        "dst"_a, "src"_a, "stream"_a = 0, "Copy all of `src` into the start of `dst` (async on a GPU stream).");
+  m.def("fill_zero",
+        [](Buffer& b, uintptr_t stream) {
+          require(b.ptr != nullptr || b.numel() == 0, "fill_zero: the buffer is released (closed)");
+          check_status(skyrt::fill_zero(b.ptr, b.nbytes(), b.device, stream_of(stream)), "fill_zero");
+        },
+        "buffer"_a, "stream"_a = 0);
+  m.def("synchronize",
+        [](const std::string& device, uintptr_t stream) {
+          const skyrt::Device d = device_of(device);
+          nb::gil_scoped_release release;
+          check_status(skyrt::synchronize(d, stream_of(stream)), "synchronize");
+        },
+        "device"_a, "stream"_a = 0, "Wait for the stream's work on `device` (nothing to wait for on the CPU).");
+
+  m.def("memory_stats", []() {
+    const skyrt::MemoryStats s = skyrt::memory_stats();
+    nb::dict d;
+    d["allocations"] = s.allocations;
+    d["frees"] = s.frees;
+    d["live"] = s.live;
+    d["live_bytes"] = s.live_bytes;
+    return d;
+  }, "Counters of the core's own allocations (host and device): allocations, frees, live, live_bytes.");
+}
+
+// ---- CUDA entry points: Buffers in, sizes and dtypes checked ----------------------------------------
+
+
+void require_cuda(const char* fn) {
+#ifndef SKYRT_WITH_CUDA
+  throw std::runtime_error(std::string(fn) + ": " + skyrt::status_message(skyrt::kNotCompiled));
+#else
+  (void)fn;
+#endif
+}
+
+void expect(const Buffer& b, const char* fn, const char* name, bool f16_ok = false) {
+  require(b.device.cuda, std::string(fn) + ": " + name + " is " + b.describe() + "; it must be CUDA memory");
+  const bool ok = b.dtype == skyrt::kFloat32 || (f16_ok && b.dtype == skyrt::kFloat16);
+  require(ok, std::string(fn) + ": " + name + " is " + b.describe() + "; it must be float32" +
+                  (f16_ok ? " or float16" : ""));
+}
+
+void expect_like(const Buffer& b, const Buffer& ref, const char* fn, const char* name, const char* ref_name) {
+  require(b.device == ref.device, std::string(fn) + ": " + name + " is on " + b.device.str() + ", " + ref_name +
+                                      " on " + ref.device.str());
+  require(b.dtype == ref.dtype && b.numel() == ref.numel(),
+          std::string(fn) + ": " + name + " is " + b.describe() + " but " + ref_name + " is " + ref.describe() +
+              " (same dtype and element count needed)");
+}
+
+Layout buffer_layout(const Buffer& x, int64_t frame_axis, const char* fn) {
+  const int64_t nd = static_cast<int64_t>(x.shape.size());
+  if (frame_axis < 0) frame_axis += nd;
+  require(frame_axis >= 0 && frame_axis < nd, std::string(fn) + ": frame_axis out of range for " + x.describe());
+  Layout l;
+  for (int64_t d = 0; d < nd; ++d) {
+    const int64_t n = x.shape[static_cast<size_t>(d)];
+    if (d < frame_axis) l.outer *= n;
+    else if (d == frame_axis) l.frames = n;
+    else l.inner *= n;
+  }
+  return l;
+}
+
+void expect_per_frame(const Buffer& b, int64_t frames, int64_t width, skyrt::DType dtype, const Buffer& x,
+                      const char* fn, const char* name) {
+  require(b.device == x.device && b.dtype == dtype && b.numel() == frames * width,
+          std::string(fn) + ": " + name + " is " + b.describe() + "; it must be " + skyrt::dtype_name(dtype) + " with " +
+              std::to_string(frames * width) + " elements on " + x.device.str());
 }
 
 void bind_cuda(nb::module_& m) {
   nb::module_ c = m.def_submodule(
-      "cuda", "CUDA kernels on raw device pointers (ints) with a stream (int, 0 = default); same names as the "
-              "CPU references. Raise RuntimeError when this build has no CUDA.");
+      "cuda", "CUDA kernels on Buffers of device memory, with a stream (int, 0 = default); same names and argument "
+              "order as the CPU references. Every call checks device, dtype and sizes and names the offending "
+              "buffer. Raise RuntimeError when this build has no CUDA.");
   c.def("available", []() {
 #ifdef SKYRT_WITH_CUDA
     return true;
@@ -445,84 +693,298 @@ void bind_cuda(nb::module_& m) {
 #endif
   });
   c.def("cfg_combine",
-        [](uintptr_t cond, uintptr_t uncond, uintptr_t out, size_t n, float scale, uintptr_t stream) {
-          check_status(skyrt::cuda::cfg_combine(static_cast<const float*>(as_ptr(cond)),
-                                                static_cast<const float*>(as_ptr(uncond)),
-                                                static_cast<float*>(as_ptr(out)), n, scale, stream_of(stream)),
-                       "cuda.cfg_combine");
+        [](nb::handle cond_h, nb::handle uncond_h, nb::handle out_h, float scale, uintptr_t stream) {
+          require_cuda("cuda.cfg_combine");
+          const char* fn = "cuda.cfg_combine";
+          const Buffer &cond = as_buffer(cond_h, fn, "cond"), &uncond = as_buffer(uncond_h, fn, "uncond"),
+                       &out = as_buffer(out_h, fn, "out");
+          expect(cond, fn, "cond");
+          expect_like(uncond, cond, fn, "uncond", "cond");
+          expect_like(out, cond, fn, "out", "cond");
+          check_status(skyrt::cuda::cfg_combine(static_cast<const float*>(cond.ptr), static_cast<const float*>(uncond.ptr),
+                                                static_cast<float*>(out.ptr), static_cast<size_t>(cond.numel()), scale,
+                                                stream_of(stream)),
+                       fn);
         },
-        "cond"_a, "uncond"_a, "out"_a, "n"_a, "scale"_a, "stream"_a = 0);
+        "cond"_a, "uncond"_a, "out"_a, "scale"_a, "stream"_a = 0);
   c.def("kv_write_block",
-        [](uintptr_t src, int64_t src_layer_stride, uintptr_t cache, int64_t cache_layer_stride,
-           int64_t cache_slot_stride, int64_t slot, int64_t layers, int64_t block_elems, const std::string& dtype,
-           uintptr_t stream) {
+        [](nb::handle cache_h, int64_t slot, nb::handle src_h, uintptr_t stream) {
+          require_cuda("cuda.kv_write_block");
+          const char* fn = "cuda.kv_write_block";
+          const Buffer &cache = as_buffer(cache_h, fn, "cache"), &src = as_buffer(src_h, fn, "src");
+          expect(cache, fn, "cache", true);
+          require(src.device == cache.device && src.dtype == cache.dtype,
+                  std::string(fn) + ": src is " + src.describe() + ", cache " + cache.describe());
+          require(cache.shape.size() >= 2 && src.shape.size() == cache.shape.size() - 1 && src.shape[0] == cache.shape[0],
+                  std::string(fn) + ": cache [layers, slots, ...] " + cache.describe() + " and src [layers, ...] " +
+                      src.describe() + " do not match");
+          int64_t block = 1;
+          for (size_t d = 2; d < cache.shape.size(); ++d) {
+            require(cache.shape[d] == src.shape[d - 1], std::string(fn) + ": block shapes differ: cache " +
+                                                            cache.describe() + ", src " + src.describe());
+            block *= cache.shape[d];
+          }
+          require(slot >= 0 && slot < cache.shape[1], std::string(fn) + ": slot " + std::to_string(slot) +
+                                                          " out of range for " + cache.describe());
+          const int64_t layers = cache.shape[0], slots = cache.shape[1];
           int st;
-          if (half_dtype(dtype, "cuda.kv_write_block"))
-            st = skyrt::cuda::kv_write_block(static_cast<const skyrt::f16*>(as_ptr(src)), src_layer_stride,
-                                             static_cast<skyrt::f16*>(as_ptr(cache)), cache_layer_stride,
-                                             cache_slot_stride, slot, layers, block_elems, stream_of(stream));
+          if (cache.dtype == skyrt::kFloat16)
+            st = skyrt::cuda::kv_write_block(static_cast<const skyrt::f16*>(src.ptr), block,
+                                             static_cast<skyrt::f16*>(cache.ptr), slots * block, block, slot, layers,
+                                             block, stream_of(stream));
           else
-            st = skyrt::cuda::kv_write_block(static_cast<const float*>(as_ptr(src)), src_layer_stride,
-                                             static_cast<float*>(as_ptr(cache)), cache_layer_stride,
-                                             cache_slot_stride, slot, layers, block_elems, stream_of(stream));
-          check_status(st, "cuda.kv_write_block");
+            st = skyrt::cuda::kv_write_block(static_cast<const float*>(src.ptr), block, static_cast<float*>(cache.ptr),
+                                             slots * block, block, slot, layers, block, stream_of(stream));
+          check_status(st, fn);
         },
-        "src"_a, "src_layer_stride"_a, "cache"_a, "cache_layer_stride"_a, "cache_slot_stride"_a, "slot"_a,
-        "layers"_a, "block_elems"_a, "dtype"_a = "float32", "stream"_a = 0, "Strides in elements.");
+        "cache"_a, "slot"_a, "src"_a, "stream"_a = 0, "cache[:, slot] = src, as the CPU reference.");
   c.def("kv_rope_rebase",
-        [](uintptr_t keys, int64_t layers, int64_t slots, int64_t tokens, int64_t heads, int64_t head_dim,
-           int64_t layer_stride, int64_t slot_stride, int64_t token_stride, int64_t head_stride, int64_t shift,
-           double theta, const std::string& dtype, uintptr_t stream) {
+        [](nb::handle keys_h, int64_t shift, double theta, uintptr_t stream) {
+          require_cuda("cuda.kv_rope_rebase");
+          const char* fn = "cuda.kv_rope_rebase";
+          const Buffer& keys = as_buffer(keys_h, fn, "keys");
+          expect(keys, fn, "keys", true);
+          require(keys.shape.size() == 5, std::string(fn) + ": keys must be [layers, slots, tokens, heads, head_dim], got " +
+                                              keys.describe());
+          const auto& s = keys.shape;
+          const int64_t hs = s[4], ts = s[3] * hs, ss = s[2] * ts, ls = s[1] * ss;
           int st;
-          if (half_dtype(dtype, "cuda.kv_rope_rebase"))
-            st = skyrt::cuda::kv_rope_rebase(static_cast<skyrt::f16*>(as_ptr(keys)), layers, slots, tokens, heads,
-                                             head_dim, layer_stride, slot_stride, token_stride, head_stride, shift,
-                                             theta, stream_of(stream));
+          if (keys.dtype == skyrt::kFloat16)
+            st = skyrt::cuda::kv_rope_rebase(static_cast<skyrt::f16*>(keys.ptr), s[0], s[1], s[2], s[3], s[4], ls, ss, ts,
+                                             hs, shift, theta, stream_of(stream));
           else
-            st = skyrt::cuda::kv_rope_rebase(static_cast<float*>(as_ptr(keys)), layers, slots, tokens, heads,
-                                             head_dim, layer_stride, slot_stride, token_stride, head_stride, shift,
-                                             theta, stream_of(stream));
-          check_status(st, "cuda.kv_rope_rebase");
+            st = skyrt::cuda::kv_rope_rebase(static_cast<float*>(keys.ptr), s[0], s[1], s[2], s[3], s[4], ls, ss, ts, hs,
+                                             shift, theta, stream_of(stream));
+          check_status(st, fn);
         },
-        "keys"_a, "layers"_a, "slots"_a, "tokens"_a, "heads"_a, "head_dim"_a, "layer_stride"_a, "slot_stride"_a,
-        "token_stride"_a, "head_stride"_a, "shift"_a, "theta"_a = 10000.0, "dtype"_a = "float32", "stream"_a = 0,
-        "Strides in elements; head_dim contiguous.");
+        "keys"_a, "shift"_a, "theta"_a = 10000.0, "stream"_a = 0);
   c.def("flow_euler",
-        [](uintptr_t x, uintptr_t v, uintptr_t out, uintptr_t dt, uintptr_t update, int64_t outer, int64_t frames,
-           int64_t inner, uintptr_t stream) {
-          check_status(skyrt::cuda::flow_euler(static_cast<const float*>(as_ptr(x)),
-                                               static_cast<const float*>(as_ptr(v)), static_cast<float*>(as_ptr(out)),
-                                               static_cast<const float*>(as_ptr(dt)),
-                                               static_cast<const uint8_t*>(as_ptr(update)), outer, frames, inner,
-                                               stream_of(stream)),
-                       "cuda.flow_euler");
+        [](nb::handle x_h, nb::handle v_h, nb::handle out_h, nb::handle dt_h, nb::handle update_h, int64_t frame_axis,
+           uintptr_t stream) {
+          require_cuda("cuda.flow_euler");
+          const char* fn = "cuda.flow_euler";
+          const Buffer &x = as_buffer(x_h, fn, "x"), &v = as_buffer(v_h, fn, "v"), &out = as_buffer(out_h, fn, "out"),
+                       &dt = as_buffer(dt_h, fn, "dt");
+          expect(x, fn, "x");
+          expect_like(v, x, fn, "v", "x");
+          expect_like(out, x, fn, "out", "x");
+          const Layout l = buffer_layout(x, frame_axis, fn);
+          expect_per_frame(dt, l.frames, 1, skyrt::kFloat32, x, fn, "dt");
+          const uint8_t* update = nullptr;
+          if (!update_h.is_none()) {
+            const Buffer& u = as_buffer(update_h, fn, "update");
+            expect_per_frame(u, l.frames, 1, skyrt::kUInt8, x, fn, "update");
+            update = static_cast<const uint8_t*>(u.ptr);
+          }
+          check_status(skyrt::cuda::flow_euler(static_cast<const float*>(x.ptr), static_cast<const float*>(v.ptr),
+                                               static_cast<float*>(out.ptr), static_cast<const float*>(dt.ptr), update,
+                                               l.outer, l.frames, l.inner, stream_of(stream)),
+                       fn);
         },
-        "x"_a, "v"_a, "out"_a, "dt"_a, "update"_a, "outer"_a, "frames"_a, "inner"_a, "stream"_a = 0,
-        "update = 0 means every frame updates.");
+        "x"_a, "v"_a, "out"_a, "dt"_a, "update"_a = nb::none(), "frame_axis"_a = 1, "stream"_a = 0);
   c.def("flow_unipc",
-        [](uintptr_t x, uintptr_t v, uintptr_t out, uintptr_t x_last, uintptr_t m1, uintptr_t m2, uintptr_t coeffs,
-           int64_t outer, int64_t frames, int64_t inner, uintptr_t stream) {
-          check_status(skyrt::cuda::flow_unipc(static_cast<const float*>(as_ptr(x)),
-                                               static_cast<const float*>(as_ptr(v)), static_cast<float*>(as_ptr(out)),
-                                               static_cast<float*>(as_ptr(x_last)),
-                                               static_cast<float*>(as_ptr(m1)), static_cast<float*>(as_ptr(m2)),
-                                               static_cast<const skyrt::UniPCFrameCoeffs*>(as_ptr(coeffs)), outer,
-                                               frames, inner, stream_of(stream)),
-                       "cuda.flow_unipc");
+        [](nb::handle x_h, nb::handle v_h, nb::handle out_h, nb::handle xl_h, nb::handle m1_h, nb::handle m2_h,
+           nb::handle coeffs_h, int64_t frame_axis, bool official_df_aliasing, uintptr_t stream) {
+          require_cuda("cuda.flow_unipc");
+          const char* fn = "cuda.flow_unipc";
+          const Buffer &x = as_buffer(x_h, fn, "x"), &v = as_buffer(v_h, fn, "v"), &out = as_buffer(out_h, fn, "out"),
+                       &xl = as_buffer(xl_h, fn, "x_last"), &m1 = as_buffer(m1_h, fn, "m1"),
+                       &m2 = as_buffer(m2_h, fn, "m2"), &coeffs = as_buffer(coeffs_h, fn, "coeffs");
+          expect(x, fn, "x");
+          expect_like(v, x, fn, "v", "x");
+          expect_like(out, x, fn, "out", "x");
+          expect_like(xl, x, fn, "x_last", "x");
+          expect_like(m1, x, fn, "m1", "x");
+          expect_like(m2, x, fn, "m2", "x");
+          const Layout l = buffer_layout(x, frame_axis, fn);
+          expect_per_frame(coeffs, l.frames, skyrt::kUniPCCoeffs, skyrt::kFloat32, x, fn, "coeffs");
+          check_status(skyrt::cuda::flow_unipc(static_cast<const float*>(x.ptr), static_cast<const float*>(v.ptr),
+                                               static_cast<float*>(out.ptr), static_cast<float*>(xl.ptr),
+                                               static_cast<float*>(m1.ptr), static_cast<float*>(m2.ptr),
+                                               static_cast<const skyrt::UniPCFrameCoeffs*>(coeffs.ptr), l.outer,
+                                               l.frames, l.inner, official_df_aliasing, stream_of(stream)),
+                       fn);
         },
-        "x"_a, "v"_a, "out"_a, "x_last"_a, "m1"_a, "m2"_a, "coeffs"_a, "outer"_a, "frames"_a, "inner"_a,
-        "stream"_a = 0, "coeffs: device copy of unipc_frame_coeffs(...) (float32 [frames, 12]).");
+        "x"_a, "v"_a, "out"_a, "x_last"_a, "m1"_a, "m2"_a, "coeffs"_a, "frame_axis"_a = 1,
+        "official_df_aliasing"_a = false, "stream"_a = 0, "coeffs: a device copy of unipc_frame_coeffs(...).");
   c.def("addnoise_condition",
-        [](uintptr_t x, uintptr_t noise, uintptr_t out, int64_t outer, int64_t frames, int64_t inner,
-           int64_t frame_begin, int64_t frame_end, double factor, uintptr_t stream) {
-          check_status(skyrt::cuda::addnoise_condition(static_cast<const float*>(as_ptr(x)),
-                                                       static_cast<const float*>(as_ptr(noise)),
-                                                       static_cast<float*>(as_ptr(out)), outer, frames, inner,
-                                                       frame_begin, frame_end, factor, stream_of(stream)),
-                       "cuda.addnoise_condition");
+        [](nb::handle x_h, nb::handle noise_h, nb::handle out_h, double factor, int64_t frame_begin, int64_t frame_end,
+           int64_t frame_axis, uintptr_t stream) {
+          require_cuda("cuda.addnoise_condition");
+          const char* fn = "cuda.addnoise_condition";
+          const Buffer &x = as_buffer(x_h, fn, "x"), &noise = as_buffer(noise_h, fn, "noise"),
+                       &out = as_buffer(out_h, fn, "out");
+          expect(x, fn, "x");
+          expect_like(noise, x, fn, "noise", "x");
+          expect_like(out, x, fn, "out", "x");
+          const Layout l = buffer_layout(x, frame_axis, fn);
+          check_status(skyrt::cuda::addnoise_condition(static_cast<const float*>(x.ptr),
+                                                       static_cast<const float*>(noise.ptr), static_cast<float*>(out.ptr),
+                                                       l.outer, l.frames, l.inner, frame_begin, frame_end, factor,
+                                                       stream_of(stream)),
+                       fn);
         },
-        "x"_a, "noise"_a, "out"_a, "outer"_a, "frames"_a, "inner"_a, "frame_begin"_a, "frame_end"_a, "factor"_a,
-        "stream"_a = 0);
+        "x"_a, "noise"_a, "out"_a, "factor"_a, "frame_begin"_a, "frame_end"_a, "frame_axis"_a = 1, "stream"_a = 0);
+}
+
+// ---- the rollout core ------------------------------------------------------------------------------
+
+// Python's handle on a RolloutCore: close() releases every buffer at once (deterministically).
+class PyRollout {
+ public:
+  explicit PyRollout(skyrt::RolloutConfig cfg) : core_(std::make_unique<skyrt::RolloutCore>(std::move(cfg))) {}
+  skyrt::RolloutCore& get() const {
+    if (!core_) throw std::runtime_error("this rollout core is closed (its buffers are released)");
+    return *core_;
+  }
+  void close() { core_.reset(); }
+  bool closed() const { return !core_; }
+
+ private:
+  std::unique_ptr<skyrt::RolloutCore> core_;
+};
+
+void expect_block(const CpuConstArray& a, const skyrt::RolloutCore& core, const char* fn, const char* name) {
+  const auto& c = core.config();
+  const size_t n = static_cast<size_t>(c.channels * c.block_frames * c.height * c.width);
+  require(a.size() == n, std::string(fn) + ": " + name + " must be float32 [" + std::to_string(c.channels) + ", " +
+                             std::to_string(c.block_frames) + ", " + std::to_string(c.height) + ", " +
+                             std::to_string(c.width) + "] (" + std::to_string(n) + " elements), got " +
+                             std::to_string(a.size()));
+}
+
+void bind_rollout(nb::module_& m) {
+  nb::class_<skyrt::RowPlan>(m, "RowPlan", "What one schedule row does (see rollout.h).")
+      .def_ro("row", &skyrt::RowPlan::row)
+      .def_ro("active", &skyrt::RowPlan::active, "blocks the DiT sees this row, in order")
+      .def_ro("timesteps", &skyrt::RowPlan::timesteps, "[active] timestep of each active block")
+      .def_prop_ro("update", [](const skyrt::RowPlan& p) { return std::vector<bool>(p.update.begin(), p.update.end()); },
+                   "[active] its sampler steps after this row")
+      .def_ro("started", &skyrt::RowPlan::started, "active blocks new this row: start_block(b, noise) each, in order")
+      .def_ro("finished", &skyrt::RowPlan::finished, "blocks whose last update is this row");
+
+  using R = PyRollout;
+  auto rel = nb::call_guard<nb::gil_scoped_release>();
+  nb::class_<R>(m, "RolloutCore",
+                "One stream's rollout state (latents in flight, sampler history, ring KV cache, DiT I/O buffers) on\n"
+                "one device, allocated once; driven per schedule row (csrc/rollout.h). close() releases it.")
+      .def("__init__",
+           [](R* self, std::vector<int64_t> step_template, std::vector<double> sigmas, const std::string& sampler,
+              bool official_df_aliasing, int64_t ar_step, int64_t block_frames, int64_t prefix_blocks,
+              int64_t max_blocks_in_flight, int64_t horizon_blocks, int64_t sink_blocks, int64_t window_blocks,
+              int64_t channels, int64_t height, int64_t width, int64_t tokens_per_frame, int64_t layers, int64_t heads,
+              int64_t head_dim, int64_t contexts, const std::string& kv_dtype, float guidance_scale, double rope_theta,
+              const std::string& device, uintptr_t stream) {
+             skyrt::RolloutConfig c;
+             c.step_template = std::move(step_template);
+             c.sigmas = std::move(sigmas);
+             c.sampler = sampler;
+             c.official_df_aliasing = official_df_aliasing;
+             c.ar_step = ar_step;
+             c.block_frames = block_frames;
+             c.prefix_blocks = prefix_blocks;
+             c.max_blocks_in_flight = max_blocks_in_flight;
+             c.horizon_blocks = horizon_blocks;
+             c.sink_blocks = sink_blocks;
+             c.window_blocks = window_blocks;
+             c.channels = channels;
+             c.height = height;
+             c.width = width;
+             c.tokens_per_frame = tokens_per_frame;
+             c.layers = layers;
+             c.heads = heads;
+             c.head_dim = head_dim;
+             c.contexts = contexts;
+             c.kv_dtype = dtype_of(kv_dtype);
+             c.guidance_scale = guidance_scale;
+             c.rope_theta = rope_theta;
+             c.device = device_of(device);
+             c.stream = stream_of(stream);
+             std::string why;
+             if (skyrt::rollout_check(c, &why) != skyrt::kOk) throw std::invalid_argument("RolloutCore: " + why);
+#ifndef SKYRT_WITH_CUDA
+             require(!c.device.cuda, std::string("RolloutCore on ") + device + ": " +
+                                         skyrt::status_message(skyrt::kNotCompiled));
+#endif
+             new (self) R(std::move(c));
+           },
+           "step_template"_a, "sigmas"_a, "sampler"_a = "unipc", "official_df_aliasing"_a = true, "ar_step"_a = 0,
+           "block_frames"_a = 1, "prefix_blocks"_a = 0, "max_blocks_in_flight"_a = 1, "horizon_blocks"_a = -1,
+           "sink_blocks"_a = 1, "window_blocks"_a = 8, "channels"_a = 16, "height"_a, "width"_a, "tokens_per_frame"_a,
+           "layers"_a, "heads"_a, "head_dim"_a, "contexts"_a = 1, "kv_dtype"_a = "float32", "guidance_scale"_a = 1.0f,
+           "rope_theta"_a = 10000.0, "device"_a = "cpu", "stream"_a = 0)
+      .def("close", &R::close, "Release every buffer now (later calls raise).")
+      .def_prop_ro("closed", &R::closed)
+      .def("next_row",
+           [](R& r) -> nb::object {
+             skyrt::RowPlan plan;
+             if (!r.get().next_row(&plan)) return nb::none();
+             return nb::cast(std::move(plan));
+           },
+           "The next row's plan, or None once a finite horizon is done.")
+      .def("start_block",
+           [](R& r, int64_t block, CpuConstArray noise) {
+             expect_block(noise, r.get(), "start_block", "noise");
+             r.get().start_block(block, noise.data());
+           },
+           "block"_a, "noise"_a)
+      .def("pack_active", [](R& r) { return r.get().pack_active(); }, rel, "Active latents -> latents_in; returns F.")
+      .def("apply_velocity", [](R& r) { r.get().apply_velocity(); }, rel,
+           "CFG combine of velocity, then each updated block's sampler step.")
+      .def("next_slot", [](R& r) { return r.get().next_slot(); })
+      .def("finish_block", [](R& r, int64_t b) { r.get().finish_block(b); }, rel, "block"_a)
+      .def("load_commit_input",
+           [](R& r, CpuConstArray x, std::optional<CpuConstArray> noise, double factor) {
+             expect_block(x, r.get(), "load_commit_input", "x");
+             if (noise) expect_block(*noise, r.get(), "load_commit_input", "noise");
+             r.get().load_commit_input(x.data(), noise ? noise->data() : nullptr, factor);
+           },
+           "x"_a, "noise"_a = nb::none(), "factor"_a = 0.0)
+      .def("pack_store", [](R& r, int64_t slot) { r.get().pack_store(slot); }, rel, "slot"_a)
+      .def("commit", [](R& r, int64_t block, double t) { return r.get().commit(block, t); }, rel, "block"_a,
+           "t_commit"_a)
+      .def("write_kv", [](R& r, int64_t slot) { r.get().write_kv(slot); }, rel, "slot"_a)
+      .def("rebase", [](R& r, int64_t shift) { r.get().rebase(shift); }, rel, "shift"_a)
+      .def("read_store",
+           [](R& r, int64_t slot) {
+             const auto& c = r.get().config();
+             std::vector<float> out(static_cast<size_t>(c.channels * c.block_frames * c.height * c.width));
+             r.get().read_store(slot, out.data());
+             return to_numpy(std::move(out), {static_cast<size_t>(c.channels), static_cast<size_t>(c.block_frames),
+                                              static_cast<size_t>(c.height), static_cast<size_t>(c.width)});
+           },
+           kMove, "slot"_a, "The committed input of `slot` as a host array [C, b, h, w].")
+      .def("committed_timestep", [](R& r, int64_t s) { return r.get().committed_timestep(s); }, "slot"_a)
+      .def("committed_block", [](R& r, int64_t s) { return r.get().committed_block(s); }, "slot"_a)
+      .def("buffer",
+           [](R& r, const std::string& name, std::optional<int64_t> frames) {
+             auto& core = r.get();
+             Buffer b = core.buffer(name, frames.value_or(core.frames()));
+             return b;
+           },
+           "name"_a, "frames"_a = nb::none(),
+           "A DiT I/O buffer shaped for `frames` frames (default: the last pack): latents_in, velocity, new_k, new_v, "
+           "cache_k, cache_v. Non-owning: valid until close().")
+      .def_prop_ro("buffer_names", [](R& r) { return r.get().buffer_names(); })
+      .def_prop_ro("frames", [](R& r) { return r.get().frames(); })
+      .def_prop_ro("max_frames", [](R& r) { return r.get().max_frames(); })
+      .def_prop_ro("in_flight", [](R& r) { return r.get().in_flight(); })
+      .def_prop_ro("device", [](R& r) { return r.get().config().device.str(); })
+      .def_prop_ro("contexts", [](R& r) { return r.get().config().contexts; })
+      .def_prop_ro("rows", [](R& r) { return r.get().schedule().rows(); })
+      .def_prop_ro("num_steps", [](R& r) { return r.get().schedule().num_steps(); })
+      .def_prop_ro("capacity", [](R& r) { return r.get().ring().capacity(); })
+      .def_prop_ro("origin", [](R& r) { return r.get().ring().origin(); })
+      .def("position_of", [](R& r, int64_t b) { return r.get().ring().position_of(b); }, "block"_a)
+      .def_prop_ro("valid",
+                   [](R& r) {
+                     const auto& sb = r.get().ring().slot_block();
+                     std::vector<uint8_t> v(sb.size());
+                     for (size_t i = 0; i < v.size(); ++i) v[i] = sb[i] >= 0;
+                     return vector_array<bool>(v);
+                   },
+                   kMove, "bool [capacity]: slot holds a committed block")
+      .def_prop_ro("slot_block", [](R& r) { return vector_array(r.get().ring().slot_block()); }, kMove);
 }
 
 nb::dict build_info() {
@@ -546,5 +1008,7 @@ NB_MODULE(_core, m) {
   bind_schedule(m);
   bind_kv_cache(m);
   bind_samplers(m);
+  bind_buffer(m);
   bind_cuda(m);
+  bind_rollout(m);
 }

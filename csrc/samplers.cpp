@@ -102,7 +102,8 @@ int flow_euler(const float* x, const float* v, float* out, const float* dt, cons
 }
 
 int flow_unipc(const float* x, const float* v, float* out, float* x_last, float* m1, float* m2,
-               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner) {
+               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner,
+               bool official_df_aliasing) {
   if (frame_layout_check(outer, frames, inner) != kOk) return kInvalidArgument;
   const int64_t n = outer * frames * inner;
   if (n > 0 && (x == nullptr || v == nullptr || out == nullptr || x_last == nullptr || m1 == nullptr ||
@@ -110,7 +111,7 @@ int flow_unipc(const float* x, const float* v, float* out, float* x_last, float*
     return kInvalidArgument;
   for (int64_t i = 0; i < n; ++i) {
     const UniPCFrameCoeffs& c = coeffs[frame_of(i, frames, inner)];
-    out[i] = c.update != 0.0f ? flow_unipc_one(c, x[i], v[i], &x_last[i], &m1[i], &m2[i]) : x[i];
+    out[i] = c.update != 0.0f ? flow_unipc_one(c, x[i], v[i], &x_last[i], &m1[i], &m2[i], official_df_aliasing) : x[i];
   }
   return kOk;
 }
@@ -136,7 +137,7 @@ int flow_euler(const float*, const float*, float*, const float*, const uint8_t*,
   return kNotCompiled;
 }
 int flow_unipc(const float*, const float*, float*, float*, float*, float*, const UniPCFrameCoeffs*, int64_t, int64_t,
-               int64_t, void*) {
+               int64_t, bool, void*) {
   return kNotCompiled;
 }
 int addnoise_condition(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, double,

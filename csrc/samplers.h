@@ -31,6 +31,13 @@ namespace skyrt {
 //   x' = p_scale xc - p_alpha_phi m - p_alpha_bh_rho (m1 - m)      (predictor)
 // with m1, m2 the frame's x0 predictions of steps k-1, k-2 and x_last its xc of step k-1; then
 // x_last = xc, m2 = m1, m1 = m. Orders follow the official warm-up and lower_order_final rules.
+//
+// official_df_aliasing: what the official DF loop (and diffusers' port) really computes. It hands
+// the scheduler a view of its latent buffer as `sample` and writes the result into that view; the
+// scheduler keeps `sample` as its last sample, so after the FIRST step (no corrector yet) the
+// kept sample is the step's output x_{k+1}, not its input. With the flag, x_last = out on a frame's
+// first step (the corrector of step 1 then starts from x_1; ~1e-2 apart from the plain scheduler).
+// runtime/scheduler.py FlowUniPCScheduler(official_df_aliasing=True) is the numpy twin.
 struct UniPCFrameCoeffs {
   float update;          // 1: step this frame; 0: out = x, history untouched
   float sigma;           // σ_k
@@ -60,7 +67,8 @@ SKYRT_HD float flow_euler_one(float x, float v, float dt) { return x + dt * v; }
 SKYRT_HD float addnoise_one(float x, float noise, float keep, float factor) { return x * keep + noise * factor; }
 
 // One UniPC step of one element; updates the history in place and returns the new sample.
-SKYRT_HD float flow_unipc_one(const UniPCFrameCoeffs& c, float x, float v, float* x_last, float* m1, float* m2) {
+SKYRT_HD float flow_unipc_one(const UniPCFrameCoeffs& c, float x, float v, float* x_last, float* m1, float* m2,
+                              bool official_df_aliasing) {
   const float m = x - c.sigma * v;
   const float prev_m1 = *m1;
   float xc = x;
@@ -70,7 +78,7 @@ SKYRT_HD float flow_unipc_one(const UniPCFrameCoeffs& c, float x, float v, float
   }
   float out = c.p_scale * xc - c.p_alpha_phi * m;
   if (c.predictor == 2.0f) out -= c.p_alpha_bh_rho * (prev_m1 - m);
-  *x_last = xc;
+  *x_last = (official_df_aliasing && c.corrector == 0.0f) ? out : xc;
   *m2 = prev_m1;
   *m1 = m;
   return out;
@@ -86,7 +94,8 @@ namespace cpu {
 int flow_euler(const float* x, const float* v, float* out, const float* dt, const uint8_t* update, int64_t outer,
                int64_t frames, int64_t inner);
 int flow_unipc(const float* x, const float* v, float* out, float* x_last, float* m1, float* m2,
-               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner);
+               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner,
+               bool official_df_aliasing);
 int addnoise_condition(const float* x, const float* noise, float* out, int64_t outer, int64_t frames, int64_t inner,
                        int64_t frame_begin, int64_t frame_end, double factor);
 }  // namespace cpu
@@ -95,7 +104,8 @@ namespace cuda {
 int flow_euler(const float* x, const float* v, float* out, const float* dt, const uint8_t* update, int64_t outer,
                int64_t frames, int64_t inner, void* stream);
 int flow_unipc(const float* x, const float* v, float* out, float* x_last, float* m1, float* m2,
-               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner, void* stream);
+               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner,
+               bool official_df_aliasing, void* stream);
 int addnoise_condition(const float* x, const float* noise, float* out, int64_t outer, int64_t frames, int64_t inner,
                        int64_t frame_begin, int64_t frame_end, double factor, void* stream);
 }  // namespace cuda

@@ -210,6 +210,19 @@ class CausalRollout:
     def shape(self) -> tuple[int, int, int, int]:
         return (lat.LATENT_CHANNELS, self.block, self.h, self.w)
 
+    def close(self) -> None:
+        """Drop the stream's host caches and prompt K/V now (idempotent; the Pipeline closes every
+        rollout it opens, as it does kvcache.KVRollout's core buffers)."""
+        self.caches, self.prompts = [], []
+        self._sink_latents.clear()
+        self._recent.clear()
+
+    def __enter__(self) -> "CausalRollout":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ the loop
     def blocks(self) -> Iterator[np.ndarray]:
         """Clean latent blocks in order, forever or up to `horizon_blocks`."""

@@ -1,7 +1,8 @@
 """Device memory, streams and CUDA graphs through cuda-python, for the torch-free GPU path.
 
-The TensorRT backend and benchmarks/gpu_validate.py use it: engines read and write device buffers
-by address, and skyrt._core.cuda kernels take the same addresses. Every call checks its CUDA error
+The TensorRT backend takes its stream and CUDA graphs from here (its memory is skyrt._core.Buffer,
+allocated and counted by the core); the TensorRT captioner and benchmarks/gpu_validate.py also use
+DeviceArray for device buffers by address. Every call checks its CUDA error
 and raises `CudaError` naming the call, so a missing driver or GPU is one clear message.
 
 Not executable on a machine without a GPU (tests check the error path only).
@@ -172,3 +173,13 @@ class CudaGraph:
 
     def replay(self) -> None:
         check(_cudart().cudaGraphLaunch(self._exec, self.stream.raw), "cudaGraphLaunch")
+
+    def close(self) -> None:
+        """Destroy the executable graph and the graph now (idempotent); the stream stays."""
+        cudart = _cudart()
+        if self._exec is not None:
+            check(cudart.cudaGraphExecDestroy(self._exec), "cudaGraphExecDestroy")
+            self._exec = None
+        if self._graph is not None:
+            check(cudart.cudaGraphDestroy(self._graph), "cudaGraphDestroy")
+            self._graph = None

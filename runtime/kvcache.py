@@ -13,8 +13,14 @@ gives block j the same K/V whether earlier blocks are recomputed at t = 0 (windo
 at commit. For bidirectional checkpoints (the released SkyReels-V2 DF weights) it approximates the
 window mode, and the pipeline warns.
 
-Shapes: latents [16, F, h, w] model space; one cache per prompt context (CFG keeps two), each
-K and V [layers, slots * tokens_per_block, heads, head_dim] float32, allocated once.
+Where the state lives: in skyrt._core.RolloutCore, on the device the backend's stream session names
+(host memory for the CPU backends, the GPU for torch-CUDA / ORT-CUDA / TensorRT): latents of the
+blocks in flight, their per-frame sampler history (UniPC with the official DF aliasing, or Euler),
+the ring K/V of every prompt context [layers, B, slots * tokens_per_block, heads, head_dim], CFG and
+addnoise, all allocated once per stream and released by close(). This module drives it once per
+schedule row (and once per block commit): it draws the noise (numpy PCG64, so a seed gives the same
+stream on every device), decides rebases and hands the step to the backend's KVStreamSession.
+tests/kvcache_numpy_reference.py keeps the earlier all-numpy driver as the regression oracle.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import numpy as np
 from skyrt import _core
 
 from . import latents as lat
-from .backends.base import Backend, HostKVCache, TextContext
+from .backends.base import Backend, KVStepCall, KVStreamSpec, TextContext
+from .scheduler import flow_sigmas
 
 ROPE_TABLE = 1024  # positions in the model's RoPE table
 
@@ -53,19 +60,22 @@ class KVSettings:
             )
 
 
+def rebase_shift(position: int, frames: int, cached_frames: int) -> int:
+    """How far to slide a ring's RoPE origin before `frames` frames at `position` are run: 0 while they
+    fit the table, else far enough that the cached frames sit just below `position` (relative distances,
+    all RoPE sees, stay the same; sink keys may go to negative positions, which is fine)."""
+    return position - cached_frames if position + frames > ROPE_TABLE else 0
+
+
 def ring_position(ring, caches: list, blk: int, frames: int) -> int:
-    """RoPE position of block `blk`'s first frame (`frames` frames from there), rebasing the ring and its
-    caches when the table would run out."""
-    pos = ring.position_of(blk)
-    if pos + frames > ROPE_TABLE:
-        # Slide the origin so the cached blocks sit just below `pos`: relative distances, all
-        # RoPE sees, stay the same; sink keys may go to negative positions, which is fine.
-        shift = pos - ring.capacity * ring.frames_per_block
+    """RoPE position of block `blk`'s first frame (`frames` frames from there), rebasing a host ring
+    (skyrt._core.KVRing) and its host caches when the table would run out (causal_rollout.py)."""
+    shift = rebase_shift(ring.position_of(blk), frames, ring.capacity * ring.frames_per_block)
+    if shift:
         ring.rebase(shift)
         for cache in caches:
             cache.rebase(shift)
-        pos = ring.position_of(blk)
-    return pos
+    return ring.position_of(blk)
 
 
 def switched_contexts(current: list, cond: TextContext, uncond: TextContext | None) -> list[TextContext]:
@@ -78,16 +88,27 @@ def switched_contexts(current: list, cond: TextContext, uncond: TextContext | No
     return contexts
 
 
-# The host cache lives with the backends (each backend may keep its cache elsewhere, e.g. on the GPU).
-KVCache = HostKVCache
+class KVCache:
+    """The stream's ring K/V (every prompt context) inside the rollout core: the rebase goes through
+    here, so tools (benchmarks/endless.py, tests) can watch it."""
+
+    def __init__(self, core):
+        self.core = core
+
+    def rebase(self, shift: int) -> None:
+        """Ring origin += shift; every cached key rotated by -shift positions (temporal RoPE part)."""
+        self.core.rebase(shift)
 
 
 class KVRollout:
-    """Streams clean latent blocks [16, b, h, w] of one prompt (cond, and uncond with CFG)."""
+    """Streams clean latent blocks [16, b, h, w] of one prompt (cond, and uncond with CFG).
+
+    A context manager: close() (or the end of `with`) releases the core's buffers and the backend's
+    stream session at once; a stream that is dropped releases them when collected."""
 
     def __init__(self, backend: Backend, req, cond: TextContext, uncond: TextContext | None, rng, settings: KVSettings,
                  horizon_blocks: int | None = None, prefix: np.ndarray | None = None, noise: np.ndarray | None = None):
-        from .pipeline import new_sampler, timestep_template
+        from .pipeline import timestep_template
 
         self.backend, self.req, self.rng = backend, req, rng
         self.block = req.causal_block_size
@@ -99,25 +120,31 @@ class KVRollout:
         in_flight = self._in_flight(horizon_blocks)
         if (settings.sink_blocks + settings.window_blocks + in_flight) * self.block > ROPE_TABLE:
             raise ValueError(f"cache plus {in_flight} blocks in flight exceed the {ROPE_TABLE}-position RoPE table")
-        self.schedule = _core.DFSchedule(
-            template, ar_step=req.ar_step, causal_block_size=self.block, num_prefix_blocks=self.prefix_blocks,
-            max_blocks_in_flight=in_flight, horizon_blocks=-1 if horizon_blocks is None else horizon_blocks,
-        )
-        self.ring = _core.KVRing(settings.sink_blocks, settings.window_blocks, self.block)
         layers, heads, head_dim = backend.kv_layout()
-        tokens = self.block * (self.h // lat.PATCH_SPATIAL) * (self.w // lat.PATCH_SPATIAL)
-        self.tokens_per_block = tokens
         self.contexts = [c for c in (cond, uncond) if c is not None]
-        self.prompts = [backend.kv_prompt(c) for c in self.contexts]
-        self.caches = [backend.new_kv_cache(layers, self.ring.capacity, tokens, heads, head_dim)
-                       for _ in self.contexts]
-        self.fps_class = (0 if req.fps == 16 else 1) if backend.model.inject_sample_info else None
-        self._new_sampler = lambda: new_sampler(req)
-        self.latents: dict[int, np.ndarray] = {}  # block id -> [16, b, h, w] while being denoised
-        self.samplers: dict[int, list] = {}
+        fps_class = (0 if req.fps == 16 else 1) if backend.model.inject_sample_info else None
+        self.spec = KVStreamSpec(contexts=len(self.contexts), block_frames=self.block, max_frames=in_flight * self.block,
+                                 slots=settings.sink_blocks + settings.window_blocks, latent_size=(self.h, self.w),
+                                 layers=layers, heads=heads, head_dim=head_dim, fps_class=fps_class)
+        self.session = backend.open_kv_stream(self.spec)
+        try:
+            self.core = _core.RolloutCore(
+                template, flow_sigmas(req.num_inference_steps, req.shift).astype(np.float64).tolist(),
+                sampler=req.sampler, official_df_aliasing=True, ar_step=req.ar_step, block_frames=self.block,
+                prefix_blocks=self.prefix_blocks, max_blocks_in_flight=in_flight,
+                horizon_blocks=-1 if horizon_blocks is None else horizon_blocks, sink_blocks=settings.sink_blocks,
+                window_blocks=settings.window_blocks, channels=lat.LATENT_CHANNELS, height=self.h, width=self.w,
+                tokens_per_frame=(self.h // lat.PATCH_SPATIAL) * (self.w // lat.PATCH_SPATIAL), layers=layers,
+                heads=heads, head_dim=head_dim, contexts=len(self.contexts), kv_dtype=self.session.kv_dtype,
+                guidance_scale=float(req.guidance_scale), device=self.session.device, stream=self.session.stream)
+            self.session.bind(self.core)
+            self.session.set_prompts(self.contexts)
+        except BaseException:
+            self.close()
+            raise
+        self.cache = KVCache(self.core)
         self._noise = noise
         self._prefix = prefix
-        self.committed: dict[int, tuple[int, np.ndarray, float]] = {}  # slot -> (block, commit input, t)
 
     def _in_flight(self, horizon_blocks: int | None) -> int:
         """Blocks denoised together: all of a finite horizon (like one official window), else the
@@ -131,95 +158,94 @@ class KVRollout:
             )
         return max(1, math.ceil(self.num_steps / self.req.ar_step))
 
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release the core's buffers and the backend's stream session now (idempotent)."""
+        session, core = getattr(self, "session", None), getattr(self, "core", None)
+        self.session = self.core = None
+        if session is not None:
+            session.close()
+        if core is not None:
+            core.close()
+
+    def __enter__(self) -> "KVRollout":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
     # ------------------------------------------------------------------ the loop
     def blocks(self) -> Iterator[np.ndarray]:
         """Clean latent blocks in order; prefix blocks first (already clean), then generated ones."""
         if self.prefix_blocks:
-            inputs, t_commit = self._prefix_commit_inputs()
+            noise, factor, t_commit = self._prefix_noise()
             for blk in range(self.prefix_blocks):
                 frames = slice(blk * self.block, (blk + 1) * self.block)
-                self._commit(blk, inputs[:, frames], t_commit)
+                x = np.ascontiguousarray(self._prefix[:, frames], np.float32)
+                self.core.load_commit_input(x, None if noise is None else np.ascontiguousarray(noise[:, frames]),
+                                            factor)
+                self._commit(blk, t_commit)
                 yield self._prefix[:, frames]
         while True:
-            step = self.schedule.next()
-            if step is None:
+            plan = self.core.next_row()
+            if plan is None:
                 return
-            yield from self._run_row(step)
+            yield from self._run_row(plan)
 
-    def _run_row(self, step) -> Iterator[np.ndarray]:
-        active = [step.first + i for i, idx in enumerate(step.index) if 1 <= idx <= self.num_steps]
-        timesteps = {step.first + i: int(t) for i, t in enumerate(step.timestep)}
-        updates = {step.first + i for i, u in enumerate(step.update) if u}
-        if active:
-            for blk in active:
-                self._start(blk)
-            x = np.concatenate([self.latents[b] for b in active], axis=1)  # [16, f, h, w]
-            t = np.repeat(np.array([timesteps[b] for b in active], np.float32), self.block)
-            v = self._velocity(x, t, first_block=active[0])
-            for i, blk in enumerate(active):
-                if blk in updates:
-                    self._step_block(blk, v[:, i * self.block : (i + 1) * self.block], timesteps[blk])
-        for blk in step.finished:
-            clean = self.latents.pop(blk)
-            self.samplers.pop(blk)
-            self._commit(blk, clean, 0.0)
-            yield clean
+    def _run_row(self, plan) -> Iterator[np.ndarray]:
+        for blk in plan.started:
+            self.core.start_block(blk, self._block_noise(blk))
+        if plan.active:
+            frames = self.core.pack_active()
+            t = np.repeat(np.asarray(plan.timesteps, np.float32), self.block)
+            self._step(frames, t, self._position(plan.active[0], frames), want_velocity=True)
+            self.core.apply_velocity()
+        for blk in plan.finished:
+            self.core.finish_block(blk)
+            yield self._commit(blk, 0.0)
 
-    def _start(self, blk: int) -> None:
-        if blk in self.latents:
-            return
-        shape = (lat.LATENT_CHANNELS, self.block, self.h, self.w)
+    def _block_noise(self, blk: int) -> np.ndarray:
+        """The block's initial noise [16, b, h, w]: the caller's, while it lasts, else a fresh draw."""
         if self._noise is not None and (blk + 1) * self.block <= self._noise.shape[1]:
-            z = self._noise[:, blk * self.block : (blk + 1) * self.block].copy()
-        else:
-            z = self.rng.standard_normal(shape, dtype=np.float32)
-        self.latents[blk] = z
-        self.samplers[blk] = [self._new_sampler() for _ in range(self.block)]
-
-    def _step_block(self, blk: int, v: np.ndarray, timestep: int) -> None:
-        z = self.latents[blk]
-        for f, sampler in enumerate(self.samplers[blk]):
-            z[:, f] = sampler.step(v[:, f], timestep, z[:, f])
+            return np.ascontiguousarray(self._noise[:, blk * self.block : (blk + 1) * self.block], np.float32)
+        return self.rng.standard_normal((lat.LATENT_CHANNELS, self.block, self.h, self.w), dtype=np.float32)
 
     # ------------------------------------------------------------------ networks and cache
     def _position(self, blk: int, frames: int) -> int:
-        return ring_position(self.ring, self.caches, blk, frames)
+        """RoPE position of the block's first frame, rebasing the core's ring when the table would run out."""
+        shift = rebase_shift(self.core.position_of(blk), frames, self.core.capacity * self.block)
+        if shift:
+            self.cache.rebase(shift)
+        return self.core.position_of(blk)
 
-    def _velocity(self, x: np.ndarray, t: np.ndarray, first_block: int) -> np.ndarray:
-        position = self._position(first_block, x.shape[1])
-        valid = np.asarray(self.ring.valid, dtype=bool)
-        outs = [out[0] for out in self.backend.kv_step_many(x, t, self.prompts, self.caches, valid, position,
-                                                             self.fps_class, self.block)]
-        if len(outs) == 1:
-            return outs[0]
-        v_cond, v_uncond = outs
-        return v_uncond + self.req.guidance_scale * (v_cond - v_uncond)
+    def _step(self, frames: int, t: np.ndarray, position: int, want_velocity: bool = False, want_kv: bool = False,
+              valid: np.ndarray | None = None) -> None:
+        valid = self.core.valid if valid is None else valid
+        self.session.step(KVStepCall(frames=frames, timesteps=t, position=position, slot_valid=valid,
+                                     want_velocity=want_velocity, want_kv=want_kv))
 
-    def _prefix_commit_inputs(self) -> tuple[np.ndarray, float]:
-        """What the prefix blocks are committed with: the clean prefix at t = 0, or with
-        addnoise_condition a, the prefix with 0.1%·a noise at t = a. The official loop redraws that
-        noise at every step, which no cache can do: it is drawn once, for the whole prefix, here (the
-        window mode's condition_noise="once" does the same and is the reference for this mode)."""
+    def _prefix_noise(self) -> tuple[np.ndarray | None, float, float]:
+        """(noise, factor, timestep) the prefix blocks are committed with: none at t = 0, or with
+        addnoise_condition a, 0.1%·a of noise at t = a. The official loop redraws that noise at every
+        step, which no cache can do: it is drawn once, for the whole prefix, here (the window mode's
+        condition_noise="once" does the same and is the reference for this mode)."""
         a = self.req.addnoise_condition
         if a <= 0:
-            return self._prefix, 0.0
-        noise = self.rng.standard_normal(self._prefix.shape, dtype=np.float32)
-        return self._prefix * (1.0 - 0.001 * a) + noise * (0.001 * a), float(a)
+            return None, 0.0, 0.0
+        return self.rng.standard_normal(self._prefix.shape, dtype=np.float32), 0.001 * a, float(a)
 
-    def _commit(self, blk: int, x: np.ndarray, t_commit: float) -> None:
-        """Clean pass of block `blk` (latents x [16, b, h, w] at timestep t_commit): its K/V enter the ring."""
+    def _commit(self, blk: int, t_commit: float) -> np.ndarray:
+        """Clean pass of block `blk` (its input already in the core's store at next_slot) at timestep
+        t_commit: its K/V enter the ring. Returns the block's clean latents [16, b, h, w] (host)."""
+        slot = self.core.next_slot()
+        self.core.pack_store(slot)
         position = self._position(blk, self.block)
-        valid = np.asarray(self.ring.valid, dtype=bool)
-        kvs = self._commit_kv(x, t_commit, position, valid)
-        slot = self.ring.append(blk).slot
-        self.committed[slot] = (blk, x, t_commit)  # kept for a recache under a new prompt
-        for cache, (k, v) in zip(self.caches, kvs):
-            cache.write(slot, k, v)
-
-    def _commit_kv(self, x: np.ndarray, t_commit: float, position: int, valid: np.ndarray) -> list:
-        t = np.full(self.block, t_commit, np.float32)
-        return [out[1:] for out in self.backend.kv_step_many(x, t, self.prompts, self.caches, valid, position,
-                                                              self.fps_class, self.block)]
+        self._step(self.block, np.full(self.block, t_commit, np.float32), position, want_kv=True)
+        self.core.commit(blk, t_commit)
+        return self.core.read_store(slot)
 
     # ------------------------------------------------------------------ prompt switch
     def set_prompt(self, cond: TextContext, uncond: TextContext | None, recache: bool = False) -> None:
@@ -231,17 +257,16 @@ class KVRollout:
         blocks re-committed before it, at its current position (one clean pass per cached block).
         """
         self.contexts = switched_contexts(self.contexts, cond, uncond)
-        self.prompts = [self.backend.kv_prompt(c) for c in self.contexts]
+        self.session.set_prompts(self.contexts)
         if recache:
             self._recache()
 
     def _recache(self) -> None:
-        valid = np.zeros(self.ring.capacity, dtype=bool)
-        live = np.asarray(self.ring.valid, dtype=bool)
-        in_ring = sorted((blk, slot) for slot, (blk, _, _) in self.committed.items() if live[slot])
-        for blk, slot in in_ring:
-            _, x, t_commit = self.committed[slot]
-            kvs = self._commit_kv(x, t_commit, self.ring.position_of(blk), valid)
-            for cache, (k, v) in zip(self.caches, kvs):
-                cache.write(slot, k, v)
+        valid = np.zeros(self.core.capacity, dtype=bool)
+        live = self.core.valid
+        for blk, slot in sorted((int(b), s) for s, b in enumerate(self.core.slot_block) if live[s]):
+            self.core.pack_store(slot)
+            t = np.full(self.block, self.core.committed_timestep(slot), np.float32)
+            self._step(self.block, t, self.core.position_of(blk), want_kv=True, valid=valid.copy())
+            self.core.write_kv(slot)
             valid[slot] = True

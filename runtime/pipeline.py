@@ -393,8 +393,9 @@ class Pipeline:
         if noise is None:  # one draw for the whole clip, exactly as window mode draws it
             shape = (lat.LATENT_CHANNELS, blocks_needed * req.causal_block_size, *req.latent_size)
             noise = cond.rng.standard_normal(shape, dtype=np.float32)
-        rollout = self._kv_rollout(req, cond, blocks_needed, noise)
-        blocks = list(tqdm(rollout.blocks(), total=blocks_needed, desc="generate", unit="block", disable=not progress))
+        with self._kv_rollout(req, cond, blocks_needed, noise) as rollout:  # releases the core's buffers
+            blocks = list(tqdm(rollout.blocks(), total=blocks_needed, desc="generate", unit="block",
+                               disable=not progress))
         z = np.concatenate(blocks, axis=1)[:, :total]  # [16, total, h, w], the prefix included
         prefix = 0 if cond.start_latents is None else cond.start_latents.shape[1]
         if req.output == "latent":
@@ -410,11 +411,15 @@ class Pipeline:
     def _stream_kvcache(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
         decoder = self.backend.streaming_decoder()
         rollout = self._kv_rollout(req, cond, None, None)
-        for block in rollout.blocks():
-            yield block if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, block))
-            switch = control.take()  # the generator resumes here: between blocks, before the next row
-            if switch is not None:
-                rollout.set_prompt(*self._encode_prompts(req, switch), recache=switch.recache)
+        try:
+            for block in rollout.blocks():
+                yield block if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, block))
+                switch = control.take()  # the generator resumes here: between blocks, before the next row
+                if switch is not None:
+                    rollout.set_prompt(*self._encode_prompts(req, switch), recache=switch.recache)
+        finally:  # close() of the stream (or an error) releases the core's and the backend's buffers at once
+            rollout.close()
+            decoder.close()
 
     # ------------------------------------------------------------------ validation
     def _request(self, args: dict) -> GenerationRequest:

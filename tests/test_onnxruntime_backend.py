@@ -224,7 +224,7 @@ def test_model_folder_is_exported_into_the_cache_once(model_dir, torch_pipe, tmp
     def no_export(*args, **kwargs):
         raise AssertionError(f"exported again: {args}")
 
-    monkeypatch.setattr(ob.subprocess, "run", no_export)
+    monkeypatch.setattr(subprocess, "run", no_export)  # the exporter runs in a subprocess
     again = ob.OnnxRuntimeBackend(spec, cache_dir=tmp_path)
     assert np.array_equal(again.encode_text("a red circle").value, context.value)
     assert again.model_hash == backend.model_hash

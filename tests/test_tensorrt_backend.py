@@ -61,7 +61,7 @@ def _no_rebuilds(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError(f"exported or built again: {args[:1]}")
 
-    monkeypatch.setattr(ob.subprocess, "run", fail)
+    monkeypatch.setattr(subprocess, "run", fail)  # the ONNX exporter runs in a subprocess
     monkeypatch.setattr(engine_module, "build_engines", fail)
 
 

@@ -20,10 +20,11 @@ __global__ void flow_euler_kernel(const float* x, const float* v, float* out, co
 }
 
 __global__ void flow_unipc_kernel(const float* x, const float* v, float* out, float* x_last, float* m1, float* m2,
-                                  const UniPCFrameCoeffs* coeffs, int64_t frames, int64_t inner, int64_t n) {
+                                  const UniPCFrameCoeffs* coeffs, int64_t frames, int64_t inner, int64_t n,
+                                  bool official_df_aliasing) {
   SKYRT_GRID_STRIDE(i, n) {
     const UniPCFrameCoeffs c = coeffs[frame_of(i, frames, inner)];
-    out[i] = c.update != 0.0f ? flow_unipc_one(c, x[i], v[i], &x_last[i], &m1[i], &m2[i]) : x[i];
+    out[i] = c.update != 0.0f ? flow_unipc_one(c, x[i], v[i], &x_last[i], &m1[i], &m2[i], official_df_aliasing) : x[i];
   }
 }
 
@@ -52,7 +53,8 @@ int flow_euler(const float* x, const float* v, float* out, const float* dt, cons
 }
 
 int flow_unipc(const float* x, const float* v, float* out, float* x_last, float* m1, float* m2,
-               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner, void* stream) {
+               const UniPCFrameCoeffs* coeffs, int64_t outer, int64_t frames, int64_t inner, bool official_df_aliasing,
+               void* stream) {
   if (frame_layout_check(outer, frames, inner) != kOk) return kInvalidArgument;
   const int64_t n = outer * frames * inner;
   if (n == 0) return kOk;
@@ -60,7 +62,8 @@ int flow_unipc(const float* x, const float* v, float* out, float* x_last, float*
       coeffs == nullptr)
     return kInvalidArgument;
   flow_unipc_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(x, v, out, x_last, m1, m2,
-                                                                                      coeffs, frames, inner, n);
+                                                                                      coeffs, frames, inner, n,
+                                                                                      official_df_aliasing);
   return launch_status();
 }
 

@@ -3,6 +3,12 @@
 All arrays crossing it are numpy float32 with channels first: latents [16, F, h, w] (one video,
 no batch axis), pixels [3, T, H, W] in [-1, 1]. Text contexts are opaque handles so a backend can
 keep them on its device.
+
+The KV-cached rollout (runtime/kvcache.py) keeps a stream's state in skyrt._core.RolloutCore, on
+one device; a backend joins it through a `KVStreamSession` (open_kv_stream): it computes the prompt
+K/V once per prompt and runs the DiT step on the core's buffers, reading latents_in and the ring
+K/V, writing velocity and new K/V, allocating nothing per step. `HostKVStreamSession` adapts any
+backend that has the older per-call methods (kv_prompt, kv_step / kv_step_many) on host memory.
 """
 from __future__ import annotations
 
@@ -57,6 +63,9 @@ class StreamingDecoder(abc.ABC):
     def decode_next(self, mu_frame: np.ndarray) -> np.ndarray:
         """Raw latent frame [16, 1, h, w] -> pixels [3, n, H, W] (n = 1 for the first frame, else 4)."""
 
+    def close(self) -> None:
+        """Release what the decoder holds on its device now (a decoder used again re-acquires it)."""
+
 
 class HostKVCache:
     """One prompt context's ring K/V buffers in host memory, laid out for skyrt._core.KVRing slots:
@@ -80,6 +89,114 @@ class HostKVCache:
         from skyrt import _core
 
         _core.kv_rope_rebase(self.k, shift)
+
+
+@dataclass(frozen=True)
+class KVStreamSpec:
+    """The shape of one stream's KV-cached DiT step, fixed when the stream starts."""
+
+    contexts: int  # prompt contexts per step: 1, or 2 with classifier-free guidance (cond, uncond)
+    block_frames: int  # latent frames per block
+    max_frames: int  # most latent frames one step sees (blocks in flight * block_frames)
+    slots: int  # ring KV cache slots (sink + window blocks)
+    latent_size: tuple[int, int]  # (h, w)
+    layers: int
+    heads: int
+    head_dim: int
+    fps_class: int | None  # the fps embedding's class, None when the model has none
+
+
+@dataclass
+class KVStepCall:
+    """One DiT step on the core's buffers: `frames` latent frames at per-frame `timesteps` [frames]
+    float32 from RoPE position `position`, against the ring slots where `slot_valid` [slots] is True.
+    want_velocity / want_kv: which outputs the caller reads (a commit reads only the K/V)."""
+
+    frames: int
+    timesteps: np.ndarray
+    position: int
+    slot_valid: np.ndarray
+    want_velocity: bool = True
+    want_kv: bool = False
+
+
+class KVStreamSession(abc.ABC):
+    """A backend's side of one KV-cached stream: set up once (I/O buffers, prompt K/V slots, graphs),
+    then `step` per schedule row on the rollout core's buffers; `close` releases it all.
+
+    The core's buffers (core.buffer(name, frames)): latents_in [B, 16, F, h, w] float32 (the same
+    latents for every context), velocity [B, 16, F, h, w] float32, new_k / new_v [layers, B,
+    F * tokens_per_frame, heads, head_dim] and cache_k / cache_v [layers, B, slots * tokens_per_block,
+    heads, head_dim] in `kv_dtype`. B = spec.contexts, prompt context b is batch row b.
+    """
+
+    device: str = "cpu"  # where the core must keep the stream ("cpu", "cuda:N")
+    stream: int = 0  # the CUDA stream the core's kernels and this session's work share
+    kv_dtype: str = "float32"  # the ring's dtype: what the step graph reads
+
+    def __init__(self, spec: KVStreamSpec):
+        self.spec = spec
+        self.core = None
+
+    def bind(self, core) -> None:
+        """The rollout core whose buffers every step reads and writes (before the first prompt)."""
+        self.core = core
+
+    @abc.abstractmethod
+    def set_prompts(self, contexts: list[TextContext]) -> None:
+        """Prompt K/V of each context (cond, then uncond), computed once per prompt switch."""
+
+    @abc.abstractmethod
+    def step(self, call: KVStepCall) -> None:
+        """velocity[:, :, :F] (and new_k / new_v) <- DiT(latents_in[:, :, :F], ...)."""
+
+    def close(self) -> None:
+        """Release what the session holds (idempotent)."""
+        self.core = None
+
+
+class _CacheView:
+    """One context's ring K/V as the older per-call API takes it: k, v [layers, slots, tokens, heads, head_dim]."""
+
+    def __init__(self, k: np.ndarray, v: np.ndarray):
+        self.k, self.v = k, v
+
+
+class HostKVStreamSession(KVStreamSession):
+    """Any backend with kv_prompt + kv_step / kv_step_many, on host memory: the core's buffers are numpy
+    views and each context's ring is handed over as a strided view of the core's cache (no copy)."""
+
+    def __init__(self, backend: "Backend", spec: KVStreamSpec):
+        super().__init__(spec)
+        self.backend = backend
+        self.prompts: list = []
+
+    def set_prompts(self, contexts: list[TextContext]) -> None:
+        self.prompts = [self.backend.kv_prompt(c) for c in contexts]
+
+    def _caches(self) -> list[_CacheView]:
+        s = self.spec
+        shape = (s.layers, s.slots, s.block_frames * _tokens_per_frame(s), s.heads, s.head_dim)
+        k, v = self.core.buffer("cache_k").numpy(), self.core.buffer("cache_v").numpy()
+        return [_CacheView(k[:, b].reshape(shape), v[:, b].reshape(shape)) for b in range(s.contexts)]
+
+    def step(self, call: KVStepCall) -> None:
+        core, f = self.core, call.frames
+        x = core.buffer("latents_in", f).numpy()[0]  # [16, f, h, w]: every context sees the same latents
+        outs = self.backend.kv_step_many(x, call.timesteps, self.prompts, self._caches(), call.slot_valid,
+                                         call.position, self.spec.fps_class, self.spec.block_frames)
+        velocity, new_k, new_v = (core.buffer(n, f).numpy() for n in ("velocity", "new_k", "new_v"))
+        for b, (v, k_new, v_new) in enumerate(outs):
+            if call.want_velocity:
+                velocity[b] = v
+            if call.want_kv:
+                new_k[:, b] = k_new
+                new_v[:, b] = v_new
+
+
+def _tokens_per_frame(spec: KVStreamSpec) -> int:
+    h, w = spec.latent_size
+    return (h // 2) * (w // 2)  # DiT patch (1, 2, 2)
 
 
 class Backend(abc.ABC):
@@ -148,3 +265,9 @@ class Backend(abc.ABC):
     def new_kv_cache(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
         """A ring cache for one prompt context; host memory unless the backend keeps it on its device."""
         return HostKVCache(layers, slots, tokens_per_block, heads, head_dim)
+
+    def open_kv_stream(self, spec: KVStreamSpec) -> KVStreamSession:
+        """This backend's side of one KV-cached stream (runtime/kvcache.py). Here: the per-call methods
+        above on host memory; a backend that keeps the stream on its device overrides this."""
+        self.kv_layout()  # raises for a backend without a KV-cached step
+        return HostKVStreamSession(self, spec)

@@ -21,20 +21,26 @@ takes standard TensorRT when it imports (it builds on the GPU at hand) and Tenso
 The GPU is opened as soon as there is an engine to load: at once for engine and ONNX folders, after
 the first group is built for a model folder.
 
-It is the onnxruntime backend's host logic (tokenizer, float64 time sinusoid, RoPE tables, VAE
-cache plumbing, the rollout contract) with every graph call replaced by an engine call:
-- engines run with `execute_async_v3` on one CUDA stream; inputs and outputs live in device
-  buffers allocated once per shape (cuda-python), host arrays are copied in and out;
-- the KV cache lives on the device (`DeviceKVCache`) and is written and rebased in place by the
-  skyrt._core.cuda kernels; the step engine reads it by address, never through the host;
-- per-prompt cross-attention K/V stay on the device;
-- with `cuda_graphs=True` the KV-cached step (static shapes per active-block count) is captured
-  once per (frames, cache) and replayed.
+It shares the host logic of every exported-graph backend (exported_graphs.py: tokenizer, float64
+time sinusoid, RoPE tables, graph lookup, the KV stream session) and runs each graph as an engine:
+- engines run with `execute_async_v3` on one CUDA stream, the stream the rollout core's kernels use;
+  all memory is skyrt._core.Buffer (allocated through the core, counted by _core.memory_stats);
+- a KV-cached stream (GraphKVStreamSession) binds the core's ring, latents, velocity and new K/V and
+  its own input and prompt K/V buffers by address: all allocated when the stream starts, released by
+  its close() (a generator restart releases and allocates again); the velocity never leaves the GPU,
+  cond and uncond run as one batch-2 call, and nothing is allocated per step;
+- with `cuda_graphs=True` each step shape (active frames F) is captured once per stream and replayed;
+  the key is F, never an address: the stream's buffers do not move while it lives, which each replay
+  checks, and its graphs go with it;
+- the streaming VAE keeps its causal caches on the GPU (two buffer sets, ping-pong); only decoded
+  frames come back to the host. The window mode's per-prompt cross K/V live in two reused slots.
 Engines built by TensorRT-RTX run through the `tensorrt_rtx` module, others through `tensorrt`.
 
 NOT EXECUTED in skyrt's CI (no GPU there): everything up to opening the GPU is tested
-(tests/test_tensorrt_backend.py); benchmarks/gpu_validate.py compares this backend's rollout with
-onnxruntime-CPU on the user's machine.
+(tests/test_tensorrt_backend.py), and the host logic of a whole stream runs there with onnxruntime
+sessions standing in for the engines on host memory (tests/test_graph_sessions.py: zero allocations
+after warm-up); benchmarks/gpu_validate.py compares this backend's rollout with onnxruntime-CPU on
+the user's machine.
 """
 from __future__ import annotations
 
@@ -42,17 +48,17 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..engine_manifest import (ENGINE_MANIFEST_SUFFIX, EngineManifest, EngineMismatchError, check_engine,
                                check_engine_size, read_engine_bytes)
-from .base import Backend, ModelSpec, TextContext
-from .onnxruntime_backend import (OnnxRuntimeBackend, OrtPrompt, _Graph, default_cache_root, export_folder_spec,
-                                  is_export_folder, read_manifest)
+from .base import ModelSpec, StreamingDecoder, TextContext
+from .exported_graphs import (BoundStreamingDecoder, ExportedGraphBackend, _Graph, default_cache_root,
+                              export_folder_spec, is_export_folder, read_manifest)
 
 ONNX_MANIFEST_COPY = "onnx_manifest.json"  # the ONNX export's manifest, copied beside the engines
 ENGINE_CACHE = "engines"  # under the cache root
@@ -156,135 +162,135 @@ def build_engine_folder(onnx_dir: Path, target: Path, options, progress: bool = 
     return target
 
 
-class DeviceKVCache:
-    """One prompt context's ring K/V on the GPU: k, v [layers, slots, tokens, heads, head_dim]."""
-
-    def __init__(self, layers: int, slots: int, tokens: int, heads: int, head_dim: int, dtype, stream):
-        from ..cuda_mem import DeviceArray
-
-        self.shape = (layers, slots, tokens, heads, head_dim)
-        self.dtype = np.dtype(dtype)
-        self.stream = stream
-        # Zeros: masked slots must hold finite values (NaN garbage poisons the softmax).
-        self.k = DeviceArray.zeros(self.shape, self.dtype, stream)
-        self.v = DeviceArray.zeros(self.shape, self.dtype, stream)
-
-    def write(self, slot: int, k, v) -> None:
-        """k, v: the step's new K/V [layers, 1, tokens, heads, head_dim] device arrays -> slot."""
-        from skyrt import _core
-
-        layers, slots, tokens, heads, head_dim = self.shape
-        block = tokens * heads * head_dim
-        dtype = "float16" if self.dtype == np.float16 else "float32"
-        for src, dst in ((k, self.k), (v, self.v)):
-            _core.cuda.kv_write_block(src.ptr, block, dst.ptr, slots * block, block, slot, layers, block, dtype,
-                                      self.stream.handle)
-
-    def rebase(self, shift: int) -> None:
-        from skyrt import _core
-
-        layers, slots, tokens, heads, head_dim = self.shape
-        _core.cuda.kv_rope_rebase(self.k.ptr, layers, slots, tokens, heads, head_dim, slots * tokens * heads * head_dim,
-                                  tokens * heads * head_dim, heads * head_dim, head_dim, shift, 10000.0,
-                                  "float16" if self.dtype == np.float16 else "float32", self.stream.handle)
+# numpy dtype of an engine tensor -> the skyrt._core.Buffer dtype that holds it (bool as uint8)
+_BUFFER_DTYPE = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.bool_): "uint8",
+                 np.dtype(np.uint8): "uint8", np.dtype(np.int64): "int64"}
 
 
 class TrtEngine:
-    """One deserialized engine, its execution context and its reusable device I/O buffers."""
+    """One engine and its execution context, bound to skyrt._core.Buffers by address.
 
-    def __init__(self, trt, runtime, data: bytes, path: Path, stream, cuda_graphs: bool = False):
-        """data: the engine file's bytes, already checked against its manifest (read_engine_bytes)."""
-        self.trt, self.stream, self.name = trt, stream, path.stem
-        self.engine = runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise RuntimeError(f"TensorRT could not load {path}; rebuild it (the command is in {path.name}.json)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_input = lambda n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT  # noqa: E731
+    bind() sets every input's shape and address and checks each output Buffer against the shape the
+    engine computes; enqueue() runs it on the stream. run() is the host-array path (text encoder,
+    VAE encoder): staging Buffers, one per tensor and shape, made once and reused."""
+
+    def __init__(self, trt, engine, stream: int, name: str, device: str):
+        self.trt, self.engine, self.stream, self.name, self.device = trt, engine, int(stream), name, device
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = lambda n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT  # noqa: E731
         self.inputs = [n for n in names if is_input(n)]
         self.outputs = [n for n in names if not is_input(n)]
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self._buffers: dict[str, Any] = {}
-        self._cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple, Any] = {}
+        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        self._staging: dict[str, Any] = {}
 
-    def _buffer(self, name: str, shape: tuple[int, ...]):
-        from ..cuda_mem import DeviceArray
+    @classmethod
+    def deserialize(cls, trt, runtime, data: bytes, path: Path, stream: int, device: str) -> "TrtEngine":
+        """data: the engine file's bytes, already checked against its manifest (read_engine_bytes)."""
+        engine = runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise RuntimeError(f"TensorRT could not load {path}; rebuild it (the command is in {path.name}.json)")
+        return cls(trt, engine, stream, path.stem, device)
 
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape:
-            if buf is not None:
-                buf.free()
-            buf = self._buffers[name] = DeviceArray.empty(shape, self.dtypes[name])
-        return buf
-
-    def run(self, feeds: dict, keep_on_device: Sequence[str] = (), out: dict | None = None) -> list:
-        """feeds: name -> numpy array (copied in) or DeviceArray (bound by address). Outputs in engine
-        order: numpy; fresh DeviceArray copies for `keep_on_device` (the I/O buffers are reused); for
-        names in `out` (name -> DeviceArray at least as large), the output is written there and a
-        DeviceArray of its shape at that address is returned, without any copy."""
-        from ..cuda_mem import DeviceArray
-
-        out = out or {}
-        key = []
+    def bind(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        """Shapes and addresses of every tensor from Buffers; a missing tensor, a dtype the engine does
+        not take or an output Buffer of another shape is a ValueError naming both."""
         for name in self.inputs:
-            value = feeds[name]
-            shape = tuple(int(d) for d in value.shape)
+            buf = self._given(inputs, name, "input")
+            shape = tuple(int(d) for d in buf.shape)
             if not self.context.set_input_shape(name, shape):
                 raise ValueError(f"{self.name}: input {name} of shape {shape} is outside the engine's optimization "
                                  f"profile (see the profile in {self.name}.engine.json)")
-            if isinstance(value, DeviceArray):
-                address = value.ptr
-            else:
-                buf = self._buffer(name, shape)
-                buf.upload(np.ascontiguousarray(value, dtype=self.dtypes[name]), self.stream)
-                address = buf.ptr
-            self.context.set_tensor_address(name, address)
-            key.append((name, shape, address))
-        out_buffers = []
-        for name in self.outputs:
-            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
-            if name in out:
-                buf = DeviceArray(shape, self.dtypes[name], out[name].ptr)
-                if buf.nbytes > out[name].nbytes:
-                    raise ValueError(f"{self.name}: output {name} {shape} does not fit its "
-                                     f"{out[name].nbytes}-byte buffer")
-            else:
-                buf = self._buffer(name, shape)
             self.context.set_tensor_address(name, buf.ptr)
-            out_buffers.append(buf)
-            key.append((name, buf.shape, buf.ptr))
-        self._launch(tuple(key))
-        results = []
-        for name, buf in zip(self.outputs, out_buffers):
+        for name in self.outputs:
+            buf = self._given(outputs, name, "output")
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+            if tuple(buf.shape) != shape:
+                raise ValueError(f"{self.name}: output {name} is {shape}, its buffer {buf!r}")
+            self.context.set_tensor_address(name, buf.ptr)
+
+    def _given(self, buffers: Mapping[str, Any], name: str, kind: str):
+        buf = buffers.get(name)
+        if buf is None:
+            raise ValueError(f"{self.name}: no buffer for {kind} {name} (given: {sorted(buffers)})")
+        want = _BUFFER_DTYPE[self.dtypes[name]]
+        if buf.dtype != want or buf.device != self.device:
+            raise ValueError(f"{self.name}: {kind} {name} needs {want} on {self.device}, got {buf!r}")
+        return buf
+
+    def enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.stream):
+            raise RuntimeError(f"TensorRT failed to run {self.name}")
+
+    def run(self, feeds: Mapping[str, Any], out: Mapping[str, Any] | None = None) -> list:
+        """Host arrays (copied into staging Buffers) or device memory (Buffers, or cuda_mem.DeviceArray
+        views, bound by address) in; outputs in engine order: host arrays, except those named in `out`
+        (name -> device memory at least as large), which are written there and returned as Buffers."""
+        from skyrt import _core
+
+        out = out or {}
+        inputs = {}
+        for name in self.inputs:
+            value = feeds[name]
+            device = self._as_buffer(value)
+            if device is not None:
+                inputs[name] = device
+                continue
+            array = np.ascontiguousarray(value, dtype=self.dtypes[name])
+            inputs[name] = self._stage(name, array.shape)
+            _core.upload(inputs[name], array, self.stream)
+        for name in self.inputs:  # output shapes follow the input shapes
+            if not self.context.set_input_shape(name, tuple(int(d) for d in inputs[name].shape)):
+                raise ValueError(f"{self.name}: input {name} of shape {tuple(inputs[name].shape)} is outside the "
+                                 f"engine's optimization profile (see the profile in {self.name}.engine.json)")
+        outputs = {}
+        for name in self.outputs:
+            shape = [int(d) for d in self.context.get_tensor_shape(name)]
             if name in out:
-                results.append(buf)
-            elif name in keep_on_device:
-                copy = DeviceArray.empty(buf.shape, buf.dtype)
-                copy.copy_from(buf, self.stream)
-                results.append(copy)
+                given = self._as_buffer(out[name])
+                outputs[name] = given.slice(shape, 0)  # a ValueError when the engine's output does not fit
             else:
-                results.append(buf.download(self.stream))
-        self.stream.synchronize()
+                outputs[name] = self._stage(name, tuple(shape))
+        self.bind(inputs, outputs)
+        self.enqueue()
+        results = []
+        for name in self.outputs:
+            if name in out:
+                results.append(outputs[name])
+                continue
+            host = np.empty(tuple(outputs[name].shape), self.dtypes[name])
+            _core.download(outputs[name], host, self.stream)  # waits for the stream
+            results.append(host)
+        _core.synchronize(self.device, self.stream)
         return results
 
-    def _launch(self, key: tuple) -> None:
-        """execute_async_v3, or the CUDA graph captured for exactly these shapes and addresses."""
-        if not self._cuda_graphs:
-            if not self.context.execute_async_v3(self.stream.handle):
-                raise RuntimeError(f"TensorRT failed to run {self.name}")
-            return
-        from ..cuda_mem import CudaGraph
+    def _as_buffer(self, value):
+        """A Buffer over device memory given as a Buffer or a cuda_mem.DeviceArray; None for host arrays."""
+        from skyrt import _core
 
-        graph = self._graphs.get(key)
-        if graph is None:
-            # TensorRT needs one plain run after shape changes before a capture is valid.
-            if not self.context.execute_async_v3(self.stream.handle):
-                raise RuntimeError(f"TensorRT failed to run {self.name}")
-            graph = CudaGraph(self.stream)
-            graph.capture(lambda: self.context.execute_async_v3(self.stream.handle))
-            self._graphs[key] = graph
-        graph.replay()
+        if isinstance(value, _core.Buffer):
+            return value
+        if isinstance(value, np.ndarray) or not hasattr(value, "ptr"):
+            return None
+        return _core.Buffer.wrap(int(value.ptr), [int(d) for d in value.shape], _BUFFER_DTYPE[np.dtype(value.dtype)],
+                                 self.device)
+
+    def _stage(self, name: str, shape: tuple[int, ...]):
+        """The staging Buffer of tensor `name`, made for `shape` once (a new shape replaces it)."""
+        from skyrt import _core
+
+        buf = self._staging.get(name)
+        if buf is None or tuple(buf.shape) != tuple(shape):
+            if buf is not None:
+                buf.close()
+            buf = self._staging[name] = _core.Buffer.allocate(list(shape), _BUFFER_DTYPE[self.dtypes[name]],
+                                                               self.device, False, self.stream)
+        return buf
+
+    def close(self) -> None:
+        for buf in self._staging.values():
+            buf.close()
+        self._staging = {}
 
 
 def _check_precision(onnx_manifest: dict, folder: Path) -> None:
@@ -295,7 +301,7 @@ def _check_precision(onnx_manifest: dict, folder: Path) -> None:
                          "(bf16 engines build, but the host side has no bfloat16 arrays yet)")
 
 
-class TensorRTBackend(OnnxRuntimeBackend):
+class TensorRTBackend(ExportedGraphBackend):
     """Runs skyrt's engines; given an ONNX export or a model folder, builds them first (module docstring).
 
     builder: 'auto', 'tensorrt' or 'tensorrt-rtx' (for an engine folder 'auto' means the one that
@@ -311,9 +317,7 @@ class TensorRTBackend(OnnxRuntimeBackend):
                  precision: str = "fp16", compute_capabilities: Sequence[str] | None = None,
                  optimization_level: int = 3, cache_dir: str | Path | None = None,
                  export_options: dict | None = None, progress: bool = True):
-        # Deliberately not OnnxRuntimeBackend.__init__: no onnxruntime sessions; the ONNX export
-        # machinery it inherits (_export_group) only needs the attributes set here.
-        Backend.__init__(self, model)
+        super().__init__(model)
         if precision not in TRT_PRECISIONS:
             raise ValueError(f"precision={precision!r}: the TensorRT backend runs {' or '.join(TRT_PRECISIONS)} "
                              "graphs (bf16 engines build, but the host side has no bfloat16 arrays yet)")
@@ -327,6 +331,10 @@ class TensorRTBackend(OnnxRuntimeBackend):
         self._engine_manifests: dict[Path, dict[str, EngineManifest]] = {}
         self._tokenizer = None
         self.stream = None  # opened with the first engine (_open_gpu)
+        self._memory_device: str | None = None  # "cuda:N", set with the stream
+        self._graph_factory = None  # cuda_mem.CudaGraph, set with the stream
+        self._prompt_slots: list[dict] = []  # window mode's per-prompt cross K/V (_window_prompt)
+        self._prompt_serial = 0
         self.gpu_compute_capability: str | None = None
         self.source = None
         path = Path(model.path).expanduser()
@@ -346,6 +354,7 @@ class TensorRTBackend(OnnxRuntimeBackend):
             self._open_gpu()  # engines to load: without a GPU, fail here rather than at the first prompt
 
     # ---- where the engines come from --------------------------------------------------------------
+
     def _open_engine_folder(self, path: Path, builder: str) -> None:
         from skyrt.export.engine import import_builder  # torch-free
 
@@ -400,12 +409,13 @@ class TensorRTBackend(OnnxRuntimeBackend):
         check_engine(manifest, builder=self.builder, builder_version=self.trt.__version__,
                      gpu_compute_capability=self.gpu_compute_capability)
 
+
     def _open_gpu(self) -> None:
         """The CUDA stream and the TensorRT runtime, once; engines already read are checked against
         the GPU's compute capability. On a machine without a GPU: a clear CudaError."""
         if self.stream is not None:
             return
-        from ..cuda_mem import Stream, compute_capability
+        from ..cuda_mem import CudaGraph, Stream, compute_capability
 
         stream = Stream()  # raises CudaError naming the missing driver / GPU
         self.gpu_compute_capability = compute_capability()
@@ -413,73 +423,116 @@ class TensorRTBackend(OnnxRuntimeBackend):
             for manifest in engines.values():
                 self._check(manifest)
         self._runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
+        index = self.device.split(":", 1)[1] if ":" in str(self.device) else "0"
+        self._memory_device, self._graph_factory = f"cuda:{index}", CudaGraph
         self.stream = stream
 
     # ---- engines instead of sessions ------------------------------------------------------------
-    @property
-    def _on_gpu(self) -> bool:
-        return True
+    def memory_device(self) -> str:
+        self._open_gpu()
+        return self._memory_device
+
+    def stream_handle(self) -> int:
+        self._open_gpu()
+        return self.stream.handle
 
     def _session(self, graph: _Graph) -> TrtEngine:
         engine = self._sessions.get(graph.path)
         if engine is None:
-            manifest = self._engine_manifests[graph.folder].get(graph.name)
-            if manifest is None:
-                raise FileNotFoundError(f"{graph.folder} has no engine for {graph.name}: build it with skyrt export "
-                                        f"engine --onnx ONNX_DIR --out {graph.folder}")
-            self._open_gpu()
-            path = graph.folder / manifest.engine_file
-            engine = TrtEngine(self.trt, self._runtime, read_engine_bytes(manifest, path), path, self.stream,
-                               cuda_graphs=self.cuda_graphs and graph.name == "dit_step")
-            self._sessions[graph.path] = engine
+            engine = self._sessions[graph.path] = self._load_engine(graph)
         return engine
 
-    def _run(self, graph: _Graph, feeds: dict, keep_on_device: Sequence[str] = ()) -> list:
+    def _load_engine(self, graph: _Graph) -> TrtEngine:
+        manifest = self._engine_manifests[graph.folder].get(graph.name)
+        if manifest is None:
+            raise FileNotFoundError(f"{graph.folder} has no engine for {graph.name}: build it with skyrt export "
+                                    f"engine --onnx ONNX_DIR --out {graph.folder}")
+        self._open_gpu()
+        path = graph.folder / manifest.engine_file
+        return TrtEngine.deserialize(self.trt, self._runtime, read_engine_bytes(manifest, path), path,
+                                     self.stream_handle(), self.memory_device())
+
+    def _run(self, graph: _Graph, feeds: dict) -> list:
         engine = self._session(graph)
-        outputs = engine.run(feeds, keep_on_device)
-        by_name = dict(zip(engine.outputs, outputs))
+        by_name = dict(zip(engine.outputs, engine.run(feeds)))
         return [by_name[o["name"]] for o in graph.entry["outputs"]]  # manifest order, as onnxruntime gives
 
-    # ---- the KV cache on the device ---------------------------------------------------------------
-    def new_kv_cache(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
-        self._open_gpu()
-        return DeviceKVCache(layers, slots, tokens_per_block, heads, head_dim, self._cache_dtype(), self.stream)
+    def _run_bound(self, graph: _Graph, inputs: Mapping[str, Any], outputs: Mapping[str, Any], cache: dict,
+                   key: tuple) -> None:
+        """The engine on Buffers by address; the KV-cached step through a CUDA graph per key (one per
+        active frame count) when cuda_graphs is on, captured at the key's first call."""
+        engine = self._session(graph)
+        if not (self.cuda_graphs and graph.name == "dit_step"):
+            engine.bind(inputs, outputs)
+            engine.enqueue()
+            return
+        addresses = tuple((n, b.ptr, tuple(b.shape)) for n, b in (*inputs.items(), *outputs.items()))
+        captured = cache.get(key)
+        if captured is None:
+            engine.bind(inputs, outputs)
+            engine.enqueue()  # TensorRT needs one plain run after a shape change before a capture
+            captured = _CapturedStep(self._graph_factory(self.stream), addresses)
+            captured.graph.capture(engine.enqueue)
+            cache[key] = captured
+            return
+        if captured.addresses != addresses:  # the session's buffers never move: this is a bug
+            raise RuntimeError(f"{graph.name}: the buffers of step {key} moved since its CUDA graph was captured")
+        captured.graph.replay()
 
-    def _cache_dtype(self):
-        """The step graph's cache dtype; before a model folder's step graph exists (its shapes come
-        with the first step), the dtype its export precision will give."""
-        graph = self._find("dit_step", {})
-        if graph is not None:
-            return graph.input_dtype("cache_k")
-        return np.float16 if self.precision == "fp16" else np.float32
+    # ---- prompts --------------------------------------------------------------------------------
+    def _window_prompt(self, context: TextContext) -> dict:
+        """Cross K/V of a prompt for the window-mode graphs, in one of two reused slots (cond and
+        uncond alternate every row): a prompt switch overwrites a slot instead of allocating."""
+        from skyrt import _core
 
-    def kv_prompt(self, context: TextContext) -> OrtPrompt:
-        return self._cross_kv(context)
+        serial = context.__dict__.get("_tensorrt_prompt")
+        for slot in self._prompt_slots:
+            if serial is not None and slot["serial"] == (id(self), serial):
+                slot["used"] = self._prompt_serial = self._prompt_serial + 1
+                return {"cross_k": slot["cross_k"], "cross_v": slot["cross_v"]}
+        graph = self._graph("cross_kv")
+        if len(self._prompt_slots) < 2:
+            device, stream = self.memory_device(), self.stream_handle()
+            shape = [int(d) if not isinstance(d, str) else 1 for d in graph.entry["outputs"][0]["shape"]]
+            dtype = graph.entry["outputs"][0]["dtype"]
+            self._prompt_slots.append({name: _core.Buffer.allocate(shape, dtype, device, True, stream)
+                                       for name in ("cross_k", "cross_v")} | {"serial": None, "used": 0})
+        slot = min(self._prompt_slots, key=lambda s: s["used"])  # the least recently used
+        self._prompt_serial += 1
+        context.__dict__["_tensorrt_prompt"] = self._prompt_serial
+        slot["serial"], slot["used"] = (id(self), self._prompt_serial), self._prompt_serial
+        engine = self._session(graph)
+        inputs = {"context": engine._stage("context", tuple(np.shape(context.value)))}
+        _core.upload(inputs["context"], np.ascontiguousarray(context.value, np.float32), self.stream_handle())
+        self._run_bound(graph, inputs, {"cross_k": slot["cross_k"], "cross_v": slot["cross_v"]}, {}, ("cross_kv",))
+        return {"cross_k": slot["cross_k"], "cross_v": slot["cross_v"]}
 
-    def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, block_size):
-        """dit_step reading the device cache by address; velocity comes back to the host, the new K/V
-        stay on the device for DeviceKVCache.write."""
-        from ..cuda_mem import DeviceArray
-        from .onnxruntime_backend import PATCH, SPATIAL, rope_cos_sin, timestep_sinusoid
+    def kv_prompt(self, context: TextContext):
+        raise NotImplementedError("the TensorRT backend keeps a stream's prompt K/V in its KV stream session "
+                                  "(open_kv_stream, driven by runtime/kvcache.py); there is no per-call kv_prompt")
 
-        _, frames, h, w = latents.shape
-        layers, slots, tokens, heads, head_dim = cache.shape
-        graph = self._graph("dit_step", height=h * SPATIAL, width=w * SPATIAL, block_frames=block_size,
-                            cache_blocks=slots)
-        cos, sin = rope_cos_sin(self.head_dim, int(first_position), frames, h // PATCH, w // PATCH,
-                                self.rope_max_positions)
-        flat = (layers, 1, slots * tokens, heads, head_dim)  # the same memory, as the engine sees it
-        feeds = {"latents": np.ascontiguousarray(latents, dtype=np.float32)[None],
-                 "t_emb": timestep_sinusoid(np.asarray(timesteps, np.float32)[None], self.freq_dim),
-                 "cross_k": prompt.k, "cross_v": prompt.v,
-                 "cache_k": DeviceArray(flat, cache.dtype, cache.k.ptr),
-                 "cache_v": DeviceArray(flat, cache.dtype, cache.v.ptr),
-                 "slot_valid": np.asarray(slot_valid, dtype=bool).reshape(1, slots),
-                 "rope_cos": cos, "rope_sin": sin, **self._fps_feed(fps_class)}
-        velocity, new_k, new_v = self._run(graph, feeds, keep_on_device=("new_k", "new_v"))
-        return velocity[0], new_k, new_v
+    def kv_step(self, *args, **kwargs):
+        raise NotImplementedError("the TensorRT backend runs the KV-cached step on the rollout core's device "
+                                  "buffers (open_kv_stream, driven by runtime/kvcache.py); there is no per-call "
+                                  "kv_step on host arrays")
+
+    def streaming_decoder(self) -> StreamingDecoder:
+        return BoundStreamingDecoder(self)
 
 
-__all__ = ["DeviceKVCache", "TensorRTBackend", "TrtEngine", "build_engine_folder", "cached_engine_folder",
+@dataclass
+class _CapturedStep:
+    """A CUDA graph of one step shape, and the addresses it was captured with."""
+
+    graph: Any
+    addresses: tuple
+
+    def close(self) -> None:
+        closer = getattr(self.graph, "close", None)
+        if closer is not None:
+            closer()
+
+
+__all__ = ["TensorRTBackend", "TrtEngine", "build_engine_folder", "cached_engine_folder",
            "engine_build_options", "engine_cache_key", "engine_folder_spec", "is_engine_folder",
            "prepare_engine_folder"]

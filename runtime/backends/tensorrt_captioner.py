@@ -201,7 +201,8 @@ class TrtCaptionerBackend:
 
         def load(name: str) -> Any:
             path = self.dir / manifests[name].engine_file
-            return TrtEngine(trt, runtime, read_engine_bytes(manifests[name], path), path, self.stream)
+            return TrtEngine.deserialize(trt, runtime, read_engine_bytes(manifests[name], path), path, self.stream.handle,
+                                         "cuda:0")
 
         engines = {name: load(name) for name in CAPTIONER_ENGINES}
         cfg = onnx_manifest["captioner"]

@@ -1,13 +1,18 @@
 """The torch reference backend: skyrt.export's modules, fp32 on the CPU by default.
 
 This is the oracle-checked path (tests compare it with diffusers); engines are checked against it.
+
+The KV-cached stream (TorchKVStreamSession) runs on the rollout core's own buffers, seen as torch
+tensors without a copy (numpy views on the CPU, __cuda_array_interface__ on a GPU): latents in, the
+ring K/V read in place, velocity and new K/V written in place, on the core's CUDA stream (torch's
+current stream). With a CUDA device nothing of the stream's state crosses to the host.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .base import Backend, ModelSpec, StreamingDecoder, TextContext
+from .base import Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec, StreamingDecoder, TextContext
 
 
 class TorchStreamingDecoder(StreamingDecoder):
@@ -40,6 +45,23 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.dtype = dtype
         self.dit, self.vae, self.text_encoder = load_components(model, dtype=dtype, device=self.device)
+
+    @classmethod
+    def from_modules(cls, dit, vae=None, text_encoder=None, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> "TorchBackend":
+        """A backend over modules already in memory (no model folder: e.g. random weights of a real
+        architecture for benchmarks/gpu_validate.py). Without a VAE or text encoder, only the DiT
+        paths work (contexts come as TextContext(prompt, value=[1, text_len, text_dim] tensors))."""
+        from pathlib import Path
+
+        backend = cls.__new__(cls)
+        Backend.__init__(backend, ModelSpec(path=Path("<in memory>"), layout="official",
+                                            dit_config=dit.config.to_official()))
+        backend.device, backend.dtype = torch.device(device), dtype
+        backend.dit = dit.to(backend.device, dtype).eval()
+        backend.vae = None if vae is None else vae.to(backend.device).eval()
+        backend.text_encoder = text_encoder
+        return backend
 
     @torch.inference_mode()
     def encode_text(self, prompt: str) -> TextContext:
@@ -103,7 +125,7 @@ class TorchBackend(Backend):
         # Eager torch can skip what an engine must mask: attend only to the valid slots (a view when
         # they lead the ring, a gather otherwise), so a filling cache costs what it holds.
         valid = np.asarray(slot_valid, bool)
-        ck, cv = ([self._valid_slots(torch.from_numpy(getattr(c, name)), valid).reshape(layers, 1, -1, heads, head_dim)
+        ck, cv = ([valid_slots(torch.from_numpy(getattr(c, name)), valid, 1).reshape(layers, 1, -1, heads, head_dim)
                    for c in caches] for name in ("k", "v"))
         ck = (ck[0] if batch == 1 else torch.cat(ck, dim=1)).to(self.device)  # [layers, B, S_valid, N, Dh]
         cv = (cv[0] if batch == 1 else torch.cat(cv, dim=1)).to(self.device)
@@ -114,15 +136,90 @@ class TorchBackend(Backend):
         v, new_k, new_v = v.float().cpu().numpy(), new_k.float().cpu().numpy(), new_v.float().cpu().numpy()
         return [(v[b], new_k[:, b], new_v[:, b]) for b in range(batch)]
 
-    @staticmethod
-    def _valid_slots(cache: torch.Tensor, slot_valid: np.ndarray) -> torch.Tensor:
-        """cache [layers, slots, tokens, N, Dh] -> only the valid slots [layers, n_valid, tokens, N, Dh]."""
-        index = np.flatnonzero(slot_valid)
-        if len(index) == len(slot_valid):
-            return cache
-        if len(index) == 0 or index[-1] == len(index) - 1:
-            return cache[:, : len(index)]
-        return cache.index_select(1, torch.from_numpy(index))
+    def open_kv_stream(self, spec: KVStreamSpec) -> "TorchKVStreamSession":
+        """The stream lives on this backend's device (host memory on the CPU, the GPU with device='cuda'):
+        the core's buffers are used in place as torch tensors, cond and uncond run as one batch."""
+        return TorchKVStreamSession(self, spec)
+
+
+
+def valid_slots(cache: torch.Tensor, slot_valid: np.ndarray, axis: int) -> torch.Tensor:
+    """Only the valid ring slots of `cache` along `axis` (the slots axis): a view when they lead the
+    ring (no copy), a gather otherwise."""
+    index = np.flatnonzero(slot_valid)
+    if len(index) == len(slot_valid):
+        return cache
+    if len(index) == 0 or index[-1] == len(index) - 1:
+        return cache.narrow(axis, 0, len(index))
+    return cache.index_select(axis, torch.from_numpy(index).to(cache.device))
+
+
+def core_tensor(buffer) -> torch.Tensor:
+    """A skyrt._core.Buffer as a torch tensor over the same memory (no copy): numpy on the host,
+    __cuda_array_interface__ on a GPU."""
+    if buffer.device == "cpu":
+        return torch.from_numpy(buffer.numpy())
+    return torch.as_tensor(buffer, device=buffer.device)
+
+
+class TorchKVStreamSession(KVStreamSession):
+    """The torch backend's side of a KV-cached stream, on the CPU or a GPU.
+
+    Reads latents_in and the ring K/V and writes velocity / new K/V of the rollout core in place; the
+    prompt K/V are computed once per prompt (batched for CFG). On a GPU the core's kernels run on torch's
+    current stream, so core and DiT work are ordered without a host sync; nothing comes back to the
+    host but the clean blocks the caller reads.
+    """
+
+    def __init__(self, backend: TorchBackend, spec: KVStreamSpec):
+        super().__init__(spec)
+        from skyrt.export.cached_step import CachedStep
+
+        self.backend = backend
+        dev = backend.device
+        self.device = "cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}"
+        self.stream = 0 if dev.type == "cpu" else torch.cuda.current_stream(dev).cuda_stream
+        # fp32 models keep an fp32 ring; bf16/fp16 models an fp16 one (the core has no bf16 storage)
+        self.kv_dtype = "float32" if backend.dtype == torch.float32 else "float16"
+        self._step = CachedStep(backend.dit)
+        self._cross = None
+        self._fps = None if spec.fps_class is None else torch.full((spec.contexts,), spec.fps_class, device=dev)
+
+    def _view(self, name: str, frames: int | None = None) -> torch.Tensor:
+        return core_tensor(self.core.buffer(name, frames))
+
+    @torch.inference_mode()
+    def set_prompts(self, contexts: list[TextContext]) -> None:
+        prompts = [self.backend.kv_prompt(c) for c in contexts]
+        self._cross = prompts[0] if len(prompts) == 1 else batch_cross_kv(prompts)
+
+    @torch.inference_mode()
+    def step(self, call: KVStepCall) -> None:
+        from skyrt.export.cached_step import active_rope
+
+        spec, dit, dev = self.spec, self.backend.dit, self.backend.device
+        f, batch = call.frames, spec.contexts
+        x = self._view("latents_in", f).to(self.backend.dtype)  # [B, 16, f, h, w]
+        t = torch.from_numpy(np.asarray(call.timesteps, np.float32))[None].to(dev).expand(batch, -1)  # [B, f]
+        patch_h, patch_w = dit.config.patch_size[1:]
+        cos, sin = active_rope(dit, call.position, f, x.shape[3] // patch_h, x.shape[4] // patch_w)
+        tokens = (spec.latent_size[0] // patch_h) * (spec.latent_size[1] // patch_w) * spec.block_frames
+        layers, _, _, heads, head_dim = self.core.buffer("cache_k").shape
+        ck, cv = (self._view(n).view(layers, batch, spec.slots, tokens, heads, head_dim) for n in ("cache_k", "cache_v"))
+        valid = np.asarray(call.slot_valid, bool)
+        # Attend only to the valid slots: a view when they lead the ring (no copy), a gather otherwise.
+        ck, cv = (valid_slots(c, valid, 2).flatten(2, 3) for c in (ck, cv))  # [layers, B, S_valid, N, Dh]
+        v, new_k, new_v = self._step(x, t, self._cross, ck, cv, None, cos.to(dev), sin.to(dev), fps=self._fps,
+                                     causal_block_size=spec.block_frames)
+        if call.want_velocity:
+            self._view("velocity", f).copy_(v)
+        if call.want_kv:
+            self._view("new_k", f).copy_(new_k)
+            self._view("new_v", f).copy_(new_v)
+
+    def close(self) -> None:
+        self._cross = None
+        super().close()
 
 
 def batch_cross_kv(prompts: list) -> list:

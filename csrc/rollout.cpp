@@ -1,0 +1,373 @@
+// rollout.cpp — the rollout core (see rollout.h). Every data operation goes through SKYRT_RUN, which
+// calls the CPU reference on host memory and the CUDA kernel on a GPU with the same arguments.
+#include "rollout.h"
+
+#include <stdexcept>
+
+#include "guidance.h"
+
+namespace skyrt {
+
+// One operation, two implementations: cpu::fn(args...) on the host, cuda::fn(args..., stream) on a GPU.
+#define SKYRT_RUN(cfg, fn, ...) ((cfg).device.cuda ? cuda::fn(__VA_ARGS__, (cfg).stream) : cpu::fn(__VA_ARGS__))
+
+namespace {
+
+bool fail(std::string* why, const std::string& message) {
+  if (why != nullptr) *why = message;
+  return false;
+}
+
+// The DF schedule a rollout configuration asks for (one place, for the check and the core).
+DFScheduleConfig schedule_config(const RolloutConfig& c) {
+  DFScheduleConfig s;
+  s.step_template = c.step_template;
+  s.ar_step = c.ar_step;
+  s.causal_block_size = c.block_frames;
+  s.num_prefix_blocks = c.prefix_blocks;
+  s.max_blocks_in_flight = c.max_blocks_in_flight;
+  s.horizon_blocks = c.horizon_blocks;
+  return s;
+}
+
+bool check_config(const RolloutConfig& c, std::string* why) {
+  const int64_t steps = static_cast<int64_t>(c.step_template.size());
+  if (steps < 1) return fail(why, "step_template must hold at least one timestep");
+  if (static_cast<int64_t>(c.sigmas.size()) != steps + 1)
+    return fail(why, "sigmas must hold num_steps + 1 values (the sampler's sigmas and a final 0), got " +
+                         std::to_string(c.sigmas.size()) + " for " + std::to_string(steps) + " steps");
+  if (c.sampler != "unipc" && c.sampler != "euler")
+    return fail(why, "sampler '" + c.sampler + "' is not one of 'unipc', 'euler'");
+  if (c.sampler == "unipc" && steps >= 2 && c.step_template[0] == c.step_template[1])
+    return fail(why, "the first two timesteps are equal (" + std::to_string(c.step_template[0]) +
+                         "): the official UniPC would start at its second step and run out one step early; "
+                         "use fewer steps or a smaller shift");
+  if (c.channels < 1 || c.height < 1 || c.width < 1 || c.tokens_per_frame < 1)
+    return fail(why, "channels, height, width and tokens_per_frame must be >= 1");
+  if (c.layers < 1 || c.heads < 1 || c.head_dim < 2 || c.head_dim % 2)
+    return fail(why, "layers and heads must be >= 1 and head_dim an even number >= 2");
+  if (rope_temporal_dim(c.head_dim) / 2 > kMaxRopePairs)
+    return fail(why, "head_dim " + std::to_string(c.head_dim) + " has more temporal RoPE pairs than the core supports");
+  if (c.contexts != 1 && c.contexts != 2)
+    return fail(why, "contexts must be 1 (no guidance) or 2 (classifier-free guidance: cond and uncond)");
+  if (c.kv_dtype != kFloat32 && c.kv_dtype != kFloat16) return fail(why, "kv_dtype must be float32 or float16");
+  if (c.max_blocks_in_flight < 1) return fail(why, "max_blocks_in_flight must be >= 1");
+  std::string ring_why;
+  if (KVRing::check(c.sink_blocks, c.window_blocks, c.block_frames, &ring_why) != kOk) return fail(why, ring_why);
+  return df_schedule_check(schedule_config(c), why) == kOk;
+}
+
+DFSchedule make_schedule(const RolloutConfig& c) { return DFSchedule(schedule_config(c)); }
+
+void check_status(int status, const std::string& what) {
+  if (status != kOk) throw std::runtime_error("rollout core: " + what + ": " + status_message(status));
+}
+
+Buffer upload_table(const std::vector<float>& host, const RolloutConfig& cfg) {
+  Buffer b = allocate(cfg.device, kFloat32, {static_cast<int64_t>(host.size())}, false, cfg.stream);
+  check_status(copy_bytes(b.ptr, cfg.device, host.data(), Device{}, host.size() * sizeof(float), cfg.stream),
+               "sampler table upload");
+  return b;
+}
+
+// ---- samplers ------------------------------------------------------------------------------------
+
+// The official FlowUniPC (order 2, bh2) with per-step coefficients for all S steps, computed once on
+// the host in double and kept on the device: [S][b] rows of UniPCFrameCoeffs.
+class UniPCSampler : public BlockSampler {
+ public:
+  explicit UniPCSampler(const RolloutConfig& cfg) : cfg_(cfg) {
+    const int64_t steps = static_cast<int64_t>(cfg.step_template.size()), b = cfg.block_frames;
+    std::vector<float> host(static_cast<size_t>(steps * b * kUniPCCoeffs));
+    std::vector<int64_t> k_of_frame(static_cast<size_t>(b));
+    for (int64_t k = 0; k < steps; ++k) {
+      std::fill(k_of_frame.begin(), k_of_frame.end(), k);
+      auto* rows = reinterpret_cast<UniPCFrameCoeffs*>(host.data() + k * b * kUniPCCoeffs);
+      if (unipc_frame_coeffs(cfg.sigmas.data(), steps + 1, k_of_frame.data(), b, rows) != kOk)
+        throw std::invalid_argument("rollout core: sigmas must lie in (0, 1) with a final value in [0, 1)");
+    }
+    table_ = upload_table(host, cfg);
+  }
+  int history_buffers() const override { return 3; }  // x_last, m1, m2
+  int step(BlockState& s, const float* v, const float*, int64_t k) override {
+    const auto* coeffs = reinterpret_cast<const UniPCFrameCoeffs*>(static_cast<const float*>(table_.ptr) +
+                                                                   k * cfg_.block_frames * kUniPCCoeffs);
+    auto* x = static_cast<float*>(s.latents.ptr);
+    return SKYRT_RUN(cfg_, flow_unipc, x, v, x, static_cast<float*>(s.history[0].ptr),
+                     static_cast<float*>(s.history[1].ptr), static_cast<float*>(s.history[2].ptr), coeffs,
+                     cfg_.channels, cfg_.block_frames, cfg_.height * cfg_.width, cfg_.official_df_aliasing);
+  }
+
+ private:
+  RolloutConfig cfg_;
+  Buffer table_;
+};
+
+// Flow-matching Euler: x += (sigma_{k+1} - sigma_k) v, the difference taken in float32 as the
+// official float32 sigma tensor gives it. dt table [S][b].
+class EulerSampler : public BlockSampler {
+ public:
+  explicit EulerSampler(const RolloutConfig& cfg) : cfg_(cfg) {
+    const int64_t steps = static_cast<int64_t>(cfg.step_template.size()), b = cfg.block_frames;
+    std::vector<float> host(static_cast<size_t>(steps * b));
+    for (int64_t k = 0; k < steps; ++k)
+      for (int64_t f = 0; f < b; ++f)
+        host[static_cast<size_t>(k * b + f)] =
+            static_cast<float>(cfg.sigmas[static_cast<size_t>(k + 1)]) - static_cast<float>(cfg.sigmas[static_cast<size_t>(k)]);
+    table_ = upload_table(host, cfg);
+  }
+  int history_buffers() const override { return 0; }
+  int step(BlockState& s, const float* v, const float*, int64_t k) override {
+    auto* x = static_cast<float*>(s.latents.ptr);
+    const float* dt = static_cast<const float*>(table_.ptr) + k * cfg_.block_frames;
+    return SKYRT_RUN(cfg_, flow_euler, x, v, x, dt, static_cast<const uint8_t*>(nullptr), cfg_.channels,
+                     cfg_.block_frames, cfg_.height * cfg_.width);
+  }
+
+ private:
+  RolloutConfig cfg_;
+  Buffer table_;
+};
+
+}  // namespace
+
+int rollout_check(const RolloutConfig& cfg, std::string* why) { return check_config(cfg, why) ? kOk : kInvalidArgument; }
+
+std::unique_ptr<BlockSampler> make_block_sampler(const RolloutConfig& cfg) {
+  if (cfg.sampler == "euler") return std::make_unique<EulerSampler>(cfg);
+  return std::make_unique<UniPCSampler>(cfg);
+}
+
+// ---- the core --------------------------------------------------------------------------------------
+
+RolloutCore::RolloutCore(RolloutConfig cfg)
+    : cfg_(std::move(cfg)),
+      schedule_(make_schedule(cfg_)),
+      ring_(cfg_.sink_blocks, cfg_.window_blocks, cfg_.block_frames) {
+  const Device d = cfg_.device;
+  void* s = cfg_.stream;
+  sampler_ = make_block_sampler(cfg_);
+  const int64_t B = cfg_.contexts, C = cfg_.channels, b = cfg_.block_frames, h = cfg_.height, w = cfg_.width;
+  const int64_t W = cfg_.max_blocks_in_flight, slots = ring_.capacity();
+  max_frames_ = W * b;
+  slots_.resize(static_cast<size_t>(W));
+  for (BlockState& st : slots_) {
+    st.latents = allocate(d, kFloat32, {C, b, h, w}, false, s);
+    for (int i = 0; i < sampler_->history_buffers(); ++i) st.history.push_back(allocate(d, kFloat32, {C, b, h, w}, false, s));
+  }
+  latents_in_ = allocate(d, kFloat32, {B, C, max_frames_, h, w}, true, s);
+  velocity_ = allocate(d, kFloat32, {B, C, max_frames_, h, w}, true, s);
+  const int64_t tokens = max_frames_ * cfg_.tokens_per_frame, cached = slots * b * cfg_.tokens_per_frame;
+  new_k_ = allocate(d, cfg_.kv_dtype, {cfg_.layers, B, tokens, cfg_.heads, cfg_.head_dim}, true, s);
+  new_v_ = allocate(d, cfg_.kv_dtype, {cfg_.layers, B, tokens, cfg_.heads, cfg_.head_dim}, true, s);
+  // Zeros, not garbage: a masked slot must still hold finite values (NaN * 0 poisons the softmax).
+  cache_k_ = allocate(d, cfg_.kv_dtype, {cfg_.layers, B, cached, cfg_.heads, cfg_.head_dim}, true, s);
+  cache_v_ = allocate(d, cfg_.kv_dtype, {cfg_.layers, B, cached, cfg_.heads, cfg_.head_dim}, true, s);
+  store_ = allocate(d, kFloat32, {slots, C, b, h, w}, true, s);
+  scratch_ = allocate(d, kFloat32, {C, b, h, w}, false, s);
+  slot_t_.assign(static_cast<size_t>(slots), 0.0);
+  slot_block_.assign(static_cast<size_t>(slots), -1);
+  check(synchronize(d, s), "allocation");
+}
+
+void RolloutCore::check(int status, const char* what) const { check_status(status, what); }
+
+BlockState& RolloutCore::state_of(int64_t block) {
+  return slots_[static_cast<size_t>(block % cfg_.max_blocks_in_flight)];
+}
+
+int64_t RolloutCore::in_flight() const {
+  int64_t n = 0;
+  for (const BlockState& s : slots_) n += s.block >= 0;
+  return n;
+}
+
+bool RolloutCore::next_row(RowPlan* plan) {
+  DFStep step;
+  if (!schedule_.next(&step)) return false;
+  const int64_t steps = schedule_.num_steps();
+  *plan = RowPlan{};
+  plan->row = step.row;
+  for (size_t i = 0; i < step.index.size(); ++i) {
+    const int64_t idx = step.index[i];
+    if (idx < 1 || idx > steps) continue;
+    const int64_t blk = step.first + static_cast<int64_t>(i);
+    plan->active.push_back(blk);
+    plan->timesteps.push_back(step.timestep[i]);
+    plan->update.push_back(step.update[i]);
+    BlockState& st = state_of(blk);
+    if (st.block != blk) {
+      if (st.block >= 0)
+        throw std::logic_error("rollout core: block " + std::to_string(blk) + " needs the slot of block " +
+                               std::to_string(st.block) + ", still in flight (max_blocks_in_flight too small)");
+      st.block = blk;
+      st.steps = 0;
+      plan->started.push_back(blk);
+    }
+  }
+  plan->finished = step.finished;
+  active_ = plan->active;
+  active_update_.assign(plan->update.begin(), plan->update.end());
+  return true;
+}
+
+void RolloutCore::start_block(int64_t block, const float* noise) {
+  BlockState& st = state_of(block);
+  if (st.block != block || st.steps != 0)
+    throw std::logic_error("rollout core: start_block(" + std::to_string(block) + ") for a block the last row did not start");
+  check(copy_bytes(st.latents.ptr, cfg_.device, noise, Device{}, st.latents.nbytes(), cfg_.stream), "start_block");
+}
+
+int64_t RolloutCore::pack_active() {
+  const int64_t C = cfg_.channels, b = cfg_.block_frames, hw = cfg_.height * cfg_.width;
+  const int64_t F = static_cast<int64_t>(active_.size()) * b;
+  const size_t f32 = sizeof(float);
+  for (int64_t ctx = 0; ctx < cfg_.contexts; ++ctx)
+    for (size_t i = 0; i < active_.size(); ++i) {
+      float* dst = static_cast<float*>(latents_in_.ptr) + (ctx * C * F + static_cast<int64_t>(i) * b) * hw;
+      check(copy_rows(dst, F * hw * f32, state_of(active_[i]).latents.ptr, b * hw * f32, b * hw * f32, C,
+                      cfg_.device, cfg_.stream),
+            "pack_active");
+    }
+  frames_ = F;
+  return F;
+}
+
+void RolloutCore::apply_velocity() {
+  const int64_t C = cfg_.channels, b = cfg_.block_frames, hw = cfg_.height * cfg_.width, F = frames_;
+  const size_t f32 = sizeof(float);
+  float* v = static_cast<float*>(velocity_.ptr);
+  if (cfg_.contexts == 2)  // velocity[0] <- uncond + g (cond - uncond), in place
+    check(SKYRT_RUN(cfg_, cfg_combine, v, v + C * F * hw, v, static_cast<size_t>(C * F * hw), cfg_.guidance_scale),
+          "cfg_combine");
+  for (size_t i = 0; i < active_.size(); ++i) {
+    if (!active_update_[i]) continue;
+    BlockState& st = state_of(active_[i]);
+    // The block's frames of the guided velocity [C, F, hw] -> a contiguous [C, b, hw] for the sampler.
+    check(copy_rows(scratch_.ptr, b * hw * f32, v + static_cast<int64_t>(i) * b * hw, F * hw * f32, b * hw * f32, C,
+                    cfg_.device, cfg_.stream),
+          "apply_velocity");
+    check(sampler_->step(st, static_cast<const float*>(scratch_.ptr), nullptr, st.steps), "sampler step");
+    ++st.steps;
+  }
+}
+
+void RolloutCore::set_step_noise(int64_t, const float*) {
+  throw std::logic_error("rollout core: the '" + cfg_.sampler + "' sampler takes no per-step noise");
+}
+
+int64_t RolloutCore::next_slot() const {
+  const int64_t n = ring_.appended(), sink = ring_.sink_blocks();
+  return n < sink ? n : sink + (n - sink) % ring_.window_blocks();
+}
+
+void RolloutCore::finish_block(int64_t block) {
+  BlockState& st = state_of(block);
+  if (st.block != block || st.steps != schedule_.num_steps())
+    throw std::logic_error("rollout core: finish_block(" + std::to_string(block) + ") before its last step");
+  float* dst = static_cast<float*>(store_.ptr) + next_slot() * block_elems();
+  check(copy_bytes(dst, cfg_.device, st.latents.ptr, cfg_.device, st.latents.nbytes(), cfg_.stream), "finish_block");
+  st.block = -1;
+  st.steps = 0;
+}
+
+void RolloutCore::load_commit_input(const float* x, const float* noise, double factor) {
+  float* dst = static_cast<float*>(store_.ptr) + next_slot() * block_elems();
+  const size_t bytes = static_cast<size_t>(block_elems()) * sizeof(float);
+  check(copy_bytes(dst, cfg_.device, x, Device{}, bytes, cfg_.stream), "load_commit_input");
+  if (noise == nullptr) return;
+  check(copy_bytes(scratch_.ptr, cfg_.device, noise, Device{}, bytes, cfg_.stream), "load_commit_input noise");
+  check(SKYRT_RUN(cfg_, addnoise_condition, dst, static_cast<const float*>(scratch_.ptr), dst, int64_t{1},
+                  int64_t{1}, block_elems(), int64_t{0}, int64_t{1}, factor),
+        "addnoise_condition");
+}
+
+void RolloutCore::pack_store(int64_t slot) {
+  if (slot < 0 || slot >= ring_.capacity()) throw std::out_of_range("rollout core: slot out of range");
+  const size_t bytes = static_cast<size_t>(block_elems()) * sizeof(float);
+  const float* src = static_cast<const float*>(store_.ptr) + slot * block_elems();
+  for (int64_t ctx = 0; ctx < cfg_.contexts; ++ctx)
+    check(copy_bytes(static_cast<float*>(latents_in_.ptr) + ctx * block_elems(), cfg_.device, src, cfg_.device, bytes,
+                     cfg_.stream),
+          "pack_store");
+  frames_ = cfg_.block_frames;
+}
+
+int64_t RolloutCore::commit(int64_t block, double t_commit) {
+  const int64_t expected = next_slot();
+  KVAppend a;
+  if (ring_.append(block, &a) != kOk)
+    throw std::invalid_argument("rollout core: blocks must be committed in increasing order (got " +
+                                std::to_string(block) + ")");
+  if (a.slot != expected) throw std::logic_error("rollout core: ring slot bookkeeping disagrees");
+  write_kv(a.slot);
+  slot_t_[static_cast<size_t>(a.slot)] = t_commit;
+  slot_block_[static_cast<size_t>(a.slot)] = block;
+  return a.slot;
+}
+
+void RolloutCore::write_kv(int64_t slot) {
+  if (frames_ != cfg_.block_frames)
+    throw std::logic_error("rollout core: write_kv needs the K/V of a one-block step (pack_store first)");
+  const int64_t B = cfg_.contexts, kvb = kv_block_elems(), slots = ring_.capacity();
+  for (const auto& [src_buf, dst_buf] : {std::pair{&new_k_, &cache_k_}, std::pair{&new_v_, &cache_v_}})
+    for (int64_t ctx = 0; ctx < B; ++ctx) {
+      int status;
+      if (cfg_.kv_dtype == kFloat16) {
+        const f16* src = static_cast<const f16*>(src_buf->ptr) + ctx * kvb;
+        f16* dst = static_cast<f16*>(dst_buf->ptr) + ctx * slots * kvb;
+        status = SKYRT_RUN(cfg_, kv_write_block, src, B * kvb, dst, B * slots * kvb, kvb, slot, cfg_.layers, kvb);
+      } else {
+        const float* src = static_cast<const float*>(src_buf->ptr) + ctx * kvb;
+        float* dst = static_cast<float*>(dst_buf->ptr) + ctx * slots * kvb;
+        status = SKYRT_RUN(cfg_, kv_write_block, src, B * kvb, dst, B * slots * kvb, kvb, slot, cfg_.layers, kvb);
+      }
+      check(status, "kv_write_block");
+    }
+}
+
+void RolloutCore::rebase(int64_t shift) {
+  ring_.rebase(shift);
+  const int64_t B = cfg_.contexts, kvb = kv_block_elems(), slots = ring_.capacity();
+  const int64_t tokens = cfg_.block_frames * cfg_.tokens_per_frame, hd = cfg_.head_dim;
+  int status;
+  if (cfg_.kv_dtype == kFloat16)
+    status = SKYRT_RUN(cfg_, kv_rope_rebase, static_cast<f16*>(cache_k_.ptr), cfg_.layers, B * slots, tokens,
+                       cfg_.heads, hd, B * slots * kvb, kvb, cfg_.heads * hd, hd, shift, cfg_.rope_theta);
+  else
+    status = SKYRT_RUN(cfg_, kv_rope_rebase, static_cast<float*>(cache_k_.ptr), cfg_.layers, B * slots, tokens,
+                       cfg_.heads, hd, B * slots * kvb, kvb, cfg_.heads * hd, hd, shift, cfg_.rope_theta);
+  check(status, "kv_rope_rebase");
+}
+
+void RolloutCore::read_store(int64_t slot, float* out) const {
+  if (slot < 0 || slot >= ring_.capacity()) throw std::out_of_range("rollout core: slot out of range");
+  const float* src = static_cast<const float*>(store_.ptr) + slot * block_elems();
+  check(copy_bytes(out, Device{}, src, cfg_.device, static_cast<size_t>(block_elems()) * sizeof(float), cfg_.stream),
+        "read_store");
+}
+
+std::vector<std::string> RolloutCore::buffer_names() const {
+  return {"latents_in", "velocity", "new_k", "new_v", "cache_k", "cache_v"};
+}
+
+Buffer RolloutCore::buffer(const std::string& name, int64_t frames) const {
+  if (frames < 0 || frames > max_frames_)
+    throw std::out_of_range("rollout core: " + std::to_string(frames) + " frames, the buffers hold at most " +
+                            std::to_string(max_frames_));
+  const int64_t B = cfg_.contexts, C = cfg_.channels;
+  const int64_t tokens = frames * cfg_.tokens_per_frame;
+  // Host memory keeps its owner (a numpy view then outlives close()); device views never own.
+  auto shared = [&](const Buffer& b) { return cfg_.device.cuda ? b.view() : b; };
+  if (name == "latents_in") return shared(latents_in_).slice(0, {B, C, frames, cfg_.height, cfg_.width});
+  if (name == "velocity") return shared(velocity_).slice(0, {B, C, frames, cfg_.height, cfg_.width});
+  if (name == "new_k") return shared(new_k_).slice(0, {cfg_.layers, B, tokens, cfg_.heads, cfg_.head_dim});
+  if (name == "new_v") return shared(new_v_).slice(0, {cfg_.layers, B, tokens, cfg_.heads, cfg_.head_dim});
+  if (name == "cache_k") return shared(cache_k_);
+  if (name == "cache_v") return shared(cache_v_);
+  throw std::invalid_argument("rollout core: no buffer '" + name + "' (latents_in, velocity, new_k, new_v, cache_k, cache_v)");
+}
+
+#undef SKYRT_RUN
+
+}  // namespace skyrt

@@ -1,0 +1,143 @@
+// rollout.h — the rollout core: one stream's state in the memory of ONE device.
+//
+// It owns, allocated once when the stream is configured and never during a step:
+//   * the DF schedule (DFSchedule, streamed row by row),
+//   * the latents of the blocks in flight [W slots][C, b, h, w] and their per-frame sampler history,
+//   * the ring KV cache (KVRing bookkeeping; K and V [layers, B, slots * tokens, heads, head_dim],
+//     B = prompt contexts: 1, or 2 with classifier-free guidance, the layout a batch-B DiT step reads),
+//   * the committed inputs of the ring's blocks [slots][C, b, h, w] (for a recache under a new prompt),
+//   * the DiT step's I/O: latents_in [B, C, F, h, w], velocity [B, C, F, h, w], new_k / new_v
+//     [layers, B, F * tokens_per_frame, heads, head_dim], sized for the most frames in flight.
+// On host memory every operation runs the CPU references; on a CUDA device the CUDA kernels, with
+// the same calls in the same order (the dispatch is one `device.cuda ?` per operation), so CPU CI
+// runs the very host logic a GPU runs. Python drives it once per schedule row (and once per block
+// commit); a backend only runs the DiT step on the buffers handed out here.
+//
+// One row, as runtime/kvcache.py drives it:
+//   plan = next_row(); start_block(b, noise) for b in plan.started; F = pack_active();
+//   <backend: velocity[, new_k, new_v] = DiT(latents_in[:, :, :F], ...)>; apply_velocity();
+//   for b in plan.finished: finish_block(b); pack_store(next_slot()); <DiT at t_commit>;
+//                           commit(b, t_commit); read_store(slot) -> the clean block.
+//
+// Samplers: a BlockSampler kind steps one block's latents in place from the (guided) velocity,
+// keeping its own block-shaped history buffers. Two kinds: "unipc" (the official
+// FlowUniPCMultistepScheduler, order 2, with the official DF aliasing) and "euler". A new kind
+// (e.g. few-step x0 prediction re-noised to the next timestep from fresh noise) is one more
+// subclass: needs_step_noise() makes the core ask the driver for fresh noise per step
+// (set_step_noise), and the commit timestep is the driver's to choose (commit(b, t_commit)).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "buffer.h"
+#include "df_schedule.h"
+#include "kv_cache.h"
+#include "samplers.h"
+
+namespace skyrt {
+
+struct RolloutConfig {
+  std::vector<int64_t> step_template;  // [S] timesteps
+  std::vector<double> sigmas;          // [S + 1] the sampler's float32 sigmas (last 0), as doubles
+  std::string sampler = "unipc";       // "unipc" or "euler"
+  bool official_df_aliasing = true;    // unipc only (see samplers.h)
+  int64_t ar_step = 0, block_frames = 1, prefix_blocks = 0, max_blocks_in_flight = 1, horizon_blocks = -1;
+  int64_t sink_blocks = 1, window_blocks = 8;
+  int64_t channels = 16, height = 1, width = 1, tokens_per_frame = 1;  // latent size; DiT tokens per frame
+  int64_t layers = 1, heads = 1, head_dim = 2, contexts = 1;
+  DType kv_dtype = kFloat32;
+  float guidance_scale = 1.0f;
+  double rope_theta = 10000.0;
+  Device device;
+  void* stream = nullptr;  // cudaStream_t on a GPU (0 = the default stream)
+};
+
+// kOk, or kInvalidArgument with a reason that names the setting and a fix.
+int rollout_check(const RolloutConfig& cfg, std::string* why);
+
+struct RowPlan {
+  int64_t row = 0;
+  std::vector<int64_t> active;     // blocks run through the DiT this row (started, not done), in order
+  std::vector<int64_t> timesteps;  // [active] the timestep each active block is seen at
+  std::vector<uint8_t> update;     // [active] 1 = its sampler steps after this row
+  std::vector<int64_t> started;    // active blocks new this row: start_block(b, noise) each, in order
+  std::vector<int64_t> finished;   // blocks whose last update is this row
+};
+
+// Block-shaped buffers of one block in flight.
+struct BlockState {
+  int64_t block = -1;  // -1: the slot is free
+  int64_t steps = 0;   // sampler steps taken
+  Buffer latents;      // [C, b, h, w]
+  std::vector<Buffer> history;
+};
+
+class BlockSampler {
+ public:
+  virtual ~BlockSampler() = default;
+  virtual int history_buffers() const = 0;
+  virtual bool needs_step_noise() const { return false; }
+  // x [C, b, hw] in place from v [C, b, hw] at step k (0-based) of the schedule.
+  virtual int step(BlockState& state, const float* v, const float* noise, int64_t k) = 0;
+};
+
+class RolloutCore {
+ public:
+  explicit RolloutCore(RolloutConfig cfg);  // cfg must pass rollout_check; allocates everything
+  ~RolloutCore() = default;
+
+  bool next_row(RowPlan* plan);                          // false once a finite horizon is done
+  void start_block(int64_t block, const float* noise);  // host noise [C, b, h, w]
+  int64_t pack_active();                                 // -> F frames packed into latents_in
+  void apply_velocity();                                 // CFG combine, then each updated block's sampler
+  void set_step_noise(int64_t block, const float* noise);  // for samplers that need_step_noise()
+
+  int64_t next_slot() const;  // the ring slot the next committed block goes to
+  void finish_block(int64_t block);  // its clean latents -> committed-input store [next_slot()]
+  // A prefix block's commit input (host [C, b, h, w]), optionally x * (1 - factor) + noise * factor.
+  void load_commit_input(const float* x, const float* noise, double factor);
+  void pack_store(int64_t slot);  // latents_in (every context) <- the committed input of `slot`
+  int64_t commit(int64_t block, double t_commit);  // ring append + write_kv; returns the slot
+  void write_kv(int64_t slot);  // new_k/new_v of a one-block step -> ring slot, every context
+  void rebase(int64_t shift);   // ring origin += shift; cached keys rotated by -shift (temporal RoPE)
+  void read_store(int64_t slot, float* out) const;  // host [C, b, h, w]
+  double committed_timestep(int64_t slot) const { return slot_t_.at(static_cast<size_t>(slot)); }
+  int64_t committed_block(int64_t slot) const { return slot_block_.at(static_cast<size_t>(slot)); }
+
+  const RolloutConfig& config() const { return cfg_; }
+  const KVRing& ring() const { return ring_; }
+  const DFSchedule& schedule() const { return schedule_; }
+  int64_t frames() const { return frames_; }  // frames of the last pack
+  int64_t max_frames() const { return max_frames_; }
+  int64_t in_flight() const;
+  bool sampler_needs_step_noise() const { return sampler_->needs_step_noise(); }
+  // The DiT step's buffers: names latents_in, velocity, new_k, new_v (shaped for `frames` frames),
+  // cache_k, cache_v (whole ring). A non-owning view.
+  Buffer buffer(const std::string& name, int64_t frames) const;
+  std::vector<std::string> buffer_names() const;
+
+ private:
+  BlockState& state_of(int64_t block);
+  int64_t block_elems() const { return cfg_.channels * cfg_.block_frames * cfg_.height * cfg_.width; }
+  int64_t kv_block_elems() const {
+    return cfg_.block_frames * cfg_.tokens_per_frame * cfg_.heads * cfg_.head_dim;
+  }
+  void check(int status, const char* what) const;
+
+  RolloutConfig cfg_;
+  DFSchedule schedule_;
+  KVRing ring_;
+  std::unique_ptr<BlockSampler> sampler_;
+  int64_t max_frames_ = 0, frames_ = 0;
+  std::vector<BlockState> slots_;  // [max_blocks_in_flight], block b in slot b % W
+  std::vector<int64_t> active_, active_update_;
+  Buffer latents_in_, velocity_, new_k_, new_v_, cache_k_, cache_v_, store_, scratch_;
+  std::vector<double> slot_t_;
+  std::vector<int64_t> slot_block_;
+};
+
+std::unique_ptr<BlockSampler> make_block_sampler(const RolloutConfig& cfg);
+
+}  // namespace skyrt

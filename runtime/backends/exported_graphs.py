@@ -1,0 +1,642 @@
+"""What every backend that runs skyrt's exported graphs shares, torch-free: onnxruntime and TensorRT.
+
+- Export folders and their manifest (export/onnx_export.py writes them): which graph serves which
+  static shapes, exporting a model folder's graphs on demand into the cache (a subprocess imports
+  torch, never this process).
+- Host-side inputs: numpy ports of export/dit.py (float64 time sinusoid, real RoPE tables) and the
+  tokenizer (`tokenizers` reading tokenizer.json, the official prompt cleaning).
+- `ExportedGraphBackend`: text encoder, window-mode DiT and VAE in terms of one `_run(graph, feeds)`
+  that each backend implements (onnxruntime sessions, TensorRT engines). Neither backend subclasses
+  the other; both subclass this.
+- `GraphKVStreamSession`: the KV-cached stream on the rollout core's buffers (runtime/kvcache.py):
+  every graph input and output is a skyrt._core.Buffer bound by address, allocated once per stream
+  (t_emb, RoPE tables, slot validity, fps, the prompt K/V slots), the core's own buffers (latents,
+  velocity, new K/V, the ring) bound directly; cond and uncond run as one batch-2 call. A backend
+  supplies `_run_bound(graph, inputs, outputs, cache)`; the session never allocates after warm-up.
+
+Semantics are the torch backend's (runtime/backends/torch_backend.py); tests/test_onnxruntime_backend.py
+compares whole rollouts, tests/test_graph_sessions.py the buffer discipline.
+"""
+from __future__ import annotations
+
+import abc
+import functools
+import hashlib
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .base import Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec, StreamingDecoder, TextContext
+
+MANIFEST = "manifest.json"
+FORMAT = "skyrt-onnx"
+ROPE_THETA = 10000.0
+SPATIAL = 8  # VAE pixels per latent
+PATCH = 2  # DiT patch (1, 2, 2)
+# Which graphs an exporting backend makes together (export/onnx_export.py GRAPH_GROUPS).
+GROUP_OF = {"text_encoder": "text", "cross_kv": "text", "dit_window": "window", "dit_window_causal": "window_causal",
+            "dit_step": "step", "vae_decode_first": "vae", "vae_decode_step": "vae", "vae_encode_first": "vae",
+            "vae_encode_step": "vae"}
+GROUP_GRAPHS = {g: tuple(k for k, v in GROUP_OF.items() if v == g) for g in set(GROUP_OF.values())}
+# Bumped when the exporter writes different graphs for a group, so cached exports are made again:
+# step 2 = dit_step's export formulation plus its ORT-CPU variant (export/onnx_export.py).
+GROUP_REVISION = {"step": 2}
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
+# ORT's CPU provider has no bfloat16 MatMul (it refuses bf16 MatMul nodes): bf16 exports are for TensorRT.
+ORT_CPU_VARIANT = "ort_cpu"  # manifest key of a graph's CPU-provider variant (export/onnx_export.py)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side inputs: numpy ports of export/dit.py (tests compare them with the torch originals)
+
+
+def timestep_sinusoid(t: np.ndarray, dim: int) -> np.ndarray:
+    """[...] timesteps -> [..., dim] float32, cos half first; float64 angles like export/dit.py."""
+    half = dim // 2
+    freqs = np.power(10000.0, -np.arange(half, dtype=np.float64) / half)
+    angles = np.asarray(t, dtype=np.float64)[..., None] * freqs
+    return np.concatenate([np.cos(angles), np.sin(angles)], axis=-1).astype(np.float32)
+
+
+def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
+    hw = head_dim // 6
+    return head_dim // 2 - 2 * hw, hw, hw
+
+
+def _axis_inv_freq(pairs: int) -> np.ndarray:
+    return 1.0 / ROPE_THETA ** (np.arange(pairs, dtype=np.float64) * 2 / (2 * pairs))
+
+
+@functools.lru_cache(maxsize=64)
+def rope_cos_sin(head_dim: int, first_position: int, frames: int, h: int, w: int,
+                 max_positions: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Real RoPE tables (cos, sin), each float32 [frames*h*w, head_dim//2], for frames at temporal
+    positions first_position.. on an h x w TOKEN grid (export/dit.py rope_cos_sin). Read-only arrays
+    (cached: a rollout asks for the same few position ranges over and over)."""
+    last = first_position + frames - 1
+    if first_position < 0 or last >= max_positions:
+        raise ValueError(f"frame positions {first_position}..{last} fall outside the trained RoPE table "
+                         f"[0, {max_positions}); rebase the positions")
+    pt, ph, pw = rope_axis_pairs(head_dim)
+    pos = np.arange(first_position, first_position + frames, dtype=np.float64)
+    ang_t = pos[:, None] * _axis_inv_freq(pt)
+    ang_h = np.arange(h, dtype=np.float64)[:, None] * _axis_inv_freq(ph)
+    ang_w = np.arange(w, dtype=np.float64)[:, None] * _axis_inv_freq(pw)
+    angles = np.concatenate([
+        np.broadcast_to(ang_t[:, None, None, :], (frames, h, w, pt)),
+        np.broadcast_to(ang_h[None, :, None, :], (frames, h, w, ph)),
+        np.broadcast_to(ang_w[None, None, :, :], (frames, h, w, pw)),
+    ], axis=-1).reshape(frames * h * w, head_dim // 2)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos.flags.writeable = sin.flags.writeable = False
+    return cos, sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer (no transformers): tokenizer.json + the official prompt cleaning
+
+
+def clean_prompt(text: str) -> str:
+    """The official prompt cleaning, as export/text_encoder.py clean_prompt (torch-free copy):
+    ftfy.fix_text, html.unescape twice, strip, whitespace runs -> one space, strip."""
+    import ftfy
+
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class PromptTokenizer:
+    """tokenizer.json -> (input_ids, attention_mask) int64 [1, text_len], padded right, truncated with
+    </s> kept: what TextEncoder.tokenize (transformers) gives."""
+
+    def __init__(self, path: str | Path, text_len: int, pad_id: int = 0, pad_token: str = "<pad>", clean: bool = True):
+        from tokenizers import Tokenizer
+
+        self.text_len = int(text_len)
+        self.clean = clean
+        self._tok = Tokenizer.from_file(str(path))
+        self._tok.enable_truncation(max_length=self.text_len)
+        self._tok.enable_padding(length=self.text_len, pad_id=pad_id, pad_token=pad_token, direction="right")
+
+    def __call__(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        text = clean_prompt(prompt) if self.clean else prompt
+        enc = self._tok.encode(text, add_special_tokens=True)
+        ids = np.asarray(enc.ids, dtype=np.int64)[None]
+        mask = np.asarray(enc.attention_mask, dtype=np.int64)[None]
+        return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Export folders
+
+
+def is_export_folder(path: str | Path) -> bool:
+    path = Path(path).expanduser()
+    if not (path / MANIFEST).is_file():
+        return False
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path / MANIFEST} is not a skyrt ONNX export manifest")
+    return manifest
+
+
+def export_folder_spec(path: str | Path) -> ModelSpec:
+    """The ModelSpec of an export folder (layout 'onnx'; the DiT config comes from the manifest)."""
+    path = Path(path).expanduser()
+    return ModelSpec(path=path, layout="onnx", dit_config=read_manifest(path)["model"]["dit_config"])
+
+
+@dataclass
+class _Graph:
+    """One graph of one export folder."""
+
+    name: str
+    folder: Path
+    entry: dict
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.entry["file"]
+
+    def path_for(self, provider: str) -> Path:
+        """The file to run on `provider`: dit_step's onnxruntime-CPU variant (contrib ops, see
+        export/onnx_export.py ORT_CPU_VARIANT) on the CPU provider when the export has one, else the
+        graph itself (what TensorRT builds)."""
+        variant = self.entry.get(ORT_CPU_VARIANT)
+        if variant is not None and provider in variant.get("providers", ()):
+            return self.folder / variant["file"]
+        return self.path
+
+    def input_dtype(self, name: str):
+        for spec in self.entry["inputs"]:
+            if spec["name"] == name:
+                return _NP_DTYPES[spec["dtype"]]
+        raise KeyError(f"{self.name} has no input {name!r}")
+
+    def input_shape(self, name: str) -> list:
+        return next(s["shape"] for s in self.entry["inputs"] if s["name"] == name)
+
+    def matches(self, needs: dict) -> bool:
+        static = self.entry.get("shape_config", {})  # the static shapes the graph was exported for
+        return all(static.get(k) == v for k, v in needs.items())
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("SKYRT_CACHE", Path.home() / ".cache" / "skyrt")).expanduser()
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared backend
+
+
+class ExportedGraphBackend(Backend):
+    """Text encoder, window-mode DiT, VAE and the KV-cached stream of an exported-graph backend.
+
+    A subclass sets (in __init__) source, precision, export_options, progress, cache_root and
+    model_hash (model folders), _folders, _manifests, _tokenizer, then calls _read_dit_layout, and
+    implements _add_folder, _run, _run_bound, _window_prompt and streaming_decoder."""
+
+    # ---- what a subclass implements ------------------------------------------------------------
+    @abc.abstractmethod
+    def _add_folder(self, folder: Path) -> None:
+        """Read an export (or engine) folder's manifest into _folders / _manifests, refusing what this
+        backend cannot run."""
+
+    @abc.abstractmethod
+    def _run(self, graph: "_Graph", feeds: dict) -> list:
+        """Run a graph on host arrays (or values this backend keeps on its device); outputs in
+        manifest order as host numpy arrays."""
+
+    @abc.abstractmethod
+    def _window_prompt(self, context: TextContext) -> dict:
+        """{"cross_k": ..., "cross_v": ...} feeds of one prompt for the window-mode DiT graphs."""
+
+    @abc.abstractmethod
+    def _run_bound(self, graph: "_Graph", inputs: Mapping[str, Any], outputs: Mapping[str, Any], cache: dict,
+                   key: tuple) -> None:
+        """Run a graph reading `inputs` and writing `outputs` (skyrt._core.Buffers, by address; shapes
+        as given). `cache` is the calling session's, for what may be prepared once per `key` and
+        reused while the session lives (I/O bindings, CUDA graphs); the session releases it."""
+
+    def memory_device(self) -> str:
+        """Where this backend's graphs read and write ("cpu", "cuda:N"): the rollout core's device."""
+        return "cpu"
+
+    def stream_handle(self) -> int:
+        """The CUDA stream the core's kernels share with this backend (0: the default, or none)."""
+        return 0
+
+    def synchronize(self) -> None:
+        """Wait until the core's work is done before another stream reads it (a no-op on one stream)."""
+
+    def _read_dit_layout(self, cfg: dict) -> None:
+        """What the host side needs from the DiT config (official config.json names)."""
+        self.num_layers, self.num_heads = int(cfg["num_layers"]), int(cfg["num_heads"])
+        self.head_dim = int(cfg["dim"]) // self.num_heads
+        self.freq_dim = int(cfg.get("freq_dim", 256))
+        self.rope_max_positions = int(cfg.get("rope_max_positions", 1024))
+
+    # ---- graphs and sessions ------------------------------------------------------------------
+    def _find(self, name: str, needs: dict) -> _Graph | None:
+        for folder in self._folders:
+            entry = self._manifests[folder]["graphs"].get(name)
+            if entry is not None:
+                graph = _Graph(name, folder, entry)
+                if graph.matches(needs):
+                    return graph
+        return None
+
+    def _graph(self, name: str, **needs) -> _Graph:
+        """The graph `name` exported for the static shapes `needs` (exporting it first from a model folder)."""
+        graph = self._find(name, needs)
+        if graph is None and self.source is not None:
+            self._add_folder(self._export_group(GROUP_OF[name], needs))
+            graph = self._find(name, needs)
+        if graph is None:
+            have = [self._manifests[f]["graphs"][name].get("shape_config") for f in self._folders
+                    if name in self._manifests[f]["graphs"]]
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in needs.items())
+            raise ValueError(
+                f"the ONNX export has no {name} graph for {needs or 'this request'} (it has: {have or 'none'}); "
+                f"export one with: skyrt export onnx --model MODEL_DIR --out DIR {flags}".rstrip())
+        return graph
+
+    # ---- exporting from a model folder --------------------------------------------------------
+    def _export_group(self, group: str, needs: dict) -> Path:
+        """Export the graphs of `group` for `needs` into the cache (once; a subprocess imports torch)."""
+        graphs = GROUP_GRAPHS[group]
+        settings = {"format": FORMAT, "group": group, "graphs": sorted(graphs), "needs": needs,
+                    "precision": self.precision, "options": self.export_options}
+        if group in GROUP_REVISION:
+            settings["revision"] = GROUP_REVISION[group]
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        target = self.cache_root / "onnx" / self.model_hash[:16] / f"{group}-{key}"
+        if is_export_folder(target):
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        options = {**self.export_options, **needs, "precision": self.precision}
+        if group == "window_causal":
+            options["window_attention"] = "causal"
+        cmd = [sys.executable, "-m", "skyrt.export.export_cli", "onnx", "--model", str(self.source), "--out", str(tmp),
+               "--graphs", ",".join(graphs), "--model-hash", self.model_hash]
+        for k, v in options.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        if not self.progress:
+            cmd.append("--no-progress")
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"exporting {', '.join(graphs)} failed (exit {result.returncode}): {' '.join(cmd)}\n"
+                               f"{result.stdout}")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same export first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    # ---- text ---------------------------------------------------------------------------------
+    def _text_graph(self) -> _Graph:
+        return self._graph("text_encoder")
+
+    def text_encoder_hash(self) -> str:
+        """Identifies the text encoder for the text-embedding cache: the graph, tokenizer and text_len."""
+        graph = self._text_graph()
+        manifest = self._manifests[graph.folder]
+        parts = [graph.entry["sha256"][graph.entry["file"]], manifest.get("tokenizer_sha256", ""),
+                 str(manifest["model"]["text_encoder"]["text_len"]), self.name]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def context_from_array(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def encode_text(self, prompt: str) -> TextContext:
+        graph = self._text_graph()
+        if self._tokenizer is None:
+            manifest = self._manifests[graph.folder]
+            tok = manifest["tokenizer"]
+            info = manifest["model"]["text_encoder"]
+            self._tokenizer = PromptTokenizer(graph.folder / tok["file"], info["text_len"], pad_id=tok["pad_id"],
+                                              pad_token=tok["pad_token"], clean=info.get("clean", True))
+        ids, mask = self._tokenizer(prompt)
+        (context,) = self._run(graph, {"input_ids": ids, "attention_mask": mask})
+        return TextContext(prompt=prompt, value=context)  # [1, text_len, text_dim] float32
+
+    def _fps_feed(self, fps_class: int | None) -> dict:
+        if not self.model.inject_sample_info:
+            return {}
+        if fps_class not in (0, 1):
+            raise ValueError(f"this checkpoint uses the fps embedding: fps_class must be 0 (16 fps) or 1, "
+                             f"got {fps_class}")
+        return {"fps": np.array([fps_class], dtype=np.int64)}
+
+    def predict_velocity(self, latents, timesteps, context, fps_class, causal_block_size):
+        _, frames, h, w = latents.shape
+        size = dict(height=h * SPATIAL, width=w * SPATIAL)
+        if causal_block_size is None:
+            graph = self._graph("dit_window", **size)
+        else:
+            if frames % causal_block_size:
+                raise ValueError(f"{frames} latent frames are not whole causal blocks of {causal_block_size}")
+            graph = self._graph("dit_window_causal", **size, block_frames=causal_block_size)
+        cos, sin = rope_cos_sin(self.head_dim, 0, frames, h // PATCH, w // PATCH, self.rope_max_positions)
+        feeds = {"latents": np.ascontiguousarray(latents, dtype=np.float32)[None],
+                 "t_emb": timestep_sinusoid(np.asarray(timesteps, np.float32)[None], self.freq_dim),
+                 **self._window_prompt(context), "rope_cos": cos, "rope_sin": sin, **self._fps_feed(fps_class)}
+        (velocity,) = self._run(graph, feeds)
+        return velocity[0]
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        return self.num_layers, self.num_heads, self.head_dim
+
+    # ---- VAE ----------------------------------------------------------------------------------
+    # Caches travel by name (cache_00 in, new_cache_00 out): a first-step graph may lack some cache
+    # inputs (the first encoder chunk never reads the temporal downsampler's cache, and the exporter
+    # drops inputs that nothing reads), so positions differ between the first and later graphs.
+    def _zero_caches(self, graph: _Graph) -> dict[str, np.ndarray]:
+        return {s["name"]: np.zeros(s["shape"], _NP_DTYPES[s["dtype"]]) for s in graph.entry["inputs"][1:]}
+
+    def _vae_call(self, graph: _Graph, name: str, x: np.ndarray, caches: dict[str, np.ndarray]):
+        """(pixels or mu, caches for the next step) of one VAE graph call."""
+        feeds = {name: np.ascontiguousarray(x, dtype=np.float32)}
+        feeds.update({s["name"]: caches[s["name"]] for s in graph.entry["inputs"][1:]})
+        out, *new = self._run(graph, feeds)
+        names = [o["name"] for o in graph.entry["outputs"][1:]]
+        return out, {n[len("new_"):]: value for n, value in zip(names, new)}
+
+    def vae_encode(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels [3, T, H, W] in [-1, 1] (T = 1 + 4k) -> raw VAE mean [16, F, H/8, W/8]."""
+        _, frames, height, width = pixels.shape
+        if frames % 4 != 1:
+            raise ValueError(f"the VAE encodes 1 + 4k frames, got {frames}")
+        first = self._graph("vae_encode_first", height=height, width=width)
+        step = self._graph("vae_encode_step", height=height, width=width)
+        mu, caches = self._vae_call(first, "pixels", pixels[None, :, :1], self._zero_caches(first))
+        out = [mu]
+        for start in range(1, frames, 4):
+            mu, caches = self._vae_call(step, "pixels", pixels[None, :, start:start + 4], caches)
+            out.append(mu)
+        return np.concatenate(out, axis=2)[0]
+
+    def vae_decode(self, mu: np.ndarray) -> np.ndarray:
+        """Raw latents [16, F, h, w] -> pixels [3, 1 + 4(F - 1), H, W] (streamed: equals a whole decode)."""
+        decoder = self.streaming_decoder()
+        return np.concatenate([decoder.decode_next(mu[:, i:i + 1]) for i in range(mu.shape[1])], axis=1)
+
+    # ---- the KV-cached stream ------------------------------------------------------------------
+    def open_kv_stream(self, spec: KVStreamSpec) -> KVStreamSession:
+        return GraphKVStreamSession(self, spec)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The KV-cached stream on the rollout core's buffers
+
+
+def graph_io_shape(spec: dict, sizes: Mapping[str, int]) -> list[int]:
+    """A manifest input/output shape with its named (dynamic) axes filled from `sizes`."""
+    try:
+        return [int(sizes[d]) if isinstance(d, str) else int(d) for d in spec["shape"]]
+    except KeyError as err:
+        raise ValueError(f"{spec['name']}: no size for its axis {err} (have {dict(sizes)})") from None
+
+
+def _io_spec(graph: "_Graph", name: str, kind: str) -> dict:
+    for spec in graph.entry[kind]:
+        if spec["name"] == name:
+            return spec
+    raise ValueError(f"the {graph.name} graph has no {kind[:-1]} {name!r}; re-export it with this skyrt")
+
+
+class GraphKVStreamSession(KVStreamSession):
+    """One KV-cached stream of an exported-graph backend: dit_step and cross_kv bound to Buffers.
+
+    Allocated once, here, on the backend's memory device (skyrt._core.Buffer.allocate, counted by
+    skyrt._core.memory_stats): t_emb [B * F_max * freq_dim], rope_cos / rope_sin [F_max * tokens *
+    head_dim / 2], slot_valid [B * slots], fps [B] (fps models), the prompt contexts [B, Lt, text_dim]
+    and the prompt K/V slots cross_k / cross_v [layers, B, Lt, heads, head_dim]. A step's inputs are
+    the first elements of these shaped for its F frames (so one buffer serves every F), plus the core's
+    latents_in, cache_k, cache_v; its outputs are the core's velocity, new_k, new_v. Per step only the
+    small host inputs (t_emb, RoPE, slot validity) are copied up; nothing is allocated after the first
+    step of each frame count (the backend prepares a binding or a CUDA graph once per F)."""
+
+    def __init__(self, backend: ExportedGraphBackend, spec: KVStreamSpec):
+        super().__init__(spec)
+        from skyrt import _core
+
+        self._core_mod = _core
+        self.backend = backend
+        h, w = spec.latent_size
+        self.step_graph = backend._graph("dit_step", height=h * SPATIAL, width=w * SPATIAL,
+                                         block_frames=spec.block_frames, cache_blocks=spec.slots)
+        self.cross_graph = backend._graph("cross_kv")
+        self.device, self.stream = backend.memory_device(), backend.stream_handle()
+        self.kv_dtype = _io_spec(self.step_graph, "cache_k", "inputs")["dtype"]
+        self._check_graph_dtypes()
+        self.tokens_per_frame = (h // PATCH) * (w // PATCH)
+        B, f_max = spec.contexts, spec.max_frames
+        context = _io_spec(self.cross_graph, "context", "inputs")
+        self.context_shape = graph_io_shape(context, {"batch": B})  # [B, Lt, text_dim]
+        cross = _io_spec(self.cross_graph, "cross_k", "outputs")
+        self.cross_shape = graph_io_shape(cross, {"batch": B})  # [layers, B, Lt, heads, head_dim]
+        self.buffers: dict[str, Any] = {}
+        self._bindings: dict = {}  # the backend's per-key state (I/O bindings, CUDA graphs)
+        try:
+            alloc = self._allocate
+            alloc("t_emb", [B * f_max * backend.freq_dim], "float32")
+            alloc("rope_cos", [f_max * self.tokens_per_frame * (backend.head_dim // 2)], "float32")
+            alloc("rope_sin", [f_max * self.tokens_per_frame * (backend.head_dim // 2)], "float32")
+            alloc("slot_valid", [B * spec.slots], "bool")
+            alloc("context", self.context_shape, "float32")
+            alloc("cross_k", self.cross_shape, cross["dtype"])
+            alloc("cross_v", self.cross_shape, cross["dtype"])
+            if spec.fps_class is not None:
+                alloc("fps", [B], "int64")
+                _core.upload(self.buffers["fps"], np.full(B, spec.fps_class, np.int64), self.stream)
+            # Host staging arrays, reused every step (host memory; nothing crosses per step but these).
+            self._t_host = np.empty((B, f_max, backend.freq_dim), np.float32)
+            self._valid_host = np.empty((B, spec.slots), np.bool_)
+            self._context_host = np.empty(self.context_shape, np.float32)
+        except BaseException:
+            self.close()
+            raise
+
+    def _allocate(self, name: str, shape: list[int], dtype: str) -> None:
+        self.buffers[name] = self._core_mod.Buffer.allocate(shape, dtype, self.device, True, self.stream)
+
+    def _check_graph_dtypes(self) -> None:
+        """The core keeps latents and velocity in float32 and new K/V in the ring's dtype: refuse a
+        graph that would need conversions (it comes from an export this runtime does not know)."""
+        g = self.step_graph
+        wanted = {("inputs", "latents"): "float32", ("outputs", "velocity"): "float32",
+                  ("outputs", "new_k"): self.kv_dtype, ("outputs", "new_v"): self.kv_dtype,
+                  ("inputs", "cache_v"): self.kv_dtype}
+        for (kind, name), dtype in wanted.items():
+            got = _io_spec(g, name, kind)["dtype"]
+            if got != dtype:
+                raise ValueError(f"the dit_step graph's {name} is {got}, the rollout core needs {dtype}: re-export "
+                                 "it with this skyrt (skyrt export onnx)")
+        if self.kv_dtype not in ("float32", "float16"):
+            raise ValueError(f"the dit_step graph's cache is {self.kv_dtype}; the rollout core keeps float32 or "
+                             "float16 K/V (export with --precision fp16 or fp32)")
+
+    def _shaped(self, name: str, shape: list[int]):
+        return self.buffers[name].slice(shape, 0)
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def set_prompts(self, contexts: list[TextContext]) -> None:
+        """cross_kv of every context at once (batch B) into the prompt K/V slots."""
+        if len(contexts) != self.spec.contexts:
+            raise ValueError(f"{len(contexts)} prompt contexts for a stream of {self.spec.contexts}")
+        for b, context in enumerate(contexts):
+            self._context_host[b] = np.asarray(context.value, np.float32).reshape(self.context_shape[1:])
+        core = self._core_mod
+        core.upload(self.buffers["context"], self._context_host, self.stream)
+        self.backend._run_bound(self.cross_graph, {"context": self.buffers["context"]},
+                                {"cross_k": self.buffers["cross_k"], "cross_v": self.buffers["cross_v"]},
+                                self._bindings, ("cross_kv",))
+
+    # ---- one DiT step --------------------------------------------------------------------------
+    def step(self, call: KVStepCall) -> None:
+        backend, core, B, f = self.backend, self.core, self.spec.contexts, call.frames
+        tokens = f * self.tokens_per_frame
+        t_host = self._t_host[:, :f]
+        t_host[:] = timestep_sinusoid(np.asarray(call.timesteps, np.float32), backend.freq_dim)[None]
+        cos, sin = rope_cos_sin(backend.head_dim, int(call.position), f, *self._token_grid(),
+                                backend.rope_max_positions)
+        self._valid_host[:] = np.asarray(call.slot_valid, np.bool_)[None]
+        upload = self._core_mod.upload
+        upload(self.buffers["t_emb"], np.ascontiguousarray(t_host), self.stream)
+        upload(self.buffers["rope_cos"], cos, self.stream)
+        upload(self.buffers["rope_sin"], sin, self.stream)
+        upload(self.buffers["slot_valid"], self._valid_host, self.stream)
+        inputs = {"latents": core.buffer("latents_in", f),
+                  "t_emb": self._shaped("t_emb", [B, f, backend.freq_dim]),
+                  "cross_k": self.buffers["cross_k"], "cross_v": self.buffers["cross_v"],
+                  "cache_k": core.buffer("cache_k"), "cache_v": core.buffer("cache_v"),
+                  "slot_valid": self._shaped("slot_valid", [B, self.spec.slots]),
+                  "rope_cos": self._shaped("rope_cos", [tokens, backend.head_dim // 2]),
+                  "rope_sin": self._shaped("rope_sin", [tokens, backend.head_dim // 2])}
+        if "fps" in self.buffers:
+            inputs["fps"] = self.buffers["fps"]
+        outputs = {"velocity": core.buffer("velocity", f), "new_k": core.buffer("new_k", f),
+                   "new_v": core.buffer("new_v", f)}
+        backend.synchronize()
+        backend._run_bound(self.step_graph, inputs, outputs, self._bindings, ("dit_step", f))
+
+    def _token_grid(self) -> tuple[int, int]:
+        h, w = self.spec.latent_size
+        return h // PATCH, w // PATCH
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the bindings / CUDA graphs and every buffer of this session now (idempotent)."""
+        bindings, self._bindings = getattr(self, "_bindings", {}), {}
+        for value in bindings.values():
+            closer = getattr(value, "close", None)
+            if closer is not None:
+                closer()
+        for buffer in getattr(self, "buffers", {}).values():
+            buffer.close()
+        self.buffers = {}
+        super().close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The streaming VAE decoder on bound buffers
+
+
+class BoundStreamingDecoder(StreamingDecoder):
+    """vae_decode_first, then vae_decode_step, one latent frame per call, with the causal-conv caches
+    kept in two sets of buffers on the backend's memory device (each call reads one set and writes
+    the other). Allocated at the first frame of a size (z [1, 16, 1, h, w], pixels, both cache sets),
+    then per frame only the latent frame goes up and the decoded pixels come down."""
+
+    def __init__(self, backend: ExportedGraphBackend):
+        self.backend = backend
+        self._size: tuple[int, int] | None = None
+        self._buffers: dict[str, Any] = {}
+        self._sets: list[dict[str, Any]] = []
+        self._bindings: dict = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self._first, self._current = True, 0  # the first graph starts from zero caches (zeroed then)
+
+    def decode_next(self, mu_frame: np.ndarray) -> np.ndarray:
+        """Raw latent frame [16, 1, h, w] -> pixels [3, 1 (first) or 4, H, W] in [-1, 1]."""
+        from skyrt import _core
+
+        _, _, h, w = mu_frame.shape
+        if self._size != (h, w):
+            self._prepare(h, w)
+        stream = self.backend.stream_handle()
+        graph = self._first_graph if self._first else self._step_graph
+        read, write = self._sets[self._current], self._sets[1 - self._current]
+        if self._first:
+            for buffer in read.values():
+                _core.fill_zero(buffer, stream)
+        _core.upload(self._buffers["z"], np.ascontiguousarray(mu_frame, np.float32), stream)
+        inputs = {"z": self._buffers["z"]}
+        inputs.update({s["name"]: read[s["name"]] for s in graph.entry["inputs"][1:]})
+        pixels_spec = graph.entry["outputs"][0]
+        pixels = self._buffers["pixels"].slice(pixels_spec["shape"], 0)
+        outputs = {pixels_spec["name"]: pixels}
+        outputs.update({s["name"]: write[s["name"][len("new_"):]] for s in graph.entry["outputs"][1:]})
+        self.backend.synchronize()
+        self.backend._run_bound(graph, inputs, outputs, self._bindings, (graph.name, self._current))
+        out = np.empty(pixels_spec["shape"], np.float32)
+        _core.download(pixels, out, stream)
+        self._first, self._current = False, 1 - self._current
+        return out[0]
+
+    def _prepare(self, h: int, w: int) -> None:
+        """Buffers for latent frames of h x w: the graphs' static shapes, once per size."""
+        from skyrt import _core
+
+        self.close()
+        size = dict(height=h * SPATIAL, width=w * SPATIAL)
+        self._first_graph = self.backend._graph("vae_decode_first", **size)
+        self._step_graph = self.backend._graph("vae_decode_step", **size)
+        device, stream = self.backend.memory_device(), self.backend.stream_handle()
+        alloc = lambda shape: _core.Buffer.allocate(list(shape), "float32", device, True, stream)  # noqa: E731
+        caches = {}
+        for graph in (self._first_graph, self._step_graph):
+            for spec in graph.entry["inputs"][1:]:
+                caches[spec["name"]] = spec["shape"]
+        self._sets = [{name: alloc(shape) for name, shape in caches.items()} for _ in range(2)]
+        pixel_elems = max(int(np.prod(g.entry["outputs"][0]["shape"])) for g in (self._first_graph, self._step_graph))
+        self._buffers = {"z": alloc(self._first_graph.entry["inputs"][0]["shape"]), "pixels": alloc([pixel_elems])}
+        self._size = (h, w)
+        self.reset()
+
+    def close(self) -> None:
+        """Release the buffers and bindings now (a later frame allocates them again)."""
+        bindings, self._bindings = self._bindings, {}
+        for value in bindings.values():
+            closer = getattr(value, "close", None)
+            if closer is not None:
+                closer()
+        for buffer in [*self._buffers.values(), *(b for s in self._sets for b in s.values())]:
+            buffer.close()
+        self._buffers, self._sets, self._size = {}, [], None
