@@ -25,6 +25,9 @@ DEFAULT_CAPTION_EVERY_S = 30.0
 # T2V settings. Models with a demo_model.json (the built-in demo model) recommend their own.
 OFFICIAL_SAMPLING = {"height": 544, "width": 960, "num_inference_steps": 30, "guidance_scale": 6.0, "shift": 8.0,
                      "ar_step": 0, "causal_block_size": 1, "mode": "window", "sink_blocks": 1, "window_blocks": 8}
+# `skyrt serve` (and every stream of `skyrt fleet`): small, fast settings for a model without a recommendation.
+SERVE_SAMPLING = {**OFFICIAL_SAMPLING, "height": 128, "width": 128, "num_inference_steps": 4, "guidance_scale": 1.0,
+                  "mode": "kvcache", "base_num_frames": 17, "overlap_history": 5, "overlap_carry": "latent"}
 CAPTIONER_HELP = (f"SkyCaptioner-V1 checkpoint folder (exported to ONNX on first use) or a folder from "
                   f"'skyrt export onnx --captioner'; default ${CAPTIONER_ENV}")
 
@@ -104,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an endless stream over HTTP (MJPEG, HLS, fragmented MP4)")
     _add_model_args(serve)
-    _add_sampling_args(serve, {**OFFICIAL_SAMPLING, "height": 128, "width": 128, "num_inference_steps": 4,
-                               "guidance_scale": 1.0, "mode": "kvcache", "base_num_frames": 17, "overlap_history": 5,
-                               "overlap_carry": "latent"})
+    _add_sampling_args(serve, SERVE_SAMPLING)
     serve.add_argument("--playlist", type=Path, default=None,
                        help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}')
     serve.add_argument("--formats", default="mjpeg,hls,mp4", help="outputs to encode, comma separated")
@@ -303,20 +304,13 @@ def _window_frames_in_whole_blocks(num_frames: int, sampling: dict) -> int:
 
 
 def _serve(args) -> int:
-    from .server import ConnectionLimits, PipelineSpec, PromptChange, ServerConfig, load_playlist, serve
+    from .server import PipelineSpec, load_playlist, serve
     from .server.startup import StartupInterrupted, resolve_token, sigterm_sets
 
     token = resolve_token(args.token, args.token_file, args.no_token)
-    config = ServerConfig(fps=args.fps, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
-                          token=token.token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
-                          connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
-                          state_path=args.state, write_timeout_s=args.stall_timeout,
-                          stream_send_buffer_bytes=args.send_buffer_kib * 1024)
+    config = server_config(args, token.token)
     playlist = load_playlist(args.playlist, config.limits) if args.playlist is not None else None
-    sampling = _sampling_kwargs(args)
-    prompt = PromptChange(sampling.pop("prompt"), sampling.pop("negative_prompt") or None)
-    if args.mode == "kvcache" and sampling["ar_step"] == 0:
-        sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
+    sampling, prompt = serve_sampling(args)
     captioning = _live_captioning(args)  # before loading the model: a bad captioner folder fails fast
     # The pipeline loads and runs in a child process (server/generator_process.py): serving never
     # shares an interpreter lock with generation.
@@ -328,6 +322,29 @@ def _serve(args) -> int:
     except StartupInterrupted:
         print("skyrt serve: stopped (SIGTERM) before the stream started", file=sys.stderr)
     return 0
+
+
+def server_config(args, token: str | None):
+    """The ServerConfig of parsed `skyrt serve` flags (`skyrt fleet` builds each stream's the same way)."""
+    from .server import ConnectionLimits, ServerConfig
+
+    return ServerConfig(fps=args.fps, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+                        token=token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
+                        connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
+                        state_path=args.state, write_timeout_s=args.stall_timeout,
+                        stream_send_buffer_bytes=args.send_buffer_kib * 1024)
+
+
+def serve_sampling(args):
+    """(Pipeline.stream keywords without the prompt, the first PromptChange) of parsed `skyrt serve`
+    flags, unset ones resolved against the model's recommendation."""
+    from .server import PromptChange
+
+    sampling = _sampling_kwargs(args)
+    prompt = PromptChange(sampling.pop("prompt"), sampling.pop("negative_prompt") or None)
+    if args.mode == "kvcache" and sampling["ar_step"] == 0:
+        sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
+    return sampling, prompt
 
 
 def _live_captioning(args) -> dict:
