@@ -4,6 +4,7 @@
     skyrt generate --model DIR --video in.mp4 --captioner SkyCaptioner-V1/ ...   # prompt = the video's caption
     skyrt serve                      # endless stream of the default model on http://127.0.0.1:8000
     skyrt caption clip.mp4 --captioner SkyCaptioner-V1/ [--json]
+    skyrt fleet up --config fleet.yaml   # many streams on a Ray cluster (runtime/fleet/cli.py)
     skyrt export onnx --model DIR --out DIR      (export/export_cli.py)
 """
 from __future__ import annotations
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "use; needs an NVIDIA GPU)")
     caption.add_argument("--no-progress", action="store_true", help="no messages while a first use exports")
     __import__("skyrt.export.export_cli", fromlist=["add_parser"]).add_parser(sub)  # torch only when an export runs
+    __import__("skyrt.runtime.fleet.cli", fromlist=["add_parser"]).add_parser(sub)  # Ray only when a fleet command runs
     return parser
 
 
@@ -183,7 +185,7 @@ def _dispatch(args) -> int:
             return _generate(args)
         if args.command == "serve":
             return _serve(args)
-        if args.command == "export":
+        if args.command in ("export", "fleet"):
             return args.run(args)
         if args.command == "caption":
             return _caption(args)
