@@ -6,10 +6,16 @@ Every node is started in a session of its own (setsid), and everything Ray start
 children) stays in that session. So a node is "lost" by killing its session's processes, and
 teardown kills exactly this cluster's processes and then checks that none is left — unlike
 `ray stop --force`, which kills every Ray process on the machine, a neighbour's cluster included.
+
+Token authentication is on, with a token of this cluster's own passed in the environment
+(`auth_env()`: the nodes get it, and so must every driver that connects). Left to itself Ray
+decides per process from whether ~/.ray/auth_token exists (a local `ray.init()` writes one), and a
+head that found the file refuses a worker node that did not.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -74,8 +80,14 @@ class LocalRayCluster:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="skr-", dir="/tmp"))
         self.address: str | None = None
         self.nodes: list[Node] = []
-        self.env = dict(os.environ, **RAY_ENV)
+        self.token = secrets.token_hex(32)
+        self.env = dict(os.environ, **RAY_ENV, **self.auth_env())
         self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("RAY_AUTH_TOKEN_PATH", None)
+
+    def auth_env(self) -> dict[str, str]:
+        """What a driver's environment needs to connect to this cluster."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     def _ray_start(self, args: list[str], head: bool, num_cpus: int, num_gpus: int) -> Node:
         proc = subprocess.Popen([RAY, "start", *args, f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",

@@ -77,7 +77,7 @@ class StreamActor:
         self.controller = ray.get_actor(controller_name(fleet), namespace=NAMESPACE)
         self.node = _node_here()
         started = ray.get(self.controller.stream_starting.remote(self.config.id, self.node))
-        settings = HostSettings(**{**(settings or {}), "bind": self.node["ip"]})
+        settings = HostSettings(**{"bind": self.node["ip"], **(settings or {})})  # a local fleet binds loopback
         self.host = StreamHost(self.config, token, tuple(allowed_hosts), control=started["control"],
                                settings=settings, on_control=self._save_control, on_fatal=self._exit_for_restart)
         self.incarnation = started["starts"]

@@ -34,10 +34,7 @@ def connect(address: str | None = "auto", local_cpus: int | None = None, local_g
         return
     quiet = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": False}
     if address is None:
-        # A local cluster on loopback: the streams' own servers bind the node's address, and a
-        # laptop's fleet should not be on the LAN unless asked (give a cluster address for that).
-        ray.init(include_dashboard=False, num_cpus=local_cpus, num_gpus=local_gpus, _node_ip_address="127.0.0.1",
-                 **quiet)
+        ray.init(include_dashboard=False, num_cpus=local_cpus, num_gpus=local_gpus, **quiet)
     else:
         ray.init(address=address, **quiet)
 
@@ -123,7 +120,10 @@ def up(config: FleetConfig, environ=os.environ, settings: dict | None = None) ->
     every declared stream (plus streams added earlier and kept in its state file), and the ingress.
     Running it again applies a changed config (new streams start, changed ones restart).
 
-    settings: StreamHost settings for every stream (stall_s, position_push_s)."""
+    settings: StreamHost settings for every stream (bind, stall_s, position_push_s). By default a
+    stream's server binds the address Ray knows its node by (never loopback: Ray replaces it with
+    the machine's reachable address); `skyrt fleet up` on a local cluster passes bind=127.0.0.1, so a
+    laptop's streams stay off the LAN like `skyrt serve`'s."""
     import ray
     from ray import serve
 

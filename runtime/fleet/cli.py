@@ -118,7 +118,8 @@ def _up(args) -> int:
     config = load_fleet_config(args.config)
     address = args.address or config.address
     _connect(address, local_cpus=args.local_cpus, local_gpus=args.local_gpus)
-    fleet = up(config)
+    # A local cluster: streams on loopback, like `skyrt serve` (the ingress binds what the config says).
+    fleet = up(config, settings={"bind": "127.0.0.1"} if address is None else None)
     print(f"fleet {config.name}: {len(config.streams)} stream(s) at {fleet.url}/streams "
           f"(video: {config.ingress.video})")
     for stream in config.streams:
