@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from ray_cluster import LocalRayCluster, free_port
@@ -32,6 +33,7 @@ pytest.importorskip("ray")
 TOKEN = "fleet-s3cret"
 C_TOKEN = "c-own-token"
 FPS = 8
+ROOT = Path(__file__).resolve().parents[1]
 RESTART_BOUND_S = 60.0  # kill -9 of a stream's actor process -> frames through the same URL again
 PLACE_TIMEOUT_S = 180.0
 
@@ -343,3 +345,40 @@ def test_down_then_up_keeps_every_streams_config_and_prompt(fleet):
     assert figures(url, stream)["prompt"] == switched  # the HTTP switch survived down + up
     assert all(s["restarts"] == 0 for s in status)  # counted per run of the fleet
     assert re.match(r"^--skyrtframe", read_for(f"{url}/streams/{stream}/stream.mjpg", 1.0).decode("latin-1"))
+
+
+def test_the_kuberay_examples_serve_config_deploys_the_fleet(fleet, tmp_path):
+    """deploy/kuberay/rayservice.yaml's serveConfigV2, deployed with `serve run` as KubeRay deploys
+    it (Serve's controller builds the application from its import path and args): the fleet comes
+    back behind a proxying ingress, its streams kept. The Kubernetes parts of the file are not run."""
+    import yaml
+
+    handle, url, cluster, config = fleet
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text()))
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    assert service["apiVersion"] == "ray.io/v1" and set(service["spec"]) >= {"serveConfigV2", "rayClusterConfig"}
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (application,) = serve_config["applications"]
+    fleet_config = yaml.safe_load(config.read_text())
+    assert application["name"] == "skyrt-fleet-lobby"  # skyrt-fleet-<name>, the name `down` removes
+    application["name"] = f"skyrt-fleet-{fleet_config['name']}"
+    (tmp_path / "token").write_text(TOKEN + "\n")  # the example's token_file (no $SKYRT_TOKEN in a cluster)
+    fleet_config.update(token_file=str(tmp_path / "token"), ingress={**fleet_config["ingress"], "video": "proxy"})
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(fleet_config))
+    application["args"]["config"] = str(tmp_path / "fleet.yaml")
+    serve_config["http_options"] = {"host": "127.0.0.1", "port": int(url.rsplit(":", 1)[1])}  # the running Serve's
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_config))
+    before = {s["id"]: s["node"] for s in handle.status()}
+    env = dict(os.environ)
+    env.pop("SKYRT_TOKEN", None)
+    result = subprocess.run([str(Path(sys.executable).with_name("serve")), "run", "--non-blocking", "--address",
+                             cluster.address, str(tmp_path / "serve.yaml")], capture_output=True, text=True,
+                            timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    wait_until(lambda: get_json(url + "/streams").get("video") == "proxy", 120)
+    status = handle.wait_until(lambda s: all(x["state"] == "running" for x in s), PLACE_TIMEOUT_S)
+    assert {s["id"]: s["node"] for s in status} == before  # the streams kept running where they were
+    with urllib.request.urlopen(f"{url}/streams/a/stream.mjpg", timeout=10) as r:
+        assert r.url == f"{url}/streams/a/stream.mjpg"  # carried by the ingress, as the example configures
+    assert request("POST", f"{url}/streams/a/prompt", b'{"prompt": "x"}', token=None)[0] == 401
+    assert request("POST", f"{url}/streams/a/prompt", b'{"prompt": "a red circle"}', token=TOKEN)[0] == 200

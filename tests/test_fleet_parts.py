@@ -68,6 +68,18 @@ def test_a_config_file_reads_playlist_and_token_files_beside_it(tmp_path):
         load_fleet_config(tmp_path / "bad.yaml")
 
 
+def test_the_serve_application_builder_refuses_a_fleet_without_a_given_token(tmp_path, monkeypatch):
+    """Under KubeRay nobody would see a generated token: refused before anything starts (no Ray here)."""
+    from skyrt.runtime.fleet.serve_app import app
+
+    monkeypatch.delenv("SKYRT_TOKEN", raising=False)
+    (tmp_path / "fleet.yaml").write_text("name: f\nstate_dir: state\nstreams: [{id: a}]\n")
+    with pytest.raises(ConfigError, match="needs its control token given"):
+        app({"config": str(tmp_path / "fleet.yaml")})
+    with pytest.raises(ConfigError, match="args: {config: "):
+        app({})
+
+
 # ------------------------------------------------------------------------------------------ routes
 @pytest.mark.parametrize("method, path, expected", [
     ("GET", "/streams", Route("list")),

@@ -13,6 +13,7 @@ node that owns the stream (a 307 to it) unless the config asks the ingress to ca
     ingress.py       the Ray Serve ingress: routing, forwarding, redirects, merged metrics
     prometheus.py    merging the streams' metrics under a `stream` label
     api.py, cli.py   `connect`, `up`, `attach` -> Fleet.status/add/remove/down; `skyrt fleet ...`
+    serve_app.py     the fleet as a Ray Serve application builder (KubeRay RayService, `serve deploy`)
 
 Ray is needed only here (`pip install 'skyrt[fleet]'`); importing this package does not import it.
 """

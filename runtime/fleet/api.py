@@ -124,10 +124,24 @@ def up(config: FleetConfig, environ=os.environ, settings: dict | None = None) ->
     stream's server binds the address Ray knows its node by (never loopback: Ray replaces it with
     the machine's reachable address); `skyrt fleet up` on a local cluster passes bind=127.0.0.1, so a
     laptop's streams stay off the LAN like `skyrt serve`'s."""
-    import ray
     from ray import serve
 
     from .ingress import ingress_deployment
+
+    token, generated = start_streams(config, environ, settings)
+    ingress = config.ingress
+    serve.start(proxy_location=ingress.proxy_location, http_options={"host": ingress.host, "port": ingress.port})
+    serve.run(ingress_deployment(config.name, ingress.video), name=serve_app_name(config.name), route_prefix="/",
+              blocking=False)
+    host = "127.0.0.1" if ingress.host in ("0.0.0.0", "::") else ingress.host
+    host = f"[{host}]" if ":" in host else host
+    return Fleet(config.name, url=f"http://{host}:{ingress.port}", token=token if generated else None)
+
+
+def start_streams(config: FleetConfig, environ=os.environ, settings: dict | None = None) -> tuple[str | None, bool]:
+    """`up` without the ingress: the controller and the streams (idempotent: unchanged streams keep
+    running). Returns the fleet-wide token and whether it was generated now."""
+    import ray
 
     controller = _controller(config, settings)
     token, generated = fleet_token(config, environ)
@@ -136,13 +150,7 @@ def up(config: FleetConfig, environ=os.environ, settings: dict | None = None) ->
         token, generated = saved, False  # a token generated at an earlier `up` stays valid
     tokens = {s.id: _stream_token(s, token) for s in config.streams}
     ray.get(controller.apply.remote([s.to_json() for s in config.streams], tokens, token))
-    ingress = config.ingress
-    serve.start(proxy_location=ingress.proxy_location, http_options={"host": ingress.host, "port": ingress.port})
-    serve.run(ingress_deployment(config.name, ingress.video), name=serve_app_name(config.name), route_prefix="/",
-              blocking=False)
-    host = "127.0.0.1" if ingress.host in ("0.0.0.0", "::") else ingress.host
-    host = f"[{host}]" if ":" in host else host
-    return Fleet(config.name, url=f"http://{host}:{ingress.port}", token=token if generated else None)
+    return token, generated
 
 
 def _controller(config: FleetConfig, settings: dict | None):
