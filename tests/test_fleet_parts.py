@@ -257,3 +257,23 @@ def test_a_model_that_does_not_load_is_failed_not_restarted(tmp_path):
     finally:
         host.stop()
     assert "no-such-model" in host.error and not fatal  # a restart would fail the same way: no loop
+
+
+def test_the_fleet_benchmarks_mjpeg_reader_finds_each_frame_in_any_chunking():
+    """benchmarks/fleet.py matches frames read two ways by their JPEG bytes: its parser must see each
+    part whole, however the socket cut the bytes, and count a repeated frame once per arrival."""
+    from benchmark_scripts import load_benchmark
+
+    from skyrt.runtime.server.encoders import multipart_part
+
+    bench = load_benchmark("fleet")
+    frames = [bytes([i]) * (50 + 13 * i) for i in range(5)]
+    stream = b"".join(multipart_part(f) for f in frames + [frames[1]])
+    reader = bench.MjpegReader("http://unused", 0)
+    buffer = bytearray()
+    for t, start in enumerate(range(0, len(stream), 7)):  # 7-byte reads: heads and bodies split
+        buffer += stream[start:start + 7]
+        reader._parts(buffer, float(t))
+    assert reader.frames == 6 and len(reader.arrivals) == 5 and not buffer
+    first_seen = sorted(reader.arrivals.values())
+    assert first_seen == sorted(set(first_seen))  # each frame dated when its last byte came

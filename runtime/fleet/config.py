@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..server.playlist import Limits, RequestError, parse_playlist
+from ..server.playlist import Limits, RequestError, load_playlist, parse_playlist
 
 NAMESPACE = "skyrt-fleet"  # the Ray namespace of every fleet's named actors
 STREAM_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
@@ -311,16 +311,11 @@ def _playlist(value, base: Path, where: str) -> dict | None:
     """An inline playlist or a playlist file's path -> the validated JSON form (PUT /playlist's)."""
     if value is None:
         return None
-    if isinstance(value, str):
-        path = _path(value, base)
-        if not path.is_file():
-            raise ConfigError(f"{where}.playlist: file {path} not found")
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{where}.playlist: {path} is not valid JSON ({err})") from err
     try:
-        playlist = parse_playlist(value, Limits())
+        # A file is read as `skyrt serve --playlist FILE` reads it.
+        playlist = load_playlist(_path(value, base)) if isinstance(value, str) else parse_playlist(value, Limits())
+    except FileNotFoundError as err:
+        raise ConfigError(f"{where}.playlist: {err}") from err
     except RequestError as err:
         raise ConfigError(f"{where}.{err}" if str(err).startswith("playlist") else f"{where}.playlist: {err}") from err
     if not playlist.items:
