@@ -330,7 +330,11 @@ def test_down_then_up_keeps_every_streams_config_and_prompt(fleet):
     from skyrt.runtime.fleet.config import NAMESPACE
 
     cluster.worker = cluster.add_node(num_cpus=1, num_gpus=1)  # room for all three again
-    handle.wait_until(lambda s: all(x["state"] == "running" for x in s), PLACE_TIMEOUT_S)
+    status = handle.wait_until(lambda s: all(x["state"] == "running" for x in s), PLACE_TIMEOUT_S)
+    # The stream removed and added back is a new actor under its old name: the ingress, which
+    # served the old one, finds the new one at the first request.
+    (added_back,) = [s["id"] for s in status if s.get("prompt") == "added back"]
+    assert request("GET", f"{url}/streams/{added_back}/status", token=None)[0] == 200
     # A stream that kept its config all along (not the one removed and added back), switched over HTTP.
     stream = next(s["id"] for s in handle.status() if s["id"] != "c" and s.get("prompt") != "added back")
     switched = "an orange hexagon drifting"

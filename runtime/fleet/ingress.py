@@ -170,7 +170,7 @@ class FleetIngress:
     async def _known(self, stream_id: str) -> bool:
         return self._handle(stream_id) is not None
 
-    async def _address(self, stream_id: str) -> list | None:
+    async def _address(self, stream_id: str, retry: bool = True) -> list | None:
         """The stream's [host, port] from the actor itself (so never a stale one for long), cached
         ADDRESS_TTL_S; None while it loads, restarts or waits for a node."""
         import ray
@@ -189,8 +189,10 @@ class FleetIngress:
             address = await asyncio.wait_for(asyncio.shield(future), ADDRESS_WAIT_S)
         except asyncio.TimeoutError:
             address = None
-        except ray.exceptions.RayError:  # removed, or ended for good: look it up by name next time
+        except ray.exceptions.RayError:  # removed, or ended for good: look it up by name again
             self._handles.pop(stream_id, None)
+            if retry:  # a stream removed and added again under its id is a new actor of that name
+                return await self._address(stream_id, retry=False)
             address = None
         self._addresses[stream_id] = (now, address)
         return address
