@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 from serving import get_json, request, wait_until
@@ -66,6 +67,21 @@ def test_a_config_file_reads_playlist_and_token_files_beside_it(tmp_path):
     (tmp_path / "bad.yaml").write_text("streams: [{id: a\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_fleet_config(tmp_path / "bad.yaml")
+
+
+def test_the_shipped_example_configs_validate():
+    """deploy/fleet.yaml (the README's quickstart) and the fleet YAML inside the KubeRay example."""
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    config = load_fleet_config(deploy / "fleet.yaml")
+    assert [s.id for s in config.streams] == ["circle", "square"] and config.streams[1].playlist["loop"]
+    docs = list(yaml.safe_load_all((deploy / "kuberay" / "rayservice.yaml").read_text()))
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    data = yaml.safe_load(config_map["data"]["fleet.yaml"])
+    data.pop("token_file")  # a Secret mounted in the pods
+    kube = parse_fleet_config(data)
+    assert kube.ingress.video == "proxy" and all(s.num_gpus == 1 for s in kube.streams)
 
 
 def test_the_serve_application_builder_refuses_a_fleet_without_a_given_token(tmp_path, monkeypatch):
