@@ -4,6 +4,7 @@
     skyrt generate --model DIR --video in.mp4 --captioner SkyCaptioner-V1/ ...   # prompt = the video's caption
     skyrt serve                      # endless stream of the default model on http://127.0.0.1:8000
     skyrt caption clip.mp4 --captioner SkyCaptioner-V1/ [--json]
+    skyrt fleet up --config fleet.yaml   # many streams on a Ray cluster (runtime/fleet/cli.py)
     skyrt export onnx --model DIR --out DIR      (export/export_cli.py)
 """
 from __future__ import annotations
@@ -27,6 +28,9 @@ DEFAULT_CAPTION_EVERY_S = 30.0
 # T2V settings. Models with a demo_model.json (the built-in demo model) recommend their own.
 OFFICIAL_SAMPLING = {"height": 544, "width": 960, "num_inference_steps": 30, "guidance_scale": 6.0, "shift": 8.0,
                      "ar_step": 0, "causal_block_size": 1, "mode": "window", "sink_blocks": 1, "window_blocks": 8}
+# `skyrt serve` (and every stream of `skyrt fleet`): small, fast settings for a model without a recommendation.
+SERVE_SAMPLING = {**OFFICIAL_SAMPLING, "height": 128, "width": 128, "num_inference_steps": 4, "guidance_scale": 1.0,
+                  "mode": "kvcache", "base_num_frames": 17, "overlap_history": 5, "overlap_carry": "latent"}
 CAPTIONER_HELP = (f"SkyCaptioner-V1 checkpoint folder (exported to ONNX on first use) or a folder from "
                   f"'skyrt export onnx --captioner'; default ${CAPTIONER_ENV}")
 
@@ -127,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an endless stream over HTTP (MJPEG, HLS, fragmented MP4)")
     _add_model_args(serve)
-    _add_sampling_args(serve, {**OFFICIAL_SAMPLING, "height": 128, "width": 128, "num_inference_steps": 4,
-                               "guidance_scale": 1.0, "mode": "kvcache", "base_num_frames": 17, "overlap_history": 5,
-                               "overlap_carry": "latent"})
+    _add_sampling_args(serve, SERVE_SAMPLING)
     serve.add_argument("--playlist", type=Path, default=None,
                        help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}')
     serve.add_argument("--formats", default="mjpeg,hls,mp4", help="outputs to encode, comma separated")
@@ -178,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "use; needs an NVIDIA GPU)")
     caption.add_argument("--no-progress", action="store_true", help="no messages while a first use exports")
     __import__("skyrt.export.export_cli", fromlist=["add_parser"]).add_parser(sub)  # torch only when an export runs
+    __import__("skyrt.runtime.fleet.cli", fromlist=["add_parser"]).add_parser(sub)  # Ray only when a fleet command runs
     return parser
 
 
@@ -205,7 +208,7 @@ def _dispatch(args) -> int:
             return _generate(args)
         if args.command == "serve":
             return _serve(args)
-        if args.command == "export":
+        if args.command in ("export", "fleet"):
             return args.run(args)
         if args.command == "caption":
             return _caption(args)
@@ -326,25 +329,17 @@ def _window_frames_in_whole_blocks(num_frames: int, sampling: dict) -> int:
 
 
 def _serve(args) -> int:
-    from .server import ConnectionLimits, PipelineSpec, PromptChange, ServerConfig, load_playlist, serve
+    from .server import load_playlist, serve
     from .server.startup import StartupInterrupted, resolve_token, sigterm_sets
 
     token = resolve_token(args.token, args.token_file, args.no_token)
-    sampling = _sampling_kwargs(args)  # resolves --fps too
-    config = ServerConfig(fps=args.fps, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
-                          token=token.token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
-                          connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
-                          state_path=args.state, write_timeout_s=args.stall_timeout,
-                          stream_send_buffer_bytes=args.send_buffer_kib * 1024)
+    sampling, prompt = serve_sampling(args)  # first: it resolves --fps (a preset's, else 24)
+    config = server_config(args, token.token)
     playlist = load_playlist(args.playlist, config.limits) if args.playlist is not None else None
-    prompt = PromptChange(sampling.pop("prompt"), sampling.pop("negative_prompt") or None)
-    if args.mode == "kvcache" and sampling["ar_step"] == 0:
-        sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
     captioning = _live_captioning(args)  # before loading the model: a bad captioner folder fails fast
     # The pipeline loads and runs in a child process (server/generator_process.py): serving never
     # shares an interpreter lock with generation.
-    spec = PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device,
-                        options={} if args.preset is None else {"preset": args.preset})
+    spec = pipeline_spec(args)
     try:
         with sigterm_sets(threading.Event()) as stopped:  # a stop while the model loads is a clean exit too
             serve(spec, sampling, config, host=args.host, port=args.port, prompt=prompt, playlist=playlist,
@@ -352,6 +347,38 @@ def _serve(args) -> int:
     except StartupInterrupted:
         print("skyrt serve: stopped (SIGTERM) before the stream started", file=sys.stderr)
     return 0
+
+
+def server_config(args, token: str | None):
+    """The ServerConfig of parsed `skyrt serve` flags (`skyrt fleet` builds each stream's the same way)."""
+    from .server import ConnectionLimits, ServerConfig
+
+    return ServerConfig(fps=args.fps, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+                        token=token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
+                        connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
+                        state_path=args.state, write_timeout_s=args.stall_timeout,
+                        stream_send_buffer_bytes=args.send_buffer_kib * 1024)
+
+
+def pipeline_spec(args):
+    """The PipelineSpec (model, backend, device, preset) the stream's child process loads (`skyrt fleet`
+    builds each stream's the same way)."""
+    from .server.generator_process import PipelineSpec
+
+    return PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device,
+                        options={} if args.preset is None else {"preset": args.preset})
+
+
+def serve_sampling(args):
+    """(Pipeline.stream keywords without the prompt, the first PromptChange) of parsed `skyrt serve`
+    flags, unset ones resolved against the model's recommendation."""
+    from .server import PromptChange
+
+    sampling = _sampling_kwargs(args)
+    prompt = PromptChange(sampling.pop("prompt"), sampling.pop("negative_prompt") or None)
+    if args.mode == "kvcache" and sampling["ar_step"] == 0:
+        sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
+    return sampling, prompt
 
 
 def _live_captioning(args) -> dict:

@@ -139,7 +139,9 @@ def test_metrics_are_prometheus_text_that_moves(server):
 def test_page_is_self_contained(server):
     base, _ = server
     page = urllib.request.urlopen(base + "/").read().decode()
-    assert "/static/hls.light.min.js" in page and "/hls/live.m3u8" in page and "/stream.mjpg" in page
+    # Relative to the page, so the same page also works under a fleet ingress's /streams/{id}/.
+    assert 'src="static/hls.light.min.js"' in page and '"hls/live.m3u8"' in page and '"stream.mjpg"' in page
+    assert not re.search(r"""(src|href|fetch\()=?\s*["']/""", page)  # no path from the server's root
     assert not re.search(r"""(src|href)=["']https?://""", page)  # nothing from the internet
     script = urllib.request.urlopen(base + "/static/hls.light.min.js").read()
     assert len(script) > 100_000 and b"Hls" in script

@@ -1,0 +1,296 @@
+"""The fleet's Ray actors: one FleetController per fleet, one StreamActor per stream.
+
+    FleetController  named, detached, on the head node, 0 CPUs. Owns the fleet's state file
+                     (store.py): creates and removes stream actors, hands a restarted stream its
+                     saved prompt and playlist position, counts restarts, answers status.
+    StreamActor      named, detached, `max_restarts=-1`: one stream (stream_host.py) that owns its
+                     GPU (`num_gpus=1` by default for a CUDA device) or a fixed number of CPUs.
+                     Ray restarts it, with the same config, when its process or node dies; a
+                     stream in a fault loop exits on purpose to be restarted the same way.
+
+Actors are placed with Ray's SPREAD strategy; an actor Ray cannot place stays in Ray's queue and is
+reported as pending (never dropped). Names live in the `skyrt-fleet` namespace:
+`<fleet>/controller` and `<fleet>/stream/<id>`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import ray
+
+from .config import NAMESPACE, StreamConfig
+from .store import FleetState, FleetStore, StreamRecord, merge_declared
+from .stream_host import HostSettings, StreamHost
+
+log = logging.getLogger("skyrt.fleet")
+
+PROBE_TIMEOUT_S = 1.5  # a stream actor that does not answer within this is reported by Ray's view of it
+SHUTDOWN_TIMEOUT_S = 15.0
+FAULT_EXIT_CODE = 70  # a stream that cannot recover exits with this; Ray restarts it
+# Ray's resource that exists on the head node only: pins the controller (and its state file) there.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def controller_name(fleet: str) -> str:
+    return f"{fleet}/controller"
+
+
+def stream_actor_name(fleet: str, stream_id: str) -> str:
+    return f"{fleet}/stream/{stream_id}"
+
+
+def ray_actor_state(actor_id: str | None) -> str | None:
+    """Ray's own state of an actor (ALIVE, PENDING_CREATION, RESTARTING, DEAD, ...) from the GCS,
+    None if unknown. Ray's public state API needs the dashboard, which a fleet does not start, so
+    this reads the GCS actor table (Ray marks it a debugging interface: kept to this one function)."""
+    if actor_id is None:
+        return None
+    try:
+        from ray._private import state
+
+        return state.actors(actor_id=actor_id).get("State")
+    except Exception:  # an interface that moved in another Ray release: the status says "unknown"
+        return None
+
+
+def _node_here() -> dict:
+    """This actor's node: its id, the address the cluster knows it by (`ray start --node-ip-address`;
+    the stream's server binds it), the GPUs Ray gave this actor, the pid."""
+    node_id = ray.get_runtime_context().get_node_id()
+    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id),
+              ray.util.get_node_ip_address())
+    return {"node_id": node_id, "ip": ip, "gpus": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid(),
+            "started": time.time()}
+
+
+@ray.remote(max_restarts=-1, max_concurrency=8)
+class StreamActor:
+    """One stream of a fleet (see the module docstring). Construction is quick on purpose: Ray marks
+    an actor alive once its constructor returns, so alive means placed; the model loads after."""
+
+    def __init__(self, fleet: str, stream: dict, token: str | None, allowed_hosts: tuple[str, ...],
+                 settings: dict | None = None):
+        self.fleet, self.config = fleet, StreamConfig.from_json(stream)
+        self.controller = ray.get_actor(controller_name(fleet), namespace=NAMESPACE)
+        self.node = _node_here()
+        started = ray.get(self.controller.stream_starting.remote(self.config.id, self.node))
+        settings = HostSettings(**{"bind": self.node["ip"], **(settings or {})})  # a local fleet binds loopback
+        self.host = StreamHost(self.config, token, tuple(allowed_hosts), control=started["control"],
+                               settings=settings, on_control=self._save_control, on_fatal=self._exit_for_restart)
+        self.incarnation = started["starts"]
+        self.host.start()
+
+    def _save_control(self, snapshot: dict) -> None:
+        ray.get(self.controller.save_control.remote(self.config.id, snapshot), timeout=5)
+
+    def _exit_for_restart(self, reason: str) -> None:
+        """Leave with an error status: Ray counts it a crash and restarts this actor (a fresh process,
+        perhaps on another node or GPU). `ray.actor.exit_actor` would end it for good instead."""
+        logging.shutdown()
+        os._exit(FAULT_EXIT_CODE)
+
+    def address(self) -> list | None:
+        """[host, port] of this stream's HTTP server, None while the model loads or after a failure."""
+        return None if self.host.address is None or self.host.phase != "running" else list(self.host.address)
+
+    def info(self) -> dict:
+        return dict(self.host.info(), node=self.node, incarnation=self.incarnation,
+                    actor_id=ray.get_runtime_context().get_actor_id())
+
+    def shutdown(self) -> dict:
+        """Stop the stream and hand back its final control state (before `ray.kill`)."""
+        self.host.stop()
+        return self.host.server.board.snapshot() if self.host.server is not None else {}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, resources={HEAD_NODE_RESOURCE: 0.001})
+class FleetController:
+    """The fleet's one owner of its streams and their state (an async actor: one event loop)."""
+
+    def __init__(self, fleet: str, state_dir: str, allowed_hosts: tuple[str, ...], settings: dict | None = None):
+        self.fleet, self.allowed_hosts, self.settings = fleet, tuple(allowed_hosts), settings or {}
+        self.store = FleetStore(state_dir, fleet)
+        self.state: FleetState = self.store.load()
+        self.actor_ids: dict[str, str] = {}
+        self._probes: dict[str, asyncio.Future] = {}
+        self._dirty = False
+        self._writer = None
+
+    # ---------------------------------------------------------------------------- fleet changes
+    async def apply(self, streams: list[dict], tokens: dict[str, str | None], fleet_token: str | None) -> dict:
+        """Make the declared streams run (create missing ones, recreate changed ones) and start every
+        other stream the state file holds (added with `fleet add` earlier). Returns what it did."""
+        self.state.token = fleet_token
+        created, kept, restarted = [], [], []
+        for data in streams:
+            declared = StreamConfig.from_json(data)
+            record, changed = merge_declared(self.state, declared, tokens.get(declared.id))
+            self.state.streams[declared.id] = record
+            handle = self._handle(declared.id)
+            if handle is not None and changed:
+                await self._stop_actor(declared.id, handle)
+                handle = None
+                restarted.append(declared.id)
+            if handle is None:
+                self._create(record)
+                if declared.id not in restarted:
+                    created.append(declared.id)
+            else:
+                kept.append(declared.id)
+        declared_ids = {s["id"] for s in streams}
+        resumed = []
+        for sid, record in self.state.streams.items():
+            if sid not in declared_ids and self._handle(sid) is None:
+                self._create(record)
+                resumed.append(sid)
+        self._save()
+        return {"created": created, "restarted": restarted, "kept": kept, "resumed": resumed}
+
+    async def add(self, stream: dict, token: str | None) -> None:
+        config = StreamConfig.from_json(stream)
+        if config.id in self.state.streams:
+            raise ValueError(f"stream {config.id!r} is already in fleet {self.fleet!r}; remove it first "
+                             f"(skyrt fleet remove {config.id}) or pick another id")
+        record = StreamRecord(config, token, None, config.control_source_hash())
+        self.state.streams[config.id] = record
+        self._create(record)
+        self._save()
+
+    async def remove(self, stream_id: str) -> None:
+        if stream_id not in self.state.streams:
+            raise ValueError(f"no stream {stream_id!r} in fleet {self.fleet!r}; "
+                             f"streams: {sorted(self.state.streams)}")
+        handle = self._handle(stream_id)
+        if handle is not None:
+            await self._stop_actor(stream_id, handle)
+        del self.state.streams[stream_id]
+        self._save()
+
+    async def down(self) -> list[str]:
+        """Stop every stream, keeping its config and final control state for the next `up`."""
+        stopped = []
+        for sid in list(self.state.streams):
+            handle = self._handle(sid)
+            if handle is not None:
+                await self._stop_actor(sid, handle)
+                stopped.append(sid)
+        self._save()
+        return stopped
+
+    def _create(self, record: StreamRecord) -> None:
+        config = record.config
+        record.starts = 0
+        handle = StreamActor.options(
+            name=stream_actor_name(self.fleet, config.id), namespace=NAMESPACE, lifetime="detached",
+            num_cpus=config.cpus, num_gpus=config.num_gpus, scheduling_strategy="SPREAD",
+        ).remote(self.fleet, config.to_json(), record.token, self.allowed_hosts, self.settings)
+        self.actor_ids[config.id] = handle._actor_id.hex()
+        log.info("fleet %s: stream %s created (%g CPU, %g GPU)", self.fleet, config.id, config.cpus, config.num_gpus)
+
+    async def _stop_actor(self, stream_id: str, handle) -> None:
+        """Ask the stream to stop and hand over its final control state, then end the actor for good."""
+        try:
+            ref = handle.shutdown.remote()
+            snapshot = await asyncio.wait_for(asyncio.wrap_future(ref.future()), SHUTDOWN_TIMEOUT_S)
+            if snapshot and stream_id in self.state.streams:
+                self.state.streams[stream_id].control = snapshot
+        except Exception as err:  # pending (never placed), dead or hung: its last pushed state stands
+            log.info("fleet %s: stream %s did not stop cleanly (%s)", self.fleet, stream_id, type(err).__name__)
+        ray.kill(handle, no_restart=True)
+        self.actor_ids.pop(stream_id, None)
+        self._probes.pop(stream_id, None)
+        # The name is free once the GCS has processed the kill; a stream recreated under it waits for that.
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        while self._handle(stream_id) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        self.actor_ids.pop(stream_id, None)
+
+    def _handle(self, stream_id: str):
+        try:
+            handle = ray.get_actor(stream_actor_name(self.fleet, stream_id), namespace=NAMESPACE)
+        except ValueError:
+            return None
+        self.actor_ids.setdefault(stream_id, handle._actor_id.hex())
+        return handle
+
+    # -------------------------------------------------------------------------- stream reports
+    async def stream_starting(self, stream_id: str, node: dict) -> dict:
+        """A stream actor's constructor: counts the start and hands back the control state to resume."""
+        record = self.state.streams.get(stream_id)
+        if record is None:
+            return {"control": None, "starts": 0}
+        record.starts += 1
+        record.last_node = node
+        if record.starts > 1:
+            log.warning("fleet %s: stream %s restarted (restart %d) on node %s", self.fleet, stream_id,
+                        record.restarts, node.get("node_id", "?")[:12])
+        self._save()
+        return {"control": record.control, "starts": record.starts}
+
+    async def save_control(self, stream_id: str, snapshot: dict) -> None:
+        record = self.state.streams.get(stream_id)
+        if record is not None:
+            record.control = snapshot
+            self._save()
+
+    def _save(self) -> None:
+        self.store.save(self.state)
+
+    # -------------------------------------------------------------------------------- reading
+    async def stream_ids(self) -> list[str]:
+        return sorted(self.state.streams)
+
+    async def fleet_token(self) -> str | None:
+        return self.state.token
+
+    async def status(self) -> list[dict]:
+        """Every stream: state (running, loading, failed, pending, restarting, ...), node, GPUs,
+        figures and restarts. Probes run concurrently; a stream that does not answer is described
+        by Ray's view of its actor."""
+        ids = sorted(self.state.streams)
+        infos = await asyncio.gather(*(self._probe(sid) for sid in ids))
+        return [self._describe(sid, info) for sid, info in zip(ids, infos)]
+
+    async def _probe(self, stream_id: str) -> dict | None:
+        """The actor's info(), or None if it is not placed or does not answer in time. One probe per
+        stream is in flight at most (an unplaced actor queues its calls until it runs)."""
+        handle = self._handle(stream_id)
+        if handle is None:
+            return None
+        if ray_actor_state(self.actor_ids.get(stream_id)) not in ("ALIVE", None):
+            return None
+        future = self._probes.get(stream_id)
+        if future is None or future.done():
+            future = self._probes[stream_id] = asyncio.wrap_future(handle.info.remote().future())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), PROBE_TIMEOUT_S)
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
+            return None
+
+    def _describe(self, stream_id: str, info: dict | None) -> dict:
+        record = self.state.streams[stream_id]
+        config = record.config
+        entry = {"id": stream_id, "url": f"/streams/{stream_id}/", "restarts": record.restarts,
+                 "fps": int(config.serve.get("fps", 24)), "wants": {"CPU": config.cpus, "GPU": config.num_gpus},
+                 "node": None, "gpus": [], "generated_fps": None, "clients": {}, "error": None}
+        if info is not None:
+            status = info.get("status") or {}
+            entry.update(state=info["phase"], node=info["node"]["node_id"], node_ip=info["node"]["ip"],
+                         gpus=info["node"]["gpus"], error=info.get("error"), address=info.get("address"),
+                         generated_fps=status.get("generated_fps"), clients=status.get("clients", {}),
+                         prompt=status.get("prompt"), frames_generated=status.get("frames_generated"))
+            return entry
+        ray_state = ray_actor_state(self.actor_ids.get(stream_id)) if self._handle(stream_id) else "DEAD"
+        entry["ray_state"] = ray_state
+        if ray_state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY", "RESTARTING"):
+            entry["state"] = "pending"
+            entry["error"] = (f"waiting for a node with {config.cpus:g} CPU and {config.num_gpus:g} GPU free"
+                              + (" (restarting)" if ray_state == "RESTARTING" else ""))
+        elif ray_state == "ALIVE":
+            entry["state"] = "unresponsive"
+        else:
+            entry["state"] = "stopped"
+        return entry
