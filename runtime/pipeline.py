@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from skyrt import _core
+
 from . import latents as lat
 from .backends.base import Backend, TextContext
-from .df_schedule import generate_timestep_matrix
 from .scheduler import FlowEulerScheduler, FlowUniPCScheduler, flow_timesteps
 from .video_io import ImageLike, VideoLike, load_image, load_video, to_model_pixels, to_uint8_frames
 
@@ -600,7 +601,8 @@ def timestep_template(req: GenerationRequest) -> np.ndarray:
 
 def window_schedule(req: GenerationRequest, w: Window, template: np.ndarray):
     """(step_matrix [S, F], update_mask [S, F], valid_interval) of one window (official semantics)."""
-    step_matrix, _, update_mask, valid_interval = generate_timestep_matrix(
+    # The rollout core's schedule (the kvcache mode's too): one implementation of the DF rules.
+    step_matrix, _, update_mask, valid_interval = _core.df_timestep_matrix(
         w.num_frames, template, w.num_frames, req.ar_step, w.prefix_frames, req.causal_block_size
     )
     if w.end_frames:

@@ -1,7 +1,7 @@
 """Flow-matching samplers for the diffusion-forcing rollout, in numpy (no torch on the serving path).
 
 The DF loop keeps one sampler per latent frame; each walks its own copy of the same schedule and is
-stepped only in the rows where the DF schedule updates that frame (see df_schedule.py).
+stepped only in the rows where the DF schedule (the rollout core's, skyrt._core) updates that frame.
 
 * `FlowUniPCScheduler`: the official SkyReels-V2 `FlowUniPCMultistepScheduler` with the settings its
   DF pipeline uses (solver_order 2, UniP + UniC, B(h) = bh2, data (x0) prediction from a flow

@@ -1,4 +1,4 @@
-"""skyrt.runtime.df_schedule (numpy) against diffusers' generate_timestep_matrix. CPU only, ~3 s.
+"""tests/df_schedule_numpy_reference.py (numpy) against diffusers' generate_timestep_matrix. CPU only, ~3 s.
 
 Oracle: diffusers' SkyReelsV2DiffusionForcingPipeline.generate_timestep_matrix, a line-for-line port of
 the official SkyReels-V2 function; it reads no pipeline state, so it is called with self=None.
@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline
 
-from skyrt.runtime.df_schedule import (
+from df_schedule_numpy_reference import (
     ScheduleSize,
     generate_timestep_matrix,
     latent_frames,

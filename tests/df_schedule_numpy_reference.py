@@ -1,5 +1,9 @@
 """The diffusion-forcing (DF) timestep matrix, in numpy: official `generate_timestep_matrix` semantics.
 
+A test reference, frozen: the runtime's schedule is the rollout core's (skyrt._core.df_timestep_matrix
+and DFSchedule, csrc/df_schedule.cpp), which both modes call. This numpy version, what window mode
+ran before, stays beside it as a readable statement of the rules, checked against diffusers.
+
 Vocabulary (all frame counts are LATENT frames; T pixel frames <-> F = (T - 1) // 4 + 1 latents):
 * the step template is the sampler's N timesteps (scheduler.flow_timesteps); it is extended to
   [999, t_0, ..., t_{N-1}, 0], so a block's index is 0 = not started, 1..N = its N denoising steps,
