@@ -34,6 +34,10 @@ the rollout, about a minute of DF-1.3B blocks, the rest is the build):
                  pixel frames per second of the DiT (12 per block; the VAE decode is timed apart),
                  peak memory, and the achieved share of the GPU's bf16 matmul peak measured in the
                  same run (model FLOPs counted from the shapes, see forward_flops)
+  causal_family  the Self-Forcing preset's stream (its own few-step sampler, blocks of 3, KV cache,
+                 streaming VAE decode) at Wan2.1-1.3B's real shape, 480x832, random bf16 weights in
+                 its release layout (benchmarks/causal_family.py): ms per block, video fps.
+                 Anchors: Self-Forcing reports 17 fps on one H100, FlashDreams ~35 fps
 Each section records its error instead of stopping the others, so a partial report still helps.
 """
 from __future__ import annotations
@@ -64,7 +68,7 @@ FP16_ATOL = 2e-3  # fp16 storage: one half-precision ulp at |x| ~ 2
 
 
 FULL_SECTIONS = ["kernels", "engines", "rollout", "captioner"]
-TORCH_ONLY_SECTIONS = ["kernels", "torch_rollout", "throughput"]
+TORCH_ONLY_SECTIONS = ["kernels", "torch_rollout", "throughput", "causal_family"]
 BUILD_COMMAND = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
 
 
@@ -575,6 +579,28 @@ def _vae_decode_time(height: int, width: int, latent_frames: int, device: str, d
 
 
 # ------------------------------------------------------------------------------------------------
+def run_causal_family(device: str = DEVICE, shape: str = "1.3b", blocks: int = 8) -> dict:
+    """benchmarks/causal_family.py's Self-Forcing stream on `device` (bf16 there; fp32 on the CPU)."""
+    import importlib.util
+    import tempfile
+
+    import torch
+
+    require_torch_device(device)
+    spec = importlib.util.spec_from_file_location("causal_family_bench", Path(__file__).with_name("causal_family.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    args = bench.parse_args(["--shape", shape, "--device", device, "--dtype", dtype, "--blocks", str(blocks)])
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        folder = Path(tmp) / f"{args.preset}-{shape}"
+        folder.mkdir()
+        bench.write_random_folder(folder, args.preset, shape, getattr(torch, dtype))
+        result = bench.measure(folder, args)
+    return dict(result, preset=args.preset, shape=shape, dtype=dtype, passed=True,
+                anchors_video_fps={"self_forcing_h100": 17, "flashdreams": 35})
+
+
 def machine_info(torch_only: bool = False) -> dict:
     info = {"platform": platform.platform(), "python": sys.version.split()[0]}
     if torch_only:
@@ -610,6 +636,8 @@ def main(argv=None) -> int:
         report["torch_rollout"] = _guarded(lambda: run_torch_rollout(args.seed))
     if "throughput" in args.sections:
         report["throughput"] = _guarded(lambda: run_throughput(args.seed, args.sizes))
+    if "causal_family" in args.sections:
+        report["causal_family"] = _guarded(run_causal_family)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         if {"engines", "rollout"} & set(args.sections):

@@ -13,6 +13,8 @@ generating chunks). Writes JSON.
 
     python benchmarks/serve.py                          # built-in default model, serve settings, 128x128
     python benchmarks/serve.py --model DIR --height 32 --width 32 --steps 2 --seconds 10 --viewers 10,50
+    python benchmarks/serve.py --baseline-python OTHER/.venv/bin/python --rounds 3 --seconds 40 \
+        --out benchmarks/results/serve_versions.json   # this install vs another, no viewers, ABBA order
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=12.0, help="length of each measured phase")
     p.add_argument("--rounds", type=int, default=2, help="times every viewer phase is measured (median taken)")
     p.add_argument("--cycles", type=int, default=200, help="connect/disconnect cycles")
+    p.add_argument("--baseline-python", default=None,
+                   help="instead of viewer phases: generated fps with no viewers of this install's `skyrt serve` "
+                        "against the one this interpreter runs (another checkout's venv), servers started in "
+                        "ABBA order, `--rounds` times")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
     return p.parse_args()
 
@@ -60,11 +66,11 @@ def get_json(url: str) -> dict:
     return json.loads(get_text(url))
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, python: str = sys.executable) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "skyrt.runtime.cli", "serve", "--port", str(port), "--fps", str(args.pacer_fps),
+    cmd = [python, "-m", "skyrt.runtime.cli", "serve", "--port", str(port), "--fps", str(args.pacer_fps),
            "--height", str(args.height), "--width", str(args.width), "--no-token",
            "--max-connections-per-address", "1000", *args.extra.split()]
     if args.model:
@@ -167,8 +173,44 @@ def proc_stat_cpu() -> list[int]:
     return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
 
 
+def compare_installs(args) -> None:
+    """No-viewer generated fps of two installs (this interpreter's and --baseline-python's), each server
+    started afresh, in ABBA order per round so drift hits both alike; writes the ratio this/baseline."""
+    runs: dict[str, list] = {"this": [], "baseline": []}
+    pythons = {"this": sys.executable, "baseline": args.baseline_python}
+    for round_ in range(args.rounds):
+        for label in ("this", "baseline", "baseline", "this") if round_ % 2 == 0 else ("baseline", "this", "this",
+                                                                                       "baseline"):
+            proc, base = start_server(args, pythons[label])
+            try:
+                time.sleep(3.0)  # past the first-chunk warm-up
+                runs[label].append(measure_alone(base, proc.pid, args.seconds))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+            print(f"round {round_ + 1}: {label}: {runs[label][-1]['generated_fps']:.2f} fps", flush=True)
+    fps = {label: [r["generated_fps"] for r in rs] for label, rs in runs.items()}
+    report = {
+        "benchmark": "serve_versions",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
+                    "load_average_at_end": os.getloadavg()[0]},
+        "config": vars(args) | {"out": args.out.name},
+        "pythons": pythons,
+        "generated_fps": fps,
+        "ratio_this_vs_baseline": round(mean(runs["this"], "generated_fps") / mean(runs["baseline"], "generated_fps"),
+                                        3),
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("generated_fps", "ratio_this_vs_baseline")}, indent=2))
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.baseline_python:
+        return compare_installs(args)
     counts = [int(c) for c in args.viewers.split(",") if c.strip()]
     proc, base = start_server(args)
     phases: dict[str, list] = {f"{fmt}_{c}": [] for fmt in FORMATS for c in counts}

@@ -105,6 +105,8 @@ def test_torch_only_mode_rollout_and_throughput_run_on_the_cpu():
     assert size["ms_per_block"] > 0 and size["pixel_fps"] == pytest.approx(12 / (size["ms_per_block"] / 1e3))
     assert 0 < size["share_of_bf16_matmul_peak"] and size["vae_decode"]["passed"], size
     assert len(size["ms_per_block_all"]) == gv.THROUGHPUT["warmup_blocks"] + gv.THROUGHPUT["measured_blocks"]
+    family = gv.run_causal_family(device="cpu", shape="tiny", blocks=3)  # the 1.3B shape's code path, tiny
+    assert family["passed"] and family["blocks"] == 3 and family["video_fps_steady"] > 0, family
 
 
 def test_torch_only_command_without_a_gpu_reports_every_section_and_fails(tmp_path, monkeypatch):
@@ -118,7 +120,7 @@ def test_torch_only_command_without_a_gpu_reports_every_section_and_fails(tmp_pa
         pytest.skip("a GPU is present: run the script itself")
     gv = load_benchmark("gpu_validate")
     args = gv.parse_args(["--mode", "torch-only"])
-    assert args.sections == ["kernels", "torch_rollout", "throughput"] and args.sizes == ["480x832", "544x960"]
+    assert args.sections == ["kernels", "torch_rollout", "throughput", "causal_family"] and args.sizes == ["480x832", "544x960"]
     # The offline build the mode promises: no build isolation (no network), no dependency resolution.
     assert gv.BUILD_COMMAND[1:] == ["-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
     monkeypatch.setattr(gv, "BUILD_COMMAND", [sys.executable, "-c", "print('stand-in build')"])
@@ -131,7 +133,7 @@ def test_torch_only_command_without_a_gpu_reports_every_section_and_fails(tmp_pa
     assert report["machine"]["gpus"] == 0 and report["machine"]["torch"] == torch.__version__
     for name in gv.kernel_cases(None):
         assert report["kernels"][name]["passed"] is False and "cuda" in report["kernels"][name]["error"].lower()
-    for section in ("torch_rollout", "throughput"):  # cuda:0 does not exist here: recorded, not raised
+    for section in ("torch_rollout", "throughput", "causal_family"):  # cuda:0 does not exist here: recorded, not raised
         assert report[section]["passed"] is False and "sees no CUDA device for cuda:0" in report[section]["error"]
 
 
