@@ -194,8 +194,8 @@ def compare_installs(args) -> None:
         "benchmark": "serve_versions",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
                     "load_average_at_end": os.getloadavg()[0]},
-        "config": vars(args) | {"out": args.out.name},
-        "pythons": pythons,
+        # No machine paths in results: the baseline is whatever install --baseline-python named.
+        "config": vars(args) | {"out": args.out.name, "baseline_python": "given"},
         "generated_fps": fps,
         "ratio_this_vs_baseline": round(mean(runs["this"], "generated_fps") / mean(runs["baseline"], "generated_fps"),
                                         3),
