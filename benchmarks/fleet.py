@@ -33,8 +33,6 @@ import json
 import os
 import platform
 import secrets
-import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -121,22 +119,16 @@ def serve_alone(args, threads: int | None) -> float:
     set_here = {"height", "width", "fps", "steps", "model", "max_connections_per_address"}
     extra = StreamConfig(stream.id, {k: v for k, v in stream.serve.items() if k not in set_here}).serve_argv()
     serve_args = argparse.Namespace(pacer_fps=args.pacer_fps, height=args.height, width=args.width, steps=args.steps,
-                                    model=args.model, extra=" ".join(extra))
+                                    model=args.model, extra=" ".join(extra), seconds=args.seconds)
     saved = os.environ.pop("OMP_NUM_THREADS", None)
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
-    try:
-        proc, base = serve_benchmark.start_server(serve_args)
+    try:  # the server process takes its environment when it starts, before any measuring
+        return serve_benchmark.fresh_server_rate(serve_args)["generated_fps"]
     finally:
         os.environ.pop("OMP_NUM_THREADS", None)
         if saved is not None:
             os.environ["OMP_NUM_THREADS"] = saved
-    try:
-        time.sleep(3.0)
-        return serve_benchmark.measure_alone(base, proc.pid, args.seconds)["generated_fps"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
 
 
 # ------------------------------------------------------------------------------------- MJPEG
@@ -263,11 +255,6 @@ def first_byte_s(url: str, count: int) -> dict:
     return {"median_ms": round(statistics.median(times) * 1000, 2), "p90_ms": round(percentile(times, 90) * 1000, 2)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # -------------------------------------------------------------------------------------- main
 def main() -> None:
@@ -286,7 +273,7 @@ def main() -> None:
     from skyrt.runtime.fleet import parse_fleet_config, up
 
     start_local_ray(num_cpus=max(sizes))
-    port, state_dir = free_port(), tempfile.mkdtemp(prefix="skyrt-fleet-bench-")
+    port, state_dir = serve_benchmark.free_port(), tempfile.mkdtemp(prefix="skyrt-fleet-bench-")
     url = f"http://127.0.0.1:{port}"
     settings = {"bind": "127.0.0.1"}
     ids = [f"s{i}" for i in range(max(sizes))]

@@ -66,10 +66,14 @@ def get_json(url: str) -> dict:
     return json.loads(get_text(url))
 
 
-def start_server(args, python: str = sys.executable) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(args, python: str = sys.executable) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     cmd = [python, "-m", "skyrt.runtime.cli", "serve", "--port", str(port), "--fps", str(args.pacer_fps),
            "--height", str(args.height), "--width", str(args.width), "--no-token",
            "--max-connections-per-address", "1000", *args.extra.split()]
@@ -134,6 +138,18 @@ def measure_alone(base: str, pid: int, seconds: float) -> dict:
     return rate(before, snapshot(base, pid))
 
 
+def fresh_server_rate(args, python: str = sys.executable) -> dict:
+    """Start a server, let it past its first-chunk warm-up, measure `args.seconds` with no viewers,
+    stop it (SIGTERM)."""
+    proc, base = start_server(args, python)
+    try:
+        time.sleep(3.0)
+        return measure_alone(base, proc.pid, args.seconds)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
 def measure_viewers(base: str, pid: int, fmt: str, count: int, args) -> dict:
     """Start `count` viewers of `fmt`, let them connect, measure `args.seconds`, collect their report."""
     ramp = 2.0 + count * 0.005
@@ -181,13 +197,7 @@ def compare_installs(args) -> None:
     for round_ in range(args.rounds):
         for label in ("this", "baseline", "baseline", "this") if round_ % 2 == 0 else ("baseline", "this", "this",
                                                                                        "baseline"):
-            proc, base = start_server(args, pythons[label])
-            try:
-                time.sleep(3.0)  # past the first-chunk warm-up
-                runs[label].append(measure_alone(base, proc.pid, args.seconds))
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
+            runs[label].append(fresh_server_rate(args, pythons[label]))
             print(f"round {round_ + 1}: {label}: {runs[label][-1]['generated_fps']:.2f} fps", flush=True)
     fps = {label: [r["generated_fps"] for r in rs] for label, rs in runs.items()}
     report = {

@@ -18,13 +18,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from serving import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 # Fast failure detection (a lost node is declared dead in ~3 s, not ~30 s) and no idle workers
@@ -41,11 +42,6 @@ RAY_ENV = {
 }
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session_processes(sid: int) -> list[int]:
