@@ -7,7 +7,8 @@ Each viewer behaves like a player, with the least client-side work that still mo
 
     python benchmarks/viewers.py --port 8000 --format hls --count 200 --seconds 20
 
-Prints one JSON line: bytes read, requests made, errors, and this process's CPU seconds.
+Prints one JSON line: bytes read, requests made (HLS: their latency p50 / p99, request sent to body
+read), MJPEG parts received, errors, and this process's CPU seconds.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class Tally:
     def __init__(self):
         self.bytes = 0
         self.requests = 0
+        self.latencies: list[float] = []  # seconds per HLS request
+        self.parts = 0  # MJPEG parts (boundaries) received
         self.errors: dict[str, int] = {}
 
     def error(self, err: BaseException) -> None:
@@ -36,11 +39,13 @@ class Tally:
 
 async def _get(reader, writer, path: str, tally: Tally) -> bytes:
     """One GET on a keep-alive connection; the body by Content-Length."""
+    started = time.perf_counter()
     writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
     body = await reader.readexactly(length)
+    tally.latencies.append(time.perf_counter() - started)
     tally.requests += 1
     tally.bytes += len(head) + length
     if status != 200:
@@ -58,6 +63,7 @@ async def mjpeg_viewer(port: int, until: float, tally: Tally) -> None:
             if not chunk:
                 raise ConnectionError("the server closed the stream")
             tally.bytes += len(chunk)
+            tally.parts += chunk.count(b"--skyrtframe")  # a boundary split across reads is missed (rare)
     except asyncio.TimeoutError:
         pass
     finally:
@@ -80,6 +86,11 @@ async def hls_viewer(port: int, until: float, tally: Tally) -> None:
         writer.close()
 
 
+def nearest_rank(ordered: list[float], q: float) -> float | None:
+    """The q-quantile of sorted values (nearest rank), rounded to 0.1 ms; None for none."""
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4) if ordered else None
+
+
 async def run(port: int, fmt: str, count: int, seconds: float) -> dict:
     tally = Tally()
     until = time.monotonic() + seconds
@@ -93,8 +104,11 @@ async def run(port: int, fmt: str, count: int, seconds: float) -> dict:
             tally.error(err)
 
     await asyncio.gather(*(one(i) for i in range(count)))
+    latencies = sorted(tally.latencies)
     return {"format": fmt, "viewers": count, "seconds": seconds, "bytes": tally.bytes,
-            "requests": tally.requests, "errors": tally.errors}
+            "requests": tally.requests, "request_latency_p50_s": nearest_rank(latencies, 0.5),
+            "request_latency_p99_s": nearest_rank(latencies, 0.99),
+            "mjpeg_parts": tally.parts, "errors": tally.errors}
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -335,3 +336,18 @@ def test_latency_percentiles_before_any_chunk_are_none():
     snap = Metrics().snapshot()
     assert snap["chunk_latency_p50_s"] is None and snap["chunk_latency_p99_s"] is None
     assert 'quantile="0.5"} NaN' in Metrics().prometheus()
+
+
+def test_last_chunk_time_marks_when_the_frame_count_last_grew():
+    """Frames arrive a chunk at a time: a rate between two snapshots is exact only between the chunk
+    boundaries they name (benchmarks/serve.py divides by these, not by wall time)."""
+    metrics = Metrics()
+    assert metrics.snapshot()["last_chunk_at_s"] is None
+    metrics.chunk_generated(12, 0.5)
+    first = metrics.snapshot()
+    time.sleep(0.05)
+    later = metrics.snapshot()  # no chunk in between: the mark stays, the uptime moves on
+    assert later["last_chunk_at_s"] == first["last_chunk_at_s"] <= first["uptime_s"]
+    assert later["uptime_s"] >= first["last_chunk_at_s"] + 0.05
+    metrics.chunk_generated(12, 0.5)
+    assert later["uptime_s"] <= metrics.snapshot()["last_chunk_at_s"]

@@ -61,6 +61,7 @@ class Metrics:
         self.frames_repeated = 0  # pacer ticks with no new frame: the last one was shown again
         self.pacer_resyncs = 0  # the pacer fell > 1 s behind its clock and restarted it
         self.first_frame_s: float | None = None
+        self.last_chunk_s: float | None = None  # uptime at which frames_generated last grew
         self.generator_errors = 0
         self.generator_restarts = 0
         self.last_error: str | None = None
@@ -84,6 +85,7 @@ class Metrics:
             self.chunk_latency_window.add(seconds)
             if self.first_frame_s is None:
                 self.first_frame_s = now - self.started
+            self.last_chunk_s = now - self.started
             self._generated_times.append((now, frames))
             while self._generated_times and self._generated_times[0][0] < now - RATE_WINDOW_S:
                 self._generated_times.popleft()
@@ -135,6 +137,9 @@ class Metrics:
             return {
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 "frames_generated": self.frames_generated,
+                # the uptime at which frames_generated reached its value: a rate between two snapshots
+                # taken at chunk boundaries is exact (frames arrive a chunk at a time)
+                "last_chunk_at_s": None if self.last_chunk_s is None else round(self.last_chunk_s, 4),
                 "frames_output": self.frames_output,
                 "frames_repeated": self.frames_repeated,
                 "generated_fps": round(fps, 3),
