@@ -48,6 +48,7 @@ SERVE_KEYS = {
     "sink_blocks": int, "window_blocks": int, "base_num_frames": int, "overlap_history": int,
     "addnoise_condition": float, "overlap_carry": str, "fps": int, "seed": int, "formats": list,
     "max_connections": int, "max_connections_per_address": int, "stall_timeout": float, "send_buffer_kib": int,
+    "http_nice": int,
 }
 # Stream keys of the fleet itself.
 FLEET_STREAM_KEYS = {"id", "prompt", "playlist", "token_file", "no_token", "gpus", "cpus"}
