@@ -311,6 +311,8 @@ def test_losing_a_node_pends_its_stream_until_a_gpu_frees_then_it_moves(fleet):
     # Free a GPU on the head node: the pending stream moves there.
     freed = head_streams[0]["id"]
     skyrt_fleet("remove", freed, "--name", "t", address=cluster.address)
+    # Removed is gone, not "retry later": after at most one address refresh the ingress answers 404.
+    wait_until(lambda: request("GET", f"{url}/streams/{freed}/status", token=None)[0] == 404, 5)
     status = handle.wait_until(lambda s: by_id(s).get(lost["id"], {}).get("state") == "running", PLACE_TIMEOUT_S)
     moved = by_id(status)[lost["id"]]
     assert moved["node"] == head_streams[1]["node"] and moved["restarts"] >= 1

@@ -131,7 +131,7 @@ class FleetIngress:
 
             return PlainTextResponse(await self._metrics())
         if not await self._known(target.stream):
-            return _json(404, {"error": f"no stream {target.stream!r} in fleet {self.fleet!r}; see /streams"})
+            return self._no_such_stream(target.stream)
         if kind == "slash":
             return RedirectResponse(f"/streams/{target.stream}/", status_code=307)
         if kind == "page":
@@ -141,6 +141,8 @@ class FleetIngress:
         if kind == "video" and target.rest.startswith("/hls/") and not HLS_NAME.match(target.rest[5:]):
             return _json(400, {"error": "invalid HLS file name: expected live.m3u8 or a segment name it lists"})
         address = await self._address(target.stream)
+        if address is None and not await self._known(target.stream):  # removed while its address was asked
+            return self._no_such_stream(target.stream)
         if address is None:
             return _json(503, {"error": f"stream {target.stream!r} is not serving right now (loading, restarting or "
                                         f"waiting for a node); retry in a few seconds"},
@@ -151,6 +153,9 @@ class FleetIngress:
                 return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-cache, no-store"})
             return await self._proxy_video(target.stream, url, endless=target.rest in ("/stream.mjpg", "/stream.mp4"))
         return await self._forward(target.stream, url, request)
+
+    def _no_such_stream(self, stream_id: str):
+        return _json(404, {"error": f"no stream {stream_id!r} in fleet {self.fleet!r}; see /streams"})
 
     # ------------------------------------------------------------------------------- streams
     def _handle(self, stream_id: str):
