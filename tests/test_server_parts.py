@@ -277,6 +277,73 @@ def test_hls_encoder_writes_a_rolling_playlist_and_cleans_up(tmp_path):
     assert not folder.exists()
 
 
+def _demuxed_packets(data_or_path) -> list[bytes]:
+    import av
+
+    source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else str(data_or_path)
+    with av.open(source) as container:
+        return [bytes(p) for p in container.demux(container.streams.video[0]) if p.size]
+
+
+def test_hls_following_the_fmp4_stream_muxes_its_packets_encoded_once(tmp_path, loop):
+    """One libx264 per frame for both H.264 outputs: HLS (the follower) has no encoder of its own and
+    carries byte for byte the packets of the fMP4 stream (the leader); both decode to every frame."""
+    import av
+
+    bc = Broadcast("mp4", capacity=100, needs_keyframe=True)
+    bc.bind(loop)
+    reader = bc.subscribe()
+    mp4 = Fmp4Encoder(bc, fps=10, width=64, height=48)
+    hls = HlsEncoder(tmp_path / "hls", fps=10, width=64, height=48, list_size=10, leader=mp4)
+    assert mp4.encodes and not hls.encodes
+    frames = _frames(35)
+    for frame in frames:
+        mp4.encode(frame)
+        hls.encode(frame)
+    for output in (mp4, hls):  # flush: the last frames leave the muxers at close
+        output._container.close()
+    fmp4 = bc.header + b"".join(_drain(reader))
+    hls_packets = _demuxed_packets(tmp_path / "hls" / "live.m3u8")
+    assert len(hls_packets) == 35 and hls_packets == _demuxed_packets(fmp4)
+    with av.open(str(tmp_path / "hls" / "live.m3u8")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 35
+    errors = [np.abs(decoded[20].astype(int) - f).mean() for f in frames]
+    assert int(np.argmin(errors)) == 20  # the 21st frame shows the 21st input, not a neighbour
+
+
+def test_a_broken_follower_fails_alone(tmp_path, loop):
+    bc = Broadcast("mp4", capacity=100, needs_keyframe=True)
+    bc.bind(loop)
+    mp4 = Fmp4Encoder(bc, fps=10, width=64, height=48)
+    hls = HlsEncoder(tmp_path / "hls", fps=10, width=64, height=48, leader=mp4)
+
+    real = hls._container
+
+    class FullDisk:  # the HLS muxer's writes fail (a full disk); the fMP4 stream has nothing to do with it
+        def add_stream_from_template(self, template):
+            return real.add_stream_from_template(template)
+
+        def mux(self, packet):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            real.close()
+
+    hls._container = FullDisk()
+    frames = _frames(3)
+    mp4.encode(frames[0])
+    mp4.encode(frames[1])
+    with pytest.raises(OSError, match="No space"):
+        hls.encode(frames[1])  # the pacer calls it right after the leader: the error is reported as HLS's
+    hls.encode(frames[1])  # reported once per failure, not forever
+    mp4.encode(frames[2])  # the leader goes on
+    assert bc.header[4:8] == b"ftyp"
+    mp4.close()
+    with pytest.raises(ValueError, match="only an output that encodes"):
+        HlsEncoder(tmp_path / "x", fps=10, width=64, height=48, leader=hls)
+
+
 # ---------------------------------------------------------------- metrics
 def test_prometheus_text_has_consistent_histogram_and_counters():
     metrics = Metrics()

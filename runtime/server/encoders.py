@@ -4,6 +4,9 @@
     Fmp4Encoder   H.264 in fragmented MP4, one fragment a frame  -> Broadcast ("mp4"), init segment as header
     HlsEncoder    H.264 in 1 s fMP4 segments + rolling playlist  -> files in a folder served by the app
 
+H.264 is encoded once per frame whatever the number of H.264 outputs: the first one's libx264 encodes,
+and an output made with `leader=` muxes copies of the leader's packets (same bytes, same frames).
+
 H.264 settings are the ones measured to play in Chromium/hls.js at ~1.5 s behind live (PyAV 18 / FFmpeg 8):
 libx264 veryfast, zerolatency, no B-frames, one keyframe a second, no scene-cut keyframes.
 """
@@ -34,6 +37,68 @@ def _add_h264_stream(container, fps: int, width: int, height: int):
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.options = h264_options(fps)
     return stream
+
+
+class _H264Output:
+    """A container with one H.264 stream that either encodes (a leader: its own libx264) or muxes
+    copies of a leader's packets (a follower, `leader=`): one encode per frame for every H.264 output.
+
+    A follower's stream copies the leader's codec parameters, SPS/PPS included, which exist only once
+    the leader has muxed its first packet; so it is made then, and the leader muxes its own copy first."""
+
+    def __init__(self, container, fps: int, width: int, height: int, leader: "_H264Output | None" = None):
+        self._container = container
+        self._followers: list[_H264Output] = []
+        self._leader = leader
+        self._follower_error: BaseException | None = None  # raised from this follower's own encode()
+        if leader is None:
+            self._stream = _add_h264_stream(container, fps, width, height)
+        else:
+            if leader._leader is not None:
+                raise ValueError("an H.264 output can follow only an output that encodes")
+            self._stream = None
+            leader._followers.append(self)
+
+    @property
+    def encodes(self) -> bool:
+        """Whether this output runs its own encoder (False: it muxes its leader's packets)."""
+        return self._leader is None
+
+    def _mux(self, packet) -> None:
+        self._container.mux(packet)
+
+    def encode(self, frame: np.ndarray, repeated: bool = False) -> None:
+        if self._leader is not None:  # the leader encoded this frame for it; report what failed there
+            error, self._follower_error = self._follower_error, None
+            if error is not None:
+                raise error
+            return
+        import av
+
+        for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            copy = (bytes(packet), packet.pts, packet.dts, packet.time_base, packet.is_keyframe)
+            self._mux(packet)  # muxing hands the packet's data to FFmpeg: copy first
+            for follower in self._followers:
+                follower._mux_copy(copy, self._stream)
+
+    def _mux_copy(self, copy: tuple, template) -> None:
+        import av
+
+        try:
+            if self._stream is None:
+                self._stream = self._container.add_stream_from_template(template)
+            packet = av.Packet(copy[0])
+            packet.pts, packet.dts, packet.time_base, packet.is_keyframe = copy[1:]
+            packet.stream = self._stream
+            self._mux(packet)
+        except Exception as err:  # one broken output must not take the leader down
+            self._follower_error = err
+
+    def close(self) -> None:
+        try:
+            self._container.close()
+        except Exception:  # closing a broken muxer must not hide the error that broke it
+            pass
 
 
 MJPEG_BOUNDARY = "skyrtframe"
@@ -129,22 +194,22 @@ class _BoxSplitter(io.RawIOBase):
             self._fragment.clear()
 
 
-class Fmp4Encoder:
+class Fmp4Encoder(_H264Output):
     """H.264 in fragmented MP4 with a fragment per frame, for low-latency players (mpv, VLC, ffplay).
 
     The muxer emits a frame's fragment when the next frame arrives, so output lags one frame."""
 
     name = "mp4"
 
-    def __init__(self, broadcast: Broadcast, fps: int, width: int, height: int):
+    def __init__(self, broadcast: Broadcast, fps: int, width: int, height: int, leader: _H264Output | None = None):
         import av
 
         self.broadcast = broadcast
         self._keyframes: deque[bool] = deque()
         self._sink = _BoxSplitter(self._set_header, self._publish)
-        self._container = av.open(self._sink, mode="w", format="mp4",
-                                  options={"movflags": "frag_every_frame+empty_moov+default_base_moof"})
-        self._stream = _add_h264_stream(self._container, fps, width, height)
+        container = av.open(self._sink, mode="w", format="mp4",
+                            options={"movflags": "frag_every_frame+empty_moov+default_base_moof"})
+        super().__init__(container, fps, width, height, leader)
 
     def _set_header(self, init: bytes) -> None:
         self.broadcast.header = init
@@ -152,21 +217,12 @@ class Fmp4Encoder:
     def _publish(self, fragment: bytes) -> None:
         self.broadcast.publish(fragment, keyframe=self._keyframes.popleft() if self._keyframes else False)
 
-    def encode(self, frame: np.ndarray, repeated: bool = False) -> None:
-        import av
-
-        for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-            self._keyframes.append(bool(packet.is_keyframe))
-            self._container.mux(packet)
-
-    def close(self) -> None:
-        try:
-            self._container.close()
-        except Exception:  # closing a broken muxer must not hide the error that broke it
-            pass
+    def _mux(self, packet) -> None:
+        self._keyframes.append(bool(packet.is_keyframe))  # read back when the fragment leaves the muxer
+        self._container.mux(packet)
 
 
-class HlsEncoder:
+class HlsEncoder(_H264Output):
     """H.264 HLS: `live.m3u8` plus 1 s fMP4 segments in `folder` (named per run), a rolling window of
     `list_size` segments with program-date-time; old segments are deleted as the window rolls."""
 
@@ -174,7 +230,7 @@ class HlsEncoder:
     PLAYLIST = "live.m3u8"
 
     def __init__(self, folder: Path, fps: int, width: int, height: int, segment_s: int = 1, list_size: int = 6,
-                 run: str | None = None):
+                 run: str | None = None, leader: _H264Output | None = None):
         import av
 
         self.folder = Path(folder)
@@ -182,24 +238,15 @@ class HlsEncoder:
         # Every run names its init segment and segments anew (seg_<run>_000001.m4s), so a name means
         # the same bytes forever and caches (a CDN, a proxy, the browser) may keep them.
         self.run = run or secrets.token_hex(4)
-        self._container = av.open(str(self.folder / self.PLAYLIST), mode="w", format="hls", options={
+        container = av.open(str(self.folder / self.PLAYLIST), mode="w", format="hls", options={
             "hls_time": str(segment_s), "hls_list_size": str(list_size), "hls_segment_type": "fmp4",
             # temp_file: players never read a half-written playlist or segment
             "hls_flags": "delete_segments+program_date_time+independent_segments+temp_file",
             "hls_fmp4_init_filename": f"init_{self.run}.mp4",
             "hls_segment_filename": str(self.folder / f"seg_{self.run}_%06d.m4s"),
         })
-        self._stream = _add_h264_stream(self._container, fps, width, height)
-
-    def encode(self, frame: np.ndarray, repeated: bool = False) -> None:
-        import av
-
-        for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-            self._container.mux(packet)
+        super().__init__(container, fps, width, height, leader)
 
     def close(self) -> None:
-        try:
-            self._container.close()
-        except Exception:
-            pass
+        super().close()
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -123,11 +123,13 @@ class StreamServer:
         encoders: list = []
         if "mjpeg" in self.broadcasts:
             encoders.append(MjpegEncoder(self.broadcasts["mjpeg"], self.config.jpeg_quality))
+        h264 = None  # the first H.264 output encodes; the next muxes its packets (one libx264 per frame)
         if "mp4" in self.broadcasts:
-            encoders.append(Fmp4Encoder(self.broadcasts["mp4"], fps, w, h))
+            h264 = Fmp4Encoder(self.broadcasts["mp4"], fps, w, h)
+            encoders.append(h264)
         if "hls" in self.config.formats:
-            encoders.append(HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size))
-        return encoders
+            encoders.append(HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size, leader=h264))
+        return encoders  # leaders before followers: the pacer encodes in this order
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         for broadcast in self.broadcasts.values():
