@@ -20,6 +20,7 @@ import re
 import socket
 from pathlib import Path
 
+from .broadcast import within
 from .encoders import MJPEG_BOUNDARY
 from .file_cache import FileCache
 from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, check_origin, json_depth_exceeds,
@@ -181,11 +182,13 @@ def create_app(server):
             await response.prepare(request)
             bound_send_buffers(transport)
             if broadcast.header:
-                await asyncio.wait_for(send(broadcast.header), config.write_timeout_s)
+                async with within(config.write_timeout_s):
+                    await send(broadcast.header)
             while not broadcast.closed:
                 batch = await reader.next_batch()
                 if batch:
-                    await asyncio.wait_for(send(pack(batch)), config.write_timeout_s)
+                    async with within(config.write_timeout_s):
+                        await send(pack(batch))
         except asyncio.TimeoutError:
             # Abort, not close: close() would wait to flush the very send queue that stalled, and keep
             # the socket and its kernel buffers until then.

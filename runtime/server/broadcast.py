@@ -14,6 +14,11 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+try:  # a deadline on the awaits of every client and frame: a timer handle, no extra task per await
+    from asyncio import timeout as within  # Python 3.11+
+except ImportError:  # Python 3.10: aiohttp's own dependency
+    from async_timeout import timeout as within
+
 
 @dataclass(frozen=True)
 class Item:
@@ -108,7 +113,8 @@ class Reader:
         if not items and not bc.closed:
             event = bc._event
             try:
-                await asyncio.wait_for(event.wait(), timeout)
+                async with within(timeout):
+                    await event.wait()
             except asyncio.TimeoutError:
                 return []
             items, lost = bc._after(self.cursor)
