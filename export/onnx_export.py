@@ -28,10 +28,10 @@ of frames (DF windows slide and shrink; blocks in flight ramp up and down), so F
 the range a TensorRT profile needs recorded in the manifest (F a multiple of block_frames for the
 block-causal graphs). Host-side inputs, so that no graph needs float64 or position logic:
 - t_emb is the float64 sinusoid of the timesteps cast to fp32 (fp32 angles at t ~ 1000 would be
-  off by ~1e-4 rad); the runtime computes it with numpy exactly as export/dit.py does;
-- RoPE cos/sin are real-valued tables of the active tokens' positions (export/dit.py rope_cos_sin).
+  off by ~1e-4 rad), runtime/rope.py timestep_sinusoid: the torch model uses the same function;
+- RoPE cos/sin are real-valued tables of the active tokens' positions (runtime/rope.py rope_tables).
 
-dit_step is traced from CachedStep's export formulation (export/cached_step.py `_graph_forward`: one
+dit_step is traced from CachedStep's export formulation (export/cached_step.py `_CachedGraphOps`: one
 q/k/v Gemm, RoPE as a pair-swap MatMul, the softmax scale folded into q, constant-shape reshapes).
 On the benchmark step (benchmarks/backends.py: dim 256, 4 layers, 256 active tokens against 1280
 cached; 660 nodes after ORT's optimizer before, 411 in the ORT CPU variant) the ORT CPU variant takes
