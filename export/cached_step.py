@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import (CrossKV, WanDiT, _linear, _linear32, _modulate, attention, block_causal_mask, cross_bias,
-                  rope_cos_sin, timestep_sinusoid)
+from .dit import BlockOps, CrossKV, WanDiT, block_causal_mask, cross_bias, rope_cos_sin
 
 
 def active_rope(dit: WanDiT, first_frame_position: int, num_frames: int, h: int, w: int):
@@ -157,18 +156,7 @@ class CachedStep(nn.Module):
     def embed_time(self, t: torch.Tensor, fps: Optional[torch.Tensor]):
         """WanDiT.embed_time without the host-side fps value check (no control flow on tensor values).
         fps: [B] (or scalar) class per sample, 0 = 16 fps, 1 = other; required with inject_sample_info."""
-        dit, cfg = self.dit, self.dit.config
-        sinusoid = timestep_sinusoid(t, cfg.freq_dim)  # float64 angles: host-side for TensorRT
-        e = _linear32(dit.time_embedding[2], F.silu(_linear32(dit.time_embedding[0], sinusoid)))
-        e0 = _linear32(dit.time_projection[1], F.silu(e)).unflatten(-1, (6, -1))
-        if cfg.inject_sample_info:
-            if fps is None:
-                raise ValueError("this checkpoint uses the fps embedding (inject_sample_info): pass fps classes")
-            fps = torch.as_tensor(fps, dtype=torch.long, device=t.device).reshape(-1).expand(t.shape[0])
-            emb = dit.fps_embedding.weight.float()[fps]  # [B, D]
-            proj = dit.fps_projection
-            e0 = e0 + _linear32(proj[2], F.silu(_linear32(proj[0], emb))).unflatten(-1, (6, -1))[:, None]
-        return e, e0
+        return self.dit.embed_time(t, fps, check_fps=False)
 
     def forward(
         self,
@@ -199,10 +187,7 @@ class CachedStep(nn.Module):
         B, _, num_frames, H, W = x.shape
         pt, ph, pw = cfg.patch_size
         f, h, w = num_frames // pt, H // ph, W // pw
-        L = f * h * w
         S = cache_k.shape[2]
-        if len(cross_kv) != len(dit.blocks):
-            raise ValueError(f"cross_kv has {len(cross_kv)} layers, the model {len(dit.blocks)}")
 
         tokens = dit.patchify(x)  # [B, f, hw, D] fp32
         e, e0 = self.embed_time(t, fps)
@@ -215,106 +200,14 @@ class CachedStep(nn.Module):
             # keeps its own tokens, so no row is all -inf.
             mask = torch.zeros(mask.shape, dtype=dit.compute_dtype, device=x.device).masked_fill(~mask, float("-inf"))
 
-        if self.graph is not None:
-            return self._graph_forward(tokens, e, e0, cross_kv, cache_k, cache_v, keep, mask, rope_cos, rope_sin,
-                                       (f, h, w))
-        new_k, new_v = [], []
-        for layer, (block, kv) in enumerate(zip(dit.blocks, cross_kv)):
-            shift1, scale1, gate1, shift2, scale2, gate2 = (block.modulation.float() + e0).unbind(dim=2)
-
-            hid = _modulate(block.norm1(tokens), shift1, scale1).flatten(1, 2)  # [B, L, D]
-            attn = block.self_attn
-            q, k, v = attn.project_qkv(hid, rope_cos, rope_sin)
-            k = k.to(v.dtype)
-            ck, cv = cache_k[layer].to(v.dtype), cache_v[layer].to(v.dtype)
-            if self.zero_invalid and keep is not None:
-                ck = torch.where(keep, ck, torch.zeros((), dtype=ck.dtype, device=ck.device))
-                cv = torch.where(keep, cv, torch.zeros((), dtype=cv.dtype, device=cv.device))
-            out = attention(q, torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1), mask)
-            tokens = tokens + _linear(attn.o, out).float().view_as(tokens) * gate1[:, :, None]
-            new_k.append(k)
-            new_v.append(v)
-
-            hid = block.norm3(tokens).flatten(1, 2)
-            tokens = tokens + block.cross_attn(hid, kv).float().view_as(tokens)
-
-            hid = _modulate(block.norm2(tokens), shift2, scale2)
-            ffn = block.ffn
-            tokens = tokens + _linear(ffn[2], ffn[1](_linear(ffn[0], hid))).float() * gate2[:, :, None]
-
+        if self.graph is None:
+            ops = _CachedOps(rope_cos, rope_sin, mask, cache_k, cache_v, keep, self.zero_invalid)
+        else:
+            ops = _CachedGraphOps(self.graph, cfg, tokens.shape[:3], rope_cos, rope_sin, mask, cache_k, cache_v, keep,
+                                  self.zero_invalid)
+        tokens = dit.run_blocks(tokens, e0, cross_kv, ops)
         velocity = dit.unpatchify(dit.head(tokens, e), (f, h, w))
-        return velocity, torch.stack(new_k), torch.stack(new_v)
-
-    def _graph_forward(self, tokens, e, e0, cross_kv, cache_k, cache_v, keep, bias, rope_cos, rope_sin, grid):
-        """forward's layers as the exported graph computes them (`graph` "onnx" or "onnx-ort"); the
-        same arithmetic as the eager loop up to fp32 summation order, in fewer, larger graph ops:
-        - tokens flattened to [B*L, D] around every linear, so each exports as one Gemm with its bias;
-        - q, k and v of the self-attention from one Gemm over the concatenated weights;
-        - RoPE as x * cos + (x @ P) * sin with P the signed pair swap (exact: P's products are x
-          or -x or 0) and cos/sin repeated per pair, instead of gathering even/odd channels and
-          stacking them back;
-        - the softmax scale folded into the query (its RoPE tables, or its norm for the cross-attention);
-        - "onnx-ort": both attentions as onnxruntime's com.microsoft MultiHeadAttention (its CPU
-          kernel skips the transposes), which TensorRT cannot build."""
-        dit, cfg = self.dit, self.dit.config
-        B, f, hw = tokens.shape[:3]  # traced once: every reshape below reuses them (ORT merges the copies)
-        L = f * hw
-        D, N, Dh = cfg.dim, cfg.num_heads, cfg.head_dim  # python ints: constant shapes
-        scale = Dh ** -0.5
-        attend = _attend_ort if self.graph == "onnx-ort" else _attend_onnx
-        # cos/sin [L, Dh/2] -> [L, 1, Dh], each angle twice (both channels of its pair), over all heads.
-        # (Not repeat_interleave: its export corrupted an unrelated unflatten's constant, torch 2.13.)
-        cos = torch.stack([rope_cos.float()] * 2, dim=2).reshape(L, 1, Dh)
-        sin = torch.stack([rope_sin.float()] * 2, dim=2).reshape(L, 1, Dh)
-        qcos, qsin = cos * scale, sin * scale
-        # (x @ swap)[2i] = -x[2i+1], (x @ swap)[2i+1] = x[2i]: RoPE's rotation by 90 degrees
-        swap = torch.kron(torch.eye(Dh // 2), torch.tensor([[0.0, 1.0], [-1.0, 0.0]])).to(tokens.device)
-
-        def rope(x, c, s):  # x [B*L, D] -> [B, L, N, Dh] fp32
-            x = x.float().reshape(B, L, N, Dh)
-            return x * c + torch.matmul(x, swap) * s
-
-        def stream(x):  # [B*L, D] -> [B, f, hw, D] fp32, the residual stream's layout
-            return x.float().reshape(B, f, hw, D)
-
-        gelu = _OrtFastGelu.apply if self.graph == "onnx-ort" else None
-        caches_k, caches_v = cache_k.split(1), cache_v.split(1)  # one Split each, not a Gather per layer
-        new_k, new_v = [], []
-        for layer, (block, kv) in enumerate(zip(dit.blocks, cross_kv)):
-            # [B, f, 1, D] each: broadcast over a frame's tokens as they are (one Split, no Unsqueeze)
-            shift1, scale1, gate1, shift2, scale2, gate2 = (block.modulation.float() + e0).split(1, dim=2)
-
-            hid = block.norm1(tokens) * (1 + scale1) + shift1  # _modulate  [B, f, hw, D]
-            attn = block.self_attn
-            q, k, v = _fused_linear((attn.q, attn.k, attn.v), hid).split(D, dim=-1)  # [B*L, D] each
-            q = rope(attn.norm_q(q), qcos, qsin)
-            k = rope(attn.norm_k(k), cos, sin).to(v.dtype)
-            v = v.reshape(B, L, N, Dh)
-            # [1, B, S, N, Dh] -> [B, S, N, Dh] by a reshape (an index would export as a copying Gather)
-            ck = caches_k[layer].reshape(B, -1, N, Dh).to(v.dtype)
-            cv = caches_v[layer].reshape(B, -1, N, Dh).to(v.dtype)
-            if self.zero_invalid and keep is not None:
-                ck = torch.where(keep, ck, torch.zeros((), dtype=ck.dtype, device=ck.device))
-                cv = torch.where(keep, cv, torch.zeros((), dtype=cv.dtype, device=cv.device))
-            keys = torch.cat([ck, k], dim=1).reshape(B, -1, D)
-            values = torch.cat([cv, v], dim=1).reshape(B, -1, D)
-            out = attend(q.to(v.dtype).reshape(B, L, D), keys, values, bias, B, N, Dh)  # [B, L, D]
-            tokens = tokens + stream(_fused_linear((attn.o,), out)) * gate1
-            new_k.append(k)
-            new_v.append(v)
-
-            cross = block.cross_attn
-            q = cross.norm_q(_fused_linear((cross.q,), block.norm3(tokens))).float() * scale
-            out = attend(q.to(kv.v.dtype).reshape(B, L, D), kv.k.reshape(B, -1, D), kv.v.reshape(B, -1, D),
-                         cross_bias(kv.bias, kv.v.dtype), B, N, Dh)
-            tokens = tokens + stream(_fused_linear((cross.o,), out))
-
-            hid = _fused_linear((block.ffn[0],), block.norm2(tokens) * (1 + scale2) + shift2)
-            hid = block.ffn[1](hid) if gelu is None else gelu(hid)
-            tokens = tokens + stream(_fused_linear((block.ffn[2],), hid)) * gate2
-
-        velocity = dit.unpatchify(dit.head(tokens, e), grid)
-        return velocity, torch.stack(new_k), torch.stack(new_v)
+        return velocity, torch.stack(ops.new_k), torch.stack(ops.new_v)
 
     @staticmethod
     def _attention_mask(cache_valid, B: int, S: int, f: int, tokens_per_frame: int, causal_block_size, device):
@@ -336,3 +229,99 @@ class CachedStep(nn.Module):
             active = block_causal_mask(f, tokens_per_frame, causal_block_size, device)
         mask = torch.cat([valid[:, None, :].expand(B, L, S), active[None].expand(B, L, L)], dim=2)[:, None]
         return mask, (None if cache_valid is None else valid[:, :, None, None])
+
+
+class _CachedOps(BlockOps):
+    """The block's sublayers in the KV-cached step, eager: the self-attention of the active tokens
+    attends to [cached keys ; their own], and their own keys/values are kept for the caller."""
+
+    def __init__(self, cos, sin, mask, cache_k, cache_v, keep, zero_invalid: bool):
+        super().__init__(cos, sin, mask)
+        self.cache_k, self.cache_v = cache_k, cache_v  # [layers, B, S, N, Dh]
+        self.keep = keep if zero_invalid else None  # [B, S, 1, 1] bool: zero the invalid cache entries
+        self.new_k: list[torch.Tensor] = []  # per layer [B, L, N, Dh], compute dtype
+        self.new_v: list[torch.Tensor] = []
+
+    def keys_values(self, layer: int):
+        return lambda k, v: self.extend(layer, k, v)
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """This layer's new k, v [B, L, N, Dh] (compute dtype) -> [cached ; new] [B, S + L, N, Dh]."""
+        self.new_k.append(k)
+        self.new_v.append(v)
+        ck, cv = (cache.to(v.dtype) for cache in self._layer_cache(layer))
+        if self.keep is not None:
+            ck = torch.where(self.keep, ck, torch.zeros((), dtype=ck.dtype, device=ck.device))
+            cv = torch.where(self.keep, cv, torch.zeros((), dtype=cv.dtype, device=cv.device))
+        return torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+
+    def _layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cached keys and values, [B, S, N, Dh] each."""
+        return self.cache_k[layer], self.cache_v[layer]
+
+
+class _CachedGraphOps(_CachedOps):
+    """_CachedOps as the exported graph computes them (`graph` "onnx" or "onnx-ort"): the same
+    arithmetic up to fp32 summation order, in fewer, larger graph ops:
+    - tokens flattened to [B*L, D] around every linear, so each exports as one Gemm with its bias;
+    - q, k and v of the self-attention from one Gemm over the concatenated weights;
+    - RoPE as x * cos + (x @ P) * sin with P the signed pair swap (exact: P's products are x
+      or -x or 0) and cos/sin repeated per pair, instead of gathering even/odd channels and
+      stacking them back;
+    - the softmax scale folded into the query (its RoPE tables, or its norm for the cross-attention);
+    - "onnx-ort": both attentions as onnxruntime's com.microsoft MultiHeadAttention (its CPU
+      kernel skips the transposes), which TensorRT cannot build."""
+
+    def __init__(self, graph: str, cfg, token_shape, rope_cos, rope_sin, bias, cache_k, cache_v, keep,
+                 zero_invalid: bool):
+        super().__init__(None, None, bias, cache_k, cache_v, keep, zero_invalid)
+        # traced once: every reshape below reuses them (ORT merges the copies)
+        self.B, self.f, self.hw = token_shape
+        self.L = L = self.f * self.hw
+        self.D, self.N, self.Dh = cfg.dim, cfg.num_heads, cfg.head_dim  # python ints: constant shapes
+        Dh = self.Dh
+        self.scale = Dh ** -0.5
+        self.attend = _attend_ort if graph == "onnx-ort" else _attend_onnx
+        self.gelu = _OrtFastGelu.apply if graph == "onnx-ort" else None
+        # cos/sin [L, Dh/2] -> [L, 1, Dh], each angle twice (both channels of its pair), over all heads.
+        # (Not repeat_interleave: its export corrupted an unrelated unflatten's constant, torch 2.13.)
+        self.cos = torch.stack([rope_cos.float()] * 2, dim=2).reshape(L, 1, Dh)
+        self.sin = torch.stack([rope_sin.float()] * 2, dim=2).reshape(L, 1, Dh)
+        self.qcos, self.qsin = self.cos * self.scale, self.sin * self.scale
+        # (x @ swap)[2i] = -x[2i+1], (x @ swap)[2i+1] = x[2i]: RoPE's rotation by 90 degrees
+        self.swap = torch.kron(torch.eye(Dh // 2), torch.tensor([[0.0, 1.0], [-1.0, 0.0]])).to(rope_cos.device)
+        # [1, B, S, N, Dh] per layer: one Split each, not a Gather per layer
+        self.caches_k, self.caches_v = cache_k.split(1), cache_v.split(1)
+
+    def _layer_cache(self, layer):
+        # [1, B, S, N, Dh] -> [B, S, N, Dh] by a reshape (an index would export as a copying Gather)
+        return tuple(caches[layer].reshape(self.B, -1, self.N, self.Dh) for caches in (self.caches_k, self.caches_v))
+
+    def _rope(self, x, c, s):  # x [B*L, D] -> [B, L, N, Dh] fp32
+        x = x.float().reshape(self.B, self.L, self.N, self.Dh)
+        return x * c + torch.matmul(x, self.swap) * s
+
+    def _stream(self, x):  # [B*L, D] -> [B, f, hw, D] fp32, the residual stream's layout
+        return x.float().reshape(self.B, self.f, self.hw, self.D)
+
+    def self_attention(self, layer, attn, h):
+        B, L, D = self.B, self.L, self.D
+        q, k, v = _fused_linear((attn.q, attn.k, attn.v), h).split(D, dim=-1)  # [B*L, D] each
+        q = self._rope(attn.norm_q(q), self.qcos, self.qsin)
+        k = self._rope(attn.norm_k(k), self.cos, self.sin).to(v.dtype)
+        keys, values = self.extend(layer, k, v.reshape(B, L, self.N, self.Dh))
+        out = self.attend(q.to(v.dtype).reshape(B, L, D), keys.reshape(B, -1, D), values.reshape(B, -1, D),
+                          self.mask, B, self.N, self.Dh)  # [B, L, D]
+        return self._stream(_fused_linear((attn.o,), out))
+
+    def cross_attention(self, cross, h, kv):
+        B, L, D = self.B, self.L, self.D
+        q = cross.norm_q(_fused_linear((cross.q,), h)).float() * self.scale
+        out = self.attend(q.to(kv.v.dtype).reshape(B, L, D), kv.k.reshape(B, -1, D), kv.v.reshape(B, -1, D),
+                          cross_bias(kv.bias, kv.v.dtype), B, self.N, self.Dh)
+        return self._stream(_fused_linear((cross.o,), out))
+
+    def feed_forward(self, ffn, h):
+        hid = _fused_linear((ffn[0],), h)
+        hid = ffn[1](hid) if self.gelu is None else self.gelu(hid)
+        return self._stream(_fused_linear((ffn[2],), hid))

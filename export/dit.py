@@ -7,7 +7,7 @@ for the exported engines, and the torch backend runs it directly.
 
 Deliberate differences from the public implementations (outputs agree, see tests/test_dit.py):
 - RoPE is real-valued (cos/sin of interleaved pairs), no complex tensors, so it exports to ONNX and
-  TensorRT. Angles are computed in float64 then stored as fp32 tables.
+  TensorRT. Angles are computed in float64 then stored as fp32 tables (runtime/rope.py, torch-free).
 - Timesteps are always per latent frame ([B, F]); a [B] timestep is broadcast. Modulation is applied
   per frame on a [B, F, S, D] token grid instead of being repeated for every token.
 - The fps embedding is added per sample. Both public versions tile it with `.repeat(F, 1, 1)`, which
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,9 @@ from torch import nn
 
 # The config is torch-free (the serving runtime reads it too); re-exported here for the model code.
 from skyrt.runtime.model_config import CLIP_DIM, DF_1_3B_540P, DF_14B_540P, DF_14B_720P, TINY, DiTConfig  # noqa: F401
-
-ROPE_THETA = 10000.0
+# The time sinusoid and RoPE tables are torch-free (the serving backends feed them to the graphs).
+from skyrt.runtime import rope as _rope
+from skyrt.runtime.rope import ROPE_THETA, rope_axis_pairs  # noqa: F401
 
 
 
@@ -93,26 +94,10 @@ def _onednn_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """[...] timesteps -> [..., dim] fp32 embedding, cos half first (the official layout).
-
-    Computed in float64 like both public versions: at t ~ 1000 fp32 angles would be off by ~1e-4.
-    For TensorRT (no float64) compute it on the host and feed it in.
-    """
-    half = dim // 2
-    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    angles = t.to(torch.float64).unsqueeze(-1) * freqs
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
-
-
-def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
-    """Complex pairs per axis (t, h, w): channels t = d - 4*(d//6), h = w = 2*(d//6), halved."""
-    hw = head_dim // 6
-    return head_dim // 2 - 2 * hw, hw, hw
-
-
-def _axis_inv_freq(pairs: int) -> torch.Tensor:
-    """Inverse frequencies of one axis, float64 [pairs]: each axis has its own table of 2*pairs channels."""
-    return 1.0 / ROPE_THETA ** (torch.arange(pairs, dtype=torch.float64) * 2 / (2 * pairs))
+    """[...] timesteps -> [..., dim] fp32 embedding, cos half first: runtime/rope.py's table (float64
+    angles, computed on the host) as a tensor on t's device. Never traced: the exported graphs take
+    the sinusoid as an input (TensorRT has no float64)."""
+    return torch.from_numpy(_rope.timestep_sinusoid(t.detach().cpu().numpy(), dim)).to(t.device)
 
 
 def rope_cos_sin(
@@ -122,32 +107,11 @@ def rope_cos_sin(
     w: int,
     max_positions: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real RoPE tables for a (frames, h, w) token grid, tokens in f-major, then h, then w order.
-
-    frame_positions: [f] temporal positions of the frames (int sequence or LongTensor).
-    Returns (cos, sin), each fp32 [f*h*w, head_dim // 2]: pair i of a token is rotated by the angle
-    of its axis (temporal pairs first, then height, then width), exactly the official complex table.
-    """
-    pos_f = torch.as_tensor(frame_positions, dtype=torch.long).reshape(-1)
-    if pos_f.numel() and (int(pos_f.min()) < 0 or int(pos_f.max()) >= max_positions):
-        raise ValueError(f"frame positions {pos_f.min().item()}..{pos_f.max().item()} fall outside the "
-                         f"trained RoPE table [0, {max_positions}); rebase the positions")
-    if h > max_positions or w > max_positions:
-        raise ValueError(f"token grid {h}x{w} exceeds the RoPE table of {max_positions} positions")
-    pt, ph, pw = rope_axis_pairs(head_dim)
-    f = pos_f.numel()
-    ang_t = pos_f.to(torch.float64)[:, None] * _axis_inv_freq(pt)  # [f, pt]
-    ang_h = torch.arange(h, dtype=torch.float64)[:, None] * _axis_inv_freq(ph)  # [h, ph]
-    ang_w = torch.arange(w, dtype=torch.float64)[:, None] * _axis_inv_freq(pw)  # [w, pw]
-    angles = torch.cat(
-        [
-            ang_t[:, None, None, :].expand(f, h, w, pt),
-            ang_h[None, :, None, :].expand(f, h, w, ph),
-            ang_w[None, None, :, :].expand(f, h, w, pw),
-        ],
-        dim=-1,
-    ).reshape(f * h * w, head_dim // 2)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    """Real RoPE tables (cos, sin), each fp32 [f*h*w, head_dim // 2], of frames at `frame_positions`
+    ([f] ints or LongTensor) on an h x w token grid: runtime/rope.py rope_tables as tensors."""
+    positions = frame_positions.cpu().numpy() if isinstance(frame_positions, torch.Tensor) else frame_positions
+    cos, sin = _rope.rope_tables(head_dim, positions, h, w, max_positions)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -206,8 +170,8 @@ def collapse_padding_rows(context: torch.Tensor) -> tuple[torch.Tensor, Optional
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x [B, f, S, D] normalised, shift/scale [B, f, D] per frame (fp32)."""
-    return x * (1 + scale[:, :, None]) + shift[:, :, None]
+    """adaLN: x [B, f, S, D] normalised, shift/scale [B, f, 1, D] per frame (fp32)."""
+    return x * (1 + scale) + shift
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +204,9 @@ def _qk_norm(dim: int, cfg: DiTConfig) -> nn.Module:
     return RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """The projections both attentions have (official names q, k, v, o, norm_q, norm_k)."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -248,6 +214,8 @@ class SelfAttention(nn.Module):
         self.norm_q = _qk_norm(cfg.dim, cfg)
         self.norm_k = _qk_norm(cfg.dim, cfg)
 
+
+class SelfAttention(_Attention):
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, L, D] -> q, k (fp32, normed and rotated), v (compute dtype), each [B, L, N, Dh].
 
@@ -259,8 +227,12 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, keys_values: Optional[Callable] = None) -> torch.Tensor:
+        """x [B, L, D] -> [B, L, D]. keys_values(k, v) -> (keys, values) lets the KV-cached step put
+        cached keys/values [B, S, N, Dh] in front of this call's own (and keep the new ones)."""
         q, k, v = self.project_qkv(x, cos, sin)
+        if keys_values is not None:
+            k, v = keys_values(k.to(v.dtype), v)
         return _linear(self.o, attention(q, k, v, mask))
 
 
@@ -288,16 +260,12 @@ def cross_bias(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[tor
     return bias[None] if bias.dim() == 1 else bias[:, None, None]
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Attention from video tokens to text tokens; the i2v variant adds a second, separate attention
     to the CLIP image tokens (own k_img/v_img) whose output is summed before `o`."""
 
     def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
-        self.norm_q = _qk_norm(cfg.dim, cfg)
-        self.norm_k = _qk_norm(cfg.dim, cfg)
+        super().__init__(cfg)
         self.has_image = cfg.model_type == "i2v"
         if self.has_image:
             self.k_img = nn.Linear(cfg.dim, cfg.dim)
@@ -348,16 +316,39 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cross_kv: CrossKV, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, f, S, D] fp32 residual stream; e0 [B, f, 6, D] fp32 per-frame time projection."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(dim=2)  # [B, f, D]
+        return self.run(x, e0, cross_kv, BlockOps(cos, sin, mask))
 
-        h = _modulate(self.norm1(x), shift1, scale1).flatten(1, 2)  # [B, L, D]
-        x = x + self.self_attn(h, cos, sin, mask).float().view_as(x) * gate1[:, :, None]
+    def run(self, x: torch.Tensor, e0: torch.Tensor, cross_kv: CrossKV, ops: "BlockOps", layer: int = 0) -> torch.Tensor:
+        """The block's formula, once: x [B, f, S, D] fp32 residual stream, e0 [B, f, 6, D] fp32.
+        `ops` computes the three sublayers (reference, KV-cached, or an export formulation); each
+        returns its update in the residual stream's layout, fp32."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).split(1, dim=2)  # [B, f, 1, D]
+        x = x + ops.self_attention(layer, self.self_attn, _modulate(self.norm1(x), shift1, scale1)) * gate1
+        x = x + ops.cross_attention(self.cross_attn, self.norm3(x), cross_kv)
+        return x + ops.feed_forward(self.ffn, _modulate(self.norm2(x), shift2, scale2)) * gate2
 
-        h = self.norm3(x).flatten(1, 2)
-        x = x + self.cross_attn(h, cross_kv).float().view_as(x)
 
-        h = _modulate(self.norm2(x), shift2, scale2)
-        return x + _linear(self.ffn[2], self.ffn[1](_linear(self.ffn[0], h))).float() * gate2[:, :, None]
+class BlockOps:
+    """How AttentionBlock.run computes its sublayers: the reference arithmetic (full or masked
+    self-attention among the tokens). Subclasses change how, never what: the KV-cached step
+    (export/cached_step.py) adds cached keys/values, its export form uses fused graph ops.
+    Inputs and outputs are [B, f, S, D]; outputs fp32."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        self.cos, self.sin, self.mask = cos, sin, mask  # RoPE [L, Dh/2]; mask [L or 1, Lk] or None
+
+    def keys_values(self, layer: int):
+        """A SelfAttention keys_values hook for this layer, or None (attend to this call's tokens only)."""
+        return None
+
+    def self_attention(self, layer: int, attn: SelfAttention, h: torch.Tensor) -> torch.Tensor:
+        return attn(h.flatten(1, 2), self.cos, self.sin, self.mask, self.keys_values(layer)).float().view_as(h)
+
+    def cross_attention(self, cross: CrossAttention, h: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+        return cross(h.flatten(1, 2), kv).float().view_as(h)
+
+    def feed_forward(self, ffn: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+        return _linear(ffn[2], ffn[1](_linear(ffn[0], h))).float()
 
 
 class Head(nn.Module):
@@ -371,7 +362,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, f, S, D], e [B, f, D] time embedding -> [B, f, S, C*pt*ph*pw] fp32."""
-        shift, scale = (self.modulation.float() + e[:, :, None]).unbind(dim=2)
+        shift, scale = (self.modulation.float() + e[:, :, None]).split(1, dim=2)  # [B, f, 1, D]
         return _linear(self.head, _modulate(self.norm(x), shift, scale)).float()
 
 
@@ -418,26 +409,34 @@ class WanDiT(nn.Module):
         return self.patch_embedding.weight.dtype
 
     # -- conditioning (per step: time; per prompt: text/image) -------------------------------
-    def embed_time(self, t: torch.Tensor, fps: Optional[torch.Tensor] = None):
+    def embed_time(self, t: torch.Tensor, fps: Optional[torch.Tensor] = None, check_fps: bool = True):
         """Per-frame timesteps t [B, f] -> (e [B, f, D], e0 [B, f, 6, D]), both fp32.
 
         e feeds the head; e0 (plus each block's own table) the six block modulations.
         """
-        sinusoid = timestep_sinusoid(t, self.config.freq_dim)  # [B, f, freq_dim]
-        e = _linear32(self.time_embedding[2], F.silu(_linear32(self.time_embedding[0], sinusoid)))
+        return self.embed_sinusoid(timestep_sinusoid(t, self.config.freq_dim), fps, check_fps)
+
+    def embed_sinusoid(self, t_emb: torch.Tensor, fps: Optional[torch.Tensor] = None, check_fps: bool = True):
+        """embed_time from the timestep sinusoid t_emb [B, f, freq_dim] (the exported graphs' input).
+        check_fps=False skips the host-side check of the fps values: a graph has no control flow on
+        tensor values."""
+        e = _linear32(self.time_embedding[2], F.silu(_linear32(self.time_embedding[0], t_emb.float())))
         e0 = _linear32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, -1))
         if self.config.inject_sample_info:
-            e0 = e0 + self.embed_fps(fps, t.shape[0], t.device)[:, None]
+            e0 = e0 + self.embed_fps(fps, t_emb.shape[0], check_fps)[:, None]
         return e, e0
 
-    def embed_fps(self, fps, batch: int, device) -> torch.Tensor:
-        """fps class per sample (0 if fps == 16 else 1) -> modulation offset [B, 6, D] fp32."""
+    def embed_fps(self, fps, batch: int, check: bool = True) -> torch.Tensor:
+        """fps class per sample (0 if fps == 16 else 1) -> modulation offset [B, 6, D] fp32 ([1, 6, D]
+        for one class given unchecked: it broadcasts)."""
         if fps is None:
             raise ValueError("this checkpoint uses the fps embedding (inject_sample_info): pass fps classes "
                              "(0 for 16 fps, 1 otherwise)")
-        fps = torch.as_tensor(fps, dtype=torch.long, device=device).reshape(-1).expand(batch)
-        if bool(((fps != 0) & (fps != 1)).any()):
-            raise ValueError(f"fps classes must be 0 (16 fps) or 1 (other), got {fps.tolist()}")
+        fps = torch.as_tensor(fps, dtype=torch.long, device=self.fps_embedding.weight.device).reshape(-1)
+        if check:
+            fps = fps.expand(batch)
+            if bool(((fps != 0) & (fps != 1)).any()):
+                raise ValueError(f"fps classes must be 0 (16 fps) or 1 (other), got {fps.tolist()}")
         emb = self.fps_embedding.weight.float()[fps]  # [B, D]
         proj = self.fps_projection
         return _linear32(proj[2], F.silu(_linear32(proj[0], emb))).unflatten(-1, (6, -1))
@@ -526,15 +525,22 @@ class WanDiT(nn.Module):
         e, e0 = self.embed_time(t, fps)
         if cross_kv is None:
             cross_kv = self.cross_attention_kv(context, clip_fea)
-        if len(cross_kv) != len(self.blocks):
-            raise ValueError(f"cross_kv has {len(cross_kv)} layers, the model {len(self.blocks)}")
         cos, sin = rope_cos_sin(cfg.head_dim, torch.arange(f) + frame_offset, h, w, cfg.rope_max_positions)
         cos, sin = cos.to(x.device), sin.to(x.device)
         mask = None if causal_block_size is None else block_causal_mask(f, h * w, causal_block_size, x.device)
 
-        for block, kv in zip(self.blocks, cross_kv):
-            tokens = block(tokens, e0, cos, sin, kv, mask)
+        tokens = self.run_blocks(tokens, e0, cross_kv, BlockOps(cos, sin, mask))
         return self.unpatchify(self.head(tokens, e), grid)
+
+    def run_blocks(self, tokens: torch.Tensor, e0: torch.Tensor, cross_kv: Sequence[CrossKV],
+                   ops: BlockOps) -> torch.Tensor:
+        """The DiT's block loop, the one every forward runs (this reference, the KV-cached step and
+        the exported graphs): tokens [B, f, S, D] fp32 -> [B, f, S, D] fp32."""
+        if len(cross_kv) != len(self.blocks):
+            raise ValueError(f"cross_kv has {len(cross_kv)} layers, the model {len(self.blocks)}")
+        for layer, (block, kv) in enumerate(zip(self.blocks, cross_kv)):
+            tokens = block.run(tokens, e0, kv, ops, layer)
+        return tokens
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,10 +28,10 @@ of frames (DF windows slide and shrink; blocks in flight ramp up and down), so F
 the range a TensorRT profile needs recorded in the manifest (F a multiple of block_frames for the
 block-causal graphs). Host-side inputs, so that no graph needs float64 or position logic:
 - t_emb is the float64 sinusoid of the timesteps cast to fp32 (fp32 angles at t ~ 1000 would be
-  off by ~1e-4 rad); the runtime computes it with numpy exactly as export/dit.py does;
-- RoPE cos/sin are real-valued tables of the active tokens' positions (export/dit.py rope_cos_sin).
+  off by ~1e-4 rad), runtime/rope.py timestep_sinusoid: the torch model uses the same function;
+- RoPE cos/sin are real-valued tables of the active tokens' positions (runtime/rope.py rope_tables).
 
-dit_step is traced from CachedStep's export formulation (export/cached_step.py `_graph_forward`: one
+dit_step is traced from CachedStep's export formulation (export/cached_step.py `_CachedGraphOps`: one
 q/k/v Gemm, RoPE as a pair-swap MatMul, the softmax scale folded into q, constant-shape reshapes).
 On the benchmark step (benchmarks/backends.py: dim 256, 4 layers, 256 active tokens against 1280
 cached; 660 nodes after ORT's optimizer before, 411 in the ORT CPU variant) the ORT CPU variant takes
@@ -49,8 +49,8 @@ channels in the input dtype). tests/test_onnx_export.py holds the fp16 tolerance
 
 Classifier-free guidance: the DiT graphs (and cross_kv) take batch 1 or 2 (a dynamic axis, TensorRT
 profile 1..2), traced at 1 and checked at 2 by the tests. One batch-2 call against two batch-1
-calls of dit_step, measured with ORT CPU on this 2-core machine (`measure_cfg_batch`: 2 active
-frames, a full 9-slot cache, 30 interleaved repeats, medians; the machine was shared, load ~3.5):
+calls of dit_step, measured once with ORT CPU on a 2-core machine (2 active frames, a full 9-slot
+cache, 30 interleaved repeats, medians; the machine was shared, load ~3.5):
     tiny model     (dim 32, 2 layers, 32x32 px):    2 x batch 1: 1.33 ms   batch 2: 0.62 ms
     small model    (dim 256, 4 layers, 64x64 px):   2 x batch 1: 29.1 ms   batch 2: 23.1 ms
     DF-1.3B width  (dim 1536, 2 layers, 128x128):   2 x batch 1: 756 ms    batch 2: 624 ms
@@ -78,14 +78,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cached_step import CachedStep
-from .dit import CrossKV, LayerNorm32, RMSNorm, WanDiT, _linear32, block_causal_mask
+from .dit import BlockOps, CrossKV, LayerNorm32, RMSNorm, WanDiT, block_causal_mask
 from .vae import WanVAE
 from skyrt.runtime.engine_manifest import file_sha256 as sha256_file  # one owner of file hashing
 
@@ -196,20 +193,6 @@ class OnnxProfile:
 # Graph modules: thin wrappers around the torch reference (same modules, same weights)
 
 
-def embed_time_from_sinusoid(dit: WanDiT, t_emb: torch.Tensor, fps: Optional[torch.Tensor]):
-    """WanDiT.embed_time with the sinusoid given ([B, f, freq_dim] fp32, computed on the host in
-    float64) and no value check on fps (no control flow on tensor values in a graph).
-    Returns (e [B, f, D], e0 [B, f, 6, D]), fp32."""
-    cfg = dit.config
-    e = _linear32(dit.time_embedding[2], F.silu(_linear32(dit.time_embedding[0], t_emb.float())))
-    e0 = _linear32(dit.time_projection[1], F.silu(e)).unflatten(-1, (6, -1))
-    if cfg.inject_sample_info:
-        emb = dit.fps_embedding.weight.float()[fps.reshape(-1)]  # [B, D]
-        proj = dit.fps_projection
-        e0 = e0 + _linear32(proj[2], F.silu(_linear32(proj[0], emb))).unflatten(-1, (6, -1))[:, None]
-    return e, e0
-
-
 def _cross_list(cross_k: torch.Tensor, cross_v: torch.Tensor) -> list[CrossKV]:
     """Stacked [layers, B, Lt, N, Dh] K/V -> one CrossKV per layer."""
     return [CrossKV(cross_k[i], cross_v[i]) for i in range(cross_k.shape[0])]
@@ -243,12 +226,11 @@ class WindowGraph(nn.Module):
         pt, ph, pw = dit.config.patch_size
         f, h, w = frames // pt, height // ph, width // pw
         tokens = dit.patchify(latents)  # [B, f, hw, D] fp32
-        e, e0 = embed_time_from_sinusoid(dit, t_emb, fps)
+        e, e0 = dit.embed_sinusoid(t_emb, fps, check_fps=False)
         mask = None
         if self.causal_block_size is not None:
             mask = block_causal_mask(f, h * w, self.causal_block_size, latents.device)
-        for block, kv in zip(dit.blocks, _cross_list(cross_k, cross_v)):
-            tokens = block(tokens, e0, rope_cos, rope_sin, kv, mask)
+        tokens = dit.run_blocks(tokens, e0, _cross_list(cross_k, cross_v), BlockOps(rope_cos, rope_sin, mask))
         return dit.unpatchify(dit.head(tokens, e), (f, h, w))
 
 
@@ -256,7 +238,7 @@ class _SinusoidCachedStep(CachedStep):
     """CachedStep whose `t` argument is already the sinusoid [B, f, freq_dim] (host-side float64)."""
 
     def embed_time(self, t_emb, fps):
-        return embed_time_from_sinusoid(self.dit, t_emb, fps)
+        return self.dit.embed_sinusoid(t_emb, fps, check_fps=False)
 
 
 class StepGraph(nn.Module):
@@ -290,28 +272,18 @@ class TextEncoderGraph(nn.Module):
         return hidden.float() * attention_mask.to(torch.float32).unsqueeze(-1)
 
 
-class VAEDecoderGraph(nn.Module):
-    """WanVAE.decode_step with flat tensors: (z, *caches) -> (pixels, *caches)."""
+class VAEStepGraph(nn.Module):
+    """WanVAE.decode_step (z, *caches) -> (pixels, *caches), or with encode=True WanVAE.encode_step
+    (pixels, *caches) -> (mu, *caches): flat tensors in and out."""
 
-    def __init__(self, vae: WanVAE, first: bool):
+    def __init__(self, vae: WanVAE, first: bool, encode: bool = False):
         super().__init__()
-        self.vae, self.first = vae, first
+        self.vae, self.first, self.encode = vae, first, encode
 
-    def forward(self, z, *caches):
-        pixels, new = self.vae.decode_step(z, caches, self.first)
-        return (pixels, *new)
-
-
-class VAEEncoderGraph(nn.Module):
-    """WanVAE.encode_step with flat tensors: (pixels, *caches) -> (mu, *caches)."""
-
-    def __init__(self, vae: WanVAE, first: bool):
-        super().__init__()
-        self.vae, self.first = vae, first
-
-    def forward(self, pixels, *caches):
-        mu, new = self.vae.encode_step(pixels, caches, self.first)
-        return (mu, *new)
+    def forward(self, x, *caches):
+        step = self.vae.encode_step if self.encode else self.vae.decode_step
+        out, new = step(x, caches, self.first)
+        return (out, *new)
 
 
 def cast_dit(dit: WanDiT, precision: str) -> WanDiT:
@@ -476,7 +448,7 @@ def _build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile
                   for s in specs]
         z = torch.randn(1, vae.config.z_dim, 1, h, w, generator=gen)
         names = [f"cache_{i:02d}" for i in range(len(specs))]
-        return GraphSpec(name, VAEDecoderGraph(vae, first), (z, *caches), ["z"] + names,
+        return GraphSpec(name, VAEStepGraph(vae, first), (z, *caches), ["z"] + names,
                          ["pixels"] + [f"new_{n}" for n in names],
                          info={"precision": "fp32", "caches": [s.name for s in specs],
                                "pixel_frames": 1 if first else vae.config.temporal_factor})
@@ -489,7 +461,7 @@ def _build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile
         frames = 1 if first else vae.config.temporal_factor
         pixels = torch.rand(1, 3, frames, profile.height, profile.width, generator=gen) * 2 - 1
         names = [f"cache_{i:02d}" for i in range(len(specs))]
-        return GraphSpec(name, VAEEncoderGraph(vae, first), (pixels, *caches), ["pixels"] + names,
+        return GraphSpec(name, VAEStepGraph(vae, first, encode=True), (pixels, *caches), ["pixels"] + names,
                          ["mu"] + [f"new_{n}" for n in names],
                          info={"precision": "fp32", "caches": [s.name for s in specs], "pixel_frames": frames})
 
@@ -701,56 +673,6 @@ def export_onnx(
     return json.loads(text)  # exactly what a reader gets (json turns int axis keys into strings)
 
 
-def measure_cfg_batch(dit: WanDiT, profile: OnnxProfile, active_blocks: int = 2, repeats: int = 20,
-                      threads: int | None = None) -> dict:
-    """Time dit_step with ORT CPU: one batch-2 call (cond and uncond stacked) against two batch-1 calls,
-    a full cache of `profile.cache_blocks` slots, `active_blocks` blocks in flight. Returns the median
-    milliseconds of each; the module docstring records the numbers measured on this machine."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    spec = build_graph_spec("dit_step", dit, None, None, profile)
-    gen = torch.Generator().manual_seed(0)
-    frames = active_blocks * profile.block_frames
-    latents, t_emb, ck, cv, cos, sin, fps = _dit_inputs(dit, frames, *profile.latent_size, gen)
-    cache = spec.args[4]
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        export_graph(spec, Path(tmp), profile.opset, profile.external_data_threshold)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(Path(tmp) / "dit_step.onnx"), options, providers=["CPUExecutionProvider"])
-        feeds = {}
-        for batch in (1, 2):
-            def stack(x: torch.Tensor, axis: int = 0):
-                return torch.cat([x] * batch, dim=axis).numpy()
-
-            noise = [torch.randn(cache.shape, generator=gen).to(cache.dtype) for _ in range(2)]
-            feeds[batch] = {"latents": stack(latents), "t_emb": stack(t_emb), "cross_k": stack(ck, 1),
-                            "cross_v": stack(cv, 1), "cache_k": stack(noise[0], 1), "cache_v": stack(noise[1], 1),
-                            "slot_valid": np.ones((batch, profile.cache_blocks), bool), "rope_cos": cos.numpy(),
-                            "rope_sin": sin.numpy()}
-            if fps is not None:
-                feeds[batch]["fps"] = stack(fps)
-            for _ in range(3):
-                session.run(None, feeds[batch])
-        times = {1: [], 2: []}
-        for _ in range(repeats):  # interleaved, so load from other processes hits both alike
-            for batch in (1, 2):
-                start = time.perf_counter()
-                for _ in range(2 // batch):  # the same work either way: cond and uncond
-                    session.run(None, feeds[batch])
-                times[batch].append(time.perf_counter() - start)
-        results["batch1_two_calls_ms"] = round(1e3 * float(np.median(times[1])), 3)
-        results["batch2_one_call_ms"] = round(1e3 * float(np.median(times[2])), 3)
-    results.update(active_frames=frames, cache_slots=profile.cache_blocks, latent_size=list(profile.latent_size),
-                   dim=dit.config.dim, layers=dit.config.num_layers)
-    return results
-
-
 def _save_tokenizer(tokenizer, path: Path) -> None:
     """The fast tokenizer's tokenizer.json, without padding/truncation state (the runtime sets them)."""
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
@@ -773,4 +695,4 @@ def profile_from_options(**options) -> OnnxProfile:
 
 
 __all__ = ["GRAPHS", "GRAPH_GROUPS", "GRAPH_PROFILE_FIELDS", "OnnxProfile", "build_graph_spec", "cast_dit",
-           "embed_time_from_sinusoid", "export_graph", "export_onnx", "profile_from_options", "sha256_file"]
+           "export_graph", "export_onnx", "profile_from_options", "sha256_file"]

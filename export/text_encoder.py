@@ -17,7 +17,6 @@ Run the tests: `python -m pytest tests/test_text_encoder.py -q`.
 """
 from __future__ import annotations
 
-import html
 import json
 import random
 import re
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+
+from skyrt.runtime.prompt import clean_prompt  # torch-free: the serving tokenizer cleans the same way
 
 from .checkpoint import CheckpointError, StateDict, check_keys_and_shapes, read_pth
 
@@ -179,21 +180,6 @@ def official_umt5_expected_shapes(config) -> dict[str, tuple[int, ...]]:
 # --------------------------------------------------------------------------------------------
 # Prompt cleaning and tokenizer
 # --------------------------------------------------------------------------------------------
-
-def clean_prompt(text: str) -> str:
-    """The official prompt cleaning (HuggingfaceTokenizer clean="whitespace"; diffusers prompt_clean).
-
-    ftfy.fix_text, html.unescape twice, strip, then every whitespace run -> one space, strip.
-    The official code collapses whitespace with the `regex` module and diffusers with stdlib `re`;
-    their `\\s` differ only on U+001C..U+001F, which ftfy.fix_text (and html.unescape for
-    character references) removes first, so both give the same string.
-    """
-    import ftfy
-
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
-
 
 def load_tokenizer(folder: str | Path):
     """A tokenizer from a local folder (e.g. the official `google/umt5-xxl` subfolder); never downloads."""

@@ -39,26 +39,12 @@ from torch import Tensor, nn
 
 from skyrt.runtime import latents as _latents
 
-__all__ = [
-    "LATENT_MEAN",
-    "LATENT_STD",
-    "TINY",
-    "WAN21",
-    "CacheSpec",
-    "DecoderStep",
-    "StreamingDecoder",
-    "VAEConfig",
-    "WanVAE",
-    "convert_diffusers_vae_state_dict",
-    "denormalize_latents",
-    "diffusers_to_official_vae_key",
-    "infer_vae_config",
-    "normalize_latents",
-    "official_to_diffusers_vae_key",
-]
+__all__ = ["LATENT_MEAN", "LATENT_STD", "TINY", "WAN21", "CacheSpec", "DecoderStep", "StreamingDecoder", "VAEConfig",
+           "WanVAE", "convert_diffusers_vae_state_dict", "denormalize_latents", "diffusers_to_official_vae_key",
+           "infer_vae_config", "normalize_latents", "official_to_diffusers_vae_key"]
 
 # --------------------------------------------------------------------------------------------
-# Latent normalisation (official WanVAE constants): model space z = (mu - mean) / std
+# Latent normalisation (official WanVAE constants, runtime/latents.py): z = (mu - mean) / std
 # --------------------------------------------------------------------------------------------
 
 # One owner for the constants: the torch-free runtime (skyrt.runtime.latents).
@@ -66,19 +52,14 @@ LATENT_MEAN = _latents.LATENT_MEAN_VALUES
 LATENT_STD = _latents.LATENT_STD_VALUES
 
 
-def _per_channel(values: Sequence[float], like: Tensor) -> Tensor:
-    # [16] -> [1, 16, 1, 1, 1]: channels are dim 1 of [B, 16, F, h, w].
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
-
-
 def normalize_latents(mu: Tensor) -> Tensor:
     """Raw VAE mean [B, 16, F, h, w] -> model-space latents (what the DiT sees)."""
-    return (mu - _per_channel(LATENT_MEAN, mu)) / _per_channel(LATENT_STD, mu)
+    return _latents.normalize(mu, channel_axis=1)
 
 
 def denormalize_latents(z: Tensor) -> Tensor:
     """Model-space latents [B, 16, F, h, w] -> raw latents for `WanVAE.decode`."""
-    return z * _per_channel(LATENT_STD, z) + _per_channel(LATENT_MEAN, z)
+    return _latents.denormalize(z, channel_axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,11 +390,7 @@ class Encoder3d(nn.Module):
         _set_cache_stride(self.head, stride)
 
     def forward(self, x: Tensor, io: CacheIO) -> Tensor:
-        x = self.conv1(x, io)
-        for block in (*self.downsamples, *self.middle):
-            x = block(x, io)
-        norm, act, conv = self.head
-        return conv(act(norm(x)), io)
+        return _run_stack(self.conv1, (*self.downsamples, *self.middle), self.head, x, io)
 
 
 class Decoder3d(nn.Module):
@@ -449,11 +426,17 @@ class Decoder3d(nn.Module):
         _set_cache_stride(self.head, stride)
 
     def forward(self, x: Tensor, io: CacheIO) -> Tensor:
-        x = self.conv1(x, io)
-        for block in (*self.middle, *self.upsamples):
-            x = block(x, io)
-        norm, act, conv = self.head
-        return conv(act(norm(x)), io)
+        return _run_stack(self.conv1, (*self.middle, *self.upsamples), self.head, x, io)
+
+
+def _run_stack(conv1: nn.Module, blocks, head: nn.Sequential, x: Tensor, io: CacheIO) -> Tensor:
+    """The encoder's and decoder's pass: conv1, the blocks in order, then norm, SiLU and conv (each
+    causal conv reading and writing its own slot of the time cache `io`)."""
+    x = conv1(x, io)
+    for block in blocks:
+        x = block(x, io)
+    norm, act, conv = head
+    return conv(act(norm(x)), io)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,8 +494,9 @@ class WanVAE(nn.Module):
         frames = self.decoder(self.conv2(z_frame), io)
         return frames.clamp(-1.0, 1.0), io.new
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Raw latents [B, z, F, h, w] -> pixels [B, 3, 1 + 4(F - 1), 8h, 8w] in [-1, 1]."""
+    def decode(self, z: Tensor, clamp: bool = True) -> Tensor:
+        """Raw latents [B, z, F, h, w] -> pixels [B, 3, 1 + 4(F - 1), 8h, 8w] in [-1, 1] (unclamped
+        with clamp=False: what training differentiates through)."""
         b, _, num_frames, h, w = z.shape
         x = self.conv2(z)  # 1x1x1 conv over the whole clip, as the official code does
         caches = self.decoder_cache_init(b, h, w, z.dtype, z.device)
@@ -521,7 +505,8 @@ class WanVAE(nn.Module):
             io = CacheIO(caches, first=i == 0)
             out.append(self.decoder(x[:, :, i : i + 1], io))
             caches = io.new
-        return torch.cat(out, dim=2).clamp(-1.0, 1.0)
+        pixels = torch.cat(out, dim=2)
+        return pixels.clamp(-1.0, 1.0) if clamp else pixels
 
     # ---- encode --------------------------------------------------------------------------
 
@@ -533,6 +518,11 @@ class WanVAE(nn.Module):
 
     def encode(self, video: Tensor) -> Tensor:
         """Pixels [B, 3, T, H, W] in [-1, 1], T = 1 + 4(F - 1) -> raw latent mean [B, z, F, H/8, W/8]."""
+        return self.encode_moments(video)[0]
+
+    def encode_moments(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """`encode` that also returns the posterior's log-variance (training): (mu, log_var), each
+        [B, z, F, H/8, W/8]."""
         b, _, num_frames, height, width = video.shape
         step, f = self.config.temporal_factor, self.config.spatial_factor
         if num_frames % step != 1 or height % f or width % f:
@@ -547,8 +537,8 @@ class WanVAE(nn.Module):
             io = CacheIO(caches, first=i == 0)
             out.append(self.encoder(chunk, io))
             caches = io.new
-        mu, _log_var = self.conv1(torch.cat(out, dim=2)).chunk(2, dim=1)  # 1x1x1 over the clip, as official
-        return mu
+        mu, log_var = self.conv1(torch.cat(out, dim=2)).chunk(2, dim=1)  # 1x1x1 over the clip, as official
+        return mu, log_var
 
 
 class StreamingDecoder:

@@ -249,7 +249,9 @@ class CausalRollout:
         if len(outs) == 1:
             return outs[0][0]
         (v_cond, _, _), (v_uncond, _, _) = outs
-        return v_uncond + np.float32(self.guidance_scale) * (v_cond - v_uncond)
+        guided = np.empty(v_cond.shape, np.float32)  # uncond + scale (cond - uncond): the core's, as every mode's guidance
+        _core.cfg_combine(np.ascontiguousarray(v_cond), np.ascontiguousarray(v_uncond), guided, self.guidance_scale)
+        return guided
 
     def _step(self, x, t, position, valid, block_size):
         return self.backend.kv_step_many(x, t, self.prompts, self.caches, valid, position, self.fps_class, block_size)

@@ -1,5 +1,5 @@
-"""Wan2.1 VAE latent normalisation (the official WanVAE's per-channel mean/std), torch-free so
-every backend shares it.
+"""Wan2.1 VAE latent normalisation (the official WanVAE's per-channel mean/std) and the frame-count
+rules, torch-free: the one definition the runtime, the export side and the demo trainer share.
 
 Model space (what the DiT sees) is z = (mu - mean) / std; the VAE decoder takes mu = z * std + mean.
 """
@@ -23,22 +23,36 @@ LATENT_STD_VALUES = (
 )
 LATENT_MEAN = np.array(LATENT_MEAN_VALUES, dtype=np.float32)
 LATENT_STD = np.array(LATENT_STD_VALUES, dtype=np.float32)
+_INV_STD = (1.0 / LATENT_STD).astype(np.float32)
 
 
-def _per_channel(values: np.ndarray, ndim: int) -> np.ndarray:
-    # Channels lead ([16, F, h, w]); broadcast over the trailing axes.
-    return values.reshape((LATENT_CHANNELS,) + (1,) * (ndim - 1))
+def _per_channel(values: tuple[float, ...], table: np.ndarray, like, channel_axis: int):
+    """The 16 constants shaped to broadcast along `channel_axis` of `like`: the float32 table for a
+    numpy array, the decimals in like's dtype and device for a torch tensor (the export side and
+    the demo trainer; torch is never imported here)."""
+    shape = [1] * like.ndim
+    shape[channel_axis] = LATENT_CHANNELS
+    if isinstance(like, np.ndarray):
+        return table.reshape(shape)
+    return like.new_tensor(values).reshape(shape)
 
 
-def normalize(mu: np.ndarray) -> np.ndarray:
-    """Raw VAE mean [16, F, h, w] -> model-space latents (official: (mu - mean) * (1 / std))."""
-    inv_std = (1.0 / LATENT_STD).astype(np.float32)
-    return ((mu - _per_channel(LATENT_MEAN, mu.ndim)) * _per_channel(inv_std, mu.ndim)).astype(np.float32)
+def normalize(mu, channel_axis: int = 0):
+    """Raw VAE mean -> model-space latents (what the DiT sees), the official (mu - mean) * (1 / std).
+
+    mu: numpy [16, F, h, w] (returns float32), or a torch tensor with channels on `channel_axis`
+    (e.g. [B, 16, F, h, w] with channel_axis=1; returns its dtype)."""
+    inv_std = tuple(1.0 / s for s in LATENT_STD_VALUES)
+    z = (mu - _per_channel(LATENT_MEAN_VALUES, LATENT_MEAN, mu, channel_axis)) * _per_channel(
+        inv_std, _INV_STD, mu, channel_axis)
+    return z.astype(np.float32) if isinstance(z, np.ndarray) else z
 
 
-def denormalize(z: np.ndarray) -> np.ndarray:
-    """Model-space latents [16, F, h, w] -> raw VAE latents for the decoder."""
-    return (z * _per_channel(LATENT_STD, z.ndim) + _per_channel(LATENT_MEAN, z.ndim)).astype(np.float32)
+def denormalize(z, channel_axis: int = 0):
+    """Model-space latents -> raw VAE latents for the decoder: z * std + mean (arrays as `normalize`)."""
+    mu = z * _per_channel(LATENT_STD_VALUES, LATENT_STD, z, channel_axis) + _per_channel(
+        LATENT_MEAN_VALUES, LATENT_MEAN, z, channel_axis)
+    return mu.astype(np.float32) if isinstance(mu, np.ndarray) else mu
 
 
 def latent_length(num_pixel_frames: int) -> int:

@@ -565,10 +565,11 @@ class Pipeline:
     def _noise_condition(req, rng, x, t, n, noise=None):
         """addnoise_condition a: the first n (prefix) frames get 0.1%·a noise and t = a; the noise is
         fresh every call (official) unless the window drew it once (condition_noise="once")."""
-        factor = 0.001 * req.addnoise_condition
         if noise is None:
             noise = rng.standard_normal(x[:, :n].shape, dtype=np.float32)
-        x[:, :n] = x[:, :n] * (1.0 - factor) + noise * factor
+        prefix = np.ascontiguousarray(x[:, :n])  # [16, n, h, w]: the core's addnoise (the kvcache mode's)
+        _core.addnoise_condition(prefix, np.ascontiguousarray(noise), prefix, 0.001 * req.addnoise_condition, 0, n)
+        x[:, :n] = prefix
         t[:n] = req.addnoise_condition
         return x, t
 
@@ -577,7 +578,9 @@ class Pipeline:
         if not req.use_cfg:
             return v_cond
         v_uncond = self.backend.predict_velocity(x, t, cond.uncond, fps_class, block)
-        return v_uncond + req.guidance_scale * (v_cond - v_uncond)
+        guided = np.empty(v_cond.shape, np.float32)
+        _core.cfg_combine(np.ascontiguousarray(v_cond), np.ascontiguousarray(v_uncond), guided, req.guidance_scale)
+        return guided
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, req, cond: Conditioning, rollout: "Rollout") -> np.ndarray:

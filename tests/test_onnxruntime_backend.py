@@ -73,9 +73,19 @@ def _quiet(fn, *args, **kwargs):
 # Host-side inputs and tokenizer (the numpy/tokenizers ports of the torch code)
 
 
+def _official_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The official Wan2.1 sinusoidal_embedding_1d (float64 angles, cos half first), the oracle."""
+    half = dim // 2
+    position = t.reshape(-1).to(torch.float64)
+    angles = torch.outer(position, torch.pow(10000, -torch.arange(half).to(position).div(half)))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float().reshape(*t.shape, dim)
+
+
 def test_host_inputs_equal_the_torch_functions():
+    # the sinusoid has one definition (runtime/rope.py, which the torch model also uses): check it
+    # against the official formula; the RoPE tables' oracle is tests/test_dit.py's complex formula
     t = np.array([[999.0, 937.5, 500.0, 1.0, 0.0]], np.float32)
-    ref = D.timestep_sinusoid(torch.from_numpy(t), 256).numpy()
+    ref = _official_sinusoid(torch.from_numpy(t), 256).numpy()
     assert np.abs(ob.timestep_sinusoid(t, 256) - ref).max() <= 1e-6
     for head_dim, first, frames, h, w in [(16, 0, 3, 2, 2), (128, 1000, 4, 3, 5), (64, 17, 1, 4, 1)]:
         cos, sin = ob.rope_cos_sin(head_dim, first, frames, h, w, 1024)

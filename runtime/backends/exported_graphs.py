@@ -3,7 +3,7 @@
 - Export folders and their manifest (export/onnx_export.py writes them): which graph serves which
   static shapes, exporting a model folder's graphs on demand into the cache (a subprocess imports
   torch, never this process).
-- Host-side inputs: numpy ports of export/dit.py (float64 time sinusoid, real RoPE tables) and the
+- Host-side inputs: the time sinusoid and RoPE tables (runtime/rope.py, the one definition) and the
   tokenizer (`tokenizers` reading tokenizer.json, the official prompt cleaning).
 - `ExportedGraphBackend`: text encoder, window-mode DiT and VAE in terms of one `_run(graph, feeds)`
   that each backend implements (onnxruntime sessions, TensorRT engines). Neither backend subclasses
@@ -20,12 +20,9 @@ compares whole rollouts, tests/test_graph_sessions.py the buffer discipline.
 from __future__ import annotations
 
 import abc
-import functools
 import hashlib
-import html
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -35,13 +32,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..latents import PATCH_SPATIAL as PATCH, SPATIAL_FACTOR as SPATIAL, TEMPORAL_FACTOR
+from ..prompt import clean_prompt
+from ..rope import rope_cos_sin, timestep_sinusoid
 from .base import Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec, StreamingDecoder, TextContext
 
 MANIFEST = "manifest.json"
 FORMAT = "skyrt-onnx"
-ROPE_THETA = 10000.0
-SPATIAL = 8  # VAE pixels per latent
-PATCH = 2  # DiT patch (1, 2, 2)
 # Which graphs an exporting backend makes together (export/onnx_export.py GRAPH_GROUPS).
 GROUP_OF = {"text_encoder": "text", "cross_kv": "text", "dit_window": "window", "dit_window_causal": "window_causal",
             "dit_step": "step", "vae_decode_first": "vae", "vae_decode_step": "vae", "vae_encode_first": "vae",
@@ -56,63 +53,7 @@ ORT_CPU_VARIANT = "ort_cpu"  # manifest key of a graph's CPU-provider variant (e
 
 
 # ----------------------------------------------------------------------------------------------
-# Host-side inputs: numpy ports of export/dit.py (tests compare them with the torch originals)
-
-
-def timestep_sinusoid(t: np.ndarray, dim: int) -> np.ndarray:
-    """[...] timesteps -> [..., dim] float32, cos half first; float64 angles like export/dit.py."""
-    half = dim // 2
-    freqs = np.power(10000.0, -np.arange(half, dtype=np.float64) / half)
-    angles = np.asarray(t, dtype=np.float64)[..., None] * freqs
-    return np.concatenate([np.cos(angles), np.sin(angles)], axis=-1).astype(np.float32)
-
-
-def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
-    hw = head_dim // 6
-    return head_dim // 2 - 2 * hw, hw, hw
-
-
-def _axis_inv_freq(pairs: int) -> np.ndarray:
-    return 1.0 / ROPE_THETA ** (np.arange(pairs, dtype=np.float64) * 2 / (2 * pairs))
-
-
-@functools.lru_cache(maxsize=64)
-def rope_cos_sin(head_dim: int, first_position: int, frames: int, h: int, w: int,
-                 max_positions: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Real RoPE tables (cos, sin), each float32 [frames*h*w, head_dim//2], for frames at temporal
-    positions first_position.. on an h x w TOKEN grid (export/dit.py rope_cos_sin). Read-only arrays
-    (cached: a rollout asks for the same few position ranges over and over)."""
-    last = first_position + frames - 1
-    if first_position < 0 or last >= max_positions:
-        raise ValueError(f"frame positions {first_position}..{last} fall outside the trained RoPE table "
-                         f"[0, {max_positions}); rebase the positions")
-    pt, ph, pw = rope_axis_pairs(head_dim)
-    pos = np.arange(first_position, first_position + frames, dtype=np.float64)
-    ang_t = pos[:, None] * _axis_inv_freq(pt)
-    ang_h = np.arange(h, dtype=np.float64)[:, None] * _axis_inv_freq(ph)
-    ang_w = np.arange(w, dtype=np.float64)[:, None] * _axis_inv_freq(pw)
-    angles = np.concatenate([
-        np.broadcast_to(ang_t[:, None, None, :], (frames, h, w, pt)),
-        np.broadcast_to(ang_h[None, :, None, :], (frames, h, w, ph)),
-        np.broadcast_to(ang_w[None, None, :, :], (frames, h, w, pw)),
-    ], axis=-1).reshape(frames * h * w, head_dim // 2)
-    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    cos.flags.writeable = sin.flags.writeable = False
-    return cos, sin
-
-
-# ----------------------------------------------------------------------------------------------
 # Tokenizer (no transformers): tokenizer.json + the official prompt cleaning
-
-
-def clean_prompt(text: str) -> str:
-    """The official prompt cleaning, as export/text_encoder.py clean_prompt (torch-free copy):
-    ftfy.fix_text, html.unescape twice, strip, whitespace runs -> one space, strip."""
-    import ftfy
-
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
 
 
 class PromptTokenizer:
@@ -387,7 +328,7 @@ class ExportedGraphBackend(Backend):
     def vae_encode(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels [3, T, H, W] in [-1, 1] (T = 1 + 4k) -> raw VAE mean [16, F, H/8, W/8]."""
         _, frames, height, width = pixels.shape
-        if frames % 4 != 1:
+        if frames % TEMPORAL_FACTOR != 1:
             raise ValueError(f"the VAE encodes 1 + 4k frames, got {frames}")
         first = self._graph("vae_encode_first", height=height, width=width)
         step = self._graph("vae_encode_step", height=height, width=width)

@@ -35,11 +35,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..rope import rope_cos_sin, timestep_sinusoid
 from .base import ModelSpec, StreamingDecoder, TextContext
 from .exported_graphs import (FORMAT, GROUP_GRAPHS, GROUP_OF, GROUP_REVISION, MANIFEST, ORT_CPU_VARIANT, PATCH,
-                              ROPE_THETA, SPATIAL, BoundStreamingDecoder, ExportedGraphBackend, PromptTokenizer,
+                              SPATIAL, BoundStreamingDecoder, ExportedGraphBackend, PromptTokenizer,
                               _Graph, clean_prompt, default_cache_root, export_folder_spec, is_export_folder,
-                              read_manifest, rope_axis_pairs, rope_cos_sin, timestep_sinusoid)
+                              read_manifest)
 
 # ORT's CPU provider has no bfloat16 MatMul (it refuses bf16 MatMul nodes): bf16 exports are for TensorRT.
 ORT_PRECISIONS = ("fp32", "fp16")
