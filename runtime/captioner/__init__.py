@@ -44,19 +44,20 @@ Modules, one concern each (none imports the facade; the facade imports them):
 from __future__ import annotations
 
 from ..caption_schema import caption_instruction
-from .config import (MANIFEST_FORMAT, NUM_FRAMES, OFFICIAL_FPS, OFFICIAL_FRAME_SIZE, CaptionerConfig, PreprocessConfig,
-                     is_captioner_export, read_manifest)
+from .config import MANIFEST_FORMAT, NUM_FRAMES, OFFICIAL_FPS, OFFICIAL_FRAME_SIZE, CaptionerConfig, read_manifest
 from .decoding import CaptionerBackend, GenerationResult, greedy_decode
 from .facade import CAPTIONER_ENV, Captioner, caption_video, open_captioner
-from .first_use_export import CaptionerSetupError, exported_captioner_dir
+from .first_use_export import CaptionerSetupError
 from .ort_backend import OrtCaptionerBackend
 from .preprocess import (VisionItem, expand_vision_tokens, mrope_positions, preprocess_image, preprocess_video,
                          smart_resize, vision_inputs, vision_rotary, vision_segments)
 from .video import read_video_frames, sample_frame_indices
 
+# What tests, the CLI, the benchmarks and the captioner export use (and CaptionerBackend, the contract a
+# custom backend passed to Captioner implements); everything else lives in its module.
 __all__ = ["CAPTIONER_ENV", "MANIFEST_FORMAT", "NUM_FRAMES", "OFFICIAL_FPS", "OFFICIAL_FRAME_SIZE", "Captioner",
            "CaptionerBackend", "CaptionerConfig", "CaptionerSetupError", "GenerationResult", "OrtCaptionerBackend",
-           "PreprocessConfig", "VisionItem", "caption_instruction", "caption_video", "expand_vision_tokens",
-           "exported_captioner_dir", "greedy_decode", "is_captioner_export", "mrope_positions", "open_captioner",
-           "preprocess_image", "preprocess_video", "read_manifest", "read_video_frames", "sample_frame_indices",
-           "smart_resize", "vision_inputs", "vision_rotary", "vision_segments"]
+           "VisionItem", "caption_instruction", "caption_video", "expand_vision_tokens", "greedy_decode",
+           "mrope_positions", "open_captioner", "preprocess_image", "preprocess_video", "read_manifest",
+           "read_video_frames", "sample_frame_indices", "smart_resize", "vision_inputs", "vision_rotary",
+           "vision_segments"]

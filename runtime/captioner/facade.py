@@ -14,7 +14,8 @@ from .config import NUM_FRAMES, OFFICIAL_FPS, CaptionerConfig, is_captioner_expo
 from .decoding import CaptionerBackend, GenerationResult, greedy_decode
 from .first_use_export import exported_captioner_dir
 from .ort_backend import OrtCaptionerBackend
-from .preprocess import VisionItem, expand_vision_tokens, mrope_positions, preprocess_image, preprocess_video, vision_inputs
+from .preprocess import (VisionItem, expand_vision_tokens, mrope_positions, preprocess_image, preprocess_video,
+                         vision_inputs)
 from .video import read_video_frames
 
 CAPTIONER_ENV = "SKYRT_CAPTIONER"

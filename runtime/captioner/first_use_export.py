@@ -28,7 +28,7 @@ def _check_checkpoint_folder(path: Path) -> None:
     """Refuse a folder that is neither kind with what was expected; name missing files of a checkpoint."""
     import importlib
 
-    # Export code resolved by name (torch-free: it only reads JSON). TODO(lead): runtime/registry.py.
+    # Export code resolved by name (torch-free: it only reads JSON); by importlib until runtime/registry.py lands.
     inspect_captioner_folder = importlib.import_module("skyrt.export.captioner.loader").inspect_captioner_folder
 
     if not path.is_dir():

@@ -189,7 +189,8 @@ class TrtCaptionerBackend:
 
         self.dir = Path(engine_dir)
         onnx_manifest, manifests, builder = read_captioner_engines(self.dir, builder)
-        # Export code (torch-free) resolved by name: the runtime never imports skyrt.export directly.
+        # Export code (torch-free) resolved by name, by importlib until runtime/registry.py lands: the runtime
+        # never imports skyrt.export with an import statement.
         trt = importlib.import_module("skyrt.export.engine").import_builder(builder)
         for manifest in manifests.values():  # before the GPU: version and builder
             check_engine(manifest, builder=builder, builder_version=trt.__version__, gpu_compute_capability=None)
