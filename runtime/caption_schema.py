@@ -46,22 +46,23 @@ MAX_NEW_TOKENS = 2048
 
 # The instruction's example object: field -> requirement text, in the model's training order. The
 # "Options" lists are spelled from the label sets above, so the two cannot drift apart.
-_MAIN_SUBJECT = {
-    "appearance": "Main subject appearance description",
-    "action": "Main subject action",
-    "expression": "Main subject expression  (Only for human/animal categories, empty otherwise)",
-    "position": "Subject position in the video (Can be relative position to other objects or spatial description)",
-    "TYPES": {"type": "Main category (e.g., Human)", "sub_type": "Sub-category (e.g., Man)"},
-    "is_main_subject": True,
-}
-_OTHER_SUBJECT = {
-    "appearance": "Non-main subject appearance description",
-    "action": "Non-main subject action",
-    "expression": "Non-main subject expression (Only for human/animal categories, empty otherwise)",
-    "position": "Position of non-main subject 1",
-    "TYPES": {"type": "Main category (e.g., Vehicles)", "sub_type": "Sub-category (e.g., Ship)"},
-    "is_main_subject": False,
-}
+def _subject_example(who: str, position: str, category: str, sub_category: str, expression_gap: str = " ") -> dict:
+    """One subject of the instruction's example object; `who` is "Main subject" or "Non-main subject".
+    (The official main-subject line has two spaces before its parenthesis: kept, the model was trained on it.)"""
+    return {
+        "appearance": f"{who} appearance description",
+        "action": f"{who} action",
+        "expression": f"{who} expression{expression_gap}(Only for human/animal categories, empty otherwise)",
+        "position": position,
+        "TYPES": {"type": f"Main category (e.g., {category})", "sub_type": f"Sub-category (e.g., {sub_category})"},
+        "is_main_subject": who == "Main subject",
+    }
+
+
+_MAIN_SUBJECT = _subject_example(
+    "Main subject", "Subject position in the video (Can be relative position to other objects or spatial description)",
+    "Human", "Man", expression_gap="  ")
+_OTHER_SUBJECT = _subject_example("Non-main subject", "Position of non-main subject 1", "Vehicles", "Ship")
 
 
 def _options(labels: tuple[str, ...]) -> str:

@@ -19,15 +19,15 @@ from pathlib import Path
 from .caption_schema import MAX_NEW_TOKENS, CaptionParseError
 from .captioner import CAPTIONER_ENV, CaptionerSetupError
 from .causal_family import PRESETS
+from .request import DEFAULTS, RECOMMENDED_KEYS, STREAM_EXCLUDED, cli_settings, setting_type
 
 DEFAULT_PROMPT = "a red circle bouncing on a dark blue background"
-DEFAULT_FPS = 24
+DEFAULT_FPS = DEFAULTS["fps"]
 # `skyrt serve --captioner DIR` without --caption-every captions the stream this often.
 DEFAULT_CAPTION_EVERY_S = 30.0
 # Sampling defaults for a model without a recommendation (a real SkyReels-V2 checkpoint): the official
 # T2V settings. Models with a demo_model.json (the built-in demo model) recommend their own.
-OFFICIAL_SAMPLING = {"height": 544, "width": 960, "num_inference_steps": 30, "guidance_scale": 6.0, "shift": 8.0,
-                     "ar_step": 0, "causal_block_size": 1, "mode": "window", "sink_blocks": 1, "window_blocks": 8}
+OFFICIAL_SAMPLING = {key: DEFAULTS[key] for key in RECOMMENDED_KEYS}  # GenerationRequest's defaults
 # `skyrt serve` (and every stream of `skyrt fleet`): small, fast settings for a model without a recommendation.
 SERVE_SAMPLING = {**OFFICIAL_SAMPLING, "height": 128, "width": 128, "num_inference_steps": 4, "guidance_scale": 1.0,
                   "mode": "kvcache", "base_num_frames": 17, "overlap_history": 5, "overlap_carry": "latent"}
@@ -47,33 +47,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "runs its own sampler and sets its recommended sampling flags (runtime/causal_family.py)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, defaults: dict) -> None:
-    """Sampling flags. Those a model can recommend default to None here and are filled in by
-    `_resolve_sampling_defaults`: the model's demo_model.json recommendation, else `defaults`."""
+def _add_sampling_args(p: argparse.ArgumentParser, defaults: dict, exclude: tuple[str, ...] = ()) -> None:
+    """Sampling flags, one per GenerationRequest field the command line takes (runtime/request.py: its
+    flag, type, choices and one-line doc). Those a model can recommend default to None here and are
+    filled in by `_resolve_sampling_defaults`: the model's demo_model.json recommendation, else
+    `defaults`; --fps likewise from a preset; the others default to `defaults`, else the field's default."""
     p.set_defaults(fallback_sampling=defaults)
-    p.add_argument("--prompt", default=defaults.get("prompt", DEFAULT_PROMPT), help=defaults.get("prompt_help"))
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--height", type=int, default=None, help=_default_help(defaults, "height"))
-    p.add_argument("--width", type=int, default=None, help=_default_help(defaults, "width"))
-    p.add_argument("--steps", dest="num_inference_steps", type=int, default=None,
-                   help=_default_help(defaults, "num_inference_steps"))
-    p.add_argument("--guidance-scale", type=float, default=None, help=_default_help(defaults, "guidance_scale"))
-    p.add_argument("--shift", type=float, default=None, help=_default_help(defaults, "shift"))
-    p.add_argument("--ar-step", type=int, default=None, help=_default_help(defaults, "ar_step"))
-    p.add_argument("--causal-block-size", type=int, default=None, help=_default_help(defaults, "causal_block_size"))
-    p.add_argument("--mode", choices=("kvcache", "window"), default=None,
-                   help="kvcache: each block denoised once against a ring KV cache; window: the official "
-                        "rollout. " + _default_help(defaults, "mode"))
-    p.add_argument("--sink-blocks", type=int, default=None,
-                   help="kvcache: blocks kept forever at the ring's start. " + _default_help(defaults, "sink_blocks"))
-    p.add_argument("--window-blocks", type=int, default=None,
-                   help="kvcache: rolling blocks of history. " + _default_help(defaults, "window_blocks"))
-    p.add_argument("--base-num-frames", type=int, default=defaults["base_num_frames"])
-    p.add_argument("--overlap-history", type=int, default=defaults.get("overlap_history"))
-    p.add_argument("--addnoise-condition", type=float, default=0)
-    p.add_argument("--overlap-carry", choices=("pixel", "latent"), default=defaults.get("overlap_carry", "pixel"))
-    p.add_argument("--fps", type=int, default=None, help=f"default: the preset's, else {DEFAULT_FPS}")
-    p.add_argument("--seed", type=int, default=None)
+    for f in cli_settings(exclude):
+        options: dict = {"dest": f.name, "help": f.metadata["doc"]}
+        kind = setting_type(f)
+        if kind is not str:
+            options["type"] = kind
+        if f.metadata["choices"] is not None:
+            options["choices"] = f.metadata["choices"]
+        if f.metadata["recommended"]:
+            options.update(default=None, help=f"{f.metadata['doc']}; {_default_help(defaults, f.name)}")
+        elif f.name == "fps":
+            options.update(default=None, help=f"{f.metadata['doc']}; default: the preset's, else {DEFAULT_FPS}")
+        elif f.name == "prompt":
+            options.update(default=defaults.get("prompt", DEFAULT_PROMPT),
+                           help=defaults.get("prompt_help", f.metadata["doc"]))
+        else:
+            options["default"] = defaults.get(f.name, f.default)
+        p.add_argument("--" + f.metadata["cli"], **options)
     p.add_argument("--image", default=None, help="first frame (I2V)")
 
 
@@ -118,10 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video file")
     _add_model_args(gen)
     # prompt None = not given: with --video the prompt is then the video's caption (--captioner).
-    _add_sampling_args(gen, {**OFFICIAL_SAMPLING, "base_num_frames": 97,
-                             "prompt": None, "prompt_help": f"default: with --video, the video's caption "
-                                                            f"(--captioner); else {DEFAULT_PROMPT!r}"})
-    gen.add_argument("--num-frames", type=int, default=97)
+    _add_sampling_args(gen, {**OFFICIAL_SAMPLING, "prompt": None,
+                             "prompt_help": f"default: with --video, the video's caption (--captioner); "
+                                            f"else {DEFAULT_PROMPT!r}"})
     gen.add_argument("--video", default=None, help="video to extend (V2V)")
     gen.add_argument("--captioner", type=Path, default=None,
                      help=f"captions --video when no --prompt is given: {CAPTIONER_HELP}")
@@ -131,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an endless stream over HTTP (MJPEG, HLS, fragmented MP4)")
     _add_model_args(serve)
-    _add_sampling_args(serve, SERVE_SAMPLING)
+    _add_sampling_args(serve, SERVE_SAMPLING, exclude=STREAM_EXCLUDED)  # the flags of Pipeline.stream's settings
     serve.add_argument("--playlist", type=Path, default=None,
                        help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}')
     serve.add_argument("--formats", default="mjpeg,hls,mp4", help="outputs to encode, comma separated")
@@ -238,9 +233,7 @@ def _sampling_kwargs(args) -> dict:
     from .default_model import default_model_dir
 
     _resolve_sampling_defaults(args, args.model.expanduser() if args.model is not None else default_model_dir())
-    keys = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "shift",
-            "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition", "fps",
-            "seed", "image", "overlap_carry", "mode", "sink_blocks", "window_blocks")
+    keys = [f.name for f in cli_settings(exclude=STREAM_EXCLUDED)] + ["image"]  # generate passes num_frames itself
     return {k: getattr(args, k) for k in keys}
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .request import RECOMMENDED_KEYS
+
 DEMO_MODEL_NAME = "skyrt-demo-world-v6"
 DEMO_META = "demo_model.json"
 SHIPPED_DEMO_MODEL = Path(__file__).parent / "models" / DEMO_MODEL_NAME
 
-# Keys of a model's recommendation that are sampling arguments of Pipeline.generate / stream.
-SAMPLING_KEYS = ("mode", "num_inference_steps", "shift", "guidance_scale", "ar_step", "causal_block_size",
-                 "sink_blocks", "window_blocks", "height", "width")
+# Keys of a model's recommendation that are sampling arguments of Pipeline.generate / stream: the
+# request type's fields marked `recommended` (runtime/request.py).
+SAMPLING_KEYS = RECOMMENDED_KEYS
 
 
 def default_model_dir() -> Path:

@@ -27,6 +27,7 @@ from skyrt import _core
 
 from . import latents as lat
 from .backends.base import Backend, TextContext
+from .request import SETTINGS, STREAM_DEFAULTS, STREAM_EXCLUDED, GenerationRequest, with_request_signature
 from .scheduler import FlowEulerScheduler, FlowUniPCScheduler, flow_timesteps
 from .video_io import ImageLike, VideoLike, load_image, load_video, to_model_pixels, to_uint8_frames
 
@@ -35,59 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("skyrt.pipeline")
 
-MODES = ("window", "kvcache")
-OUTPUTS = ("frames", "latent")
-OVERLAP_CARRIES = ("pixel", "latent")
-CONDITION_NOISE = ("step", "once")
-SAMPLERS = ("unipc", "euler")
 STREAM_FRAMES = 1 + 4 * 2**40  # "forever": a stream is planned one window at a time
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Every generation setting, validated once at the edge (see `Pipeline.generate`)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    num_frames: int = 97
-    height: int = 544
-    width: int = 960
-    num_inference_steps: int = 30
-    guidance_scale: float = 6.0
-    shift: float = 8.0
-    ar_step: int = 0
-    causal_block_size: int = 1
-    base_num_frames: int = 97
-    overlap_history: int | None = None
-    addnoise_condition: float = 0
-    fps: int = 24
-    seed: int | None = None
-    mode: str = "window"
-    output: str = "frames"
-    overlap_carry: str = "pixel"
-    sampler: str = "unipc"
-    causal_attention: bool = False
-    sink_blocks: int = 1
-    window_blocks: int = 8
-    condition_noise: str = "step"  # addnoise_condition noise: redrawn every "step" (official) or "once"
-
-    @property
-    def latent_frames(self) -> int:
-        """Latent frames whose decode covers num_frames (window mode's 1 + 4k frames: exactly)."""
-        return lat.latents_covering(self.num_frames)
-
-    @property
-    def latent_size(self) -> tuple[int, int]:
-        return self.height // lat.SPATIAL_FACTOR, self.width // lat.SPATIAL_FACTOR
-
-    @property
-    def use_cfg(self) -> bool:
-        # Official: classifier-free guidance only when the scale exceeds 1.
-        return self.guidance_scale > 1.0
-
-    @property
-    def is_long(self) -> bool:
-        return self.overlap_history is not None and self.num_frames > self.base_num_frames
 
 
 @dataclass
@@ -163,37 +112,10 @@ class Pipeline:
         self.preset = preset
 
     # ------------------------------------------------------------------ public API
-    def generate(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        num_frames: int = 97,
-        height: int = 544,
-        width: int = 960,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 6.0,
-        shift: float = 8.0,
-        ar_step: int = 0,
-        causal_block_size: int = 1,
-        base_num_frames: int = 97,
-        overlap_history: int | None = None,
-        addnoise_condition: float = 0,
-        fps: int = 24,
-        seed: int | None = None,
-        image: ImageLike | None = None,
-        video: VideoLike | None = None,
-        end_image: ImageLike | None = None,
-        mode: str = "window",
-        output: str = "frames",
-        latents: np.ndarray | None = None,
-        overlap_carry: str = "pixel",
-        sampler: str = "unipc",
-        causal_attention: bool | None = None,
-        sink_blocks: int = 1,
-        window_blocks: int = 8,
-        condition_noise: str | None = None,
-        progress: bool = True,
-    ) -> np.ndarray:
+    @with_request_signature()
+    def generate(self, *, image: ImageLike | None = None, video: VideoLike | None = None,
+                 end_image: ImageLike | None = None, latents: np.ndarray | None = None, progress: bool = True,
+                 **settings) -> np.ndarray:
         """Generate a video.
 
         Returns uint8 frames [T, H, W, 3] (output="frames") or model-space float32 latents
@@ -217,7 +139,7 @@ class Pipeline:
         in kvcache mode, where the prefix is committed once).
         """
         self._check_preset_inputs(image=image, video=video, end_image=end_image)
-        req = self._request(self._with_preset(locals(), Pipeline.generate))
+        req = self._request(self._with_preset(settings, Pipeline.generate), latents)
         cond = self._condition(req, image, video, end_image)
         if req.mode == "kvcache":
             return self._generate_kvcache(req, cond, latents, progress)
@@ -228,33 +150,9 @@ class Pipeline:
             return rollout.latents(include_first_prefix=cond.input_pixels is None)
         return self._decode(req, cond, rollout)
 
-    def stream(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        height: int = 544,
-        width: int = 960,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 6.0,
-        shift: float = 8.0,
-        ar_step: int | None = None,
-        causal_block_size: int = 1,
-        base_num_frames: int = 97,
-        overlap_history: int = 17,
-        addnoise_condition: float = 0,
-        fps: int = 24,
-        seed: int | None = None,
-        image: ImageLike | None = None,
-        mode: str = "window",
-        overlap_carry: str = "latent",
-        sampler: str = "unipc",
-        causal_attention: bool | None = None,
-        sink_blocks: int = 1,
-        window_blocks: int = 8,
-        condition_noise: str | None = None,
-        output: str = "frames",
-        max_chunks: int | None = None,
-    ) -> "FrameStream":
+    @with_request_signature(exclude=STREAM_EXCLUDED, defaults=STREAM_DEFAULTS)
+    def stream(self, *, image: ImageLike | None = None, max_chunks: int | None = None,
+               **settings) -> FrameStream:
         """An endless stream: iterate it for uint8 frame chunks [n, H, W, 3] (or, with output="latent",
         model-space latent chunks [16, f, h, w]) forever, or for `max_chunks` chunks.
 
@@ -270,10 +168,10 @@ class Pipeline:
         concatenated stream equals a whole decode of all latents.
         """
         self._check_preset_inputs(image=image)
-        settings = self._with_preset(dict(locals()), Pipeline.stream)
+        settings = self._with_preset(settings, Pipeline.stream)
         mode, num_inference_steps, ar_step = settings["mode"], settings["num_inference_steps"], settings["ar_step"]
         # A stream is a long video of unbounded length: windows are planned one at a time.
-        settings.update(num_frames=STREAM_FRAMES, latents=None)
+        settings["num_frames"] = STREAM_FRAMES
         if ar_step is None:
             settings["ar_step"] = num_inference_steps if mode == "kvcache" else 0
         if mode == "kvcache":
@@ -423,10 +321,10 @@ class Pipeline:
             decoder.close()
 
     # ------------------------------------------------------------------ validation
-    def _request(self, args: dict) -> GenerationRequest:
-        """Build and validate a request from generate()'s keywords."""
-        fields = GenerationRequest.__dataclass_fields__
-        values = {k: args[k] for k in fields if k in args}
+    def _request(self, settings: dict, initial: np.ndarray | None = None) -> GenerationRequest:
+        """Build and validate a request from generate() / stream()'s settings (other keys are ignored);
+        `initial` is generate's `latents` (the first window's noise), checked against the request's shape."""
+        values = {f.name: settings[f.name] for f in SETTINGS if f.name in settings}
         if values.get("causal_attention") is None:
             values["causal_attention"] = self.model.num_frame_per_block > 1
         if values.get("condition_noise") is None:
@@ -435,7 +333,6 @@ class Pipeline:
         validate_request(req)
         if self.preset is not None:
             self._validate_preset(req)
-        initial = args.get("latents")
         if initial is not None:
             expected = self._first_window_frames(req)
             shape = (lat.LATENT_CHANNELS, expected, *req.latent_size)
@@ -624,11 +521,9 @@ def new_sampler(req: GenerationRequest):
 
 def validate_request(req: GenerationRequest) -> None:
     """Refuse settings the public implementations would silently mishandle, naming a fix."""
-    _check_choice("mode", req.mode, MODES)
-    _check_choice("output", req.output, OUTPUTS)
-    _check_choice("overlap_carry", req.overlap_carry, OVERLAP_CARRIES)
-    _check_choice("sampler", req.sampler, SAMPLERS)
-    _check_choice("condition_noise", req.condition_noise, CONDITION_NOISE)
+    for f in SETTINGS:  # mode, output, overlap_carry, sampler, condition_noise: the request type's choices
+        if f.metadata["choices"] is not None:
+            _check_choice(f.name, getattr(req, f.name), f.metadata["choices"])
     if req.mode == "kvcache" and req.condition_noise == "step" and req.addnoise_condition > 0:
         raise ValueError(
             "mode='kvcache' commits the prefix once, so its addnoise_condition noise is drawn once: "
@@ -697,10 +592,9 @@ def check_block_alignment(req: GenerationRequest, w: Window) -> None:
     )
 
 
-def _check_choice(name: str, value, allowed, hint: str = "") -> None:
+def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        extra = f" ({hint})" if hint and name == "mode" else ""
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}{extra}")
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
 def _check_pixel_frames(name: str, value: int) -> None:

@@ -80,8 +80,10 @@ def test_open_captioner_on_an_export_folder(onnx_dir):
 
 def test_open_captioner_exports_a_checkpoint_once_into_the_cache(tiny_dir, onnx_dir, tmp_path, monkeypatch, capfd):
     exports = []
-    real_export = rc._export_checkpoint
-    monkeypatch.setattr(rc, "_export_checkpoint", lambda *a: exports.append(a) or real_export(*a))
+    from skyrt.runtime.captioner import first_use_export
+
+    real_export = first_use_export._export_checkpoint
+    monkeypatch.setattr(first_use_export, "_export_checkpoint", lambda *a: exports.append(a) or real_export(*a))
     first = rc.open_captioner(tiny_dir, threads=1)  # $SKYRT_CACHE: tmp_path / "cache" (fixture)
     assert len(exports) == 1
     assert first.dir.parent.parent == tmp_path / "cache" / "captioner"  # <cache>/captioner/<hash>/<settings>
@@ -98,7 +100,9 @@ def test_open_captioner_exports_a_checkpoint_once_into_the_cache(tiny_dir, onnx_
 
 
 def test_checkpoint_without_torch_says_to_install_the_export_extra(tiny_dir, clip, monkeypatch, capsys):
-    monkeypatch.setattr(rc, "missing_export_modules", lambda: ["torch"])
+    from skyrt.runtime.captioner import first_use_export
+
+    monkeypatch.setattr(first_use_export, "missing_export_modules", lambda: ["torch"])
     with pytest.raises(rc.CaptionerSetupError, match=r"missing here: torch.*skyrt\[export\].*--captioner"):
         rc.open_captioner(tiny_dir)
     assert main(["caption", str(clip), "--captioner", str(tiny_dir)]) == 2
@@ -268,7 +272,7 @@ def test_serve_passes_a_live_captioner(official_dir, onnx_dir, capsys, monkeypat
 def test_tensorrt_captioner_builds_engines_on_first_use_then_needs_a_gpu(onnx_dir, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
     from skyrt.runtime import cuda_mem
-    from skyrt.runtime.backends.tensorrt_captioner import CAPTIONER_ENGINES, read_captioner_engines
+    from skyrt.runtime.captioner.tensorrt_backend import CAPTIONER_ENGINES, read_captioner_engines
 
     if cuda_mem.device_count() > 0:
         pytest.skip("a GPU is present: benchmarks/gpu_validate.py runs the engines")
@@ -291,7 +295,7 @@ def test_tensorrt_captioner_builds_engines_on_first_use_then_needs_a_gpu(onnx_di
         rc.Captioner(onnx_dir, backend="tensorrt", cache_dir=cache, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.engine")} == built
     assert len([p for p in (cache / "engines").glob("*/captioner-*") if p.is_dir()]) == 1
-    from skyrt.runtime.backends.tensorrt_captioner import captioner_engine_folder
+    from skyrt.runtime.captioner.tensorrt_backend import captioner_engine_folder
 
     with pytest.raises(FileNotFoundError, match="neither a captioner engine folder .* nor a captioner export"):
         captioner_engine_folder(folder.parent, cache)
@@ -302,7 +306,7 @@ def test_tensorrt_captioner_refuses_incomplete_or_foreign_engine_folders(onnx_di
     import json
     import shutil
 
-    from skyrt.runtime.backends.tensorrt_captioner import captioner_engines_for, read_captioner_engines
+    from skyrt.runtime.captioner.tensorrt_backend import captioner_engines_for, read_captioner_engines
 
     folder = captioner_engines_for(onnx_dir, tmp_path / "cache", progress=False)
     with pytest.raises(FileNotFoundError, match="not a captioner engine folder"):
@@ -328,7 +332,7 @@ def test_tensorrt_captioner_refuses_incomplete_or_foreign_engine_folders(onnx_di
 @pytest.fixture(scope="module")
 def captioner_engines(onnx_dir, tmp_path_factory) -> Path:
     pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
-    from skyrt.runtime.backends.tensorrt_captioner import captioner_engines_for
+    from skyrt.runtime.captioner.tensorrt_backend import captioner_engines_for
 
     return captioner_engines_for(onnx_dir, tmp_path_factory.mktemp("trt-cache"), progress=False)
 
@@ -374,7 +378,7 @@ class OrtAsEngine:
 
 def _wired_trt_backend(onnx_dir: Path, engine_dir: Path):
     """A TrtCaptionerBackend whose engines are onnxruntime sessions over FakeDevice memory."""
-    from skyrt.runtime.backends.tensorrt_captioner import (KVPingPong, TrtCaptionerBackend, kv_capacity,
+    from skyrt.runtime.captioner.tensorrt_backend import (KVPingPong, TrtCaptionerBackend, kv_capacity,
                                                            read_captioner_engines)
     from skyrt.runtime.cuda_mem import DeviceArray
 
@@ -412,7 +416,7 @@ def test_tensorrt_captioner_host_logic_gives_onnxruntimes_tokens(onnx_dir, capti
 
 
 def test_tensorrt_captioner_refuses_stale_caches_and_sizes_its_engines_do_not_take(onnx_dir, captioner_engines):
-    from skyrt.runtime.backends.tensorrt_captioner import kv_capacity, profile_violations
+    from skyrt.runtime.captioner.tensorrt_backend import kv_capacity, profile_violations
 
     backend, _, _ = _wired_trt_backend(onnx_dir, captioner_engines)
     manifest = rc.read_manifest(onnx_dir)

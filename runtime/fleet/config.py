@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..request import STREAM_EXCLUDED, cli_settings, setting_type
 from ..server.playlist import Limits, RequestError, load_playlist, parse_playlist
 
 NAMESPACE = "skyrt-fleet"  # the Ray namespace of every fleet's named actors
@@ -41,14 +42,14 @@ PROXY_LOCATIONS = ("HeadOnly", "EveryNode")
 DEFAULT_STATE_DIR = "~/.local/state/skyrt/fleet"
 DEFAULT_PROMPT = "a red circle bouncing on a dark blue background"
 
-# Stream keys that are `skyrt serve` flags: value types as YAML gives them, flag = --key-with-dashes.
+# Stream keys that are `skyrt serve` flags: value types as YAML gives them, flag = --key-with-dashes. The
+# sampling keys are the serve command's sampling flags, from the request type (prompt apart: a control state).
 SERVE_KEYS = {
-    "model": str, "backend": str, "device": str, "negative_prompt": str, "height": int, "width": int, "steps": int,
-    "guidance_scale": float, "shift": float, "ar_step": int, "causal_block_size": int, "mode": str,
-    "sink_blocks": int, "window_blocks": int, "base_num_frames": int, "overlap_history": int,
-    "addnoise_condition": float, "overlap_carry": str, "fps": int, "seed": int, "formats": list,
-    "max_connections": int, "max_connections_per_address": int, "stall_timeout": float, "send_buffer_kib": int,
-    "http_nice": int,
+    "model": str, "backend": str, "device": str,
+    **{f.metadata["cli"].replace("-", "_"): setting_type(f)
+       for f in cli_settings(exclude=(*STREAM_EXCLUDED, "prompt"))},
+    "formats": list, "max_connections": int, "max_connections_per_address": int, "stall_timeout": float,
+    "send_buffer_kib": int, "http_nice": int,
 }
 # Stream keys of the fleet itself.
 FLEET_STREAM_KEYS = {"id", "prompt", "playlist", "token_file", "no_token", "gpus", "cpus"}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..latents import TEMPORAL_FACTOR
+from ..request import DEFAULTS, check_stream_settings
 from .broadcast import Broadcast
 from .connections import ConnectionLimits, ConnectionRegistry
 from .encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
@@ -85,10 +86,11 @@ class StreamServer:
         `caption_every_s` seconds (GET /caption)."""
         if "prompt" in sampling:
             raise ValueError("pass the prompt as `prompt=PromptChange(...)`, not inside `sampling`")
+        check_stream_settings(sampling)  # the request type's stream settings (and `image`), nothing else
         self.config = config
         self.pipe = pipe
         self.sampling = dict(sampling, fps=config.fps)
-        self.height, self.width = int(sampling.get("height", 544)), int(sampling.get("width", 960))
+        self.height, self.width = (int(sampling.get(key, DEFAULTS[key])) for key in ("height", "width"))
         self.metrics = Metrics()
         self.connections = ConnectionRegistry(config.connections)
         self.limits = replace(config.limits, min_duration_s=max(config.limits.min_duration_s,
@@ -199,7 +201,7 @@ class StreamServer:
             fps=self.config.fps,
             width=self.width,
             height=self.height,
-            mode=self.sampling.get("mode", "window"),
+            mode=self.sampling.get("mode", DEFAULTS["mode"]),
             formats=list(self.config.formats),
             frame_buffer=len(self.buffer),
             caption=None if self.captioner is None else self.captioner.latest()["caption"],
@@ -236,8 +238,8 @@ def lower_this_thread_priority(levels: int) -> None:
 def block_seconds(sampling: dict) -> float:
     """Seconds of output one generated chunk covers: a prompt change can show no sooner than this.
     kvcache mode: a block of `causal_block_size` latent frames; window mode: a window's new frames."""
-    fps = float(sampling.get("fps") or 24)
-    if sampling.get("mode", "window") == "window" and sampling.get("base_num_frames"):
+    fps = float(sampling.get("fps") or DEFAULTS["fps"])
+    if sampling.get("mode", DEFAULTS["mode"]) == "window" and sampling.get("base_num_frames"):
         frames = int(sampling["base_num_frames"]) - int(sampling.get("overlap_history") or 0)
     else:
         frames = TEMPORAL_FACTOR * int(sampling.get("causal_block_size") or 1)

