@@ -14,7 +14,7 @@
   velocity, new K/V, the ring) bound directly; cond and uncond run as one batch-2 call. A backend
   supplies `_run_bound(graph, inputs, outputs, cache)`; the session never allocates after warm-up.
 
-Semantics are the torch backend's (runtime/backends/torch_backend.py); tests/test_onnxruntime_backend.py
+Semantics are the torch backend's (export/torch_backend.py); tests/test_onnxruntime_backend.py
 compares whole rollouts, tests/test_graph_sessions.py the buffer discipline.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ not spin by default (`spin=True` restores onnxruntime's default; see __init__).
 onnxruntime silently falls back to the CPU when a GPU provider cannot start: this backend checks
 what each session really got and refuses such a session with an error instead.
 
-Semantics are the torch backend's (runtime/backends/torch_backend.py); tests/test_onnxruntime_backend.py
+Semantics are the torch backend's (export/torch_backend.py); tests/test_onnxruntime_backend.py
 compares whole rollouts. Run them: python -m pytest tests/test_onnxruntime_backend.py -q
 """
 from __future__ import annotations

@@ -183,10 +183,11 @@ class TrtCaptionerBackend:
     `captioner_engine_folder` for an export folder. Opens the GPU (a clear CudaError without one)."""
 
     def __init__(self, engine_dir: str | Path, builder: str = "auto"):
-        from skyrt.export.engine import import_builder  # torch-free
-
         from ..cuda_mem import DeviceArray, Stream, compute_capability
+        from ..registry import resolve
         from .tensorrt_backend import TrtEngine
+
+        import_builder = resolve("engine:import_builder")  # torch-free
 
         self.dir = Path(engine_dir)
         onnx_manifest, manifests, builder = read_captioner_engines(self.dir, builder)

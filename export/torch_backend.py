@@ -1,5 +1,8 @@
 """The torch reference backend: skyrt.export's modules, fp32 on the CPU by default.
 
+It lives with the torch code; the runtime reaches it by name (runtime/registry.py, "backend:torch"),
+so `skyrt.load(..., backend="torch")` works while skyrt.runtime never imports torch.
+
 This is the oracle-checked path (tests compare it with diffusers); engines are checked against it.
 
 The KV-cached stream (TorchKVStreamSession) runs on the rollout core's own buffers, seen as torch
@@ -12,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec, StreamingDecoder, TextContext
+from skyrt.runtime.backends.base import (Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec,
+                                         StreamingDecoder, TextContext)
 
 
 class TorchStreamingDecoder(StreamingDecoder):
