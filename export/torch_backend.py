@@ -12,8 +12,13 @@ current stream). With a CUDA device nothing of the stream's state crosses to the
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
+
+from skyrt.runtime.artifact_cache import tree_sha256
+from skyrt.runtime.model_folder import text_encoder_files
 
 from skyrt.runtime.backends.base import (Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec,
                                          StreamingDecoder, TextContext)
@@ -68,9 +73,21 @@ class TorchBackend(Backend):
         return backend
 
     @torch.inference_mode()
-    def encode_text(self, prompt: str) -> TextContext:
+    def run_text_encoder(self, prompt: str) -> TextContext:
         context = self.text_encoder.encode([prompt]).to(self.device, self.dtype)  # [1, text_len, text_dim]
         return TextContext(prompt=prompt, value=context)
+
+    def text_encoder_hash(self) -> str:
+        """The model folder's umT5 and tokenizer files, this backend's name and dtype (contexts of
+        other dtypes differ in the last bits)."""
+        files = tree_sha256(text_encoder_files(self.model))
+        return hashlib.sha256(f"{self.name}|{self.dtype}|{files}".encode()).hexdigest()
+
+    def context_to_array(self, value: torch.Tensor) -> np.ndarray:
+        return value.detach().float().cpu().numpy()
+
+    def context_from_array(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, self.dtype)
 
     @torch.inference_mode()
     def predict_velocity(self, latents, timesteps, context, fps_class, causal_block_size):

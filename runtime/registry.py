@@ -28,7 +28,7 @@ ENTRIES: dict[str, tuple[str, str]] = {
     # building engines from exported graphs (TensorRT / TensorRT-RTX; no torch)
     "engine:import_builder": ("skyrt.export.engine:import_builder", "tensorrt"),
     "engine:first_use_options": ("skyrt.export.engine:first_use_build_options", "tensorrt"),
-    "engine:build_folder": ("skyrt.export.engine:build_engine_folder", "tensorrt"),
+    "engine:write_folder": ("skyrt.export.engine:write_engine_folder", "tensorrt"),
 }
 
 # The exporter: the runtime runs it in a subprocess (`python -m EXPORTER ...`) so that the calling

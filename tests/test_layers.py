@@ -259,3 +259,64 @@ def test_relative_imports_resolve_like_python(tmp_path):
     got = {(i.importer, i.target) for i in imports}
     assert got == {("p", "p.q.r"), ("p.q", "p.s"), ("p.q.r", "p.q.u"), ("p.q.r", "p.s"),
                    ("p.q.r", "os.path")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: how the runtime reaches torch-side code, and what it says when an extra is missing
+
+
+def test_the_registry_resolves_every_name():
+    from skyrt.runtime import registry
+
+    for name in registry.ENTRIES:
+        assert callable(registry.resolve(name)), name
+    assert registry.backend_class("torch").__module__ == "skyrt.export.torch_backend"
+    assert set(registry.BACKENDS) == {"torch", "onnxruntime", "tensorrt"}
+
+
+def test_the_registry_names_the_missing_extra(monkeypatch):
+    from skyrt.runtime import registry
+
+    monkeypatch.setitem(registry.ENTRIES, "backend:nowhere", ("skyrt_test_absent_module:Backend", "export"))
+    try:
+        registry.backend_class("nowhere")
+    except registry.MissingExtraError as err:
+        assert "skyrt_test_absent_module" in str(err) and "pip install 'skyrt[export]'" in str(err)
+    else:
+        raise AssertionError("a module that is not installed resolved")
+    for bad in (lambda: registry.resolve("no:such"), lambda: registry.backend_class("jax")):
+        try:
+            bad()
+        except (KeyError, ValueError) as err:
+            assert "torch" in str(err) or "backend:torch" in str(err)  # the message lists what exists
+        else:
+            raise AssertionError("an unknown name resolved")
+
+
+def test_publish_leaves_no_half_entry(tmp_path):
+    from skyrt.runtime.artifact_cache import publish
+
+    complete = lambda p: (p / "done").is_file()  # noqa: E731
+    target = tmp_path / "entry"
+
+    def failing(staging):
+        staging.mkdir()
+        (staging / "half").write_text("x")
+        raise RuntimeError("the exporter died")
+
+    try:
+        publish(target, failing, complete)
+    except RuntimeError:
+        pass
+    assert not target.exists() and list(tmp_path.iterdir()) == []  # no entry, no staging folder
+
+    calls = []
+
+    def make(staging):
+        calls.append(staging)
+        staging.mkdir()
+        (staging / "done").write_text("ok")
+
+    assert publish(target, make, complete) == target and (target / "done").is_file()
+    assert publish(target, make, complete) == target and len(calls) == 1  # made once
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]

@@ -1,8 +1,8 @@
 """What every backend that runs skyrt's exported graphs shares, torch-free: onnxruntime and TensorRT.
 
 - Export folders and their manifest (export/onnx_export.py writes them): which graph serves which
-  static shapes, exporting a model folder's graphs on demand into the cache (a subprocess imports
-  torch, never this process).
+  static shapes; a model folder's graphs are exported on demand into the cache (runtime/
+  artifact_cache.py: a subprocess imports torch, never this process).
 - Host-side inputs: numpy ports of export/dit.py (float64 time sinusoid, real RoPE tables) and the
   tokenizer (`tokenizers` reading tokenizer.json, the official prompt cleaning).
 - `ExportedGraphBackend`: text encoder, window-mode DiT and VAE in terms of one `_run(graph, feeds)`
@@ -24,17 +24,14 @@ import functools
 import hashlib
 import html
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from .. import artifact_cache
 from .base import Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec, StreamingDecoder, TextContext
 
 MANIFEST = "manifest.json"
@@ -200,7 +197,8 @@ class _Graph:
 
 
 def default_cache_root() -> Path:
-    return Path(os.environ.get("SKYRT_CACHE", Path.home() / ".cache" / "skyrt")).expanduser()
+    """The cache root (runtime/artifact_cache.py cache_root; this name is what runtime/captioner.py imports)."""
+    return artifact_cache.cache_root()
 
 
 
@@ -288,32 +286,17 @@ class ExportedGraphBackend(Backend):
                     "precision": self.precision, "options": self.export_options}
         if group in GROUP_REVISION:
             settings["revision"] = GROUP_REVISION[group]
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        target = self.cache_root / "onnx" / self.model_hash[:16] / f"{group}-{key}"
-        if is_export_folder(target):
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         options = {**self.export_options, **needs, "precision": self.precision}
         if group == "window_causal":
             options["window_attention"] = "causal"
-        cmd = [sys.executable, "-m", "skyrt.export.export_cli", "onnx", "--model", str(self.source), "--out", str(tmp),
-               "--graphs", ",".join(graphs), "--model-hash", self.model_hash]
-        for k, v in options.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-        if not self.progress:
-            cmd.append("--no-progress")
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"exporting {', '.join(graphs)} failed (exit {result.returncode}): {' '.join(cmd)}\n"
-                               f"{result.stdout}")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished the same export first
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+        return artifact_cache.exported_graph_group(self.source, self.model_hash, self.cache_root, group, graphs,
+                                                   settings, options, self.progress, is_export_folder)
+
+    def _use_model_folder(self, path: Path, cache_dir: str | Path | None) -> None:
+        """Graphs of model folder `path` are exported group by group on first use into the cache."""
+        self.source = path
+        self.cache_root = artifact_cache.cache_root(cache_dir)
+        self.model_hash = artifact_cache.model_hash(path, self.cache_root)
 
     # ---- text ---------------------------------------------------------------------------------
     def _text_graph(self) -> _Graph:
@@ -328,9 +311,10 @@ class ExportedGraphBackend(Backend):
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def context_from_array(self, array: np.ndarray) -> np.ndarray:
+        """Contexts are host float32 arrays here."""
         return np.ascontiguousarray(array, dtype=np.float32)
 
-    def encode_text(self, prompt: str) -> TextContext:
+    def run_text_encoder(self, prompt: str) -> TextContext:
         graph = self._text_graph()
         if self._tokenizer is None:
             manifest = self._manifests[graph.folder]

@@ -73,8 +73,8 @@ def read_captioner_engines(folder: Path, builder: str = "auto") -> tuple[dict, d
 
 def captioner_engines_for(onnx_dir: Path, cache_root: Path, builder: str = "auto", progress: bool = True) -> Path:
     """The cached engine folder of a captioner ONNX export, built on first use (TensorRT-RTX builds
-    without a GPU), keyed and built exactly like the DiT's (tensorrt_backend.cached_engine_folder)."""
-    from .tensorrt_backend import cached_engine_folder, engine_build_options
+    without a GPU), keyed and built exactly like the DiT's (artifact_cache.cached_engine_folder)."""
+    from ..artifact_cache import cached_engine_folder, engine_build_options
 
     options, trt = engine_build_options(builder, Path(cache_root))
     return cached_engine_folder(Path(onnx_dir), Path(cache_root), options, trt.__version__, prefix=CACHE_PREFIX,
