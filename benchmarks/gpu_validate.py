@@ -410,7 +410,7 @@ def _rollout_blocks(dit, contexts, device: str, overrides: dict, blocks: int, ta
 
     from skyrt.runtime import kvcache
     from skyrt.runtime.backends.base import TextContext
-    from skyrt.runtime.backends.torch_backend import TorchBackend
+    from skyrt.export.torch_backend import TorchBackend
     from skyrt.runtime.pipeline import Pipeline
 
     backend = TorchBackend.from_modules(copy.deepcopy(dit), device=device)
@@ -487,7 +487,7 @@ def run_throughput(seed: int, sizes: list[str], device: str = DEVICE, config=Non
     import torch
 
     from skyrt.export.dit import WanDiT
-    from skyrt.runtime.backends.torch_backend import TorchBackend
+    from skyrt.export.torch_backend import TorchBackend
     from skyrt.runtime.model_config import DF_1_3B_540P
 
     require_torch_device(device)

@@ -82,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_engine(args: argparse.Namespace) -> int:
     """Build engines (torch-free) and put the ONNX manifest and tokenizer beside them."""
-    from skyrt.runtime.backends.tensorrt_backend import prepare_engine_folder
-
-    from .engine import BuildOptions, build_engines, graphs_from_onnx_manifest, pick_builder
+    from .engine import BuildOptions, graphs_from_onnx_manifest, pick_builder, write_engine_folder
 
     specs = graphs_from_onnx_manifest(args.onnx)
     if args.graphs:
@@ -95,8 +93,7 @@ def run_engine(args: argparse.Namespace) -> int:
         specs = [s for s in specs if s.name in wanted]
     options = BuildOptions(builder=pick_builder(args.builder), optimization_level=args.optimization_level,
                            workspace_gib=args.workspace_gib, compute_capabilities=args.compute_capability)
-    paths = build_engines(specs, args.out, options, progress=not args.no_progress)
-    prepare_engine_folder(args.onnx, args.out)
+    paths = write_engine_folder(args.onnx, args.out, options, progress=not args.no_progress, graphs=specs)
     print(f"wrote {len(paths)} engines to {args.out}")
     return 0
 

@@ -7,13 +7,13 @@ weights are random: the video they make is structured noise, not content.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from skyrt.runtime.artifact_cache import cache_root, publish
 from skyrt.runtime.model_folder import OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
 
 from . import dit as dit_module
@@ -91,12 +91,8 @@ def _save_shards(state: dict, out: Path, num_shards: int, save_file) -> None:
 
 
 def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
-    """The built-in default model folder, written once into the cache (SKYRT_CACHE or ~/.cache/skyrt)."""
-    root = Path(cache_dir or os.environ.get("SKYRT_CACHE", Path.home() / ".cache" / "skyrt"))
-    target = root / DEFAULT_MODEL_NAME
-    if (target / "config.json").is_file():
-        return target
-    tmp = root / f".{DEFAULT_MODEL_NAME}.tmp-{os.getpid()}"
-    write_official_checkpoint(tmp, seed=0)
-    tmp.rename(target)  # atomic: a half-written folder is never taken for a model
-    return target
+    """The built-in default model folder, written once into skyrt's cache (runtime/artifact_cache.py:
+    $SKYRT_CACHE or ~/.cache/skyrt), published whole so a half-written folder is never taken for a model."""
+    target = cache_root(cache_dir) / DEFAULT_MODEL_NAME
+    return publish(target, lambda staging: write_official_checkpoint(staging, seed=0),
+                   lambda folder: (folder / "config.json").is_file())

@@ -28,8 +28,8 @@ def source_spec(model_dir: str | Path | None, backend: str = "torch") -> ModelSp
 
 
 def load(model_dir: str | Path | None = None, backend: str = "torch", device: str = "cpu", preset: str | None = None,
-         **options) -> Pipeline:
-    """Load a model for `backend`.
+         text_cache: str | Path | None = None, **options) -> Pipeline:
+    """Load a model for `backend` (this is `skyrt.load`).
 
     Args:
         model_dir: see `source_spec`; None uses skyrt's built-in default model.
@@ -41,13 +41,21 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
             runtime/causal_family.py): `model_dir` holds its checkpoint beside the Wan2.1 VAE and umT5
             files, and the pipeline runs its own sampler with its recommended settings. The options
             checkpoint=, lora=, lora_alpha=, use_ema= override which files (and how) it loads.
+        text_cache: a folder where prompt embeddings are kept, so no prompt is ever encoded twice
+            (runtime/text_cache.py).
         options: passed to the backend (e.g. precision, cache_dir, builder).
     """
     if backend == "tensorrt" and device == "cpu":
         device = "cuda"  # engines only run on the GPU; "cpu" is merely skyrt.load's default
     if preset is not None:
-        return _load_preset(model_dir, backend, device, preset, options)
-    return Pipeline(get_backend(backend, source_spec(model_dir, backend), device=device, **options))
+        pipe = _load_preset(model_dir, backend, device, preset, options)
+    else:
+        pipe = Pipeline(get_backend(backend, source_spec(model_dir, backend), device=device, **options))
+    if text_cache is not None:
+        from .text_cache import enable_text_cache
+
+        enable_text_cache(pipe.backend, text_cache)
+    return pipe
 
 
 def _load_preset(model_dir, backend: str, device: str, name: str, options: dict) -> Pipeline:

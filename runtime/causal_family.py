@@ -160,9 +160,9 @@ def causal_model_spec(folder: str | Path, preset: CausalPreset, **options):
     if files.config_json is not None:
         config = DiTConfig.from_official(files.config_json)
     else:
-        from skyrt.export.causal_checkpoint import checkpoint_config
+        from .registry import resolve
 
-        config = checkpoint_config(files)
+        config = resolve("causal:checkpoint_config")(files)
     return ModelSpec(path=folder, layout="causal", dit_config=config.to_official(), family=files)
 
 

@@ -26,9 +26,9 @@ def default_model_dir() -> Path:
     without it (a trimmed install), skyrt's tiny random-weight model (written into the cache on first use)."""
     if (SHIPPED_DEMO_MODEL / "config.json").is_file():
         return SHIPPED_DEMO_MODEL
-    from skyrt.export.tiny import ensure_default_model
+    from .registry import resolve
 
-    return ensure_default_model()
+    return resolve("default_model:write")()
 
 
 def recommended_sampling(model_dir: str | Path) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ENGINE_MANIFEST_SUFFIX = ".engine.json"
+ONNX_MANIFEST_COPY = "onnx_manifest.json"  # an engine folder's copy of the ONNX export's manifest
 MANIFEST_VERSION = 1
 
 # Builder name -> the module its wheel installs and how to get it.

@@ -34,7 +34,7 @@ from skyrt import _core
 
 from . import latents as lat
 from .backends.base import Backend, KVStepCall, KVStreamSpec, TextContext
-from .scheduler import flow_sigmas
+from .scheduler import flow_sigmas, flow_timesteps
 
 ROPE_TABLE = 1024  # positions in the model's RoPE table
 
@@ -108,13 +108,11 @@ class KVRollout:
 
     def __init__(self, backend: Backend, req, cond: TextContext, uncond: TextContext | None, rng, settings: KVSettings,
                  horizon_blocks: int | None = None, prefix: np.ndarray | None = None, noise: np.ndarray | None = None):
-        from .pipeline import timestep_template
-
         self.backend, self.req, self.rng = backend, req, rng
         self.block = req.causal_block_size
         settings.validate(self.block)
         self.h, self.w = req.latent_size
-        template = timestep_template(req)
+        template = flow_timesteps(req.num_inference_steps, req.shift)  # the DF step template (as the pipeline's)
         self.num_steps = len(template)
         self.prefix_blocks = 0 if prefix is None else prefix.shape[1] // self.block
         in_flight = self._in_flight(horizon_blocks)

@@ -60,3 +60,12 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ModelFolderError(f"{path} is not valid JSON: {err}") from err
+
+
+def text_encoder_files(spec: ModelSpec) -> list[Path]:
+    """The files that decide a model folder's text contexts: umT5 weights and tokenizer (those present)."""
+    if spec.layout == "official":
+        parts = [spec.path / OFFICIAL_T5, spec.path / OFFICIAL_TOKENIZER]
+    else:
+        parts = [spec.path / "text_encoder", spec.path / "tokenizer"]
+    return [p for p in parts if p.exists()]

@@ -11,7 +11,9 @@ few KB to a few hundred KB instead of text_len * d_model * 4 bytes (8 MB for umT
 - An unreadable or mismatching entry is re-encoded and rewritten, with a warning.
 
 Use it around any backend: `enable_text_cache(backend, folder)` (or `skyrt.load(..., text_cache=folder)`)
-makes `backend.encode_text` go through a `CachedTextEncoder`. Torch-free (numpy only).
+sets `backend.text_cache`, which Backend.encode_text reads through (the backend's methods are not
+replaced). Torch-free (numpy only): the backend converts its contexts (Backend.context_to_array /
+context_from_array) and names its encoder (Backend.text_encoder_hash).
 
 Run the tests: python -m pytest tests/test_text_cache.py -q
 """
@@ -23,7 +25,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -31,57 +33,6 @@ from .backends.base import Backend, TextContext
 
 SUFFIX = ".npz"
 _FORMAT = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Hashing model files (also the key of the onnxruntime backend's export cache)
-
-
-from .engine_manifest import file_sha256  # noqa: E402  one owner of file hashing
-
-
-def tree_sha256(paths: Iterable[str | Path], memo_file: str | Path | None = None) -> str:
-    """One sha256 over the files under `paths` (files or folders): relative names and contents.
-
-    Hidden files are skipped. `memo_file` (a json file) remembers each file's hash by (path, size,
-    mtime) so a 30 GB checkpoint is read once, not at every start.
-    """
-    memo: dict[str, str] = {}
-    memo_path = Path(memo_file) if memo_file else None
-    if memo_path and memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
-            memo = {}
-    digest = hashlib.sha256()
-    changed = False
-    for root in map(Path, paths):
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            rel = path.name if path == root else path.relative_to(root).as_posix()
-            if any(part.startswith(".") for part in Path(rel).parts):
-                continue
-            stat = path.stat()
-            stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-            if stamp not in memo:
-                memo[stamp] = file_sha256(path)
-                changed = True
-            digest.update(f"{root.name}/{rel}\0{memo[stamp]}\0".encode())
-    if memo_path and changed:
-        _atomic_write_bytes(memo_path, json.dumps(memo).encode())
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,54 +145,25 @@ class TextEmbeddingCache:
 # Wrapping a backend
 
 
-def encoder_hash_of(backend: Backend) -> str:
-    """What identifies a backend's text encoder: its own `text_encoder_hash()` when it has one (the
-    onnxruntime backend hashes its graph), else the text-encoder files of the model folder."""
-    own = getattr(backend, "text_encoder_hash", None)
-    if callable(own):
-        return own()
-    from .model_folder import OFFICIAL_T5, OFFICIAL_TOKENIZER
-
-    spec = backend.model
-    if spec.layout == "official":
-        parts = [spec.path / OFFICIAL_T5, spec.path / OFFICIAL_TOKENIZER]
-    else:
-        parts = [spec.path / "text_encoder", spec.path / "tokenizer"]
-    files = tree_sha256([p for p in parts if p.exists()])
-    # Different backends (and dtypes) give contexts that differ in the last bits: keep them apart.
-    return hashlib.sha256(f"{backend.name}|{getattr(backend, 'dtype', '')}|{files}".encode()).hexdigest()
-
-
-def _to_array(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor (torch backend); no torch import needed here
-        return value.detach().float().cpu().numpy()
-    return np.asarray(value, dtype=np.float32)
-
-
-def _from_array(backend: Backend, array: np.ndarray) -> Any:
-    own = getattr(backend, "context_from_array", None)
-    if callable(own):
-        return own(array)
-    if backend.name == "torch":
-        import torch  # the torch backend already imported it
-
-        return torch.from_numpy(array).to(backend.device, backend.dtype)
-    return array
-
-
 class CachedTextEncoder:
-    """`encode_text` through a TextEmbeddingCache; counts hits and misses (see `cache`)."""
+    """A backend's text encoder through a TextEmbeddingCache; counts hits and misses (see `cache`).
 
-    def __init__(self, backend: Backend, cache: TextEmbeddingCache | str | Path, encoder_hash: str | None = None):
+    The backend converts its contexts to and from the float32 arrays stored (Backend.context_to_array
+    / context_from_array) and names its encoder (Backend.text_encoder_hash, unless `encoder_hash` is
+    given). `encode`: what runs on a miss, default backend.encode_text (enable_text_cache passes the
+    backend's run_text_encoder, since its encode_text then reads through this wrapper)."""
+
+    def __init__(self, backend: Backend, cache: TextEmbeddingCache | str | Path, encoder_hash: str | None = None,
+                 encode: Callable[[str], TextContext] | None = None):
         self.backend = backend
         self.cache = cache if isinstance(cache, TextEmbeddingCache) else TextEmbeddingCache(cache)
-        self._encode = backend.encode_text  # the backend's own (bound) method
+        self._encode = encode if encode is not None else backend.encode_text
         self._encoder_hash = encoder_hash
 
     @property
     def encoder_hash(self) -> str:
         if self._encoder_hash is None:
-            self._encoder_hash = encoder_hash_of(self.backend)
+            self._encoder_hash = self.backend.text_encoder_hash()
         return self._encoder_hash
 
     @property
@@ -251,21 +173,19 @@ class CachedTextEncoder:
     def encode_text(self, prompt: str) -> TextContext:
         cached = self.cache.get(self.encoder_hash, prompt, self.text_len)
         if cached is not None:
-            return TextContext(prompt=prompt, value=_from_array(self.backend, cached))
+            return TextContext(prompt=prompt, value=self.backend.context_from_array(cached))
         context = self._encode(prompt)
-        self.cache.put(self.encoder_hash, prompt, self.text_len, _to_array(context.value))
+        self.cache.put(self.encoder_hash, prompt, self.text_len, self.backend.context_to_array(context.value))
         return context
 
 
 def enable_text_cache(backend: Backend, folder: str | Path | TextEmbeddingCache, max_bytes: int | None = None,
                       max_entries: int | None = None) -> CachedTextEncoder:
-    """Route `backend.encode_text` through an on-disk cache in `folder`; returns the wrapper."""
+    """Make `backend.encode_text` read through an on-disk cache in `folder` (Backend.text_cache);
+    returns the wrapper."""
     cache = folder if isinstance(folder, TextEmbeddingCache) else TextEmbeddingCache(folder, max_bytes, max_entries)
-    wrapper = CachedTextEncoder(backend, cache)
-    backend.encode_text = wrapper.encode_text  # instance attribute: the pipeline calls this one
-    backend.text_cache = wrapper
-    return wrapper
+    backend.text_cache = CachedTextEncoder(backend, cache, encode=backend.run_text_encoder)
+    return backend.text_cache
 
 
-__all__ = ["CachedTextEncoder", "TextEmbeddingCache", "enable_text_cache", "encoder_hash_of", "file_sha256",
-           "tree_sha256"]
+__all__ = ["CachedTextEncoder", "TextEmbeddingCache", "enable_text_cache"]

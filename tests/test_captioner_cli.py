@@ -80,10 +80,10 @@ def test_open_captioner_on_an_export_folder(onnx_dir):
 
 def test_open_captioner_exports_a_checkpoint_once_into_the_cache(tiny_dir, onnx_dir, tmp_path, monkeypatch, capfd):
     exports = []
-    from skyrt.runtime.captioner import first_use_export
+    from skyrt.runtime import artifact_cache
 
-    real_export = first_use_export._export_checkpoint
-    monkeypatch.setattr(first_use_export, "_export_checkpoint", lambda *a: exports.append(a) or real_export(*a))
+    real_export = artifact_cache.run_exporter
+    monkeypatch.setattr(artifact_cache, "run_exporter", lambda *a: exports.append(a) or real_export(*a))
     first = rc.open_captioner(tiny_dir, threads=1)  # $SKYRT_CACHE: tmp_path / "cache" (fixture)
     assert len(exports) == 1
     assert first.dir.parent.parent == tmp_path / "cache" / "captioner"  # <cache>/captioner/<hash>/<settings>

@@ -54,11 +54,10 @@ def onnx_dir(official_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_dir(onnx_dir, tmp_path_factory):
-    from skyrt.export.engine import BuildOptions, build_engines, graphs_from_onnx_manifest
+    from skyrt.export.engine import BuildOptions, write_engine_folder
 
     out = tmp_path_factory.mktemp("sessions-engines")
-    build_engines(graphs_from_onnx_manifest(onnx_dir), out, BuildOptions(builder="tensorrt-rtx"), progress=False)
-    tb.prepare_engine_folder(onnx_dir, out)
+    write_engine_folder(onnx_dir, out, BuildOptions(builder="tensorrt-rtx"), progress=False)
     return out
 
 

@@ -26,10 +26,11 @@ trt = pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the 
 import skyrt  # noqa: E402
 from skyrt.export import engine as engine_module  # noqa: E402
 from skyrt.export.engine import BuildOptions, build_engines, graphs_from_onnx_manifest  # noqa: E402
+from skyrt.runtime import artifact_cache as ac  # noqa: E402
 from skyrt.runtime import cuda_mem  # noqa: E402
-from skyrt.runtime.backends import onnxruntime_backend as ob  # noqa: E402
+from skyrt.runtime.backends import exported_graphs as eg  # noqa: E402
 from skyrt.runtime.backends import tensorrt_backend as tb  # noqa: E402
-from skyrt.runtime.engine_manifest import EngineMismatchError  # noqa: E402
+from skyrt.runtime.engine_manifest import ONNX_MANIFEST_COPY, EngineMismatchError  # noqa: E402
 
 CC = ["8.9"]  # an explicit target, to see it recorded in the manifests
 TINY = dict(height=32, width=32, block_frames=1, cache_blocks=3, max_active_blocks=2, window_frames=5)
@@ -52,7 +53,7 @@ def engine_dir(official_dir, tmp_path_factory):
     onnx_dir = _export(official_dir, tmp_path_factory.mktemp("onnx"))
     out = tmp_path_factory.mktemp("engines")
     build_engines(graphs_from_onnx_manifest(onnx_dir), out, BuildOptions(), progress=False)  # default targets
-    tb.prepare_engine_folder(onnx_dir, out)
+    engine_module.prepare_engine_folder(onnx_dir, out)
     return out
 
 
@@ -70,12 +71,12 @@ def _no_rebuilds(monkeypatch):
 
 
 def test_every_exported_graph_builds_with_tensorrt_rtx(engine_dir):
-    graphs = set(json.loads((engine_dir / tb.ONNX_MANIFEST_COPY).read_text())["graphs"])
+    graphs = set(json.loads((engine_dir / ONNX_MANIFEST_COPY).read_text())["graphs"])
     assert {"text_encoder", "cross_kv", "dit_window", "dit_window_causal", "dit_step", "vae_decode_first",
             "vae_decode_step", "vae_encode_first", "vae_encode_step"} <= graphs
     for name in graphs:
         assert (engine_dir / f"{name}.engine").stat().st_size > 0, name
-    assert tb.is_engine_folder(engine_dir)
+    assert ac.is_engine_folder(engine_dir)
     assert tb.engine_folder_spec(engine_dir).dit_config["num_layers"] >= 1
     manifest = json.loads((engine_dir / "dit_step.engine.json").read_text())
     assert manifest["compute_capabilities"] == list(engine_module.RTX_COMPUTE_CAPABILITIES)
@@ -158,7 +159,7 @@ def test_engine_folder_path_never_imports_torch(engine_dir):
 
 
 def _cached_engine_folders(cache):
-    return sorted(p for p in (cache / tb.ENGINE_CACHE).glob("tensorrt-rtx-*/*") if tb.is_engine_folder(p))
+    return sorted(p for p in (cache / ac.ENGINE_CACHE).glob("tensorrt-rtx-*/*") if ac.is_engine_folder(p))
 
 
 @needs_no_gpu
@@ -221,15 +222,15 @@ def test_onnx_folder_is_built_into_the_cache_on_load(official_dir, tmp_path, mon
 def test_cache_key_covers_onnx_hashes_builder_version_and_targets():
     onnx = {"graphs": {"cross_kv": {"sha256": {"cross_kv.onnx": "a"}}}}
     options = BuildOptions(compute_capabilities=["8.9"])
-    key = tb.engine_cache_key(onnx, options, "1.0")
+    key = ac.engine_cache_key(onnx, options, "1.0")
     changed = [
-        tb.engine_cache_key({"graphs": {"cross_kv": {"sha256": {"cross_kv.onnx": "b"}}}}, options, "1.0"),
-        tb.engine_cache_key(onnx, BuildOptions(builder="tensorrt", compute_capabilities=["8.9"]), "1.0"),
-        tb.engine_cache_key(onnx, options, "1.1"),
-        tb.engine_cache_key(onnx, BuildOptions(compute_capabilities=["8.6"]), "1.0"),
-        tb.engine_cache_key(onnx, BuildOptions(compute_capabilities=["8.9"], optimization_level=5), "1.0"),
+        ac.engine_cache_key({"graphs": {"cross_kv": {"sha256": {"cross_kv.onnx": "b"}}}}, options, "1.0"),
+        ac.engine_cache_key(onnx, BuildOptions(builder="tensorrt", compute_capabilities=["8.9"]), "1.0"),
+        ac.engine_cache_key(onnx, options, "1.1"),
+        ac.engine_cache_key(onnx, BuildOptions(compute_capabilities=["8.6"]), "1.0"),
+        ac.engine_cache_key(onnx, BuildOptions(compute_capabilities=["8.9"], optimization_level=5), "1.0"),
     ]
-    assert key == tb.engine_cache_key(onnx, BuildOptions(compute_capabilities=["8.9"]), "1.0")
+    assert key == ac.engine_cache_key(onnx, BuildOptions(compute_capabilities=["8.9"]), "1.0")
     assert len({key, *changed}) == 1 + len(changed)
 
 
@@ -237,7 +238,7 @@ def test_the_runtime_refuses_bf16_before_building(official_dir, tmp_path, monkey
     """bf16 engines build (above) but the host side has no bfloat16 arrays: refused up front."""
     with pytest.raises(ValueError, match="bf16.*no bfloat16"):
         tb.TensorRTBackend(tb.engine_folder_spec(official_dir), precision="bf16")
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": ob.FORMAT, "precision": "bf16", "graphs": {},
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": eg.FORMAT, "precision": "bf16", "graphs": {},
                                                         "model": {"dit_config": {"num_layers": 2, "num_heads": 2,
                                                                                  "dim": 32}}}))
     _no_rebuilds(monkeypatch)
@@ -253,5 +254,5 @@ def test_export_engine_cli_builds_an_engine_folder(official_dir, tmp_path):
                  "32", "--graphs", "cross_kv", "--no-progress"]) == 0
     assert main(["export", "engine", "--onnx", str(onnx_dir), "--out", str(out), "--compute-capability", "8.6",
                  "--no-progress"]) == 0
-    assert tb.is_engine_folder(out)
+    assert ac.is_engine_folder(out)
     assert json.loads((out / "cross_kv.engine.json").read_text())["compute_capabilities"] == ["8.6"]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import skyrt
-from skyrt.runtime.text_cache import CachedTextEncoder, TextEmbeddingCache, tree_sha256
+from skyrt.runtime.artifact_cache import tree_sha256
+from skyrt.runtime.text_cache import CachedTextEncoder, TextEmbeddingCache
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,9 @@ class Counting:
     def encode_text(self, prompt):
         self.calls += 1
         return self.backend.encode_text(prompt)
+
+    def __getattr__(self, name):  # the rest of the Backend interface (context_to_array, ...) is the backend's
+        return getattr(self.backend, name)
 
 
 def test_hits_and_misses_with_a_real_encoder(backend, tmp_path):

@@ -13,6 +13,7 @@ backend that has the older per-call methods (kv_prompt, kv_step / kv_step_many) 
 from __future__ import annotations
 
 import abc
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,19 @@ class ModelSpec:
         return int(self.dit_config.get("num_frame_per_block", 1))
 
 
+_context_serials = itertools.count(1)
+
+
 @dataclass
 class TextContext:
-    """Encoded prompt(s): `value` is backend-native ([1, text_len, text_dim], zero-padded)."""
+    """Encoded prompt(s): `value` is backend-native ([1, text_len, text_dim], zero-padded).
+
+    `serial` is unique per context in this process: what a backend keys what it derives from a
+    context on (cross-attention K/V, a device slot), instead of storing it on the context."""
 
     prompt: str
     value: Any
+    serial: int = field(default_factory=lambda: next(_context_serials), compare=False, repr=False)
 
 
 class StreamingDecoder(abc.ABC):
@@ -200,16 +208,43 @@ def _tokens_per_frame(spec: KVStreamSpec) -> int:
 
 
 class Backend(abc.ABC):
-    """Runs the networks. Implementations: torch (reference), onnxruntime, TensorRT."""
+    """Runs the networks. Implementations: torch (export/torch_backend.py, the reference),
+    onnxruntime and TensorRT (runtime/backends/)."""
 
     name: str = "abstract"
+    # An on-disk text-embedding cache (runtime/text_cache.py CachedTextEncoder) that encode_text reads
+    # through; set by enable_text_cache, None: every prompt runs the text encoder.
+    text_cache: Any = None
 
     def __init__(self, model: ModelSpec):
         self.model = model
 
-    @abc.abstractmethod
     def encode_text(self, prompt: str) -> TextContext:
-        """umT5-encode one prompt, zero-padded to the model's text_len."""
+        """One prompt's context, zero-padded to the model's text_len: from the text cache when one is
+        set (a miss runs the encoder and stores the result), else run_text_encoder."""
+        if self.text_cache is not None:
+            return self.text_cache.encode_text(prompt)
+        return self.run_text_encoder(prompt)
+
+    @abc.abstractmethod
+    def run_text_encoder(self, prompt: str) -> TextContext:
+        """umT5-encode one prompt, zero-padded to the model's text_len (no cache)."""
+
+    # -- what the text cache needs: an identity for the encoder, contexts to and from numpy ------
+    @abc.abstractmethod
+    def text_encoder_hash(self) -> str:
+        """sha256 hex identifying this backend's text encoder: equal hashes mean equal contexts for
+        every prompt (the text cache's key). It covers the encoder's weights and tokenizer and what
+        changes the last bits of a context (backend, dtype)."""
+
+    def context_to_array(self, value: Any) -> np.ndarray:
+        """A context's value as float32 numpy [1, text_len, text_dim] (what the text cache stores)."""
+        return np.asarray(value, dtype=np.float32)
+
+    def context_from_array(self, array: np.ndarray) -> Any:
+        """A context value of this backend from float32 numpy [1, text_len, text_dim] (a text cache
+        hit): the inverse of context_to_array."""
+        return array
 
     @abc.abstractmethod
     def predict_velocity(

@@ -1,8 +1,8 @@
 """What every backend that runs skyrt's exported graphs shares, torch-free: onnxruntime and TensorRT.
 
 - Export folders and their manifest (export/onnx_export.py writes them): which graph serves which
-  static shapes, exporting a model folder's graphs on demand into the cache (a subprocess imports
-  torch, never this process).
+  static shapes; a model folder's graphs are exported on demand into the cache (runtime/
+  artifact_cache.py: a subprocess imports torch, never this process).
 - Host-side inputs: the time sinusoid and RoPE tables (runtime/rope.py, the one definition) and the
   tokenizer (`tokenizers` reading tokenizer.json, the official prompt cleaning).
 - `ExportedGraphBackend`: text encoder, window-mode DiT and VAE in terms of one `_run(graph, feeds)`
@@ -14,7 +14,7 @@
   velocity, new K/V, the ring) bound directly; cond and uncond run as one batch-2 call. A backend
   supplies `_run_bound(graph, inputs, outputs, cache)`; the session never allocates after warm-up.
 
-Semantics are the torch backend's (runtime/backends/torch_backend.py); tests/test_onnxruntime_backend.py
+Semantics are the torch backend's (export/torch_backend.py); tests/test_onnxruntime_backend.py
 compares whole rollouts, tests/test_graph_sessions.py the buffer discipline.
 """
 from __future__ import annotations
@@ -22,10 +22,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,6 +31,7 @@ import numpy as np
 from ..latents import PATCH_SPATIAL as PATCH, SPATIAL_FACTOR as SPATIAL, TEMPORAL_FACTOR
 from ..prompt import clean_prompt
 from ..rope import rope_cos_sin, timestep_sinusoid
+from .. import artifact_cache
 from .base import Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec, StreamingDecoder, TextContext
 
 MANIFEST = "manifest.json"
@@ -140,11 +137,6 @@ class _Graph:
         return all(static.get(k) == v for k, v in needs.items())
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("SKYRT_CACHE", Path.home() / ".cache" / "skyrt")).expanduser()
-
-
-
 # ----------------------------------------------------------------------------------------------
 # The shared backend
 
@@ -229,32 +221,17 @@ class ExportedGraphBackend(Backend):
                     "precision": self.precision, "options": self.export_options}
         if group in GROUP_REVISION:
             settings["revision"] = GROUP_REVISION[group]
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        target = self.cache_root / "onnx" / self.model_hash[:16] / f"{group}-{key}"
-        if is_export_folder(target):
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         options = {**self.export_options, **needs, "precision": self.precision}
         if group == "window_causal":
             options["window_attention"] = "causal"
-        cmd = [sys.executable, "-m", "skyrt.export.export_cli", "onnx", "--model", str(self.source), "--out", str(tmp),
-               "--graphs", ",".join(graphs), "--model-hash", self.model_hash]
-        for k, v in options.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-        if not self.progress:
-            cmd.append("--no-progress")
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"exporting {', '.join(graphs)} failed (exit {result.returncode}): {' '.join(cmd)}\n"
-                               f"{result.stdout}")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished the same export first
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+        return artifact_cache.exported_graph_group(self.source, self.model_hash, self.cache_root, group, graphs,
+                                                   settings, options, self.progress, is_export_folder)
+
+    def _use_model_folder(self, path: Path, cache_dir: str | Path | None) -> None:
+        """Graphs of model folder `path` are exported group by group on first use into the cache."""
+        self.source = path
+        self.cache_root = artifact_cache.cache_root(cache_dir)
+        self.model_hash = artifact_cache.model_hash(path, self.cache_root)
 
     # ---- text ---------------------------------------------------------------------------------
     def _text_graph(self) -> _Graph:
@@ -269,9 +246,10 @@ class ExportedGraphBackend(Backend):
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def context_from_array(self, array: np.ndarray) -> np.ndarray:
+        """Contexts are host float32 arrays here."""
         return np.ascontiguousarray(array, dtype=np.float32)
 
-    def encode_text(self, prompt: str) -> TextContext:
+    def run_text_encoder(self, prompt: str) -> TextContext:
         graph = self._text_graph()
         if self._tokenizer is None:
             manifest = self._manifests[graph.folder]

@@ -24,11 +24,12 @@ not spin by default (`spin=True` restores onnxruntime's default; see __init__).
 onnxruntime silently falls back to the CPU when a GPU provider cannot start: this backend checks
 what each session really got and refuses such a session with an error instead.
 
-Semantics are the torch backend's (runtime/backends/torch_backend.py); tests/test_onnxruntime_backend.py
+Semantics are the torch backend's (export/torch_backend.py); tests/test_onnxruntime_backend.py
 compares whole rollouts. Run them: python -m pytest tests/test_onnxruntime_backend.py -q
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,13 +38,12 @@ import numpy as np
 
 from ..rope import rope_cos_sin, timestep_sinusoid
 from .base import ModelSpec, StreamingDecoder, TextContext
-from .exported_graphs import (FORMAT, GROUP_GRAPHS, GROUP_OF, GROUP_REVISION, MANIFEST, ORT_CPU_VARIANT, PATCH,
-                              SPATIAL, BoundStreamingDecoder, ExportedGraphBackend, PromptTokenizer,
-                              _Graph, clean_prompt, default_cache_root, export_folder_spec, is_export_folder,
-                              read_manifest)
+from .exported_graphs import (PATCH, SPATIAL, BoundStreamingDecoder, ExportedGraphBackend, PromptTokenizer, _Graph,
+                              clean_prompt, export_folder_spec, is_export_folder, read_manifest)
 
 # ORT's CPU provider has no bfloat16 MatMul (it refuses bf16 MatMul nodes): bf16 exports are for TensorRT.
 ORT_PRECISIONS = ("fp32", "fp16")
+PROMPT_MEMO = 2  # contexts whose cross K/V are kept (cond and uncond of the current prompt)
 _ORT_ELEMENT = {"float32": np.float32, "float16": np.float16, "uint8": np.bool_, "int64": np.int64}
 
 
@@ -142,15 +142,12 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         self._folders: list[Path] = []
         self._manifests: dict[Path, dict] = {}
         self._tokenizer: PromptTokenizer | None = None
+        self._prompt_memo: OrderedDict[int, OrtPrompt] = OrderedDict()  # context serial -> cross K/V
         if model.layout == "onnx" or is_export_folder(model.path):
             self.source = None  # a fixed export folder
             self._add_folder(Path(model.path))
         else:
-            self.source = Path(model.path)  # a model folder: export on demand into the cache
-            from ..text_cache import tree_sha256
-
-            self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
-            self.model_hash = tree_sha256([self.source], memo_file=self.cache_root / "file-hashes.json")
+            self._use_model_folder(Path(model.path), cache_dir)  # export on demand into the cache
         self._read_dit_layout(model.dit_config)
 
     def _add_folder(self, folder: Path) -> None:
@@ -240,15 +237,18 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         bound.session.run_with_iobinding(bound.binding)
 
     def _cross_kv(self, context: TextContext) -> OrtPrompt:
-        """Cross-attention K/V of a context, computed once and remembered on the context object."""
-        memo = context.__dict__.get("_onnxruntime_cross_kv")
-        if memo is not None and memo[0] == id(self):
-            return memo[1]
+        """Cross-attention K/V of a context, remembered for the last PROMPT_MEMO contexts (by serial):
+        window mode alternates cond and uncond at every row and computes each once."""
+        prompt = self._prompt_memo.get(context.serial)
+        if prompt is not None:
+            self._prompt_memo.move_to_end(context.serial)
+            return prompt
         graph = self._graph("cross_kv")
         k, v = self._run(graph, {"context": np.ascontiguousarray(context.value, dtype=np.float32)},
                          keep_on_device=("cross_k", "cross_v"))
-        prompt = OrtPrompt(k, v)
-        context.__dict__["_onnxruntime_cross_kv"] = (id(self), prompt)
+        prompt = self._prompt_memo[context.serial] = OrtPrompt(k, v)
+        while len(self._prompt_memo) > PROMPT_MEMO:
+            self._prompt_memo.popitem(last=False)
         return prompt
 
     # ---- DiT ----------------------------------------------------------------------------------

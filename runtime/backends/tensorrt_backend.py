@@ -44,29 +44,22 @@ the user's machine.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..engine_manifest import (ENGINE_MANIFEST_SUFFIX, EngineManifest, EngineMismatchError, check_engine,
-                               check_engine_size, read_engine_bytes)
+from .. import artifact_cache
+from ..engine_manifest import (ENGINE_MANIFEST_SUFFIX, ONNX_MANIFEST_COPY, EngineManifest, EngineMismatchError,
+                               check_engine, check_engine_size, read_engine_bytes)
+from ..registry import resolve
 from .base import ModelSpec, StreamingDecoder, TextContext
-from .exported_graphs import (BoundStreamingDecoder, ExportedGraphBackend, _Graph, default_cache_root,
-                              export_folder_spec, is_export_folder, read_manifest)
+from .exported_graphs import (BoundStreamingDecoder, ExportedGraphBackend, _Graph, export_folder_spec,
+                              is_export_folder, read_manifest)
 
-ONNX_MANIFEST_COPY = "onnx_manifest.json"  # the ONNX export's manifest, copied beside the engines
-ENGINE_CACHE = "engines"  # under the cache root
 TRT_PRECISIONS = ("fp32", "fp16")  # what the host side feeds and reads (numpy has no bfloat16)
-
-
-def is_engine_folder(path: str | Path) -> bool:
-    return (Path(path) / ONNX_MANIFEST_COPY).is_file() and any(Path(path).glob(f"*{ENGINE_MANIFEST_SUFFIX}"))
 
 
 def engine_folder_spec(path: str | Path | None) -> ModelSpec:
@@ -78,7 +71,7 @@ def engine_folder_spec(path: str | Path | None) -> ModelSpec:
 
         path = default_model_dir()
     path = Path(path).expanduser()
-    if is_engine_folder(path):
+    if artifact_cache.is_engine_folder(path):
         manifest = json.loads((path / ONNX_MANIFEST_COPY).read_text())
         return ModelSpec(path=path, layout="engines", dit_config=manifest["model"]["dit_config"])
     if is_export_folder(path):
@@ -86,80 +79,6 @@ def engine_folder_spec(path: str | Path | None) -> ModelSpec:
     from ..model_folder import inspect_model_folder
 
     return inspect_model_folder(path)
-
-
-def prepare_engine_folder(onnx_dir: Path, engine_dir: Path) -> None:
-    """What `skyrt export engine` adds beside the engines: the ONNX manifest, the tokenizer and (for
-    the captioner) the token embedding table the host side reads."""
-    manifest = json.loads((Path(onnx_dir) / "manifest.json").read_text())
-    (Path(engine_dir) / ONNX_MANIFEST_COPY).write_text(json.dumps(manifest, indent=2) + "\n")
-    for entry in (manifest.get("tokenizer"), manifest.get("embeddings")):
-        name = (entry or {}).get("file")
-        if name:
-            shutil.copy2(Path(onnx_dir) / name, Path(engine_dir) / name)
-
-
-def engine_cache_key(onnx_manifest: dict, options, builder_version: str) -> str:
-    """What decides whether cached engines fit: the ONNX files' hashes, builder and version, target
-    compute capabilities and builder options (BuildOptions)."""
-    parts = {
-        "onnx": {name: entry["sha256"] for name, entry in sorted(onnx_manifest["graphs"].items())},
-        "builder": options.builder, "version": builder_version, "targets": list(options.compute_capabilities),
-        "optimization_level": options.optimization_level, "workspace_gib": options.workspace_gib,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def engine_build_options(builder: str, cache_root: Path, compute_capabilities: Sequence[str] | None = None,
-                         optimization_level: int = 3):
-    """(BuildOptions, builder module) for engines built on first use into the cache under `cache_root`;
-    the DiT backend and the captioner share it so both key and build their engines alike."""
-    from skyrt.export.engine import BuildOptions, build_targets, import_builder, pick_builder
-
-    builder = pick_builder(builder)
-    trt = import_builder(builder)
-    # TensorRT-RTX default: every RTX target, not just the GPU present. Measured here: the
-    # tiny model's 9 engines take 6.9 s and 44.72 MB for 4 targets vs 6.8 s and 44.71 MB for one,
-    # so portability is free and one cache entry serves any RTX GPU.
-    timing = None
-    if builder == "tensorrt":  # one timing cache per TensorRT version, shared by every build
-        timing = Path(cache_root) / ENGINE_CACHE / f"timing-{trt.__version__}.cache"
-    options = BuildOptions(builder=builder, optimization_level=optimization_level,
-                           compute_capabilities=list(compute_capabilities) if compute_capabilities else None,
-                           timing_cache=timing)
-    return replace(options, compute_capabilities=build_targets(options)), trt
-
-
-def cached_engine_folder(onnx_dir: Path, cache_root: Path, options, builder_version: str, prefix: str = "",
-                         progress: bool = True) -> Path:
-    """The engine folder of an ONNX export in the cache, $SKYRT_CACHE/engines/<builder>-<version>/
-    <prefix><key>, built first when absent (the key: engine_cache_key)."""
-    manifest = json.loads((Path(onnx_dir) / "manifest.json").read_text())
-    key = engine_cache_key(manifest, options, builder_version)
-    target = Path(cache_root) / ENGINE_CACHE / f"{options.builder}-{builder_version}" / f"{prefix}{key}"
-    return build_engine_folder(Path(onnx_dir), target, options, progress=progress)
-
-
-def build_engine_folder(onnx_dir: Path, target: Path, options, progress: bool = True) -> Path:
-    """Engines for every graph of `onnx_dir` in `target` (built in a staging folder, renamed when
-    complete, so an interrupted build never leaves a half folder that looks usable)."""
-    from skyrt.export.engine import build_engines, graphs_from_onnx_manifest  # torch-free
-
-    if is_engine_folder(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        build_engines(graphs_from_onnx_manifest(onnx_dir), staging, options, progress=progress, final_dir=target)
-        prepare_engine_folder(onnx_dir, staging)
-        os.replace(staging, target)
-    except OSError:
-        if not is_engine_folder(target):  # not "another process finished the same build first"
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 # numpy dtype of an engine tensor -> the skyrt._core.Buffer dtype that holds it (bool as uint8)
@@ -324,7 +243,7 @@ class TensorRTBackend(ExportedGraphBackend):
         self.device, self.cuda_graphs, self.precision, self.progress = device, cuda_graphs, precision, progress
         self.threads = None
         self.export_options = dict(export_options or {})
-        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
+        self.cache_root = artifact_cache.cache_root(cache_dir)
         self._sessions: dict[Path, Any] = {}
         self._folders: list[Path] = []
         self._manifests: dict[Path, dict] = {}  # engine folder -> its ONNX manifest copy
@@ -334,21 +253,18 @@ class TensorRTBackend(ExportedGraphBackend):
         self._memory_device: str | None = None  # "cuda:N", set with the stream
         self._graph_factory = None  # cuda_mem.CudaGraph, set with the stream
         self._prompt_slots: list[dict] = []  # window mode's per-prompt cross K/V (_window_prompt)
-        self._prompt_serial = 0
+        self._prompt_clock = 0
         self.gpu_compute_capability: str | None = None
         self.source = None
         path = Path(model.path).expanduser()
-        if model.layout == "engines" or is_engine_folder(path):
+        if model.layout == "engines" or artifact_cache.is_engine_folder(path):
             self._open_engine_folder(path, builder)
         else:
             self._prepare_builds(builder, compute_capabilities, optimization_level)
             if model.layout == "onnx" or is_export_folder(path):
                 self._add_folder(self._engines_for(path))
             else:
-                from ..text_cache import tree_sha256
-
-                self.source = path  # a model folder: export + build group by group on first use
-                self.model_hash = tree_sha256([path], memo_file=self.cache_root / "file-hashes.json")
+                self._use_model_folder(path, cache_dir)  # a model folder: export + build group by group
         self._read_dit_layout(model.dit_config)
         if self._folders:
             self._open_gpu()  # engines to load: without a GPU, fail here rather than at the first prompt
@@ -356,9 +272,9 @@ class TensorRTBackend(ExportedGraphBackend):
     # ---- where the engines come from --------------------------------------------------------------
 
     def _open_engine_folder(self, path: Path, builder: str) -> None:
-        from skyrt.export.engine import import_builder  # torch-free
+        import_builder = resolve("engine:import_builder")  # torch-free
 
-        if not is_engine_folder(path):
+        if not artifact_cache.is_engine_folder(path):
             raise FileNotFoundError(f"{path} is not an engine folder (needs {ONNX_MANIFEST_COPY} and "
                                     f"*{ENGINE_MANIFEST_SUFFIX}): skyrt export engine --onnx ONNX_DIR --out {path}")
         builders = {EngineManifest.read(m).builder for m in path.glob(f"*{ENGINE_MANIFEST_SUFFIX}")}
@@ -373,14 +289,15 @@ class TensorRTBackend(ExportedGraphBackend):
 
     def _prepare_builds(self, builder: str, compute_capabilities: Sequence[str] | None, level: int) -> None:
         """Pick the builder and fix the build options (their targets are part of the cache key)."""
-        self.build_options, self.trt = engine_build_options(builder, self.cache_root, compute_capabilities, level)
+        self.build_options, self.trt = artifact_cache.engine_build_options(builder, self.cache_root,
+                                                                           compute_capabilities, level)
         self.builder = self.build_options.builder
 
     def _engines_for(self, onnx_dir: Path) -> Path:
         """The cached engine folder of an ONNX export folder, built first if needed (progress bar)."""
         _check_precision(read_manifest(onnx_dir), onnx_dir)  # before a build whose engines could not run
-        return cached_engine_folder(Path(onnx_dir), self.cache_root, self.build_options, self.trt.__version__,
-                                    progress=self.progress)
+        return artifact_cache.cached_engine_folder(Path(onnx_dir), self.cache_root, self.build_options,
+                                                   self.trt.__version__, progress=self.progress)
 
     def _export_group(self, group: str, needs: dict) -> Path:
         """A model folder's graph group: ONNX into the cache (subprocess, as onnxruntime does), then
@@ -485,10 +402,9 @@ class TensorRTBackend(ExportedGraphBackend):
         uncond alternate every row): a prompt switch overwrites a slot instead of allocating."""
         from skyrt import _core
 
-        serial = context.__dict__.get("_tensorrt_prompt")
         for slot in self._prompt_slots:
-            if serial is not None and slot["serial"] == (id(self), serial):
-                slot["used"] = self._prompt_serial = self._prompt_serial + 1
+            if slot["serial"] == context.serial:
+                slot["used"] = self._prompt_clock = self._prompt_clock + 1
                 return {"cross_k": slot["cross_k"], "cross_v": slot["cross_v"]}
         graph = self._graph("cross_kv")
         if len(self._prompt_slots) < 2:
@@ -498,9 +414,8 @@ class TensorRTBackend(ExportedGraphBackend):
             self._prompt_slots.append({name: _core.Buffer.allocate(shape, dtype, device, True, stream)
                                        for name in ("cross_k", "cross_v")} | {"serial": None, "used": 0})
         slot = min(self._prompt_slots, key=lambda s: s["used"])  # the least recently used
-        self._prompt_serial += 1
-        context.__dict__["_tensorrt_prompt"] = self._prompt_serial
-        slot["serial"], slot["used"] = (id(self), self._prompt_serial), self._prompt_serial
+        self._prompt_clock += 1
+        slot["serial"], slot["used"] = context.serial, self._prompt_clock
         engine = self._session(graph)
         inputs = {"context": engine._stage("context", tuple(np.shape(context.value)))}
         _core.upload(inputs["context"], np.ascontiguousarray(context.value, np.float32), self.stream_handle())
@@ -533,6 +448,4 @@ class _CapturedStep:
             closer()
 
 
-__all__ = ["TensorRTBackend", "TrtEngine", "build_engine_folder", "cached_engine_folder",
-           "engine_build_options", "engine_cache_key", "engine_folder_spec", "is_engine_folder",
-           "prepare_engine_folder"]
+__all__ = ["TensorRTBackend", "TrtEngine", "engine_folder_spec"]

@@ -47,10 +47,10 @@ class Captioner:
         if backend == "onnxruntime":
             self.backend: CaptionerBackend = OrtCaptionerBackend(self.dir, self.manifest, threads, providers)
         elif backend == "tensorrt":
-            from ..backends.onnxruntime_backend import default_cache_root
+            from ..artifact_cache import cache_root
             from .tensorrt_backend import TrtCaptionerBackend, captioner_engine_folder
 
-            root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
+            root = cache_root(cache_dir)
             engines = captioner_engine_folder(self.dir, root, builder, progress)
             self.backend = TrtCaptionerBackend(engines, builder)
         elif isinstance(backend, str):

@@ -74,8 +74,8 @@ def read_captioner_engines(folder: Path, builder: str = "auto") -> tuple[dict, d
 
 def captioner_engines_for(onnx_dir: Path, cache_root: Path, builder: str = "auto", progress: bool = True) -> Path:
     """The cached engine folder of a captioner ONNX export, built on first use (TensorRT-RTX builds
-    without a GPU), keyed and built exactly like the DiT's (tensorrt_backend.cached_engine_folder)."""
-    from ..backends.tensorrt_backend import cached_engine_folder, engine_build_options
+    without a GPU), keyed and built exactly like the DiT's (artifact_cache.cached_engine_folder)."""
+    from ..artifact_cache import cached_engine_folder, engine_build_options
 
     options, trt = engine_build_options(builder, Path(cache_root))
     return cached_engine_folder(Path(onnx_dir), Path(cache_root), options, trt.__version__, prefix=CACHE_PREFIX,
@@ -182,16 +182,13 @@ class TrtCaptionerBackend:
     `captioner_engine_folder` for an export folder. Opens the GPU (a clear CudaError without one)."""
 
     def __init__(self, engine_dir: str | Path, builder: str = "auto"):
-        import importlib
-
         from ..backends.tensorrt_backend import TrtEngine
         from ..cuda_mem import DeviceArray, Stream, compute_capability
+        from ..registry import resolve
 
         self.dir = Path(engine_dir)
         onnx_manifest, manifests, builder = read_captioner_engines(self.dir, builder)
-        # Export code (torch-free) resolved by name, by importlib until runtime/registry.py lands: the runtime
-        # never imports skyrt.export with an import statement.
-        trt = importlib.import_module("skyrt.export.engine").import_builder(builder)
+        trt = resolve("engine:import_builder")(builder)  # export code, torch-free, reached by name
         for manifest in manifests.values():  # before the GPU: version and builder
             check_engine(manifest, builder=builder, builder_version=trt.__version__, gpu_compute_capability=None)
         self.stream = Stream()  # a clear CudaError on a machine without a GPU

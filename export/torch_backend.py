@@ -1,5 +1,8 @@
 """The torch reference backend: skyrt.export's modules, fp32 on the CPU by default.
 
+It lives with the torch code; the runtime reaches it by name (runtime/registry.py, "backend:torch"),
+so `skyrt.load(..., backend="torch")` works while skyrt.runtime never imports torch.
+
 This is the oracle-checked path (tests compare it with diffusers); engines are checked against it.
 
 The KV-cached stream (TorchKVStreamSession) runs on the rollout core's own buffers, seen as torch
@@ -9,10 +12,16 @@ current stream). With a CUDA device nothing of the stream's state crosses to the
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
-from .base import Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec, StreamingDecoder, TextContext
+from skyrt.runtime.artifact_cache import tree_sha256
+from skyrt.runtime.model_folder import text_encoder_files
+
+from skyrt.runtime.backends.base import (Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec,
+                                         StreamingDecoder, TextContext)
 
 
 class TorchStreamingDecoder(StreamingDecoder):
@@ -64,9 +73,21 @@ class TorchBackend(Backend):
         return backend
 
     @torch.inference_mode()
-    def encode_text(self, prompt: str) -> TextContext:
+    def run_text_encoder(self, prompt: str) -> TextContext:
         context = self.text_encoder.encode([prompt]).to(self.device, self.dtype)  # [1, text_len, text_dim]
         return TextContext(prompt=prompt, value=context)
+
+    def text_encoder_hash(self) -> str:
+        """The model folder's umT5 and tokenizer files, this backend's name and dtype (contexts of
+        other dtypes differ in the last bits)."""
+        files = tree_sha256(text_encoder_files(self.model))
+        return hashlib.sha256(f"{self.name}|{self.dtype}|{files}".encode()).hexdigest()
+
+    def context_to_array(self, value: torch.Tensor) -> np.ndarray:
+        return value.detach().float().cpu().numpy()
+
+    def context_from_array(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, self.dtype)
 
     @torch.inference_mode()
     def predict_velocity(self, latents, timesteps, context, fps_class, causal_block_size):
