@@ -1,6 +1,6 @@
 """Train skyrt's demo model on the procedural world, on a CPU, and save it in the official layout.
 
-    python -m skyrt.export.demo_model.train --out DIR [--seed S] [--resume] [--vae-steps N] [--dit-steps N] ...
+    python -m skyrt_demo.train --out DIR [--seed S] [--resume] [--vae-steps N] [--dit-steps N] ...
 
 The model is the real architecture at a small size: the Wan2.1 VAE class (WanVAE, base width 8),
 the SkyReels-V2 / Wan2.1 DiT class (WanDiT, dim 128, 4 layers, patch (1, 2, 2)) and a tiny umT5
@@ -57,10 +57,10 @@ import torch
 from skyrt.runtime import latents as lat
 from skyrt.runtime.model_folder import OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
 
-from ..dit import DiTConfig, WanDiT
-from ..text_encoder import TextEncoder, load_tokenizer, umt5_config_for_official
-from ..tiny import umt5_official_state_dict
-from ..vae import CacheIO, VAEConfig, WanVAE
+from skyrt.export.dit import DiTConfig, WanDiT
+from skyrt.export.text_encoder import TextEncoder, load_tokenizer, umt5_config_for_official
+from skyrt.export.tiny import umt5_official_state_dict
+from skyrt.export.vae import CacheIO, VAEConfig, WanVAE
 from . import world as W
 
 MODEL_NAME = "skyrt-demo-world-v6"
@@ -188,7 +188,7 @@ ARCHITECTURE_FIELDS = ("seed", "size", "vae_dim", "vae_res_blocks", "vae_frames"
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="python -m skyrt.export.demo_model.train",
+    p = argparse.ArgumentParser(prog="python -m skyrt_demo.train",
                                 description="train skyrt's demo model on the procedural world (CPU)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -366,7 +366,7 @@ def init_vae(vae: WanVAE) -> WanVAE:
     start at zero (identity blocks), and a small initial posterior variance so sampling does not
     drown the latent either.
     """
-    from ..vae import AttentionBlock, ResidualBlock
+    from skyrt.export.vae import AttentionBlock, ResidualBlock
 
     for m in vae.modules():
         if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
@@ -1179,7 +1179,7 @@ def reproduce_command(cfg: TrainConfig) -> str:
             value = Path(value).name
         flag = "--" + f.name.replace("_", "-")
         flags.append(flag if value is True else f"--no-{f.name.replace('_', '-')}" if value is False else f"{flag} {value}")
-    return "python -m skyrt.export.demo_model.train --out DIR " + " ".join(flags)
+    return "python -m skyrt_demo.train --out DIR " + " ".join(flags)
 
 
 def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
@@ -1190,7 +1190,7 @@ def render_card(cfg: TrainConfig, summary: dict, recommended: dict) -> str:
         f"# {MODEL_NAME}: skyrt's demo model",
         "",
         "A tiny text-to-video model of the SkyReels-V2 / Wan2.1 architecture, trained from scratch on a CPU on",
-        "skyrt's procedural world (`skyrt.export.demo_model.world`): one flat-coloured shape moving over a",
+        "skyrt's procedural world (`skyrt_demo.world`): one flat-coloured shape moving over a",
         "striped plain background, sometimes under a camera pan. It follows prompts such as",
         f"\"{W.EXAMPLE.prompt}\" and nothing else: it is a demo and a test fixture, not a general model.",
         "",

@@ -1,6 +1,6 @@
 """Read a clip of the demo world back into attributes, and score it against a prompt.
 
-The detector knows how the world renders (export/demo_model/world.py) and nothing else:
+The detector knows how the world renders (demo/skyrt_demo/world.py) and nothing else:
 - background: per frame, the median of every pixel column (the shape covers a minority of any
   column), averaged over columns and frames -> nearest named background colour;
 - shape pixels: far (in RGB) from their column's background; kept near their circular centroid,
@@ -19,7 +19,7 @@ Each attribute is read per frame (or per frame pair) and decided by vote or aver
 right. Ground-truth world clips score ~100% (tests/test_demo_world.py); random-weight model outputs
 score near chance.
 
-    python -m skyrt.export.demo_model.detector  # reads a few world clips and prints the scores
+    python -m skyrt_demo.detector  # reads a few world clips and prints the scores
 """
 from __future__ import annotations
 

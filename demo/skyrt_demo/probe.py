@@ -6,7 +6,7 @@
 - `sensitivity`: `train.prompt_sensitivity` on freshly rendered clips encoded by the model's VAE: how
   much the DiT's prediction on the shape depends on each word of the prompt (1.00 = ignored).
 
-    python -m skyrt.export.demo_model.probe [--model DIR] [--clips 15] [--radius 0.15,0.20] [--out probe.json]
+    python -m skyrt_demo.probe [--model DIR] [--clips 15] [--radius 0.15,0.20] [--out probe.json]
 
 `--radius` renders the world with another shape-radius range (a fraction of the frame), to ask whether
 a larger world would be drawable before training on it.
@@ -102,7 +102,7 @@ def probe(model_dir: Path, clips: int = 15, radius: tuple[float, float] | None =
 def main(argv: list[str] | None = None) -> int:
     from skyrt.runtime.default_model import default_model_dir
 
-    p = argparse.ArgumentParser(prog="python -m skyrt.export.demo_model.probe", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m skyrt_demo.probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped demo model)")
     p.add_argument("--clips", type=int, default=15, help="clips per measurement (shapes in turn)")

@@ -21,7 +21,7 @@ Split. A full attribute combination is held out when it contains a held-out (col
 or a held-out (motion, background) pair; every single attribute value still occurs in training, so
 the held-out prompts measure composition, not new words.
 
-    python -m skyrt.export.demo_model.world --out clip.png   # a contact sheet of a few clips
+    python -m skyrt_demo.world --out clip.png   # a contact sheet of a few clips
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ ORBIT_RADIUS, ORBIT_PERIOD = 0.22, 48
 STRIPES_PER_FRAME, STRIPE_AMPLITUDE = 4, 16.0  # background texture (grey levels), world-fixed
 # Shape radius as a fraction of min(H, W). The demo VAE (8x down, base width 8) reads a shape back as
 # itself in 15 of 15 clips at 0.15-0.20 but in only 6 of 15 at the first world's 0.09-0.13 (crosses came
-# back as diamonds, squares and triangles as circles; `python -m skyrt.export.demo_model.probe
+# back as diamonds, squares and triangles as circles; `python -m skyrt_demo.probe
 # --radius 0.09,0.13`): smaller shapes cannot be drawn through that VAE (issue 6).
 RADIUS_RANGE = (0.15, 0.20)
 # Where a clip's shape starts (frame-relative u, v; uniform in the range). A stream's first block is drawn
