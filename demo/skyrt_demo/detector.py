@@ -285,20 +285,11 @@ def score_clip(frames: np.ndarray, prompt: str | Attributes) -> Score:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from .world import clip_sampling_parser, sample_clips
 
-    from .world import World
-
-    p = argparse.ArgumentParser(description="score ground-truth world clips with the detector")
-    p.add_argument("--clips", type=int, default=20)
-    p.add_argument("--frames", type=int, default=33)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    world = World(args.seed, args.size, args.size)
+    args = clip_sampling_parser("score ground-truth world clips with the detector", clips=20).parse_args(argv)
     scores = []
-    for _ in range(args.clips):
-        clip = world.sample_clip(args.frames)
+    for clip in sample_clips(args):
         s = score_clip(clip.frames, clip.prompt)
         scores.append(s.adherence)
         wrong = {k: s.read[k] for k, ok in s.correct.items() if not ok}

@@ -39,21 +39,12 @@ import numpy as np
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 # Shape colours: saturated and far apart in RGB (and from every background), so a blurry
 # generated shape still lands nearest its own name.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 40, 40),
-    "green": (40, 200, 70),
-    "blue": (50, 100, 245),
-    "yellow": (245, 220, 40),
-    "white": (240, 240, 240),
-    "orange": (250, 140, 30),
-    "purple": (165, 65, 215),
-    "cyan": (40, 215, 225),
+COLOURS: dict[str, tuple[int, int, int]] = {  # name: (R, G, B)
+    "red": (225, 40, 40), "green": (40, 200, 70), "blue": (50, 100, 245), "yellow": (245, 220, 40),
+    "white": (240, 240, 240), "orange": (250, 140, 30), "purple": (165, 65, 215), "cyan": (40, 215, 225),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "black": (14, 14, 14),
-    "dark blue": (20, 32, 95),
-    "dark green": (22, 75, 40),
-    "gray": (115, 115, 115),
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {  # name: (R, G, B)
+    "black": (14, 14, 14), "dark blue": (20, 32, 95), "dark green": (22, 75, 40), "gray": (115, 115, 115),
     "brown": (95, 60, 28),
 }
 MOTIONS: tuple[str, ...] = ("left", "right", "up", "down", "bouncing", "orbiting", "still")
@@ -464,20 +455,32 @@ def contact_sheet(clips: Sequence[Clip], every: int = 4) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def clip_sampling_parser(description: str, clips: int):
+    """An argparse parser for a command that samples world clips: --clips, --frames, --size, --seed
+    (read by `sample_clips`)."""
     import argparse
 
-    from PIL import Image
-
-    p = argparse.ArgumentParser(description="render a contact sheet of world clips")
-    p.add_argument("--out", default="world.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clips", type=int, default=6)
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--clips", type=int, default=clips)
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--size", type=int, default=128)
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def sample_clips(args) -> list[Clip]:
+    """The clips a `clip_sampling_parser` command line asks for, drawn from one World."""
     world = World(args.seed, args.size, args.size)
-    clips = [world.sample_clip(args.frames) for _ in range(args.clips)]
+    return [world.sample_clip(args.frames) for _ in range(args.clips)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from PIL import Image
+
+    p = clip_sampling_parser("render a contact sheet of world clips", clips=6)
+    p.add_argument("--out", default="world.png")
+    args = p.parse_args(argv)
+    clips = sample_clips(args)
     for c in clips:
         print(c.prompt)
     Image.fromarray(contact_sheet(clips)).save(args.out)
