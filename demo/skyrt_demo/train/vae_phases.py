@@ -146,13 +146,13 @@ class VAETraining:
             bar.set_postfix(l1=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
             if step % cfg.log_every == 0 or step == phase.steps:
                 log_record(self.out, {"stage": "vae", "phase": phase.name, "step": step,
-                                "l1": float(np.mean(history[-cfg.log_every:])), "kl": kl.item(),
-                                "sec_per_step": (time.time() - tic) / cfg.log_every})
+                                      "l1": float(np.mean(history[-cfg.log_every:])), "kl": kl.item(),
+                                      "sec_per_step": (time.time() - tic) / cfg.log_every})
                 tic = time.time()
             if step % cfg.checkpoint_every == 0 and step < phase.steps:
                 save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
-                              "gen": gen.get_state(), "step": step, "history": history, "phase": index,
-                              "phases_done": index, "summaries": earlier, "probe_start": probe_start}, path)
+                             "gen": gen.get_state(), "step": step, "history": history, "phase": index,
+                             "phases_done": index, "summaries": earlier, "probe_start": probe_start}, path)
         bar.close()
         vae.eval()
         probe_end = self._vae_probe(vae, phase)
@@ -162,7 +162,7 @@ class VAETraining:
                        l1_end=tail_mean(history), probe_l1_start=probe_start, probe_l1_end=probe_end,
                        stationarity=self._stationarity(vae))
         save_atomic({"vae": vae.state_dict(), "done": True, "phases_done": index + 1,
-                      "summaries": [*earlier, summary]}, path)
+                     "summaries": [*earlier, summary]}, path)
         return summary
 
     @torch.no_grad()
