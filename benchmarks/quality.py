@@ -1,6 +1,6 @@
 """Quality of endless streams: prompt adherence, stability over stream time, prompt-switch latency, drift.
 
-Scores a model folder's streams with the demo world's detector (skyrt.export.demo_model.detector),
+Scores a model folder's streams with the demo world's detector (skyrt_demo.detector),
 for mode="kvcache" under several sink / window ring sizes and for mode="window":
 - adherence: held-out prompt combinations (never seen in training), the first ~2 s of a stream each,
   read by the detector (background, colour, shape, motion, camera) -> fraction of attributes right;
@@ -32,11 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+# The demo world and its detector live in the checkout's demo/ folder (package skyrt_demo), which is
+# not installed with skyrt: this script runs from a checkout.
+DEMO_PACKAGE = Path(__file__).resolve().parents[1] / "demo"
+if str(DEMO_PACKAGE) not in sys.path:
+    sys.path.insert(0, str(DEMO_PACKAGE))
 
 RESULTS = Path(__file__).parent / "results"
 SWITCH_WINDOW, SWITCH_HITS = 8, 6  # B must show in >= 6 of 8 consecutive frames
@@ -155,7 +162,7 @@ def take_frames(stream, count: int) -> np.ndarray:
 
 
 def adherence_run(pipe, prompts, setting, sampling, block, size, clip_frames, seed) -> dict:
-    from skyrt.export.demo_model.detector import score_clip
+    from skyrt_demo.detector import score_clip
 
     scores, frames_made, seconds = [], 0, 0.0
     for k, attrs in enumerate(prompts):
@@ -179,8 +186,8 @@ def shape_grid_run(pipe, setting, sampling, block, size, clip_frames, seed, colo
 
     `colours` limits the grid (default: every named colour). Pairs that are held out of training are marked.
     """
-    from skyrt.export.demo_model.detector import score_clip
-    from skyrt.export.demo_model.world import COLOURS, SHAPES, Attributes, split_of
+    from skyrt_demo.detector import score_clip
+    from skyrt_demo.world import COLOURS, SHAPES, Attributes, split_of
 
     cells = []
     for colour in colours or list(COLOURS):
@@ -203,8 +210,8 @@ def shape_grid_run(pipe, setting, sampling, block, size, clip_frames, seed, colo
 
 def stability_run(pipe, attrs, setting, sampling, block, size, total_frames, window, fps, seed) -> dict:
     """One long stream of `attrs`: per window adherence, statistics and drift; summarised per minute."""
-    from skyrt.export.demo_model.detector import score_clip
-    from skyrt.export.demo_model.world import render_clip
+    from skyrt_demo.detector import score_clip
+    from skyrt_demo.world import render_clip
 
     reference = frame_stats(render_clip(attrs, 1 + 4 * ((window - 1) // 4), size, size, seed=seed).frames)
     stream = open_stream(pipe, attrs.prompt, setting, sampling, block, size, seed)
@@ -259,7 +266,7 @@ SWITCH_KEYS_NO_SHAPE = ("background", "colour")
 def switch_latency(frames: np.ndarray, target, keys: tuple[str, ...] = SWITCH_KEYS) -> int | None:
     """First frame of `frames` from which the `keys` attributes of `target` show in >= SWITCH_HITS of
     SWITCH_WINDOW consecutive frames (None: never)."""
-    from skyrt.export.demo_model.detector import read_frame_attributes
+    from skyrt_demo.detector import read_frame_attributes
 
     want = {k: getattr(target, k) for k in keys}
     readings = [read_frame_attributes(f) for f in frames]
@@ -314,7 +321,7 @@ def mean_found(results: list[dict], key: str) -> float | None:
 
 def switch_pairs(rng, count):
     """Held-out prompt pairs that differ in background, colour and shape (visible frame by frame)."""
-    from skyrt.export.demo_model.world import combinations
+    from skyrt_demo.world import combinations
 
     heldout = combinations("heldout")
     pairs = []
@@ -386,7 +393,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     import skyrt
-    from skyrt.export.demo_model.world import combinations
+    from skyrt_demo.world import combinations
 
     from skyrt.runtime.default_model import default_model_dir, recommended_sampling
 
@@ -455,7 +462,7 @@ def report_header(benchmark: str, args, label: str, block: int, sampling: dict, 
 def write_shape_grid(pipe, label: str, name: str, setting: dict, sampling: dict, block: int, clip_frames: int,
                      args) -> int:
     """Run the colour x shape grid on one setting, print it as a table and write its own report."""
-    from skyrt.export.demo_model.world import COLOURS, SHAPES
+    from skyrt_demo.world import COLOURS, SHAPES
 
     colours = list(COLOURS)[:2] if args.quick else None
     print(f"[{name}] shape grid: every colour x shape, still on black, {clip_frames} frames each", flush=True)

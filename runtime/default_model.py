@@ -1,7 +1,7 @@
 """skyrt's built-in default model: the trained demo model shipped inside the package (when one is).
 
 `skyrt-demo-world-v6` is a small SkyReels-V2 / Wan2.1 model trained on skyrt's procedural world
-(export/demo_model/): an ordinary official-layout folder that every loader reads like a real
+(demo/skyrt_demo/, not shipped): an ordinary official-layout folder that every loader reads like a real
 checkpoint. Its `demo_model.json` holds the sampling settings its training run measured best;
 `recommended_sampling` gives them to the CLI, the server and the benchmarks as defaults.
 """

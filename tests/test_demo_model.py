@@ -1,6 +1,6 @@
 """The shipped demo model (skyrt-demo-world-v6): loads like a real checkpoint, follows prompts.
 
-The detector (export/demo_model/detector.py) reads generated clips back into attributes; the shipped
+The detector (demo/skyrt_demo/detector.py) reads generated clips back into attributes; the shipped
 model must score above a floor on held-out prompt combinations (never seen in training), and the
 same architecture with random DiT weights, run the same way, must not reach that floor: the score
 comes from what training taught the DiT, not from the VAE, the text encoder or the detector.
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import skyrt
-from skyrt.export.demo_model import detector as D
-from skyrt.export.demo_model import world as W
+from skyrt_demo import detector as D
+from skyrt_demo import world as W
 from skyrt.runtime.default_model import DEMO_META, DEMO_MODEL_NAME, SHIPPED_DEMO_MODEL, default_model_dir, recommended_sampling
 from skyrt.runtime.model_folder import inspect_model_folder
 

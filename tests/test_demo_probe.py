@@ -1,4 +1,4 @@
-"""The demo-model probe (export/demo_model/probe.py): VAE read-back and prompt sensitivity.
+"""The demo-model probe (demo/skyrt_demo/probe.py): VAE read-back and prompt sensitivity.
 
 The read-back is the detector's reading of world clips after the model's VAE round trip; on the shipped
 demo VAE it must keep background, colour and every shape at the world's radius, and lose some shapes at
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skyrt.export.demo_model import probe as P
-from skyrt.export.demo_model import world as W
+from skyrt_demo import probe as P
+from skyrt_demo import world as W
 from skyrt.export.loaders import load_vae
 from skyrt.export.vae import VAEConfig, WanVAE
 from skyrt.runtime.default_model import SHIPPED_DEMO_MODEL

@@ -1,4 +1,4 @@
-"""The demo model's training script (export/demo_model/train.py), end to end on a few iterations.
+"""The demo model's training script (demo/skyrt_demo/train.py), end to end on a few iterations.
 
 A smoke run at 64 x 64 trains the VAE and the DiT for a few steps (losses on fixed probe batches must
 fall), writes the official-layout folder, which must load with skyrt.load and generate in both
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from skyrt.export.demo_model import train as T
-from skyrt.export.demo_model import world as W
+from skyrt_demo import train as T
+from skyrt_demo import world as W
 from skyrt.export.vae import VAEConfig, WanVAE
 
 SMOKE = ["--size", "64", "--vae-crop", "32", "--vae-steps", "8", "--vae-batch", "2", "--vae-long-steps", "3",
@@ -105,7 +105,7 @@ def test_reproduce_command_gives_back_the_run_settings(tmp_path):
                         "--dit-edge-weight", "15", "--dit-init", "/somewhere/dit.pt", "--no-progress", "--threads", "2"])
     command = T.reproduce_command(cfg)
     assert "/somewhere" not in command and "--threads" not in command and "--no-progress" not in command
-    again = T.parse_args(command.split()[3:])  # after "python -m skyrt.export.demo_model.train"
+    again = T.parse_args(command.split()[3:])  # after "python -m skyrt_demo.train"
     expected = dataclasses.replace(cfg, out=again.out, dit_init="dit.pt", threads=again.threads, progress=again.progress)
     assert again == expected
 

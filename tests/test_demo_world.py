@@ -1,4 +1,4 @@
-"""The demo world (export/demo_model/world.py) and its detector (export/demo_model/detector.py).
+"""The demo world (demo/skyrt_demo/world.py) and its detector (demo/skyrt_demo/detector.py).
 
 World: determinism, prompts <-> attributes, ground truth that matches the pixels, the held-out split,
 prompt switches and endless chunked rendering. Detector: near 100% on ground-truth clips, clearly
@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import pytest
 
-from skyrt.export.demo_model import detector as D
-from skyrt.export.demo_model import world as W
+from skyrt_demo import detector as D
+from skyrt_demo import world as W
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from benchmark_scripts import load_benchmark
 
-import skyrt.export.demo_model.world as W
+import skyrt_demo.world as W
 
 
 class DelayedWorldStream:

@@ -6,7 +6,7 @@
 - `sensitivity`: `train.prompt_sensitivity` on freshly rendered clips encoded by the model's VAE: how
   much the DiT's prediction on the shape depends on each word of the prompt (1.00 = ignored).
 
-    python -m skyrt.export.demo_model.probe [--model DIR] [--clips 15] [--radius 0.15,0.20] [--out probe.json]
+    python -m skyrt_demo.probe [--model DIR] [--clips 15] [--radius 0.15,0.20] [--out probe.json]
 
 `--radius` renders the world with another shape-radius range (a fraction of the frame), to ask whether
 a larger world would be drawable before training on it.
@@ -22,11 +22,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from skyrt.export.vae import normalize_latents
 from skyrt.runtime.video_io import to_uint8_frames
 
 from . import world as W
 from .detector import score_clip
-from .train import LatentData, _to_pixels, latent_fg_mask, normalize, prompt_sensitivity
+from .train.data import LatentData, to_pixels
+from .train.masks import latent_fg_mask
+from .train.sensitivity import prompt_sensitivity
 
 READBACK_FRAMES = 45  # ~2 s: enough for the detector's motion and pan readings
 SENSITIVITY_FRAMES = 9  # 3 latent frames: a stream's first causal block and one more
@@ -63,7 +66,7 @@ def vae_readback(vae, clips: int = 15, size: int = 128, seed: int = 0) -> dict:
     came_back: dict[str, list[str | None]] = {s: [] for s in W.SHAPES}
     for k, attrs in enumerate(_probe_attributes(clips, seed)):
         clip = W.render_clip(attrs, READBACK_FRAMES, size, size, seed=seed * 1000 + k)
-        decoded = vae.decode(vae.encode(_to_pixels(clip.frames[None])))  # [1, 3, T, H, W]
+        decoded = vae.decode(vae.encode(to_pixels(clip.frames[None])))  # [1, 3, T, H, W]
         frames = to_uint8_frames(decoded[0].numpy())  # as a stream would show them
         score = score_clip(frames, attrs)
         for name in W.ATTRIBUTE_NAMES:
@@ -77,7 +80,7 @@ def sensitivity(dit, vae, text_encoder, clips: int = 24, size: int = 128, seed: 
     """`train.prompt_sensitivity` on `clips` freshly rendered clips (no prompt switch)."""
     attrs = _probe_attributes(clips, seed + 1)
     rendered = [W.render_clip(a, SENSITIVITY_FRAMES, size, size, seed=seed * 1000 + k) for k, a in enumerate(attrs)]
-    latents = torch.cat([normalize(vae.encode(_to_pixels(c.frames[None]))) for c in rendered])  # [N, 16, 3, h, w]
+    latents = torch.cat([normalize_latents(vae.encode(to_pixels(c.frames[None]))) for c in rendered])  # [N, 16, 3, h, w]
     data = LatentData(latents=latents, prompts=[a.prompt for a in attrs], second_prompts=[""] * clips,
                       switch_latent=np.full(clips, -1), fg=torch.from_numpy(np.stack([latent_fg_mask(c, size)
                                                                                        for c in rendered])))
@@ -102,7 +105,7 @@ def probe(model_dir: Path, clips: int = 15, radius: tuple[float, float] | None =
 def main(argv: list[str] | None = None) -> int:
     from skyrt.runtime.default_model import default_model_dir
 
-    p = argparse.ArgumentParser(prog="python -m skyrt.export.demo_model.probe", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m skyrt_demo.probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped demo model)")
     p.add_argument("--clips", type=int, default=15, help="clips per measurement (shapes in turn)")

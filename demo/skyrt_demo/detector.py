@@ -1,6 +1,6 @@
 """Read a clip of the demo world back into attributes, and score it against a prompt.
 
-The detector knows how the world renders (export/demo_model/world.py) and nothing else:
+The detector knows how the world renders (demo/skyrt_demo/world.py) and nothing else:
 - background: per frame, the median of every pixel column (the shape covers a minority of any
   column), averaged over columns and frames -> nearest named background colour;
 - shape pixels: far (in RGB) from their column's background; kept near their circular centroid,
@@ -19,7 +19,7 @@ Each attribute is read per frame (or per frame pair) and decided by vote or aver
 right. Ground-truth world clips score ~100% (tests/test_demo_world.py); random-weight model outputs
 score near chance.
 
-    python -m skyrt.export.demo_model.detector  # reads a few world clips and prints the scores
+    python -m skyrt_demo.detector  # reads a few world clips and prints the scores
 """
 from __future__ import annotations
 
@@ -285,20 +285,11 @@ def score_clip(frames: np.ndarray, prompt: str | Attributes) -> Score:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from .world import clip_sampling_parser, sample_clips
 
-    from .world import World
-
-    p = argparse.ArgumentParser(description="score ground-truth world clips with the detector")
-    p.add_argument("--clips", type=int, default=20)
-    p.add_argument("--frames", type=int, default=33)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    world = World(args.seed, args.size, args.size)
+    args = clip_sampling_parser("score ground-truth world clips with the detector", clips=20).parse_args(argv)
     scores = []
-    for _ in range(args.clips):
-        clip = world.sample_clip(args.frames)
+    for clip in sample_clips(args):
         s = score_clip(clip.frames, clip.prompt)
         scores.append(s.adherence)
         wrong = {k: s.read[k] for k, ok in s.correct.items() if not ok}

@@ -21,7 +21,7 @@ Split. A full attribute combination is held out when it contains a held-out (col
 or a held-out (motion, background) pair; every single attribute value still occurs in training, so
 the held-out prompts measure composition, not new words.
 
-    python -m skyrt.export.demo_model.world --out clip.png   # a contact sheet of a few clips
+    python -m skyrt_demo.world --out clip.png   # a contact sheet of a few clips
 """
 from __future__ import annotations
 
@@ -39,21 +39,12 @@ import numpy as np
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 # Shape colours: saturated and far apart in RGB (and from every background), so a blurry
 # generated shape still lands nearest its own name.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 40, 40),
-    "green": (40, 200, 70),
-    "blue": (50, 100, 245),
-    "yellow": (245, 220, 40),
-    "white": (240, 240, 240),
-    "orange": (250, 140, 30),
-    "purple": (165, 65, 215),
-    "cyan": (40, 215, 225),
+COLOURS: dict[str, tuple[int, int, int]] = {  # name: (R, G, B)
+    "red": (225, 40, 40), "green": (40, 200, 70), "blue": (50, 100, 245), "yellow": (245, 220, 40),
+    "white": (240, 240, 240), "orange": (250, 140, 30), "purple": (165, 65, 215), "cyan": (40, 215, 225),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "black": (14, 14, 14),
-    "dark blue": (20, 32, 95),
-    "dark green": (22, 75, 40),
-    "gray": (115, 115, 115),
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {  # name: (R, G, B)
+    "black": (14, 14, 14), "dark blue": (20, 32, 95), "dark green": (22, 75, 40), "gray": (115, 115, 115),
     "brown": (95, 60, 28),
 }
 MOTIONS: tuple[str, ...] = ("left", "right", "up", "down", "bouncing", "orbiting", "still")
@@ -81,7 +72,7 @@ ORBIT_RADIUS, ORBIT_PERIOD = 0.22, 48
 STRIPES_PER_FRAME, STRIPE_AMPLITUDE = 4, 16.0  # background texture (grey levels), world-fixed
 # Shape radius as a fraction of min(H, W). The demo VAE (8x down, base width 8) reads a shape back as
 # itself in 15 of 15 clips at 0.15-0.20 but in only 6 of 15 at the first world's 0.09-0.13 (crosses came
-# back as diamonds, squares and triangles as circles; `python -m skyrt.export.demo_model.probe
+# back as diamonds, squares and triangles as circles; `python -m skyrt_demo.probe
 # --radius 0.09,0.13`): smaller shapes cannot be drawn through that VAE (issue 6).
 RADIUS_RANGE = (0.15, 0.20)
 # Where a clip's shape starts (frame-relative u, v; uniform in the range). A stream's first block is drawn
@@ -464,20 +455,32 @@ def contact_sheet(clips: Sequence[Clip], every: int = 4) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def clip_sampling_parser(description: str, clips: int):
+    """An argparse parser for a command that samples world clips: --clips, --frames, --size, --seed
+    (read by `sample_clips`)."""
     import argparse
 
-    from PIL import Image
-
-    p = argparse.ArgumentParser(description="render a contact sheet of world clips")
-    p.add_argument("--out", default="world.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clips", type=int, default=6)
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--clips", type=int, default=clips)
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--size", type=int, default=128)
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def sample_clips(args) -> list[Clip]:
+    """The clips a `clip_sampling_parser` command line asks for, drawn from one World."""
     world = World(args.seed, args.size, args.size)
-    clips = [world.sample_clip(args.frames) for _ in range(args.clips)]
+    return [world.sample_clip(args.frames) for _ in range(args.clips)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from PIL import Image
+
+    p = clip_sampling_parser("render a contact sheet of world clips", clips=6)
+    p.add_argument("--out", default="world.png")
+    args = p.parse_args(argv)
+    clips = sample_clips(args)
     for c in clips:
         print(c.prompt)
     Image.fromarray(contact_sheet(clips)).save(args.out)
