@@ -60,12 +60,12 @@ from .model_folder import MAX_MODEL_BYTES
 from .sensitivity import SENSITIVITY_SIGMAS, prompt_sensitivity, swap_word
 from .tokenizer import make_world_tokenizer
 from .trainer import Trainer
-from .vae_ops import decode_unclamped, encode_moments, fold_latent_affine, init_vae
+from .vae_ops import fold_latent_affine, init_vae
 
 __all__ = [
     "ARCHITECTURE_FIELDS", "CARD_NAME", "DEFAULT_SAMPLING", "LatentData", "MAX_MODEL_BYTES", "META_NAME", "MODEL_NAME",
-    "OUTLINE_BAND", "SENSITIVITY_SIGMAS", "SWEEP", "TrainConfig", "Trainer", "WanDiT", "decode_unclamped",
-    "encode_moments", "evaluate", "fold_latent_affine", "grown_dit_state", "init_vae", "latent_fg_mask",
+    "OUTLINE_BAND", "SENSITIVITY_SIGMAS", "SWEEP", "TrainConfig", "Trainer", "WanDiT",
+    "evaluate", "fold_latent_affine", "grown_dit_state", "init_vae", "latent_fg_mask",
     "load_checkpoint", "main", "make_world_tokenizer", "parse_args", "prompt_sensitivity", "render_card",
     "reproduce_command", "shape_outline", "shape_outline_band", "swap_word", "weighted_flow_loss",
 ]

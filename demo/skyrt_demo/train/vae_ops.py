@@ -1,44 +1,14 @@
-"""Exact operations on a WanVAE that training needs and inference does not: the encoder's moments,
-an unclamped decode, the affine re-parametrisation folded into the 1x1x1 convs, and an init that
-lets a narrow VAE learn."""
+"""Exact operations on a WanVAE that training needs and inference does not: the affine
+re-parametrisation folded into the 1x1x1 convs, and an init that lets a narrow VAE learn. (The
+encoder's moments and the unclamped decode are WanVAE's own: encode_moments, decode(clamp=False).)"""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from skyrt.export.vae import CacheIO, WanVAE
+from skyrt.export.vae import WanVAE
 from skyrt.runtime import latents as lat
-
-
-def encode_moments(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`WanVAE.encode` that also returns the log-variance: video [B, 3, T, H, W] ->
-    (mu, log_var), each [B, z, F, H/8, W/8]. mu equals `vae.encode(video)` exactly (same chunking)."""
-    step = vae.config.temporal_factor
-    b, _, num_frames, height, width = video.shape
-    caches = vae.encoder_cache_init(b, height, width, video.dtype, video.device)
-    chunks = [video[:, :, :1]] + [video[:, :, i : i + step] for i in range(1, num_frames, step)]
-    out = []
-    for i, chunk in enumerate(chunks):
-        io = CacheIO(caches, first=i == 0)
-        out.append(vae.encoder(chunk, io))
-        caches = io.new
-    mu, log_var = vae.conv1(torch.cat(out, dim=2)).chunk(2, dim=1)
-    return mu, log_var
-
-
-def decode_unclamped(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
-    """`WanVAE.decode` without the final clamp to [-1, 1] (for training): raw latents
-    [B, z, F, h, w] -> pixels [B, 3, 1 + 4(F - 1), 8h, 8w]."""
-    b, _, num_frames, h, w = z.shape
-    x = vae.conv2(z)
-    caches = vae.decoder_cache_init(b, h, w, z.dtype, z.device)
-    out = []
-    for i in range(num_frames):
-        io = CacheIO(caches, first=i == 0)
-        out.append(vae.decoder(x[:, :, i : i + 1], io))
-        caches = io.new
-    return torch.cat(out, dim=2)
 
 
 @torch.no_grad()

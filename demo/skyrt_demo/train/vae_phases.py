@@ -23,7 +23,7 @@ from .checkpoints import load_checkpoint, save_atomic, vae_progress
 from .data import to_pixels, train_clip_pixels
 from .loop import head_mean, log_record, lr_factor, progress_bar, tail_mean
 from .masks import grown_shape_coverage, shape_outline_band
-from .vae_ops import decode_unclamped, encode_moments, fold_latent_affine, init_vae, wan_constants
+from .vae_ops import fold_latent_affine, init_vae, wan_constants
 
 
 @dataclass(frozen=True)
@@ -129,10 +129,10 @@ class VAETraining:
                 group["lr"] = phase.lr * lr_factor(step, phase.steps, min(cfg.warmup, phase.steps // 10 + 1))
             x, weight = self._vae_batch(rng, step, phase)  # [B, 3, T, S, S], [B, 1, T, S, S]
             with torch.set_grad_enabled(not phase.decoder_only):
-                mu, log_var = encode_moments(vae, x)  # [B, 16, F, S/8, S/8]
+                mu, log_var = vae.encode_moments(x)  # [B, 16, F, S/8, S/8]
             log_var = log_var.clamp(-30.0, 20.0)
             z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=gen)
-            recon = decode_unclamped(vae, z)  # the clamp would stop gradients on overshooting pixels
+            recon = vae.decode(z, clamp=False)  # the clamp would stop gradients on overshooting pixels
             rec = ((recon - x).abs() * weight).mean() / weight.mean()
             kl = 0.5 * (mu.square() + log_var.exp() - 1.0 - log_var).mean()
             loss = rec + cfg.vae_kl * kl
