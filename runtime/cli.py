@@ -150,9 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kernel send buffer of each stream client (default 256; a slow client's backlog lives "
                             "in a drop-oldest ring, not here): lower it for many viewers on little memory, raise "
                             "it for distant viewers on fast links")
-    serve.add_argument("--http-nice", type=int, default=5, metavar="N",
-                       help="nice levels the HTTP thread gives up to generation and encoding (default 5; 0: "
-                            "equal priority): on a busy CPU viewers wait a little instead of slowing the stream")
     serve.add_argument("--state", type=Path, default=None, metavar="FILE",
                        help="keep the prompt and playlist in FILE (written atomically on every change) and "
                             "resume them from it at start")
@@ -353,7 +350,7 @@ def server_config(args, token: str | None):
                         token=token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                         connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
                         state_path=args.state, write_timeout_s=args.stall_timeout,
-                        stream_send_buffer_bytes=args.send_buffer_kib * 1024, http_nice=args.http_nice)
+                        stream_send_buffer_bytes=args.send_buffer_kib * 1024)
 
 
 def pipeline_spec(args):

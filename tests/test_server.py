@@ -3,11 +3,9 @@ read back and checked by FFmpeg's ffprobe; the control API fed good and bad inpu
 from __future__ import annotations
 
 import http.client
-import os
 import json
 import re
 import signal
-import sys
 import time
 import urllib.request
 from io import BytesIO
@@ -167,28 +165,3 @@ def test_sigterm_drains_and_exits_cleanly(official_dir):
             from pathlib import Path
 
             assert not Path(folder.group(1)).exists()
-
-
-def _threads(pid: int) -> dict[int, tuple[int, int]]:
-    """tid -> (nice, CPU ticks) of every thread of a process (/proc/PID/task/TID/stat)."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-        out[int(tid)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
-    return out
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-def test_http_thread_yields_cpu_to_generation_and_encoding(server):
-    """The event loop runs `--http-nice` (default 5) levels below the generator process and the
-    threads that encode (started before it yielded), so on a saturated CPU viewers' requests wait
-    instead of the generator."""
-    base, proc = server
-    own = os.getpriority(os.PRIO_PROCESS, 0)
-    generator_pid = get_json(base + "/status")["generator_process"]["pid"]
-    threads = _threads(proc.pid)
-    assert threads[proc.pid][0] == own + 5  # the main thread runs the event loop
-    assert {nice for nice, _ in threads.values()} <= {own, own + 5}
-    busiest_other = max((ticks, tid) for tid, (_, ticks) in threads.items() if tid != proc.pid)[1]
-    assert threads[busiest_other][0] == own  # the pacer, which runs the encoders
-    assert all(nice == own for nice, _ in _threads(generator_pid).values())

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,10 +55,6 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     state_path: Path | None = None  # --state FILE: the prompt and playlist survive a restart
-    # CPU priority (nice levels) the HTTP event-loop thread gives up to the generator and the encoders:
-    # on a saturated CPU a viewer's request waits a little instead of stealing the generator's time
-    # slices (its threads spin at barriers, so a preempted one stalls the other). 0: equal priority.
-    http_nice: int = 5
 
     def __post_init__(self):
         if not 1 <= self.fps <= 120:
@@ -70,8 +64,6 @@ class ServerConfig:
             raise ValueError(f"formats must be a non-empty subset of {list(FORMATS)}, got {list(self.formats)}")
         if self.token is not None and not self.token:
             raise ValueError("token must not be empty (leave it unset to keep control endpoints open)")
-        if not 0 <= self.http_nice <= 19:
-            raise ValueError(f"http_nice must be in 0..19 (nice levels), got {self.http_nice}")
         if self.stream_send_buffer_bytes < 4096:
             raise ValueError(f"the send buffer must be at least 4 KiB, got {self.stream_send_buffer_bytes} bytes")
 
@@ -145,9 +137,6 @@ class StreamServer:
             self._saver.mark_dirty()  # the file exists (and names this run's state) from the start
         if self.captioner is not None:
             self.captioner.start()
-        # Last: the threads above (and the generator process, started earlier) keep this thread's
-        # priority; only the event loop, and the worker threads it starts from now on, yield.
-        lower_this_thread_priority(self.config.http_nice)
         log.info("stream started: %dx%d at %d fps, outputs %s; HLS files in %s", self.width, self.height,
                  self.config.fps, ",".join(self.config.formats), self.hls_folder)
 
@@ -221,18 +210,6 @@ class StreamServer:
         pid = self.pipe.pid
         rss = process_resources(pid)[0] if pid is not None else -1
         return {"pid": pid, "starts": self.pipe.starts, "resident_memory_bytes": rss}
-
-
-def lower_this_thread_priority(levels: int) -> None:
-    """Raise the calling thread's nice value by `levels` (Linux: nice is per thread, and threads and
-    processes it starts later inherit it). Where that is not possible, it stays as it was."""
-    if levels <= 0:
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + levels))
-    except (AttributeError, OSError) as err:  # not Linux / not permitted: serve at equal priority
-        log.debug("HTTP thread priority unchanged: %s", err)
 
 
 def block_seconds(sampling: dict) -> float:
