@@ -23,13 +23,12 @@ import torch
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--latent-frames", type=int, default=20000)
-    p.add_argument("--size", type=int, default=32, help="pixel height = width")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--ar-step", type=int, default=2)
-    p.add_argument("--sink-blocks", type=int, default=1)
-    p.add_argument("--window-blocks", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=500, help="latent frames before the RSS baseline")
+    for flag, default, what in (("--latent-frames", 20000, "latent frames streamed"),
+                                ("--size", 32, "pixel height = width"),
+                                ("--steps", 4, "denoising steps"), ("--ar-step", 2, "DF ar_step"),
+                                ("--sink-blocks", 1, "ring sink blocks"), ("--window-blocks", 4, "ring window blocks"),
+                                ("--warmup", 500, "latent frames before the RSS baseline")):
+        p.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "endless.json")
     return p.parse_args()
 

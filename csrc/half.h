@@ -4,7 +4,6 @@
 // which tests/test_core_kv_cache.py checks against numpy.float16 for every finite value.
 #pragma once
 #include <cstdint>
-#include <cstring>
 #include "common.h"
 
 #if defined(__CUDACC__)
@@ -18,25 +17,18 @@ struct f16 {
 };
 static_assert(sizeof(f16) == 2, "f16 must be 2 bytes (numpy.float16 layout)");
 
-SKYRT_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
+// The same 4 bytes read as another type (std::bit_cast, which device code lacks; the builtin memcpy
+// of a register-sized value compiles to a move on host and device alike).
+template <typename To, typename From>
+SKYRT_HD To same_bits(From from) {
+  static_assert(sizeof(To) == sizeof(From), "same_bits needs types of one size");
+  To to;
+  __builtin_memcpy(&to, &from, sizeof(To));
+  return to;
 }
 
-SKYRT_HD uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
-}
+SKYRT_HD float bits_to_float(uint32_t u) { return same_bits<float>(u); }
+SKYRT_HD uint32_t float_to_bits(float f) { return same_bits<uint32_t>(f); }
 
 // f16 -> float, exact for every input (normals, subnormals, zeros, inf, NaN).
 SKYRT_HD float half_to_float_sw(uint16_t h) {

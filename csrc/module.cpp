@@ -13,11 +13,14 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "df_schedule.h"
@@ -75,6 +78,25 @@ auto vector_array(const std::vector<T>& v) {
 
 constexpr auto kMove = nb::rv_policy::move;  // properties return fresh arrays
 
+// "Name(a=1, b=2)": the __repr__ of a plain record of integers.
+std::string fields_repr(const char* name, std::initializer_list<std::pair<const char*, int64_t>> fields) {
+  std::string out = std::string(name) + "(";
+  const char* sep = "";
+  for (const auto& [field, value] : fields) {
+    out += sep + std::string(field) + "=" + std::to_string(value);
+    sep = ", ";
+  }
+  return out + ")";
+}
+
+std::string dfstep_repr(const skyrt::DFStep& s) {
+  return fields_repr("DFStep", {{"row", s.row}, {"first", s.first}, {"last", s.last}});
+}
+
+std::string kvappend_repr(const skyrt::KVAppend& a) {
+  return fields_repr("KVAppend", {{"slot", a.slot}, {"evicted_block", a.evicted_block}, {"position", a.position}});
+}
+
 // Integers from a list, tuple, numpy array or torch tensor (anything with .tolist()).
 std::vector<int64_t> int64_list(nb::handle values) {
   nb::object list = nb::hasattr(values, "tolist") ? values.attr("tolist")() : nb::borrow(values);
@@ -109,13 +131,9 @@ void cfg_combine_binding(CpuConstArray cond, CpuConstArray uncond, CpuArray out,
 
 skyrt::DFSchedule make_schedule(std::vector<int64_t> step_template, int64_t ar_step, int64_t causal_block_size, int64_t num_prefix_blocks,
                                 int64_t max_blocks_in_flight, int64_t horizon_blocks) {
-  skyrt::DFScheduleConfig cfg;
-  cfg.step_template = std::move(step_template);
-  cfg.ar_step = ar_step;
-  cfg.causal_block_size = causal_block_size;
-  cfg.num_prefix_blocks = num_prefix_blocks;
-  cfg.max_blocks_in_flight = max_blocks_in_flight;
-  cfg.horizon_blocks = horizon_blocks;
+  // in the order DFScheduleConfig declares them
+  const skyrt::DFScheduleConfig cfg{std::move(step_template), ar_step, causal_block_size, num_prefix_blocks,
+                                    max_blocks_in_flight, horizon_blocks};
   std::string why;
   if (skyrt::df_schedule_check(cfg, &why) != skyrt::kOk) throw std::invalid_argument("DFSchedule: " + why);
   return skyrt::DFSchedule(cfg);
@@ -157,10 +175,7 @@ void bind_schedule(nb::module_& m) {
                    "bool [last-first]: the sampler steps this block in this row (its step is index-1)")
       .def_prop_ro("finished", [](const skyrt::DFStep& s) { return vector_array(s.finished); }, kMove,
                    "int64: absolute ids of blocks whose last update is this row (clean afterwards)")
-      .def("__repr__", [](const skyrt::DFStep& s) {
-        return "DFStep(row=" + std::to_string(s.row) + ", first=" + std::to_string(s.first) +
-               ", last=" + std::to_string(s.last) + ")";
-      });
+      .def("__repr__", &dfstep_repr);
 
   nb::class_<skyrt::DFSchedule>(
       m, "DFSchedule",
@@ -263,15 +278,12 @@ void bind_kv_cache(nb::module_& m) {
       .def_ro("slot", &skyrt::KVAppend::slot)
       .def_ro("evicted_block", &skyrt::KVAppend::evicted_block, "block whose slot was overwritten, -1 if none")
       .def_ro("position", &skyrt::KVAppend::position, "RoPE temporal position of the block's first frame")
-      .def("__repr__", [](const skyrt::KVAppend& a) {
-        return "KVAppend(slot=" + std::to_string(a.slot) + ", evicted_block=" + std::to_string(a.evicted_block) +
-               ", position=" + std::to_string(a.position) + ")";
-      });
+      .def("__repr__", &kvappend_repr);
 
-  nb::class_<skyrt::KVRing>(
-      m, "KVRing",
+  const char* ring_doc =
       "Slot bookkeeping of the ring KV cache: sink slots keep the first blocks, window slots form a ring.\n"
-      "Block b's keys are stored rotated at position b * frames_per_block - origin.")
+      "Block b's keys are stored rotated at position b * frames_per_block - origin.";
+  nb::class_<skyrt::KVRing>(m, "KVRing", ring_doc)
       .def("__init__",
            [](skyrt::KVRing* self, int64_t sink_blocks, int64_t window_blocks, int64_t frames_per_block) {
              std::string why;
@@ -659,6 +671,19 @@ void expect_like(const Buffer& b, const Buffer& ref, const char* fn, const char*
               " (same dtype and element count needed)");
 }
 
+// The Buffers of an elementwise kernel: an input, a second input and an output of the first's shape,
+// dtype and device, each refused by name when it is not what the kernel takes.
+std::array<const Buffer*, 3> elementwise_buffers(const char* fn, nb::handle first_h, const char* first,
+                                                 nb::handle second_h, const char* second, nb::handle out_h) {
+  require_cuda(fn);
+  const Buffer &a = as_buffer(first_h, fn, first), &b = as_buffer(second_h, fn, second),
+               &out = as_buffer(out_h, fn, "out");
+  expect(a, fn, first);
+  expect_like(b, a, fn, second, first);
+  expect_like(out, a, fn, "out", first);
+  return {&a, &b, &out};
+}
+
 Layout buffer_layout(const Buffer& x, int64_t frame_axis, const char* fn) {
   const int64_t nd = static_cast<int64_t>(x.shape.size());
   if (frame_axis < 0) frame_axis += nd;
@@ -694,15 +719,10 @@ void bind_cuda(nb::module_& m) {
   });
   c.def("cfg_combine",
         [](nb::handle cond_h, nb::handle uncond_h, nb::handle out_h, float scale, uintptr_t stream) {
-          require_cuda("cuda.cfg_combine");
           const char* fn = "cuda.cfg_combine";
-          const Buffer &cond = as_buffer(cond_h, fn, "cond"), &uncond = as_buffer(uncond_h, fn, "uncond"),
-                       &out = as_buffer(out_h, fn, "out");
-          expect(cond, fn, "cond");
-          expect_like(uncond, cond, fn, "uncond", "cond");
-          expect_like(out, cond, fn, "out", "cond");
-          check_status(skyrt::cuda::cfg_combine(static_cast<const float*>(cond.ptr), static_cast<const float*>(uncond.ptr),
-                                                static_cast<float*>(out.ptr), static_cast<size_t>(cond.numel()), scale,
+          const auto [cond, uncond, out] = elementwise_buffers(fn, cond_h, "cond", uncond_h, "uncond", out_h);
+          check_status(skyrt::cuda::cfg_combine(static_cast<const float*>(cond->ptr), static_cast<const float*>(uncond->ptr),
+                                                static_cast<float*>(out->ptr), static_cast<size_t>(cond->numel()), scale,
                                                 stream_of(stream)),
                        fn);
         },
@@ -810,16 +830,11 @@ void bind_cuda(nb::module_& m) {
   c.def("addnoise_condition",
         [](nb::handle x_h, nb::handle noise_h, nb::handle out_h, double factor, int64_t frame_begin, int64_t frame_end,
            int64_t frame_axis, uintptr_t stream) {
-          require_cuda("cuda.addnoise_condition");
           const char* fn = "cuda.addnoise_condition";
-          const Buffer &x = as_buffer(x_h, fn, "x"), &noise = as_buffer(noise_h, fn, "noise"),
-                       &out = as_buffer(out_h, fn, "out");
-          expect(x, fn, "x");
-          expect_like(noise, x, fn, "noise", "x");
-          expect_like(out, x, fn, "out", "x");
-          const Layout l = buffer_layout(x, frame_axis, fn);
-          check_status(skyrt::cuda::addnoise_condition(static_cast<const float*>(x.ptr),
-                                                       static_cast<const float*>(noise.ptr), static_cast<float*>(out.ptr),
+          const auto [x, noise, out] = elementwise_buffers(fn, x_h, "x", noise_h, "noise", out_h);
+          const Layout l = buffer_layout(*x, frame_axis, fn);
+          check_status(skyrt::cuda::addnoise_condition(static_cast<const float*>(x->ptr),
+                                                       static_cast<const float*>(noise->ptr), static_cast<float*>(out->ptr),
                                                        l.outer, l.frames, l.inner, frame_begin, frame_end, factor,
                                                        stream_of(stream)),
                        fn);

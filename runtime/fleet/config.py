@@ -275,16 +275,19 @@ def _typed(value, kind, where: str):
     return value
 
 
-def _optional_str(value, where: str) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{where} must be text, got {value!r}")
+def _require(value, ok: bool, where: str, what: str):
+    """`value` if `ok`, else a ConfigError saying what `where` must be."""
+    if not ok:
+        raise ConfigError(f"{where} must be {what}, got {value!r}")
     return value
+
+
+def _optional_str(value, where: str) -> str | None:
+    return _require(value, value is None or isinstance(value, str), where, "text")
 
 
 def _bool(value, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    return value
+    return _require(value, isinstance(value, bool), where, "true or false")
 
 
 def _amount(value, where: str) -> float:
