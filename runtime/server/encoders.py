@@ -76,6 +76,9 @@ class _H264Output:
         import av
 
         for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            if not self._followers:
+                self._mux(packet)
+                continue
             copy = (bytes(packet), packet.pts, packet.dts, packet.time_base, packet.is_keyframe)
             self._mux(packet)  # muxing hands the packet's data to FFmpeg: copy first
             for follower in self._followers:
