@@ -13,7 +13,7 @@ import pytest
 
 from skyrt.runtime.server.broadcast import Broadcast
 from skyrt.runtime.server.encoders import MJPEG_KEEPALIVE_S, Fmp4Encoder, HlsEncoder, MjpegEncoder, jpeg_of_part
-from skyrt.runtime.server.file_cache import FileCache
+from skyrt.runtime.server.hls_window import DateLine, HlsFile, HlsWindow
 from skyrt.runtime.server.metrics import Metrics
 from skyrt.runtime.server.playlist import (Limits, PromptBoard, PromptChange, RequestError, load_playlist,
                                            parse_playlist, parse_prompt_change)
@@ -242,21 +242,66 @@ def _replace(path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def test_file_cache_reads_each_version_once(tmp_path):
-    cache = FileCache(tmp_path, max_files=2)
-    playlist = tmp_path / "live.m3u8"
-    assert cache.get("live.m3u8") is None and cache.read("live.m3u8") is None  # not there yet
-    _replace(playlist, b"v1")
-    assert cache.get("live.m3u8") is None and cache.read("live.m3u8") == b"v1"
-    assert [cache.get("live.m3u8") for _ in range(100)] == [b"v1"] * 100 and cache.reads == 1
-    _replace(playlist, b"v2, longer")
-    assert cache.get("live.m3u8") is None and cache.read("live.m3u8") == b"v2, longer" and cache.reads == 2
-    playlist.unlink()  # rolled out of the window: gone from the answers too
-    assert cache.get("live.m3u8") is None and cache.read("live.m3u8") is None
-    for i in range(3):
-        _replace(tmp_path / f"seg_{i}.m4s", bytes([i]) * 10)
-        cache.read(f"seg_{i}.m4s")
-    assert cache.get("seg_0.m4s") is None and cache.get("seg_2.m4s") == bytes([2]) * 10  # at most 2 kept
+def _playlist(*names: str, init: str = "init_a.mp4") -> bytes:
+    lines = ["#EXTM3U", "#EXT-X-TARGETDURATION:1", f'#EXT-X-MAP:URI="{init}"']
+    for name in names:
+        lines += ["#EXTINF:1.000000,", name]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_hls_window_publishes_what_the_playlist_lists_and_keeps_one_window_of_grace(tmp_path):
+    window = HlsWindow(tmp_path)
+    assert not window.refresh() and window.get("live.m3u8") is None  # nothing written yet
+    for name in ("init_a.mp4", "s1.m4s", "s2.m4s", "s3.m4s", "s4.m4s"):
+        _replace(tmp_path / name, name.encode() * 3)
+    _replace(tmp_path / "live.m3u8", _playlist("s1.m4s", "s2.m4s"))
+    assert window.refresh() and sorted(window.names()) == ["init_a.mp4", "live.m3u8", "s1.m4s", "s2.m4s"]
+    assert window.get("s1.m4s").body == b"s1.m4s" * 3 and window.get("live.m3u8").body == _playlist("s1.m4s", "s2.m4s")
+    (tmp_path / "s2.m4s").write_bytes(b"changed")  # published bytes are never re-read: names are per run
+    assert not window.refresh() and window.refreshes == 1  # same playlist: nothing read, nothing swapped
+    _replace(tmp_path / "live.m3u8", _playlist("s2.m4s", "s3.m4s"))
+    assert window.refresh() and window.get("s2.m4s").body == b"s2.m4s" * 3
+    assert window.get("s1.m4s") is not None  # listed by the previous playlist: kept one more window
+    _replace(tmp_path / "live.m3u8", _playlist("s3.m4s", "s4.m4s"))
+    window.refresh()
+    assert window.get("s1.m4s") is None and window.get("s2.m4s") is not None and window.get("s4.m4s") is not None
+
+
+def test_hls_window_retries_a_listed_file_and_serves_nothing_outside_its_folder(tmp_path):
+    _replace(tmp_path.parent / "secret.m4s", b"not ours")
+    _replace(tmp_path / "init_a.mp4", b"init")
+    _replace(tmp_path / "live.m3u8", _playlist("s1.m4s", "../secret.m4s", "x.txt"))
+    window = HlsWindow(tmp_path)
+    assert window.refresh() and window.get("s1.m4s") is None  # listed, not on disk
+    assert window.get("../secret.m4s") is None and window.get("x.txt") is None
+    _replace(tmp_path / "s1.m4s", b"late")
+    assert window.refresh() and window.get("s1.m4s").body == b"late"  # the same playlist, read again
+
+
+def test_hls_file_answer_parses_as_http_with_its_headers(tmp_path):
+    import email.utils
+    import http.client
+
+    class _Bytes:
+        def __init__(self, data):
+            self.stream = io.BytesIO(data)
+
+        def makefile(self, *_args, **_kwargs):
+            return self.stream
+
+    clock = iter([1_000_000.2, 1_000_000.9, 1_000_001.0])
+    date = DateLine(clock=lambda: next(clock))
+    first, same_second, next_second = date(), date(), date()
+    assert first is same_second and next_second != first
+    answer = HlsFile.of("seg_ab_000001.m4s", b"\x00moof" * 100).response(first)
+    response = http.client.HTTPResponse(_Bytes(answer))
+    response.begin()
+    assert response.status == 200 and response.read() == b"\x00moof" * 100
+    assert response.getheader("Content-Type") == "video/iso.segment"
+    assert "immutable" in response.getheader("Cache-Control")
+    assert email.utils.parsedate_to_datetime(response.getheader("Date")).timestamp() == 1_000_000
+    playlist = HlsFile.of("live.m3u8", b"#EXTM3U\n")
+    assert playlist.content_type == "application/vnd.apple.mpegurl" and playlist.cache_control == "no-cache"
 
 
 def test_hls_encoder_writes_a_rolling_playlist_and_cleans_up(tmp_path):
@@ -272,6 +317,11 @@ def test_hls_encoder_writes_a_rolling_playlist_and_cleans_up(tmp_path):
     assert playlist.count("#EXT-X-PROGRAM-DATE-TIME:") == 3
     segments = re.findall(rf"^(seg_{encoder.run}_\d{{6}}\.m4s)$", playlist, flags=re.M)
     assert len(segments) == 3 and all((folder / s).is_file() for s in segments)
+    # The window in memory is the folder's, published once per segment while muxing.
+    assert encoder.window.get("live.m3u8").body == (folder / "live.m3u8").read_bytes()
+    assert all(encoder.window.get(name).body == (folder / name).read_bytes()
+               for name in [f"init_{encoder.run}.mp4", *segments])
+    assert 5 <= encoder.window.refreshes <= 7  # 65 frames at 10 fps: a playlist per 1 s segment
     assert len(list(folder.glob("seg_*.m4s"))) <= 3 + 2  # delete_segments keeps the folder bounded
     encoder.close()
     assert not folder.exists()

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import signal
 
-from .app import create_app
+from .app import create_app, fast_answer
 from .connections import ConnectionLimits, guarded_runner, install_log_rate_limit
 from .generator_process import PipelineSpec, ProcessPipeline
 from .playlist import Limits, Playlist, PlaylistItem, PromptBoard, PromptChange, RequestError, load_playlist
@@ -80,8 +80,10 @@ async def _serve_until_signalled(server: StreamServer, host: str, port: int, sho
     config = server.config
     # Players poll the HLS playlist every second: access lines only with --verbose.
     access_log = logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None
-    runner = guarded_runner(create_app(server), server.connections, access_log=access_log,
-                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    # The fast path writes no access lines: with them on (--verbose), every request goes through aiohttp.
+    runner = guarded_runner(create_app(server), server.connections,
+                            fast_answer=fast_answer(server) if access_log is None else None,
+                            access_log=access_log, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -22,21 +22,16 @@ from pathlib import Path
 
 from .broadcast import within
 from .encoders import MJPEG_BOUNDARY
-from .file_cache import FileCache
 from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, check_origin, json_depth_exceeds,
                     token_matches)
+from .hls_window import DateLine
 from .playlist import RequestError, parse_playlist, parse_prompt_change
 
 log = logging.getLogger("skyrt.server")
 
 STATIC = Path(__file__).parent / "static"
 HLS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.(m3u8|m4s|mp4)$")
-HLS_TYPES = {"m3u8": "application/vnd.apple.mpegurl", "m4s": "video/iso.segment", "mp4": "video/mp4"}
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
-# HLS: the playlist changes every segment; segment and init names are new in every run (encoders.py),
-# so their bytes never change and any cache in front may keep them.
-HLS_CACHE = {"m3u8": {"Cache-Control": "no-cache"}, "m4s": {"Cache-Control": "public, max-age=31536000, immutable"},
-             "mp4": {"Cache-Control": "public, max-age=31536000, immutable"}}
 
 
 def _error(status: int, message: str):
@@ -49,6 +44,23 @@ _UNAUTHORIZED = Refusal(401, "unauthorized: send the header 'Authorization: Bear
                              "token (printed at start, or the one given with --token-file / SKYRT_TOKEN)")
 
 
+def fast_answer(server):
+    """What connections.py may answer without aiohttp (or None): a bodiless GET of an HLS file in the
+    window, as complete HTTP bytes. Players ask for the playlist and a segment every second each, and
+    these bytes were built once per segment, so a viewer costs a lookup and a socket write. Anything
+    else, a miss included, returns None and goes through the app below."""
+    if "hls" not in server.config.formats:
+        return None
+    window, date_line = server.hls_window, DateLine()
+
+    def answer(path: bytes) -> bytes | None:
+        if not path.startswith(b"/hls/"):
+            return None
+        file = window.get(path[5:].decode("latin-1"))
+        return None if file is None else file.response(date_line())
+    return answer
+
+
 def create_app(server):
     """The aiohttp application of a `StreamServer` (see server.py)."""
     from aiohttp import web
@@ -56,7 +68,6 @@ def create_app(server):
     config = server.config
     allowed_hosts = frozenset(name.lower().rstrip(".") for name in config.allowed_hosts)
     streams: set = set()  # transports of the stream responses in flight (aborted at shutdown)
-    hls_files = FileCache(server.hls_folder)
 
     def authorized(request) -> bool:
         return config.token is None or token_matches(request.raw_headers, config.token)
@@ -144,13 +155,11 @@ def create_app(server):
         name = request.match_info["name"]
         if not HLS_NAME.match(name):
             return _error(400, "invalid HLS file name: expected live.m3u8 or a segment name it lists")
-        data = hls_files.get(name)
-        if data is None:
-            data = await asyncio.to_thread(hls_files.read, name)
-        if data is None:
+        file = server.hls_window.get(name)
+        if file is None:
             return _error(404, f"{name} is not there (yet, or it rolled out of the window); reload the playlist")
-        kind = name.rsplit(".", 1)[1]
-        return web.Response(body=data, content_type=HLS_TYPES[kind], headers=HLS_CACHE[kind])
+        return web.Response(body=file.body, content_type=file.content_type,
+                            headers={"Cache-Control": file.cache_control})
 
     async def mjpeg(request):
         # Items are whole multipart parts (encoders.py); a client shows each part as it arrives, so
@@ -173,22 +182,23 @@ def create_app(server):
         streams.add(transport)
 
         async def send(data: bytes) -> None:
-            """Write and wait until the kernel took it all, so the stall clock counts time in which
-            the socket accepted nothing (aiohttp alone waits only every 64 KiB written)."""
-            await response.write(data)
-            await request.writer.drain()
+            """Write `data` once the socket has taken everything before it. Only a socket still holding
+            bytes is waited on, under the stall clock (time in which it accepted nothing); a client
+            that keeps up costs one socket write per frame, no timer and no wait."""
+            if transport is not None and transport.get_write_buffer_size():
+                async with within(config.write_timeout_s):
+                    await writer.drain()
+            await writer.write(data, drain=False)  # never a wait outside the stall clock
 
         try:
-            await response.prepare(request)
+            writer = await response.prepare(request)
             bound_send_buffers(transport)
             if broadcast.header:
-                async with within(config.write_timeout_s):
-                    await send(broadcast.header)
+                await send(broadcast.header)
             while not broadcast.closed:
                 batch = await reader.next_batch()
                 if batch:
-                    async with within(config.write_timeout_s):
-                        await send(pack(batch))
+                    await send(pack(batch))
         except asyncio.TimeoutError:
             # Abort, not close: close() would wait to flush the very send queue that stalled, and keep
             # the socket and its kernel buffers until then.

@@ -85,13 +85,17 @@ class Broadcast:
         return Reader(self, start)
 
     def _after(self, cursor: int) -> tuple[list[Item], int]:
-        """Items newer than `cursor` and how many were already evicted (lost to this reader)."""
+        """Items newer than `cursor` and how many were already evicted (lost to this reader).
+        O(new items), not O(capacity): every reader calls this for every item published."""
         with self._lock:
-            if not self._items or self._items[-1].seq <= cursor:
+            items = self._items
+            if not items or items[-1].seq <= cursor:
                 return [], 0
-            oldest = self._items[0].seq
+            newest, oldest = items[-1].seq, items[0].seq  # seqs are consecutive within the ring
             lost = max(0, oldest - cursor - 1)
-            return [it for it in self._items if it.seq > cursor], lost
+            fresh = list(itertools.islice(reversed(items), newest - max(cursor, oldest - 1)))
+        fresh.reverse()
+        return fresh, lost
 
 
 _reader_ids = itertools.count(1)
@@ -106,15 +110,19 @@ class Reader:
         self.dropped = 0
         self._awaiting_keyframe = False
 
-    async def next_batch(self, timeout: float = 5.0) -> list[bytes]:
-        """Every pending payload (waits up to `timeout` for one; [] on timeout or close)."""
+    async def next_batch(self, timeout: float | None = None) -> list[bytes]:
+        """Every pending payload: waits for one (up to `timeout`, if given), [] on timeout or close.
+        Without a timeout no timer is armed: a stream client waits for the next item or the close."""
         bc = self.broadcast
         items, lost = bc._after(self.cursor)
         if not items and not bc.closed:
             event = bc._event
             try:
-                async with within(timeout):
+                if timeout is None:
                     await event.wait()
+                else:
+                    async with within(timeout):
+                        await event.wait()
             except asyncio.TimeoutError:
                 return []
             items, lost = bc._after(self.cursor)

@@ -2,7 +2,7 @@
 
     MjpegEncoder  uint8 frame -> a multipart JPEG part per new frame -> Broadcast ("mjpeg")
     Fmp4Encoder   H.264 in fragmented MP4, one fragment a frame  -> Broadcast ("mp4"), init segment as header
-    HlsEncoder    H.264 in 1 s fMP4 segments + rolling playlist  -> files in a folder served by the app
+    HlsEncoder    H.264 in 1 s fMP4 segments + rolling playlist  -> a folder, published to an HlsWindow per segment
 
 H.264 is encoded once per frame whatever the number of H.264 outputs: the first one's libx264 encodes,
 and an output made with `leader=` muxes copies of the leader's packets (same bytes, same frames).
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .broadcast import Broadcast
+from .hls_window import PLAYLIST, HlsWindow
 
 
 def h264_options(fps: int) -> dict[str, str]:
@@ -227,17 +228,19 @@ class Fmp4Encoder(_H264Output):
 
 class HlsEncoder(_H264Output):
     """H.264 HLS: `live.m3u8` plus 1 s fMP4 segments in `folder` (named per run), a rolling window of
-    `list_size` segments with program-date-time; old segments are deleted as the window rolls."""
+    `list_size` segments with program-date-time; old segments are deleted as the window rolls. After
+    every segment the folder's window is published to `window` (served from memory, hls_window.py)."""
 
     name = "hls"
-    PLAYLIST = "live.m3u8"
+    PLAYLIST = PLAYLIST
 
     def __init__(self, folder: Path, fps: int, width: int, height: int, segment_s: int = 1, list_size: int = 6,
-                 run: str | None = None, leader: _H264Output | None = None):
+                 run: str | None = None, leader: _H264Output | None = None, window: HlsWindow | None = None):
         import av
 
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.window = window if window is not None else HlsWindow(self.folder)
         # Every run names its init segment and segments anew (seg_<run>_000001.m4s), so a name means
         # the same bytes forever and caches (a CDN, a proxy, the browser) may keep them.
         self.run = run or secrets.token_hex(4)
@@ -249,6 +252,12 @@ class HlsEncoder(_H264Output):
             "hls_segment_filename": str(self.folder / f"seg_{self.run}_%06d.m4s"),
         })
         super().__init__(container, fps, width, height, leader)
+
+    def _mux(self, packet) -> None:
+        keyframe = packet.is_keyframe
+        self._container.mux(packet)
+        if keyframe:  # taking a keyframe, the muxer closed the last segment and rewrote the playlist
+            self.window.refresh()
 
     def close(self) -> None:
         super().close()

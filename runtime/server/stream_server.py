@@ -3,7 +3,7 @@ owns their start and stop. The HTTP app (app.py) only reads from it.
 
     generator thread ─ FrameBuffer ─ pacer thread ─┬─ MjpegEncoder ─ Broadcast("mjpeg") ─ clients
       (pipeline)        (bounded)    (fps clock)   ├─ Fmp4Encoder  ─ Broadcast("mp4")   ─ clients
-                                                   └─ HlsEncoder   ─ files in a temp folder ─ clients
+                                                   └─ HlsEncoder   ─ HlsWindow (a segment's files) ─ clients
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .connections import ConnectionLimits, ConnectionRegistry
 from .encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
 from .generator import FrameBuffer, GeneratorThread, PacerThread
 from .generator_process import ProcessPipeline
+from .hls_window import HlsWindow
 from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
 from .state import StateFile, StateSaver, make_hls_folder
@@ -99,6 +100,7 @@ class StreamServer:
         self.broadcasts = {fmt: Broadcast(fmt, capacity, needs_keyframe=fmt == "mp4")
                            for fmt in config.formats if fmt in ("mjpeg", "mp4")}
         self.hls_folder = make_hls_folder()  # reaps the folders of servers that died first
+        self.hls_window = HlsWindow(self.hls_folder)  # what HTTP serves: the HLS files in memory
         self.captioner = None
         if captioner is not None:
             from .captioning import LiveCaptioner
@@ -122,7 +124,8 @@ class StreamServer:
             h264 = Fmp4Encoder(self.broadcasts["mp4"], fps, w, h)
             encoders.append(h264)
         if "hls" in self.config.formats:
-            encoders.append(HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size, leader=h264))
+            encoders.append(HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size, leader=h264,
+                                       window=self.hls_window))
         return encoders  # leaders before followers: the pacer encodes in this order
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -195,7 +198,7 @@ class StreamServer:
             frame_buffer=len(self.buffer),
             caption=None if self.captioner is None else self.captioner.latest()["caption"],
             connections={"open": self.connections.count, "refused": self.connections.refused,
-                         "idle_shed": self.connections.shed},
+                         "idle_shed": self.connections.shed, "fast_answers": self.connections.fast_answers},
             resident_memory_bytes=rss,
             open_fds=fds,
             generator_process=self._generator_process(),
