@@ -15,6 +15,8 @@ generating chunks). Writes JSON.
     python benchmarks/serve.py --model DIR --height 32 --width 32 --steps 2 --seconds 10 --viewers 10,50
     python benchmarks/serve.py --baseline-python OTHER/.venv/bin/python --rounds 3 --seconds 40 \
         --out benchmarks/results/serve_versions.json   # this install vs another, no viewers, ABBA order
+    python benchmarks/serve.py --baseline-python OTHER/.venv/bin/python --compare-viewers hls:200,mjpeg:200 \
+        --rounds 2 --out benchmarks/results/serve_viewers_versions.json   # ... and what viewers cost each
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def parse_args() -> argparse.Namespace:
                    help="instead of viewer phases: generated fps with no viewers of this install's `skyrt serve` "
                         "against the one this interpreter runs (another checkout's venv), servers started in "
                         "ABBA order, `--rounds` times")
+    p.add_argument("--compare-viewers", default="",
+                   help="with --baseline-python: viewer phases each server also plays, e.g. 'hls:200,mjpeg:200'")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
     return p.parse_args()
 
@@ -94,13 +98,15 @@ def start_server(args, python: str = sys.executable) -> tuple[subprocess.Popen, 
     raise SystemExit("the server never produced a frame")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its live children (the generator process), all
-    their threads."""
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU seconds of a process, all its threads, and (children=True) its live children
+    (the generator process)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return own + sum(cpu_seconds(int(child)) for child in children if Path(f"/proc/{child}").exists())
+    if not children:
+        return own
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(cpu_seconds(int(child)) for child in kids if Path(f"/proc/{child}").exists())
 
 
 def busy_seconds(base: str) -> float:
@@ -110,7 +116,8 @@ def busy_seconds(base: str) -> float:
 
 def snapshot(base: str, pid: int) -> dict:
     status = get_json(base + "/status")
-    return {"status": status, "busy_s": busy_seconds(base), "cpu_s": cpu_seconds(pid), "t": time.monotonic()}
+    return {"status": status, "busy_s": busy_seconds(base), "cpu_s": cpu_seconds(pid),
+            "serving_cpu_s": cpu_seconds(pid, children=False), "t": time.monotonic()}
 
 
 def rate(before: dict, after: dict) -> dict:
@@ -129,6 +136,8 @@ def rate(before: dict, after: dict) -> dict:
     return {"generated_fps": frames / chunk_span if frames else 0.0,
             "generator_busy_fps": frames / busy if busy > 0 else None,
             "server_cpu_cores": (after["cpu_s"] - before["cpu_s"]) / wall,  # server + generator process
+            # The serving process alone (HTTP, pacer, encoders): what the viewers cost, less noisy than fps.
+            "serving_cpu_cores": (after["serving_cpu_s"] - before["serving_cpu_s"]) / wall,
             "chunk_latency_p50_s": b["chunk_latency_p50_s"], "chunk_latency_p99_s": b["chunk_latency_p99_s"],
             "clients": b["clients"], "client_drops": b["client_drops"], "client_write_timeouts":
             b["client_write_timeouts"] - a["client_write_timeouts"], "open_fds": b["open_fds"],
@@ -173,6 +182,21 @@ def measure_viewers(base: str, pid: int, fmt: str, count: int, args) -> dict:
     return dict(measured, viewer_process=report)
 
 
+def bracketed_viewer_phase(base: str, pid: int, fmt: str, count: int, args, alone_runs: list[dict]) -> dict:
+    """A viewer phase followed by a no-viewer one (appended to `alone_runs`, which must already end with
+    the no-viewer phase before it); the phase's figures relative to those two neighbours."""
+    phase = measure_viewers(base, pid, fmt, count, args)
+    time.sleep(2.0)  # the viewers' sockets close
+    alone_runs.append(measure_alone(base, pid, args.seconds))
+    neighbours = alone_runs[-2:]
+    phase["ratio"] = phase["generated_fps"] / mean(neighbours, "generated_fps")
+    phase["busy_ratio"] = phase["generator_busy_fps"] / mean(neighbours, "generator_busy_fps")
+    phase["no_viewers_neighbours_fps"] = [a["generated_fps"] for a in neighbours]
+    phase["serving_cpu_cores_added"] = phase["serving_cpu_cores"] - mean(neighbours, "serving_cpu_cores")
+    phase["viewer_process_cpu_cores"] = phase["viewer_process"]["cpu_s"] / phase["viewer_process"]["seconds"]
+    return phase
+
+
 def viewer_side(phase: dict) -> dict:
     """What the viewers of a phase got, per viewer: requests/s and HLS request latency, or MJPEG frames/s
     (a slower server shows here first: a starved viewer asks and receives less)."""
@@ -207,16 +231,42 @@ def proc_stat_cpu() -> list[int]:
     return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
 
 
+def fresh_server_viewer_phases(args, python: str, specs: list[tuple[str, int]]) -> dict:
+    """Start a server, then no viewers / each (format, count) of `specs` / no viewers ... in turn; stop it."""
+    proc, base = start_server(args, python)
+    try:
+        time.sleep(3.0)
+        alone_runs = [measure_alone(base, proc.pid, args.seconds)]
+        phases = {f"{fmt}_{count}": bracketed_viewer_phase(base, proc.pid, fmt, count, args, alone_runs)
+                  for fmt, count in specs}
+        return dict(phases, no_viewers=alone_runs)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
 def compare_installs(args) -> None:
-    """No-viewer generated fps of two installs (this interpreter's and --baseline-python's), each server
-    started afresh, in ABBA order per round so drift hits both alike; writes the ratio this/baseline."""
+    """Two installs (this interpreter's and --baseline-python's), each server started afresh, in ABBA
+    order per round so drift hits both alike. Without --compare-viewers: no-viewer generated fps, and the
+    ratio this/baseline. With it: each server also plays those viewer phases, and each install's
+    ratios to its own no-viewer neighbours and the serving CPU the viewers added are reported side by side."""
+    specs = [(fmt, int(count)) for fmt, count in (spec.split(":") for spec in args.compare_viewers.split(",")
+                                                   if spec.strip())]
     runs: dict[str, list] = {"this": [], "baseline": []}
     pythons = {"this": sys.executable, "baseline": args.baseline_python}
     for round_ in range(args.rounds):
         for label in ("this", "baseline", "baseline", "this") if round_ % 2 == 0 else ("baseline", "this", "this",
                                                                                        "baseline"):
+            if specs:
+                runs[label].append(fresh_server_viewer_phases(args, pythons[label], specs))
+                print(f"round {round_ + 1}: {label}: " + ", ".join(
+                    f"{key} {phase['ratio']:.3f} of no viewers, +{phase['serving_cpu_cores_added']:.3f} serving cores"
+                    for key, phase in runs[label][-1].items() if key != "no_viewers"), flush=True)
+                continue
             runs[label].append(fresh_server_rate(args, pythons[label]))
             print(f"round {round_ + 1}: {label}: {runs[label][-1]['generated_fps']:.2f} fps", flush=True)
+    if specs:
+        return write_viewer_comparison(args, specs, runs)
     fps = {label: [r["generated_fps"] for r in rs] for label, rs in runs.items()}
     report = {
         "benchmark": "serve_versions",
@@ -232,6 +282,35 @@ def compare_installs(args) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("generated_fps", "ratio_this_vs_baseline")}, indent=2))
+    print(f"wrote {args.out}")
+
+
+def write_viewer_comparison(args, specs: list[tuple[str, int]], runs: dict[str, list]) -> None:
+    def summary(label: str, key: str, field: str) -> float:
+        return round(median(run[key][field] for run in runs[label]), 3)
+
+    keys = [f"{fmt}_{count}" for fmt, count in specs]
+    report = {
+        "benchmark": "serve_versions_viewers",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
+                    "load_average_at_end": os.getloadavg()[0]},
+        "config": vars(args) | {"out": args.out.name, "baseline_python": "given"},
+        # Per install, median over its servers: generated fps with the viewers over its no-viewer
+        # neighbours, and the serving process's CPU (cores) the viewers added.
+        "ratio_generated_fps_vs_no_viewers": {label: {key: summary(label, key, "ratio") for key in keys}
+                                              for label in runs},
+        "serving_cpu_cores_added_by_viewers": {label: {key: summary(label, key, "serving_cpu_cores_added")
+                                                       for key in keys} for label in runs},
+        "serving_cpu_added_this_vs_baseline": {key: round(summary("this", key, "serving_cpu_cores_added")
+                                                          / summary("baseline", key, "serving_cpu_cores_added"), 3)
+                                               for key in keys},
+        "viewers_served": {label: {key: viewer_side(runs[label][-1][key]) for key in keys} for label in runs},
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("ratio_generated_fps_vs_no_viewers", "serving_cpu_cores_added_by_viewers",
+                                             "serving_cpu_added_this_vs_baseline", "viewers_served")}, indent=2))
     print(f"wrote {args.out}")
 
 
@@ -252,13 +331,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             for fmt in FORMATS:
                 for count in counts:
-                    phase = measure_viewers(base, proc.pid, fmt, count, args)
-                    time.sleep(2.0)  # the viewers' sockets close
-                    alone_runs.append(measure_alone(base, proc.pid, args.seconds))
-                    neighbours = alone_runs[-2:]
-                    phase["ratio"] = phase["generated_fps"] / mean(neighbours, "generated_fps")
-                    phase["busy_ratio"] = phase["generator_busy_fps"] / mean(neighbours, "generator_busy_fps")
-                    phase["no_viewers_neighbours_fps"] = [a["generated_fps"] for a in neighbours]
+                    phase = bracketed_viewer_phase(base, proc.pid, fmt, count, args, alone_runs)
                     phases[f"{fmt}_{count}"].append(phase)
                     print(f"round {round_ + 1}: {fmt} x{count}: {phase['generated_fps']:.1f} fps, "
                           f"{phase['ratio']:.3f} of no viewers; viewers: {viewer_side(phase)}", flush=True)
@@ -272,6 +345,10 @@ def main() -> None:
               for fmt in FORMATS}
     busy_ratios = {fmt: {str(c): round(median(p["busy_ratio"] for p in phases[f"{fmt}_{c}"]), 3) for c in counts}
                    for fmt in FORMATS}
+    cores_added = {fmt: {str(c): round(median(p["serving_cpu_cores_added"] for p in phases[f"{fmt}_{c}"]), 3)
+                         for c in counts} for fmt in FORMATS}
+    viewer_cores = {fmt: {str(c): round(median(p["viewer_process_cpu_cores"] for p in phases[f"{fmt}_{c}"]), 3)
+                          for c in counts} for fmt in FORMATS}
     served = {fmt: {str(c): viewer_side(phases[f"{fmt}_{c}"][-1]) for c in counts} for fmt in FORMATS}
     phases["no_viewers"] = alone_runs
     report = {
@@ -283,6 +360,10 @@ def main() -> None:
         "ratio_generated_fps_vs_no_viewers": ratios,
         "ratio_generator_busy_fps_vs_no_viewers": busy_ratios,
         "viewers_served_last_round": served,
+        # CPU the viewers cost the serving process (HTTP, pacer, encoders), cores over no viewers, and
+        # what the viewer simulator itself used (it shares this machine's cores with the server).
+        "serving_cpu_cores_added_by_viewers": cores_added,
+        "viewer_simulator_cpu_cores": viewer_cores,
         "cpu_steal_share": round(cpu_steal_share(steal_before, proc_stat_cpu()), 4),
         "phases": phases,
         "connect_disconnect": {"cycles": args.cycles, "seconds": cycles_s},
@@ -294,6 +375,7 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("generated_fps_no_viewers", "ratio_generated_fps_vs_no_viewers",
                                              "ratio_generator_busy_fps_vs_no_viewers", "viewers_served_last_round",
+                                             "serving_cpu_cores_added_by_viewers", "viewer_simulator_cpu_cores",
                                              "after")}, indent=2))
     print(f"wrote {args.out}")
 

@@ -468,3 +468,68 @@ def test_last_chunk_time_marks_when_the_frame_count_last_grew():
     assert later["uptime_s"] >= first["last_chunk_at_s"] + 0.05
     metrics.chunk_generated(12, 0.5)
     assert later["uptime_s"] <= metrics.snapshot()["last_chunk_at_s"]
+
+
+def test_pusher_writes_each_item_from_the_publish_callback_and_stops_at_a_full_socket(loop):
+    """A real loopback socket pair: while the client reads, every item reaches it in order with no
+    task involved; when the client stops reading, the pusher stops at the first write the socket
+    does not take and `stopped()` returns; once the socket drains, `resume()` catches up from the
+    ring with the newest items, the evicted ones counted as dropped."""
+    import socket
+
+    from skyrt.runtime.server.broadcast import Pusher
+
+    async def scenario():
+        accepted = loop.create_future()
+
+        class Side(asyncio.Protocol):
+            def connection_made(self, transport):
+                accepted.set_result(transport)
+
+        server = await loop.create_server(Side, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        transport = await accepted
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.set_write_buffer_limits(high=0)
+        bc = Broadcast("mjpeg", capacity=3)
+        bc.bind(loop)
+        pusher = Pusher(bc.subscribe(), transport, lambda batch: b"".join(batch))
+        bc.attach(pusher)
+        received = b""
+        for i in range(5):  # small items, read as they come: all arrive, in order
+            bc.publish(b"<%d>" % i)
+            await asyncio.sleep(0.01)
+            received += client.recv(100)
+        assert received == b"<0><1><2><3><4>" and not pusher.blocked
+        big = b"x" * 1_000_000
+        bc.publish(big)  # far more than the socket buffers hold: the pusher stops
+        await asyncio.wait_for(pusher.stopped(), 5)
+        assert pusher.blocked and transport.get_write_buffer_size() > 0
+        for i in range(5, 10):  # published while blocked: the ring keeps the newest 3
+            bc.publish(b"<%d>" % i)
+        await asyncio.sleep(0.01)
+        client.setblocking(False)
+        got = 0
+        while transport.get_write_buffer_size():  # the client catches up; the socket drains
+            try:
+                got += len(client.recv(1 << 20))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        pusher.resume()
+        tail = b""  # the rest of `big` still in kernel buffers, then what resume() wrote
+        deadline = loop.time() + 5
+        while got + len(tail) < len(big) + len(b"<7><8><9>") and loop.time() < deadline:
+            try:
+                tail += client.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+        assert tail.endswith(b"<7><8><9>") and got + len(tail) == len(big) + len(b"<7><8><9>")
+        assert pusher.reader.dropped == 2 and not pusher.blocked
+        bc.close()  # the broadcast's end stops the pusher too
+        await asyncio.wait_for(pusher.stopped(), 5)
+        bc.detach(pusher)
+        transport.close()
+        client.close()
+        server.close()
+
+    loop.run_until_complete(scenario())

@@ -20,7 +20,7 @@ import re
 import socket
 from pathlib import Path
 
-from .broadcast import within
+from .broadcast import Pusher, within
 from .encoders import MJPEG_BOUNDARY
 from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, check_origin, json_depth_exceeds,
                     token_matches)
@@ -171,7 +171,10 @@ def create_app(server):
         return await stream_out(request, "mp4", "video/mp4", b"".join)
 
     async def stream_out(request, fmt: str, content_type: str, pack):
-        """Copy a Broadcast to one client until it leaves; a stalled write cuts the client off."""
+        """Copy a Broadcast to one client until it leaves; a stalled socket cuts the client off.
+
+        The writing happens in a `Pusher`, right after each publish; this task only waits, under the
+        stall clock, for a socket that did not take everything, and then lets the pusher go on."""
         broadcast = server.broadcasts.get(fmt)
         if broadcast is None:
             return _error(404, f"{fmt} output is off; add {fmt} to --formats")
@@ -180,25 +183,27 @@ def create_app(server):
         reader = broadcast.subscribe()
         server.metrics.client_connected(fmt, reader)
         streams.add(transport)
-
-        async def send(data: bytes) -> None:
-            """Write `data` once the socket has taken everything before it. Only a socket still holding
-            bytes is waited on, under the stall clock (time in which it accepted nothing); a client
-            that keeps up costs one socket write per frame, no timer and no wait."""
-            if transport is not None and transport.get_write_buffer_size():
+        pusher = None
+        try:
+            writer = await response.prepare(request)  # sends the headers: from here on the socket is ours
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("client went away before its stream started")
+            bound_send_buffers(transport)
+            frame = chunk_framing(writer)
+            pusher = Pusher(reader, transport, lambda batch: frame(pack(batch)))
+            if broadcast.header:
+                pusher.send(frame(broadcast.header))
+            broadcast.attach(pusher)
+            pusher.offer()  # anything published since subscribe()
+            while True:
+                await pusher.stopped()
+                if broadcast.closed:
+                    break
+                if pusher.gone:
+                    raise ConnectionResetError("client went away")
                 async with within(config.write_timeout_s):
                     await writer.drain()
-            await writer.write(data, drain=False)  # never a wait outside the stall clock
-
-        try:
-            writer = await response.prepare(request)
-            bound_send_buffers(transport)
-            if broadcast.header:
-                await send(broadcast.header)
-            while not broadcast.closed:
-                batch = await reader.next_batch()
-                if batch:
-                    await send(pack(batch))
+                pusher.resume()
         except asyncio.TimeoutError:
             # Abort, not close: close() would wait to flush the very send queue that stalled, and keep
             # the socket and its kernel buffers until then.
@@ -212,9 +217,18 @@ def create_app(server):
         except asyncio.CancelledError:
             pass  # the server is stopping
         finally:
+            if pusher is not None:
+                broadcast.detach(pusher)
             streams.discard(transport)
             server.metrics.client_disconnected(fmt, reader)
         return response
+
+    def chunk_framing(writer):
+        """bytes -> what goes on the wire for them: an HTTP/1.1 chunk when aiohttp chose chunked
+        encoding for the response (it does for a stream of unknown length), else the bytes as they are."""
+        if getattr(writer, "chunked", False):
+            return lambda data: b"%x\r\n%b\r\n" % (len(data), data)
+        return lambda data: data
 
     def bound_send_buffers(transport) -> None:
         """A stream socket's backlog lives in its drop-oldest ring, not in buffers: a fixed kernel

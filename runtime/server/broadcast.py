@@ -5,6 +5,12 @@ and drop-oldest without copying anything per client: a reader that falls more th
 items behind skips to the oldest item still held and counts what it missed. Formats whose items
 depend on earlier ones (H.264 fragments) also skip ahead to the next keyframe, so a slow client
 sees a jump, never a broken picture. Publishing is O(1) whatever the number of readers.
+
+A stream client is served by a `Pusher`: on the event loop, right after each publish, every pusher
+writes its client's new items straight to the socket, so a client that keeps up costs one socket
+write per item and no task switch. A pusher whose socket did not take everything stops and wakes its
+client's task, which waits for the socket under the stall clock and then resumes it (catching up
+from the ring, drop-oldest as above).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 try:  # a deadline on the awaits of every client and frame: a timer handle, no extra task per await
     from asyncio import timeout as within  # Python 3.11+
@@ -40,6 +47,7 @@ class Broadcast:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
+        self._pushers: set[Pusher] = set()  # event loop thread only
         self._closed = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -71,8 +79,18 @@ class Broadcast:
                 pass
 
     def _set_event(self) -> None:
+        """On the event loop after every publish (and at close): pushers write, waiting readers wake."""
+        for pusher in list(self._pushers):
+            pusher.offer()
         event, self._event = self._event, asyncio.Event()
         event.set()
+
+    def attach(self, pusher: "Pusher") -> None:
+        """Let `pusher` write after every publish until `detach` (event loop thread)."""
+        self._pushers.add(pusher)
+
+    def detach(self, pusher: "Pusher") -> None:
+        self._pushers.discard(pusher)
 
     def subscribe(self) -> "Reader":
         """A new reader, starting at the newest item it can decode from."""
@@ -112,20 +130,26 @@ class Reader:
 
     async def next_batch(self, timeout: float | None = None) -> list[bytes]:
         """Every pending payload: waits for one (up to `timeout`, if given), [] on timeout or close.
-        Without a timeout no timer is armed: a stream client waits for the next item or the close."""
+        Without a timeout no timer is armed."""
+        bc = self.broadcast
+        if bc._after(self.cursor)[0] or bc.closed:
+            return self.take()
+        event = bc._event
+        try:
+            if timeout is None:
+                await event.wait()
+            else:
+                async with within(timeout):
+                    await event.wait()
+        except asyncio.TimeoutError:
+            return []
+        return self.take()
+
+    def take(self) -> list[bytes]:
+        """Every pending payload, now ([] if none): what was evicted before this reader got to it is
+        counted as dropped, and a format that needs one restarts at a keyframe."""
         bc = self.broadcast
         items, lost = bc._after(self.cursor)
-        if not items and not bc.closed:
-            event = bc._event
-            try:
-                if timeout is None:
-                    await event.wait()
-                else:
-                    async with within(timeout):
-                        await event.wait()
-            except asyncio.TimeoutError:
-                return []
-            items, lost = bc._after(self.cursor)
         if not items:
             return []
         self.cursor = items[-1].seq
@@ -140,3 +164,55 @@ class Reader:
             items = items[keys[0]:]
             self._awaiting_keyframe = False
         return [it.payload for it in items]
+
+
+class Pusher:
+    """Writes one client's new items to its socket from the publish callback (see the module docstring).
+
+    encode: a batch of payloads -> the bytes to write (the client's packing and HTTP chunk framing).
+    The client's task loops on `stopped()`: it returns when the pusher stopped because its socket holds
+    unsent bytes (wait for it to drain, under the stall clock, then `resume()`), the client is gone
+    (`gone`), or the broadcast closed."""
+
+    def __init__(self, reader: Reader, transport, encode: Callable[[list[bytes]], bytes]):
+        self.reader, self.transport, self.encode = reader, transport, encode
+        self.blocked = False  # the socket holds unsent bytes: the task waits for it, not the pusher
+        self._wake: asyncio.Future | None = None
+
+    @property
+    def gone(self) -> bool:
+        return self.transport.is_closing()
+
+    def offer(self) -> None:
+        """Write whatever is new, unless blocked (event loop thread)."""
+        if self.blocked:
+            return
+        if self.gone or self.reader.broadcast.closed:
+            self._signal()
+            return
+        batch = self.reader.take()
+        if batch:
+            self.send(self.encode(batch))
+
+    def send(self, data: bytes) -> None:
+        """Write `data`; if the socket did not take all of it, stop and wake the task."""
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size():
+            self.blocked = True
+            self._signal()
+
+    async def stopped(self) -> None:
+        """Return once blocked, gone or closed (at once if already)."""
+        while not (self.blocked or self.gone or self.reader.broadcast.closed):
+            self._wake = asyncio.get_running_loop().create_future()
+            await self._wake
+
+    def resume(self) -> None:
+        """The socket took everything: write what arrived meanwhile and go on pushing."""
+        self.blocked = False
+        self.offer()
+
+    def _signal(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None and not wake.done():
+            wake.set_result(None)

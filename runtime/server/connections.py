@@ -130,7 +130,8 @@ def guarded_runner(app, registry: ConnectionRegistry, fast_answer: Callable[[byt
     from aiohttp.web_protocol import RequestHandler
 
     used = ("_waiter", "_request_in_progress", "_messages", "_request_count", "_next_keepalive_close_time",
-            "_keepalive_timeout", "_keepalive", "_payload_parser", "_close", "_force_close", "_upgraded")
+            "_keepalive_handle", "_keepalive_timeout", "_keepalive", "_payload_parser", "_close", "_force_close",
+            "_upgraded")
     missing = [name for name in used if not any(name in getattr(cls, "__slots__", ())
                                                    for cls in RequestHandler.__mro__)]
     if missing or not hasattr(RequestHandler, "force_close"):
@@ -187,6 +188,8 @@ def guarded_runner(app, registry: ConnectionRegistry, fast_answer: Callable[[byt
             self.transport.write(answer)
             # The keep-alive clock restarts as after any answer (its timer re-arms itself from this).
             self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            if self._keepalive_handle is None and self._keepalive_timeout > 0:
+                self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
             registry.fast_answers += 1
             return True
 
