@@ -9,7 +9,9 @@ every viewer phase and each phase's ratio is against the mean of its two neighbo
 the median over `--rounds` rounds (this machine's speed drifts with other tenants; the hypervisor's
 CPU steal over the run is recorded). Each phase
 also records the server's own CPU use and the generator's busy-time rate (frames / seconds spent
-generating chunks). Writes JSON.
+generating chunks). Then, for `--interleaved` counts, the same ratio with drift cancelled: viewers stay
+connected while their process is stopped and continued every few seconds (measure_interleaved).
+Writes JSON.
 
     python benchmarks/serve.py                          # built-in default model, serve settings, 128x128
     python benchmarks/serve.py --model DIR --height 32 --width 32 --steps 2 --seconds 10 --viewers 10,50
@@ -51,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=12.0, help="length of each measured phase")
     p.add_argument("--rounds", type=int, default=2, help="times every viewer phase is measured (median taken)")
     p.add_argument("--cycles", type=int, default=200, help="connect/disconnect cycles")
+    p.add_argument("--interleaved", default="200", help="viewer counts also measured interleaved (see "
+                   "measure_interleaved), each for MJPEG and for HLS; '' for none")
+    p.add_argument("--interleave-s", type=float, default=3.0, help="length of one on or off window")
+    p.add_argument("--interleave-cycles", type=int, default=6, help="on-off-off-on cycles per interleaved run")
     p.add_argument("--baseline-python", default=None,
                    help="instead of viewer phases: generated fps with no viewers of this install's `skyrt serve` "
                         "against the one this interpreter runs (another checkout's venv), servers started in "
@@ -197,6 +203,50 @@ def bracketed_viewer_phase(base: str, pid: int, fmt: str, count: int, args, alon
     return phase
 
 
+# Seconds after SIGSTOP before an "off" window starts: until then the server still writes to a stopped
+# MJPEG viewer, into its 256 KiB kernel send buffer and the viewer's receive buffer (~7 s of 2.5 KB
+# frames at 128x128); a stopped HLS viewer simply asks nothing.
+STOP_SETTLE_S = {"mjpeg": 10.0, "hls": 1.0}
+# ... and after SIGCONT before an "on" window: a resumed MJPEG viewer first reads that backlog.
+START_SETTLE_S = {"mjpeg": 1.5, "hls": 0.5}
+
+
+def measure_interleaved(base: str, pid: int, fmt: str, count: int, args) -> dict:
+    """`count` viewers of `fmt` stay connected while their process is stopped (SIGSTOP) and continued
+    (SIGCONT) every `args.interleave_s` seconds, `args.interleave_cycles` times in on-off-off-on order.
+    Generated fps with the viewers on over fps with them stopped: drift slower than a few seconds (this
+    machine's speed wanders ±15% over tens of seconds) hits both alike. A stopped viewer holds an idle
+    socket (an MJPEG one, a full one whose pusher waits): that costs the server nothing."""
+    ramp = 2.0 + count * 0.005
+    span = ramp + args.interleave_cycles * 2 * (2 * args.interleave_s + START_SETTLE_S[fmt] + STOP_SETTLE_S[fmt]) + 5.0
+    viewers = subprocess.Popen(
+        [sys.executable, str(VIEWERS_SCRIPT), "--port", base.rsplit(":", 1)[1], "--format", fmt, "--count",
+         str(count), "--seconds", str(span), "--nice", str(args.viewer_nice)], stdout=subprocess.PIPE, text=True)
+    time.sleep(ramp)
+    totals = {state: {"frames": 0, "span_s": 0.0, "serving_cpu_s": 0.0, "wall_s": 0.0} for state in ("on", "off")}
+    try:
+        for _ in range(args.interleave_cycles):
+            for state in ("on", "off", "off", "on"):
+                os.kill(viewers.pid, signal.SIGCONT if state == "on" else signal.SIGSTOP)
+                time.sleep(START_SETTLE_S[fmt] if state == "on" else STOP_SETTLE_S[fmt])
+                before = snapshot(base, pid)
+                time.sleep(args.interleave_s)
+                after = snapshot(base, pid)
+                window = totals[state]
+                window["frames"] += after["status"]["frames_generated"] - before["status"]["frames_generated"]
+                window["span_s"] += after["status"]["last_chunk_at_s"] - before["status"]["last_chunk_at_s"]
+                window["serving_cpu_s"] += after["serving_cpu_s"] - before["serving_cpu_s"]
+                window["wall_s"] += after["t"] - before["t"]
+    finally:
+        os.kill(viewers.pid, signal.SIGCONT)
+        viewers.kill()
+        viewers.wait(timeout=60)
+    fps = {state: t["frames"] / t["span_s"] for state, t in totals.items()}
+    cores = {state: t["serving_cpu_s"] / t["wall_s"] for state, t in totals.items()}
+    return {"format": fmt, "viewers": count, "generated_fps": fps, "ratio": fps["on"] / fps["off"],
+            "serving_cpu_cores": cores, "serving_cpu_cores_added": cores["on"] - cores["off"], "windows": totals}
+
+
 def viewer_side(phase: dict) -> dict:
     """What the viewers of a phase got, per viewer: requests/s and HLS request latency, or MJPEG frames/s
     (a slower server shows here first: a starved viewer asks and receives less)."""
@@ -335,6 +385,14 @@ def main() -> None:
                     phases[f"{fmt}_{count}"].append(phase)
                     print(f"round {round_ + 1}: {fmt} x{count}: {phase['generated_fps']:.1f} fps, "
                           f"{phase['ratio']:.3f} of no viewers; viewers: {viewer_side(phase)}", flush=True)
+        interleaved = {}
+        for count in [int(c) for c in args.interleaved.split(",") if c.strip()]:
+            for fmt in FORMATS:
+                run = measure_interleaved(base, proc.pid, fmt, count, args)
+                interleaved[f"{fmt}_{count}"] = run
+                print(f"interleaved: {fmt} x{count}: {run['ratio']:.3f} of stopped viewers, "
+                      f"+{run['serving_cpu_cores_added']:.3f} serving cores", flush=True)
+                time.sleep(2.0)
         cycles_s = connect_cycles(base, args.cycles)
         time.sleep(2.0)
         after = measure_alone(base, proc.pid, 2.0)
@@ -360,6 +418,10 @@ def main() -> None:
         "ratio_generated_fps_vs_no_viewers": ratios,
         "ratio_generator_busy_fps_vs_no_viewers": busy_ratios,
         "viewers_served_last_round": served,
+        # The same question with drift cancelled: viewers connected throughout, their process stopped
+        # and continued every few seconds; fps with them running over fps with them stopped.
+        "ratio_interleaved": {key: round(run["ratio"], 3) for key, run in interleaved.items()},
+        "interleaved": interleaved,
         # CPU the viewers cost the serving process (HTTP, pacer, encoders), cores over no viewers, and
         # what the viewer simulator itself used (it shares this machine's cores with the server).
         "serving_cpu_cores_added_by_viewers": cores_added,
@@ -375,6 +437,7 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("generated_fps_no_viewers", "ratio_generated_fps_vs_no_viewers",
                                              "ratio_generator_busy_fps_vs_no_viewers", "viewers_served_last_round",
+                                             "ratio_interleaved",
                                              "serving_cpu_cores_added_by_viewers", "viewer_simulator_cpu_cores",
                                              "after")}, indent=2))
     print(f"wrote {args.out}")
