@@ -9,8 +9,8 @@ every viewer phase and each phase's ratio is against the mean of its two neighbo
 the median over `--rounds` rounds (this machine's speed drifts with other tenants; the hypervisor's
 CPU steal over the run is recorded). Each phase
 also records the server's own CPU use and the generator's busy-time rate (frames / seconds spent
-generating chunks). Then, for `--interleaved` counts, the same ratio with drift cancelled: viewers stay
-connected while their process is stopped and continued every few seconds (measure_interleaved).
+generating chunks). Then, for `--interleaved` counts, the same ratio with drift cancelled: the viewers
+are paused and resumed every few seconds (measure_interleaved).
 Writes JSON.
 
     python benchmarks/serve.py                          # built-in default model, serve settings, 128x128
@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--interleaved", default="200", help="viewer counts also measured interleaved (see "
                    "measure_interleaved), each for MJPEG and for HLS; '' for none")
     p.add_argument("--interleave-s", type=float, default=3.0, help="length of one on or off window")
-    p.add_argument("--interleave-cycles", type=int, default=6, help="on-off-off-on cycles per interleaved run")
+    p.add_argument("--interleave-cycles", type=int, default=8, help="on-off-off-on cycles per interleaved run")
     p.add_argument("--baseline-python", default=None,
                    help="instead of viewer phases: generated fps with no viewers of this install's `skyrt serve` "
                         "against the one this interpreter runs (another checkout's venv), servers started in "
@@ -203,22 +203,20 @@ def bracketed_viewer_phase(base: str, pid: int, fmt: str, count: int, args, alon
     return phase
 
 
-# Seconds after SIGSTOP before an "off" window starts: until then the server still writes to a stopped
-# MJPEG viewer, into its 256 KiB kernel send buffer and the viewer's receive buffer (~7 s of 2.5 KB
-# frames at 128x128); a stopped HLS viewer simply asks nothing.
-STOP_SETTLE_S = {"mjpeg": 10.0, "hls": 1.0}
-# ... and after SIGCONT before an "on" window: a resumed MJPEG viewer first reads that backlog.
-START_SETTLE_S = {"mjpeg": 1.5, "hls": 0.5}
+# Seconds after a pause before an "off" window starts (MJPEG viewers hang up, their last bytes drain)
+# and after a resume before an "on" window starts (MJPEG viewers reconnect).
+PAUSE_SETTLE_S, RESUME_SETTLE_S = 1.0, 1.5
 
 
 def measure_interleaved(base: str, pid: int, fmt: str, count: int, args) -> dict:
-    """`count` viewers of `fmt` stay connected while their process is stopped (SIGSTOP) and continued
-    (SIGCONT) every `args.interleave_s` seconds, `args.interleave_cycles` times in on-off-off-on order.
-    Generated fps with the viewers on over fps with them stopped: drift slower than a few seconds (this
-    machine's speed wanders ±15% over tens of seconds) hits both alike. A stopped viewer holds an idle
-    socket (an MJPEG one, a full one whose pusher waits): that costs the server nothing."""
+    """`count` viewers of `fmt` paused (SIGUSR1: MJPEG viewers hang up, HLS viewers stop asking) and
+    resumed (SIGUSR2) every `args.interleave_s` seconds, `args.interleave_cycles` times in on-off-off-on
+    order. Generated fps with the viewers on over fps with them paused: drift slower than a few seconds
+    (this machine's speed wanders ±15% over tens of seconds) hits both alike. (Stopping the viewer
+    process instead does not work for MJPEG: the server keeps writing into the stopped viewer's kernel
+    buffers, which autotune to megabytes, for minutes.)"""
     ramp = 2.0 + count * 0.005
-    span = ramp + args.interleave_cycles * 2 * (2 * args.interleave_s + START_SETTLE_S[fmt] + STOP_SETTLE_S[fmt]) + 5.0
+    span = ramp + args.interleave_cycles * 2 * (2 * args.interleave_s + PAUSE_SETTLE_S + RESUME_SETTLE_S) + 5.0
     viewers = subprocess.Popen(
         [sys.executable, str(VIEWERS_SCRIPT), "--port", base.rsplit(":", 1)[1], "--format", fmt, "--count",
          str(count), "--seconds", str(span), "--nice", str(args.viewer_nice)], stdout=subprocess.PIPE, text=True)
@@ -227,8 +225,8 @@ def measure_interleaved(base: str, pid: int, fmt: str, count: int, args) -> dict
     try:
         for _ in range(args.interleave_cycles):
             for state in ("on", "off", "off", "on"):
-                os.kill(viewers.pid, signal.SIGCONT if state == "on" else signal.SIGSTOP)
-                time.sleep(START_SETTLE_S[fmt] if state == "on" else STOP_SETTLE_S[fmt])
+                os.kill(viewers.pid, signal.SIGUSR2 if state == "on" else signal.SIGUSR1)
+                time.sleep(RESUME_SETTLE_S if state == "on" else PAUSE_SETTLE_S)
                 before = snapshot(base, pid)
                 time.sleep(args.interleave_s)
                 after = snapshot(base, pid)
@@ -238,7 +236,6 @@ def measure_interleaved(base: str, pid: int, fmt: str, count: int, args) -> dict
                 window["serving_cpu_s"] += after["serving_cpu_s"] - before["serving_cpu_s"]
                 window["wall_s"] += after["t"] - before["t"]
     finally:
-        os.kill(viewers.pid, signal.SIGCONT)
         viewers.kill()
         viewers.wait(timeout=60)
     fps = {state: t["frames"] / t["span_s"] for state, t in totals.items()}
@@ -390,7 +387,7 @@ def main() -> None:
             for fmt in FORMATS:
                 run = measure_interleaved(base, proc.pid, fmt, count, args)
                 interleaved[f"{fmt}_{count}"] = run
-                print(f"interleaved: {fmt} x{count}: {run['ratio']:.3f} of stopped viewers, "
+                print(f"interleaved: {fmt} x{count}: {run['ratio']:.3f} of paused viewers, "
                       f"+{run['serving_cpu_cores_added']:.3f} serving cores", flush=True)
                 time.sleep(2.0)
         cycles_s = connect_cycles(base, args.cycles)

@@ -9,7 +9,8 @@ asyncio protocols, no stream readers: they stand in for players on other machine
     python benchmarks/viewers.py --port 8000 --format hls --count 200 --seconds 20
 
 Prints one JSON line: bytes read, requests made (HLS: their latency p50 / p99, request sent to body
-read), MJPEG parts received, errors, and this process's CPU seconds.
+read), MJPEG parts received, errors, and this process's CPU seconds. SIGUSR1 pauses the viewers and
+SIGUSR2 resumes them (see Gate).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import resource
+import signal
 import time
 
 SEGMENT = re.compile(r"^(seg_\w+\.m4s)$", re.M)
@@ -108,25 +110,56 @@ class MjpegClient(asyncio.Protocol):
             self.closed.set_result(exc)
 
 
-async def mjpeg_viewer(port: int, until: float, tally: Tally) -> None:
+class Gate:
+    """Viewers play while the gate is open. SIGUSR1 closes it: MJPEG viewers hang up, HLS viewers stop
+    asking; SIGUSR2 opens it: MJPEG viewers reconnect, HLS viewers poll again (serve.py's interleaved
+    measurement: a paused viewer costs the server nothing, unlike a stopped process whose sockets the
+    server keeps filling)."""
+
+    def __init__(self):
+        loop = asyncio.get_running_loop()
+        self.opened = loop.create_future()
+        self.opened.set_result(None)
+        self.closing = loop.create_future()
+
+    def close(self) -> None:
+        if self.opened.done():
+            self.opened = asyncio.get_running_loop().create_future()
+            self.closing.set_result(None)
+
+    def open(self) -> None:
+        if not self.opened.done():
+            self.closing = asyncio.get_running_loop().create_future()
+            self.opened.set_result(None)
+
+    async def wait_open(self, until: float) -> bool:
+        """Wait for the gate to be open; False if `until` passes first."""
+        if not self.opened.done():
+            await asyncio.wait([self.opened], timeout=max(0.0, until - time.monotonic()))
+        return self.opened.done() and time.monotonic() < until
+
+
+async def mjpeg_viewer(port: int, until: float, tally: Tally, gate: Gate) -> None:
     loop = asyncio.get_running_loop()
-    transport, client = await loop.create_connection(lambda: MjpegClient(tally), "127.0.0.1", port)
-    try:
-        transport.write(b"GET /stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        tally.requests += 1
-        done, _ = await asyncio.wait([client.closed], timeout=max(0.1, until - time.monotonic()))
-        if done:
-            raise ConnectionError("the server closed the stream")
-    finally:
-        transport.close()
+    while await gate.wait_open(until):
+        transport, client = await loop.create_connection(lambda: MjpegClient(tally), "127.0.0.1", port)
+        try:
+            transport.write(b"GET /stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            tally.requests += 1
+            await asyncio.wait([client.closed, gate.closing], timeout=max(0.1, until - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if client.closed.done():
+                raise ConnectionError("the server closed the stream")
+        finally:
+            transport.close()
 
 
-async def hls_viewer(port: int, until: float, tally: Tally) -> None:
+async def hls_viewer(port: int, until: float, tally: Tally, gate: Gate) -> None:
     loop = asyncio.get_running_loop()
     transport, client = await loop.create_connection(lambda: HttpClient(tally), "127.0.0.1", port)
     fetched: set[str] = set()
     try:
-        while time.monotonic() < until:
+        while await gate.wait_open(until):
             playlist = (await client.get("/hls/live.m3u8")).decode()
             names = INIT.findall(playlist) + SEGMENT.findall(playlist)
             for name in names:
@@ -147,11 +180,15 @@ async def run(port: int, fmt: str, count: int, seconds: float) -> dict:
     tally = Tally()
     until = time.monotonic() + seconds
     viewer = {"mjpeg": mjpeg_viewer, "hls": hls_viewer}[fmt]
+    gate = Gate()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, gate.close)
+    loop.add_signal_handler(signal.SIGUSR2, gate.open)
 
     async def one(i: int) -> None:
         await asyncio.sleep(i * 0.005)  # a ramp of 5 ms per viewer, as real audiences arrive
         try:
-            await viewer(port, until, tally)
+            await viewer(port, until, tally, gate)
         except (OSError, asyncio.IncompleteReadError, RuntimeError, ValueError, AttributeError) as err:
             tally.error(err)
 
