@@ -415,8 +415,8 @@ def main() -> None:
         "ratio_generated_fps_vs_no_viewers": ratios,
         "ratio_generator_busy_fps_vs_no_viewers": busy_ratios,
         "viewers_served_last_round": served,
-        # The same question with drift cancelled: viewers connected throughout, their process stopped
-        # and continued every few seconds; fps with them running over fps with them stopped.
+        # The same question with drift cancelled: the viewers paused and resumed every few seconds;
+        # fps with them playing over fps with them paused.
         "ratio_interleaved": {key: round(run["ratio"], 3) for key, run in interleaved.items()},
         "interleaved": interleaved,
         # CPU the viewers cost the serving process (HTTP, pacer, encoders), cores over no viewers, and
