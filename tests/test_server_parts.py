@@ -118,7 +118,7 @@ def test_put_playlist_restarts_at_the_first_item_and_empty_stops_it():
 
 # ---------------------------------------------------------------- the broadcast ring
 def _drain(reader):
-    return asyncio.get_event_loop().run_until_complete(reader.next_batch(timeout=0.05))
+    return reader.take()
 
 
 @pytest.fixture()
@@ -143,14 +143,44 @@ def test_reader_gets_items_in_order_and_a_slow_reader_drops_the_oldest(loop):
     assert _drain(fast) == [bytes([i]) for i in range(6, 10)] and fast.dropped == 3
 
 
-def test_reader_wakes_when_another_thread_publishes(loop):
+def test_an_item_published_on_another_thread_is_pushed_on_the_loop(loop):
     import threading
 
-    bc = Broadcast("mjpeg", capacity=4)
-    bc.bind(loop)
-    reader = bc.subscribe()
-    threading.Timer(0.05, bc.publish, args=(b"late",)).start()
-    assert loop.run_until_complete(reader.next_batch(timeout=5)) == [b"late"]
+    from skyrt.runtime.server.broadcast import Pusher
+
+    async def scenario():
+        transport, client, server = await _loopback_pair(loop)
+        bc = Broadcast("mjpeg", capacity=4)
+        bc.bind(loop)
+        bc.attach(Pusher(bc.subscribe(), transport, b"".join))
+        threading.Timer(0.05, bc.publish, args=(b"late",)).start()  # the pacer thread's part
+        got = await asyncio.wait_for(loop.sock_recv(client, 100), 5)
+        transport.close()
+        client.close()
+        server.close()
+        return got
+
+    assert loop.run_until_complete(scenario()) == b"late"
+
+
+async def _loopback_pair(loop):
+    """(server-side transport, client socket, server) over loopback; the transport's buffers as a
+    stream client's (a fixed 4 KiB kernel send buffer, no user-space buffer before it pauses)."""
+    import socket
+
+    accepted = loop.create_future()
+
+    class Side(asyncio.Protocol):
+        def connection_made(self, transport):
+            accepted.set_result(transport)
+
+    server = await loop.create_server(Side, "127.0.0.1", 0)
+    client = socket.create_connection(server.sockets[0].getsockname())
+    client.setblocking(False)
+    transport = await accepted
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    transport.set_write_buffer_limits(high=0)
+    return transport, client, server
 
 
 def test_keyframe_reader_starts_and_resumes_at_keyframes(loop):
@@ -475,22 +505,11 @@ def test_pusher_writes_each_item_from_the_publish_callback_and_stops_at_a_full_s
     task involved; when the client stops reading, the pusher stops at the first write the socket
     does not take and `stopped()` returns; once the socket drains, `resume()` catches up from the
     ring with the newest items, the evicted ones counted as dropped."""
-    import socket
-
     from skyrt.runtime.server.broadcast import Pusher
 
     async def scenario():
-        accepted = loop.create_future()
-
-        class Side(asyncio.Protocol):
-            def connection_made(self, transport):
-                accepted.set_result(transport)
-
-        server = await loop.create_server(Side, "127.0.0.1", 0)
-        client = socket.create_connection(server.sockets[0].getsockname())
-        transport = await accepted
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        transport.set_write_buffer_limits(high=0)
+        transport, client, server = await _loopback_pair(loop)
+        client.setblocking(True)
         bc = Broadcast("mjpeg", capacity=3)
         bc.bind(loop)
         pusher = Pusher(bc.subscribe(), transport, lambda batch: b"".join(batch))

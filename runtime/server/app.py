@@ -20,7 +20,12 @@ import re
 import socket
 from pathlib import Path
 
-from .broadcast import Pusher, within
+try:  # a deadline on a stalled client's wait: a timer handle, no extra task
+    from asyncio import timeout as within  # Python 3.11+
+except ImportError:  # Python 3.10: aiohttp's own dependency
+    from async_timeout import timeout as within
+
+from .broadcast import Pusher
 from .encoders import MJPEG_BOUNDARY
 from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, check_origin, json_depth_exceeds,
                     token_matches)

@@ -1,10 +1,11 @@
-"""One producer thread, many asyncio readers: a fixed ring of the newest encoded items.
+"""One producer thread, many stream clients on the event loop: a fixed ring of the newest encoded items.
 
 Every reader keeps its own cursor into the shared ring, which makes each reader's queue bounded
 and drop-oldest without copying anything per client: a reader that falls more than `capacity`
 items behind skips to the oldest item still held and counts what it missed. Formats whose items
 depend on earlier ones (H.264 fragments) also skip ahead to the next keyframe, so a slow client
-sees a jump, never a broken picture. Publishing is O(1) whatever the number of readers.
+sees a jump, never a broken picture. Publishing (on the producer thread) is O(1) whatever the
+number of readers.
 
 A stream client is served by a `Pusher`: on the event loop, right after each publish, every pusher
 writes its client's new items straight to the socket, so a client that keeps up costs one socket
@@ -20,11 +21,6 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
-
-try:  # a deadline on the awaits of every client and frame: a timer handle, no extra task per await
-    from asyncio import timeout as within  # Python 3.11+
-except ImportError:  # Python 3.10: aiohttp's own dependency
-    from async_timeout import timeout as within
 
 
 @dataclass(frozen=True)
@@ -46,44 +42,41 @@ class Broadcast:
         self._seq = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._event: asyncio.Event | None = None
         self._pushers: set[Pusher] = set()  # event loop thread only
         self._closed = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Attach to the event loop the readers run on (call from that loop)."""
-        self._loop, self._event = loop, asyncio.Event()
+        """Attach to the event loop the pushers run on."""
+        self._loop = loop
 
     def publish(self, payload: bytes, keyframe: bool = True) -> None:
-        """Append an item (any thread); readers waiting on the loop wake up."""
+        """Append an item (any thread); the pushers write it on the event loop."""
         with self._lock:
             self._seq += 1
             self._items.append(Item(self._seq, payload, keyframe))
-        self._wake_readers()
+        self._wake_pushers()
 
     def close(self) -> None:
-        """End every reader's stream (server shutdown)."""
+        """End every client's stream (server shutdown): each pusher stops and its task returns."""
         self._closed = True
-        self._wake_readers()
+        self._wake_pushers()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _wake_readers(self) -> None:
+    def _wake_pushers(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._set_event)
+                loop.call_soon_threadsafe(self._offer_to_pushers)
             except RuntimeError:  # the loop closed between the check and the call
                 pass
 
-    def _set_event(self) -> None:
-        """On the event loop after every publish (and at close): pushers write, waiting readers wake."""
+    def _offer_to_pushers(self) -> None:
+        """On the event loop after every publish (and at close)."""
         for pusher in list(self._pushers):
             pusher.offer()
-        event, self._event = self._event, asyncio.Event()
-        event.set()
 
     def attach(self, pusher: "Pusher") -> None:
         """Let `pusher` write after every publish until `detach` (event loop thread)."""
@@ -127,23 +120,6 @@ class Reader:
         self.broadcast, self.cursor = broadcast, cursor
         self.dropped = 0
         self._awaiting_keyframe = False
-
-    async def next_batch(self, timeout: float | None = None) -> list[bytes]:
-        """Every pending payload: waits for one (up to `timeout`, if given), [] on timeout or close.
-        Without a timeout no timer is armed."""
-        bc = self.broadcast
-        if bc._after(self.cursor)[0] or bc.closed:
-            return self.take()
-        event = bc._event
-        try:
-            if timeout is None:
-                await event.wait()
-            else:
-                async with within(timeout):
-                    await event.wait()
-        except asyncio.TimeoutError:
-            return []
-        return self.take()
 
     def take(self) -> list[bytes]:
         """Every pending payload, now ([] if none): what was evicted before this reader got to it is
