@@ -135,7 +135,7 @@ class Metrics:
             for fmt, reader in self.clients.values():
                 drops[fmt] = drops.get(fmt, 0) + reader.dropped
             return {
-                "uptime_s": round(time.monotonic() - self.started, 3),
+                "uptime_s": round(time.monotonic() - self.started, 4),
                 "frames_generated": self.frames_generated,
                 # the uptime at which frames_generated reached its value: a rate between two snapshots
                 # taken at chunk boundaries is exact (frames arrive a chunk at a time)
