@@ -4,6 +4,12 @@ Their files are `torch.save` pickles of training state, not bare state dicts:
 - Self-Forcing `checkpoints/self_forcing_dmd.pt`: {"generator": ..., "generator_ema": ...} (their README
   runs it with --use_ema), keys of their WanDiffusionWrapper: `model.` + the official WanModel keys;
 - CausVid `autoregressive_checkpoint/model.pt`: {"generator": ...}, the same `model.` keys;
+- Causal-Forcing `framewise/causal_forcing.pt` (their README: --use_ema): {"generator_ema": ...} alone
+  (their trainer saves only the EMA once it runs), keyed `model._fsdp_wrapped_module.` + the WanModel key
+  (their EMA_FSDP shadow is named after the FSDP-wrapped generator's parameters); `chunkwise/
+  causal_forcing.pt` (no --use_ema): {"generator": ...} under `model.` keys;
+- Rolling-Forcing `rolling_forcing_dmd.pt` (--use_ema): {"generator", "critic", "generator_ema"}, the
+  EMA keyed like Causal-Forcing's;
 - LongLive `longlive_base.pt` ({"generator": ...} / {"generator_ema": ...} / {"model": ...}) plus
   `lora.pt` ({"generator_lora": peft state dict}: `base_model.model.<module>.lora_A.weight` /
   `lora_B.weight` for every Linear of every transformer block), merged here as W + alpha / rank * B @ A.
@@ -36,7 +42,9 @@ GENERATOR_KEYS = ("generator", "model")
 EMA_KEY = "generator_ema"
 LORA_KEY = "generator_lora"
 # Wrapper prefixes in their keys: WanDiffusionWrapper's `model.`; FSDP / activation-checkpointing wrappers.
+# Causal-Forcing's and Rolling-Forcing's EMA entries are keyed `model._fsdp_wrapped_module.blocks.0...`.
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+FSDP_FLAT_PARAM = "_flat_param"  # FSDP's flattened parameter: weights not recoverable by name
 WAN_HEAD_DIM = 128
 
 
@@ -96,6 +104,10 @@ def generator_state(obj: object, path: Path, use_ema: bool) -> tuple[StateDict, 
         key = EMA_KEY
     else:
         key = next((k for k in GENERATOR_KEYS if k in obj), None)
+        if key is None and EMA_KEY in obj:
+            raise CheckpointError(f"{path} holds only '{EMA_KEY}' (entries: {', '.join(entries[:8])}): an EMA-only "
+                                  "release such as Causal-Forcing's frame-wise causal_forcing.pt; load it with "
+                                  "use_ema=True, or with the preset it was released for (causal-forcing-framewise)")
         if key is None:
             hint = ("; it looks like a bare state dict: a bidirectional Wan2.1 / SkyReels-V2 DiT, not a causal "
                     "release" if obj and all(isinstance(v, torch.Tensor) for v in obj.values()) else "")
@@ -104,6 +116,11 @@ def generator_state(obj: object, path: Path, use_ema: bool) -> tuple[StateDict, 
     state = obj[key]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}['{key}'] is not a state dict of tensors")
+    flat = [k for k in state if k.rsplit(".", 1)[-1] == FSDP_FLAT_PARAM]
+    if flat:
+        raise CheckpointError(f"{path}['{key}'] holds FSDP flat parameters ({', '.join(flat[:3])}): a sharded or "
+                              "use_orig_params=False training state, not the generator's weights; save a full state "
+                              "dict (FSDP FULL_STATE_DICT, or their EMA_FSDP shadow with use_orig_params=True)")
     return {_official_key(k): v for k, v in state.items()}, key
 
 

@@ -37,7 +37,8 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
             model folder) or "tensorrt" (also builds engines into the cache on first use).
         device: torch device for the torch backend ("cpu", "cuda"); onnxruntime: "cpu", "cuda[:N]",
             "tensorrt"; TensorRT engines always run on the GPU.
-        preset: a causal Wan2.1 family ("self-forcing", "causvid", "causvid-warp4", "longlive"; see
+        preset: a causal Wan2.1 family ("self-forcing", "causvid", "causvid-warp4", "longlive",
+            "causal-forcing-framewise", "causal-forcing-chunkwise"; see
             runtime/causal_family.py): `model_dir` holds its checkpoint beside the Wan2.1 VAE and umT5
             files, and the pipeline runs its own sampler with its recommended settings. The options
             checkpoint=, lora=, lora_alpha=, use_ema= override which files (and how) it loads.

@@ -2,14 +2,32 @@
 
 Each preset is read off the family's own inference config and loader (torch-free here):
 
-| preset        | repo                          | steps (warped?)                | shift | block | attention            |
-|---------------|-------------------------------|--------------------------------|-------|-------|----------------------|
-| self-forcing  | guandeh17/Self-Forcing        | 1000 750 500 250 (warped)      | 5     | 3     | global               |
-| causvid       | tianweiy/CausVid              | 1000 757 522 (not warped)      | 8     | 3     | global               |
-| causvid-warp4 | tianweiy/CausVid              | 1000 750 500 250 (warped)      | 8     | 3     | global               |
-| longlive      | NVlabs/LongLive (Wan2.1 1.3B) | 1000 750 500 250 (warped)      | 5     | 3     | 12 frames, sink 3    |
+| preset                   | repo                          | steps (warped?)           | shift | block | attention          | weights            |
+|--------------------------|-------------------------------|---------------------------|-------|-------|--------------------|--------------------|
+| self-forcing             | guandeh17/Self-Forcing        | 1000 750 500 250 (warped) | 5     | 3     | global             | generator_ema      |
+| causvid                  | tianweiy/CausVid              | 1000 757 522 (not warped) | 8     | 3     | global             | generator          |
+| causvid-warp4            | tianweiy/CausVid              | 1000 750 500 250 (warped) | 8     | 3     | global             | generator          |
+| longlive                 | NVlabs/LongLive (Wan2.1 1.3B) | 1000 750 500 250 (warped) | 5     | 3     | 12 frames, sink 3  | generator + LoRA   |
+| causal-forcing-framewise | thu-ml/Causal-Forcing         | 1000 750 500 250 (warped) | 5     | 1     | global (21 frames) | generator_ema (*)  |
+| causal-forcing-chunkwise | thu-ml/Causal-Forcing         | 1000 750 500 250 (warped) | 5     | 3     | global (21 frames) | generator          |
 
-All run without classifier-free guidance at 480x832, 16 fps. A model folder for a preset holds the
+All run without classifier-free guidance at 480x832, 16 fps, and context_noise 0 (the clean pass at t=0).
+
+Causal-Forcing (configs/causal_forcing_dmd_{framewise,chunkwise}.yaml over default_config.yaml; the
+inference loop is Self-Forcing's CausalInferencePipeline with one addition, an optional
+`denoising_step_list_first_chunk` that only its 1- and 2-step Causal Forcing++ configs set, not these
+two). Frame-wise: one latent frame per block, the 21-frame cache of their 1.3B code (32760 tokens)
+holds 20 finished frames, so skyrt's global ring for it is sink 1 + window 19 frames. (*) Their
+trainer's save() writes only 'generator_ema' once the EMA runs, keyed by the FSDP-wrapped generator's
+parameter names, "model._fsdp_wrapped_module." + the WanModel key; their inference.py tries a strict
+load, then renames that prefix to "model." and loads with strict=False (a key it misses keeps the
+base Wan weights, silently); skyrt strips the wrapper names and loads strictly, naming any key that is
+missing. The README runs the frame-wise file with --use_ema and the chunk-wise one without.
+
+Rolling-Forcing (TencentARC/RollingForcing, configs/rolling_forcing_dmd.yaml: 1000 800 600 400 200
+warped, shift 5, blocks of 3) has no preset: its sampler denoises a window of 5 blocks at 5 staggered
+noise levels in one DiT call, which skyrt's one-block-at-a-time rollout does not do
+(tests/rolling_forcing_reference.py restates it exactly, for the rollout core to be checked against). A model folder for a preset holds the
 family's checkpoint (and LoRA) beside the Wan2.1 files: `Wan2.1_VAE.pth`,
 `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/` and, optionally, the Wan2.1 `config.json`.
 """
@@ -38,8 +56,8 @@ class CausalPreset:
     lora_names: tuple[str, ...] = ()
     lora_rank: int | None = None  # the rank its LoRA config says, with
     lora_alpha: float | None = None  # this alpha (scale = alpha / rank)
-    # skyrt's ring for families without local attention: the first 7 blocks (21 frames, their whole
-    # cache at 480x832) are exact; past that skyrt keeps block 0 as a sink and rolls 5 blocks.
+    # skyrt's ring for families without local attention: the first 21 frames (their whole cache at
+    # 480x832: 7 blocks of 3) are exact; past that skyrt keeps block 0 as a sink and rolls the rest.
     global_ring: KVSettings = KVSettings(sink_blocks=1, window_blocks=5)
     height: int = 480
     width: int = 832
@@ -71,6 +89,20 @@ PRESETS: dict[str, CausalPreset] = {p.name: p for p in (
     CausalPreset("causvid-warp4", "tianweiy/CausVid",
                  CausalSampling((1000, 750, 500, 250), warp_denoising_step=True, timestep_shift=8.0),
                  checkpoint_names=("model.pt", "autoregressive_checkpoint_warp_4step_cfg2/model.pt")),
+    # configs/causal_forcing_dmd_framewise.yaml; README: inference.py --use_ema with
+    # checkpoints/framewise/causal_forcing.pt (hf download zhuhz22/Causal-Forcing framewise/causal_forcing.pt)
+    CausalPreset("causal-forcing-framewise", "thu-ml/Causal-Forcing",
+                 CausalSampling((1000, 750, 500, 250), warp_denoising_step=True, timestep_shift=5.0,
+                                num_frame_per_block=1),
+                 checkpoint_names=("framewise/causal_forcing.pt", "checkpoints/framewise/causal_forcing.pt"),
+                 use_ema=True, global_ring=KVSettings(sink_blocks=1, window_blocks=19)),
+    # configs/causal_forcing_dmd_chunkwise.yaml; README: inference.py (no --use_ema) with
+    # checkpoints/chunkwise/causal_forcing.pt. Both releases are named causal_forcing.pt: only the folder
+    # tells them apart, so neither preset looks for a bare causal_forcing.pt.
+    CausalPreset("causal-forcing-chunkwise", "thu-ml/Causal-Forcing",
+                 CausalSampling((1000, 750, 500, 250), warp_denoising_step=True, timestep_shift=5.0,
+                                num_frame_per_block=3),
+                 checkpoint_names=("chunkwise/causal_forcing.pt", "checkpoints/chunkwise/causal_forcing.pt")),
     # configs/longlive_inference.yaml of LongLive 1 (Wan2.1-T2V-1.3B; before the LongLive 2.0 rewrite)
     CausalPreset("longlive", "NVlabs/LongLive",
                  CausalSampling((1000, 750, 500, 250), warp_denoising_step=True, timestep_shift=5.0,

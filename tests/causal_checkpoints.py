@@ -8,7 +8,11 @@ tests/test_causal_family.py loads with skyrt in CI; `weights_sha256` in the reci
 
 File layouts (what their loaders read):
 - the generator checkpoint: torch.save({entry: {"model." + official WanModel key: tensor}}) — their
-  WanDiffusionWrapper's state dict, loaded with `pipeline.generator.load_state_dict(sd[entry])`;
+  WanDiffusionWrapper's state dict, loaded with `pipeline.generator.load_state_dict(sd[entry])`; an entry
+  named in the recipe's `checkpoint.key_prefix` uses that prefix instead of "model.": Causal-Forcing's and
+  Rolling-Forcing's EMA entries are their EMA_FSDP shadow, keyed by the FSDP-wrapped generator's parameter
+  names, "model._fsdp_wrapped_module." + official key (their size-based wrap policy makes the whole WanModel
+  one FSDP unit: a 1.3B transformer block has ~46M parameters, under the 5e7 threshold);
 - the LoRA: torch.save({"generator_lora": {"base_model.model.<module>.lora_A.weight": A [r, in],
   ...lora_B.weight: B [out, r]}}) — peft's state dict of every Linear in every transformer block.
 """
@@ -82,7 +86,8 @@ def write_family_files(recipe: dict, folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = folder / recipe["checkpoint"]["file"]
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({entry: {f"model.{k}": v for k, v in generator_weights(recipe, entry).items()}
+    prefixes = recipe["checkpoint"].get("key_prefix", {})
+    torch.save({entry: {f"{prefixes.get(entry, 'model.')}{k}": v for k, v in generator_weights(recipe, entry).items()}
                 for entry in recipe["checkpoint"]["entries"]}, ckpt)
     paths = {"checkpoint": ckpt}
     if recipe.get("lora"):

@@ -1,4 +1,5 @@
-"""The causal Wan2.1 family (Self-Forcing, CausVid, LongLive) against their OWN inference loops.
+"""The causal Wan2.1 family (Self-Forcing, CausVid, LongLive, Causal-Forcing; Rolling-Forcing's restatement)
+against their OWN inference loops.
 
 The oracle: tests/fixtures/causal_family/*.npz, written once at development time by
 tests/causal_family_reference.py, which ran each family's own pipeline code (their repos, their config
@@ -7,6 +8,10 @@ recipes.json. Here skyrt loads the same checkpoints (regenerated from the recipe
 pins the bytes), replays the same noise draws and prompt embeddings, and must reproduce their latents
 to 1e-4 (fp32). The umT5 encoder and the VAE are stood in for (their outputs are not part of these
 fixtures; skyrt's are tested against transformers / diffusers elsewhere).
+
+Rolling-Forcing has no preset (skyrt's rollout does not run its staggered window): its fixture is checked
+against tests/rolling_forcing_reference.py, a frozen restatement of their loop around skyrt's torch DiT
+reference, the oracle for the rollout core when it learns that schedule.
 """
 from __future__ import annotations
 
@@ -24,16 +29,21 @@ import torch
 import skyrt
 from causal_checkpoints import (FIXTURES, dit_config, generator_weights, load_recipes, lora_weights, prompt_context,
                                 weights_digest, write_family_files, write_model_folder)
+from rolling_forcing_reference import Variant, rolling_forcing_latents
+from skyrt.export.causal_checkpoint import load_causal_generator
 from skyrt.export.checkpoint import CheckpointError
 from skyrt.runtime import causal_rollout, kvcache
 from skyrt.runtime.backends.base import HostKVCache, TextContext
-from skyrt.runtime.causal_family import PRESETS
+from skyrt.runtime.causal_family import PRESETS, CausalFiles
 from skyrt.runtime.causal_rollout import CausalSampling, FewStepSchedule, flow_match_grid
 
 RECIPES = load_recipes()
 TOLERANCE = 1e-4
 # Recipes that run a family's released config unchanged (self_forcing_window adds local attention).
-RELEASED_CONFIGS = ("self_forcing", "causvid", "longlive", "longlive_switch")
+RELEASED_CONFIGS = ("self_forcing", "causvid", "longlive", "longlive_switch", "causal_forcing_framewise",
+                    "causal_forcing_chunkwise")
+# Recipes of a family skyrt has a preset for (Rolling-Forcing has none: see the module docstring).
+PRESET_RECIPES = sorted(name for name, recipe in RECIPES.items() if recipe["family"] in PRESETS)
 
 
 def fixture(name: str):
@@ -52,11 +62,11 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def load_preset(folders, name: str, **options):
+def load_preset(folders, name: str, preset: str | None = None, **options):
     recipe = RECIPES[name]
     if recipe.get("lora"):
         options.setdefault("lora_alpha", recipe["lora"]["alpha"])
-    return skyrt.load(folders[name], preset=recipe["family"], **options)
+    return skyrt.load(folders[name], preset=preset or recipe["family"], **options)
 
 
 class ReplayNoise(causal_rollout.NoiseSource):
@@ -159,7 +169,7 @@ def test_schedule_is_their_scheduler(name):
     assert np.array_equal(FewStepSchedule.from_sampling(sampling).timesteps, data["step_timesteps"].astype(np.float32))
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", PRESET_RECIPES)
 def test_latents_equal_their_inference_loop(folders, their_inputs, name):
     pipe = load_preset(folders, name)
     data = their_inputs(pipe, name)
@@ -176,6 +186,7 @@ def test_latents_equal_their_inference_loop(folders, their_inputs, name):
     ("longlive", dict(sink_blocks=0, window_blocks=3)),  # no sink
     ("longlive_switch", dict(recache=False)),  # a switch without LongLive's recache
     ("self_forcing", dict(use_ema=False)),  # the 'generator' entry instead of --use_ema's
+    ("causal_forcing_framewise", dict(sink_blocks=1, window_blocks=5)),  # a 7-frame ring: their cache holds 21
 ])
 def test_fixtures_tell_the_semantics_apart(folders, their_inputs, name, change):
     """Each fixture fails a skyrt that got one of the settings wrong (the oracle has teeth)."""
@@ -244,7 +255,96 @@ def test_guidance_combines_cond_and_uncond(folders, monkeypatch):
     assert np.abs(uncond - cond).max() > 1e-2
 
 
+# ------------------------------------------------------------------------------------------ Rolling-Forcing
+@pytest.fixture(scope="module")
+def rolling_dit(folders):
+    """The rolling_forcing fixture's DiT, read by skyrt's loader from their layout (--use_ema: the EMA entry
+    under model._fsdp_wrapped_module. keys, beside a 'generator' entry of other weights)."""
+    recipe = RECIPES["rolling_forcing"]
+    folder = folders["rolling_forcing"]
+    files = CausalFiles("rolling-forcing", folder / recipe["checkpoint"]["file"], use_ema=True,
+                        config_json=json.loads((folder / "config.json").read_text()))
+    return load_causal_generator(files)
+
+
+def rolling_context():
+    data = fixture("rolling_forcing")
+    return data, prompt_context(data["prompt_rows_0"], RECIPES["rolling_forcing"]["dit"]["text_len"])
+
+
+def test_rolling_forcing_restatement_equals_their_loop(rolling_dit):
+    """Their staggered rolling window (5 blocks at 5 noise levels per DiT call, the sink re-rotated in front
+    of each window, a 24-frame cache that evicts and a clean pass that loses the sink), restated around
+    skyrt's torch DiT reference, reproduces their latents."""
+    data, context = rolling_context()
+    ours = rolling_forcing_latents(rolling_dit, context, data)
+    ref = data["latents"]
+    err = np.abs(ours - ref).max()
+    print(f"rolling_forcing: {ref.shape[1]} latent frames, max |restatement - theirs| = {err:.2e} "
+          f"(values up to {np.abs(ref).max():.1f})")
+    assert ours.shape == ref.shape
+    assert err <= TOLERANCE
+
+
+def test_rolling_forcing_ema_entry_is_what_loads(rolling_dit):
+    expected = generator_weights(RECIPES["rolling_forcing"], "generator_ema")
+    assert all(torch.equal(rolling_dit.state_dict()[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("variant, factor", [
+    (Variant(sink_follows_window=False), 30),  # the sink's keys left at frames 0..2
+    (Variant(window_attention="block-causal"), 30),  # a causal mask inside the window
+    # The clean pass keeping the sink once the cache holds 8 blocks changes only what blocks 7 and 8 cache,
+    # which only the last block reads: measured 5.5e-4, a weaker but real difference.
+    (Variant(clean_pass_loses_sink=False), 3),
+])
+def test_rolling_forcing_fixture_tells_the_semantics_apart(rolling_dit, variant, factor):
+    data, context = rolling_context()
+    err = np.abs(rolling_forcing_latents(rolling_dit, context, data, variant) - data["latents"]).max()
+    print(f"rolling_forcing with {variant}: max |restatement - theirs| = {err:.2e}")
+    assert err > factor * TOLERANCE
+
+
 # ------------------------------------------------------------------------------------------ loading
+def test_causal_forcing_ema_with_fsdp_keys_loads(folders):
+    """Causal-Forcing's frame-wise file: 'generator_ema' alone, keyed model._fsdp_wrapped_module.*."""
+    recipe = RECIPES["causal_forcing_framewise"]
+    saved = torch.load(folders["causal_forcing_framewise"] / recipe["checkpoint"]["file"], weights_only=True)
+    assert list(saved) == ["generator_ema"]
+    assert all(k.startswith("model._fsdp_wrapped_module.") for k in saved["generator_ema"])
+    dit = load_preset(folders, "causal_forcing_framewise").backend.dit
+    expected = generator_weights(recipe, "generator_ema")
+    assert all(torch.equal(dit.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_ema_only_file_without_use_ema_is_refused(folders):
+    # The frame-wise release under the chunk-wise preset (which reads 'generator', as their README runs it).
+    path = folders["causal_forcing_framewise"] / RECIPES["causal_forcing_framewise"]["checkpoint"]["file"]
+    with pytest.raises(CheckpointError, match="only 'generator_ema'") as err:
+        load_preset(folders, "causal_forcing_chunkwise", checkpoint=path)
+    assert str(path) in str(err.value) and "use_ema=True" in str(err.value)
+
+
+def test_fsdp_flat_parameters_are_refused(folders, tmp_path):
+    flat = tmp_path / "sharded.pt"
+    torch.save({"generator_ema": {"model._fsdp_wrapped_module._flat_param": torch.zeros(10)}}, flat)
+    with pytest.raises(CheckpointError, match="flat parameters") as err:
+        load_preset(folders, "causal_forcing_framewise", checkpoint=flat)
+    assert str(flat) in str(err.value)
+
+
+def test_ema_missing_a_key_is_refused(folders, tmp_path):
+    # Their inference.py loads this layout with strict=False: a missing key would keep the base weights.
+    recipe = RECIPES["causal_forcing_framewise"]
+    state = {f"model._fsdp_wrapped_module.{k}": v for k, v in generator_weights(recipe, "generator_ema").items()}
+    del state["model._fsdp_wrapped_module.blocks.1.ffn.2.weight"]
+    partial = tmp_path / "partial.pt"
+    torch.save({"generator_ema": state}, partial)
+    with pytest.raises(CheckpointError, match="blocks.1.ffn.2.weight") as err:
+        load_preset(folders, "causal_forcing_framewise", checkpoint=partial)
+    assert str(partial) in str(err.value)
+
+
 def test_use_ema_reads_generator_ema(folders):
     recipe = RECIPES["self_forcing"]
     for use_ema, entry in ((None, "generator_ema"), (False, "generator")):  # the preset's default is --use_ema
