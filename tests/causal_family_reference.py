@@ -116,13 +116,13 @@ RECIPES = [
          config=["configs/default_config.yaml", "configs/causal_forcing_dmd_chunkwise.yaml"],
          checkpoint=dict(file="checkpoints/chunkwise/causal_forcing.pt", entries={"generator": 44}),
          use_ema=False, frames=12, prompts=[dict(tokens=6, seed=45)], noise_seed=46),
-    # Rolling-Forcing: 9 blocks, so their 24-frame cache evicts (block 8) and the clean pass loses the sink
-    # (blocks 7 and 8); loaded --use_ema (their README) from a file with both entries (their trainer's save()).
+    # Rolling-Forcing: 11 blocks, so their 24-frame cache evicts (blocks 8-10) and the clean pass loses the
+    # sink (blocks 7-10); loaded --use_ema (their README) from a file with both entries (their trainer's save()).
     dict(name="rolling_forcing", family="rolling-forcing",
          config=["configs/default_config.yaml", "configs/rolling_forcing_dmd.yaml"],
          checkpoint=dict(file="checkpoints/rolling_forcing_dmd.pt", entries={"generator": 47, "generator_ema": 48},
                          key_prefix={"generator_ema": "model._fsdp_wrapped_module."}),
-         use_ema=True, frames=27, prompts=[dict(tokens=7, seed=49)], noise_seed=50),
+         use_ema=True, frames=33, prompts=[dict(tokens=7, seed=49)], noise_seed=50),
 ]
 REPO_OF = {"self-forcing": "self-forcing", "causvid": "causvid", "longlive": "longlive",
            "causal-forcing-framewise": "causal-forcing", "causal-forcing-chunkwise": "causal-forcing",
