@@ -71,6 +71,7 @@ def write_random_folder(folder: Path, preset_name: str, shape: str, dtype: torch
     for stale in folder.glob("*.safetensors"):
         stale.unlink()  # the stand-in DiT: a preset folder's Wan2.1 base DiT is never read
     checkpoint = folder / preset.checkpoint_names[0]
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)  # Causal-Forcing's names have a folder (framewise/...)
     entry = "generator_ema" if preset.use_ema else "generator"
     torch.save({entry: {f"model.{k}": v for k, v in dit.state_dict().items()}}, checkpoint)
     if preset.lora_names:  # a rank-4 LoRA of zeros: merged like a real one, changes nothing
