@@ -53,7 +53,7 @@ class CausalPreset:
         """Pipeline.generate / stream arguments this preset sets (arguments left at their defaults)."""
         return dict(mode="kvcache", num_inference_steps=len(self.sampling.denoising_step_list),
                     shift=self.sampling.timestep_shift, guidance_scale=1.0,
-                    causal_block_size=self.sampling.num_frame_per_block, sink_blocks=self.ring.sink_blocks,
+                    causal_block_size=self.sampling.causal_block_size, sink_blocks=self.ring.sink_blocks,
                     window_blocks=self.ring.window_blocks, height=self.height, width=self.width, fps=OUTPUT_FPS)
 
 
