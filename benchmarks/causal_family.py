@@ -106,7 +106,7 @@ def measure(folder: Path, args) -> dict:
         frames.append(chunk.shape[1] if args.no_decode else chunk.shape[0])
         last = now
     steady = np.array(times[1:]) if len(times) > 1 else np.array(times)
-    video_frames_per_block = 4 * pipe.preset.sampling.num_frame_per_block
+    video_frames_per_block = 4 * pipe.preset.sampling.causal_block_size
     return {
         "load_s": load_s, "first_block_s": times[0], "block_s_median": float(np.median(steady)),
         "block_s_p90": float(np.percentile(steady, 90)), "blocks": len(times),

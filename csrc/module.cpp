@@ -423,6 +423,21 @@ void addnoise_condition_binding(CpuConstArray x, CpuConstArray noise, CpuArray o
                "addnoise_condition");
 }
 
+void flow_fewstep_binding(CpuConstArray x, CpuConstArray v, std::optional<CpuConstArray> noise, CpuArray out,
+                          float sigma, float next_sigma) {
+  same_size(v.size(), x.size(), "flow_fewstep", "v");
+  same_size(out.size(), x.size(), "flow_fewstep", "out");
+  if (noise) same_size(noise->size(), x.size(), "flow_fewstep", "noise");
+  require(sigma >= 0.0f && sigma <= 1.0f && next_sigma >= 0.0f && next_sigma <= 1.0f,
+          "flow_fewstep: sigma and next_sigma must lie in [0, 1]");
+  const float* n = noise ? noise->data() : nullptr;
+  check_status(without_gil([&] {
+                 return skyrt::cpu::flow_fewstep(x.data(), v.data(), n, out.data(), static_cast<int64_t>(x.size()),
+                                                 sigma, next_sigma);
+               }),
+               "flow_fewstep");
+}
+
 void bind_samplers(nb::module_& m) {
   m.attr("UNIPC_COEFFS") = skyrt::kUniPCCoeffs;
   m.def("flow_euler", &flow_euler_binding, "x"_a, "v"_a, "out"_a, "dt"_a, "update"_a = nb::none(),
@@ -440,6 +455,10 @@ void bind_samplers(nb::module_& m) {
   m.def("addnoise_condition", &addnoise_condition_binding, "x"_a, "noise"_a, "out"_a, "factor"_a,
         "frame_begin"_a, "frame_end"_a, "frame_axis"_a = 1,
         "out = x * (1 - factor) + noise * factor on frames [frame_begin, frame_end), copy elsewhere.");
+  m.def("flow_fewstep", &flow_fewstep_binding, "x"_a, "v"_a, "noise"_a, "out"_a, "sigma"_a, "next_sigma"_a = 0.0f,
+        "One few-step sampler step (the causal Wan family): x0 = x - sigma * v in float64, rounded to float32; "
+        "out = (1 - next_sigma) * x0 + next_sigma * noise in float32, or out = x0 when noise is None (the last "
+        "step). out may be x.");
 }
 
 // ---- Buffers: memory with its size, dtype and device ------------------------------------------------
@@ -827,6 +846,27 @@ void bind_cuda(nb::module_& m) {
         },
         "x"_a, "v"_a, "out"_a, "x_last"_a, "m1"_a, "m2"_a, "coeffs"_a, "frame_axis"_a = 1,
         "official_df_aliasing"_a = false, "stream"_a = 0, "coeffs: a device copy of unipc_frame_coeffs(...).");
+  c.def("flow_fewstep",
+        [](nb::handle x_h, nb::handle v_h, nb::handle noise_h, nb::handle out_h, float sigma, float next_sigma,
+           uintptr_t stream) {
+          require_cuda("cuda.flow_fewstep");
+          const char* fn = "cuda.flow_fewstep";
+          const Buffer &x = as_buffer(x_h, fn, "x"), &v = as_buffer(v_h, fn, "v"), &out = as_buffer(out_h, fn, "out");
+          expect(x, fn, "x");
+          expect_like(v, x, fn, "v", "x");
+          expect_like(out, x, fn, "out", "x");
+          const float* noise = nullptr;
+          if (!noise_h.is_none()) {
+            const Buffer& n = as_buffer(noise_h, fn, "noise");
+            expect_like(n, x, fn, "noise", "x");
+            noise = static_cast<const float*>(n.ptr);
+          }
+          check_status(skyrt::cuda::flow_fewstep(static_cast<const float*>(x.ptr), static_cast<const float*>(v.ptr),
+                                                 noise, static_cast<float*>(out.ptr), x.numel(), sigma, next_sigma,
+                                                 stream_of(stream)),
+                       fn);
+        },
+        "x"_a, "v"_a, "noise"_a, "out"_a, "sigma"_a, "next_sigma"_a = 0.0f, "stream"_a = 0);
   c.def("addnoise_condition",
         [](nb::handle x_h, nb::handle noise_h, nb::handle out_h, double factor, int64_t frame_begin, int64_t frame_end,
            int64_t frame_axis, uintptr_t stream) {
@@ -876,7 +916,17 @@ void bind_rollout(nb::module_& m) {
       .def_prop_ro("update", [](const skyrt::RowPlan& p) { return std::vector<bool>(p.update.begin(), p.update.end()); },
                    "[active] its sampler steps after this row")
       .def_ro("started", &skyrt::RowPlan::started, "active blocks new this row: start_block(b, noise) each, in order")
+      .def_ro("step_noise", &skyrt::RowPlan::step_noise,
+              "updated blocks whose sampler step takes fresh noise: set_step_noise(b, noise) each, in order, "
+              "before apply_velocity")
       .def_ro("finished", &skyrt::RowPlan::finished, "blocks whose last update is this row");
+
+  nb::class_<skyrt::RecachePlan>(m, "RecachePlan", "LongLive's recache chunk (RolloutCore.pack_recache).")
+      .def_ro("blocks", &skyrt::RecachePlan::blocks, "the chunk's blocks in order (empty: nothing to recache)")
+      .def_prop_ro("slot_valid", [](const skyrt::RecachePlan& p) { return vector_array<bool>(p.slot_valid); }, kMove,
+                   "bool [slots]: ring slots the chunk attends to besides itself")
+      .def_ro("position", &skyrt::RecachePlan::position, "RoPE position of the chunk's first frame")
+      .def_ro("frames", &skyrt::RecachePlan::frames, "latent frames of the chunk: one full-attention block");
 
   using R = PyRollout;
   auto rel = nb::call_guard<nb::gil_scoped_release>();
@@ -885,7 +935,9 @@ void bind_rollout(nb::module_& m) {
                 "one device, allocated once; driven per schedule row (csrc/rollout.h). close() releases it.")
       .def("__init__",
            [](R* self, std::vector<int64_t> step_template, std::vector<double> sigmas, const std::string& sampler,
-              bool official_df_aliasing, int64_t ar_step, int64_t block_frames, int64_t prefix_blocks,
+              std::vector<double> step_timesteps, std::vector<double> renoise_sigmas, double commit_timestep,
+              bool longlive_recache, bool official_df_aliasing, int64_t ar_step, int64_t causal_block_size,
+              int64_t prefix_blocks,
               int64_t max_blocks_in_flight, int64_t horizon_blocks, int64_t sink_blocks, int64_t window_blocks,
               int64_t channels, int64_t height, int64_t width, int64_t tokens_per_frame, int64_t layers, int64_t heads,
               int64_t head_dim, int64_t contexts, const std::string& kv_dtype, float guidance_scale, double rope_theta,
@@ -894,9 +946,13 @@ void bind_rollout(nb::module_& m) {
              c.step_template = std::move(step_template);
              c.sigmas = std::move(sigmas);
              c.sampler = sampler;
+             c.step_timesteps = std::move(step_timesteps);
+             c.renoise_sigmas = std::move(renoise_sigmas);
+             c.commit_timestep = commit_timestep;
+             c.longlive_recache = longlive_recache;
              c.official_df_aliasing = official_df_aliasing;
              c.ar_step = ar_step;
-             c.block_frames = block_frames;
+             c.block_frames = causal_block_size;
              c.prefix_blocks = prefix_blocks;
              c.max_blocks_in_flight = max_blocks_in_flight;
              c.horizon_blocks = horizon_blocks;
@@ -923,8 +979,9 @@ void bind_rollout(nb::module_& m) {
 #endif
              new (self) R(std::move(c));
            },
-           "step_template"_a, "sigmas"_a, "sampler"_a = "unipc", "official_df_aliasing"_a = true, "ar_step"_a = 0,
-           "block_frames"_a = 1, "prefix_blocks"_a = 0, "max_blocks_in_flight"_a = 1, "horizon_blocks"_a = -1,
+           "step_template"_a, "sigmas"_a, "sampler"_a = "unipc", "step_timesteps"_a = std::vector<double>{},
+           "renoise_sigmas"_a = std::vector<double>{}, "commit_timestep"_a = 0.0, "longlive_recache"_a = false,
+           "official_df_aliasing"_a = true, "ar_step"_a = 0, "causal_block_size"_a = 1, "prefix_blocks"_a = 0, "max_blocks_in_flight"_a = 1, "horizon_blocks"_a = -1,
            "sink_blocks"_a = 1, "window_blocks"_a = 8, "channels"_a = 16, "height"_a, "width"_a, "tokens_per_frame"_a,
            "layers"_a, "heads"_a, "head_dim"_a, "contexts"_a = 1, "kv_dtype"_a = "float32", "guidance_scale"_a = 1.0f,
            "rope_theta"_a = 10000.0, "device"_a = "cpu", "stream"_a = 0)
@@ -943,6 +1000,12 @@ void bind_rollout(nb::module_& m) {
              r.get().start_block(block, noise.data());
            },
            "block"_a, "noise"_a)
+      .def("set_step_noise",
+           [](R& r, int64_t block, CpuConstArray noise) {
+             expect_block(noise, r.get(), "set_step_noise", "noise");
+             r.get().set_step_noise(block, noise.data());
+           },
+           "block"_a, "noise"_a, "Fresh noise [C, b, h, w] for the coming step of a block of plan.step_noise.")
       .def("pack_active", [](R& r) { return r.get().pack_active(); }, rel, "Active latents -> latents_in; returns F.")
       .def("apply_velocity", [](R& r) { r.get().apply_velocity(); }, rel,
            "CFG combine of velocity, then each updated block's sampler step.")
@@ -958,7 +1021,12 @@ void bind_rollout(nb::module_& m) {
       .def("pack_store", [](R& r, int64_t slot) { r.get().pack_store(slot); }, rel, "slot"_a)
       .def("commit", [](R& r, int64_t block, double t) { return r.get().commit(block, t); }, rel, "block"_a,
            "t_commit"_a)
-      .def("write_kv", [](R& r, int64_t slot) { r.get().write_kv(slot); }, rel, "slot"_a)
+      .def("write_kv", [](R& r, int64_t slot, int64_t index) { r.get().write_kv(slot, index); }, rel, "slot"_a,
+           "index"_a = 0, "new_k / new_v of block `index` of the last step's frames -> ring slot `slot`.")
+      .def("pack_recache", [](R& r) { return r.get().pack_recache(); }, rel,
+           "LongLive's recache chunk before the next block: its committed inputs -> latents_in; the plan.")
+      .def("write_recache", [](R& r) { r.get().write_recache(); }, rel,
+           "After pack_recache's DiT step: the new K/V of the chunk's blocks still in the ring -> their slots.")
       .def("rebase", [](R& r, int64_t shift) { r.get().rebase(shift); }, rel, "shift"_a)
       .def("read_store",
            [](R& r, int64_t slot) {
@@ -984,8 +1052,13 @@ void bind_rollout(nb::module_& m) {
       .def_prop_ro("frames", [](R& r) { return r.get().frames(); })
       .def_prop_ro("max_frames", [](R& r) { return r.get().max_frames(); })
       .def_prop_ro("in_flight", [](R& r) { return r.get().in_flight(); })
+      .def("steps_taken", [](R& r, int64_t b) { return r.get().steps_taken(b); }, "block"_a,
+           "Sampler steps block `block` (in flight) has taken.")
       .def_prop_ro("device", [](R& r) { return r.get().config().device.str(); })
       .def_prop_ro("contexts", [](R& r) { return r.get().config().contexts; })
+      .def_prop_ro("sampler", [](R& r) { return r.get().config().sampler; })
+      .def_prop_ro("commit_timestep", [](R& r) { return r.get().config().commit_timestep; },
+                   "the timestep of the clean pass that commits a block")
       .def_prop_ro("rows", [](R& r) { return r.get().schedule().rows(); })
       .def_prop_ro("num_steps", [](R& r) { return r.get().schedule().num_steps(); })
       .def_prop_ro("capacity", [](R& r) { return r.get().ring().capacity(); })

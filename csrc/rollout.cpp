@@ -2,6 +2,7 @@
 // calls the CPU reference on host memory and the CUDA kernel on a GPU with the same arguments.
 #include "rollout.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "guidance.h"
@@ -30,14 +31,28 @@ DFScheduleConfig schedule_config(const RolloutConfig& c) {
   return s;
 }
 
+bool fewstep_sigmas_ok(const RolloutConfig& c) {
+  const size_t steps = c.step_template.size();
+  if (c.renoise_sigmas.size() != steps || c.sigmas.size() != steps + 1) return false;
+  for (const auto* table : {&c.sigmas, &c.renoise_sigmas})
+    for (double s : *table)
+      if (!(s >= 0.0 && s <= 1.0)) return false;
+  return true;
+}
+
 bool check_config(const RolloutConfig& c, std::string* why) {
   const int64_t steps = static_cast<int64_t>(c.step_template.size());
   if (steps < 1) return fail(why, "step_template must hold at least one timestep");
   if (static_cast<int64_t>(c.sigmas.size()) != steps + 1)
     return fail(why, "sigmas must hold num_steps + 1 values (the sampler's sigmas and a final 0), got " +
                          std::to_string(c.sigmas.size()) + " for " + std::to_string(steps) + " steps");
-  if (c.sampler != "unipc" && c.sampler != "euler")
-    return fail(why, "sampler '" + c.sampler + "' is not one of 'unipc', 'euler'");
+  if (c.sampler != "unipc" && c.sampler != "euler" && c.sampler != "fewstep")
+    return fail(why, "sampler '" + c.sampler + "' is not one of 'unipc', 'euler', 'fewstep'");
+  if (!c.step_timesteps.empty() && static_cast<int64_t>(c.step_timesteps.size()) != steps)
+    return fail(why, "step_timesteps must hold one timestep per step (" + std::to_string(steps) + "), got " +
+                         std::to_string(c.step_timesteps.size()));
+  if (c.sampler == "fewstep" && !fewstep_sigmas_ok(c))
+    return fail(why, "the fewstep sampler needs sigmas [S + 1] and renoise_sigmas [S], every value in [0, 1]");
   if (c.sampler == "unipc" && steps >= 2 && c.step_template[0] == c.step_template[1])
     return fail(why, "the first two timesteps are equal (" + std::to_string(c.step_template[0]) +
                          "): the official UniPC would start at its second step and run out one step early; "
@@ -58,6 +73,11 @@ bool check_config(const RolloutConfig& c, std::string* why) {
 }
 
 DFSchedule make_schedule(const RolloutConfig& c) { return DFSchedule(schedule_config(c)); }
+
+// Blocks a LongLive recache chunk may hold: sink + window + 1 (0 without that policy).
+int64_t recache_chunk_blocks(const RolloutConfig& c) {
+  return c.longlive_recache ? c.sink_blocks + c.window_blocks + 1 : 0;
+}
 
 void check_status(int status, const std::string& what) {
   if (status != kOk) throw std::runtime_error("rollout core: " + what + ": " + status_message(status));
@@ -129,12 +149,35 @@ class EulerSampler : public BlockSampler {
   Buffer table_;
 };
 
+// The causal Wan family's few-step sampler: per block step k, x0 = x - σ_k v (float64, rounded to
+// float32), then re-noised to σ'_{k+1} from the driver's fresh noise, or x0 itself after the last
+// step. No history; no table on the device (one σ per block step: kernel arguments).
+class FewStepSampler : public BlockSampler {
+ public:
+  explicit FewStepSampler(const RolloutConfig& cfg) : cfg_(cfg), steps_(static_cast<int64_t>(cfg.step_template.size())) {}
+  int history_buffers() const override { return 0; }
+  bool needs_step_noise(int64_t k) const override { return k + 1 < steps_; }
+  int step(BlockState& s, const float* v, const float* noise, int64_t k) override {
+    auto* x = static_cast<float*>(s.latents.ptr);
+    const int64_t n = cfg_.channels * cfg_.block_frames * cfg_.height * cfg_.width;
+    const auto sigma = static_cast<float>(cfg_.sigmas[static_cast<size_t>(k)]);
+    const bool last = k + 1 >= steps_;
+    const auto next = last ? 0.0f : static_cast<float>(cfg_.renoise_sigmas[static_cast<size_t>(k + 1)]);
+    return SKYRT_RUN(cfg_, flow_fewstep, x, v, last ? nullptr : noise, x, n, sigma, next);
+  }
+
+ private:
+  RolloutConfig cfg_;
+  int64_t steps_;
+};
+
 }  // namespace
 
 int rollout_check(const RolloutConfig& cfg, std::string* why) { return check_config(cfg, why) ? kOk : kInvalidArgument; }
 
 std::unique_ptr<BlockSampler> make_block_sampler(const RolloutConfig& cfg) {
   if (cfg.sampler == "euler") return std::make_unique<EulerSampler>(cfg);
+  if (cfg.sampler == "fewstep") return std::make_unique<FewStepSampler>(cfg);
   return std::make_unique<UniPCSampler>(cfg);
 }
 
@@ -149,12 +192,16 @@ RolloutCore::RolloutCore(RolloutConfig cfg)
   sampler_ = make_block_sampler(cfg_);
   const int64_t B = cfg_.contexts, C = cfg_.channels, b = cfg_.block_frames, h = cfg_.height, w = cfg_.width;
   const int64_t W = cfg_.max_blocks_in_flight, slots = ring_.capacity();
-  max_frames_ = W * b;
+  max_frames_ = std::max(W, recache_chunk_blocks(cfg_)) * b;
   slots_.resize(static_cast<size_t>(W));
+  bool noised = false;
+  for (int64_t k = 0; k < schedule_.num_steps(); ++k) noised = noised || sampler_->needs_step_noise(k);
   for (BlockState& st : slots_) {
     st.latents = allocate(d, kFloat32, {C, b, h, w}, false, s);
     for (int i = 0; i < sampler_->history_buffers(); ++i) st.history.push_back(allocate(d, kFloat32, {C, b, h, w}, false, s));
+    if (noised) st.step_noise = allocate(d, kFloat32, {C, b, h, w}, false, s);
   }
+  if (cfg_.longlive_recache) evicted_ = allocate(d, kFloat32, {C, b, h, w}, false, s);
   latents_in_ = allocate(d, kFloat32, {B, C, max_frames_, h, w}, true, s);
   velocity_ = allocate(d, kFloat32, {B, C, max_frames_, h, w}, true, s);
   const int64_t tokens = max_frames_ * cfg_.tokens_per_frame, cached = slots * b * cfg_.tokens_per_frame;
@@ -182,6 +229,12 @@ int64_t RolloutCore::in_flight() const {
   return n;
 }
 
+int64_t RolloutCore::steps_taken(int64_t block) const {
+  if (block < 0 || slots_[static_cast<size_t>(block % cfg_.max_blocks_in_flight)].block != block)
+    throw std::invalid_argument("rollout core: block " + std::to_string(block) + " is not in flight");
+  return slots_[static_cast<size_t>(block % cfg_.max_blocks_in_flight)].steps;
+}
+
 bool RolloutCore::next_row(RowPlan* plan) {
   DFStep step;
   if (!schedule_.next(&step)) return false;
@@ -193,7 +246,8 @@ bool RolloutCore::next_row(RowPlan* plan) {
     if (idx < 1 || idx > steps) continue;
     const int64_t blk = step.first + static_cast<int64_t>(i);
     plan->active.push_back(blk);
-    plan->timesteps.push_back(step.timestep[i]);
+    plan->timesteps.push_back(cfg_.step_timesteps.empty() ? static_cast<double>(step.timestep[i])
+                                                          : cfg_.step_timesteps[static_cast<size_t>(idx - 1)]);
     plan->update.push_back(step.update[i]);
     BlockState& st = state_of(blk);
     if (st.block != blk) {
@@ -204,6 +258,7 @@ bool RolloutCore::next_row(RowPlan* plan) {
       st.steps = 0;
       plan->started.push_back(blk);
     }
+    if (step.update[i] && sampler_->needs_step_noise(st.steps)) plan->step_noise.push_back(blk);
   }
   plan->finished = step.finished;
   active_ = plan->active;
@@ -247,13 +302,26 @@ void RolloutCore::apply_velocity() {
     check(copy_rows(scratch_.ptr, b * hw * f32, v + static_cast<int64_t>(i) * b * hw, F * hw * f32, b * hw * f32, C,
                     cfg_.device, cfg_.stream),
           "apply_velocity");
-    check(sampler_->step(st, static_cast<const float*>(scratch_.ptr), nullptr, st.steps), "sampler step");
+    const bool noised = sampler_->needs_step_noise(st.steps);
+    if (noised && !st.noise_ready)
+      throw std::logic_error("rollout core: block " + std::to_string(active_[i]) + " needs its step noise " +
+                             "(set_step_noise for every block of plan.step_noise) before apply_velocity");
+    check(sampler_->step(st, static_cast<const float*>(scratch_.ptr),
+                         noised ? static_cast<const float*>(st.step_noise.ptr) : nullptr, st.steps),
+          "sampler step");
+    st.noise_ready = false;
     ++st.steps;
   }
 }
 
-void RolloutCore::set_step_noise(int64_t, const float*) {
-  throw std::logic_error("rollout core: the '" + cfg_.sampler + "' sampler takes no per-step noise");
+void RolloutCore::set_step_noise(int64_t block, const float* noise) {
+  BlockState& st = state_of(block);
+  if (st.block != block || !sampler_->needs_step_noise(st.steps))
+    throw std::logic_error("rollout core: set_step_noise(" + std::to_string(block) + "): the '" + cfg_.sampler +
+                           "' sampler takes no fresh noise for that block's next step");
+  check(copy_bytes(st.step_noise.ptr, cfg_.device, noise, Device{}, st.step_noise.nbytes(), cfg_.stream),
+        "set_step_noise");
+  st.noise_ready = true;
 }
 
 int64_t RolloutCore::next_slot() const {
@@ -265,6 +333,7 @@ void RolloutCore::finish_block(int64_t block) {
   BlockState& st = state_of(block);
   if (st.block != block || st.steps != schedule_.num_steps())
     throw std::logic_error("rollout core: finish_block(" + std::to_string(block) + ") before its last step");
+  keep_evicted_input(next_slot());
   float* dst = static_cast<float*>(store_.ptr) + next_slot() * block_elems();
   check(copy_bytes(dst, cfg_.device, st.latents.ptr, cfg_.device, st.latents.nbytes(), cfg_.stream), "finish_block");
   st.block = -1;
@@ -272,6 +341,7 @@ void RolloutCore::finish_block(int64_t block) {
 }
 
 void RolloutCore::load_commit_input(const float* x, const float* noise, double factor) {
+  keep_evicted_input(next_slot());
   float* dst = static_cast<float*>(store_.ptr) + next_slot() * block_elems();
   const size_t bytes = static_cast<size_t>(block_elems()) * sizeof(float);
   check(copy_bytes(dst, cfg_.device, x, Device{}, bytes, cfg_.stream), "load_commit_input");
@@ -306,24 +376,82 @@ int64_t RolloutCore::commit(int64_t block, double t_commit) {
   return a.slot;
 }
 
-void RolloutCore::write_kv(int64_t slot) {
-  if (frames_ != cfg_.block_frames)
-    throw std::logic_error("rollout core: write_kv needs the K/V of a one-block step (pack_store first)");
+void RolloutCore::write_kv(int64_t slot, int64_t index) {
+  // new_k / new_v of the last step: [layers, B, blocks * kvb] for its `blocks` blocks of frames.
+  const int64_t blocks = frames_ / cfg_.block_frames;
+  if (frames_ % cfg_.block_frames || index < 0 || index >= blocks)
+    throw std::logic_error("rollout core: write_kv(slot, " + std::to_string(index) + ") needs a step over whole blocks "
+                           "that holds block " + std::to_string(index) + " (pack_store or pack_recache first)");
+  if (slot < 0 || slot >= ring_.capacity()) throw std::out_of_range("rollout core: slot out of range");
   const int64_t B = cfg_.contexts, kvb = kv_block_elems(), slots = ring_.capacity();
+  const int64_t src_ctx = blocks * kvb, src_layer = B * src_ctx, at = index * kvb;
   for (const auto& [src_buf, dst_buf] : {std::pair{&new_k_, &cache_k_}, std::pair{&new_v_, &cache_v_}})
     for (int64_t ctx = 0; ctx < B; ++ctx) {
       int status;
       if (cfg_.kv_dtype == kFloat16) {
-        const f16* src = static_cast<const f16*>(src_buf->ptr) + ctx * kvb;
+        const f16* src = static_cast<const f16*>(src_buf->ptr) + ctx * src_ctx + at;
         f16* dst = static_cast<f16*>(dst_buf->ptr) + ctx * slots * kvb;
-        status = SKYRT_RUN(cfg_, kv_write_block, src, B * kvb, dst, B * slots * kvb, kvb, slot, cfg_.layers, kvb);
+        status = SKYRT_RUN(cfg_, kv_write_block, src, src_layer, dst, B * slots * kvb, kvb, slot, cfg_.layers, kvb);
       } else {
-        const float* src = static_cast<const float*>(src_buf->ptr) + ctx * kvb;
+        const float* src = static_cast<const float*>(src_buf->ptr) + ctx * src_ctx + at;
         float* dst = static_cast<float*>(dst_buf->ptr) + ctx * slots * kvb;
-        status = SKYRT_RUN(cfg_, kv_write_block, src, B * kvb, dst, B * slots * kvb, kvb, slot, cfg_.layers, kvb);
+        status = SKYRT_RUN(cfg_, kv_write_block, src, src_layer, dst, B * slots * kvb, kvb, slot, cfg_.layers, kvb);
       }
       check(status, "kv_write_block");
     }
+}
+
+// ---- LongLive's recache ------------------------------------------------------------------------------
+
+void RolloutCore::keep_evicted_input(int64_t slot) {
+  const int64_t leaving = slot_block_[static_cast<size_t>(slot)];
+  if (!cfg_.longlive_recache || leaving < 0) return;
+  const float* src = static_cast<const float*>(store_.ptr) + slot * block_elems();
+  check(copy_bytes(evicted_.ptr, cfg_.device, src, cfg_.device, evicted_.nbytes(), cfg_.stream), "keep_evicted_input");
+  evicted_block_ = leaving;
+}
+
+const float* RolloutCore::committed_input(int64_t block) const {
+  for (int64_t s = 0; s < ring_.capacity(); ++s)
+    if (slot_block_[static_cast<size_t>(s)] == block) return static_cast<const float*>(store_.ptr) + s * block_elems();
+  if (block == evicted_block_) return static_cast<const float*>(evicted_.ptr);
+  throw std::logic_error("rollout core: the committed input of block " + std::to_string(block) + " is gone");
+}
+
+RecachePlan RolloutCore::pack_recache() {
+  if (!cfg_.longlive_recache)
+    throw std::logic_error("rollout core: pack_recache needs longlive_recache=True when the core is made");
+  const int64_t j = ring_.appended(), sink = ring_.sink_blocks(), window = ring_.window_blocks();
+  RecachePlan plan;
+  plan.slot_valid.assign(static_cast<size_t>(ring_.capacity()), 0);
+  const int64_t first = j <= sink + window + 1 ? 0 : j - window - 1;
+  for (int64_t blk = first; blk < j; ++blk) plan.blocks.push_back(blk);
+  if (first > 0)  // the sink keeps its K/V and is attended to as it is
+    for (int64_t s = 0; s < sink; ++s) plan.slot_valid[static_cast<size_t>(s)] = ring_.slot_block()[static_cast<size_t>(s)] >= 0;
+  const int64_t C = cfg_.channels, b = cfg_.block_frames, hw = cfg_.height * cfg_.width;
+  const int64_t F = static_cast<int64_t>(plan.blocks.size()) * b;
+  const size_t f32 = sizeof(float);
+  for (int64_t ctx = 0; ctx < cfg_.contexts && F > 0; ++ctx)
+    for (size_t i = 0; i < plan.blocks.size(); ++i) {
+      float* dst = static_cast<float*>(latents_in_.ptr) + (ctx * C * F + static_cast<int64_t>(i) * b) * hw;
+      check(copy_rows(dst, F * hw * f32, committed_input(plan.blocks[i]), b * hw * f32, b * hw * f32, C, cfg_.device,
+                      cfg_.stream),
+            "pack_recache");
+    }
+  plan.frames = F;
+  plan.position = F > 0 ? ring_.position_of(first) : 0;
+  frames_ = F;
+  recache_ = plan;
+  return plan;
+}
+
+void RolloutCore::write_recache() {
+  if (frames_ != recache_.frames || recache_.blocks.empty())
+    throw std::logic_error("rollout core: write_recache follows pack_recache and its DiT step");
+  for (size_t i = 0; i < recache_.blocks.size(); ++i)
+    for (int64_t s = 0; s < ring_.capacity(); ++s)
+      if (slot_block_[static_cast<size_t>(s)] == recache_.blocks[i]) write_kv(s, static_cast<int64_t>(i));
+  recache_ = RecachePlan{};
 }
 
 void RolloutCore::rebase(int64_t shift) {

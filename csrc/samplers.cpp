@@ -129,6 +129,17 @@ int addnoise_condition(const float* x, const float* noise, float* out, int64_t o
   return kOk;
 }
 
+int flow_fewstep(const float* x, const float* v, const float* noise, float* out, int64_t n, float sigma,
+                 float next_sigma) {
+  if (!fewstep_args_ok(x, v, out, n, sigma, next_sigma)) return kInvalidArgument;
+  const float keep = renoise_keep(next_sigma);
+  for (int64_t i = 0; i < n; ++i) {
+    const float x0 = fewstep_x0_one(x[i], v[i], sigma);
+    out[i] = noise == nullptr ? x0 : renoise_one(x0, noise[i], keep, next_sigma);
+  }
+  return kOk;
+}
+
 }  // namespace cpu
 
 #ifndef SKYRT_WITH_CUDA
@@ -144,6 +155,7 @@ int addnoise_condition(const float*, const float*, float*, int64_t, int64_t, int
                        void*) {
   return kNotCompiled;
 }
+int flow_fewstep(const float*, const float*, const float*, float*, int64_t, float, float, void*) { return kNotCompiled; }
 }  // namespace cuda
 #endif
 

@@ -13,6 +13,11 @@
 //                       part and keeps each frame's history (last sample, two last x0 predictions)
 //   addnoise_condition  out = x * (1 - a) + noise * a on frames [frame_begin, frame_end)
 //                       (official prefix conditioning, a = 0.001 * addnoise_condition)
+//   flow_fewstep        one step of the causal Wan family's few-step sampler (Self-Forcing, CausVid,
+//                       LongLive): x0 = x - σ v in float64, rounded to float32 (their flow -> x0
+//                       conversion), then, unless it is the block's last step, re-noised to the next
+//                       step from fresh noise, out = (1 - σ') x0 + σ' noise in float32 (their
+//                       add_noise); on the last step out = x0. One σ for the whole array (a block).
 //
 // Frames that do not update this step are copied (out = x) and keep their history. `out` may alias
 // `x`. CPU references (samplers.cpp) and CUDA kernels (cuda/samplers.cu) share the *_one functions
@@ -84,6 +89,47 @@ SKYRT_HD float flow_unipc_one(const UniPCFrameCoeffs& c, float x, float v, float
   return out;
 }
 
+// Products and sums rounded one at a time, as separate torch ops round them (nvcc would otherwise fuse
+// a * b + c into one FMA with one rounding; host builds target no FMA, so plain operators do the same).
+SKYRT_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+SKYRT_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+SKYRT_HD double dmul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+SKYRT_HD double dsub_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// Few-step x0 prediction: their `xt.double() - sigma.double() * flow_pred.double()`, back to float32.
+SKYRT_HD float fewstep_x0_one(float x, float v, float sigma) {
+  return static_cast<float>(dsub_rn(static_cast<double>(x), dmul_rn(static_cast<double>(sigma), static_cast<double>(v))));
+}
+
+// Their add_noise in float32: (1 - σ) x0 + σ noise, keep = 1 - σ computed in float32 by the caller.
+SKYRT_HD float renoise_one(float x0, float noise, float keep, float sigma) {
+  return add_rn(mul_rn(keep, x0), mul_rn(sigma, noise));
+}
+
 SKYRT_HD int64_t frame_of(int64_t i, int64_t frames, int64_t inner) { return (i / inner) % frames; }
 
 // ---- CPU references and CUDA kernels ---------------------------------------------------------------
@@ -98,6 +144,9 @@ int flow_unipc(const float* x, const float* v, float* out, float* x_last, float*
                bool official_df_aliasing);
 int addnoise_condition(const float* x, const float* noise, float* out, int64_t outer, int64_t frames, int64_t inner,
                        int64_t frame_begin, int64_t frame_end, double factor);
+// n elements; noise == nullptr: the last step (out = x0), else re-noised to next_sigma. out may alias x.
+int flow_fewstep(const float* x, const float* v, const float* noise, float* out, int64_t n, float sigma,
+                 float next_sigma);
 }  // namespace cpu
 
 namespace cuda {
@@ -108,6 +157,8 @@ int flow_unipc(const float* x, const float* v, float* out, float* x_last, float*
                bool official_df_aliasing, void* stream);
 int addnoise_condition(const float* x, const float* noise, float* out, int64_t outer, int64_t frames, int64_t inner,
                        int64_t frame_begin, int64_t frame_end, double factor, void* stream);
+int flow_fewstep(const float* x, const float* v, const float* noise, float* out, int64_t n, float sigma,
+                 float next_sigma, void* stream);
 }  // namespace cuda
 
 // Shared argument checks.
@@ -117,5 +168,13 @@ inline int frame_layout_check(int64_t outer, int64_t frames, int64_t inner) {
 
 // keep = 1 - factor rounded once from double, as torch does for `latent * (1.0 - factor)`.
 inline float addnoise_keep(double factor) { return static_cast<float>(1.0 - factor); }
+
+// keep = 1 - σ' in float32, as their `1 - sigma` on a float32 tensor.
+inline float renoise_keep(float sigma) { return 1.0f - sigma; }
+
+inline bool fewstep_args_ok(const float* x, const float* v, const float* out, int64_t n, float sigma, float next_sigma) {
+  return n >= 0 && (n == 0 || (x != nullptr && v != nullptr && out != nullptr)) && sigma >= 0.0f && sigma <= 1.0f &&
+         next_sigma >= 0.0f && next_sigma <= 1.0f;
+}
 
 }  // namespace skyrt

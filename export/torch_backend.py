@@ -121,14 +121,15 @@ class TorchBackend(Backend):
         return self.dit.cross_attention_kv(context.value, collapse_padding=True)
 
     @torch.inference_mode()
-    def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, block_size):
+    def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, causal_block_size):
         """CachedStep on numpy buffers (zero-copy on the CPU): returns velocity [16, f, h, w] and the
         active tokens' K, V [layers, tokens, heads, head_dim]."""
         return self.kv_step_many(latents, timesteps, [prompt], [cache], slot_valid, first_position, fps_class,
-                                 block_size)[0]
+                                 causal_block_size)[0]
 
     @torch.inference_mode()
-    def kv_step_many(self, latents, timesteps, prompts, caches, slot_valid, first_position, fps_class, block_size):
+    def kv_step_many(self, latents, timesteps, prompts, caches, slot_valid, first_position, fps_class,
+                     causal_block_size):
         """kv_step under B prompts as one batch of B (cond and uncond: the demo model streams 1.19x the
         frames per second of one call per prompt on 2 CPU cores, benchmarks/cfg_batch.py). Each prompt
         attends to its own cache; the batch shares slot_valid, the latents, timesteps and positions."""
@@ -153,7 +154,7 @@ class TorchBackend(Backend):
         fps = None if fps_class is None else torch.full((batch,), fps_class, device=self.device)
         cross = prompts[0] if batch == 1 else batch_cross_kv(prompts)
         v, new_k, new_v = self._cached_step(x, t, cross, ck, cv, None, cos.to(self.device), sin.to(self.device),
-                                            fps=fps, causal_block_size=block_size)
+                                            fps=fps, causal_block_size=causal_block_size)
         v, new_k, new_v = v.float().cpu().numpy(), new_k.float().cpu().numpy(), new_v.float().cpu().numpy()
         return [(v[b], new_k[:, b], new_v[:, b]) for b in range(batch)]
 
@@ -224,14 +225,14 @@ class TorchKVStreamSession(KVStreamSession):
         t = torch.from_numpy(np.asarray(call.timesteps, np.float32))[None].to(dev).expand(batch, -1)  # [B, f]
         patch_h, patch_w = dit.config.patch_size[1:]
         cos, sin = active_rope(dit, call.position, f, x.shape[3] // patch_h, x.shape[4] // patch_w)
-        tokens = (spec.latent_size[0] // patch_h) * (spec.latent_size[1] // patch_w) * spec.block_frames
+        tokens = (spec.latent_size[0] // patch_h) * (spec.latent_size[1] // patch_w) * spec.causal_block_size
         layers, _, _, heads, head_dim = self.core.buffer("cache_k").shape
         ck, cv = (self._view(n).view(layers, batch, spec.slots, tokens, heads, head_dim) for n in ("cache_k", "cache_v"))
         valid = np.asarray(call.slot_valid, bool)
         # Attend only to the valid slots: a view when they lead the ring (no copy), a gather otherwise.
         ck, cv = (valid_slots(c, valid, 2).flatten(2, 3) for c in (ck, cv))  # [layers, B, S_valid, N, Dh]
         v, new_k, new_v = self._step(x, t, self._cross, ck, cv, None, cos.to(dev), sin.to(dev), fps=self._fps,
-                                     causal_block_size=spec.block_frames)
+                                     causal_block_size=call.causal_block_size or spec.causal_block_size)
         if call.want_velocity:
             self._view("velocity", f).copy_(v)
         if call.want_kv:

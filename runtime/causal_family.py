@@ -71,7 +71,7 @@ class CausalPreset:
         """Pipeline.generate / stream arguments this preset sets (arguments left at their defaults)."""
         return dict(mode="kvcache", num_inference_steps=len(self.sampling.denoising_step_list),
                     shift=self.sampling.timestep_shift, guidance_scale=1.0,
-                    causal_block_size=self.sampling.num_frame_per_block, sink_blocks=self.ring.sink_blocks,
+                    causal_block_size=self.sampling.causal_block_size, sink_blocks=self.ring.sink_blocks,
                     window_blocks=self.ring.window_blocks, height=self.height, width=self.width, fps=OUTPUT_FPS)
 
 
@@ -93,7 +93,7 @@ PRESETS: dict[str, CausalPreset] = {p.name: p for p in (
     # checkpoints/framewise/causal_forcing.pt (hf download zhuhz22/Causal-Forcing framewise/causal_forcing.pt)
     CausalPreset("causal-forcing-framewise", "thu-ml/Causal-Forcing",
                  CausalSampling((1000, 750, 500, 250), warp_denoising_step=True, timestep_shift=5.0,
-                                num_frame_per_block=1),
+                                causal_block_size=1),
                  checkpoint_names=("framewise/causal_forcing.pt", "checkpoints/framewise/causal_forcing.pt"),
                  use_ema=True, global_ring=KVSettings(sink_blocks=1, window_blocks=19)),
     # configs/causal_forcing_dmd_chunkwise.yaml; README: inference.py (no --use_ema) with
@@ -101,7 +101,7 @@ PRESETS: dict[str, CausalPreset] = {p.name: p for p in (
     # tells them apart, so neither preset looks for a bare causal_forcing.pt.
     CausalPreset("causal-forcing-chunkwise", "thu-ml/Causal-Forcing",
                  CausalSampling((1000, 750, 500, 250), warp_denoising_step=True, timestep_shift=5.0,
-                                num_frame_per_block=3),
+                                causal_block_size=3),
                  checkpoint_names=("chunkwise/causal_forcing.pt", "checkpoints/chunkwise/causal_forcing.pt")),
     # configs/longlive_inference.yaml of LongLive 1 (Wan2.1-T2V-1.3B; before the LongLive 2.0 rewrite)
     CausalPreset("longlive", "NVlabs/LongLive",

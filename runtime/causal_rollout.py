@@ -1,7 +1,7 @@
-"""The causal Wan2.1 family's few-step rollout (Self-Forcing, CausVid, LongLive), as their own code runs it.
+"""The causal Wan2.1 family's few-step sampling (Self-Forcing, CausVid, LongLive), as settings of the rollout core.
 
-Their inference loop, block after block of `num_frame_per_block` latent frames (blocks never overlap
-in time; one block is denoised at a time):
+Their inference loop, block after block of `causal_block_size` latent frames (their
+`num_frame_per_block`; blocks never overlap in time; one block is denoised at a time):
 
     x = the block's initial noise                                          [16, b, h, w]
     for each timestep t_i of the denoising step list:
@@ -17,7 +17,14 @@ with `warp_denoising_step` the step list itself is read off that grid (timestep[
 added to x0 before the clean-context pass, whatever `context_noise` is: their code only passes it as
 the timestep. RoPE: a block's frames sit at their absolute frame index; cached keys keep theirs.
 
-Cache: skyrt._core.KVRing, `sink_blocks` kept forever plus a rolling window of `window_blocks`. Their
+skyrt runs that loop on the one rollout engine (runtime/kvcache.py KVRollout driving
+skyrt._core.RolloutCore), with `rollout_sampling`: the core's "fewstep" sampler (the x0 and re-noise
+above, float64 / float32 as theirs), the DF schedule with ar_step = steps (one block in flight), the
+commit pass at t = context_noise, and LongLive's recache as the prompt-switch policy. Noise, CFG, the
+fps class and the ring are the kvcache mode's (kvcache.NoiseSource's order is theirs with one block in
+flight). tests/causal_rollout_reference.py keeps the host loop this replaced, as a frozen oracle.
+
+Cache: the core's ring, `sink_blocks` kept forever plus a rolling window of `window_blocks`. Their
 local attention (`local_attn_size` L frames, `sink_size` S frames, both whole blocks) is exactly
 sink_blocks = S / b, window_blocks = L / b - S / b - 1: a block attends to the first S frames, the most
 recent frames and itself, L frames at most. Global attention (L = -1) is exact while every finished
@@ -31,26 +38,14 @@ Where skyrt departs from their code (see README, "Causal Wan family"):
 - a prompt switch with `recache=True` is LongLive's KV recache (`_recache_after_switch`, global_sink
   true) for every family; a global-attention family past its ring recaches like a local one.
 - noise comes from numpy (seeded), not torch's generator: same seed, same video in skyrt, not their bits.
-
-Noise order (what `NoiseSource` hands out, so a test can replay recorded draws): for each block in
-order, its initial noise [16, b, h, w] (`initial`), then one re-noise draw [16, b, h, w] after every
-denoising step but the last (`renoise`). `Pipeline.generate` fills the initial noise of the whole clip
-first (their order: one noise tensor, then the re-noise draws); a stream draws each block's initial
-noise when the block starts.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from skyrt import _core
-
-from . import latents as lat
-from .backends.base import Backend, TextContext
-from .kvcache import KVSettings, ring_position, switched_contexts
+from .kvcache import KVSettings, RolloutSampling
 
 TRAIN_TIMESTEPS = 1000  # their scheduler grid: 1000 training timesteps
 
@@ -58,12 +53,13 @@ TRAIN_TIMESTEPS = 1000  # their scheduler grid: 1000 training timesteps
 # ------------------------------------------------------------------------------------------ schedule
 @dataclass(frozen=True)
 class CausalSampling:
-    """A causal family's sampler and cache settings, under their config names."""
+    """A causal family's sampler and cache settings, under their config names (but the block size's:
+    `causal_block_size` is their num_frame_per_block; `from_config` takes their names)."""
 
     denoising_step_list: tuple[float, ...] = (1000, 750, 500, 250)
     warp_denoising_step: bool = True
     timestep_shift: float = 5.0
-    num_frame_per_block: int = 3
+    causal_block_size: int = 3
     context_noise: float = 0.0
     local_attn_size: int = -1  # frames a block attends to, itself included; -1 = global attention
     sink_size: int = 0  # first frames kept in the cache forever (with local attention)
@@ -76,14 +72,21 @@ class CausalSampling:
         if self.warp_denoising_step and any(s != int(s) or not 0 < s <= TRAIN_TIMESTEPS for s in steps):
             raise ValueError(f"denoising_step_list={steps}: warping reads timestep[1000 - s] off the grid, so every "
                              "s must be an integer in 1..1000 (drop a trailing 0, as their configs say)")
-        if self.num_frame_per_block < 1:
-            raise ValueError(f"num_frame_per_block={self.num_frame_per_block} must be >= 1")
+        if self.causal_block_size < 1:
+            raise ValueError(f"causal_block_size={self.causal_block_size} must be >= 1")
         if self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift={self.timestep_shift} must be positive")
 
-    def ring(self, block_frames: int | None = None) -> KVSettings:
-        """sink_blocks / window_blocks that reproduce their cache for blocks of `block_frames` frames."""
-        b = block_frames or self.num_frame_per_block
+    @classmethod
+    def from_config(cls, **config) -> "CausalSampling":
+        """Settings under their config files' names (num_frame_per_block for the block size)."""
+        if "num_frame_per_block" in config:
+            config["causal_block_size"] = config.pop("num_frame_per_block")
+        return cls(**config)
+
+    def ring(self, causal_block_size: int | None = None) -> KVSettings:
+        """sink_blocks / window_blocks that reproduce their cache for blocks of `causal_block_size` frames."""
+        b = causal_block_size or self.causal_block_size
         if self.local_attn_size == -1:
             raise ValueError("global attention has no ring size of its own: choose sink_blocks and window_blocks")
         if self.local_attn_size % b or self.sink_size % b:
@@ -143,172 +146,15 @@ class FewStepSchedule:
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def x0(self, x: np.ndarray, velocity: np.ndarray, step: int) -> np.ndarray:
-        """Flow output -> clean prediction, x0 = x - sigma * v in float64 (as theirs), float32 out."""
-        sigma = np.float64(self.sigma_x0[step])
-        return (x.astype(np.float64) - sigma * velocity.astype(np.float64)).astype(np.float32)
 
-    def renoise(self, x0: np.ndarray, noise: np.ndarray, step: int) -> np.ndarray:
-        """x0 noised to step `step`'s timestep: (1 - sigma) * x0 + sigma * noise, float32."""
-        sigma = self.sigma_noise[step]
-        return ((np.float32(1.0) - sigma) * x0 + sigma * noise).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------ noise
-class NoiseSource:
-    """The rollout's Gaussian draws in the documented order (module docstring). `initial_noise`
-    [16, F, h, w] supplies the first F frames' initial noise; everything else comes from `rng`."""
-
-    def __init__(self, rng: np.random.Generator, initial_noise: np.ndarray | None = None):
-        self.rng = rng
-        self.initial_noise = initial_noise
-
-    def initial(self, block: int, shape: tuple[int, ...]) -> np.ndarray:
-        frames = shape[1]
-        given = self.initial_noise
-        if given is not None and (block + 1) * frames <= given.shape[1]:
-            return np.array(given[:, block * frames : (block + 1) * frames], np.float32)
-        return self.rng.standard_normal(shape, dtype=np.float32)
-
-    def renoise(self, block: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
-        return self.rng.standard_normal(shape, dtype=np.float32)
-
-
-# ------------------------------------------------------------------------------------------ rollout
-class CausalRollout:
-    """Streams the clean latent blocks [16, b, h, w] of a causal-family checkpoint (see module docstring).
-
-    The same interface as kvcache.KVRollout (`blocks()`, `set_prompt`), so Pipeline's kvcache
-    generate/stream drive either; this one runs on the Backend's KV-cached step (kv_prompt,
-    kv_step_many, new_kv_cache) and skyrt._core.KVRing.
-    """
-
-    def __init__(self, backend: Backend, sampling: CausalSampling, cond: TextContext, uncond: TextContext | None,
-                 guidance_scale: float, latent_size: tuple[int, int], settings: KVSettings, noise: NoiseSource,
-                 horizon_blocks: int | None = None, shift: float | None = None, fps_class: int | None = None):
-        self.backend, self.sampling, self.noise = backend, sampling, noise
-        self.block = sampling.num_frame_per_block
-        settings.validate(self.block)
-        self.schedule = FewStepSchedule.from_sampling(sampling, shift)
-        self.guidance_scale = guidance_scale
-        self.h, self.w = latent_size
-        self.horizon = horizon_blocks
-        self.ring = _core.KVRing(settings.sink_blocks, settings.window_blocks, self.block)
-        layers, heads, head_dim = backend.kv_layout()
-        self.tokens_per_block = self.block * (self.h // lat.PATCH_SPATIAL) * (self.w // lat.PATCH_SPATIAL)
-        self.contexts = [c for c in (cond, uncond) if c is not None]
-        self.prompts = [backend.kv_prompt(c) for c in self.contexts]
-        self.caches = [backend.new_kv_cache(layers, self.ring.capacity, self.tokens_per_block, heads, head_dim)
-                       for _ in self.contexts]
-        self.fps_class = fps_class  # only for a DiT with the fps embedding (none of the released family has one)
-        # Clean latents a LongLive recache recomputes: the sink blocks and the last window + 1 blocks.
-        self._sink_latents: dict[int, np.ndarray] = {}
-        self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=settings.window_blocks + 1)
-        self.next_block = 0
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (lat.LATENT_CHANNELS, self.block, self.h, self.w)
-
-    def close(self) -> None:
-        """Drop the stream's host caches and prompt K/V now (idempotent; the Pipeline closes every
-        rollout it opens, as it does kvcache.KVRollout's core buffers)."""
-        self.caches, self.prompts = [], []
-        self._sink_latents.clear()
-        self._recent.clear()
-
-    def __enter__(self) -> "CausalRollout":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ the loop
-    def blocks(self) -> Iterator[np.ndarray]:
-        """Clean latent blocks in order, forever or up to `horizon_blocks`."""
-        while self.horizon is None or self.next_block < self.horizon:
-            yield self.next()
-
-    def next(self) -> np.ndarray:
-        """Denoise the next block, commit it to the cache, return its clean latents [16, b, h, w]."""
-        blk = self.next_block
-        position = ring_position(self.ring, self.caches, blk, self.block)
-        valid = np.asarray(self.ring.valid, dtype=bool)
-        x = self.noise.initial(blk, self.shape)
-        for step in range(len(self.schedule)):
-            t = np.full(self.block, self.schedule.timesteps[step], np.float32)
-            x0 = self.schedule.x0(x, self._velocity(x, t, position, valid), step)
-            if step + 1 < len(self.schedule):
-                x = self.schedule.renoise(x0, self.noise.renoise(blk, step, self.shape), step + 1)
-        self._commit(blk, x0, position, valid)
-        self.next_block += 1
-        return x0
-
-    def _velocity(self, x: np.ndarray, t: np.ndarray, position: int, valid: np.ndarray) -> np.ndarray:
-        outs = self._step(x, t, position, valid, self.block)
-        if len(outs) == 1:
-            return outs[0][0]
-        (v_cond, _, _), (v_uncond, _, _) = outs
-        guided = np.empty(v_cond.shape, np.float32)  # uncond + scale (cond - uncond): the core's, as every mode's guidance
-        _core.cfg_combine(np.ascontiguousarray(v_cond), np.ascontiguousarray(v_uncond), guided, self.guidance_scale)
-        return guided
-
-    def _step(self, x, t, position, valid, block_size):
-        return self.backend.kv_step_many(x, t, self.prompts, self.caches, valid, position, self.fps_class, block_size)
-
-    def _commit(self, blk: int, x0: np.ndarray, position: int, valid: np.ndarray) -> None:
-        """Their clean-context pass: x0 at t = context_noise, against the same cache; its K/V enter the ring."""
-        t = np.full(self.block, self.sampling.context_noise, np.float32)
-        outs = self._step(x0, t, position, valid, self.block)
-        slot = self.ring.append(blk).slot
-        for cache, (_, k, v) in zip(self.caches, outs):
-            cache.write(slot, k, v)
-        if blk < self.ring.sink_blocks:
-            self._sink_latents[blk] = x0
-        self._recent.append((blk, x0))
-
-    # ------------------------------------------------------------------ prompt switch
-    def set_prompt(self, cond: TextContext, uncond: TextContext | None, recache: bool = False) -> None:
-        """Denoise with a new prompt from the next block on (call between blocks).
-
-        Without `recache` the cache keeps the K/V its blocks were committed with. With it, the cache is
-        recomputed under the new prompt by LongLive's method (see `_recache`).
-        """
-        self.contexts = switched_contexts(self.contexts, cond, uncond)
-        self.prompts = [self.backend.kv_prompt(c) for c in self.contexts]
-        if recache:
-            self._recache()
-
-    def _recache(self) -> None:
-        """LongLive's `_recache_after_switch` (global_sink true), before block j: one clean pass at
-        t = context_noise under the new prompt over the last L = (sink + window + 1) blocks, with full
-        (not causal) attention among them, at their own positions.
-        - j <= L (their chunk starts at frame 0): every finished block is recomputed, attending only to
-          each other; the sink is rewritten too.
-        - j > L: the sink keeps its K/V; the chunk's first `sink` blocks are left out (their code neither
-          attends to nor writes them); the rest attend to each other and to the sink's old K/V.
-        The new K/V of blocks still in the ring replace theirs (the oldest chunk block, already evicted
-        from skyrt's ring, only serves as keys: their next block evicts it)."""
-        j, sink, window = self.next_block, self.ring.sink_blocks, self.ring.window_blocks
-        if j == 0:
-            return
-        latents = {**self._sink_latents, **dict(self._recent)}
-        valid = np.zeros(self.ring.capacity, dtype=bool)
-        if j <= sink + window + 1:
-            chunk = list(range(j))
-        else:
-            chunk = list(range(j - window - 1, j))
-            valid[:sink] = np.asarray(self.ring.valid, dtype=bool)[:sink]
-        x = np.concatenate([latents[b] for b in chunk], axis=1)  # [16, len(chunk) * b, h, w]
-        t = np.full(x.shape[1], self.sampling.context_noise, np.float32)
-        position = self.ring.position_of(chunk[0])
-        if position < 0:
-            # Cannot happen: a rebase leaves block j at >= (sink + window + 1) * b, the chunk >= sink * b.
-            raise RuntimeError(f"recache chunk starts at RoPE position {position}")
-        outs = self._step(x, t, position, valid, block_size=x.shape[1])  # one block: full attention
-        slot_of = {int(b): s for s, b in enumerate(np.asarray(self.ring.slot_block)) if b >= 0}
-        n = self.tokens_per_block
-        for i, blk in enumerate(chunk):
-            if blk in slot_of:
-                for cache, (_, k, v) in zip(self.caches, outs):
-                    cache.write(slot_of[blk], k[:, i * n : (i + 1) * n], v[:, i * n : (i + 1) * n])
+def rollout_sampling(sampling: CausalSampling, shift: float | None = None) -> RolloutSampling:
+    """Their loop in the rollout core's terms: the fewstep sampler over their step list (the DiT sees the
+    float32 timesteps; x0 takes sigma_x0, a re-noise to step k sigma_noise[k]), one block in flight
+    (ar_step = steps), the commit pass at t = context_noise, LongLive's recache on a prompt switch."""
+    schedule = FewStepSchedule.from_sampling(sampling, shift)
+    steps = len(schedule)
+    return RolloutSampling(
+        sampler="fewstep", step_template=tuple(int(round(float(t))) for t in schedule.timesteps),
+        sigmas=(*(float(s) for s in schedule.sigma_x0), 0.0), step_timesteps=tuple(float(t) for t in schedule.timesteps),
+        renoise_sigmas=tuple(float(s) for s in schedule.sigma_noise), commit_timestep=float(sampling.context_noise),
+        ar_step=steps, recache="longlive")

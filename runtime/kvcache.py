@@ -1,4 +1,4 @@
-"""The KV-cached diffusion-forcing rollout (mode="kvcache"): each block is denoised once, forever.
+"""The KV-cached rollout: mode="kvcache" and every causal-family preset; each block is denoised once, forever.
 
 Blocks of `causal_block_size` latent frames follow the official DF schedule (skyrt._core.DFSchedule,
 streamed row by row). Only blocks that are being denoised are run through the DiT; finished blocks
@@ -21,6 +21,18 @@ addnoise, all allocated once per stream and released by close(). This module dri
 schedule row (and once per block commit): it draws the noise (numpy PCG64, so a seed gives the same
 stream on every device), decides rebases and hands the step to the backend's KVStreamSession.
 tests/kvcache_numpy_reference.py keeps the earlier all-numpy driver as the regression oracle.
+
+The causal family's presets (runtime/causal_rollout.py) run on the same driver and core with other
+`RolloutSampling`: the core's "fewstep" sampler (x0 prediction re-noised from fresh noise), one block
+in flight (the DF schedule with ar_step = steps), the commit pass at their context_noise and LongLive's
+recache on a prompt switch; tests/causal_rollout_reference.py keeps their host loop as the oracle.
+
+Noise (`NoiseSource`, one order for every stream): the prefix's addnoise_condition draw (once, first),
+then per schedule row the initial noise [16, b, h, w] of each block that starts (block order) and,
+after the DiT step, one draw [16, b, h, w] for each block whose sampler step re-noises (block order).
+For the causal presets (one block in flight) that is their order: a block's initial noise, then one
+re-noise draw after every step but the last. `Pipeline.generate` hands over the initial noise of the
+whole clip first (one draw, as window mode draws it); a stream draws each block's when it starts.
 """
 from __future__ import annotations
 
@@ -67,17 +79,6 @@ def rebase_shift(position: int, frames: int, cached_frames: int) -> int:
     return position - cached_frames if position + frames > ROPE_TABLE else 0
 
 
-def ring_position(ring, caches: list, blk: int, frames: int) -> int:
-    """RoPE position of block `blk`'s first frame (`frames` frames from there), rebasing a host ring
-    (skyrt._core.KVRing) and its host caches when the table would run out (causal_rollout.py)."""
-    shift = rebase_shift(ring.position_of(blk), frames, ring.capacity * ring.frames_per_block)
-    if shift:
-        ring.rebase(shift)
-        for cache in caches:
-            cache.rebase(shift)
-    return ring.position_of(blk)
-
-
 def switched_contexts(current: list, cond: TextContext, uncond: TextContext | None) -> list[TextContext]:
     """The prompt contexts after a prompt switch (cond, and uncond with guidance): guidance stays as the
     stream started it, on or off."""
@@ -86,6 +87,60 @@ def switched_contexts(current: list, cond: TextContext, uncond: TextContext | No
         raise ValueError("a prompt switch keeps classifier-free guidance on or off: pass uncond exactly when "
                          "the stream was started with guidance_scale > 1")
     return contexts
+
+
+@dataclass(frozen=True)
+class RolloutSampling:
+    """The rollout core's schedule and sampler: what a mode or preset chooses, in the core's terms.
+
+    step_template [S] (ints) drives the DF schedule; step_timesteps [S] are the (float) timesteps the DiT
+    sees when they differ from it (a warped few-step list). sigmas [S + 1] are the sampler's (last 0);
+    renoise_sigmas [S] the fewstep sampler's re-noise targets. ar_step None: the request's.
+    recache: what set_prompt(recache=True) does, "recommit" (every cached block again, in order) or
+    "longlive" (LongLive's chunk recache, see skyrt._core.RolloutCore.pack_recache)."""
+
+    sampler: str
+    step_template: tuple[int, ...]
+    sigmas: tuple[float, ...]
+    step_timesteps: tuple[float, ...] = ()
+    renoise_sigmas: tuple[float, ...] = ()
+    commit_timestep: float = 0.0
+    ar_step: int | None = None
+    recache: str = "recommit"
+
+    @classmethod
+    def diffusion_forcing(cls, req) -> "RolloutSampling":
+        """The DF mode's: the official UniPC (or Euler) over the request's steps and shift, commit at t = 0."""
+        return cls(req.sampler, tuple(int(t) for t in flow_timesteps(req.num_inference_steps, req.shift)),
+                   tuple(float(s) for s in flow_sigmas(req.num_inference_steps, req.shift)))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_template)
+
+
+class NoiseSource:
+    """The rollout's Gaussian draws in the documented order (module docstring). `initial_noise`
+    [16, F, h, w] supplies the first F frames' initial noise; everything else comes from `rng`."""
+
+    def __init__(self, rng: np.random.Generator, initial_noise: np.ndarray | None = None):
+        self.rng = rng
+        self.initial_noise = initial_noise
+
+    def condition(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The prefix's addnoise_condition noise, drawn once for the whole prefix."""
+        return self.rng.standard_normal(shape, dtype=np.float32)
+
+    def initial(self, block: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Block `block`'s initial noise: the caller's, while it lasts, else a fresh draw."""
+        frames, given = shape[1], self.initial_noise
+        if given is not None and (block + 1) * frames <= given.shape[1]:
+            return np.ascontiguousarray(given[:, block * frames : (block + 1) * frames], np.float32)
+        return self.rng.standard_normal(shape, dtype=np.float32)
+
+    def renoise(self, block: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
+        """The fresh noise block `block` is re-noised with after its step `step` (0-based)."""
+        return self.rng.standard_normal(shape, dtype=np.float32)
 
 
 class KVCache:
@@ -107,28 +162,35 @@ class KVRollout:
     stream session at once; a stream that is dropped releases them when collected."""
 
     def __init__(self, backend: Backend, req, cond: TextContext, uncond: TextContext | None, rng, settings: KVSettings,
-                 horizon_blocks: int | None = None, prefix: np.ndarray | None = None, noise: np.ndarray | None = None):
-        self.backend, self.req, self.rng = backend, req, rng
+                 horizon_blocks: int | None = None, prefix: np.ndarray | None = None, noise: np.ndarray | None = None,
+                 sampling: RolloutSampling | None = None):
+        self.backend, self.req = backend, req
+        self.sampling = RolloutSampling.diffusion_forcing(req) if sampling is None else sampling
         self.block = req.causal_block_size
         settings.validate(self.block)
         self.h, self.w = req.latent_size
-        template = flow_timesteps(req.num_inference_steps, req.shift)  # the DF step template (as the pipeline's)
-        self.num_steps = len(template)
+        self.num_steps = self.sampling.num_steps
+        self.ar_step = req.ar_step if self.sampling.ar_step is None else self.sampling.ar_step
         self.prefix_blocks = 0 if prefix is None else prefix.shape[1] // self.block
         in_flight = self._in_flight(horizon_blocks)
         if (settings.sink_blocks + settings.window_blocks + in_flight) * self.block > ROPE_TABLE:
             raise ValueError(f"cache plus {in_flight} blocks in flight exceed the {ROPE_TABLE}-position RoPE table")
+        longlive = self.sampling.recache == "longlive"
+        step_blocks = max(in_flight, settings.sink_blocks + settings.window_blocks + 1 if longlive else 0)
         layers, heads, head_dim = backend.kv_layout()
         self.contexts = [c for c in (cond, uncond) if c is not None]
         fps_class = (0 if req.fps == 16 else 1) if backend.model.inject_sample_info else None
-        self.spec = KVStreamSpec(contexts=len(self.contexts), block_frames=self.block, max_frames=in_flight * self.block,
-                                 slots=settings.sink_blocks + settings.window_blocks, latent_size=(self.h, self.w),
-                                 layers=layers, heads=heads, head_dim=head_dim, fps_class=fps_class)
+        self.spec = KVStreamSpec(contexts=len(self.contexts), causal_block_size=self.block,
+                                 max_frames=step_blocks * self.block, slots=settings.sink_blocks + settings.window_blocks,
+                                 latent_size=(self.h, self.w), layers=layers, heads=heads, head_dim=head_dim,
+                                 fps_class=fps_class)
         self.session = backend.open_kv_stream(self.spec)
+        s = self.sampling
         try:
             self.core = _core.RolloutCore(
-                template, flow_sigmas(req.num_inference_steps, req.shift).astype(np.float64).tolist(),
-                sampler=req.sampler, official_df_aliasing=True, ar_step=req.ar_step, block_frames=self.block,
+                list(s.step_template), list(s.sigmas), sampler=s.sampler, step_timesteps=list(s.step_timesteps),
+                renoise_sigmas=list(s.renoise_sigmas), commit_timestep=s.commit_timestep, longlive_recache=longlive,
+                official_df_aliasing=True, ar_step=self.ar_step, causal_block_size=self.block,
                 prefix_blocks=self.prefix_blocks, max_blocks_in_flight=in_flight,
                 horizon_blocks=-1 if horizon_blocks is None else horizon_blocks, sink_blocks=settings.sink_blocks,
                 window_blocks=settings.window_blocks, channels=lat.LATENT_CHANNELS, height=self.h, width=self.w,
@@ -141,20 +203,22 @@ class KVRollout:
             self.close()
             raise
         self.cache = KVCache(self.core)
-        self._noise = noise
+        self.noise = NoiseSource(rng, noise)  # looked up here, so a test can replay recorded draws
         self._prefix = prefix
 
     def _in_flight(self, horizon_blocks: int | None) -> int:
-        """Blocks denoised together: all of a finite horizon (like one official window), else the
-        fewest that an endless schedule with this ar_step allows."""
+        """Blocks denoised together: a sampling that fixes ar_step (one block at a time for the causal
+        family) allows the fewest its schedule needs; else all of a finite horizon (like one official
+        window), or the fewest that an endless schedule with this ar_step allows."""
+        fewest = max(1, math.ceil(self.num_steps / self.ar_step)) if self.ar_step >= 1 else None
         if horizon_blocks is not None:
-            return horizon_blocks
-        if self.req.ar_step < 1:
+            return min(horizon_blocks, fewest) if self.sampling.ar_step is not None and fewest else horizon_blocks
+        if fewest is None:
             raise ValueError(
                 "an endless kvcache stream needs ar_step >= 1 (blocks start one after another); "
                 f"ar_step={self.num_steps} denoises one block at a time, ar_step=5 is the official async setting"
             )
-        return max(1, math.ceil(self.num_steps / self.req.ar_step))
+        return fewest
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -194,22 +258,19 @@ class KVRollout:
             yield from self._run_row(plan)
 
     def _run_row(self, plan) -> Iterator[np.ndarray]:
+        shape = (lat.LATENT_CHANNELS, self.block, self.h, self.w)
         for blk in plan.started:
-            self.core.start_block(blk, self._block_noise(blk))
+            self.core.start_block(blk, self.noise.initial(blk, shape))
         if plan.active:
             frames = self.core.pack_active()
             t = np.repeat(np.asarray(plan.timesteps, np.float32), self.block)
             self._step(frames, t, self._position(plan.active[0], frames), want_velocity=True)
+            for blk in plan.step_noise:  # after the step, before the sampler: the documented draw order
+                self.core.set_step_noise(blk, self.noise.renoise(blk, self.core.steps_taken(blk), shape))
             self.core.apply_velocity()
         for blk in plan.finished:
             self.core.finish_block(blk)
-            yield self._commit(blk, 0.0)
-
-    def _block_noise(self, blk: int) -> np.ndarray:
-        """The block's initial noise [16, b, h, w]: the caller's, while it lasts, else a fresh draw."""
-        if self._noise is not None and (blk + 1) * self.block <= self._noise.shape[1]:
-            return np.ascontiguousarray(self._noise[:, blk * self.block : (blk + 1) * self.block], np.float32)
-        return self.rng.standard_normal((lat.LATENT_CHANNELS, self.block, self.h, self.w), dtype=np.float32)
+            yield self._commit(blk, self.core.commit_timestep)
 
     # ------------------------------------------------------------------ networks and cache
     def _position(self, blk: int, frames: int) -> int:
@@ -220,10 +281,11 @@ class KVRollout:
         return self.core.position_of(blk)
 
     def _step(self, frames: int, t: np.ndarray, position: int, want_velocity: bool = False, want_kv: bool = False,
-              valid: np.ndarray | None = None) -> None:
+              valid: np.ndarray | None = None, causal_block_size: int | None = None) -> None:
         valid = self.core.valid if valid is None else valid
         self.session.step(KVStepCall(frames=frames, timesteps=t, position=position, slot_valid=valid,
-                                     want_velocity=want_velocity, want_kv=want_kv))
+                                     want_velocity=want_velocity, want_kv=want_kv,
+                                     causal_block_size=causal_block_size))
 
     def _prefix_noise(self) -> tuple[np.ndarray | None, float, float]:
         """(noise, factor, timestep) the prefix blocks are committed with: none at t = 0, or with
@@ -233,7 +295,7 @@ class KVRollout:
         a = self.req.addnoise_condition
         if a <= 0:
             return None, 0.0, 0.0
-        return self.rng.standard_normal(self._prefix.shape, dtype=np.float32), 0.001 * a, float(a)
+        return self.noise.condition(self._prefix.shape), 0.001 * a, float(a)
 
     def _commit(self, blk: int, t_commit: float) -> np.ndarray:
         """Clean pass of block `blk` (its input already in the core's store at next_slot) at timestep
@@ -250,16 +312,29 @@ class KVRollout:
         """Denoise with a new prompt from the next schedule row on (call between blocks).
 
         Blocks in flight keep their partly denoised latents. Without `recache` the cached blocks keep
-        the K/V they were committed with under the old prompt (a soft transition); with it, every
-        cached block is committed again under the new prompt, in block order, each against the
-        blocks re-committed before it, at its current position (one clean pass per cached block).
+        the K/V they were committed with under the old prompt (a soft transition). With it, the sampling's
+        recache policy: "recommit", every cached block committed again under the new prompt, in block
+        order, each against the blocks re-committed before it, at its current position (one clean pass
+        per cached block); "longlive", LongLive's recache (one full-attention clean pass over the last
+        sink + window + 1 blocks, skyrt._core.RolloutCore.pack_recache).
         """
         self.contexts = switched_contexts(self.contexts, cond, uncond)
         self.session.set_prompts(self.contexts)
         if recache:
-            self._recache()
+            self._recache_longlive() if self.sampling.recache == "longlive" else self._recommit()
 
-    def _recache(self) -> None:
+    def _recache_longlive(self) -> None:
+        plan = self.core.pack_recache()
+        if not plan.frames:
+            return
+        if plan.position < 0:
+            # Cannot happen: a rebase leaves the next block at >= (sink + window + 1) * b, the chunk >= sink * b.
+            raise RuntimeError(f"recache chunk starts at RoPE position {plan.position}")
+        t = np.full(plan.frames, self.core.commit_timestep, np.float32)
+        self._step(plan.frames, t, plan.position, want_kv=True, valid=plan.slot_valid, causal_block_size=plan.frames)
+        self.core.write_recache()
+
+    def _recommit(self) -> None:
         valid = np.zeros(self.core.capacity, dtype=bool)
         live = self.core.valid
         for blk, slot in sorted((int(b), s) for s, b in enumerate(self.core.slot_block) if live[s]):

@@ -99,7 +99,8 @@ class Pipeline:
     """SkyReels-V2 diffusion-forcing pipeline over a backend (create it with `skyrt.load`).
 
     With a causal-family preset (`skyrt.load(folder, preset="self-forcing")`, runtime/causal_family.py)
-    generate / stream run that family's own few-step sampler with its KV cache (runtime/causal_rollout.py),
+    generate / stream run that family's own few-step sampler with its KV cache on the rollout core
+    (runtime/causal_rollout.py's settings, runtime/kvcache.py's driver),
     always (the preset sets mode="kvcache"). Arguments left at their defaults take the preset's values
     (steps, shift, block size, ring, 480x832, no guidance, 16 fps); a value equal to the signature's
     default counts as left (num_inference_steps=30 is the preset's 4). DF-only arguments (ar_step,
@@ -222,32 +223,28 @@ class Pipeline:
 
     # ------------------------------------------------------------------ kvcache mode
     def _kv_rollout(self, req, cond, horizon_blocks, noise):
-        from .kvcache import KVRollout, KVSettings
+        """The one rollout engine (runtime/kvcache.py on skyrt._core.RolloutCore): the DF kvcache mode, or
+        with a preset the causal family's sampling (runtime/causal_rollout.py)."""
+        from . import kvcache
 
+        settings = kvcache.KVSettings(req.sink_blocks, req.window_blocks)
         if self.preset is not None:
-            return self._causal_rollout(req, cond, horizon_blocks, noise)
+            return kvcache.KVRollout(self.backend, req, cond.cond, cond.uncond, cond.rng, settings, horizon_blocks,
+                                     noise=noise, sampling=self._causal_rollout(req))
         if cond.end_latents is not None:
             raise ValueError("mode='kvcache' cannot pin an end image: block-causal attention never lets earlier "
                              "frames see it; use mode='window' for end_image")
         if not req.causal_attention:
             warnings.warn("this checkpoint was trained with bidirectional attention: mode='kvcache' approximates "
                           "the window mode (exact only for block-causal checkpoints)", stacklevel=3)
-        settings = KVSettings(req.sink_blocks, req.window_blocks)
-        return KVRollout(self.backend, req, cond.cond, cond.uncond, cond.rng, settings, horizon_blocks,
-                         prefix=cond.start_latents, noise=noise)
+        return kvcache.KVRollout(self.backend, req, cond.cond, cond.uncond, cond.rng, settings, horizon_blocks,
+                                 prefix=cond.start_latents, noise=noise)
 
-    def _causal_rollout(self, req, cond, horizon_blocks, noise):
-        """The preset family's own sampler and cache semantics (runtime/causal_rollout.py)."""
-        from dataclasses import replace
+    def _causal_rollout(self, req):
+        """The preset family's sampler and cache rules in the rollout core's terms (runtime/causal_rollout.py)."""
+        from .causal_rollout import rollout_sampling
 
-        from .causal_rollout import CausalRollout, NoiseSource
-        from .kvcache import KVSettings
-
-        sampling = replace(self.preset.sampling, num_frame_per_block=req.causal_block_size)
-        fps_class = (0 if req.fps == 16 else 1) if self.model.inject_sample_info else None
-        return CausalRollout(self.backend, sampling, cond.cond, cond.uncond, req.guidance_scale, req.latent_size,
-                             KVSettings(req.sink_blocks, req.window_blocks), NoiseSource(cond.rng, noise),
-                             horizon_blocks, shift=req.shift, fps_class=fps_class)
+        return rollout_sampling(self.preset.sampling, shift=req.shift)
 
     # ------------------------------------------------------------------ causal-family presets
     def _with_preset(self, args: dict, method) -> dict:

@@ -1,6 +1,10 @@
 """The causal Wan2.1 family (Self-Forcing, CausVid, LongLive, Causal-Forcing; Rolling-Forcing's restatement)
 against their OWN inference loops.
 
+skyrt runs them on its one rollout engine (runtime/kvcache.py driving skyrt._core.RolloutCore with the
+core's fewstep sampler); tests/causal_rollout_reference.py, the host loop that ran them before, is kept as
+a second oracle for runs longer than the fixtures.
+
 The oracle: tests/fixtures/causal_family/*.npz, written once at development time by
 tests/causal_family_reference.py, which ran each family's own pipeline code (their repos, their config
 files, their checkpoint loading) on tiny random checkpoints written from the recipes in
@@ -27,13 +31,14 @@ import pytest
 import torch
 
 import skyrt
+import causal_rollout_reference
 from causal_checkpoints import (FIXTURES, dit_config, generator_weights, load_recipes, lora_weights, prompt_context,
                                 weights_digest, write_family_files, write_model_folder)
 from rolling_forcing_reference import Variant, rolling_forcing_latents
 from skyrt.export.causal_checkpoint import load_causal_generator
 from skyrt.export.checkpoint import CheckpointError
-from skyrt.runtime import causal_rollout, kvcache
-from skyrt.runtime.backends.base import HostKVCache, TextContext
+from skyrt.runtime import kvcache
+from skyrt.runtime.backends.base import TextContext
 from skyrt.runtime.causal_family import PRESETS, CausalFiles
 from skyrt.runtime.causal_rollout import CausalSampling, FewStepSchedule, flow_match_grid
 
@@ -69,7 +74,7 @@ def load_preset(folders, name: str, preset: str | None = None, **options):
     return skyrt.load(folders[name], preset=preset or recipe["family"], **options)
 
 
-class ReplayNoise(causal_rollout.NoiseSource):
+class ReplayNoise(kvcache.NoiseSource):
     """Their draws, in their order: the initial noise tensor, then every torch.randn_like re-noise."""
 
     def __init__(self, data, steps: int):
@@ -94,7 +99,7 @@ def their_inputs(monkeypatch):
     def apply(pipe, name: str):
         recipe, data = RECIPES[name], fixture(name)
         steps = len(recipe["sampling"]["denoising_step_list"])
-        monkeypatch.setattr(causal_rollout, "NoiseSource", lambda *a, **k: ReplayNoise(data, steps))
+        monkeypatch.setattr(kvcache, "NoiseSource", lambda *a, **k: ReplayNoise(data, steps))
         contexts = {f"prompt {i}": prompt_context(data[f"prompt_rows_{i}"], recipe["dit"]["text_len"])
                     for i in range(len(recipe["prompts"]))}
         monkeypatch.setattr(pipe.backend, "encode_text",
@@ -106,11 +111,11 @@ def their_inputs(monkeypatch):
 
 @pytest.fixture
 def rebases(monkeypatch) -> list[int]:
-    """The shift of every cache rebase while the test runs, in order (the torch backend's new_kv_cache
-    gives the causal rollout host caches)."""
+    """The shift of every cache rebase while the test runs, in order (the rollout core's ring, every
+    prompt context at once)."""
     seen: list[int] = []
-    real = HostKVCache.rebase
-    monkeypatch.setattr(HostKVCache, "rebase", lambda self, shift: (seen.append(shift), real(self, shift))[1])
+    real = kvcache.KVCache.rebase
+    monkeypatch.setattr(kvcache.KVCache, "rebase", lambda self, shift: (seen.append(shift), real(self, shift))[1])
     return seen
 
 
@@ -120,7 +125,7 @@ def tiny_size(recipe) -> dict:
 
 def ring_of(recipe) -> dict:
     """sink/window blocks of their cache (local attention), else the preset's ring (global attention)."""
-    sampling = CausalSampling(**recipe["sampling"])
+    sampling = CausalSampling.from_config(**recipe["sampling"])
     if sampling.local_attn_size == -1:
         return {}
     ring = sampling.ring()
@@ -157,13 +162,13 @@ def test_recipe_regenerates_the_weights_their_loop_ran(name):
 def test_preset_is_their_released_config(name):
     # recipe["sampling"] was read off their config files by their own code at reference time.
     recipe = RECIPES[name]
-    assert PRESETS[recipe["family"]].sampling == CausalSampling(**recipe["sampling"])
+    assert PRESETS[recipe["family"]].sampling == CausalSampling.from_config(**recipe["sampling"])
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_schedule_is_their_scheduler(name):
     recipe, data = RECIPES[name], fixture(name)
-    sampling = CausalSampling(**recipe["sampling"])
+    sampling = CausalSampling.from_config(**recipe["sampling"])
     sigmas, timesteps = flow_match_grid(sampling.timestep_shift)
     assert np.array_equal(sigmas, data["grid_sigmas"]) and np.array_equal(timesteps, data["grid_timesteps"])
     assert np.array_equal(FewStepSchedule.from_sampling(sampling).timesteps, data["step_timesteps"].astype(np.float32))
@@ -235,6 +240,56 @@ def test_recache_across_rebases_is_exact(folders, monkeypatch, rebases):
     shrunk = run()
     assert len(rebases) == 7
     assert np.abs(shrunk - reference).max() <= TOLERANCE
+
+
+def random_contexts(monkeypatch, pipe) -> dict:
+    """encode_text -> a seeded random context per distinct prompt (the umT5 stand-in)."""
+    contexts: dict = {}
+
+    def encode(prompt):
+        if prompt not in contexts:
+            rng = np.random.default_rng(len(contexts))
+            contexts[prompt] = torch.from_numpy(rng.standard_normal((1, 512, 32), dtype=np.float32))
+        return TextContext(prompt, contexts[prompt])
+
+    monkeypatch.setattr(pipe.backend, "encode_text", encode)
+    return contexts
+
+
+@pytest.mark.parametrize("name, guidance", [("longlive", 1.0), ("self_forcing", 3.0)])
+def test_core_equals_the_host_loop_oracle(folders, monkeypatch, rebases, name, guidance):
+    """The rollout core against the host loop it replaced (tests/causal_rollout_reference.py) on a run
+    longer than any fixture: 14 blocks through a ring of 1 + 2 (evictions from block 3 on), a RoPE table
+    shrunk to 16 positions (a rebase at every other block from the sixth on), two prompt switches with LongLive's
+    recache (one while the chunk starts at frame 0, one past it), with and without guidance."""
+    pipe = load_preset(folders, name)
+    random_contexts(monkeypatch, pipe)
+    monkeypatch.setattr(kvcache, "ROPE_TABLE", 16)
+    size, ring, blocks, switches = dict(height=32, width=48), dict(sink_blocks=1, window_blocks=2), 14, {3: "b", 9: "c"}
+    stream = pipe.stream("a", negative_prompt="n", guidance_scale=guidance, output="latent", seed=5, **size, **ring)
+    ours = []
+    for blk in range(blocks):
+        if blk in switches:
+            stream.set_prompt(switches[blk], recache=True)
+        ours.append(next(stream))
+    stream.close()
+    core_rebases, rebases[:] = list(rebases), []
+
+    encode = pipe.backend.encode_text
+    uncond = encode("n") if guidance > 1 else None
+    sampling = pipe.preset.sampling
+    oracle = causal_rollout_reference.CausalRollout(
+        pipe.backend, sampling, encode("a"), uncond, guidance, (4, 6), kvcache.KVSettings(**ring),
+        causal_rollout_reference.NoiseSource(np.random.default_rng(5)), shift=sampling.timestep_shift)
+    theirs = []
+    for blk in range(blocks):
+        if blk in switches:
+            oracle.set_prompt(encode(switches[blk]), uncond, recache=True)
+        theirs.append(oracle.next())
+    err = np.abs(np.concatenate(ours, axis=1) - np.concatenate(theirs, axis=1)).max()
+    print(f"{name}, guidance {guidance}: {blocks} blocks, {len(core_rebases)} rebases, max |core - host loop| = {err:.2e}")
+    assert core_rebases == [6] * 5
+    assert err <= TOLERANCE
 
 
 def test_guidance_combines_cond_and_uncond(folders, monkeypatch):

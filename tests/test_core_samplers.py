@@ -240,3 +240,110 @@ def test_unipc_last_step_returns_x0_prediction():
     c = core.unipc_frame_coeffs(sig, np.array([3]))[0]
     # predictor order 1 into sigma = 0: x' = x0 = xc - ... exactly m; scale 0, alpha*expm1(-inf) = -1
     assert c[8] == 1.0 and c[9] == 0.0 and c[10] == -1.0 and c[11] == 0.0
+
+
+# ---- the causal family's few-step sampler --------------------------------------------------------------
+
+
+def their_fewstep(x, v, noise, sigma, next_sigma):
+    """Their two conversions, written from their code's formulas: x0 = xt.double() - sigma.double() *
+    flow_pred.double() back to float32, then add_noise (1 - sigma') * x0 + sigma' * noise in float32."""
+    x0 = (x.astype(np.float64) - np.float64(np.float32(sigma)) * v.astype(np.float64)).astype(np.float32)
+    if noise is None:
+        return x0
+    s = np.float32(next_sigma)
+    return ((np.float32(1.0) - s) * x0 + s * noise).astype(np.float32)
+
+
+@pytest.mark.parametrize("sigma, next_sigma", [(0.9375, 0.75), (0.5, 0.1), (1.0, 0.3333), (0.2, 0.0)])
+def test_fewstep_equals_their_formulas_bit_for_bit(sigma, next_sigma):
+    rng = np.random.default_rng(3)
+    x, v, noise = (rng.standard_normal((16, 3, 5, 7), dtype=np.float32) * 3 for _ in range(3))
+    out = np.empty_like(x)
+    core.flow_fewstep(x, v, noise, out, sigma, next_sigma)
+    assert np.array_equal(out, their_fewstep(x, v, noise, sigma, next_sigma))
+    core.flow_fewstep(x, v, None, out, sigma)  # the last step: x0 itself
+    assert np.array_equal(out, their_fewstep(x, v, None, sigma, 0.0))
+    # float32 arithmetic for x0 differs in the last bits somewhere: the float64 conversion matters
+    assert not np.array_equal(out, x - np.float32(sigma) * v) or sigma in (1.0, 0.5)
+    inplace = x.copy()
+    core.flow_fewstep(inplace, v, noise, inplace, sigma, next_sigma)  # out may alias x
+    assert np.array_equal(inplace, their_fewstep(x, v, noise, sigma, next_sigma))
+
+
+def test_fewstep_refuses_bad_arguments():
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="as many elements"):
+        core.flow_fewstep(x, np.zeros(5, np.float32), None, x, 0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        core.flow_fewstep(x, x, None, x, 1.5)
+
+
+def fewstep_core(steps, block=2, h=2, w=3, **kwargs):
+    """A RolloutCore with the fewstep sampler: one block in flight (ar_step = steps), one context."""
+    timesteps = np.linspace(999.7, 250.3, steps).astype(np.float32)
+    x0_sigmas = np.linspace(0.99, 0.3, steps).astype(np.float32)
+    renoise = np.linspace(0.98, 0.31, steps).astype(np.float32)
+    c = core.RolloutCore([int(t) for t in timesteps], [*map(float, x0_sigmas), 0.0], sampler="fewstep",
+                         step_timesteps=[float(t) for t in timesteps], renoise_sigmas=[float(s) for s in renoise],
+                         commit_timestep=7.5, ar_step=steps, causal_block_size=block, max_blocks_in_flight=1,
+                         horizon_blocks=2, height=h, width=w, tokens_per_frame=1, layers=1, heads=1, head_dim=8,
+                         **kwargs)
+    return c, timesteps, x0_sigmas, renoise
+
+
+def test_rollout_core_fewstep_block_equals_their_loop():
+    """The core's fewstep sampler over whole blocks, driven as runtime/kvcache.py drives it, against their
+    loop written here in numpy: per step x0 = x - sigma v (float64), re-noised with fresh noise to the next
+    step's sigma but after the last step; the DiT sees the float timesteps; the commit runs at t = 7.5."""
+    steps, shape = 3, (16, 2, 2, 3)
+    c, timesteps, x0_sigmas, renoise = fewstep_core(steps)
+    rng = np.random.default_rng(0)
+    assert c.sampler == "fewstep" and c.commit_timestep == 7.5
+    for blk in range(2):
+        noise0 = rng.standard_normal(shape, dtype=np.float32)
+        x, draws = noise0.copy(), []
+        for k in range(steps):
+            plan = c.next_row()
+            assert plan.active == [blk] and plan.started == ([blk] if k == 0 else [])
+            assert plan.timesteps == [float(timesteps[k])]  # floats, not the int template
+            assert plan.step_noise == ([blk] if k + 1 < steps else [])
+            if k == 0:
+                c.start_block(blk, noise0)
+            c.pack_active()
+            v = rng.standard_normal(shape, dtype=np.float32)
+            c.buffer("velocity").numpy()[0] = v
+            if plan.step_noise:
+                assert c.steps_taken(blk) == k
+                draws.append(rng.standard_normal(shape, dtype=np.float32))
+                c.set_step_noise(blk, draws[-1])
+            c.apply_velocity()
+            x = their_fewstep(x, v, draws[-1] if k + 1 < steps else None, x0_sigmas[k],
+                              renoise[k + 1] if k + 1 < steps else 0.0)
+            assert plan.finished == ([blk] if k + 1 == steps else [])
+        c.finish_block(blk)
+        slot = c.next_slot()
+        c.pack_store(slot)
+        c.commit(blk, c.commit_timestep)
+        assert np.array_equal(c.read_store(slot), x)
+    assert c.next_row() is None
+
+
+def test_rollout_core_fewstep_asks_for_its_noise():
+    c, *_ = fewstep_core(2)
+    c.next_row()
+    c.start_block(0, np.zeros((16, 2, 2, 3), np.float32))
+    c.pack_active()
+    with pytest.raises(RuntimeError, match="set_step_noise"):
+        c.apply_velocity()
+    with pytest.raises(RuntimeError, match="takes no fresh noise"):
+        c.set_step_noise(1, np.zeros((16, 2, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="renoise_sigmas"):
+        core.RolloutCore([999, 500], [0.9, 0.5, 0.0], sampler="fewstep", height=2, width=2, tokens_per_frame=1,
+                         layers=1, heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="step_timesteps must hold one timestep per step"):
+        core.RolloutCore([999, 500], [0.9, 0.5, 0.0], step_timesteps=[1.5], height=2, width=2, tokens_per_frame=1,
+                         layers=1, heads=1, head_dim=8)
+    unipc = core.RolloutCore([999, 500], [0.9, 0.5, 0.0], ar_step=2, height=2, width=2, tokens_per_frame=1,
+                             layers=1, heads=1, head_dim=8)
+    assert unipc.next_row().step_noise == []  # UniPC takes no fresh noise

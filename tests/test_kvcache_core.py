@@ -212,3 +212,46 @@ def test_unipc_kernel_official_aliasing_equals_diffusers_driven_like_the_df_loop
     print(f"aliased kernel vs diffusers driven like the DF loop: {diff:.3g}; vs plain: {np.abs(x - plain).max():.3g}")
     assert diff <= 1e-5
     assert np.abs(x - plain).max() > 1e-3  # the flag matters: the comparison can fail
+
+
+@pytest.mark.parametrize("sink, window", [(1, 2), (0, 3), (2, 1)])
+def test_longlive_recache_chunk_is_their_rule(sink, window):
+    """pack_recache / write_recache against LongLive's _recache_after_switch rule written here: before
+    block j, with L = sink + window + 1, the chunk is blocks 0..j-1 (j <= L, attending to nothing else)
+    or j-window-1..j-1 (j > L, attending to the sink as it is); its inputs are the committed ones (the
+    oldest may already have left the ring); the new K/V of the chunk's blocks still in the ring go back
+    to their slots, nothing else changes."""
+    C, b, h, w, tpf, hd = 16, 2, 2, 2, 1, 8
+    core = _core.RolloutCore([999], [0.5, 0.0], sampler="euler", longlive_recache=True, ar_step=1, causal_block_size=b,
+                             sink_blocks=sink, window_blocks=window, height=h, width=w, tokens_per_frame=tpf,
+                             layers=1, heads=1, head_dim=hd)
+    L = sink + window + 1
+    assert core.max_frames == L * b  # the chunk's step fits the core's buffers
+    inputs = {}
+    for j in range(12):
+        plan = core.pack_recache()
+        expected = list(range(j)) if j <= L else list(range(j - window - 1, j))
+        assert plan.blocks == expected and plan.frames == len(expected) * b
+        valid = np.zeros(core.capacity, bool)
+        if j > L:
+            valid[:sink] = True
+        assert np.array_equal(plan.slot_valid, valid)
+        if expected:
+            assert plan.position == core.position_of(expected[0])
+            packed = core.buffer("latents_in", plan.frames).numpy()[0]
+            assert np.array_equal(packed, np.concatenate([inputs[blk] for blk in expected], axis=1))
+            before = core.buffer("cache_k").numpy().copy()
+            new_k = core.buffer("new_k", plan.frames).numpy()  # [layers, B, F * tpf, heads, hd]
+            for i, blk in enumerate(expected):
+                new_k[:, :, i * b * tpf : (i + 1) * b * tpf] = 1000 + blk
+            core.write_recache()
+            cache = core.buffer("cache_k").numpy().reshape(1, 1, core.capacity, b * tpf, 1, hd)
+            for slot, blk in enumerate(core.slot_block):
+                was = before.reshape(cache.shape)[:, :, slot]
+                assert np.all(cache[:, :, slot] == (1000 + blk if blk in expected else was))
+        # commit block j from a known input, its K/V marked with its id
+        inputs[j] = np.random.default_rng(j).standard_normal((C, b, h, w), dtype=np.float32)
+        core.load_commit_input(inputs[j])
+        core.pack_store(core.next_slot())
+        core.buffer("new_k", b).numpy()[:] = j
+        core.commit(j, 0.0)

@@ -1,4 +1,4 @@
-// samplers.cu — CUDA kernels for the per-frame samplers: flow_euler, flow_unipc, addnoise_condition.
+// samplers.cu — CUDA kernels for the samplers: flow_euler, flow_unipc, addnoise_condition, flow_fewstep.
 // CPU references with the same names and arguments in ../samplers.cpp; the per-element math is
 // shared through samplers.h. Per-frame arrays (dt, update, coeffs) are device pointers.
 // Compiled in CI with nvcc; executed only on a user's GPU.
@@ -34,6 +34,14 @@ __global__ void addnoise_condition_kernel(const float* x, const float* noise, fl
   SKYRT_GRID_STRIDE(i, n) {
     const int64_t f = frame_of(i, frames, inner);
     out[i] = (f >= frame_begin && f < frame_end) ? addnoise_one(x[i], noise[i], keep, factor) : x[i];
+  }
+}
+
+__global__ void flow_fewstep_kernel(const float* x, const float* v, const float* noise, float* out, int64_t n,
+                                    float sigma, float keep, float next_sigma) {
+  SKYRT_GRID_STRIDE(i, n) {
+    const float x0 = fewstep_x0_one(x[i], v[i], sigma);
+    out[i] = noise == nullptr ? x0 : renoise_one(x0, noise[i], keep, next_sigma);
   }
 }
 
@@ -75,6 +83,15 @@ int addnoise_condition(const float* x, const float* noise, float* out, int64_t o
   if (x == nullptr || noise == nullptr || out == nullptr) return kInvalidArgument;
   addnoise_condition_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, noise, out, frames, inner, frame_begin, frame_end, addnoise_keep(factor), static_cast<float>(factor), n);
+  return launch_status();
+}
+
+int flow_fewstep(const float* x, const float* v, const float* noise, float* out, int64_t n, float sigma,
+                 float next_sigma, void* stream) {
+  if (!fewstep_args_ok(x, v, out, n, sigma, next_sigma)) return kInvalidArgument;
+  if (n == 0) return kOk;
+  flow_fewstep_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      x, v, noise, out, n, sigma, renoise_keep(next_sigma), next_sigma);
   return launch_status();
 }
 

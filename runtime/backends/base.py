@@ -7,8 +7,10 @@ keep them on its device.
 The KV-cached rollout (runtime/kvcache.py) keeps a stream's state in skyrt._core.RolloutCore, on
 one device; a backend joins it through a `KVStreamSession` (open_kv_stream): it computes the prompt
 K/V once per prompt and runs the DiT step on the core's buffers, reading latents_in and the ring
-K/V, writing velocity and new K/V, allocating nothing per step. `HostKVStreamSession` adapts any
-backend that has the older per-call methods (kv_prompt, kv_step / kv_step_many) on host memory.
+K/V, writing velocity and new K/V, allocating nothing per step. That session's `step` is the one DiT
+entry of every KV-cached stream, the causal-family presets' included. The older per-call methods
+(kv_prompt, kv_step / kv_step_many on a HostKVCache) remain only for the frozen test oracles
+(tests/kvcache_numpy_reference.py, tests/causal_rollout_reference.py) and benchmarks/backends.py.
 """
 from __future__ import annotations
 
@@ -104,8 +106,8 @@ class KVStreamSpec:
     """The shape of one stream's KV-cached DiT step, fixed when the stream starts."""
 
     contexts: int  # prompt contexts per step: 1, or 2 with classifier-free guidance (cond, uncond)
-    block_frames: int  # latent frames per block
-    max_frames: int  # most latent frames one step sees (blocks in flight * block_frames)
+    causal_block_size: int  # latent frames per block (a ring slot; the block-causal attention mask)
+    max_frames: int  # most latent frames one step sees (blocks in flight, or a recache chunk, in frames)
     slots: int  # ring KV cache slots (sink + window blocks)
     latent_size: tuple[int, int]  # (h, w)
     layers: int
@@ -118,7 +120,9 @@ class KVStreamSpec:
 class KVStepCall:
     """One DiT step on the core's buffers: `frames` latent frames at per-frame `timesteps` [frames]
     float32 from RoPE position `position`, against the ring slots where `slot_valid` [slots] is True.
-    want_velocity / want_kv: which outputs the caller reads (a commit reads only the K/V)."""
+    want_velocity / want_kv: which outputs the caller reads (a commit reads only the K/V).
+    causal_block_size: the attention blocks among the step's frames, None = the stream's; LongLive's
+    recache passes `frames` (full attention over its chunk)."""
 
     frames: int
     timesteps: np.ndarray
@@ -126,6 +130,7 @@ class KVStepCall:
     slot_valid: np.ndarray
     want_velocity: bool = True
     want_kv: bool = False
+    causal_block_size: int | None = None
 
 
 class KVStreamSession(abc.ABC):
@@ -161,50 +166,6 @@ class KVStreamSession(abc.ABC):
     def close(self) -> None:
         """Release what the session holds (idempotent)."""
         self.core = None
-
-
-class _CacheView:
-    """One context's ring K/V as the older per-call API takes it: k, v [layers, slots, tokens, heads, head_dim]."""
-
-    def __init__(self, k: np.ndarray, v: np.ndarray):
-        self.k, self.v = k, v
-
-
-class HostKVStreamSession(KVStreamSession):
-    """Any backend with kv_prompt + kv_step / kv_step_many, on host memory: the core's buffers are numpy
-    views and each context's ring is handed over as a strided view of the core's cache (no copy)."""
-
-    def __init__(self, backend: "Backend", spec: KVStreamSpec):
-        super().__init__(spec)
-        self.backend = backend
-        self.prompts: list = []
-
-    def set_prompts(self, contexts: list[TextContext]) -> None:
-        self.prompts = [self.backend.kv_prompt(c) for c in contexts]
-
-    def _caches(self) -> list[_CacheView]:
-        s = self.spec
-        shape = (s.layers, s.slots, s.block_frames * _tokens_per_frame(s), s.heads, s.head_dim)
-        k, v = self.core.buffer("cache_k").numpy(), self.core.buffer("cache_v").numpy()
-        return [_CacheView(k[:, b].reshape(shape), v[:, b].reshape(shape)) for b in range(s.contexts)]
-
-    def step(self, call: KVStepCall) -> None:
-        core, f = self.core, call.frames
-        x = core.buffer("latents_in", f).numpy()[0]  # [16, f, h, w]: every context sees the same latents
-        outs = self.backend.kv_step_many(x, call.timesteps, self.prompts, self._caches(), call.slot_valid,
-                                         call.position, self.spec.fps_class, self.spec.block_frames)
-        velocity, new_k, new_v = (core.buffer(n, f).numpy() for n in ("velocity", "new_k", "new_v"))
-        for b, (v, k_new, v_new) in enumerate(outs):
-            if call.want_velocity:
-                velocity[b] = v
-            if call.want_kv:
-                new_k[:, b] = k_new
-                new_v[:, b] = v_new
-
-
-def _tokens_per_frame(spec: KVStreamSpec) -> int:
-    h, w = spec.latent_size
-    return (h // 2) * (w // 2)  # DiT patch (1, 2, 2)
 
 
 class Backend(abc.ABC):
@@ -272,17 +233,18 @@ class Backend(abc.ABC):
     def streaming_decoder(self) -> StreamingDecoder:
         """A fresh streaming VAE decoder."""
 
-    # -- the KV-cached step (mode="kvcache"); backends without it cannot run that mode -------------
+    # -- the KV-cached stream (mode="kvcache", causal presets); backends without it cannot run them --
     def kv_layout(self) -> tuple[int, int, int]:
         """(layers, heads, head_dim) of the DiT's self-attention."""
         raise NotImplementedError(f"the {self.name} backend has no KV-cached step; use mode='window'")
 
+    # the per-call KV-cached step: for the frozen test oracles and benchmarks/backends.py only
     def kv_prompt(self, context: TextContext) -> Any:
         """Per-layer cross-attention K/V of one prompt context, computed once per prompt (opaque)."""
         raise NotImplementedError(f"the {self.name} backend has no KV-cached step; use mode='window'")
 
     def kv_step(self, latents: np.ndarray, timesteps: np.ndarray, prompt: Any, cache: Any, slot_valid: np.ndarray,
-                first_position: int, fps_class: int | None, block_size: int) -> tuple[np.ndarray, Any, Any]:
+                first_position: int, fps_class: int | None, causal_block_size: int) -> tuple[np.ndarray, Any, Any]:
         """Active latents [16, f, h, w] at per-frame timesteps [f] against `cache` (slots where
         slot_valid [slots] is True) at RoPE positions first_position.. -> (velocity [16, f, h, w],
         new_k, new_v): the active tokens' K/V in whatever form this backend's cache.write takes."""
@@ -290,11 +252,12 @@ class Backend(abc.ABC):
 
     def kv_step_many(self, latents: np.ndarray, timesteps: np.ndarray, prompts: list, caches: list,
                      slot_valid: np.ndarray, first_position: int, fps_class: int | None,
-                     block_size: int) -> list[tuple[np.ndarray, Any, Any]]:
+                     causal_block_size: int) -> list[tuple[np.ndarray, Any, Any]]:
         """kv_step of the same latents under several prompts, each against its own cache (sharing
         slot_valid): classifier-free guidance's cond and uncond. One kv_step each here; a backend
         that can run them as one batch overrides this."""
-        return [self.kv_step(latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, block_size)
+        return [self.kv_step(latents, timesteps, prompt, cache, slot_valid, first_position, fps_class,
+                             causal_block_size)
                 for prompt, cache in zip(prompts, caches)]
 
     def new_kv_cache(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
@@ -302,7 +265,6 @@ class Backend(abc.ABC):
         return HostKVCache(layers, slots, tokens_per_block, heads, head_dim)
 
     def open_kv_stream(self, spec: KVStreamSpec) -> KVStreamSession:
-        """This backend's side of one KV-cached stream (runtime/kvcache.py). Here: the per-call methods
-        above on host memory; a backend that keeps the stream on its device overrides this."""
-        self.kv_layout()  # raises for a backend without a KV-cached step
-        return HostKVStreamSession(self, spec)
+        """This backend's side of one KV-cached stream (runtime/kvcache.py): the DiT step on the rollout
+        core's buffers. A backend with a KV-cached step implements it."""
+        raise NotImplementedError(f"the {self.name} backend has no KV-cached stream; use mode='window'")

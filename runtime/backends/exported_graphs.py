@@ -367,7 +367,7 @@ class GraphKVStreamSession(KVStreamSession):
         self.backend = backend
         h, w = spec.latent_size
         self.step_graph = backend._graph("dit_step", height=h * SPATIAL, width=w * SPATIAL,
-                                         block_frames=spec.block_frames, cache_blocks=spec.slots)
+                                         block_frames=spec.causal_block_size, cache_blocks=spec.slots)
         self.cross_graph = backend._graph("cross_kv")
         self.device, self.stream = backend.memory_device(), backend.stream_handle()
         self.kv_dtype = _io_spec(self.step_graph, "cache_k", "inputs")["dtype"]
@@ -437,6 +437,10 @@ class GraphKVStreamSession(KVStreamSession):
 
     # ---- one DiT step --------------------------------------------------------------------------
     def step(self, call: KVStepCall) -> None:
+        if call.causal_block_size not in (None, self.spec.causal_block_size):
+            raise ValueError(f"the dit_step graph has block-causal attention in blocks of {self.spec.causal_block_size} "
+                             f"frames baked in; a step in blocks of {call.causal_block_size} (LongLive's recache) "
+                             "needs the torch backend")
         backend, core, B, f = self.backend, self.core, self.spec.contexts, call.frames
         tokens = f * self.tokens_per_frame
         t_host = self._t_host[:, :f]

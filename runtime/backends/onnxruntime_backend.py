@@ -260,14 +260,14 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         """Per-layer cross-attention K/V of a prompt, computed once."""
         return self._cross_kv(context)
 
-    def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, block_size):
+    def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, causal_block_size):
         """dit_step on the runtime's numpy cache (a view on the CPU, no copy with fp32 graphs): returns
         velocity [16, f, h, w] and the active tokens' K, V [layers, tokens, heads, head_dim] float32."""
         _, frames, h, w = latents.shape
         layers, slots, tokens, heads, head_dim = cache.k.shape
-        if frames % block_size:
-            raise ValueError(f"{frames} active latent frames are not whole blocks of {block_size}")
-        graph = self._graph("dit_step", height=h * SPATIAL, width=w * SPATIAL, block_frames=block_size,
+        if frames % causal_block_size:
+            raise ValueError(f"{frames} active latent frames are not whole blocks of {causal_block_size}")
+        graph = self._graph("dit_step", height=h * SPATIAL, width=w * SPATIAL, block_frames=causal_block_size,
                             cache_blocks=slots)
         cache_dtype = graph.input_dtype("cache_k")
         shape = (layers, 1, slots * tokens, heads, head_dim)
