@@ -13,6 +13,10 @@
 //                       part and keeps each frame's history (last sample, two last x0 predictions)
 //   addnoise_condition  out = x * (1 - a) + noise * a on frames [frame_begin, frame_end)
 //                       (official prefix conditioning, a = 0.001 * addnoise_condition)
+//   addnoise_prefix     the same in place on the first `prefix` frames of x [outer, frames, inner] from
+//                       noise [noise_outer, prefix, inner], repeated over outer / noise_outer (window
+//                       mode: the prefix frames of latents_in [B, C, F, hw], one noise [C, P, hw] for
+//                       every prompt context)
 //
 // Frames that do not update this step are copied (out = x) and keep their history. `out` may alias
 // `x`. CPU references (samplers.cpp) and CUDA kernels (cuda/samplers.cu) share the *_one functions
@@ -86,6 +90,12 @@ SKYRT_HD float flow_unipc_one(const UniPCFrameCoeffs& c, float x, float v, float
 
 SKYRT_HD int64_t frame_of(int64_t i, int64_t frames, int64_t inner) { return (i / inner) % frames; }
 
+// Element i of the prefix's [outer, prefix, inner] -> its index in x [outer, frames, inner].
+SKYRT_HD int64_t prefix_element(int64_t i, int64_t frames, int64_t prefix, int64_t inner) {
+  const int64_t per_outer = prefix * inner;
+  return (i / per_outer) * frames * inner + i % per_outer;
+}
+
 // ---- CPU references and CUDA kernels ---------------------------------------------------------------
 // dt: [frames]; update: [frames] or nullptr (all frames update); coeffs: [frames].
 // x, v, out, x_last, m1, m2, noise: [outer * frames * inner].
@@ -98,6 +108,8 @@ int flow_unipc(const float* x, const float* v, float* out, float* x_last, float*
                bool official_df_aliasing);
 int addnoise_condition(const float* x, const float* noise, float* out, int64_t outer, int64_t frames, int64_t inner,
                        int64_t frame_begin, int64_t frame_end, double factor);
+int addnoise_prefix(float* x, const float* noise, int64_t outer, int64_t frames, int64_t prefix, int64_t inner,
+                    int64_t noise_outer, double factor);
 }  // namespace cpu
 
 namespace cuda {
@@ -108,11 +120,21 @@ int flow_unipc(const float* x, const float* v, float* out, float* x_last, float*
                bool official_df_aliasing, void* stream);
 int addnoise_condition(const float* x, const float* noise, float* out, int64_t outer, int64_t frames, int64_t inner,
                        int64_t frame_begin, int64_t frame_end, double factor, void* stream);
+int addnoise_prefix(float* x, const float* noise, int64_t outer, int64_t frames, int64_t prefix, int64_t inner,
+                    int64_t noise_outer, double factor, void* stream);
 }  // namespace cuda
 
 // Shared argument checks.
 inline int frame_layout_check(int64_t outer, int64_t frames, int64_t inner) {
   return (outer < 0 || frames < 0 || inner < 0) ? kInvalidArgument : kOk;
+}
+
+// addnoise_prefix's layout: outer a whole multiple of noise_outer, prefix <= frames.
+inline int prefix_layout_check(int64_t outer, int64_t frames, int64_t prefix, int64_t inner, int64_t noise_outer) {
+  if (frame_layout_check(outer, frames, inner) != kOk || prefix < 0 || prefix > frames || noise_outer < 1 ||
+      outer % noise_outer != 0)
+    return kInvalidArgument;
+  return kOk;
 }
 
 // keep = 1 - factor rounded once from double, as torch does for `latent * (1.0 - factor)`.

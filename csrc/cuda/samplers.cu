@@ -1,4 +1,5 @@
-// samplers.cu — CUDA kernels for the per-frame samplers: flow_euler, flow_unipc, addnoise_condition.
+// samplers.cu — CUDA kernels for the per-frame samplers: flow_euler, flow_unipc, addnoise_condition,
+// addnoise_prefix.
 // CPU references with the same names and arguments in ../samplers.cpp; the per-element math is
 // shared through samplers.h. Per-frame arrays (dt, update, coeffs) are device pointers.
 // Compiled in CI with nvcc; executed only on a user's GPU.
@@ -34,6 +35,14 @@ __global__ void addnoise_condition_kernel(const float* x, const float* noise, fl
   SKYRT_GRID_STRIDE(i, n) {
     const int64_t f = frame_of(i, frames, inner);
     out[i] = (f >= frame_begin && f < frame_end) ? addnoise_one(x[i], noise[i], keep, factor) : x[i];
+  }
+}
+
+__global__ void addnoise_prefix_kernel(float* x, const float* noise, int64_t frames, int64_t prefix, int64_t inner,
+                                       int64_t noise_n, float keep, float factor, int64_t n) {
+  SKYRT_GRID_STRIDE(i, n) {
+    float& xi = x[prefix_element(i, frames, prefix, inner)];
+    xi = addnoise_one(xi, noise[i % noise_n], keep, factor);
   }
 }
 
@@ -75,6 +84,18 @@ int addnoise_condition(const float* x, const float* noise, float* out, int64_t o
   if (x == nullptr || noise == nullptr || out == nullptr) return kInvalidArgument;
   addnoise_condition_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, noise, out, frames, inner, frame_begin, frame_end, addnoise_keep(factor), static_cast<float>(factor), n);
+  return launch_status();
+}
+
+int addnoise_prefix(float* x, const float* noise, int64_t outer, int64_t frames, int64_t prefix, int64_t inner,
+                    int64_t noise_outer, double factor, void* stream) {
+  if (prefix_layout_check(outer, frames, prefix, inner, noise_outer) != kOk) return kInvalidArgument;
+  const int64_t n = outer * prefix * inner;
+  if (n == 0) return kOk;
+  if (x == nullptr || noise == nullptr) return kInvalidArgument;
+  addnoise_prefix_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      x, noise, frames, prefix, inner, noise_outer * prefix * inner, addnoise_keep(factor), static_cast<float>(factor),
+      n);
   return launch_status();
 }
 
