@@ -41,7 +41,8 @@ namespace skyrt {
 // scheduler keeps `sample` as its last sample, so after the FIRST step (no corrector yet) the
 // kept sample is the step's output x_{k+1}, not its input. With the flag, x_last = out on a frame's
 // first step (the corrector of step 1 then starts from x_1; ~1e-2 apart from the plain scheduler).
-// runtime/scheduler.py FlowUniPCScheduler(official_df_aliasing=True) is the numpy twin.
+// tests/window_numpy_reference.py FlowUniPCScheduler(official_df_aliasing=True) is the numpy twin (the
+// host engine window mode ran before the core).
 struct UniPCFrameCoeffs {
   float update;          // 1: step this frame; 0: out = x, history untouched
   float sigma;           // σ_k
