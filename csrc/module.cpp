@@ -908,6 +908,52 @@ void expect_block(const CpuConstArray& a, const skyrt::RolloutCore& core, const 
                              std::to_string(a.size()));
 }
 
+void expect_window(const CpuConstArray& a, const skyrt::RolloutCore& core, int64_t frames, const char* fn,
+                   const char* name) {
+  const auto& c = core.config();
+  require(c.recompute, std::string(fn) + " is window mode's: make the core with RolloutCore.window(...)");
+  const size_t n = static_cast<size_t>(c.channels * frames * c.height * c.width);
+  require(a.ndim() == 4 && a.size() == n,
+          std::string(fn) + ": " + name + " must be float32 [" + std::to_string(c.channels) + ", " +
+              std::to_string(frames) + ", " + std::to_string(c.height) + ", " + std::to_string(c.width) + "], got " +
+              std::to_string(a.size()) + " elements");
+}
+
+// RolloutCore.window(...): the window-mode configuration (no ring: one sink-less slot, no K/V).
+PyRollout* make_window_core(std::vector<int64_t> step_template, std::vector<double> sigmas, const std::string& sampler,
+                            bool official_df_aliasing, int64_t ar_step, int64_t block_frames, int64_t prefix_blocks,
+                            int64_t window_blocks, int64_t end_blocks, double addnoise_condition, int64_t channels,
+                            int64_t height, int64_t width, int64_t contexts, float guidance_scale,
+                            const std::string& device, uintptr_t stream) {
+  skyrt::RolloutConfig c;
+  c.step_template = std::move(step_template);
+  c.sigmas = std::move(sigmas);
+  c.sampler = sampler;
+  c.official_df_aliasing = official_df_aliasing;
+  c.ar_step = ar_step;
+  c.block_frames = block_frames;
+  c.prefix_blocks = prefix_blocks;
+  c.max_blocks_in_flight = c.horizon_blocks = window_blocks;
+  c.sink_blocks = 0;
+  c.window_blocks = 1;
+  c.channels = channels;
+  c.height = height;
+  c.width = width;
+  c.contexts = contexts;
+  c.guidance_scale = guidance_scale;
+  c.device = device_of(device);
+  c.stream = stream_of(stream);
+  c.recompute = true;
+  c.end_blocks = end_blocks;
+  c.addnoise_condition = addnoise_condition;
+  std::string why;
+  if (skyrt::rollout_check(c, &why) != skyrt::kOk) throw std::invalid_argument("RolloutCore.window: " + why);
+#ifndef SKYRT_WITH_CUDA
+  require(!c.device.cuda, "RolloutCore.window on " + device + ": " + skyrt::status_message(skyrt::kNotCompiled));
+#endif
+  return new PyRollout(std::move(c));
+}
+
 void bind_rollout(nb::module_& m) {
   nb::class_<skyrt::RowPlan>(m, "RowPlan", "What one schedule row does (see rollout.h).")
       .def_ro("row", &skyrt::RowPlan::row)
@@ -985,6 +1031,40 @@ void bind_rollout(nb::module_& m) {
            "sink_blocks"_a = 1, "window_blocks"_a = 8, "channels"_a = 16, "height"_a, "width"_a, "tokens_per_frame"_a,
            "layers"_a, "heads"_a, "head_dim"_a, "contexts"_a = 1, "kv_dtype"_a = "float32", "guidance_scale"_a = 1.0f,
            "rope_theta"_a = 10000.0, "device"_a = "cpu", "stream"_a = 0)
+      .def_static("window", &make_window_core, "step_template"_a, "sigmas"_a, "sampler"_a = "unipc",
+                  "official_df_aliasing"_a = true, "ar_step"_a = 0, "causal_block_size"_a = 1, "prefix_blocks"_a = 0,
+                  "window_blocks"_a, "end_blocks"_a = 0, "addnoise_condition"_a = 0.0, "channels"_a = 16, "height"_a,
+                  "width"_a, "contexts"_a = 1, "guidance_scale"_a = 1.0f, "device"_a = "cpu", "stream"_a = 0,
+                  "A window-mode core (csrc/rollout.h, recompute): one window of `window_blocks` blocks, the first\n"
+                  "`prefix_blocks` clean conditioning, the last `end_blocks` pinned; every frame is recomputed each\n"
+                  "row, no ring. Drive it with load_window, next_row, pack_window, apply_velocity, read_window.")
+      .def("load_window",
+           [](R& r, CpuConstArray z) {
+             expect_window(z, r.get(), r.get().window_frames(), "load_window", "z");
+             r.get().load_window(z.data());
+           },
+           "z"_a, "The window's initial latents [C, F, h, w]: noise, with prefix and end latents in place.")
+      .def("set_condition_noise",
+           [](R& r, CpuConstArray noise) {
+             expect_window(noise, r.get(), r.get().config().prefix_blocks * r.get().config().block_frames,
+                           "set_condition_noise", "noise");
+             r.get().set_condition_noise(noise.data());
+           },
+           "noise"_a, "addnoise_condition's noise of the prefix frames [C, P, h, w], used by every later pack.")
+      .def("pack_window", [](R& r) { return r.get().pack_window(); }, rel,
+           "Every frame of the window -> latents_in (the prefix noised); returns F.")
+      .def_prop_ro("window_timesteps", [](R& r) { return vector_array(r.get().window_timesteps()); }, kMove,
+                   "float32 [F]: the timestep of each frame of the last pack_window")
+      .def("read_window",
+           [](R& r) {
+             const auto& c = r.get().config();
+             const int64_t F = r.get().window_frames();
+             std::vector<float> out(static_cast<size_t>(c.channels * F * c.height * c.width));
+             r.get().read_window(out.data());
+             return to_numpy(std::move(out), {static_cast<size_t>(c.channels), static_cast<size_t>(F),
+                                              static_cast<size_t>(c.height), static_cast<size_t>(c.width)});
+           },
+           kMove, "The window's latents now [C, F, h, w] (host).")
       .def("close", &R::close, "Release every buffer now (later calls raise).")
       .def_prop_ro("closed", &R::closed)
       .def("next_row",

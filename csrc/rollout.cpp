@@ -40,6 +40,20 @@ bool fewstep_sigmas_ok(const RolloutConfig& c) {
   return true;
 }
 
+// Window mode: one finite window, every block of it in flight at once.
+bool check_window_mode(const RolloutConfig& c, std::string* why) {
+  if (c.horizon_blocks < 1) return fail(why, "window mode needs a window of at least one block (window_blocks = horizon_blocks >= 1)");
+  if (c.max_blocks_in_flight != c.horizon_blocks)
+    return fail(why, "window mode keeps every block of the window in flight: max_blocks_in_flight must equal "
+                     "horizon_blocks (" + std::to_string(c.horizon_blocks) + ")");
+  if (c.end_blocks < 0 || c.prefix_blocks + c.end_blocks > c.horizon_blocks)
+    return fail(why, "prefix_blocks + end_blocks (" + std::to_string(c.prefix_blocks + c.end_blocks) +
+                     ") must be within the window's " + std::to_string(c.horizon_blocks) + " blocks");
+  if (!(c.addnoise_condition >= 0.0 && c.addnoise_condition < 1000.0))
+    return fail(why, "addnoise_condition must be in [0, 1000); 20 is recommended");
+  return true;
+}
+
 bool check_config(const RolloutConfig& c, std::string* why) {
   const int64_t steps = static_cast<int64_t>(c.step_template.size());
   if (steps < 1) return fail(why, "step_template must hold at least one timestep");
@@ -66,6 +80,7 @@ bool check_config(const RolloutConfig& c, std::string* why) {
   if (c.contexts != 1 && c.contexts != 2)
     return fail(why, "contexts must be 1 (no guidance) or 2 (classifier-free guidance: cond and uncond)");
   if (c.kv_dtype != kFloat32 && c.kv_dtype != kFloat16) return fail(why, "kv_dtype must be float32 or float16");
+  if (c.recompute && !check_window_mode(c, why)) return false;
   if (c.max_blocks_in_flight < 1) return fail(why, "max_blocks_in_flight must be >= 1");
   std::string ring_why;
   if (KVRing::check(c.sink_blocks, c.window_blocks, c.block_frames, &ring_why) != kOk) return fail(why, ring_why);
@@ -204,7 +219,9 @@ RolloutCore::RolloutCore(RolloutConfig cfg)
   if (cfg_.longlive_recache) evicted_ = allocate(d, kFloat32, {C, b, h, w}, false, s);
   latents_in_ = allocate(d, kFloat32, {B, C, max_frames_, h, w}, true, s);
   velocity_ = allocate(d, kFloat32, {B, C, max_frames_, h, w}, true, s);
-  const int64_t tokens = max_frames_ * cfg_.tokens_per_frame, cached = slots * b * cfg_.tokens_per_frame;
+  // Window mode recomputes every frame each row: no K/V is kept, so the K/V buffers hold zero tokens.
+  const int64_t kv_frames = cfg_.recompute ? 0 : max_frames_;
+  const int64_t tokens = kv_frames * cfg_.tokens_per_frame, cached = cfg_.recompute ? 0 : slots * b * cfg_.tokens_per_frame;
   new_k_ = allocate(d, cfg_.kv_dtype, {cfg_.layers, B, tokens, cfg_.heads, cfg_.head_dim}, true, s);
   new_v_ = allocate(d, cfg_.kv_dtype, {cfg_.layers, B, tokens, cfg_.heads, cfg_.head_dim}, true, s);
   // Zeros, not garbage: a masked slot must still hold finite values (NaN * 0 poisons the softmax).
@@ -212,6 +229,10 @@ RolloutCore::RolloutCore(RolloutConfig cfg)
   cache_v_ = allocate(d, cfg_.kv_dtype, {cfg_.layers, B, cached, cfg_.heads, cfg_.head_dim}, true, s);
   store_ = allocate(d, kFloat32, {slots, C, b, h, w}, true, s);
   scratch_ = allocate(d, kFloat32, {C, b, h, w}, false, s);
+  if (cfg_.recompute) {
+    window_ = allocate(d, kFloat32, {C, max_frames_, h, w}, false, s);
+    condition_noise_ = allocate(d, kFloat32, {C, cfg_.prefix_blocks * b, h, w}, false, s);
+  }
   slot_t_.assign(static_cast<size_t>(slots), 0.0);
   slot_block_.assign(static_cast<size_t>(slots), -1);
   check(synchronize(d, s), "allocation");
@@ -245,6 +266,7 @@ bool RolloutCore::next_row(RowPlan* plan) {
     const int64_t idx = step.index[i];
     if (idx < 1 || idx > steps) continue;
     const int64_t blk = step.first + static_cast<int64_t>(i);
+    if (pinned(blk)) continue;  // window mode's end-image blocks never move
     plan->active.push_back(blk);
     plan->timesteps.push_back(cfg_.step_timesteps.empty() ? static_cast<double>(step.timestep[i])
                                                           : cfg_.step_timesteps[static_cast<size_t>(idx - 1)]);
@@ -260,7 +282,8 @@ bool RolloutCore::next_row(RowPlan* plan) {
     }
     if (step.update[i] && sampler_->needs_step_noise(st.steps)) plan->step_noise.push_back(blk);
   }
-  plan->finished = step.finished;
+  for (int64_t blk : step.finished)
+    if (!pinned(blk)) plan->finished.push_back(blk);
   active_ = plan->active;
   active_update_.assign(plan->update.begin(), plan->update.end());
   return true;
@@ -298,8 +321,10 @@ void RolloutCore::apply_velocity() {
   for (size_t i = 0; i < active_.size(); ++i) {
     if (!active_update_[i]) continue;
     BlockState& st = state_of(active_[i]);
+    // Where the block's frames are in the step: packed in order (kvcache), or at its place in the window.
+    const int64_t first_frame = (cfg_.recompute ? active_[i] : static_cast<int64_t>(i)) * b;
     // The block's frames of the guided velocity [C, F, hw] -> a contiguous [C, b, hw] for the sampler.
-    check(copy_rows(scratch_.ptr, b * hw * f32, v + static_cast<int64_t>(i) * b * hw, F * hw * f32, b * hw * f32, C,
+    check(copy_rows(scratch_.ptr, b * hw * f32, v + first_frame * hw, F * hw * f32, b * hw * f32, C,
                     cfg_.device, cfg_.stream),
           "apply_velocity");
     const bool noised = sampler_->needs_step_noise(st.steps);
@@ -475,6 +500,76 @@ void RolloutCore::read_store(int64_t slot, float* out) const {
         "read_store");
 }
 
+// ---- window mode ---------------------------------------------------------------------------------
+
+void RolloutCore::require_recompute(const char* what) const {
+  if (!cfg_.recompute)
+    throw std::logic_error(std::string("rollout core: ") + what + " is window mode's (a core made with recompute)");
+}
+
+// window_ [C, F, hw] <-> block k's latents [C, b, hw] at frames [k b, (k + 1) b), every block.
+void RolloutCore::copy_window_blocks(bool into_slots) const {
+  const int64_t C = cfg_.channels, b = cfg_.block_frames, hw = cfg_.height * cfg_.width, F = max_frames_;
+  const size_t f32 = sizeof(float), row = static_cast<size_t>(b * hw) * f32, pitch = static_cast<size_t>(F * hw) * f32;
+  for (int64_t blk = 0; blk < cfg_.horizon_blocks; ++blk) {
+    float* window = static_cast<float*>(window_.ptr) + blk * b * hw;
+    void* latents = slots_[static_cast<size_t>(blk)].latents.ptr;
+    const int status = into_slots ? copy_rows(latents, row, window, pitch, row, C, cfg_.device, cfg_.stream)
+                                  : copy_rows(window, pitch, latents, row, row, C, cfg_.device, cfg_.stream);
+    check(status, "window blocks");
+  }
+}
+
+void RolloutCore::load_window(const float* z) {
+  require_recompute("load_window");
+  if (schedule_.rows() != 0) throw std::logic_error("rollout core: load_window after the first row");
+  check(copy_bytes(window_.ptr, cfg_.device, z, Device{}, window_.nbytes(), cfg_.stream), "load_window");
+  copy_window_blocks(true);
+}
+
+void RolloutCore::set_condition_noise(const float* noise) {
+  require_recompute("set_condition_noise");
+  check(copy_bytes(condition_noise_.ptr, cfg_.device, noise, Device{}, condition_noise_.nbytes(), cfg_.stream),
+        "set_condition_noise");
+  condition_noise_set_ = true;
+}
+
+int64_t RolloutCore::pack_window() {
+  require_recompute("pack_window");
+  const int64_t C = cfg_.channels, b = cfg_.block_frames, hw = cfg_.height * cfg_.width, F = max_frames_;
+  const int64_t prefix = cfg_.prefix_blocks * b;
+  const bool noised = cfg_.addnoise_condition > 0.0 && prefix > 0;
+  if (noised && !condition_noise_set_)
+    throw std::logic_error("rollout core: addnoise_condition > 0 with a prefix needs set_condition_noise first");
+  const size_t f32 = sizeof(float), row = static_cast<size_t>(b * hw) * f32, pitch = static_cast<size_t>(F * hw) * f32;
+  for (int64_t ctx = 0; ctx < cfg_.contexts; ++ctx)
+    for (int64_t blk = 0; blk < cfg_.horizon_blocks; ++blk) {
+      float* dst = static_cast<float*>(latents_in_.ptr) + (ctx * C * F + blk * b) * hw;
+      check(copy_rows(dst, pitch, slots_[static_cast<size_t>(blk)].latents.ptr, row, row, C, cfg_.device, cfg_.stream),
+            "pack_window");
+    }
+  if (noised)  // every context's prefix frames: x (1 - 0.001 a) + noise 0.001 a
+    check(SKYRT_RUN(cfg_, addnoise_prefix, static_cast<float*>(latents_in_.ptr),
+                    static_cast<const float*>(condition_noise_.ptr), cfg_.contexts * C, F, prefix, hw, C,
+                    0.001 * cfg_.addnoise_condition),
+          "addnoise_prefix");
+  window_t_.assign(static_cast<size_t>(F), 0.0f);
+  for (int64_t blk = 0; blk < cfg_.horizon_blocks; ++blk) {
+    float t = static_cast<float>(schedule_.timestep_of_index(schedule_.index_of(blk)));  // 999, step, or 0 (done)
+    if (pinned(blk)) t = 0.0f;
+    if (noised && blk < cfg_.prefix_blocks) t = static_cast<float>(cfg_.addnoise_condition);
+    std::fill_n(window_t_.begin() + blk * b, b, t);
+  }
+  frames_ = F;
+  return F;
+}
+
+void RolloutCore::read_window(float* out) const {
+  require_recompute("read_window");
+  copy_window_blocks(false);
+  check(copy_bytes(out, Device{}, window_.ptr, cfg_.device, window_.nbytes(), cfg_.stream), "read_window");
+}
+
 std::vector<std::string> RolloutCore::buffer_names() const {
   return {"latents_in", "velocity", "new_k", "new_v", "cache_k", "cache_v"};
 }
@@ -484,7 +579,7 @@ Buffer RolloutCore::buffer(const std::string& name, int64_t frames) const {
     throw std::out_of_range("rollout core: " + std::to_string(frames) + " frames, the buffers hold at most " +
                             std::to_string(max_frames_));
   const int64_t B = cfg_.contexts, C = cfg_.channels;
-  const int64_t tokens = frames * cfg_.tokens_per_frame;
+  const int64_t tokens = (cfg_.recompute ? 0 : frames) * cfg_.tokens_per_frame;  // window mode keeps no K/V
   // Host memory keeps its owner (a numpy view then outlives close()); device views never own.
   auto shared = [&](const Buffer& b) { return cfg_.device.cuda ? b.view() : b; };
   if (name == "latents_in") return shared(latents_in_).slice(0, {B, C, frames, cfg_.height, cfg_.width});

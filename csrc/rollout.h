@@ -20,6 +20,18 @@
 //   for b in plan.finished: finish_block(b); pack_store(next_slot()); <DiT at commit_timestep>;
 //                           commit(b, commit_timestep); read_store(slot) -> the clean block.
 //
+// Window mode (recompute = true): the official SkyReels-V2 window, the cache recomputed per window.
+// One finite window of horizon_blocks blocks, all in flight at once (max_blocks_in_flight =
+// horizon_blocks); the first prefix_blocks are clean conditioning, the last end_blocks are pinned
+// clean (end-image) blocks that never move. Each row the DiT sees EVERY frame of the window, in order,
+// with no cached context: prefix and finished frames at t = 0 (prefix frames at t = a with
+// 0.1%·a noise when addnoise_condition a > 0), frames not started yet at t = 999 (their noise), active
+// frames at their DF timestep. The per-block samplers and CFG are kvcache mode's. One window:
+//   load_window(z0); while (next_row(&plan)) { [set_condition_noise(n)]; F = pack_window();
+//   <backend: velocity = DiT(latents_in[:, :, :F], window_timesteps())>; apply_velocity(); }
+//   read_window(out).
+// No ring and no K/V buffers are allocated (new_k, new_v, cache_k, cache_v hold zero tokens).
+//
 // Samplers: a BlockSampler kind steps one block's latents in place from the (guided) velocity,
 // keeping its own block-shaped history buffers. Three kinds: "unipc" (the official
 // FlowUniPCMultistepScheduler, order 2, with the official DF aliasing), "euler", and "fewstep" (the
@@ -73,6 +85,10 @@ struct RolloutConfig {
   double rope_theta = 10000.0;
   Device device;
   void* stream = nullptr;  // cudaStream_t on a GPU (0 = the default stream)
+  // Window mode (see above): every frame of the window recomputed each row; no ring.
+  bool recompute = false;
+  int64_t end_blocks = 0;            // recompute: pinned clean blocks at the end of the window
+  double addnoise_condition = 0.0;   // recompute: a in [0, 1000), the prefix frames' timestep and noise
 };
 
 // kOk, or kInvalidArgument with a reason that names the setting and a fix.
@@ -150,6 +166,14 @@ class RolloutCore {
   double committed_timestep(int64_t slot) const { return slot_t_.at(static_cast<size_t>(slot)); }
   int64_t committed_block(int64_t slot) const { return slot_block_.at(static_cast<size_t>(slot)); }
 
+  // ---- window mode (cfg.recompute) ----
+  void load_window(const float* z);              // host [C, F, h, w], F = window_frames(): every block
+  void set_condition_noise(const float* noise);  // host [C, prefix_blocks * b, h, w], kept until replaced
+  int64_t pack_window();                         // every frame -> latents_in (prefix noised); returns F
+  const std::vector<float>& window_timesteps() const { return window_t_; }  // [F] of the last pack
+  void read_window(float* out) const;            // host [C, F, h, w]
+  int64_t window_frames() const { return cfg_.recompute ? cfg_.horizon_blocks * cfg_.block_frames : 0; }
+
   const RolloutConfig& config() const { return cfg_; }
   const KVRing& ring() const { return ring_; }
   const DFSchedule& schedule() const { return schedule_; }
@@ -169,6 +193,9 @@ class RolloutCore {
     return cfg_.block_frames * cfg_.tokens_per_frame * cfg_.heads * cfg_.head_dim;
   }
   void check(int status, const char* what) const;
+  void require_recompute(const char* what) const;
+  bool pinned(int64_t block) const { return cfg_.recompute && block >= cfg_.horizon_blocks - cfg_.end_blocks; }
+  void copy_window_blocks(bool into_slots) const;  // window_ <-> the blocks' latents
 
   RolloutConfig cfg_;
   DFSchedule schedule_;
@@ -178,6 +205,9 @@ class RolloutCore {
   std::vector<BlockState> slots_;  // [max_blocks_in_flight], block b in slot b % W
   std::vector<int64_t> active_, active_update_;
   Buffer latents_in_, velocity_, new_k_, new_v_, cache_k_, cache_v_, store_, scratch_;
+  Buffer window_, condition_noise_;  // recompute: [C, F, h, w] staging, [C, prefix frames, h, w]
+  bool condition_noise_set_ = false;
+  std::vector<float> window_t_;
   std::vector<double> slot_t_;
   std::vector<int64_t> slot_block_;
   Buffer evicted_;  // longlive_recache: the committed input of the block whose slot was reused last

@@ -140,6 +140,19 @@ int flow_fewstep(const float* x, const float* v, const float* noise, float* out,
   return kOk;
 }
 
+int addnoise_prefix(float* x, const float* noise, int64_t outer, int64_t frames, int64_t prefix, int64_t inner,
+                    int64_t noise_outer, double factor) {
+  if (prefix_layout_check(outer, frames, prefix, inner, noise_outer) != kOk) return kInvalidArgument;
+  const int64_t n = outer * prefix * inner, noise_n = noise_outer * prefix * inner;
+  if (n > 0 && (x == nullptr || noise == nullptr)) return kInvalidArgument;
+  const float keep = addnoise_keep(factor), a = static_cast<float>(factor);
+  for (int64_t i = 0; i < n; ++i) {
+    float& xi = x[prefix_element(i, frames, prefix, inner)];
+    xi = addnoise_one(xi, noise[i % noise_n], keep, a);
+  }
+  return kOk;
+}
+
 }  // namespace cpu
 
 #ifndef SKYRT_WITH_CUDA
@@ -156,6 +169,10 @@ int addnoise_condition(const float*, const float*, float*, int64_t, int64_t, int
   return kNotCompiled;
 }
 int flow_fewstep(const float*, const float*, const float*, float*, int64_t, float, float, void*) { return kNotCompiled; }
+
+int addnoise_prefix(float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, double, void*) {
+  return kNotCompiled;
+}
 }  // namespace cuda
 #endif
 

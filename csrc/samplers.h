@@ -18,6 +18,10 @@
 //                       conversion), then, unless it is the block's last step, re-noised to the next
 //                       step from fresh noise, out = (1 - σ') x0 + σ' noise in float32 (their
 //                       add_noise); on the last step out = x0. One σ for the whole array (a block).
+//   addnoise_prefix     the same in place on the first `prefix` frames of x [outer, frames, inner] from
+//                       noise [noise_outer, prefix, inner], repeated over outer / noise_outer (window
+//                       mode: the prefix frames of latents_in [B, C, F, hw], one noise [C, P, hw] for
+//                       every prompt context)
 //
 // Frames that do not update this step are copied (out = x) and keep their history. `out` may alias
 // `x`. CPU references (samplers.cpp) and CUDA kernels (cuda/samplers.cu) share the *_one functions
@@ -42,7 +46,8 @@ namespace skyrt {
 // scheduler keeps `sample` as its last sample, so after the FIRST step (no corrector yet) the
 // kept sample is the step's output x_{k+1}, not its input. With the flag, x_last = out on a frame's
 // first step (the corrector of step 1 then starts from x_1; ~1e-2 apart from the plain scheduler).
-// runtime/scheduler.py FlowUniPCScheduler(official_df_aliasing=True) is the numpy twin.
+// tests/window_numpy_reference.py FlowUniPCScheduler(official_df_aliasing=True) is the numpy twin (the
+// host engine window mode ran before the core).
 struct UniPCFrameCoeffs {
   float update;          // 1: step this frame; 0: out = x, history untouched
   float sigma;           // σ_k
@@ -132,6 +137,12 @@ SKYRT_HD float renoise_one(float x0, float noise, float keep, float sigma) {
 
 SKYRT_HD int64_t frame_of(int64_t i, int64_t frames, int64_t inner) { return (i / inner) % frames; }
 
+// Element i of the prefix's [outer, prefix, inner] -> its index in x [outer, frames, inner].
+SKYRT_HD int64_t prefix_element(int64_t i, int64_t frames, int64_t prefix, int64_t inner) {
+  const int64_t per_outer = prefix * inner;
+  return (i / per_outer) * frames * inner + i % per_outer;
+}
+
 // ---- CPU references and CUDA kernels ---------------------------------------------------------------
 // dt: [frames]; update: [frames] or nullptr (all frames update); coeffs: [frames].
 // x, v, out, x_last, m1, m2, noise: [outer * frames * inner].
@@ -147,6 +158,8 @@ int addnoise_condition(const float* x, const float* noise, float* out, int64_t o
 // n elements; noise == nullptr: the last step (out = x0), else re-noised to next_sigma. out may alias x.
 int flow_fewstep(const float* x, const float* v, const float* noise, float* out, int64_t n, float sigma,
                  float next_sigma);
+int addnoise_prefix(float* x, const float* noise, int64_t outer, int64_t frames, int64_t prefix, int64_t inner,
+                    int64_t noise_outer, double factor);
 }  // namespace cpu
 
 namespace cuda {
@@ -159,11 +172,21 @@ int addnoise_condition(const float* x, const float* noise, float* out, int64_t o
                        int64_t frame_begin, int64_t frame_end, double factor, void* stream);
 int flow_fewstep(const float* x, const float* v, const float* noise, float* out, int64_t n, float sigma,
                  float next_sigma, void* stream);
+int addnoise_prefix(float* x, const float* noise, int64_t outer, int64_t frames, int64_t prefix, int64_t inner,
+                    int64_t noise_outer, double factor, void* stream);
 }  // namespace cuda
 
 // Shared argument checks.
 inline int frame_layout_check(int64_t outer, int64_t frames, int64_t inner) {
   return (outer < 0 || frames < 0 || inner < 0) ? kInvalidArgument : kOk;
+}
+
+// addnoise_prefix's layout: outer a whole multiple of noise_outer, prefix <= frames.
+inline int prefix_layout_check(int64_t outer, int64_t frames, int64_t prefix, int64_t inner, int64_t noise_outer) {
+  if (frame_layout_check(outer, frames, inner) != kOk || prefix < 0 || prefix > frames || noise_outer < 1 ||
+      outer % noise_outer != 0)
+    return kInvalidArgument;
+  return kOk;
 }
 
 // keep = 1 - factor rounded once from double, as torch does for `latent * (1.0 - factor)`.

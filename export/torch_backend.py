@@ -158,6 +158,10 @@ class TorchBackend(Backend):
         v, new_k, new_v = v.float().cpu().numpy(), new_k.float().cpu().numpy(), new_v.float().cpu().numpy()
         return [(v[b], new_k[:, b], new_v[:, b]) for b in range(batch)]
 
+    def open_window_stream(self, spec: KVStreamSpec) -> "TorchKVStreamSession":
+        """Window mode's step is this stream session's step with no cache (spec.slots == 0): one DiT entry."""
+        return TorchKVStreamSession(self, spec)
+
     def open_kv_stream(self, spec: KVStreamSpec) -> "TorchKVStreamSession":
         """The stream lives on this backend's device (host memory on the CPU, the GPU with device='cuda'):
         the core's buffers are used in place as torch tensors, cond and uncond run as one batch."""
@@ -206,6 +210,10 @@ class TorchKVStreamSession(KVStreamSession):
         self._step = CachedStep(backend.dit)
         self._cross = None
         self._fps = None if spec.fps_class is None else torch.full((spec.contexts,), spec.fps_class, device=dev)
+        cfg = backend.dit.config  # a window session (slots == 0) attends to no cache: [layers, B, 0, N, Dh]
+        self._no_cache = torch.zeros((cfg.num_layers, spec.contexts, 0, cfg.num_heads, cfg.head_dim),
+                                     dtype=backend.dtype, device=dev)
+        self._block = spec.causal_block_size if spec.block_causal else None  # None: full attention among the frames
 
     def _view(self, name: str, frames: int | None = None) -> torch.Tensor:
         return core_tensor(self.core.buffer(name, frames))
@@ -225,19 +233,26 @@ class TorchKVStreamSession(KVStreamSession):
         t = torch.from_numpy(np.asarray(call.timesteps, np.float32))[None].to(dev).expand(batch, -1)  # [B, f]
         patch_h, patch_w = dit.config.patch_size[1:]
         cos, sin = active_rope(dit, call.position, f, x.shape[3] // patch_h, x.shape[4] // patch_w)
-        tokens = (spec.latent_size[0] // patch_h) * (spec.latent_size[1] // patch_w) * spec.causal_block_size
-        layers, _, _, heads, head_dim = self.core.buffer("cache_k").shape
-        ck, cv = (self._view(n).view(layers, batch, spec.slots, tokens, heads, head_dim) for n in ("cache_k", "cache_v"))
-        valid = np.asarray(call.slot_valid, bool)
-        # Attend only to the valid slots: a view when they lead the ring (no copy), a gather otherwise.
-        ck, cv = (valid_slots(c, valid, 2).flatten(2, 3) for c in (ck, cv))  # [layers, B, S_valid, N, Dh]
+        ck, cv = self._cache(call.slot_valid) if spec.slots else (self._no_cache, self._no_cache)
+        # A call's own block size (LongLive's recache: full attention over its chunk) wins over the stream's.
         v, new_k, new_v = self._step(x, t, self._cross, ck, cv, None, cos.to(dev), sin.to(dev), fps=self._fps,
-                                     causal_block_size=call.causal_block_size or spec.causal_block_size)
+                                     causal_block_size=call.causal_block_size or self._block)
         if call.want_velocity:
             self._view("velocity", f).copy_(v)
         if call.want_kv:
             self._view("new_k", f).copy_(new_k)
             self._view("new_v", f).copy_(new_v)
+
+    def _cache(self, slot_valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring's valid slots, [layers, B, S_valid, N, Dh] each: a view when they lead the ring (no
+        copy), a gather otherwise."""
+        spec, batch = self.spec, self.spec.contexts
+        patch_h, patch_w = self.backend.dit.config.patch_size[1:]
+        tokens = (spec.latent_size[0] // patch_h) * (spec.latent_size[1] // patch_w) * spec.causal_block_size
+        layers, _, _, heads, head_dim = self.core.buffer("cache_k").shape
+        valid = np.asarray(slot_valid, bool)
+        return tuple(valid_slots(self._view(n).view(layers, batch, spec.slots, tokens, heads, head_dim), valid, 2)
+                     .flatten(2, 3) for n in ("cache_k", "cache_v"))
 
     def close(self) -> None:
         self._cross = None

@@ -1,7 +1,8 @@
 """The diffusion-forcing rollout driver (window mode: the official SkyReels-V2 semantics).
 
-One numpy driver for every backend: it owns the DF schedule, the per-frame samplers, the noise and
-the window bookkeeping; the backend only runs networks. Shapes: latents are model-space float32
+One driver for every backend: it owns the noise and the window bookkeeping; the rollout core
+(skyrt._core.RolloutCore, csrc/rollout.h) owns the DF schedule, the per-frame samplers, CFG and
+addnoise; the backend only runs networks. Shapes: latents are model-space float32
 [16, F, h, w] (no batch axis), pixels float32 [3, T, H, W] in [-1, 1], frames uint8 [T, H, W, 3].
 
 Window mode, as in the official `DiffusionForcingPipeline`:
@@ -12,6 +13,14 @@ Window mode, as in the official `DiffusionForcingPipeline`:
   last `overlap_history` pixel frames, re-encode) or `latent` carry (diffusers: reuse the latents);
 - inside a window the DF timestep matrix says which frames move at each step; every frame has its
   own UniPC sampler; prefix frames sit at t = 0 (or at `addnoise_condition`, with fresh noise).
+  Each window is one rollout core in window mode (RolloutCore.window: the cache recomputed per
+  window): every row, every frame of the window goes through the backend's window session step (no
+  cached context) and the core steps the updated blocks.
+
+Noise, one draw order (numpy PCG64, so a seed gives the same video on every backend and device):
+per window, its initial noise [16, F - end frames, h, w] (unless the caller gave the first window's),
+then with addnoise_condition and a prefix the prefix's noise [16, P, h, w]: once for the window
+(condition_noise="once"), or before every row (condition_noise="step", official).
 """
 from __future__ import annotations
 
@@ -26,9 +35,9 @@ import numpy as np
 from skyrt import _core
 
 from . import latents as lat
-from .backends.base import Backend, TextContext
+from .backends.base import Backend, KVStepCall, KVStreamSpec, TextContext
 from .request import SETTINGS, STREAM_DEFAULTS, STREAM_EXCLUDED, GenerationRequest, with_request_signature
-from .scheduler import FlowEulerScheduler, FlowUniPCScheduler, flow_timesteps
+from .scheduler import flow_sigmas, flow_timesteps
 from .video_io import ImageLike, VideoLike, load_image, load_video, to_model_pixels, to_uint8_frames
 
 if TYPE_CHECKING:
@@ -187,7 +196,6 @@ class Pipeline:
         return FrameStream(chunks, control, max_chunks)
 
     def _stream_windows(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
-        template = timestep_template(req)
         base = lat.latent_length(req.base_num_frames)
         decoder = self.backend.streaming_decoder()
         prefix = cond.start_latents
@@ -197,7 +205,7 @@ class Pipeline:
             if switch is not None:  # the next window follows the new prompt; the overlap keeps continuity
                 cond.cond, cond.uncond = self._encode_prompts(req, switch)
             window = Window(index, base, 0 if prefix is None else prefix.shape[1])
-            z = self._denoise_window(req, cond, window, prefix, None, window_schedule(req, window, template))
+            z = self._denoise_window(req, cond, window, prefix, None)
             new = z if index == 0 else z[:, window.prefix_frames :]
             if req.overlap_carry == "latent":
                 # Streaming decode of each new latent frame == one decode of the whole stream.
@@ -395,13 +403,13 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         template = timestep_template(req)
-        schedules = [window_schedule(req, w, template) for w in windows]
-        bar = tqdm(total=sum(len(s[0]) for s in schedules), desc="generate", unit="step", disable=not progress)
+        rows = sum(window_rows(req, w, template) for w in windows)
+        bar = tqdm(total=rows, desc="generate", unit="step", disable=not progress)
         out = Rollout(windows=[], video=cond.input_pixels)
         prefix = cond.start_latents
-        for w, schedule in zip(windows, schedules):
+        for w in windows:
             noise = initial_noise if w.index == 0 else None
-            z = self._denoise_window(req, cond, w, prefix, noise, schedule, bar)
+            z = self._denoise_window(req, cond, w, prefix, noise, bar)
             body = z[:, : z.shape[1] - w.end_frames]  # end-image latents are not part of the video
             out.windows.append((body, w.prefix_frames))
             is_last = w.index + 1 == len(windows)
@@ -423,58 +431,73 @@ class Pipeline:
             return body[:, -lat.latent_length(req.overlap_history) :]
         return self._encode_pixels(video[:, -req.overlap_history :])
 
-    def _denoise_window(self, req, cond, w: Window, prefix, noise, schedule, bar=None) -> np.ndarray:
-        """Run the DF schedule over one window; returns its model-space latents [16, F, h, w]."""
-        h, wd = req.latent_size
-        body_frames = w.num_frames - w.end_frames
+    def _denoise_window(self, req, cond, w: Window, prefix, noise, bar=None) -> np.ndarray:
+        """Run the DF schedule over one window on the rollout core; returns its model-space latents
+        [16, F, h, w]. Noise is drawn in the module docstring's order."""
+        z = self._initial_window(req, cond, w, prefix, noise)
+        contexts = [c for c in (cond.cond, cond.uncond if req.use_cfg else None) if c is not None]
+        noised = req.addnoise_condition > 0 and w.prefix_frames > 0
+        session, core = self._open_window(req, w, contexts, noised)
+        try:
+            core.load_window(z)
+            if noised and req.condition_noise == "once":
+                core.set_condition_noise(self._condition_noise(req, cond, w))
+            while core.next_row() is not None:
+                if noised and req.condition_noise == "step":  # official: fresh noise on the prefix every row
+                    core.set_condition_noise(self._condition_noise(req, cond, w))
+                frames = core.pack_window()
+                session.step(KVStepCall(frames=frames, timesteps=core.window_timesteps, position=0,
+                                        slot_valid=np.zeros(0, bool)))
+                core.apply_velocity()
+                if bar is not None:
+                    bar.update(1)
+            return core.read_window()
+        finally:  # the window's buffers go at once, not when collected
+            session.close()
+            core.close()
+
+    @staticmethod
+    def _initial_window(req, cond, w: Window, prefix, noise) -> np.ndarray:
+        """The window's latents before its first row [16, F, h, w]: noise, the prefix in front, the end
+        image's latents appended."""
         if noise is None:
-            noise = cond.rng.standard_normal((lat.LATENT_CHANNELS, body_frames, h, wd), dtype=np.float32)
+            shape = (lat.LATENT_CHANNELS, w.num_frames - w.end_frames, *req.latent_size)
+            noise = cond.rng.standard_normal(shape, dtype=np.float32)
         z = np.array(noise, dtype=np.float32, copy=True)
         if w.prefix_frames:
             z[:, : w.prefix_frames] = prefix[:, : w.prefix_frames]
         if w.end_frames:
             z = np.concatenate([z, cond.end_latents], axis=1)
-
-        step_matrix, update_mask, valid_interval = schedule
-        samplers = [new_sampler(req) for _ in range(w.num_frames)]
-        fps_class = (0 if req.fps == 16 else 1) if self.model.inject_sample_info else None
-        block = req.causal_block_size if req.causal_attention else None
-        prefix_noise = None  # condition_noise="once": one draw for the window's prefix [16, P, h, w]
-        if req.addnoise_condition > 0 and w.prefix_frames and req.condition_noise == "once":
-            prefix_noise = cond.rng.standard_normal((lat.LATENT_CHANNELS, w.prefix_frames, h, wd), dtype=np.float32)
-        for row, mask, (start, end) in zip(step_matrix, update_mask, valid_interval):
-            x = z[:, start:end].copy()
-            t = row[start:end].astype(np.float32)
-            if req.addnoise_condition > 0 and start < w.prefix_frames:
-                noise_now = None if prefix_noise is None else prefix_noise[:, start:]
-                x, t = self._noise_condition(req, cond.rng, x, t, w.prefix_frames - start, noise_now)
-            v = self._velocity(req, cond, x, t, fps_class, block)
-            for idx in np.flatnonzero(mask[start:end]) + start:
-                z[:, idx] = samplers[idx].step(v[:, idx - start], row[idx], z[:, idx])
-            if bar is not None:
-                bar.update(1)
         return z
 
     @staticmethod
-    def _noise_condition(req, rng, x, t, n, noise=None):
-        """addnoise_condition a: the first n (prefix) frames get 0.1%·a noise and t = a; the noise is
-        fresh every call (official) unless the window drew it once (condition_noise="once")."""
-        if noise is None:
-            noise = rng.standard_normal(x[:, :n].shape, dtype=np.float32)
-        prefix = np.ascontiguousarray(x[:, :n])  # [16, n, h, w]: the core's addnoise (the kvcache mode's)
-        _core.addnoise_condition(prefix, np.ascontiguousarray(noise), prefix, 0.001 * req.addnoise_condition, 0, n)
-        x[:, :n] = prefix
-        t[:n] = req.addnoise_condition
-        return x, t
+    def _condition_noise(req, cond, w: Window) -> np.ndarray:
+        """One draw of addnoise_condition's noise for the window's prefix [16, P, h, w]."""
+        return cond.rng.standard_normal((lat.LATENT_CHANNELS, w.prefix_frames, *req.latent_size), dtype=np.float32)
 
-    def _velocity(self, req, cond, x, t, fps_class, block) -> np.ndarray:
-        v_cond = self.backend.predict_velocity(x, t, cond.cond, fps_class, block)
-        if not req.use_cfg:
-            return v_cond
-        v_uncond = self.backend.predict_velocity(x, t, cond.uncond, fps_class, block)
-        guided = np.empty(v_cond.shape, np.float32)
-        _core.cfg_combine(np.ascontiguousarray(v_cond), np.ascontiguousarray(v_uncond), guided, req.guidance_scale)
-        return guided
+    def _open_window(self, req, w: Window, contexts: list, noised: bool):
+        """(the backend's window session, the window-mode core on the session's device), bound, prompts set."""
+        b, (h, wd) = req.causal_block_size, req.latent_size
+        fps_class = (0 if req.fps == 16 else 1) if self.model.inject_sample_info else None
+        layers, heads, head_dim = _attention_layout(self.model)
+        spec = KVStreamSpec(contexts=len(contexts), causal_block_size=b, max_frames=w.num_frames, slots=0,
+                            latent_size=(h, wd), layers=layers, heads=heads, head_dim=head_dim, fps_class=fps_class,
+                            block_causal=bool(req.causal_attention))
+        session = self.backend.open_window_stream(spec)
+        try:
+            core = _core.RolloutCore.window(
+                timestep_template(req), flow_sigmas(req.num_inference_steps, req.shift).astype(np.float64).tolist(),
+                sampler=req.sampler, official_df_aliasing=True, ar_step=req.ar_step, causal_block_size=b,
+                prefix_blocks=w.prefix_frames // b, window_blocks=w.num_frames // b, end_blocks=w.end_frames // b,
+                addnoise_condition=float(req.addnoise_condition) if noised else 0.0, channels=lat.LATENT_CHANNELS,
+                height=h, width=wd, contexts=len(contexts), guidance_scale=float(req.guidance_scale),
+                device=session.device, stream=session.stream)
+            session.bind(core)
+            session.set_prompts(contexts)
+        except BaseException:
+            session.close()
+            raise
+        return session, core
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, req, cond: Conditioning, rollout: "Rollout") -> np.ndarray:
@@ -496,24 +519,18 @@ def timestep_template(req: GenerationRequest) -> np.ndarray:
     return flow_timesteps(req.num_inference_steps, req.shift)
 
 
-def window_schedule(req: GenerationRequest, w: Window, template: np.ndarray):
-    """(step_matrix [S, F], update_mask [S, F], valid_interval) of one window (official semantics)."""
-    # The rollout core's schedule (the kvcache mode's too): one implementation of the DF rules.
-    step_matrix, _, update_mask, valid_interval = _core.df_timestep_matrix(
-        w.num_frames, template, w.num_frames, req.ar_step, w.prefix_frames, req.causal_block_size
-    )
-    if w.end_frames:
-        # End-frame control (official): the appended end latents stay clean and never move.
-        step_matrix[:, -w.end_frames :] = 0
-        update_mask[:, -w.end_frames :] = False
-    return step_matrix, update_mask, valid_interval
+def window_rows(req: GenerationRequest, w: Window, template: np.ndarray) -> int:
+    """Schedule rows (DiT steps) of one window: the official DF matrix's, end frames included."""
+    step_matrix = _core.df_timestep_matrix(w.num_frames, template, w.num_frames, req.ar_step, w.prefix_frames,
+                                           req.causal_block_size)[0]
+    return len(step_matrix)
 
 
-def new_sampler(req: GenerationRequest):
-    """A fresh per-frame sampler; each latent frame keeps its own multistep history."""
-    sampler = FlowUniPCScheduler() if req.sampler == "unipc" else FlowEulerScheduler()
-    sampler.set_timesteps(req.num_inference_steps, shift=req.shift)
-    return sampler
+def _attention_layout(model) -> tuple[int, int, int]:
+    """(layers, heads, head_dim) of the DiT's self-attention from the model's official config."""
+    cfg = model.dit_config
+    layers, heads = int(cfg.get("num_layers", 1)), int(cfg.get("num_heads", 1))
+    return layers, heads, int(cfg.get("dim", 2 * heads)) // heads
 
 
 def validate_request(req: GenerationRequest) -> None:

@@ -1,7 +1,8 @@
 """FROZEN REFERENCE: the all-numpy KV-cached rollout as runtime/kvcache.py was before the rollout
 core (skyrt._core.RolloutCore) took the stream's state over. Kept unchanged (imports made absolute)
-as the regression oracle of tests/test_kvcache_core.py: per-frame numpy samplers (runtime/scheduler.py),
-one host cache per prompt context, the backend's kv_step_many per call. Not used by the runtime.
+as the regression oracle of tests/test_kvcache_core.py: per-frame numpy samplers (once
+runtime/scheduler.py's, now tests/window_numpy_reference.py), one host cache per prompt context,
+the backend's kv_step_many per call. Not used by the runtime.
 
 The KV-cached diffusion-forcing rollout (mode="kvcache"): each block is denoised once, forever.
 
@@ -67,7 +68,7 @@ class KVRollout:
 
     def __init__(self, backend: Backend, req, cond: TextContext, uncond: TextContext | None, rng, settings: KVSettings,
                  horizon_blocks: int | None = None, prefix: np.ndarray | None = None, noise: np.ndarray | None = None):
-        from skyrt.runtime.pipeline import new_sampler, timestep_template
+        from window_numpy_reference import new_sampler, timestep_template
 
         self.backend, self.req, self.rng = backend, req, rng
         self.block = req.causal_block_size

@@ -28,7 +28,7 @@ import torch
 from skyrt import _core
 from skyrt.export.dit import apply_rope, rope_cos_sin
 from skyrt.runtime import kvcache
-from skyrt.runtime.scheduler import FlowUniPCScheduler
+from window_numpy_reference import FlowUniPCScheduler
 
 H = W = 32  # pixels -> 4x4 latents -> 2x2 tokens per frame
 STEPS, SHIFT = 4, 8.0

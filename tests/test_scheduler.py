@@ -1,4 +1,5 @@
-"""skyrt.runtime.scheduler (numpy) against diffusers' schedulers, step by step. CPU only, ~2 s.
+"""skyrt.runtime.scheduler's schedule and the numpy samplers (tests/window_numpy_reference.py, the host
+engine's, now the frozen oracle of the core's) against diffusers' schedulers, step by step. CPU only, ~2 s.
 
 Oracle: diffusers' UniPCMultistepScheduler configured for flow matching (UNIPC_AS_OFFICIAL) and
 given the official shifted sigmas through set_timesteps(sigmas=...) is the official
@@ -19,13 +20,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from checkpoints import OFFICIAL_DIR
 
-from skyrt.runtime.scheduler import (
-    FlowEulerScheduler,
-    FlowUniPCScheduler,
-    flow_sigmas,
-    flow_timesteps,
-    shifted_sigmas,
-)
+from skyrt.runtime.scheduler import flow_sigmas, flow_timesteps, shifted_sigmas
+from window_numpy_reference import FlowEulerScheduler, FlowUniPCScheduler
 
 TOL = 1e-5  # max abs difference per step, unit-scale float32 samples
 

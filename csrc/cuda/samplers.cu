@@ -1,4 +1,5 @@
-// samplers.cu — CUDA kernels for the samplers: flow_euler, flow_unipc, addnoise_condition, flow_fewstep.
+// samplers.cu — CUDA kernels for the samplers: flow_euler, flow_unipc, addnoise_condition, flow_fewstep,
+// addnoise_prefix.
 // CPU references with the same names and arguments in ../samplers.cpp; the per-element math is
 // shared through samplers.h. Per-frame arrays (dt, update, coeffs) are device pointers.
 // Compiled in CI with nvcc; executed only on a user's GPU.
@@ -42,6 +43,14 @@ __global__ void flow_fewstep_kernel(const float* x, const float* v, const float*
   SKYRT_GRID_STRIDE(i, n) {
     const float x0 = fewstep_x0_one(x[i], v[i], sigma);
     out[i] = noise == nullptr ? x0 : renoise_one(x0, noise[i], keep, next_sigma);
+  }
+}
+
+__global__ void addnoise_prefix_kernel(float* x, const float* noise, int64_t frames, int64_t prefix, int64_t inner,
+                                       int64_t noise_n, float keep, float factor, int64_t n) {
+  SKYRT_GRID_STRIDE(i, n) {
+    float& xi = x[prefix_element(i, frames, prefix, inner)];
+    xi = addnoise_one(xi, noise[i % noise_n], keep, factor);
   }
 }
 
@@ -92,6 +101,18 @@ int flow_fewstep(const float* x, const float* v, const float* noise, float* out,
   if (n == 0) return kOk;
   flow_fewstep_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, v, noise, out, n, sigma, renoise_keep(next_sigma), next_sigma);
+  return launch_status();
+}
+
+int addnoise_prefix(float* x, const float* noise, int64_t outer, int64_t frames, int64_t prefix, int64_t inner,
+                    int64_t noise_outer, double factor, void* stream) {
+  if (prefix_layout_check(outer, frames, prefix, inner, noise_outer) != kOk) return kInvalidArgument;
+  const int64_t n = outer * prefix * inner;
+  if (n == 0) return kOk;
+  if (x == nullptr || noise == nullptr) return kInvalidArgument;
+  addnoise_prefix_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      x, noise, frames, prefix, inner, noise_outer * prefix * inner, addnoise_keep(factor), static_cast<float>(factor),
+      n);
   return launch_status();
 }
 

@@ -114,6 +114,9 @@ class KVStreamSpec:
     heads: int
     head_dim: int
     fps_class: int | None  # the fps embedding's class, None when the model has none
+    # True: the step's frames attend block-causally in blocks of causal_block_size; False: full attention
+    # among them (window mode of a bidirectional checkpoint: a window session, `open_window_stream`).
+    block_causal: bool = True
 
 
 @dataclass
@@ -166,6 +169,29 @@ class KVStreamSession(abc.ABC):
     def close(self) -> None:
         """Release what the session holds (idempotent)."""
         self.core = None
+
+
+class VelocityWindowSession(KVStreamSession):
+    """A window-mode session (`Backend.open_window_stream`) over the backend's predict_velocity, on host
+    memory: reads latents_in, runs one predict_velocity per prompt context with the window's attention
+    (spec.block_causal), writes velocity. The default for backends whose DiT step cannot run a window:
+    the exported graphs' dit_step bakes in block-causal attention and a fixed ring capacity."""
+
+    def __init__(self, backend: "Backend", spec: KVStreamSpec):
+        super().__init__(spec)
+        self.backend = backend
+        self.contexts: list[TextContext] = []
+
+    def set_prompts(self, contexts: list[TextContext]) -> None:
+        self.contexts = list(contexts)
+
+    def step(self, call: KVStepCall) -> None:
+        f = call.frames
+        x = self.core.buffer("latents_in", f).numpy()[0]  # [16, f, h, w]: every context sees the same latents
+        velocity = self.core.buffer("velocity", f).numpy()  # [B, 16, f, h, w]
+        block = self.spec.causal_block_size if self.spec.block_causal else None
+        for b, context in enumerate(self.contexts):
+            velocity[b] = self.backend.predict_velocity(x, call.timesteps, context, self.spec.fps_class, block)
 
 
 class Backend(abc.ABC):
@@ -263,6 +289,13 @@ class Backend(abc.ABC):
     def new_kv_cache(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
         """A ring cache for one prompt context; host memory unless the backend keeps it on its device."""
         return HostKVCache(layers, slots, tokens_per_block, heads, head_dim)
+
+    def open_window_stream(self, spec: KVStreamSpec) -> KVStreamSession:
+        """This backend's side of one window of window mode (runtime/pipeline.py): a step on the core's
+        buffers with no cached context (spec.slots == 0), every frame of the window at its own timestep,
+        attention as spec.block_causal says. Here: predict_velocity behind VelocityWindowSession; a
+        backend whose stream session can run it overrides this."""
+        return VelocityWindowSession(self, spec)
 
     def open_kv_stream(self, spec: KVStreamSpec) -> KVStreamSession:
         """This backend's side of one KV-cached stream (runtime/kvcache.py): the DiT step on the rollout
