@@ -184,7 +184,8 @@ class Pipeline:
         A chunk is a window in window mode and a block of `causal_block_size` latent frames in
         kvcache mode. `ar_step` left unset is 0 (synchronous) in window mode and, in kvcache mode,
         `num_inference_steps`: one block in flight at a time, the lowest latency per block (an endless
-        kvcache stream needs ar_step >= 1; 0 given explicitly is refused). `stream.set_prompt(...)` switches the
+        kvcache stream needs ar_step >= 1; 0 given explicitly is refused); a kvcache stream has no windows,
+        so it uses no overlap_history (one given is shown as not used). `stream.set_prompt(...)` switches the
         prompt at the next chunk, from any thread; in kvcache mode `recache=True` also re-commits the
         cached blocks under the new prompt.
 

@@ -1,10 +1,16 @@
-"""The one list of generation settings: `GenerationRequest`'s fields, with their types, defaults and docs.
+"""The one list of generation settings: `GenerationRequest`'s fields, with their types, defaults and docs,
+and `validate_request`, the checks every request passes.
 
 Every user of the settings takes them from here instead of spelling them again:
 - `Pipeline.generate` / `Pipeline.stream` get their keyword signatures from the fields
-  (`with_request_signature`; stream leaves out `num_frames` and changes three defaults);
-- `skyrt generate` / `skyrt serve` build their sampling flags, help and defaults from them
-  (`cli_settings`, runtime/cli.py), and a fleet stream's YAML keys are those flags (runtime/fleet/config.py);
+  (`with_request_signature`; stream leaves out `num_frames` and changes three defaults) and pass on
+  only the keywords a caller gave;
+- runtime/resolve.py resolves a request once, at the edge, from explicit layers (these defaults <
+  a command's own < the model folder's recommendation < a preset < what the user set), so a value the
+  user gives is theirs even when it equals a default here;
+- `skyrt generate` / `skyrt serve` build their sampling flags and help from them (`cli_settings`,
+  runtime/cli.py; every flag defaults to "not given"), and a fleet stream's YAML keys are those flags
+  (runtime/fleet/config.py);
 - the server refuses sampling keys that are not stream settings (`check_stream_settings`);
 - a model's recommendation (demo_model.json, a causal preset) may set the fields marked `recommended`
   (`RECOMMENDED_KEYS`, runtime/default_model.py).
@@ -42,10 +48,11 @@ def setting(default: Any = MISSING, *, doc: str, cli: str | None, recommended: b
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Every generation setting, validated once at the edge (see `Pipeline.generate`).
+    """Every generation setting: resolved and validated once at the edge (runtime/resolve.py), then
+    frozen; the one thing that crosses the server, its generator child process and the pipeline.
 
-    Two settings default to None and are resolved by the Pipeline before validation: causal_attention
-    (the checkpoint's own) and condition_noise (by mode)."""
+    Two settings default to None and are derived by the resolution: causal_attention (the checkpoint's
+    own) and condition_noise (by mode); a stream's ar_step too (by mode)."""
 
     prompt: str = setting(doc="what the video shows", cli="prompt")
     negative_prompt: str = setting("", doc="what classifier-free guidance steers away from", cli="negative-prompt")

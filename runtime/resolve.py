@@ -229,13 +229,13 @@ def _derive(values: dict, sources: dict, settings: Settings, model: ModelLayers,
         else:
             derived("ar_step", 0, "window stream: synchronous")
     if mode == "kvcache" and values.get("overlap_history") is not None:
-        if "overlap_history" in settings.user:
-            raise ValueError(f"{written('overlap_history', settings.user['overlap_history'], settings.surface)} "
-                             f"(set by the user, {settings.surface}) is the overlap of window-mode windows; a "
-                             "kvcache stream has no windows: leave it unset, or use mode='window'")
-        # No windows and no input video: the overlap's block-alignment checks must not reject a kvcache
-        # stream (17 frames = 5 latents fails causal_block_size=2).
-        derived("overlap_history", None, "a kvcache stream has no windows")
+        # No windows and no input video: the overlap has no effect on a kvcache stream, so its block-alignment
+        # checks must not reject one (17 frames = 5 latents fails causal_block_size=2). One the user gave
+        # (settings shared with window-mode streams) is shown as not used, not refused.
+        given = sources["overlap_history"].layer == USER
+        derived("overlap_history", None, "a kvcache stream has no windows" +
+                (f"; {written('overlap_history', settings.user['overlap_history'], settings.surface)} is not used"
+                 if given else ""))
 
 
 def folder_layers(model_dir: str | Path, preset: str | None = None) -> ModelLayers:

@@ -241,9 +241,12 @@ def test_conflicts_through_the_api_and_the_cli(pipes, tmp_path, monkeypatch, cap
         assert code == 2 and named in err and "self-forcing preset" in err, err
 
 
-def test_a_kvcache_stream_refuses_an_explicit_overlap_and_derives_its_own():
-    with pytest.raises(ValueError, match="overlap_history=17.*kvcache stream has no windows"):
-        resolve_request({"prompt": "x", "mode": "kvcache", "overlap_history": 17}, stream=True)
+def test_a_kvcache_stream_derives_its_own_ar_step_and_shows_an_overlap_it_does_not_use():
+    shared = resolve_request({"prompt": "x", "mode": "kvcache", "overlap_history": 17, "causal_block_size": 2},
+                             stream=True)  # 17 frames are 5 latents: not whole blocks of 2, but no window needs them
+    assert shared.request.overlap_history is None
+    assert str(shared.source("overlap_history")) == (
+        "derived (a kvcache stream has no windows; overlap_history=17 is not used)")
     resolution = resolve_request({"prompt": "x", "mode": "kvcache", "num_inference_steps": 3}, stream=True)
     assert resolution.request.overlap_history is None and resolution.request.ar_step == 3
     assert str(resolution.source("ar_step")).startswith("derived")
