@@ -54,7 +54,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, command_defaults: dict, exclu
     cannot spell None): the flags given are the user's layer of the request, whatever their values, and
     the rest come from the lower layers (`command_defaults`, the model's recommendation, a preset)."""
     for f in cli_settings(exclude):
-        options: dict = {"dest": f.name, "default": None, "help": f"{f.metadata['doc']}; {_default_help(command_defaults, f)}"}
+        options: dict = {"dest": f.name, "default": None,
+                         "help": f"{f.metadata['doc']}; {_default_help(command_defaults, f)}"}
         kind = setting_type(f)
         if kind is not str:
             options["type"] = kind
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an endless stream over HTTP (MJPEG, HLS, fragmented MP4)")
     _add_model_args(serve)
-    _add_sampling_args(serve, {**SERVE_DEFAULTS, "prompt_help": f"the stream's first prompt; default {DEFAULT_PROMPT!r}"},
+    _add_sampling_args(serve, {**SERVE_DEFAULTS,
+                               "prompt_help": f"the stream's first prompt; default {DEFAULT_PROMPT!r}"},
                        exclude=STREAM_EXCLUDED)  # the flags of Pipeline.stream's settings
     serve.add_argument("--playlist", type=Path, default=None,
                        help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}')

@@ -183,8 +183,9 @@ def _check_names(settings: Settings, stream: bool) -> None:
         unknown = sorted(set(layer) - allowed)
         if unknown:
             endless = " (a stream is endless: it has no num_frames)" if set(unknown) & set(STREAM_EXCLUDED) else ""
+            method = "Pipeline.stream" if stream else "Pipeline.generate"
             raise ValueError(f"unknown {what}(s) {', '.join(map(repr, unknown))}{endless}; "
-                             f"{'Pipeline.stream' if stream else 'Pipeline.generate'} takes {', '.join(sorted(allowed))}")
+                             f"{method} takes {', '.join(sorted(allowed))}")
 
 
 def _preset(name: str | None):

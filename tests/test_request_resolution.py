@@ -64,8 +64,9 @@ def rollouts(monkeypatch):
     class Spy(real):
         def __init__(self, *args, **kwargs):
             given = signature.bind(*args, **kwargs).arguments
+            ring = given["settings"]  # KVSettings
             seen.append({"shift": given["shift"], "causal_block_size": given["sampling"].num_frame_per_block,
-                         "sink_blocks": given["settings"].sink_blocks, "window_blocks": given["settings"].window_blocks})
+                         "sink_blocks": ring.sink_blocks, "window_blocks": ring.window_blocks})
             if seen.stop:
                 raise _Stop
             super().__init__(*args, **kwargs)

@@ -34,8 +34,8 @@ log = logging.getLogger("skyrt.server")
 SHUTDOWN_TIMEOUT_S = 1.0  # after SIGTERM, handlers get this long before they are cancelled
 
 
-def serve(pipe, sampling: "Settings | dict", config: ServerConfig = ServerConfig(), host: str = "127.0.0.1", port: int = 8000,
-          prompt: PromptChange | None = None, playlist: Playlist | None = None, captioner=None,
+def serve(pipe, sampling: "Settings | dict", config: ServerConfig = ServerConfig(), host: str = "127.0.0.1",
+          port: int = 8000, prompt: PromptChange | None = None, playlist: Playlist | None = None, captioner=None,
           caption_every_s: float = 30.0, show_token: bool = False, startup_cancelled=None) -> None:
     """Serve an endless stream of `pipe.stream(**sampling)` until SIGINT/SIGTERM, then drain and exit.
     `sampling` is resolved once, against the loaded model, before the stream starts (StreamServer).
