@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .backends import get_backend
 from .backends.base import ModelSpec
-from .default_model import default_model_dir
+from .default_model import DEMO_META, default_model_dir, recommended_sampling
 from .model_folder import inspect_model_folder
 from .pipeline import Pipeline
 
@@ -40,7 +40,9 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
         preset: a causal Wan2.1 family ("self-forcing", "causvid", "causvid-warp4", "longlive",
             "causal-forcing-framewise", "causal-forcing-chunkwise"; see
             runtime/causal_family.py): `model_dir` holds its checkpoint beside the Wan2.1 VAE and umT5
-            files, and the pipeline runs its own sampler with its recommended settings. The options
+            files, and the pipeline runs its own sampler with its recommended settings. A model folder's
+            demo_model.json recommendation is a layer of every request too, under the preset and the
+            keywords a call passes (runtime/resolve.py). The options
             checkpoint=, lora=, lora_alpha=, use_ema= override which files (and how) it loads.
         text_cache: a folder where prompt embeddings are kept, so no prompt is ever encoded twice
             (runtime/text_cache.py).
@@ -51,7 +53,8 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
     if preset is not None:
         pipe = _load_preset(model_dir, backend, device, preset, options)
     else:
-        pipe = Pipeline(get_backend(backend, source_spec(model_dir, backend), device=device, **options))
+        spec = source_spec(model_dir, backend)
+        pipe = Pipeline(get_backend(backend, spec, device=device, **options), **_recommendation(spec.path))
     if text_cache is not None:
         from .text_cache import enable_text_cache
 
@@ -71,4 +74,11 @@ def _load_preset(model_dir, backend: str, device: str, name: str, options: dict)
                          f"exporting the causal family to {backend} is not wired up yet")
     family = {k: options.pop(k) for k in FAMILY_OPTIONS if k in options}
     spec = causal_model_spec(model_dir, preset, **family)
-    return Pipeline(get_backend(backend, spec, device=device, **options), preset=preset)
+    return Pipeline(get_backend(backend, spec, device=device, **options), preset=preset, **_recommendation(spec.path))
+
+
+def _recommendation(folder: Path) -> dict:
+    """Pipeline's recommendation arguments: the settings a model folder recommends (its demo_model.json),
+    a layer under the preset and the caller's keywords (runtime/resolve.py)."""
+    recommended = recommended_sampling(folder) if Path(folder).is_dir() else {}
+    return {"recommendation": recommended, "recommendation_from": str(Path(folder) / DEMO_META) if recommended else ""}

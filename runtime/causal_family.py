@@ -42,6 +42,10 @@ from .kvcache import KVSettings
 from .model_config import DiTConfig
 
 OUTPUT_FPS = 16  # every family writes its videos at 16 fps
+# GenerationRequest settings of the SkyReels-V2 diffusion-forcing rollout that a family's own sampler
+# never reads: given by the user with a preset, they are refused (runtime/resolve.py), not dropped.
+DF_ONLY_SETTINGS = ("ar_step", "sampler", "base_num_frames", "overlap_history", "overlap_carry", "addnoise_condition",
+                    "condition_noise", "causal_attention")
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,29 @@ class CausalPreset:
         return self.global_ring if s.local_attn_size == -1 else s.ring()
 
     def sampling_defaults(self) -> dict[str, Any]:
-        """Pipeline.generate / stream arguments this preset sets (arguments left at their defaults)."""
+        """The settings this preset sets: its layer of a resolution (runtime/resolve.py), over the
+        model folder's recommendation and under what the user sets."""
         return dict(mode="kvcache", num_inference_steps=len(self.sampling.denoising_step_list),
                     shift=self.sampling.timestep_shift, guidance_scale=1.0,
                     causal_block_size=self.sampling.causal_block_size, sink_blocks=self.ring.sink_blocks,
                     window_blocks=self.ring.window_blocks, height=self.height, width=self.width, fps=OUTPUT_FPS)
+
+    def refusal(self, key: str, value: Any) -> tuple[str, str] | None:
+        """(why, fix) when the user's `key=value` is something this preset's sampler cannot run; None
+        when it can (None values are "not set": they never conflict)."""
+        if value is None:
+            return None
+        steps = self.sampling.denoising_step_list
+        if key == "num_inference_steps" and value != len(steps):
+            return (f"was distilled for {len(steps)} steps (denoising_step_list {', '.join(f'{s:g}' for s in steps)}) "
+                    "and has no other schedule", f"leave it unset or pass {len(steps)}")
+        if key == "mode" and value != "kvcache":
+            return ("runs its own sampler with a KV cache (mode='kvcache'); mode='window' is the SkyReels-V2 "
+                    "diffusion-forcing rollout", "leave it unset or pass 'kvcache'")
+        if key in DF_ONLY_SETTINGS:
+            return (f"runs its own sampler, which has no {key} (a setting of the SkyReels-V2 diffusion-forcing "
+                    "rollout)", "leave it unset")
+        return None
 
 
 PRESETS: dict[str, CausalPreset] = {p.name: p for p in (

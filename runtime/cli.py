@@ -20,17 +20,18 @@ from .caption_schema import MAX_NEW_TOKENS, CaptionParseError
 from .captioner import CAPTIONER_ENV, CaptionerSetupError
 from .causal_family import PRESETS
 from .request import DEFAULTS, RECOMMENDED_KEYS, STREAM_EXCLUDED, cli_settings, setting_type
+from .resolve import COMMAND_LINE, Settings
 
 DEFAULT_PROMPT = "a red circle bouncing on a dark blue background"
-DEFAULT_FPS = DEFAULTS["fps"]
 # `skyrt serve --captioner DIR` without --caption-every captions the stream this often.
 DEFAULT_CAPTION_EVERY_S = 30.0
-# Sampling defaults for a model without a recommendation (a real SkyReels-V2 checkpoint): the official
-# T2V settings. Models with a demo_model.json (the built-in demo model) recommend their own.
-OFFICIAL_SAMPLING = {key: DEFAULTS[key] for key in RECOMMENDED_KEYS}  # GenerationRequest's defaults
-# `skyrt serve` (and every stream of `skyrt fleet`): small, fast settings for a model without a recommendation.
-SERVE_SAMPLING = {**OFFICIAL_SAMPLING, "height": 128, "width": 128, "num_inference_steps": 4, "guidance_scale": 1.0,
-                  "mode": "kvcache", "base_num_frames": 17, "overlap_history": 5, "overlap_carry": "latent"}
+# What `skyrt generate` runs on a model without a recommendation (a real SkyReels-V2 checkpoint): the
+# request type's defaults, the official T2V settings. Models with a demo_model.json recommend their own.
+OFFICIAL_SAMPLING = {key: DEFAULTS[key] for key in RECOMMENDED_KEYS}
+# `skyrt serve` (and every stream of `skyrt fleet`): small, fast settings, the command's own layer of the
+# request (runtime/resolve.py): under the model's recommendation, a preset and every flag given.
+SERVE_DEFAULTS = {"height": 128, "width": 128, "num_inference_steps": 4, "guidance_scale": 1.0, "mode": "kvcache",
+                  "base_num_frames": 17, "overlap_history": 5, "overlap_carry": "latent"}
 CAPTIONER_HELP = (f"SkyCaptioner-V1 checkpoint folder (exported to ONNX on first use) or a folder from "
                   f"'skyrt export onnx --captioner'; default ${CAPTIONER_ENV}")
 
@@ -47,63 +48,41 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "runs its own sampler and sets its recommended sampling flags (runtime/causal_family.py)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, defaults: dict, exclude: tuple[str, ...] = ()) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, command_defaults: dict, exclude: tuple[str, ...] = ()) -> None:
     """Sampling flags, one per GenerationRequest field the command line takes (runtime/request.py: its
-    flag, type, choices and one-line doc). Those a model can recommend default to None here and are
-    filled in by `_resolve_sampling_defaults`: the model's demo_model.json recommendation, else
-    `defaults`; --fps likewise from a preset; the others default to `defaults`, else the field's default."""
-    p.set_defaults(fallback_sampling=defaults)
+    flag, type, choices and one-line doc). Every flag defaults to None, "not given" (the command line
+    cannot spell None): the flags given are the user's layer of the request, whatever their values, and
+    the rest come from the lower layers (`command_defaults`, the model's recommendation, a preset)."""
     for f in cli_settings(exclude):
-        options: dict = {"dest": f.name, "help": f.metadata["doc"]}
+        options: dict = {"dest": f.name, "default": None,
+                         "help": f"{f.metadata['doc']}; {_default_help(command_defaults, f)}"}
         kind = setting_type(f)
         if kind is not str:
             options["type"] = kind
         if f.metadata["choices"] is not None:
             options["choices"] = f.metadata["choices"]
-        if f.metadata["recommended"]:
-            options.update(default=None, help=f"{f.metadata['doc']}; {_default_help(defaults, f.name)}")
-        elif f.name == "fps":
-            options.update(default=None, help=f"{f.metadata['doc']}; default: the preset's, else {DEFAULT_FPS}")
-        elif f.name == "prompt":
-            options.update(default=defaults.get("prompt", DEFAULT_PROMPT),
-                           help=defaults.get("prompt_help", f.metadata["doc"]))
-        else:
-            options["default"] = defaults.get(f.name, f.default)
+        if f.name == "prompt":
+            options["help"] = command_defaults.get("prompt_help", f.metadata["doc"])
         p.add_argument("--" + f.metadata["cli"], **options)
     p.add_argument("--image", default=None, help="first frame (I2V)")
+    p.add_argument("--explain", action="store_true",
+                   help="print the resolved request, every setting with the layer it came from (default, command, "
+                        "model, preset, user, derived), and exit without generating")
 
 
-def _default_help(defaults: dict, key: str) -> str:
-    return f"default: the model's recommendation (demo_model.json), else {defaults[key]}"
+def _default_help(command_defaults: dict, f) -> str:
+    value = command_defaults.get(f.name, DEFAULTS.get(f.name))
+    if f.metadata["recommended"]:
+        return f"default: a preset's, else the model's recommendation (demo_model.json), else {value}"
+    if f.name == "fps":
+        return f"default: a preset's, else {value}"
+    return f"default {value}"
 
 
-def _resolve_sampling_defaults(args, model_dir: Path) -> None:
-    """Fill the sampling flags left unset: first from --preset or the model's recommendation, then from
-    the command's own defaults (a real checkpoint has no recommendation: the official settings apply)."""
-    from .default_model import SAMPLING_KEYS, recommended_sampling
-
-    if args.preset is not None:
-        recommended = PRESETS[args.preset].sampling_defaults()
-        _check_preset_flags(args, recommended)
-    else:
-        recommended = recommended_sampling(model_dir) if model_dir.is_dir() else {}
-    for key in SAMPLING_KEYS:
-        if getattr(args, key) is None:
-            setattr(args, key, recommended.get(key, args.fallback_sampling[key]))
-    if args.fps is None:
-        args.fps = recommended.get("fps", DEFAULT_FPS)
-
-
-def _check_preset_flags(args, recommended: dict) -> None:
-    """Flags a causal preset cannot honour, refused here: Pipeline takes a value equal to its own default
-    as unset (the preset's), so an explicit --steps 30 or --mode window would silently become the preset's."""
-    if args.mode not in (None, "kvcache"):
-        raise ValueError(f"--preset {args.preset} runs its own sampler with a KV cache (--mode kvcache); "
-                         f"--mode {args.mode} is the SkyReels-V2 diffusion-forcing rollout")
-    steps = recommended["num_inference_steps"]
-    if args.num_inference_steps not in (None, steps):
-        raise ValueError(f"--preset {args.preset} was distilled for {steps} steps; --steps "
-                         f"{args.num_inference_steps} is not one of its schedules")
+def cli_user_settings(args, exclude: tuple[str, ...] = ()) -> dict:
+    """The sampling flags given on the command line (or as fleet YAML keys): only those, as given."""
+    return {f.name: getattr(args, f.name) for f in cli_settings(exclude)
+            if getattr(args, f.name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,9 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video file")
     _add_model_args(gen)
     # prompt None = not given: with --video the prompt is then the video's caption (--captioner).
-    _add_sampling_args(gen, {**OFFICIAL_SAMPLING, "prompt": None,
-                             "prompt_help": f"default: with --video, the video's caption (--captioner); "
-                                            f"else {DEFAULT_PROMPT!r}"})
+    _add_sampling_args(gen, {"prompt_help": f"what the video shows; default: with --video, the video's caption "
+                                            f"(--captioner); else {DEFAULT_PROMPT!r}"})
     gen.add_argument("--video", default=None, help="video to extend (V2V)")
     gen.add_argument("--captioner", type=Path, default=None,
                      help=f"captions --video when no --prompt is given: {CAPTIONER_HELP}")
@@ -126,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an endless stream over HTTP (MJPEG, HLS, fragmented MP4)")
     _add_model_args(serve)
-    _add_sampling_args(serve, SERVE_SAMPLING, exclude=STREAM_EXCLUDED)  # the flags of Pipeline.stream's settings
+    _add_sampling_args(serve, {**SERVE_DEFAULTS,
+                               "prompt_help": f"the stream's first prompt; default {DEFAULT_PROMPT!r}"},
+                       exclude=STREAM_EXCLUDED)  # the flags of Pipeline.stream's settings
     serve.add_argument("--playlist", type=Path, default=None,
                        help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}')
     serve.add_argument("--formats", default="mjpeg,hls,mp4", help="outputs to encode, comma separated")
@@ -225,13 +205,17 @@ def _load(args):
     return load(args.model, backend=args.backend, device=args.device, preset=args.preset)
 
 
-def _sampling_kwargs(args) -> dict:
-    """Pipeline.generate / stream arguments from the flags, unset ones resolved against the model."""
+def _model_folder(args) -> Path:
     from .default_model import default_model_dir
 
-    _resolve_sampling_defaults(args, args.model.expanduser() if args.model is not None else default_model_dir())
-    keys = [f.name for f in cli_settings(exclude=STREAM_EXCLUDED)] + ["image"]  # generate passes num_frames itself
-    return {k: getattr(args, k) for k in keys}
+    return args.model.expanduser() if args.model is not None else default_model_dir()
+
+
+def explain(resolution, what: str) -> str:
+    """`--explain`'s text: every setting of the request, its value and the layer it came from."""
+    return (f"{what}: the request, every setting with its value and where it came from\n"
+            f"(layers, lowest first: default < command < model < preset < user; then derived)\n"
+            + resolution.explain())
 
 
 def _open_captioner(args, folder: Path | None, why: str):
@@ -280,53 +264,79 @@ def _generate_prompt(args) -> str:
     return prompt
 
 
+def _generate_settings(args, prompt: str | None) -> Settings:
+    """The request's layers from `skyrt generate`'s flags: those given are the user's; a prompt the
+    command chose (the default one, a caption of --video) is the command's."""
+    user = cli_user_settings(args)
+    if "prompt" in user:
+        return Settings(user, COMMAND_LINE)
+    name = "skyrt generate" if args.video is None else "skyrt generate: the caption of --video"
+    return Settings(user, COMMAND_LINE, {"prompt": prompt}, name)
+
+
 def _generate(args) -> int:
     from .video_io import write_mp4
 
-    block_size_given = args.causal_block_size is not None
+    if args.explain:  # no captioner, no model load: the model folder's files and the preset only
+        from .resolve import folder_layers, resolve_request
+
+        prompt = DEFAULT_PROMPT if args.video is None else f"<the caption of {args.video}>"
+        resolution = resolve_request(_generate_settings(args, prompt), folder_layers(_model_folder(args), args.preset))
+        print(explain(_in_whole_blocks(resolution, args), "skyrt generate"))
+        return 0
     # Captioning first: a missing captioner fails before the DiT loads, and its memory is freed by then.
-    sampling = {**_sampling_kwargs(args), "prompt": _generate_prompt(args)}
-    num_frames = args.num_frames
-    if not block_size_given and args.video is None:
-        num_frames = _window_frames_in_whole_blocks(num_frames, sampling)
+    prompt = None if args.prompt is not None else _generate_prompt(args)
     pipe = _load(args)
-    frames = pipe.generate(num_frames=num_frames, video=args.video, end_image=args.end_image,
-                           progress=not args.no_progress, **sampling)
-    count = write_mp4(frames, args.output, fps=args.fps)
-    print(f"wrote {args.output}: {count} frames, {frames.shape[2]}x{frames.shape[1]} at {args.fps} fps")
+    resolution = _in_whole_blocks(pipe.resolve(_generate_settings(args, prompt)), args)
+    frames = pipe.generate(request=resolution.request, image=args.image, video=args.video, end_image=args.end_image,
+                           progress=not args.no_progress)
+    fps = resolution.request.fps
+    count = write_mp4(frames, args.output, fps=fps)
+    print(f"wrote {args.output}: {count} frames, {frames.shape[2]}x{frames.shape[1]} at {fps} fps")
     return 0
 
 
-def _window_frames_in_whole_blocks(num_frames: int, sampling: dict) -> int:
+def _in_whole_blocks(resolution, args):
     """Window mode refuses a clip whose latent frames do not split into causal blocks (the official
-    code leaves the rest as noise). When the block size is the model's recommendation rather than the
-    user's choice, a default must not make the command fail: round the clip to whole blocks (up, unless
-    that overflows the window) and say so. kvcache mode takes any frame count, and a long
-    (multi-window) video keeps its own checks."""
+    code leaves the rest as noise). When the block size is not the user's choice (a model's
+    recommendation), a default must not make the command fail: round the clip to whole blocks (up,
+    unless that overflows the window) and say so. kvcache mode takes any frame count, and a long
+    (multi-window) video or a V2V extension keeps its own checks."""
     from . import latents as lat
 
-    block = sampling["causal_block_size"]
-    overlap = sampling["overlap_history"]
-    single_window = overlap is None or num_frames <= sampling["base_num_frames"]
-    if sampling["mode"] != "window" or not single_window or (num_frames - 1) % lat.TEMPORAL_FACTOR:
-        return num_frames
+    req = resolution.request
+    if resolution.set_by_user("causal_block_size") or args.video is not None:
+        return resolution
+    block, num_frames = req.causal_block_size, req.num_frames
+    single_window = req.overlap_history is None or num_frames <= req.base_num_frames
+    if req.mode != "window" or not single_window or (num_frames - 1) % lat.TEMPORAL_FACTOR:
+        return resolution
     latent = lat.latent_length(num_frames)
     if latent % block == 0:
-        return num_frames
+        return resolution
     up, down = lat.pixel_length(-(-latent // block) * block), lat.pixel_length(latent // block * block)
-    rounded = up if up <= sampling["base_num_frames"] or down < 1 else down  # one window holds at most base frames
+    rounded = up if up <= req.base_num_frames or down < 1 else down  # one window holds at most base frames
     print(f"skyrt generate: note: {num_frames} frames are {latent} latent frames, not whole blocks of the model's "
           f"causal_block_size={block} in window mode; generating {rounded} frames (pass --num-frames "
           f"{rounded}, --causal-block-size 1 or --mode kvcache to choose)", file=sys.stderr)
-    return rounded
+    return resolution.derive(f"whole blocks of causal_block_size={block} ({resolution.source('causal_block_size')})",
+                             num_frames=rounded)
 
 
 def _serve(args) -> int:
     from .server import load_playlist, serve
     from .server.startup import StartupInterrupted, resolve_token, sigterm_sets
 
+    sampling, prompt = serve_sampling(args)
+    if args.explain:  # no model load: the model folder's files and the preset only
+        from .resolve import folder_layers, resolve_request
+
+        settings = Settings({**sampling.user, "prompt": prompt.prompt}, sampling.surface, sampling.command,
+                            sampling.command_name)
+        resolution = resolve_request(settings, folder_layers(_model_folder(args), args.preset), stream=True)
+        print(explain(resolution, "skyrt serve"))
+        return 0
     token = resolve_token(args.token, args.token_file, args.no_token)
-    sampling, prompt = serve_sampling(args)  # first: it resolves --fps (a preset's, else 24)
     config = server_config(args, token.token)
     playlist = load_playlist(args.playlist, config.limits) if args.playlist is not None else None
     captioning = _live_captioning(args)  # before loading the model: a bad captioner folder fails fast
@@ -346,7 +356,8 @@ def server_config(args, token: str | None):
     """The ServerConfig of parsed `skyrt serve` flags (`skyrt fleet` builds each stream's the same way)."""
     from .server import ConnectionLimits, ServerConfig
 
-    return ServerConfig(fps=args.fps, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+    # fps: the stream's request's (a --fps flag is in its user layer, a preset's 16, else 24).
+    return ServerConfig(fps=None, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                         token=token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                         connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
                         state_path=args.state, write_timeout_s=args.stall_timeout,
@@ -362,16 +373,17 @@ def pipeline_spec(args):
                         options={} if args.preset is None else {"preset": args.preset})
 
 
-def serve_sampling(args):
-    """(Pipeline.stream keywords without the prompt, the first PromptChange) of parsed `skyrt serve`
-    flags, unset ones resolved against the model's recommendation."""
+def serve_sampling(args, surface: str = COMMAND_LINE):
+    """(the stream's Settings without the prompt, the first PromptChange) of parsed `skyrt serve` flags:
+    the flags given (on the command line, or as the fleet YAML's keys: `surface`) are the user's layer,
+    SERVE_DEFAULTS the command's. The server resolves them once against the loaded model."""
     from .server import PromptChange
 
-    sampling = _sampling_kwargs(args)
-    prompt = PromptChange(sampling.pop("prompt"), sampling.pop("negative_prompt") or None)
-    if args.mode == "kvcache" and sampling["ar_step"] == 0:
-        sampling["ar_step"] = args.num_inference_steps  # one block in flight: the lowest latency per block
-    return sampling, prompt
+    user = cli_user_settings(args, exclude=STREAM_EXCLUDED)
+    if args.image is not None:
+        user["image"] = args.image  # an input of the stream, not a setting
+    prompt = PromptChange(user.pop("prompt", DEFAULT_PROMPT), user.pop("negative_prompt", None) or None)
+    return Settings(user, surface, SERVE_DEFAULTS, "skyrt serve"), prompt
 
 
 def _live_captioning(args) -> dict:

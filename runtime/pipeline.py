@@ -36,7 +36,9 @@ from skyrt import _core
 
 from . import latents as lat
 from .backends.base import Backend, KVStepCall, KVStreamSpec, TextContext
-from .request import SETTINGS, STREAM_DEFAULTS, STREAM_EXCLUDED, GenerationRequest, with_request_signature
+from .request import (STREAM_DEFAULTS, STREAM_EXCLUDED, STREAM_FRAMES, GenerationRequest, validate_request,
+                      with_request_signature)
+from .resolve import ModelLayers, Resolution, Settings, resolve_request
 from .scheduler import flow_sigmas, flow_timesteps
 from .video_io import ImageLike, VideoLike, load_image, load_video, to_model_pixels, to_uint8_frames
 
@@ -44,8 +46,6 @@ if TYPE_CHECKING:
     from .causal_family import CausalPreset
 
 log = logging.getLogger("skyrt.pipeline")
-
-STREAM_FRAMES = 1 + 4 * 2**40  # "forever": a stream is planned one window at a time
 
 
 @dataclass
@@ -110,22 +110,45 @@ class Pipeline:
     With a causal-family preset (`skyrt.load(folder, preset="self-forcing")`, runtime/causal_family.py)
     generate / stream run that family's own few-step sampler with its KV cache on the rollout core
     (runtime/causal_rollout.py's settings, runtime/kvcache.py's driver),
-    always (the preset sets mode="kvcache"). Arguments left at their defaults take the preset's values
-    (steps, shift, block size, ring, 480x832, no guidance, 16 fps); a value equal to the signature's
-    default counts as left (num_inference_steps=30 is the preset's 4). DF-only arguments (ar_step,
-    sampler, overlap_*, base_num_frames, addnoise_condition) do not apply.
+    always (the preset sets mode="kvcache").
+
+    Settings are resolved once per call (runtime/resolve.py): the request type's defaults < the model
+    folder's recommendation (`recommendation`, its demo_model.json) < the preset (steps, shift, block
+    size, ring, 480x832, no guidance, 16 fps) < the keywords the caller passed. A keyword passed is the
+    caller's even when it equals the signature's default: `shift=8.0` runs with 8 under Self-Forcing's 5.
+    What a preset cannot run (num_inference_steps other than its distilled count, mode="window", the
+    diffusion-forcing-only ar_step, sampler, overlap_*, base_num_frames, addnoise_condition,
+    condition_noise, causal_attention) is refused naming both. `resolve()` gives that resolution
+    without running anything; generate / stream also take an already resolved `request=` (what the
+    server's generator child receives), which is used as it is.
     """
 
-    def __init__(self, backend: Backend, preset: "CausalPreset | None" = None):
+    def __init__(self, backend: Backend, preset: "CausalPreset | None" = None, recommendation: dict | None = None,
+                 recommendation_from: str = ""):
+        """recommendation: the model folder's recommended settings (`skyrt.load` reads its demo_model.json),
+        read from `recommendation_from` (for a Source's words)."""
         self.backend = backend
         self.model = backend.model
         self.preset = preset
+        self.recommendation = dict(recommendation or {})
+        self.recommendation_from = recommendation_from
+
+    @property
+    def layers(self) -> ModelLayers:
+        """What this model brings to a resolution: recommendation, preset, the checkpoint's block size."""
+        return ModelLayers(self.recommendation, self.recommendation_from,
+                           None if self.preset is None else self.preset.name, self.model.num_frame_per_block)
+
+    def resolve(self, settings: "Settings | dict | None" = None, stream: bool = False) -> Resolution:
+        """The request `settings` resolve to on this model (runtime/resolve.py), and where each value
+        came from; a plain dict is API keywords the caller set."""
+        return resolve_request(settings, self.layers, stream=stream)
 
     # ------------------------------------------------------------------ public API
     @with_request_signature()
     def generate(self, *, image: ImageLike | None = None, video: VideoLike | None = None,
                  end_image: ImageLike | None = None, latents: np.ndarray | None = None, progress: bool = True,
-                 **settings) -> np.ndarray:
+                 request: GenerationRequest | None = None, **settings) -> np.ndarray:
         """Generate a video.
 
         Returns uint8 frames [T, H, W, 3] (output="frames") or model-space float32 latents
@@ -147,9 +170,11 @@ class Pipeline:
         `condition_noise` is how the `addnoise_condition` noise on prefix frames is drawn: "step"
         (official, fresh at every step; window mode's default) or "once" per window (the only choice
         in kvcache mode, where the prefix is committed once).
+
+        `request`: an already resolved request (`resolve(...).request`) instead of settings.
         """
         self._check_preset_inputs(image=image, video=video, end_image=end_image)
-        req = self._request(self._with_preset(settings, Pipeline.generate), latents)
+        req = self._request(settings, latents, given=request)
         cond = self._condition(req, image, video, end_image)
         if req.mode == "kvcache":
             return self._generate_kvcache(req, cond, latents, progress)
@@ -162,33 +187,28 @@ class Pipeline:
 
     @with_request_signature(exclude=STREAM_EXCLUDED, defaults=STREAM_DEFAULTS)
     def stream(self, *, image: ImageLike | None = None, max_chunks: int | None = None,
-               **settings) -> FrameStream:
+               request: GenerationRequest | None = None, **settings) -> FrameStream:
         """An endless stream: iterate it for uint8 frame chunks [n, H, W, 3] (or, with output="latent",
         model-space latent chunks [16, f, h, w]) forever, or for `max_chunks` chunks.
 
         A chunk is a window in window mode and a block of `causal_block_size` latent frames in
         kvcache mode. `ar_step` left unset is 0 (synchronous) in window mode and, in kvcache mode,
         `num_inference_steps`: one block in flight at a time, the lowest latency per block (an endless
-        kvcache stream needs ar_step >= 1; 0 given explicitly is refused). `stream.set_prompt(...)` switches the
+        kvcache stream needs ar_step >= 1; 0 given explicitly is refused); a kvcache stream has no windows,
+        so it uses no overlap_history (one given is shown as not used). `stream.set_prompt(...)` switches the
         prompt at the next chunk, from any thread; in kvcache mode `recache=True` also re-commits the
         cached blocks under the new prompt.
 
         Window mode with overlap: every window after the first adds base - overlap latent frames.
         With the default latent carry, frames go through the streaming VAE decoder, so the
         concatenated stream equals a whole decode of all latents.
+
+        `request`: an already resolved stream request (`resolve(..., stream=True).request`) instead of
+        settings (what `skyrt serve` hands its generator process).
         """
         self._check_preset_inputs(image=image)
-        settings = self._with_preset(settings, Pipeline.stream)
-        mode, num_inference_steps, ar_step = settings["mode"], settings["num_inference_steps"], settings["ar_step"]
-        # A stream is a long video of unbounded length: windows are planned one at a time.
-        settings["num_frames"] = STREAM_FRAMES
-        if ar_step is None:
-            settings["ar_step"] = num_inference_steps if mode == "kvcache" else 0
-        if mode == "kvcache":
-            # No windows and no input video: the window overlap means nothing here, so its block-alignment
-            # checks must not reject a kvcache stream (17 frames = 5 latents fails causal_block_size=2).
-            settings["overlap_history"] = None
-        req = self._request(settings)
+        # A stream is a long video of unbounded length (num_frames "forever"): windows are planned one at a time.
+        req = self._request(settings, given=request, stream=True)
         cond = self._condition(req, image, None, None)
         control = StreamControl(req.prompt, req.negative_prompt)
         chunks = self._stream_kvcache(req, cond, control) if req.mode == "kvcache" else self._stream_windows(
@@ -255,19 +275,6 @@ class Pipeline:
         return rollout_sampling(self.preset.sampling, shift=req.shift)
 
     # ------------------------------------------------------------------ causal-family presets
-    def _with_preset(self, args: dict, method) -> dict:
-        """generate / stream arguments with those left at `method`'s defaults set by the preset."""
-        if self.preset is None:
-            return args
-        import inspect
-
-        defaults = {name: p.default for name, p in inspect.signature(method).parameters.items()}
-        out = dict(args)
-        for key, value in self.preset.sampling_defaults().items():
-            if key in out and key in defaults and out[key] == defaults[key]:
-                out[key] = value
-        return out
-
     def _check_preset_inputs(self, **inputs) -> None:
         if self.preset is None:
             return
@@ -277,12 +284,13 @@ class Pipeline:
                              "conditioning of the causal family is not supported by skyrt yet")
 
     def _validate_preset(self, req: GenerationRequest) -> None:
-        preset = self.preset
-        steps = preset.sampling.denoising_step_list
-        if req.num_inference_steps != len(steps):
-            raise ValueError(f"the {preset.name} checkpoint was distilled for {len(steps)} steps (denoising_step_list "
-                             f"{', '.join(f'{s:g}' for s in steps)}); num_inference_steps={req.num_inference_steps} "
-                             f"is not one of its schedules: leave it unset or pass {len(steps)}")
+        """A request resolved elsewhere must still be one this preset's checkpoint can run (a resolution
+        over this model's layers refuses the rest earlier, naming the user's setting and the preset)."""
+        for key in ("mode", "num_inference_steps"):
+            refusal = self.preset.refusal(key, getattr(req, key))
+            if refusal is not None:
+                raise ValueError(f"the request's {key}={getattr(req, key)!r} cannot run on the {self.preset.name} "
+                                 f"preset, which {refusal[0]}: resolve it with this pipeline (Pipeline.resolve)")
 
     def _generate_kvcache(self, req, cond, noise, progress) -> np.ndarray:
         from tqdm.auto import tqdm
@@ -326,24 +334,35 @@ class Pipeline:
             decoder.close()
 
     # ------------------------------------------------------------------ validation
-    def _request(self, settings: dict, initial: np.ndarray | None = None) -> GenerationRequest:
-        """Build and validate a request from generate() / stream()'s settings (other keys are ignored);
-        `initial` is generate's `latents` (the first window's noise), checked against the request's shape."""
-        values = {f.name: settings[f.name] for f in SETTINGS if f.name in settings}
-        if values.get("causal_attention") is None:
-            values["causal_attention"] = self.model.num_frame_per_block > 1
-        if values.get("condition_noise") is None:
-            values["condition_noise"] = "once" if values.get("mode") == "kvcache" else "step"
-        req = GenerationRequest(**values)
-        validate_request(req)
-        if self.preset is not None:
-            self._validate_preset(req)
+    def _request(self, settings: dict, initial: np.ndarray | None = None, given: GenerationRequest | None = None,
+                 stream: bool = False) -> GenerationRequest:
+        """The request of one call: `given` (already resolved elsewhere: checked, never re-resolved), else
+        `settings` (the keywords the caller passed) resolved over this model's layers. `initial` is
+        generate's `latents` (the first window's noise), checked against the request's shape."""
+        if given is not None:
+            if settings:
+                raise TypeError(f"pass either request= or settings, not both (got {', '.join(sorted(settings))})")
+            req = self._given_request(given, stream)
+        else:
+            req = self.resolve(settings, stream=stream).request
         if initial is not None:
             expected = self._first_window_frames(req)
             shape = (lat.LATENT_CHANNELS, expected, *req.latent_size)
             if not isinstance(initial, np.ndarray) or initial.shape != shape:
                 got = getattr(initial, "shape", type(initial).__name__)
                 raise ValueError(f"latents must be the first window's noise, float32 {shape}; got {got}")
+        return req
+
+    def _given_request(self, req, stream: bool) -> GenerationRequest:
+        if not isinstance(req, GenerationRequest):
+            raise TypeError(f"request must be a GenerationRequest (Pipeline.resolve(...).request), got "
+                            f"{type(req).__name__}")
+        if (req.num_frames == STREAM_FRAMES) != stream:
+            raise ValueError("stream() takes a stream's request (resolve(..., stream=True)), not a clip's" if stream
+                             else "generate() takes a clip's request (resolve(...)), not a stream's")
+        validate_request(req)
+        if self.preset is not None:
+            self._validate_preset(req)
         return req
 
     def _first_window_frames(self, req: GenerationRequest) -> int:
@@ -533,63 +552,6 @@ def _attention_layout(model) -> tuple[int, int, int]:
     return layers, heads, int(cfg.get("dim", 2 * heads)) // heads
 
 
-def validate_request(req: GenerationRequest) -> None:
-    """Refuse settings the public implementations would silently mishandle, naming a fix."""
-    for f in SETTINGS:  # mode, output, overlap_carry, sampler, condition_noise: the request type's choices
-        if f.metadata["choices"] is not None:
-            _check_choice(f.name, getattr(req, f.name), f.metadata["choices"])
-    if req.mode == "kvcache" and req.condition_noise == "step" and req.addnoise_condition > 0:
-        raise ValueError(
-            "mode='kvcache' commits the prefix once, so its addnoise_condition noise is drawn once: "
-            "condition_noise='step' (the official per-step redraw) needs mode='window'; use condition_noise='once'"
-        )
-    if not isinstance(req.prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
-    for name in ("height", "width"):
-        value = getattr(req, name)
-        unit = lat.SPATIAL_FACTOR * lat.PATCH_SPATIAL
-        if value <= 0 or value % unit:
-            near = max(unit, round(value / unit) * unit)
-            raise ValueError(f"{name}={value} must be a positive multiple of {unit} (VAE 8x, patch 2); try {name}={near}")
-    if req.mode == "kvcache":
-        # kvcache mode returns any frame count (see Pipeline.generate); window mode keeps 1 + 4k.
-        if not isinstance(req.num_frames, (int, np.integer)) or req.num_frames < 1:
-            raise ValueError(f"num_frames={req.num_frames!r} must be a positive integer number of frames")
-    else:
-        _check_pixel_frames("num_frames", req.num_frames)
-    _check_pixel_frames("base_num_frames", req.base_num_frames)
-    if req.num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps={req.num_inference_steps} must be at least 1 (recommended 30)")
-    if req.shift <= 0:
-        raise ValueError(f"shift={req.shift} must be positive (recommended 8 for T2V, 5 for I2V)")
-    if req.ar_step < 0:
-        raise ValueError(f"ar_step={req.ar_step} must be >= 0 (0 = synchronous, 5 = the official async setting)")
-    if req.causal_block_size < 1:
-        raise ValueError(f"causal_block_size={req.causal_block_size} must be >= 1")
-    if not 0 <= req.addnoise_condition < 1000:
-        raise ValueError(f"addnoise_condition={req.addnoise_condition} must be in [0, 1000); 20 is recommended")
-    if req.overlap_history is not None:
-        _check_pixel_frames("overlap_history", req.overlap_history)
-        if req.overlap_history >= req.base_num_frames:
-            raise ValueError(
-                f"overlap_history={req.overlap_history} must be smaller than base_num_frames={req.base_num_frames}; "
-                "the official recommendation is 17 or 37"
-            )
-        overlap = lat.latent_length(req.overlap_history)
-        if overlap % req.causal_block_size:
-            fix = 1 + 4 * (max(1, overlap // req.causal_block_size) * req.causal_block_size - 1)
-            raise ValueError(
-                f"overlap_history={req.overlap_history} is {overlap} latent frames, not a multiple of "
-                f"causal_block_size={req.causal_block_size} (the official code would truncate it); "
-                f"try overlap_history={fix}"
-            )
-    elif req.num_frames > req.base_num_frames and req.mode == "window":
-        raise ValueError(
-            f"num_frames={req.num_frames} exceeds base_num_frames={req.base_num_frames}: long videos need "
-            "overlap_history (17 or 37 recommended), or raise base_num_frames to num_frames"
-        )
-
-
 def check_block_alignment(req: GenerationRequest, w: Window) -> None:
     """Every window's latent frames must split into whole causal blocks (else frames stay noise)."""
     b = req.causal_block_size
@@ -604,22 +566,6 @@ def check_block_alignment(req: GenerationRequest, w: Window) -> None:
         f"whose latent length works, e.g. num_frames={lat.pixel_length(suggestion)} for a single window, "
         f"or causal_block_size=1"
     )
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
-
-
-def _check_pixel_frames(name: str, value: int) -> None:
-    if not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer number of frames, got {type(value).__name__}")
-    if value < 1 or (value - 1) % lat.TEMPORAL_FACTOR:
-        near = 1 + lat.TEMPORAL_FACTOR * max(0, round((int(value) - 1) / lat.TEMPORAL_FACTOR))
-        raise ValueError(
-            f"{name}={value} must be of the form 1 + 4k (the VAE maps 1 + 4k pixel frames to k + 1 latents); "
-            f"try {name}={near}"
-        )
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,16 @@
-"""The one list of generation settings: `GenerationRequest`'s fields, with their types, defaults and docs.
+"""The one list of generation settings: `GenerationRequest`'s fields, with their types, defaults and docs,
+and `validate_request`, the checks every request passes.
 
 Every user of the settings takes them from here instead of spelling them again:
 - `Pipeline.generate` / `Pipeline.stream` get their keyword signatures from the fields
-  (`with_request_signature`; stream leaves out `num_frames` and changes three defaults);
-- `skyrt generate` / `skyrt serve` build their sampling flags, help and defaults from them
-  (`cli_settings`, runtime/cli.py), and a fleet stream's YAML keys are those flags (runtime/fleet/config.py);
+  (`with_request_signature`; stream leaves out `num_frames` and changes three defaults) and pass on
+  only the keywords a caller gave;
+- runtime/resolve.py resolves a request once, at the edge, from explicit layers (these defaults <
+  a command's own < the model folder's recommendation < a preset < what the user set), so a value the
+  user gives is theirs even when it equals a default here;
+- `skyrt generate` / `skyrt serve` build their sampling flags and help from them (`cli_settings`,
+  runtime/cli.py; every flag defaults to "not given"), and a fleet stream's YAML keys are those flags
+  (runtime/fleet/config.py);
 - the server refuses sampling keys that are not stream settings (`check_stream_settings`);
 - a model's recommendation (demo_model.json, a causal preset) may set the fields marked `recommended`
   (`RECOMMENDED_KEYS`, runtime/default_model.py).
@@ -19,6 +25,8 @@ import inspect
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable
+
+import numpy as np
 
 from . import latents as lat
 
@@ -40,10 +48,11 @@ def setting(default: Any = MISSING, *, doc: str, cli: str | None, recommended: b
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Every generation setting, validated once at the edge (see `Pipeline.generate`).
+    """Every generation setting: resolved and validated once at the edge (runtime/resolve.py), then
+    frozen; the one thing that crosses the server, its generator child process and the pipeline.
 
-    Two settings default to None and are resolved by the Pipeline before validation: causal_attention
-    (the checkpoint's own) and condition_noise (by mode)."""
+    Two settings default to None and are derived by the resolution: causal_attention (the checkpoint's
+    own) and condition_noise (by mode); a stream's ar_step too (by mode)."""
 
     prompt: str = setting(doc="what the video shows", cli="prompt")
     negative_prompt: str = setting("", doc="what classifier-free guidance steers away from", cli="negative-prompt")
@@ -110,6 +119,7 @@ RECOMMENDED_KEYS = tuple(f.name for f in SETTINGS if f.metadata["recommended"])
 # What Pipeline.stream does differently: no clip length (endless), and the defaults of an endless stream.
 STREAM_EXCLUDED = ("num_frames",)
 STREAM_DEFAULTS = {"ar_step": None, "overlap_history": 17, "overlap_carry": "latent"}
+STREAM_FRAMES = 1 + 4 * 2**40  # a stream's num_frames, "forever": it is planned one window at a time
 
 
 def stream_setting_names() -> tuple[str, ...]:
@@ -152,8 +162,10 @@ def with_request_signature(exclude: tuple[str, ...] = (), defaults: dict | None 
     """Give `method(self, *, <inputs>, **settings)` the public signature `(self, <settings>, *, <inputs>)`:
     the request's fields (less `exclude`, `defaults` overriding theirs) as positional-or-keyword
     parameters, then the method's own keyword-only inputs. The wrapper binds a call against that
-    signature (an unknown keyword is a TypeError, as with a written-out signature), fills in the
-    defaults, and calls the method with every setting in `settings`."""
+    signature (an unknown keyword is a TypeError, as with a written-out signature) and calls the
+    method with only the settings the caller passed: the defaults the signature shows are applied by
+    the resolution (runtime/resolve.py), so a value passed explicitly stays the caller's even when it
+    equals a default. `prompt` is required unless the method's own `request` input is given."""
     overrides = dict(defaults or {})
 
     def wrap(method: Callable) -> Callable:
@@ -173,11 +185,11 @@ def with_request_signature(exclude: tuple[str, ...] = (), defaults: dict | None 
 
         @functools.wraps(method)
         def call(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            values = dict(bound.arguments)
+            values = dict(signature.bind_partial(*args, **kwargs).arguments)  # what the caller passed, no defaults
             self = values.pop("self")
-            inputs = {k: values.pop(k) for k in own_names}
+            inputs = {k: values.pop(k) for k in own_names if k in values}
+            if inputs.get("request") is None and "prompt" not in values:
+                raise TypeError("missing a required argument: 'prompt'")
             return method(self, **inputs, **values)
 
         call.__signature__ = signature
@@ -185,3 +197,76 @@ def with_request_signature(exclude: tuple[str, ...] = (), defaults: dict | None 
         return call
 
     return wrap
+
+
+def validate_request(req: GenerationRequest) -> None:
+    """Refuse settings the public implementations would silently mishandle, naming a fix."""
+    for f in SETTINGS:  # mode, output, overlap_carry, sampler, condition_noise: the request type's choices
+        if f.metadata["choices"] is not None:
+            _check_choice(f.name, getattr(req, f.name), f.metadata["choices"])
+    if req.mode == "kvcache" and req.condition_noise == "step" and req.addnoise_condition > 0:
+        raise ValueError(
+            "mode='kvcache' commits the prefix once, so its addnoise_condition noise is drawn once: "
+            "condition_noise='step' (the official per-step redraw) needs mode='window'; use condition_noise='once'"
+        )
+    if not isinstance(req.prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
+    for name in ("height", "width"):
+        value = getattr(req, name)
+        unit = lat.SPATIAL_FACTOR * lat.PATCH_SPATIAL
+        if value <= 0 or value % unit:
+            near = max(unit, round(value / unit) * unit)
+            raise ValueError(f"{name}={value} must be a positive multiple of {unit} (VAE 8x, patch 2); try {name}={near}")
+    if req.mode == "kvcache":
+        # kvcache mode returns any frame count (see Pipeline.generate); window mode keeps 1 + 4k.
+        if not isinstance(req.num_frames, (int, np.integer)) or req.num_frames < 1:
+            raise ValueError(f"num_frames={req.num_frames!r} must be a positive integer number of frames")
+    else:
+        _check_pixel_frames("num_frames", req.num_frames)
+    _check_pixel_frames("base_num_frames", req.base_num_frames)
+    if req.num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={req.num_inference_steps} must be at least 1 (recommended 30)")
+    if req.shift <= 0:
+        raise ValueError(f"shift={req.shift} must be positive (recommended 8 for T2V, 5 for I2V)")
+    if req.ar_step < 0:
+        raise ValueError(f"ar_step={req.ar_step} must be >= 0 (0 = synchronous, 5 = the official async setting)")
+    if req.causal_block_size < 1:
+        raise ValueError(f"causal_block_size={req.causal_block_size} must be >= 1")
+    if not 0 <= req.addnoise_condition < 1000:
+        raise ValueError(f"addnoise_condition={req.addnoise_condition} must be in [0, 1000); 20 is recommended")
+    if req.overlap_history is not None:
+        _check_pixel_frames("overlap_history", req.overlap_history)
+        if req.overlap_history >= req.base_num_frames:
+            raise ValueError(
+                f"overlap_history={req.overlap_history} must be smaller than base_num_frames={req.base_num_frames}; "
+                "the official recommendation is 17 or 37"
+            )
+        overlap = lat.latent_length(req.overlap_history)
+        if overlap % req.causal_block_size:
+            fix = 1 + 4 * (max(1, overlap // req.causal_block_size) * req.causal_block_size - 1)
+            raise ValueError(
+                f"overlap_history={req.overlap_history} is {overlap} latent frames, not a multiple of "
+                f"causal_block_size={req.causal_block_size} (the official code would truncate it); "
+                f"try overlap_history={fix}"
+            )
+    elif req.num_frames > req.base_num_frames and req.mode == "window":
+        raise ValueError(
+            f"num_frames={req.num_frames} exceeds base_num_frames={req.base_num_frames}: long videos need "
+            "overlap_history (17 or 37 recommended), or raise base_num_frames to num_frames"
+        )
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _check_pixel_frames(name: str, value: int) -> None:
+    if not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer number of frames, got {type(value).__name__}")
+    if value < 1 or (value - 1) % lat.TEMPORAL_FACTOR:
+        near = 1 + lat.TEMPORAL_FACTOR * max(0, round((int(value) - 1) / lat.TEMPORAL_FACTOR))
+        raise ValueError(
+            f"{name}={value} must be of the form 1 + 4k (the VAE maps 1 + 4k pixel frames to k + 1 latents); "
+            f"try {name}={near}"
+        )

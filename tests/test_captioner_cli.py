@@ -214,9 +214,9 @@ def _spy_generate(monkeypatch, call_through: bool) -> list:
 
     prompts, real = [], Pipeline.generate
 
-    def generate(self, prompt, **kwargs):
-        prompts.append(prompt)
-        return real(self, prompt, **kwargs) if call_through else np.zeros((9, 32, 32, 3), np.uint8)
+    def generate(self, request, **inputs):  # the CLI hands the pipeline its resolved request
+        prompts.append(request.prompt)
+        return real(self, request=request, **inputs) if call_through else np.zeros((9, 32, 32, 3), np.uint8)
 
     monkeypatch.setattr(Pipeline, "generate", generate)
     return prompts

@@ -536,12 +536,9 @@ def test_preset_settings_that_do_not_apply_are_refused(folders):
 
 
 def test_preset_defaults_fill_only_unset_arguments(folders):
-    import inspect
-
+    # What generate("x", width=48, seed=3) resolves to (explicit values equal to a default: test_request_resolution.py).
     pipe = load_preset(folders, "longlive")
-    args = {name: p.default for name, p in inspect.signature(type(pipe).generate).parameters.items() if name != "self"}
-    args.update(prompt="x", width=48, seed=3)  # what generate("x", width=48, seed=3) sees
-    req = pipe._request(pipe._with_preset(args, type(pipe).generate))
+    req = pipe.resolve({"prompt": "x", "width": 48, "seed": 3}).request
     assert (req.mode, req.num_inference_steps, req.guidance_scale, req.causal_block_size) == ("kvcache", 4, 1.0, 3)
     assert (req.sink_blocks, req.window_blocks, req.height, req.width, req.fps) == (1, 2, 480, 48, 16)
 
@@ -598,9 +595,15 @@ def test_cli_generate_and_serve_take_a_preset(folders, tmp_path, monkeypatch):
     monkeypatch.setattr("skyrt.runtime.server.serve", lambda spec, sampling, config, **kw: seen.update(
         spec=spec, sampling=sampling, config=config))
     assert cli.main(["serve", "--model", str(model), "--preset", "self-forcing", "--no-token"]) == 0
-    assert seen["spec"].options == {"preset": "self-forcing"} and seen["config"].fps == 16
+    assert seen["spec"].options == {"preset": "self-forcing"} and seen["sampling"].user == {}
+    # The server resolves the stream against the loaded model: the preset's settings over serve's own.
+    server_fps = seen["config"].fps  # None: the request's
+    resolution = load_preset(folders, "self_forcing").resolve(
+        replace(seen["sampling"], user={"prompt": "x"}), stream=True)
     expected = PRESETS["self-forcing"].sampling_defaults()
-    assert {k: seen["sampling"][k] for k in ("mode", "num_inference_steps", "height", "width", "guidance_scale")} == {
+    assert server_fps is None and resolution.request.fps == 16
+    assert {k: getattr(resolution.request, k) for k in ("mode", "num_inference_steps", "height", "width",
+                                                         "guidance_scale")} == {
         k: expected[k] for k in ("mode", "num_inference_steps", "height", "width", "guidance_scale")}
     for flags in (["--steps", "30"], ["--mode", "window"]):  # flags the preset's checkpoint cannot honour
         assert cli.main(["generate", "--model", str(model), "--preset", "self-forcing", *flags, "--height", "32",

@@ -9,6 +9,7 @@ comes from what training taught the DiT, not from the VAE, the text encoder or t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -101,18 +102,27 @@ def test_shipped_model_follows_heldout_prompts_and_random_weights_do_not(random_
 
 
 def test_cli_defaults_come_from_the_shipped_model(official_dir):
-    from skyrt.runtime.cli import OFFICIAL_SAMPLING, _sampling_kwargs, build_parser
+    from skyrt.runtime.cli import OFFICIAL_SAMPLING, _generate_settings, build_parser, serve_sampling
+    from skyrt.runtime.resolve import folder_layers, resolve_request
 
     recommended = recommended_sampling(default_model_dir())
-    for command in ("generate", "serve"):
-        args = build_parser().parse_args([command])
-        sampling = _sampling_kwargs(args)
-        assert {k: sampling[k] for k in recommended} == recommended, command
+    shipped = folder_layers(default_model_dir())  # what the loaded model reports, read without loading it
+
+    def generate(argv, model=shipped):
+        return resolve_request(_generate_settings(build_parser().parse_args(["generate", *argv]), "p"), model).request
+
+    def serve(argv):
+        settings, prompt = serve_sampling(build_parser().parse_args(["serve", *argv]))
+        user = {**settings.user, "prompt": prompt.prompt}
+        return resolve_request(dataclasses.replace(settings, user=user), shipped, stream=True).request
+
+    for request in (generate([]), serve([])):
+        assert {k: getattr(request, k) for k in recommended} == recommended
     # An explicit flag wins over the recommendation.
-    assert _sampling_kwargs(build_parser().parse_args(["serve", "--height", "192"]))["height"] == 192
+    assert serve(["--height", "192"]).height == 192
     # A real checkpoint recommends nothing: generate falls back to the official T2V settings.
-    sampling = _sampling_kwargs(build_parser().parse_args(["generate", "--model", str(official_dir)]))
-    assert {k: sampling[k] for k in OFFICIAL_SAMPLING} == OFFICIAL_SAMPLING
+    request = generate(["--model", str(official_dir)], folder_layers(official_dir))
+    assert {k: getattr(request, k) for k in OFFICIAL_SAMPLING} == OFFICIAL_SAMPLING
 
 
 def _mp4_frames(path) -> list:

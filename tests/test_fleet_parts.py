@@ -204,6 +204,11 @@ SAMPLING = {"height": 32, "width": 32, "steps": 2, "fps": 12, "guidance_scale": 
 class AlwaysFailing:
     """A pipeline whose every stream raises at once (a device that keeps failing)."""
 
+    def resolve(self, settings, stream=False):
+        from skyrt.runtime.resolve import resolve_request
+
+        return resolve_request(settings, stream=stream)
+
     def stream(self, **settings):
         raise RuntimeError("simulated device fault")
 

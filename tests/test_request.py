@@ -21,8 +21,8 @@ from skyrt.runtime.request import DEFAULTS, SETTINGS, STREAM_DEFAULTS, STREAM_EX
 OFFICIAL_T2V = {"num_frames": 97, "height": 544, "width": 960, "num_inference_steps": 30, "guidance_scale": 6.0,
                 "shift": 8.0, "ar_step": 0, "causal_block_size": 1, "base_num_frames": 97, "overlap_history": None,
                 "addnoise_condition": 0, "fps": 24}
-GENERATE_INPUTS = ("image", "video", "end_image", "latents", "progress")
-STREAM_INPUTS = ("image", "max_chunks")
+GENERATE_INPUTS = ("image", "video", "end_image", "latents", "progress", "request")
+STREAM_INPUTS = ("image", "max_chunks", "request")
 
 
 def _fields(exclude=()):
@@ -63,7 +63,7 @@ def _spy_pipeline(monkeypatch) -> tuple[Pipeline, list]:
     """A Pipeline whose _request records the settings it is given and stops the call there."""
     seen = []
 
-    def spy(self, settings, initial=None):
+    def spy(self, settings, initial=None, given=None, stream=False):
         seen.append(dict(settings))
         raise _StopHere
 
@@ -73,7 +73,7 @@ def _spy_pipeline(monkeypatch) -> tuple[Pipeline, list]:
     return pipe, seen
 
 
-def test_generate_and_stream_hand_every_field_to_the_request(monkeypatch):
+def test_generate_and_stream_hand_exactly_the_passed_keywords_to_the_request(monkeypatch):
     pipe, seen = _spy_pipeline(monkeypatch)
     values = {f.name: f"value-{f.name}" for f in SETTINGS}  # distinct markers: each must arrive as given
     with pytest.raises(_StopHere):
@@ -81,16 +81,27 @@ def test_generate_and_stream_hand_every_field_to_the_request(monkeypatch):
     assert seen[-1] == values
     with pytest.raises(_StopHere):
         pipe.stream(**{k: v for k, v in values.items() if k not in STREAM_EXCLUDED})
-    assert {k: seen[-1][k] for k in values if k not in STREAM_EXCLUDED} == {
-        k: v for k, v in values.items() if k not in STREAM_EXCLUDED}
+    assert seen[-1] == {k: v for k, v in values.items() if k not in STREAM_EXCLUDED}
+    # Only what was passed: no signature default is filled in, so a value equal to one stays the caller's.
+    with pytest.raises(_StopHere):
+        pipe.generate("p", shift=DEFAULTS["shift"], causal_block_size=DEFAULTS["causal_block_size"])
+    assert seen[-1] == {"prompt": "p", "shift": 8.0, "causal_block_size": 1}
+    with pytest.raises(_StopHere):
+        pipe.stream("p", ar_step=None)
+    assert seen[-1] == {"prompt": "p", "ar_step": None}
     # Positional settings keep working in the type's order, as they did with the written-out signatures.
     with pytest.raises(_StopHere):
         pipe.generate("p", "neg", 17)
-    assert (seen[-1]["prompt"], seen[-1]["negative_prompt"], seen[-1]["num_frames"]) == ("p", "neg", 17)
+    assert seen[-1] == {"prompt": "p", "negative_prompt": "neg", "num_frames": 17}
     with pytest.raises(TypeError, match="steps"):
         pipe.generate("p", steps=3)  # an unknown keyword is refused like any Python call
     with pytest.raises(TypeError, match="num_frames"):
         pipe.stream("p", num_frames=17)
+    with pytest.raises(TypeError, match="prompt"):
+        pipe.generate(seed=1)  # the prompt is required unless a resolved request is given
+    with pytest.raises(_StopHere):
+        pipe.generate(request=object())
+    assert seen[-1] == {}
 
 
 def test_every_request_field_builds_a_request():
@@ -122,18 +133,35 @@ def test_the_cli_has_a_flag_for_every_field_that_declares_one(command, exclude):
             assert action.default is None, f"{f.name}: a model's recommendation must be able to fill it in"
 
 
-def test_cli_sampling_keywords_are_the_streams_flags_and_the_image(tmp_path):
-    from skyrt.runtime.cli import _sampling_kwargs, build_parser
+def test_cli_user_settings_are_exactly_the_flags_given(tmp_path):
+    from skyrt.runtime.cli import SERVE_DEFAULTS, build_parser, cli_user_settings, serve_sampling
+    from skyrt.runtime.resolve import COMMAND_LINE, folder_layers, resolve_request
 
-    # tmp_path: a folder without demo_model.json (a real checkpoint recommends nothing)
-    sampling = _sampling_kwargs(build_parser().parse_args(["serve", "--model", str(tmp_path)]))
-    flags = {f.name for f in _fields(STREAM_EXCLUDED) if f.metadata["cli"] is not None}
-    assert set(sampling) == flags | {"image"}
-    # The serve command of a model without a recommendation: its own small settings over the type's.
-    assert sampling["num_inference_steps"] == 4 and sampling["overlap_carry"] == "latent"
-    generate = _sampling_kwargs(build_parser().parse_args(["generate", "--model", str(tmp_path)]))
-    assert {k: generate[k] for k in OFFICIAL_T2V if k in generate} == {
-        k: v for k, v in OFFICIAL_T2V.items() if k in generate}
+    parser = build_parser()
+    settings, prompt = serve_sampling(parser.parse_args(["serve", "--model", str(tmp_path)]))
+    assert settings.user == {} and settings.surface == COMMAND_LINE and settings.command == SERVE_DEFAULTS
+    # Flags given with the values of the defaults below them are still the user's.
+    settings, _ = serve_sampling(parser.parse_args(["serve", "--steps", "4", "--shift", "8", "--sink-blocks", "1",
+                                                    "--image", "a.png"]))
+    assert settings.user == {"num_inference_steps": 4, "shift": 8.0, "sink_blocks": 1, "image": "a.png"}
+    every_flag = {f.name for f in _fields(STREAM_EXCLUDED) if f.metadata["cli"] is not None}
+    argv = ["serve"]
+    for f in _fields(STREAM_EXCLUDED):
+        if f.metadata["cli"] is not None:
+            value = f.metadata["choices"][-1] if f.metadata["choices"] else "1" if f.name != "prompt" else "p"
+            argv += [f"--{f.metadata['cli']}", value]
+    assert set(cli_user_settings(parser.parse_args(argv))) == every_flag
+    # tmp_path: a folder without demo_model.json (a real checkpoint recommends nothing): serve's own small
+    # settings over the type's, generate the official T2V settings.
+    serve_settings, prompt = serve_sampling(parser.parse_args(["serve", "--model", str(tmp_path)]))
+    stream = resolve_request(dataclasses.replace(serve_settings, user={"prompt": prompt.prompt}),
+                             folder_layers(tmp_path), stream=True)
+    assert {k: getattr(stream.request, k) for k in SERVE_DEFAULTS if k != "overlap_history"} == {
+        k: v for k, v in SERVE_DEFAULTS.items() if k != "overlap_history"}
+    assert stream.request.overlap_history is None and str(stream.source("overlap_history")).startswith("derived")
+    assert stream.request.ar_step == SERVE_DEFAULTS["num_inference_steps"]  # kvcache stream: one block in flight
+    clip = resolve_request({"prompt": "p"}, folder_layers(tmp_path))
+    assert {k: getattr(clip.request, k) for k in OFFICIAL_T2V} == OFFICIAL_T2V
 
 
 def test_the_server_accepts_every_stream_setting_and_refuses_others():

@@ -21,6 +21,9 @@ class FailingOnce:
     def __init__(self, pipe, after: int):
         self.pipe, self.after, self.streams = pipe, after, 0
 
+    def resolve(self, settings, stream=False):
+        return self.pipe.resolve(settings, stream=stream)
+
     def stream(self, **settings):
         self.streams += 1
         inner = self.pipe.stream(**settings)

@@ -17,7 +17,9 @@
 A stream is a `skyrt serve` with the flags its keys name (`steps: 2` is `--steps 2`; see
 SERVE_KEYS), plus where it runs (`gpus`, `cpus`) and its control state (`prompt`, `playlist`).
 The serve flags are parsed by `skyrt serve`'s own parser, so a stream accepts exactly what the
-command does and is built by the same code.
+command does and is built by the same code. The sampling keys a stream sets (its own or from
+`defaults`) are the user's layer of its request (runtime/resolve.py), whatever their values: `shift: 8.0`
+runs with 8 under a preset whose shift is 5.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ DEFAULT_PROMPT = "a red circle bouncing on a dark blue background"
 # Stream keys that are `skyrt serve` flags: value types as YAML gives them, flag = --key-with-dashes. The
 # sampling keys are the serve command's sampling flags, from the request type (prompt apart: a control state).
 SERVE_KEYS = {
-    "model": str, "backend": str, "device": str,
+    "model": str, "backend": str, "device": str, "preset": str,
     **{f.metadata["cli"].replace("-", "_"): setting_type(f)
        for f in cli_settings(exclude=(*STREAM_EXCLUDED, "prompt"))},
     "formats": list, "max_connections": int, "max_connections_per_address": int, "stall_timeout": float,

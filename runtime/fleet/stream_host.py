@@ -77,10 +77,11 @@ class StreamHost(threading.Thread):
     def _build_server(self):
         """The StreamServer for this stream, built as `skyrt serve` builds its own."""
         from ..cli import pipeline_spec, serve_sampling, server_config
+        from ..resolve import FLEET_YAML
         from ..server import ProcessPipeline, StreamServer
 
         args = check_serve_flags(self.stream)
-        sampling, prompt = serve_sampling(args)  # first: it resolves --fps (a preset's, else 24)
+        sampling, prompt = serve_sampling(args, FLEET_YAML)  # the YAML's keys are the user's settings
         config = replace(server_config(args, self.token), allowed_hosts=tuple(args.allowed_host) + self.allowed_hosts)
         prompt = replace(prompt, prompt=self.stream.prompt)
         if self._pipe is None:

@@ -15,12 +15,16 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from .app import create_app, fast_answer
 from .connections import ConnectionLimits, guarded_runner, install_log_rate_limit
 from .generator_process import PipelineSpec, ProcessPipeline
 from .playlist import Limits, Playlist, PlaylistItem, PromptBoard, PromptChange, RequestError, load_playlist
 from .stream_server import FORMATS, ServerConfig, StreamServer
+
+if TYPE_CHECKING:
+    from ..resolve import Settings
 
 __all__ = ["FORMATS", "ConnectionLimits", "Limits", "PipelineSpec", "Playlist", "PlaylistItem", "PromptBoard",
            "PromptChange", "RequestError", "ServerConfig", "StreamServer", "create_app", "load_playlist", "serve"]
@@ -30,10 +34,11 @@ log = logging.getLogger("skyrt.server")
 SHUTDOWN_TIMEOUT_S = 1.0  # after SIGTERM, handlers get this long before they are cancelled
 
 
-def serve(pipe, sampling: dict, config: ServerConfig = ServerConfig(), host: str = "127.0.0.1", port: int = 8000,
-          prompt: PromptChange | None = None, playlist: Playlist | None = None, captioner=None,
+def serve(pipe, sampling: "Settings | dict", config: ServerConfig = ServerConfig(), host: str = "127.0.0.1",
+          port: int = 8000, prompt: PromptChange | None = None, playlist: Playlist | None = None, captioner=None,
           caption_every_s: float = 30.0, show_token: bool = False, startup_cancelled=None) -> None:
     """Serve an endless stream of `pipe.stream(**sampling)` until SIGINT/SIGTERM, then drain and exit.
+    `sampling` is resolved once, against the loaded model, before the stream starts (StreamServer).
 
     pipe: a `PipelineSpec` (the pipeline is loaded and run in a child process, see
     generator_process.py: what `skyrt serve` does), or a loaded Pipeline (run on a thread here).

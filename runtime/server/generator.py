@@ -62,11 +62,13 @@ class FrameBuffer:
 
 class GeneratorThread(threading.Thread):
     """Owns the pipeline (a Pipeline, or a ProcessPipeline whose streams run in a child process).
-    `sampling` are `Pipeline.stream` keywords (prompt excluded)."""
+    `resolution` is the stream's resolved request (runtime/resolve.py): every stream opened runs it,
+    with the board's prompt of the moment; `image` is the stream's input."""
 
-    def __init__(self, pipe, sampling: dict, board: PromptBoard, buffer: FrameBuffer, metrics: Metrics):
+    def __init__(self, pipe, resolution, board: PromptBoard, buffer: FrameBuffer, metrics: Metrics, image=None):
         super().__init__(name="skyrt-generator", daemon=True)
-        self.pipe, self.sampling, self.board, self.buffer, self.metrics = pipe, sampling, board, buffer, metrics
+        self.pipe, self.resolution, self.board, self.buffer, self.metrics = pipe, resolution, board, buffer, metrics
+        self.image = image
         self.stop_event = threading.Event()
         self._stream = None
         self._stream_lock = threading.Lock()
@@ -97,10 +99,8 @@ class GeneratorThread(threading.Thread):
 
     def _run_stream(self) -> None:
         change = self.board.current
-        settings = dict(self.sampling, prompt=change.prompt)
-        if change.negative_prompt is not None:
-            settings["negative_prompt"] = change.negative_prompt
-        stream = self.pipe.stream(**settings)
+        request = self.resolution.with_prompt(change.prompt, change.negative_prompt)
+        stream = self.pipe.stream(request=request, image=self.image)
         with self._stream_lock:
             self._stream = stream
         if self.board.current != change:  # switched while the stream was being set up: not lost

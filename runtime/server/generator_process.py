@@ -8,15 +8,19 @@ pipeline (and the GPU, if any); the server process keeps the pacer and HTTP and 
 chunks over a pipe. Side benefits: a crash in native code (a segfault, the OOM killer) takes down
 the child, not the server, which restarts it; and the serving process never imports torch.
 
-`ProcessPipeline(spec)` is a drop-in for a Pipeline in `GeneratorThread`: `.stream(**settings)`
-returns an iterator of chunks with `set_prompt`, `prompt` and `close`, like `Pipeline.stream`.
+`ProcessPipeline(spec)` is a drop-in for a Pipeline in `GeneratorThread`: `.resolve(settings, stream=True)`
+resolves a request here, in the parent, against the layers the child's model reported when it loaded
+(its recommendation, preset, checkpoint block size: runtime/resolve.py), and `.stream(request=...)`
+runs that request in the child as it is (the child never re-applies defaults); the stream is an
+iterator of chunks with `set_prompt`, `prompt` and `close`, like `Pipeline.stream`'s.
 
-Protocol on one duplex pipe (child -> parent, after ("loaded", info) or ("load_failed", error)):
+Protocol on one duplex pipe (child -> parent, after ("loaded", info) or ("load_failed", error); info
+holds the model's ModelLayers under "layers"):
     ("chunk", stream_id, shape, seconds, prompt) then the chunk's bytes   one uint8 chunk [n, H, W, 3]
     ("error", stream_id, text)                                           the stream raised; it is closed
     ("done", stream_id)                                                  a finite stream ended
 parent -> child:
-    ("start", stream_id, settings)   close any stream, open `pipe.stream(**settings)`
+    ("start", stream_id, request, inputs)   close any stream, open `pipe.stream(request=request, **inputs)`
     ("prompt", stream_id, prompt, negative_prompt, recache)
     ("end", stream_id)               close that stream and wait
 Messages of a stream the parent has closed are skipped by their id. The parent ends the child with
@@ -83,7 +87,7 @@ def _child_main(conn, spec: PipelineSpec, log_level: int) -> None:
     except BaseException as err:  # reported to the parent, which raises it where the server starts
         conn.send(("load_failed", type(err).__name__, str(err), traceback.format_exc()))
         return
-    conn.send(("loaded", {"model": spec.model, "backend": spec.backend, "device": spec.device}))
+    conn.send(("loaded", {"model": spec.model, "backend": spec.backend, "device": spec.device, "layers": pipe.layers}))
     try:
         _ChildLoop(conn, pipe).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -108,7 +112,7 @@ class _ChildLoop:
             self._close()
             self.stream_id = stream_id
             try:
-                self.stream = self.pipe.stream(**message[2])
+                self.stream = self.pipe.stream(request=message[2], **message[3])
             except Exception as err:
                 self._report(err)
         elif kind == "prompt" and stream_id == self.stream_id and self.stream is not None:
@@ -159,6 +163,7 @@ class ProcessPipeline:
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self.starts = 0  # child processes started (1 + restarts after a death)
+        self.layers = None  # the loaded model's ModelLayers (runtime/resolve.py), once started
 
     @property
     def pid(self) -> int | None:
@@ -199,9 +204,19 @@ class ProcessPipeline:
             error = getattr(builtins, name, None)
             raise (error if isinstance(error, type) and issubclass(error, Exception) else RuntimeError)(text)
         log.info("generator process %d loaded the model", process.pid)
+        self.layers = message[1]["layers"]
         return message[1]
 
-    def stream(self, **settings) -> "ChildStream":
+    def resolve(self, settings=None, stream: bool = False):
+        """The request `settings` resolve to on the child's model (like `Pipeline.resolve`), resolved here."""
+        from ..resolve import resolve_request
+
+        if self.layers is None:
+            raise GeneratorProcessError("start() the generator process first: a request resolves against its model")
+        return resolve_request(settings, self.layers, stream=stream)
+
+    def stream(self, request, **inputs) -> "ChildStream":
+        """Run the resolved stream `request` (`resolve(..., stream=True).request`) in the child; inputs: image."""
         process = self._process
         if process is None or not process.is_alive():
             if process is not None:
@@ -210,8 +225,8 @@ class ProcessPipeline:
                 self._reap()
             self.start()
         stream_id = next(self._ids)
-        self.send(("start", stream_id, settings))
-        return ChildStream(self, stream_id, settings.get("prompt", ""))
+        self.send(("start", stream_id, request, inputs))
+        return ChildStream(self, stream_id, request.prompt)
 
     def send(self, message) -> None:
         with self._send_lock:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..latents import TEMPORAL_FACTOR
-from ..request import DEFAULTS, check_stream_settings
+from ..request import GenerationRequest, check_stream_settings
+from ..resolve import Settings
 from .broadcast import Broadcast
 from .connections import ConnectionLimits, ConnectionRegistry
 from .encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
@@ -37,7 +38,7 @@ FORMATS = ("mjpeg", "hls", "mp4")
 class ServerConfig:
     """Everything about serving that is not a sampling setting."""
 
-    fps: int = 24
+    fps: int | None = None  # None: the stream request's (a preset's 16, else 24); set, it is a user setting
     formats: tuple[str, ...] = FORMATS
     token: str | None = None  # control endpoints need 'Authorization: Bearer <token>' when set
     max_body_bytes: int = 64 * 1024
@@ -58,7 +59,7 @@ class ServerConfig:
     state_path: Path | None = None  # --state FILE: the prompt and playlist survive a restart
 
     def __post_init__(self):
-        if not 1 <= self.fps <= 120:
+        if self.fps is not None and not 1 <= self.fps <= 120:
             raise ValueError(f"fps must be in 1..120, got {self.fps}")
         unknown = sorted(set(self.formats) - set(FORMATS))
         if unknown or not self.formats:
@@ -72,23 +73,41 @@ class ServerConfig:
 class StreamServer:
     """One endless stream: `start(loop)` after the event loop runs, `stop()` to drain and exit."""
 
-    def __init__(self, pipe, sampling: dict, config: ServerConfig = ServerConfig(),
+    def __init__(self, pipe, sampling: Settings | dict, config: ServerConfig = ServerConfig(),
                  prompt: PromptChange | None = None, playlist: Playlist | None = None, captioner=None,
                  caption_every_s: float = 30.0):
-        """captioner: a `skyrt.runtime.captioner.Captioner`; with one, the stream is captioned every
+        """pipe: a Pipeline, or a started ProcessPipeline (anything with `resolve` and `stream(request=...)`).
+        sampling: the stream's settings as the user set them (a dict: API keywords; `skyrt serve` gives
+        a Settings with its own defaults), plus an optional `image` input. They are resolved here, once,
+        against the loaded model (runtime/resolve.py): every stream the server opens, in this process or
+        in the generator child, runs that request, with the prompt of the moment.
+        captioner: a `skyrt.runtime.captioner.Captioner`; with one, the stream is captioned every
         `caption_every_s` seconds (GET /caption)."""
-        if "prompt" in sampling:
+        settings = Settings.of(sampling)
+        if "prompt" in settings.user:
             raise ValueError("pass the prompt as `prompt=PromptChange(...)`, not inside `sampling`")
-        check_stream_settings(sampling)  # the request type's stream settings (and `image`), nothing else
-        self.config = config
+        check_stream_settings(settings.user)  # the request type's stream settings (and `image`), nothing else
+        user = dict(settings.user)
+        self.image = user.pop("image", None)
+        if config.fps is not None:  # the server's fps is the stream's
+            if user.get("fps", config.fps) != config.fps:
+                raise ValueError(f"fps={user['fps']} in the settings and ServerConfig(fps={config.fps}) disagree; "
+                                 "give it once")
+            user["fps"] = config.fps
+        first = prompt or PromptChange("a red circle bouncing on a dark blue background")
+        user["prompt"] = first.prompt
+        if first.negative_prompt is not None:
+            user["negative_prompt"] = first.negative_prompt
         self.pipe = pipe
-        self.sampling = dict(sampling, fps=config.fps)
-        self.height, self.width = (int(sampling.get(key, DEFAULTS[key])) for key in ("height", "width"))
+        self.resolution = pipe.resolve(replace(settings, user=user), stream=True)
+        self.request: GenerationRequest = self.resolution.request
+        self.config = config = replace(config, fps=self.request.fps)
+        self.height, self.width = self.request.height, self.request.width
         self.metrics = Metrics()
         self.connections = ConnectionRegistry(config.connections)
         self.limits = replace(config.limits, min_duration_s=max(config.limits.min_duration_s,
-                                                                block_seconds(self.sampling)))
-        self.board = PromptBoard(prompt or PromptChange("a red circle bouncing on a dark blue background"), playlist)
+                                                                block_seconds(self.request)))
+        self.board = PromptBoard(first, playlist)
         self.state = StateFile(config.state_path) if config.state_path is not None else None
         self._saver: StateSaver | None = None
         if self.state is not None:
@@ -106,7 +125,7 @@ class StreamServer:
             from .captioning import LiveCaptioner
 
             self.captioner = LiveCaptioner(captioner, caption_every_s, self._frame_on_screen)
-        self.generator = GeneratorThread(pipe, self.sampling, self.board, self.buffer, self.metrics)
+        self.generator = GeneratorThread(pipe, self.resolution, self.board, self.buffer, self.metrics, image=self.image)
         self.pacer: PacerThread | None = None
         self._encoders: list = []
         self._stopped = False
@@ -193,7 +212,7 @@ class StreamServer:
             fps=self.config.fps,
             width=self.width,
             height=self.height,
-            mode=self.sampling.get("mode", DEFAULTS["mode"]),
+            mode=self.request.mode,
             formats=list(self.config.formats),
             frame_buffer=len(self.buffer),
             caption=None if self.captioner is None else self.captioner.latest()["caption"],
@@ -215,12 +234,11 @@ class StreamServer:
         return {"pid": pid, "starts": self.pipe.starts, "resident_memory_bytes": rss}
 
 
-def block_seconds(sampling: dict) -> float:
+def block_seconds(req: GenerationRequest) -> float:
     """Seconds of output one generated chunk covers: a prompt change can show no sooner than this.
     kvcache mode: a block of `causal_block_size` latent frames; window mode: a window's new frames."""
-    fps = float(sampling.get("fps") or DEFAULTS["fps"])
-    if sampling.get("mode", DEFAULTS["mode"]) == "window" and sampling.get("base_num_frames"):
-        frames = int(sampling["base_num_frames"]) - int(sampling.get("overlap_history") or 0)
+    if req.mode == "window":
+        frames = req.base_num_frames - (req.overlap_history or 0)
     else:
-        frames = TEMPORAL_FACTOR * int(sampling.get("causal_block_size") or 1)
-    return max(1, frames) / fps
+        frames = TEMPORAL_FACTOR * req.causal_block_size
+    return max(1, frames) / req.fps
