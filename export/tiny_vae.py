@@ -270,6 +270,22 @@ def load_tiny_decoder(path: str | Path, device: str | torch.device = "cpu") -> T
     return tiny.to(device).eval()
 
 
+DECODERS = ("wan", "tiny")
+
+
+def open_decoder(decoder: str, decoder_path: str | Path | None, folder: str | Path,
+                 device: str | torch.device = "cpu") -> TinyDecoder | None:
+    """A backend's decoder= choice: None for "wan" (the Wan2.1 VAE decodes), the loaded TinyDecoder
+    for "tiny" (decoder_path, else the model folder's TINY_DECODER_FILES)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder={decoder!r}: choose one of {', '.join(DECODERS)}")
+    if decoder == "wan":
+        if decoder_path is not None:
+            raise ValueError("decoder_path= is the tiny decoder's weights file; it needs decoder='tiny'")
+        return None
+    return load_tiny_decoder(decoder_path if decoder_path is not None else find_tiny_decoder_file(folder), device)
+
+
 # ---- the streaming step as an ONNX graph ---------------------------------------------------------
 def step_io_names() -> tuple[list[str], list[str]]:
     """The step graph's inputs (mu, memory_0..8) and outputs (pixels, new_memory_0..8)."""
@@ -293,6 +309,6 @@ def export_tiny_decoder_onnx(tiny: TinyDecoder, path: str | Path, latent_h: int,
     return path
 
 
-__all__ = ["MEMORY_SPECS", "STARTUP_FRAMES", "TINY_DECODER_FILES", "TinyDecoder", "TinyDecoderFileError",
-           "TinyDecoderStep", "TinyStreamingDecoder", "decode_raw", "export_tiny_decoder_onnx", "find_tiny_decoder_file", "load_tiny_decoder",
-           "step_io_names", "tiny_decoder_state"]
+__all__ = ["DECODERS", "MEMORY_SPECS", "STARTUP_FRAMES", "TINY_DECODER_FILES", "TinyDecoder", "TinyDecoderFileError",
+           "TinyDecoderStep", "TinyStreamingDecoder", "decode_raw", "export_tiny_decoder_onnx",
+           "find_tiny_decoder_file", "load_tiny_decoder", "open_decoder", "step_io_names", "tiny_decoder_state"]

@@ -168,3 +168,58 @@ def test_tensorrt_rtx_builds_the_step_graph(step_onnx, tmp_path):
     assert engine.stat().st_size > 10_000
     manifest = json.loads((tmp_path / "tiny_decoder_step.engine.json").read_text())
     assert manifest["builder"] == "tensorrt-rtx" and manifest["compute_capabilities"] == ["8.9"]
+
+
+# ---- selection: skyrt.load(decoder="tiny"), the torch backend, the CLI flags -------------------------
+SMALL = dict(height=32, width=32, num_inference_steps=2, shift=8.0, guidance_scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def folder_with_tiny(official_dir, released_state, tmp_path_factory) -> Path:
+    """The tiny official-layout model folder (links to its files) plus taew2_1.pth."""
+    folder = tmp_path_factory.mktemp("with_tiny") / "model"
+    folder.mkdir()
+    for item in official_dir.iterdir():
+        (folder / item.name).symlink_to(item)
+    torch.save(released_state, folder / "taew2_1.pth")
+    return folder
+
+
+def test_load_with_the_tiny_decoder_decodes_with_it(folder_with_tiny, official_pipeline, tiny):
+    import skyrt
+    from skyrt.runtime.latents import denormalize as denorm_np
+
+    pipe = skyrt.load(folder_with_tiny, decoder="tiny")
+    z = official_pipeline.generate("x", num_frames=9, seed=5, output="latent", progress=False, **SMALL)
+    frames = pipe.generate("x", num_frames=9, seed=5, progress=False, **SMALL)  # same DiT, same seed
+    with torch.no_grad():
+        video = decode_raw(tiny, torch.from_numpy(denorm_np(z))[None])[0]  # [3, 9, 32, 32] in [-1, 1]
+    expected = ((video / 2 + 0.5).clamp(0, 1) * 255).permute(1, 2, 3, 0).numpy()
+    assert frames.shape == (9, 32, 32, 3)  # the Wan VAE's frame count
+    assert np.abs(frames.astype(np.float32) - np.floor(expected)).max() <= 1
+    decoder = pipe.backend.streaming_decoder()
+    mu = denorm_np(z)
+    chunks = [decoder.decode_next(mu[:, t:t + 1]) for t in range(mu.shape[1])]
+    assert [c.shape[1] for c in chunks] == [1, 4, 4]
+    assert np.abs(np.concatenate(chunks, 1) - pipe.backend.vae_decode(mu)).max() <= TOL
+
+
+def test_tiny_decoder_by_path_and_clear_errors(official_dir, folder_with_tiny):
+    import skyrt
+
+    pipe = skyrt.load(official_dir, decoder="tiny", decoder_path=folder_with_tiny / "taew2_1.pth")
+    assert pipe.backend.tiny_decoder is not None
+    with pytest.raises(FileNotFoundError, match="decoder='tiny' needs TAEHV's Wan2.1 decoder.*taew2_1.pth"):
+        skyrt.load(official_dir, decoder="tiny")
+    with pytest.raises(ValueError, match="decoder='vqgan': choose 'wan'"):
+        skyrt.load(official_dir, decoder="vqgan")
+    with pytest.raises(ValueError, match="decoder='tiny' runs on the torch backend"):
+        skyrt.load(official_dir, backend="onnxruntime", decoder="tiny")
+
+
+def test_cli_decoder_flags_reach_load():
+    from skyrt.runtime.cli import _decoder_kwargs, build_parser
+
+    args = build_parser().parse_args(["generate", "--decoder", "tiny", "--decoder-path", "/m/taew2_1.pth"])
+    assert _decoder_kwargs(args) == {"decoder": "tiny", "decoder_path": "/m/taew2_1.pth"}
+    assert _decoder_kwargs(build_parser().parse_args(["serve"])) == {}
