@@ -42,17 +42,41 @@ class TorchStreamingDecoder(StreamingDecoder):
         return self._decoder.decode_next(z)[0].float().cpu().numpy()
 
 
+class TorchTinyStreamingDecoder(StreamingDecoder):
+    """Wraps skyrt.export.tiny_vae.TinyStreamingDecoder (TAEHV's decoder) for numpy in/out."""
+
+    def __init__(self, tiny, device: torch.device):
+        from skyrt.export.tiny_vae import TinyStreamingDecoder
+
+        self._decoder = TinyStreamingDecoder(tiny)
+        self._device = device
+
+    def reset(self) -> None:
+        self._decoder.reset()
+
+    def decode_next(self, mu_frame: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(np.ascontiguousarray(mu_frame))[None].to(self._device)  # [1, 16, 1, h, w]
+        return self._decoder.decode_next(z)[0].float().cpu().numpy()
+
+
 class TorchBackend(Backend):
-    """Runs the DiT, VAE and umT5 reference modules with torch."""
+    """Runs the DiT, VAE and umT5 reference modules with torch.
+
+    decoder: "wan" (the Wan2.1 VAE's decoder, default) or "tiny" (TAEHV's taew2_1, export/tiny_vae.py:
+    the model folder's taew2_1.safetensors / taew2_1.pth, or the file `decoder_path`), for vae_decode
+    and the streaming decoder. Encoding (I2V, V2V) always uses the Wan2.1 VAE."""
 
     name = "torch"
 
-    def __init__(self, model: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 decoder: str = "wan", decoder_path: str | None = None):
         super().__init__(model)
         from skyrt.export.loaders import load_components
+        from skyrt.export.tiny_vae import open_decoder
 
         self.device = torch.device(device)
         self.dtype = dtype
+        self.tiny_decoder = open_decoder(decoder, decoder_path, model.path, self.device)  # None: the Wan VAE's
         self.dit, self.vae, self.text_encoder = load_components(model, dtype=dtype, device=self.device)
 
     @classmethod
@@ -70,6 +94,7 @@ class TorchBackend(Backend):
         backend.dit = dit.to(backend.device, dtype).eval()
         backend.vae = None if vae is None else vae.to(backend.device).eval()
         backend.text_encoder = text_encoder
+        backend.tiny_decoder = None
         return backend
 
     @torch.inference_mode()
@@ -105,9 +130,15 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def vae_decode(self, mu: np.ndarray) -> np.ndarray:
         z = torch.from_numpy(np.ascontiguousarray(mu))[None].to(self.device)  # [1, 16, F, h, w]
+        if self.tiny_decoder is not None:
+            from skyrt.export.tiny_vae import decode_raw
+
+            return decode_raw(self.tiny_decoder, z)[0].float().cpu().numpy()
         return self.vae.decode(z)[0].float().cpu().numpy()
 
     def streaming_decoder(self) -> StreamingDecoder:
+        if self.tiny_decoder is not None:
+            return TorchTinyStreamingDecoder(self.tiny_decoder, self.device)
         return TorchStreamingDecoder(self.vae, self.device)
 
     # ---- KV-cached step (mode="kvcache") --------------------------------------------------------

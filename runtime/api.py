@@ -28,7 +28,8 @@ def source_spec(model_dir: str | Path | None, backend: str = "torch") -> ModelSp
 
 
 def load(model_dir: str | Path | None = None, backend: str = "torch", device: str = "cpu", preset: str | None = None,
-         text_cache: str | Path | None = None, **options) -> Pipeline:
+         text_cache: str | Path | None = None, decoder: str = "wan", decoder_path: str | Path | None = None,
+         **options) -> Pipeline:
     """Load a model for `backend` (this is `skyrt.load`).
 
     Args:
@@ -46,8 +47,12 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
             checkpoint=, lora=, lora_alpha=, use_ema= override which files (and how) it loads.
         text_cache: a folder where prompt embeddings are kept, so no prompt is ever encoded twice
             (runtime/text_cache.py).
+        decoder: which decoder turns latents into pixels: "wan" (the Wan2.1 VAE, default) or "tiny"
+            (TAEHV's taew2_1, several times cheaper, slightly lower quality; torch backend for now):
+            its weights are the model folder's taew2_1.safetensors or taew2_1.pth, or `decoder_path`.
         options: passed to the backend (e.g. precision, cache_dir, builder).
     """
+    options.update(_decoder_options(backend, decoder, decoder_path))
     if backend == "tensorrt" and device == "cpu":
         device = "cuda"  # engines only run on the GPU; "cpu" is merely skyrt.load's default
     if preset is not None:
@@ -60,6 +65,18 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
 
         enable_text_cache(pipe.backend, text_cache)
     return pipe
+
+
+def _decoder_options(backend: str, decoder: str, decoder_path) -> dict:
+    """The backend options of a decoder choice: none for the default, the torch backend's otherwise."""
+    if decoder not in ("wan", "tiny"):
+        raise ValueError(f"decoder={decoder!r}: choose 'wan' (the Wan2.1 VAE) or 'tiny' (TAEHV's taew2_1)")
+    if decoder == "wan" and decoder_path is None:
+        return {}
+    if backend != "torch":
+        raise ValueError(f"decoder='tiny' runs on the torch backend for now (backend='torch'); the {backend} "
+                         f"backend decodes with the Wan2.1 VAE graphs it exported")
+    return {"decoder": decoder, "decoder_path": None if decoder_path is None else str(decoder_path)}
 
 
 def _load_preset(model_dir, backend: str, device: str, name: str, options: dict) -> Pipeline:

@@ -46,6 +46,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="a causal Wan2.1 family (--model holds its checkpoint beside the Wan2.1 VAE and umT5 files): "
                         "runs its own sampler and sets its recommended sampling flags (runtime/causal_family.py)")
+    p.add_argument("--decoder", default="wan", choices=("wan", "tiny"),
+                   help="wan: the Wan2.1 VAE decodes (default); tiny: TAEHV's taew2_1 (much cheaper, torch backend): "
+                        "the model folder's taew2_1.safetensors / taew2_1.pth, or --decoder-path")
+    p.add_argument("--decoder-path", type=Path, default=None, help="the tiny decoder's weights file (with --decoder tiny)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, command_defaults: dict, exclude: tuple[str, ...] = ()) -> None:
@@ -202,7 +206,14 @@ def _dispatch(args) -> int:
 def _load(args):
     from .api import load
 
-    return load(args.model, backend=args.backend, device=args.device, preset=args.preset)
+    return load(args.model, backend=args.backend, device=args.device, preset=args.preset, **_decoder_kwargs(args))
+
+
+def _decoder_kwargs(args) -> dict:
+    """skyrt.load's decoder= / decoder_path= from --decoder / --decoder-path (none when left default)."""
+    path = getattr(args, "decoder_path", None)
+    kwargs = {} if getattr(args, "decoder", "wan") == "wan" else {"decoder": args.decoder}
+    return kwargs if path is None else {**kwargs, "decoder_path": str(path.expanduser())}
 
 
 def _model_folder(args) -> Path:
@@ -370,7 +381,7 @@ def pipeline_spec(args):
     from .server.generator_process import PipelineSpec
 
     return PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device,
-                        options={} if args.preset is None else {"preset": args.preset})
+                        options={**({} if args.preset is None else {"preset": args.preset}), **_decoder_kwargs(args)})
 
 
 def serve_sampling(args, surface: str = COMMAND_LINE):
