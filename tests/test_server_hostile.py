@@ -451,3 +451,68 @@ def test_a_live_servers_hls_folder_is_left_alone(official_dir):
         with running_server(official_dir) as (_, second):
             assert _hls_folder(first).is_dir() and _hls_folder(second).is_dir()
             assert _hls_folder(first) != _hls_folder(second)
+
+
+# ---------------------------------------------------------------- 9. SIGTERM with --state
+def test_sigterm_with_state_exits_0_after_the_final_save(official_dir, tmp_path):
+    state = tmp_path / "state.json"
+    with running_server(official_dir, "--state", str(state)) as (base, proc):
+        wait_until(state.exists, 10, lambda: "the state file was never written")
+        state.unlink()  # only the save made while stopping can bring it back
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        output = proc.output()
+    assert code == 0 and "Traceback" not in output, output[-3000:]
+    assert json.loads(state.read_text())["version"] == 1
+
+
+# ---------------------------------------------------------------- 10. clients that ask and never read
+def _pipeline_without_reading(port: int, request: bytes, count: int) -> socket.socket:
+    """A connection that sends `count` pipelined requests (as many as the server takes: sends never
+    block) and never reads; a small receive buffer makes the answers back up fast."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    data = request * count
+    try:
+        while data:
+            data = data[sock.send(data):]
+    except BlockingIOError:
+        pass  # the server stopped reading: it holds enough of them
+    return sock
+
+
+def _server_connections(server_port: int) -> int:
+    """Established connections on the server's side of `server_port` (/proc/net/tcp, state 01)."""
+    local = f"0100007F:{server_port:04X}"
+    return sum(1 for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+               if line.split()[1] == local and line.split()[3] == "01")
+
+
+def test_pipelining_clients_that_never_read_are_dropped_within_the_write_deadline(official_dir):
+    deadline_s = 2.0
+    with running_server(official_dir, "--stall-timeout", str(deadline_s)) as (base, proc):
+        port = _port(base)
+        fds_before = get_json(base + "/status")["open_fds"]
+        # The player script (389 kB) fills a loopback connection's buffers (megabytes: Linux grows
+        # them) in a few answers; the page (6.7 kB) would too, after a few hundred answers' CPU time.
+        request = f"GET /static/hls.light.min.js HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        sockets = [_pipeline_without_reading(port, request, 40) for _ in range(50)]
+        sent = time.monotonic()
+        try:
+            assert _server_connections(port) >= 50
+            # Each connection's first answers fill its buffers within a moment; the answer that finds
+            # them full has `deadline_s` to go out, then the connection is dropped.
+            wait_until(lambda: _server_connections(port) == 0, deadline_s + 8.0,
+                       lambda: f"{_server_connections(port)} of 50 still open {time.monotonic() - sent:.1f} s on")
+            took = time.monotonic() - sent
+            wait_until(lambda: get_json(base + "/status")["open_fds"] <= fds_before, 3.0,
+                       lambda: f"fds {get_json(base + '/status')['open_fds']} > {fds_before} after the drops")
+            status = get_json(base + "/status")
+            assert status["client_write_timeouts"] >= 50, (took, status, proc.output()[-3000:])
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert took <= deadline_s + 8.0 and proc.poll() is None
+        assert get_json(base + "/healthz")["ok"]

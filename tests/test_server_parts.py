@@ -552,3 +552,25 @@ def test_pusher_writes_each_item_from_the_publish_callback_and_stops_at_a_full_s
         server.close()
 
     loop.run_until_complete(scenario())
+
+
+# ---------------------------------------------------------------- the control token's file
+@pytest.mark.parametrize("mode, exposed", [(0o600, None), (0o400, None), (0o640, "its group"),
+                                           (0o604, "every user"), (0o666, "its group and every user")])
+def test_a_token_file_others_can_read_is_warned_about(tmp_path, caplog, mode, exposed):
+    import logging
+    import os
+
+    from skyrt.runtime.server.startup import resolve_token
+
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    os.chmod(path, mode)
+    with caplog.at_level(logging.WARNING, logger="skyrt.server"):
+        choice = resolve_token(token_file=path, environ={})
+    assert choice.token == "s3cret"
+    if exposed is None:
+        assert choice.warning is None and not caplog.records
+    else:
+        assert exposed in choice.warning and f"chmod 600 {path}" in choice.warning, choice.warning
+        assert [r.getMessage() for r in caplog.records] == [choice.warning]

@@ -119,11 +119,15 @@ def create_app(server):
                 return _error(413, f"body larger than {config.max_body_bytes} bytes")
         return wrapped
 
+    # The page and its player, read once: answered from memory like the HLS files (a FileResponse
+    # writes itself in prepare() and cannot be prepared twice, which write_deadline below needs).
+    page, player = (STATIC / "index.html").read_bytes(), (STATIC / "hls.light.min.js").read_bytes()
+
     async def index(_request):
-        return web.FileResponse(STATIC / "index.html", headers=NO_CACHE)
+        return web.Response(body=page, content_type="text/html", charset="utf-8", headers=NO_CACHE)
 
     async def hls_js(_request):
-        return web.FileResponse(STATIC / "hls.light.min.js", headers={"Content-Type": "application/javascript"})
+        return web.Response(body=player, content_type="application/javascript", charset="utf-8")
 
     async def healthz(_request):
         health = server.health()
@@ -253,6 +257,32 @@ def create_app(server):
         log.debug("client %s went away during %s %s", request.remote, request.method, request.path)
 
     @web.middleware
+    async def write_deadline(request, handler):
+        """Every answer is written whole within `config.write_timeout_s`, or its connection is dropped.
+
+        aiohttp waits for a socket that takes no more bytes for as long as it takes; a client that
+        pipelines requests and never reads would hold its connection (and its file descriptor) for
+        good. So the answer is written here, under the clock, rather than after the handler returns
+        (aiohttp then finds it written). Streams end inside their handler, under their own stall clock."""
+        response = await handler(request)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return response  # the client left, or a stream's stall clock cut it off
+        try:
+            async with within(config.write_timeout_s):
+                await response.prepare(request)
+                await response.write_eof()
+        except asyncio.TimeoutError:
+            transport.abort()  # not close(): that would wait to flush the very bytes that stalled
+            with server.metrics.lock:
+                server.metrics.client_write_timeouts += 1
+            log.debug("answer to %s %s not taken within %.0f s; connection dropped", request.method,
+                      request.path, config.write_timeout_s)
+        except ConnectionError:
+            client_gone(request)
+        return response
+
+    @web.middleware
     async def json_errors(request, handler):
         """Unknown paths and wrong methods answer JSON too, and no handler error reaches the client raw."""
         try:
@@ -270,7 +300,7 @@ def create_app(server):
             log.exception("handler failed on %s %s", request.method, request.path)
             return _error(500, "internal error (logged on the server)")
 
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[write_deadline, json_errors])
     app.router.add_get("/", index)
     app.router.add_get("/static/hls.light.min.js", hls_js)
     app.router.add_get("/healthz", healthz)
