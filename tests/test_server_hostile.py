@@ -516,3 +516,91 @@ def test_pipelining_clients_that_never_read_are_dropped_within_the_write_deadlin
                 sock.close()
         assert took <= deadline_s + 8.0 and proc.poll() is None
         assert get_json(base + "/healthz")["ok"]
+
+
+# ---------------------------------------------------------------- 11. parser differential: aiohttp is the oracle
+H = b"Host: x\r\n"
+DIFFERENTIAL = {
+    "bare CR hides Content-Length": b"GET /healthz HTTP/1.1\r\n" + H + b"X: a\rContent-Length: 5\r\n\r\nhello",
+    "bare CR hides Transfer-Encoding": b"GET /healthz HTTP/1.1\r\n" + H + b"X: a\rTransfer-Encoding: chunked\r\n\r\n",
+    "obs-fold Content-Length": b"GET /healthz HTTP/1.1\r\n" + H + b"Content-Length:\r\n 5\r\n\r\nhello",
+    "NUL in a header name": b"GET /healthz HTTP/1.1\r\n" + H + b"X-\x00a: 1\r\n\r\n",
+    "duplicate Host": b"GET /healthz HTTP/1.1\r\n" + H + H + b"\r\n",
+    "missing Host": b"GET /healthz HTTP/1.1\r\n\r\n",
+    "header line without colon": b"GET /healthz HTTP/1.1\r\n" + H + b"NoColonHere\r\n\r\n",
+    "129 headers": b"GET /healthz HTTP/1.1\r\n" + H + b"".join(b"X-%d: 1\r\n" % i for i in range(129)) + b"\r\n",
+    "CL and TE": b"POST /healthz HTTP/1.1\r\n" + H + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two CLs": b"POST /healthz HTTP/1.1\r\n" + H + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    "chunked, bad size": b"POST /healthz HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+    "absurd header size": b"GET /healthz HTTP/1.1\r\n" + H + b"X: " + b"a" * 70000 + b"\r\n\r\n",
+    "HTTP/1.0 keep-alive": b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    "pipelined after malformed": b"GET /healthz HTTP/1.1\r\nBad\r\n\r\nGET /healthz HTTP/1.1\r\n" + H + b"\r\n",
+}
+
+
+def _status_and_open(port: int, data: bytes) -> tuple[bytes, bool]:
+    """(the first answer's status code, whether the connection stayed open 0.5 s after it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        status = reply.split(b"\r\n", 1)[0].split(b" ")[1:2]
+        sock.settimeout(0.5)
+        try:
+            while sock.recv(65536):
+                pass
+            still_open = False
+        except socket.timeout:
+            still_open = True
+        except ConnectionResetError:
+            still_open = False
+    return (status[0] if status else b""), still_open
+
+
+def test_hostile_requests_are_answered_as_plain_aiohttp_answers_them(server):
+    import threading
+
+    from aiohttp import web
+
+    base, _ = server
+    oracle_port = free_port()
+    ready, loop_box = threading.Event(), {}
+
+    def oracle():
+        async def healthz(_request):
+            return web.Response(text="ok")
+
+        async def main():
+            app = web.Application()
+            app.router.add_route("*", "/healthz", healthz)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", oracle_port).start()
+            loop_box["stop"] = asyncio.Event()
+            ready.set()
+            await loop_box["stop"].wait()
+            await runner.cleanup()
+
+        loop_box["loop"] = loop = asyncio.new_event_loop()
+        loop.run_until_complete(main())
+
+    thread = threading.Thread(target=oracle, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        mismatches, seen = {}, {}
+        for name, data in DIFFERENTIAL.items():
+            ours, theirs = _status_and_open(_port(base), data), _status_and_open(oracle_port, data)
+            assert theirs[0].isdigit(), (name, theirs)  # the oracle answered: a comparison, not two silences
+            seen[name] = theirs
+            if ours != theirs:
+                mismatches[name] = {"skyrt": ours, "aiohttp": theirs}
+        assert not mismatches, mismatches
+        assert {status for status, _ in seen.values()} >= {b"200", b"400"}, seen
+    finally:
+        loop_box["loop"].call_soon_threadsafe(loop_box["stop"].set)
+        thread.join(10)
