@@ -13,7 +13,7 @@ import pytest
 
 from skyrt.runtime.server.broadcast import Broadcast
 from skyrt.runtime.server.encoders import MJPEG_KEEPALIVE_S, Fmp4Encoder, HlsEncoder, MjpegEncoder, jpeg_of_part
-from skyrt.runtime.server.hls_window import DateLine, HlsFile, HlsWindow
+from skyrt.runtime.server.hls_window import HlsFile, HlsWindow
 from skyrt.runtime.server.metrics import Metrics
 from skyrt.runtime.server.playlist import (Limits, PromptBoard, PromptChange, RequestError, load_playlist,
                                            parse_playlist, parse_prompt_change)
@@ -143,44 +143,43 @@ def test_reader_gets_items_in_order_and_a_slow_reader_drops_the_oldest(loop):
     assert _drain(fast) == [bytes([i]) for i in range(6, 10)] and fast.dropped == 3
 
 
-def test_an_item_published_on_another_thread_is_pushed_on_the_loop(loop):
+def test_an_item_published_on_another_thread_wakes_a_waiting_reader_on_the_loop(loop):
     import threading
 
-    from skyrt.runtime.server.broadcast import Pusher
-
     async def scenario():
-        transport, client, server = await _loopback_pair(loop)
         bc = Broadcast("mjpeg", capacity=4)
         bc.bind(loop)
-        bc.attach(Pusher(bc.subscribe(), transport, b"".join))
+        reader = bc.subscribe()
         threading.Timer(0.05, bc.publish, args=(b"late",)).start()  # the pacer thread's part
-        got = await asyncio.wait_for(loop.sock_recv(client, 100), 5)
-        transport.close()
-        client.close()
-        server.close()
-        return got
+        started = loop.time()
+        await reader.wait(5.0)
+        woke = loop.time() - started
+        return reader.take(), woke
 
-    assert loop.run_until_complete(scenario()) == b"late"
+    taken, woke = loop.run_until_complete(scenario())
+    assert taken == [b"late"] and woke < 2.0
 
 
-async def _loopback_pair(loop):
-    """(server-side transport, client socket, server) over loopback; the transport's buffers as a
-    stream client's (a fixed 4 KiB kernel send buffer, no user-space buffer before it pauses)."""
-    import socket
+def test_a_reader_waits_until_its_timeout_with_nothing_new_and_not_at_all_with_items_pending(loop):
+    async def scenario():
+        bc = Broadcast("mjpeg", capacity=4)
+        bc.bind(loop)
+        reader = bc.subscribe()
+        started = loop.time()
+        await reader.wait(0.2)  # nothing published: the whole timeout
+        idle = loop.time() - started
+        bc.publish(b"x")
+        started = loop.time()
+        await reader.wait(5.0)  # an item waits already: at once
+        pending = loop.time() - started
+        bc.close()
+        reader.take()
+        started = loop.time()
+        await reader.wait(5.0)  # closed: at once
+        return idle, pending, loop.time() - started
 
-    accepted = loop.create_future()
-
-    class Side(asyncio.Protocol):
-        def connection_made(self, transport):
-            accepted.set_result(transport)
-
-    server = await loop.create_server(Side, "127.0.0.1", 0)
-    client = socket.create_connection(server.sockets[0].getsockname())
-    client.setblocking(False)
-    transport = await accepted
-    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    transport.set_write_buffer_limits(high=0)
-    return transport, client, server
+    idle, pending, closed = loop.run_until_complete(scenario())
+    assert 0.15 <= idle < 2.0 and pending < 0.1 and closed < 0.1
 
 
 def test_keyframe_reader_starts_and_resumes_at_keyframes(loop):
@@ -308,28 +307,9 @@ def test_hls_window_retries_a_listed_file_and_serves_nothing_outside_its_folder(
     assert window.refresh() and window.get("s1.m4s").body == b"late"  # the same playlist, read again
 
 
-def test_hls_file_answer_parses_as_http_with_its_headers(tmp_path):
-    import email.utils
-    import http.client
-
-    class _Bytes:
-        def __init__(self, data):
-            self.stream = io.BytesIO(data)
-
-        def makefile(self, *_args, **_kwargs):
-            return self.stream
-
-    clock = iter([1_000_000.2, 1_000_000.9, 1_000_001.0])
-    date = DateLine(clock=lambda: next(clock))
-    first, same_second, next_second = date(), date(), date()
-    assert first is same_second and next_second != first
-    answer = HlsFile.of("seg_ab_000001.m4s", b"\x00moof" * 100).response(first)
-    response = http.client.HTTPResponse(_Bytes(answer))
-    response.begin()
-    assert response.status == 200 and response.read() == b"\x00moof" * 100
-    assert response.getheader("Content-Type") == "video/iso.segment"
-    assert "immutable" in response.getheader("Cache-Control")
-    assert email.utils.parsedate_to_datetime(response.getheader("Date")).timestamp() == 1_000_000
+def test_hls_files_carry_their_content_type_and_cache_policy():
+    segment = HlsFile.of("seg_ab_000001.m4s", b"\x00moof" * 100)
+    assert segment.content_type == "video/iso.segment" and "immutable" in segment.cache_control
     playlist = HlsFile.of("live.m3u8", b"#EXTM3U\n")
     assert playlist.content_type == "application/vnd.apple.mpegurl" and playlist.cache_control == "no-cache"
 
@@ -500,55 +480,23 @@ def test_last_chunk_time_marks_when_the_frame_count_last_grew():
     assert later["uptime_s"] <= metrics.snapshot()["last_chunk_at_s"]
 
 
-def test_pusher_writes_each_item_from_the_publish_callback_and_stops_at_a_full_socket(loop):
-    """A real loopback socket pair: while the client reads, every item reaches it in order with no
-    task involved; when the client stops reading, the pusher stops at the first write the socket
-    does not take and `stopped()` returns; once the socket drains, `resume()` catches up from the
-    ring with the newest items, the evicted ones counted as dropped."""
-    from skyrt.runtime.server.broadcast import Pusher
+# ---------------------------------------------------------------- the control token's file
+@pytest.mark.parametrize("mode, exposed", [(0o600, None), (0o400, None), (0o640, "its group"),
+                                           (0o604, "every user"), (0o666, "its group and every user")])
+def test_a_token_file_others_can_read_is_warned_about(tmp_path, caplog, mode, exposed):
+    import logging
+    import os
 
-    async def scenario():
-        transport, client, server = await _loopback_pair(loop)
-        client.setblocking(True)
-        bc = Broadcast("mjpeg", capacity=3)
-        bc.bind(loop)
-        pusher = Pusher(bc.subscribe(), transport, lambda batch: b"".join(batch))
-        bc.attach(pusher)
-        received = b""
-        for i in range(5):  # small items, read as they come: all arrive, in order
-            bc.publish(b"<%d>" % i)
-            await asyncio.sleep(0.01)
-            received += client.recv(100)
-        assert received == b"<0><1><2><3><4>" and not pusher.blocked
-        big = b"x" * 1_000_000
-        bc.publish(big)  # far more than the socket buffers hold: the pusher stops
-        await asyncio.wait_for(pusher.stopped(), 5)
-        assert pusher.blocked and transport.get_write_buffer_size() > 0
-        for i in range(5, 10):  # published while blocked: the ring keeps the newest 3
-            bc.publish(b"<%d>" % i)
-        await asyncio.sleep(0.01)
-        client.setblocking(False)
-        got = 0
-        while transport.get_write_buffer_size():  # the client catches up; the socket drains
-            try:
-                got += len(client.recv(1 << 20))
-            except BlockingIOError:
-                await asyncio.sleep(0.001)
-        pusher.resume()
-        tail = b""  # the rest of `big` still in kernel buffers, then what resume() wrote
-        deadline = loop.time() + 5
-        while got + len(tail) < len(big) + len(b"<7><8><9>") and loop.time() < deadline:
-            try:
-                tail += client.recv(1 << 20)
-            except BlockingIOError:
-                await asyncio.sleep(0.005)
-        assert tail.endswith(b"<7><8><9>") and got + len(tail) == len(big) + len(b"<7><8><9>")
-        assert pusher.reader.dropped == 2 and not pusher.blocked
-        bc.close()  # the broadcast's end stops the pusher too
-        await asyncio.wait_for(pusher.stopped(), 5)
-        bc.detach(pusher)
-        transport.close()
-        client.close()
-        server.close()
+    from skyrt.runtime.server.startup import resolve_token
 
-    loop.run_until_complete(scenario())
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    os.chmod(path, mode)
+    with caplog.at_level(logging.WARNING, logger="skyrt.server"):
+        choice = resolve_token(token_file=path, environ={})
+    assert choice.token == "s3cret"
+    if exposed is None:
+        assert choice.warning is None and not caplog.records
+    else:
+        assert exposed in choice.warning and f"chmod 600 {path}" in choice.warning, choice.warning
+        assert [r.getMessage() for r in caplog.records] == [choice.warning]

@@ -127,10 +127,8 @@ class StreamHost(threading.Thread):
                 self._pipe.stop()
 
     async def _serve(self) -> None:
-        from aiohttp import web
-
         from ..server import create_app
-        from ..server.connections import guarded_runner, install_log_rate_limit
+        from ..server.connections import bound_address, guarded_runner, install_log_rate_limit, listen
 
         install_log_rate_limit()
         self._loop, self._serve_done = asyncio.get_running_loop(), asyncio.Event()
@@ -138,9 +136,10 @@ class StreamHost(threading.Thread):
         app.on_response_prepare.append(_on_response_prepare)
         runner = guarded_runner(app, self.server.connections, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
+        listener = None
         try:
-            await web.TCPSite(runner, self.settings.bind, 0).start()
-            host, port = runner.addresses[0][:2]
+            listener = await listen(runner, self.settings.bind, 0, self.server.connections)
+            host, port = bound_address(listener)
             self.address = (host, port)
             self.phase = "running"
             log.info("stream %s serving on http://%s:%d/", self.stream.id, host, port)
@@ -151,6 +150,8 @@ class StreamHost(threading.Thread):
             watch.cancel()
         finally:
             self.phase = "stopped" if self._stop_requested.is_set() else self.phase
+            if listener is not None:
+                listener.close()
             await runner.cleanup()
             self.push_control(force=True)
 

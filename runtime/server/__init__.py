@@ -17,8 +17,8 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
-from .app import create_app, fast_answer
-from .connections import ConnectionLimits, guarded_runner, install_log_rate_limit
+from .app import create_app
+from .connections import ConnectionLimits, guarded_runner, install_log_rate_limit, listen
 from .generator_process import PipelineSpec, ProcessPipeline
 from .playlist import Limits, Playlist, PlaylistItem, PromptBoard, PromptChange, RequestError, load_playlist
 from .stream_server import FORMATS, ServerConfig, StreamServer
@@ -80,24 +80,21 @@ def host_is_name(host: str) -> bool:
 
 async def _serve_until_signalled(server: StreamServer, host: str, port: int, show_token: bool,
                                  startup_cancelled=None) -> None:
-    from aiohttp import web
-
     config = server.config
     # Players poll the HLS playlist every second: access lines only with --verbose.
     access_log = logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None
-    # The fast path writes no access lines: with them on (--verbose), every request goes through aiohttp.
-    runner = guarded_runner(create_app(server), server.connections,
-                            fast_answer=fast_answer(server) if access_log is None else None,
-                            access_log=access_log, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    runner = guarded_runner(create_app(server), server.connections, access_log=access_log,
+                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if startup_cancelled is not None and startup_cancelled.is_set():
         stop.set()  # a SIGTERM landed between the model load and these handlers
+    listener = None
     try:
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        listener = await listen(runner, host, port, server.connections)
         where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
         log.info("serving on %s (%s)", where, ", ".join(
             {"mjpeg": "MJPEG /stream.mjpg", "hls": "HLS /hls/live.m3u8", "mp4": "fMP4 /stream.mp4"}[f]
@@ -113,4 +110,6 @@ async def _serve_until_signalled(server: StreamServer, host: str, port: int, sho
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if listener is not None:
+            listener.close()
         await runner.cleanup()

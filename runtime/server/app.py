@@ -25,11 +25,10 @@ try:  # a deadline on a stalled client's wait: a timer handle, no extra task
 except ImportError:  # Python 3.10: aiohttp's own dependency
     from async_timeout import timeout as within
 
-from .broadcast import Pusher
+from .connections import admission
 from .encoders import MJPEG_BOUNDARY
 from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, check_origin, json_depth_exceeds,
                     token_matches)
-from .hls_window import DateLine
 from .playlist import RequestError, parse_playlist, parse_prompt_change
 
 log = logging.getLogger("skyrt.server")
@@ -37,6 +36,7 @@ log = logging.getLogger("skyrt.server")
 STATIC = Path(__file__).parent / "static"
 HLS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.(m3u8|m4s|mp4)$")
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
+STREAM_TICK_S = 0.25  # a stream client looks at its socket at least this often
 
 
 def _error(status: int, message: str):
@@ -47,23 +47,6 @@ def _error(status: int, message: str):
 
 _UNAUTHORIZED = Refusal(401, "unauthorized: send the header 'Authorization: Bearer <token>' with the server's "
                              "token (printed at start, or the one given with --token-file / SKYRT_TOKEN)")
-
-
-def fast_answer(server):
-    """What connections.py may answer without aiohttp (or None): a bodiless GET of an HLS file in the
-    window, as complete HTTP bytes. Players ask for the playlist and a segment every second each, and
-    these bytes were built once per segment, so a viewer costs a lookup and a socket write. Anything
-    else, a miss included, returns None and goes through the app below."""
-    if "hls" not in server.config.formats:
-        return None
-    window, date_line = server.hls_window, DateLine()
-
-    def answer(path: bytes) -> bytes | None:
-        if not path.startswith(b"/hls/"):
-            return None
-        file = window.get(path[5:].decode("latin-1"))
-        return None if file is None else file.response(date_line())
-    return answer
 
 
 def create_app(server):
@@ -119,11 +102,15 @@ def create_app(server):
                 return _error(413, f"body larger than {config.max_body_bytes} bytes")
         return wrapped
 
+    # The page and its player, read once: answered from memory like the HLS files (a FileResponse
+    # writes itself in prepare() and cannot be prepared twice, which write_deadline below needs).
+    page, player = (STATIC / "index.html").read_bytes(), (STATIC / "hls.light.min.js").read_bytes()
+
     async def index(_request):
-        return web.FileResponse(STATIC / "index.html", headers=NO_CACHE)
+        return web.Response(body=page, content_type="text/html", charset="utf-8", headers=NO_CACHE)
 
     async def hls_js(_request):
-        return web.FileResponse(STATIC / "hls.light.min.js", headers={"Content-Type": "application/javascript"})
+        return web.Response(body=player, content_type="application/javascript", charset="utf-8")
 
     async def healthz(_request):
         health = server.health()
@@ -178,8 +165,10 @@ def create_app(server):
     async def stream_out(request, fmt: str, content_type: str, pack):
         """Copy a Broadcast to one client until it leaves; a stalled socket cuts the client off.
 
-        The writing happens in a `Pusher`, right after each publish; this task only waits, under the
-        stall clock, for a socket that did not take everything, and then lets the pusher go on."""
+        Written through aiohttp's response, one write per wake-up with everything new (`pack` makes
+        the batch one write). While the socket holds bytes of the last write, nothing is taken from
+        the ring (the ring drops the oldest meanwhile); if it holds them `write_timeout_s`, the client
+        is cut off."""
         broadcast = server.broadcasts.get(fmt)
         if broadcast is None:
             return _error(404, f"{fmt} output is off; add {fmt} to --formats")
@@ -188,27 +177,31 @@ def create_app(server):
         reader = broadcast.subscribe()
         server.metrics.client_connected(fmt, reader)
         streams.add(transport)
-        pusher = None
+        loop = asyncio.get_running_loop()
         try:
-            writer = await response.prepare(request)  # sends the headers: from here on the socket is ours
+            await response.prepare(request)  # sends the headers
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("client went away before its stream started")
             bound_send_buffers(transport)
-            frame = chunk_framing(writer)
-            pusher = Pusher(reader, transport, lambda batch: frame(pack(batch)))
-            if broadcast.header:
-                pusher.send(frame(broadcast.header))
-            broadcast.attach(pusher)
-            pusher.offer()  # anything published since subscribe()
-            while True:
-                await pusher.stopped()
-                if broadcast.closed:
-                    break
-                if pusher.gone:
+            async with within(config.write_timeout_s):
+                if broadcast.header:
+                    await response.write(broadcast.header)
+            unsent_since = None  # when the socket was first seen holding bytes it had not taken
+            while not broadcast.closed:
+                await reader.wait(STREAM_TICK_S)
+                if transport.is_closing():
                     raise ConnectionResetError("client went away")
-                async with within(config.write_timeout_s):
-                    await writer.drain()
-                pusher.resume()
+                if transport.get_write_buffer_size():
+                    unsent_since = unsent_since or loop.time()
+                    if loop.time() - unsent_since >= config.write_timeout_s:
+                        raise asyncio.TimeoutError
+                    await asyncio.sleep(STREAM_TICK_S)  # wait() returns at once while items wait
+                    continue
+                unsent_since = None
+                batch = reader.take()
+                if batch:
+                    async with within(config.write_timeout_s):  # aiohttp waits for the socket now and then
+                        await response.write(pack(batch))
         except asyncio.TimeoutError:
             # Abort, not close: close() would wait to flush the very send queue that stalled, and keep
             # the socket and its kernel buffers until then.
@@ -222,23 +215,14 @@ def create_app(server):
         except asyncio.CancelledError:
             pass  # the server is stopping
         finally:
-            if pusher is not None:
-                broadcast.detach(pusher)
             streams.discard(transport)
             server.metrics.client_disconnected(fmt, reader)
         return response
 
-    def chunk_framing(writer):
-        """bytes -> what goes on the wire for them: an HTTP/1.1 chunk when aiohttp chose chunked
-        encoding for the response (it does for a stream of unknown length), else the bytes as they are."""
-        if getattr(writer, "chunked", False):
-            return lambda data: b"%x\r\n%b\r\n" % (len(data), data)
-        return lambda data: data
-
     def bound_send_buffers(transport) -> None:
         """A stream socket's backlog lives in its drop-oldest ring, not in buffers: a fixed kernel
-        send buffer (Linux would grow it to 4 MiB) and no user-space buffer past the frame in hand
-        (the transport pauses, and `send` waits, as soon as the kernel leaves bytes unsent)."""
+        send buffer (Linux would grow it to 4 MiB) and no user-space buffer past the write in hand
+        (the transport pauses as soon as the kernel leaves bytes unsent)."""
         if transport is None:
             return
         sock = transport.get_extra_info("socket")
@@ -251,6 +235,32 @@ def create_app(server):
         with server.metrics.lock:
             server.metrics.clients_gone += 1
         log.debug("client %s went away during %s %s", request.remote, request.method, request.path)
+
+    @web.middleware
+    async def write_deadline(request, handler):
+        """Every answer is written whole within `config.write_timeout_s`, or its connection is dropped.
+
+        aiohttp waits for a socket that takes no more bytes for as long as it takes; a client that
+        pipelines requests and never reads would hold its connection (and its file descriptor) for
+        good. So the answer is written here, under the clock, rather than after the handler returns
+        (aiohttp then finds it written). Streams end inside their handler, under their own stall clock."""
+        response = await handler(request)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return response  # the client left, or a stream's stall clock cut it off
+        try:
+            async with within(config.write_timeout_s):
+                await response.prepare(request)
+                await response.write_eof()
+        except asyncio.TimeoutError:
+            transport.abort()  # not close(): that would wait to flush the very bytes that stalled
+            with server.metrics.lock:
+                server.metrics.client_write_timeouts += 1
+            log.debug("answer to %s %s not taken within %.0f s; connection dropped", request.method,
+                      request.path, config.write_timeout_s)
+        except ConnectionError:
+            client_gone(request)
+        return response
 
     @web.middleware
     async def json_errors(request, handler):
@@ -270,7 +280,7 @@ def create_app(server):
             log.exception("handler failed on %s %s", request.method, request.path)
             return _error(500, "internal error (logged on the server)")
 
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[admission(server.connections), write_deadline, json_errors])
     app.router.add_get("/", index)
     app.router.add_get("/static/hls.light.min.js", hls_js)
     app.router.add_get("/healthz", healthz)

@@ -7,11 +7,10 @@ depend on earlier ones (H.264 fragments) also skip ahead to the next keyframe, s
 sees a jump, never a broken picture. Publishing (on the producer thread) is O(1) whatever the
 number of readers.
 
-A stream client is served by a `Pusher`: on the event loop, right after each publish, every pusher
-writes its client's new items straight to the socket, so a client that keeps up costs one socket
-write per item and no task switch. A pusher whose socket did not take everything stops and wakes its
-client's task, which waits for the socket under the stall clock and then resumes it (catching up
-from the ring, drop-oldest as above).
+A stream client is one task on the event loop (app.py): it waits in `Reader.wait()`, woken on the
+loop right after each publish, and writes what `Reader.take()` returns through aiohttp's response.
+While its socket has not taken the last write, it takes nothing: the items wait in the ring
+(drop-oldest, as above) until the socket drains or the stall clock cuts the client off.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -42,48 +40,41 @@ class Broadcast:
         self._seq = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pushers: set[Pusher] = set()  # event loop thread only
+        self._wakers: set[asyncio.Event] = set()  # one per waiting client; event loop thread only
         self._closed = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Attach to the event loop the pushers run on."""
+        """Attach to the event loop the clients wait on."""
         self._loop = loop
 
     def publish(self, payload: bytes, keyframe: bool = True) -> None:
-        """Append an item (any thread); the pushers write it on the event loop."""
+        """Append an item (any thread); waiting clients are woken on the event loop."""
         with self._lock:
             self._seq += 1
             self._items.append(Item(self._seq, payload, keyframe))
-        self._wake_pushers()
+        self._wake_clients()
 
     def close(self) -> None:
-        """End every client's stream (server shutdown): each pusher stops and its task returns."""
+        """End every client's stream (server shutdown): each client's wait returns and its task ends."""
         self._closed = True
-        self._wake_pushers()
+        self._wake_clients()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _wake_pushers(self) -> None:
+    def _wake_clients(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._offer_to_pushers)
+                loop.call_soon_threadsafe(self._set_wakers)
             except RuntimeError:  # the loop closed between the check and the call
                 pass
 
-    def _offer_to_pushers(self) -> None:
+    def _set_wakers(self) -> None:
         """On the event loop after every publish (and at close)."""
-        for pusher in list(self._pushers):
-            pusher.offer()
-
-    def attach(self, pusher: "Pusher") -> None:
-        """Let `pusher` write after every publish until `detach` (event loop thread)."""
-        self._pushers.add(pusher)
-
-    def detach(self, pusher: "Pusher") -> None:
-        self._pushers.discard(pusher)
+        for waker in self._wakers:
+            waker.set()
 
     def subscribe(self) -> "Reader":
         """A new reader, starting at the newest item it can decode from."""
@@ -141,54 +132,17 @@ class Reader:
             self._awaiting_keyframe = False
         return [it.payload for it in items]
 
-
-class Pusher:
-    """Writes one client's new items to its socket from the publish callback (see the module docstring).
-
-    encode: a batch of payloads -> the bytes to write (the client's packing and HTTP chunk framing).
-    The client's task loops on `stopped()`: it returns when the pusher stopped because its socket holds
-    unsent bytes (wait for it to drain, under the stall clock, then `resume()`), the client is gone
-    (`gone`), or the broadcast closed."""
-
-    def __init__(self, reader: Reader, transport, encode: Callable[[list[bytes]], bytes]):
-        self.reader, self.transport, self.encode = reader, transport, encode
-        self.blocked = False  # the socket holds unsent bytes: the task waits for it, not the pusher
-        self._wake: asyncio.Future | None = None
-
-    @property
-    def gone(self) -> bool:
-        return self.transport.is_closing()
-
-    def offer(self) -> None:
-        """Write whatever is new, unless blocked (event loop thread)."""
-        if self.blocked:
+    async def wait(self, timeout_s: float) -> None:
+        """Return once there is something to `take` (or the broadcast closed), or after `timeout_s`
+        (event loop thread)."""
+        bc = self.broadcast
+        if bc.closed or bc._after(self.cursor)[0]:
             return
-        if self.gone or self.reader.broadcast.closed:
-            self._signal()
-            return
-        batch = self.reader.take()
-        if batch:
-            self.send(self.encode(batch))
-
-    def send(self, data: bytes) -> None:
-        """Write `data`; if the socket did not take all of it, stop and wake the task."""
-        self.transport.write(data)
-        if self.transport.get_write_buffer_size():
-            self.blocked = True
-            self._signal()
-
-    async def stopped(self) -> None:
-        """Return once blocked, gone or closed (at once if already)."""
-        while not (self.blocked or self.gone or self.reader.broadcast.closed):
-            self._wake = asyncio.get_running_loop().create_future()
-            await self._wake
-
-    def resume(self) -> None:
-        """The socket took everything: write what arrived meanwhile and go on pushing."""
-        self.blocked = False
-        self.offer()
-
-    def _signal(self) -> None:
-        wake, self._wake = self._wake, None
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        waker = asyncio.Event()
+        bc._wakers.add(waker)
+        try:
+            await asyncio.wait_for(waker.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            bc._wakers.discard(waker)

@@ -6,15 +6,12 @@ opens the next segment (segments are cut at keyframes), so right after that pack
 a consistent window. `refresh()` then reads the playlist and any file it lists that is not in memory
 yet, and replaces the whole mapping at once: a reader sees one window or the next, never a mix.
 
-Each file also carries its HTTP response head (everything but the Date line), built here once, so a
-request for it costs a dictionary lookup and one socket write (connections.py's fast path).
+app.py answers a request for one of them with its bytes, from memory: a dictionary lookup, no disk.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from email.utils import formatdate
-import time
 from pathlib import Path
 
 PLAYLIST = "live.m3u8"
@@ -28,23 +25,16 @@ _LISTED = re.compile(r'^#EXT-X-MAP:URI="([^"]+)"|^([^#\s][^\s]*)$', re.M)
 
 @dataclass(frozen=True)
 class HlsFile:
-    """One file of the window: its bytes and the head of a 200 answer for them (no Date line)."""
+    """One file of the window: its bytes and the headers of a 200 answer for them."""
 
     body: bytes
     content_type: str
     cache_control: str
-    head: bytes  # status line and headers up to, not including, the Date line
 
     @classmethod
     def of(cls, name: str, body: bytes) -> "HlsFile":
         kind = name.rsplit(".", 1)[1]
-        head = (f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPES[kind]}\r\nContent-Length: {len(body)}\r\n"
-                f"Cache-Control: {CACHE_CONTROL[kind]}\r\nServer: skyrt\r\n").encode()
-        return cls(body, CONTENT_TYPES[kind], CACHE_CONTROL[kind], head)
-
-    def response(self, date_line: bytes) -> bytes:
-        """The whole HTTP/1.1 answer, given the current `Date: ...\\r\\n` line (see `DateLine`)."""
-        return b"".join((self.head, date_line, b"\r\n", self.body))
+        return cls(body, CONTENT_TYPES[kind], CACHE_CONTROL[kind])
 
 
 class HlsWindow:
@@ -101,20 +91,3 @@ class HlsWindow:
             return (self.folder / name).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
-
-
-class DateLine:
-    """The `Date:` header line for the current second, formatted once per second (event loop thread)."""
-
-    def __init__(self, clock=time.time):
-        self._clock = clock
-        self._second = -1
-        self._line = b""
-
-    def __call__(self) -> bytes:
-        now = self._clock()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
-        return self._line

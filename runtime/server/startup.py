@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import signal
+import stat
 import sys
 import threading
 from contextlib import contextmanager
@@ -21,11 +22,14 @@ from typing import NoReturn
 
 TOKEN_ENV = "SKYRT_TOKEN"
 
+log = logging.getLogger("skyrt.server")
+
 
 @dataclass(frozen=True)
 class TokenChoice:
     token: str | None  # None: control endpoints are open
     generated: bool  # made up for this run: the operator learns it only from the start-up message
+    warning: str | None = None  # something about where the token came from that the operator should fix
 
 
 def resolve_token(token: str | None = None, token_file: Path | None = None, no_token: bool = False,
@@ -44,7 +48,10 @@ def resolve_token(token: str | None = None, token_file: Path | None = None, no_t
         value = path.read_text(encoding="utf-8").strip()
         if not value:
             raise ValueError(f"--token-file {path} is empty; write the token into it, or pass --no-token")
-        return TokenChoice(value, False)
+        warning = token_file_exposure(path)
+        if warning is not None:
+            log.warning("%s", warning)
+        return TokenChoice(value, False, warning)
     if environ.get(TOKEN_ENV):
         return TokenChoice(environ[TOKEN_ENV].strip(), False)
     if token is not None:
@@ -52,6 +59,18 @@ def resolve_token(token: str | None = None, token_file: Path | None = None, no_t
             raise ValueError("--token must not be empty (pass --no-token to leave control open)")
         return TokenChoice(token, False)
     return TokenChoice(secrets.token_urlsafe(18), True)
+
+
+def token_file_exposure(path: Path) -> str | None:
+    """A warning if other users may read the token file (group or world permission bits), else None.
+    The server still starts: the file may sit in a folder only its owner can enter, which this
+    check does not look at."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return None
+    who = " and ".join(name for name, bits in (("its group", 0o070), ("every user", 0o007)) if mode & bits)
+    return (f"token file {path} is readable or writable by {who} (mode {mode:o}): anyone who can read it can "
+            f"control the stream; restrict it with: chmod 600 {path}")
 
 
 class StartupInterrupted(Exception):

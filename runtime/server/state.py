@@ -142,13 +142,15 @@ class StateSaver(threading.Thread):
         super().__init__(name="skyrt-state", daemon=True)
         self.state, self.board = state, board
         self._dirty = threading.Event()
-        self._stop = threading.Event()
+        # Not `_stop`: threading.Thread has a method of that name, which join() calls; shadowing it
+        # made every join (the stop at SIGTERM) raise, so the last save never happened.
+        self._stopping = threading.Event()
 
     def mark_dirty(self) -> None:
         self._dirty.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             if self._dirty.wait(0.5):
                 self._dirty.clear()
                 self._save()
@@ -160,6 +162,6 @@ class StateSaver(threading.Thread):
             log.warning("could not save state to %s: %s", self.state.path, err)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout=5)
         self._save()  # the last position

@@ -217,7 +217,7 @@ class StreamServer:
             frame_buffer=len(self.buffer),
             caption=None if self.captioner is None else self.captioner.latest()["caption"],
             connections={"open": self.connections.count, "refused": self.connections.refused,
-                         "idle_shed": self.connections.shed, "fast_answers": self.connections.fast_answers},
+                         "idle_shed": self.connections.shed},
             resident_memory_bytes=rss,
             open_fds=fds,
             generator_process=self._generator_process(),
