@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state", type=Path, default=None, metavar="FILE",
                        help="keep the prompt and playlist in FILE (written atomically on every change) and "
                             "resume them from it at start")
+    serve.add_argument("--publish", action="append", default=[], metavar="URL",
+                       help="push the H.264 stream to an RTMP receiver, rtmp://HOST[:PORT]/APP/KEY (a relay, "
+                            "a restream service); repeatable; reconnects with backoff")
     serve.add_argument("--captioner", type=Path, default=None,
                        help=f"caption the stream live (GET /caption): {CAPTIONER_HELP} (with --caption-every)")
     serve.add_argument("--caption-every", type=float, default=None, metavar="SECONDS",
@@ -350,7 +353,8 @@ def server_config(args, token: str | None):
                         token=token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                         connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
                         state_path=args.state, write_timeout_s=args.stall_timeout,
-                        stream_send_buffer_bytes=args.send_buffer_kib * 1024)
+                        stream_send_buffer_bytes=args.send_buffer_kib * 1024,
+                        publish=tuple(getattr(args, "publish", ())))
 
 
 def pipeline_spec(args):

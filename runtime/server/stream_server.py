@@ -24,6 +24,7 @@ from .generator_process import ProcessPipeline
 from .hls_window import HlsWindow
 from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
+from .publish import Publisher, check_publish_url, prometheus_text
 from .state import StateFile, StateSaver, make_hls_folder
 
 log = logging.getLogger("skyrt.server")
@@ -56,6 +57,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     state_path: Path | None = None  # --state FILE: the prompt and playlist survive a restart
+    publish: tuple[str, ...] = ()  # --publish URL: push targets (rtmp://HOST/APP/KEY), see publish.py
 
     def __post_init__(self):
         if not 1 <= self.fps <= 120:
@@ -67,6 +69,11 @@ class ServerConfig:
             raise ValueError("token must not be empty (leave it unset to keep control endpoints open)")
         if self.stream_send_buffer_bytes < 4096:
             raise ValueError(f"the send buffer must be at least 4 KiB, got {self.stream_send_buffer_bytes} bytes")
+        for url in self.publish:
+            check_publish_url(url)
+        if self.publish and not {"mp4", "hls"} & set(self.formats):
+            raise ValueError("--publish pushes the H.264 encode of the mp4 or hls output: keep mp4 or hls in "
+                             f"--formats (got {','.join(self.formats)})")
 
 
 class StreamServer:
@@ -109,6 +116,8 @@ class StreamServer:
         self.generator = GeneratorThread(pipe, self.sampling, self.board, self.buffer, self.metrics)
         self.pacer: PacerThread | None = None
         self._encoders: list = []
+        self.publishers: list[Publisher] = []
+        self.metrics.sections.append(lambda: prometheus_text(self.publishers))
         self._stopped = False
 
     def _frame_on_screen(self):
@@ -124,8 +133,12 @@ class StreamServer:
             h264 = Fmp4Encoder(self.broadcasts["mp4"], fps, w, h)
             encoders.append(h264)
         if "hls" in self.config.formats:
-            encoders.append(HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size, leader=h264,
-                                       window=self.hls_window))
+            hls = HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size, leader=h264,
+                             window=self.hls_window)
+            encoders.append(hls)
+            h264 = h264 or hls
+        self.publishers = [Publisher(url, h264, fps) for url in self.config.publish]
+        encoders.extend(self.publishers)
         return encoders  # leaders before followers: the pacer encodes in this order
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -202,6 +215,7 @@ class StreamServer:
             resident_memory_bytes=rss,
             open_fds=fds,
             generator_process=self._generator_process(),
+            publish=[publisher.state() for publisher in self.publishers],
             time=time.time(),
         )
 
