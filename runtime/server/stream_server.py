@@ -118,6 +118,8 @@ class StreamServer:
         self._encoders: list = []
         self.publishers: list[Publisher] = []
         self.metrics.sections.append(lambda: prometheus_text(self.publishers))
+        if "hls" in config.formats:
+            self.metrics.sections.append(self.hls_window.requests.prometheus)
         self._stopped = False
 
     def _frame_on_screen(self):
@@ -216,6 +218,7 @@ class StreamServer:
             open_fds=fds,
             generator_process=self._generator_process(),
             publish=[publisher.state() for publisher in self.publishers],
+            hls_requests=self.hls_window.requests.snapshot() if "hls" in self.config.formats else None,
             time=time.time(),
         )
 
