@@ -24,6 +24,7 @@ from .generator_process import ProcessPipeline
 from .hls_window import HlsWindow
 from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
+from .llhls import PART_TARGET_S, LlHlsPackager, new_window
 from .publish import Publisher, check_publish_url, prometheus_text
 from .state import StateFile, StateSaver, make_hls_folder
 
@@ -58,6 +59,7 @@ class ServerConfig:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     state_path: Path | None = None  # --state FILE: the prompt and playlist survive a restart
     publish: tuple[str, ...] = ()  # --publish URL: push targets (rtmp://HOST/APP/KEY), see publish.py
+    ll_hls_part_s: float = PART_TARGET_S  # low-latency HLS beside HLS (/llhls/), parts this long; 0: off
 
     def __post_init__(self):
         if not 1 <= self.fps <= 120:
@@ -71,6 +73,8 @@ class ServerConfig:
             raise ValueError(f"the send buffer must be at least 4 KiB, got {self.stream_send_buffer_bytes} bytes")
         for url in self.publish:
             check_publish_url(url)
+        if self.ll_hls_part_s:
+            new_window(self.fps, self.ll_hls_part_s)  # raises on a part length that cannot work
         if self.publish and not {"mp4", "hls"} & set(self.formats):
             raise ValueError("--publish pushes the H.264 encode of the mp4 or hls output: keep mp4 or hls in "
                              f"--formats (got {','.join(self.formats)})")
@@ -108,6 +112,8 @@ class StreamServer:
                            for fmt in config.formats if fmt in ("mjpeg", "mp4")}
         self.hls_folder = make_hls_folder()  # reaps the folders of servers that died first
         self.hls_window = HlsWindow(self.hls_folder)  # what HTTP serves: the HLS files in memory
+        self.llhls_window = (new_window(config.fps, config.ll_hls_part_s)
+                             if "hls" in config.formats and config.ll_hls_part_s else None)
         self.captioner = None
         if captioner is not None:
             from .captioning import LiveCaptioner
@@ -139,6 +145,8 @@ class StreamServer:
                              window=self.hls_window)
             encoders.append(hls)
             h264 = h264 or hls
+        if self.llhls_window is not None:
+            encoders.append(LlHlsPackager(self.llhls_window, fps, w, h, leader=h264))
         self.publishers = [Publisher(url, h264, fps) for url in self.config.publish]
         encoders.extend(self.publishers)
         return encoders  # leaders before followers: the pacer encodes in this order
