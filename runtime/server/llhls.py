@@ -142,6 +142,11 @@ class LlHlsWindow:
         names += [name for s in with_parts for name, _, _ in s.parts]
         return names
 
+    @property
+    def in_segment(self) -> bool:
+        """Whether a segment is being made (False before the first keyframe)."""
+        return self._current is not None
+
     def next_part(self) -> tuple[int, int]:
         """(msn, part) of the part being made now (the preload hint)."""
         if self._current is None:
@@ -205,10 +210,10 @@ class LlHlsPackager:
     def publish(self, fragment: bytes, keyframe: bool = False) -> None:
         frame_time = self._frame_times.popleft() if self._frame_times else self.clock()
         if keyframe:
-            if self.window._current is not None:
+            if self.window.in_segment:
                 self._end_segment()
             self.window.start_segment(self._msn, frame_time)
-        elif self.window._current is None:
+        elif not self.window.in_segment:
             return  # nothing before the first keyframe can be decoded
         self._fragments.append(fragment)
         self._segment_frames += 1

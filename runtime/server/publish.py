@@ -203,16 +203,20 @@ class Publisher(_H264Output):
 
     # -- pacer thread
     def _mux_copy(self, copy: tuple, template) -> None:
-        """Called by the leader for every packet: queue it, never wait, never raise."""
-        if self._template is None:
-            import av
+        """Called by the leader for every packet: queue it, never wait, never raise (a failure is
+        reported from this output's own encode(), as for any follower)."""
+        try:
+            if self._template is None:
+                import av
 
-            # The leader's stream is the pacer's: copy its codec parameters once, into a stream that
-            # only this publisher reads (every connection's FLV stream is made from it).
-            holder = av.open(io.BytesIO(), mode="w", format=self.format)
-            self._template = (holder, holder.add_stream_from_template(template))
-            self._template_ready.set()
-        self.queue.put(copy)
+                # The leader's stream is the pacer's: copy its codec parameters once, into a stream that
+                # only this publisher reads (every connection's FLV stream is made from it).
+                holder = av.open(io.BytesIO(), mode="w", format=self.format)
+                self._template = (holder, holder.add_stream_from_template(template))
+                self._template_ready.set()
+            self.queue.put(copy)
+        except Exception as err:  # one broken output must not take the leader down
+            self._follower_error = err
 
     # -- publisher thread
     def _run(self) -> None:
