@@ -68,3 +68,32 @@ def test_200_hls_viewers_through_nginx_reach_the_origin_about_once_per_file(offi
         assert origin[kind]["files"] >= 1 and origin[kind]["per_file"] <= 2.0, origin
     assert origin["segment"]["per_file"] <= 1.2 and origin["init"]["per_file"] == 1.0, origin  # immutable ones
     assert " HIT " in cache_log
+
+
+def test_the_origin_counts_answers_per_file_version(tmp_path):
+    """What the crowd test reads: requests per kind, and distinct versions asked (a new playlist is
+    a new version of live.m3u8; a segment is one version forever); misses are not answers."""
+    from skyrt.runtime.server.hls_window import HlsWindow
+
+    def write(name: str, body: bytes) -> None:
+        (tmp_path / (name + ".tmp")).write_bytes(body)
+        (tmp_path / (name + ".tmp")).replace(tmp_path / name)
+
+    def playlist(*names: str) -> bytes:
+        return ('#EXTM3U\n#EXT-X-MAP:URI="init_a.mp4"\n' + "".join(f"#EXTINF:1.0,\n{n}\n" for n in names)).encode()
+
+    window = HlsWindow(tmp_path)
+    for name in ("init_a.mp4", "s1.m4s", "s2.m4s"):
+        write(name, name.encode())
+    write("live.m3u8", playlist("s1.m4s"))
+    window.refresh()
+    for name in ("live.m3u8", "live.m3u8", "init_a.mp4", "s1.m4s", "s1.m4s", "s1.m4s", "nope.m4s"):
+        window.get(name)
+    write("live.m3u8", playlist("s1.m4s", "s2.m4s"))
+    window.refresh()
+    for name in ("live.m3u8", "s2.m4s", "s1.m4s"):
+        window.get(name)
+    assert window.requests.snapshot() == {"playlist": {"requests": 3, "files": 2},
+                                          "segment": {"requests": 5, "files": 2},
+                                          "init": {"requests": 1, "files": 1}}
+    assert 'skyrt_hls_requests_total{kind="segment"} 5' in window.requests.prometheus()
