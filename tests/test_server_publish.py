@@ -172,3 +172,32 @@ def test_push_reaches_an_ffmpeg_receiver_and_resumes_after_it_is_killed(official
 def get_json_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.read().decode()
+
+
+def test_a_receiver_that_accepts_and_never_answers_costs_the_stream_nothing(official_dir):
+    """FFmpeg's RTMP client connects holding the interpreter lock and with no timeout: in the
+    server's process such a receiver would freeze it whole. The relay child waits instead; the
+    server answers, the output keeps its rate, and a stop is still prompt."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    port = silent.getsockname()[1]
+    try:
+        with running_server(official_dir, "--publish", f"rtmp://127.0.0.1:{port}/live/key") as (base, proc):
+            conn, _ = silent.accept()  # the push connected and now waits for the handshake's answer
+            before = get_json(base + "/status")
+            time.sleep(3.0)
+            after = get_json(base + "/status")
+            fps = (after["frames_output"] - before["frames_output"]) / (after["uptime_s"] - before["uptime_s"])
+            assert fps > 12 * 0.7, (before, after)
+            state = after["publish"][0]
+            assert not state["connected"] and state["connects"] == 0 and state["queued_packets"] <= 24
+            stopped = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+            assert time.monotonic() - stopped < 10
+            conn.close()
+    finally:
+        silent.close()

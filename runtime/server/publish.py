@@ -13,15 +13,21 @@ jitter, and a new connection starts at the newest keyframe, with timestamps from
 SRT is not offered: the FFmpeg bundled with PyAV has no `srt` protocol (no libsrt), so `srt://` is
 refused up front; push RTMP to a relay that re-publishes SRT (MediaMTX does).
 
-What FFmpeg's RTMP client cannot do: time out. It opens its socket without an interrupt callback, so
-a receiver that accepts the connection and then stops reading blocks this publisher's thread until the
-TCP connection dies (the queue keeps dropping meanwhile; nothing else waits).
+The network side runs in a child process (publish_relay.py: FLV on its stdin, copied to the URL):
+FFmpeg's RTMP client connects while PyAV holds the interpreter lock and has no timeout, so in this
+process a receiver that accepts and never answers would freeze every thread. The publisher thread
+muxes FLV in memory and writes it to the child's pipe without blocking; a child that has not
+connected within CONNECT_TIMEOUT_S, or takes nothing for STALL_S, is killed and the push reconnects.
 """
 from __future__ import annotations
 
 import io
 import logging
+import os
 import random
+import select
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -36,6 +42,8 @@ log = logging.getLogger("skyrt.server")
 MUXERS = {"rtmp": "flv", "rtmps": "flv"}
 QUEUE_S = 2.0  # seconds of packets a publisher holds for a slow receiver before it drops the oldest GOP
 STABLE_S = 10.0  # a connection that lasted this long resets the backoff
+CONNECT_TIMEOUT_S = 10.0  # a relay that has not connected by then is killed (the receiver never answered)
+STALL_S = 10.0  # a relay that takes no bytes for this long is killed (the receiver stopped reading)
 
 
 class PublishUrlError(ValueError):
@@ -172,6 +180,75 @@ class PacketQueue:
         return len(self._packets)
 
 
+class RelayPipe(io.RawIOBase):
+    """The write end of a publish_relay child: a file PyAV muxes into. Writes never block the thread
+    for long: they wait for the pipe in short steps, fail once the child is gone, the publisher stops,
+    or the child has taken nothing for STALL_S (then it is killed by close())."""
+
+    def __init__(self, url: str, fmt: str, stop: threading.Event):
+        super().__init__()
+        self._stop = stop
+        self._child = subprocess.Popen([sys.executable, "-m", "skyrt.runtime.server.publish_relay", url, fmt],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for pipe in (self._child.stdin, self._child.stdout):
+            os.set_blocking(pipe.fileno(), False)
+        self._said = b""
+        self._url = url
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        deadline = time.monotonic() + STALL_S
+        while view:
+            if self._stop.is_set():
+                raise ConnectionAbortedError("the server is stopping")
+            self._check_child()
+            _, ready, _ = select.select([], [self._child.stdin], [], 0.2)
+            if ready:
+                try:
+                    sent = os.write(self._child.stdin.fileno(), view)
+                except BlockingIOError:
+                    sent = 0
+                if sent:
+                    view, deadline = view[sent:], time.monotonic() + STALL_S
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the receiver took nothing for {STALL_S:g} s")
+        return len(data)
+
+    def poll(self) -> bool:
+        """Whether the child has said it is connected (reads what it printed, never waits)."""
+        try:
+            self._said += os.read(self._child.stdout.fileno(), 256) or b""
+        except BlockingIOError:
+            pass
+        self._check_child()
+        return b"connected" in self._said
+
+    def _check_child(self) -> None:
+        if self._child.poll() is not None:
+            why = (self._child.stderr.read() or b"").decode(errors="replace").strip().splitlines()
+            raise ConnectionError(why[-1] if why else f"the relay exited with {self._child.returncode}")
+
+    def close(self) -> None:
+        """End the child: EOF on its stdin, then a kill if it has not left within a second."""
+        if self.closed:
+            return
+        try:
+            self._child.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._child.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            self._child.wait(timeout=5.0)
+        for pipe in (self._child.stdout, self._child.stderr):
+            pipe.close()
+        super().close()
+
+
 class Publisher(_H264Output):
     """One push target: follows `leader` (an encoding H.264 output) and sends its packets to `url`
     from a thread of its own, reconnecting with `backoff` when the connection fails."""
@@ -196,7 +273,7 @@ class Publisher(_H264Output):
         self.connects = 0  # connections made (the first one and every reconnect)
         self.failures = 0  # attempts and connections that failed
         self.packets_sent = 0
-        self.bytes_sent = 0  # H.264 payload bytes handed to the muxer (FLV framing not included)
+        self.bytes_sent = 0  # H.264 payload bytes sent (FLV and RTMP framing not included)
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"skyrt-publish {self.target}", daemon=True)
         self._thread.start()
@@ -238,32 +315,38 @@ class Publisher(_H264Output):
             self._stop.wait(self.backoff.delay(failures_in_a_row, self._rng))
 
     def _session(self) -> None:
-        """One connection: open, send from the newest keyframe, mux until it fails or we stop."""
+        """One connection: a relay child, FLV from the newest keyframe, until it fails or we stop."""
         import av
 
         self.queue.start_at_newest_keyframe()
         first = self.queue.take(timeout=1.0)
         if first is None:
             return  # nothing to send yet (the pacer is slow): try again without counting a failure
-        container = av.open(self.url, mode="w", format=self.format)
+        relay = RelayPipe(self.url, self.format, self._stop)
+        flv = None
         try:
-            stream = container.add_stream_from_template(self._template[1])
-            container.start_encoding()  # connects: TCP, the RTMP handshake, connect and publish
-            with self._lock:
-                self.connected = True
-                self.connects += 1
-            log.info("publishing to %s (connection %d)", self.target, self.connects)
+            flv = av.open(relay, mode="w", format=self.format, buffer_size=4096, options={"flush_packets": "1"})
+            stream = flv.add_stream_from_template(self._template[1])
             base = first[2]  # every connection's timestamps start at zero
-            packet = first
+            packet, opened = first, time.monotonic()
             while not self._stop.is_set():
                 if packet is not None:
-                    self._send(container, stream, packet, base)
+                    self._send(flv, stream, packet, base)
+                if relay.poll() and not self.connected:
+                    with self._lock:
+                        self.connected = True
+                        self.connects += 1
+                    log.info("publishing to %s (connection %d)", self.target, self.connects)
+                if not self.connected and time.monotonic() - opened > CONNECT_TIMEOUT_S:
+                    raise TimeoutError(f"the receiver did not take the stream within {CONNECT_TIMEOUT_S:g} s")
                 packet = self.queue.take(timeout=0.5)
         finally:
-            try:
-                container.close()
-            except Exception:  # a broken connection cannot take its trailer: nothing left to do
-                pass
+            if flv is not None:
+                try:
+                    flv.close()
+                except Exception:  # a dead relay takes no trailer
+                    pass
+            relay.close()
 
     def _send(self, container, stream, copy: tuple, base: int) -> None:
         import av
@@ -315,7 +398,7 @@ def prometheus_text(publishers: list[Publisher]) -> str:
             ("skyrt_publish_connected", "gauge", "connected", "1 while the push target is connected."),
             ("skyrt_publish_reconnects_total", "counter", "reconnects", "Connections made after the first."),
             ("skyrt_publish_failures_total", "counter", "failures", "Connection attempts and connections that failed."),
-            ("skyrt_publish_packets_total", "counter", "packets_sent", "H.264 packets sent."),
+            ("skyrt_publish_packets_total", "counter", "packets_sent", "H.264 packets handed to the relay process."),
             ("skyrt_publish_bytes_total", "counter", "bytes_sent", "H.264 payload bytes sent."),
             ("skyrt_publish_dropped_packets_total", "counter", "dropped_packets",
              "Packets dropped (whole GOPs) because the target was slow or away.")):
