@@ -4,6 +4,7 @@ and the origin's own count of what reached it: about one request per file."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import urllib.request
@@ -59,6 +60,14 @@ def test_200_hls_viewers_through_nginx_reach_the_origin_about_once_per_file(offi
             report = crowd.viewer_report(viewers)
             origin = crowd.per_file(before, crowd.hls_counts(base))
             cache_log = (prefix / "access.log").read_text()
+            # Low-latency HLS through the proxy: a blocking reload for the hinted part, then the next
+            # hinted part asked before it exists; both held by the origin, passed on by nginx.
+            playlist = urllib.request.urlopen(edge + "/llhls/live.m3u8").read().decode()
+            msn, part = re.search(r'PRELOAD-HINT:TYPE=PART,URI="llpart_\w+?_(\d+)_(\d+)\.m4s"', playlist).groups()
+            blocked = urllib.request.urlopen(f"{edge}/llhls/live.m3u8?_HLS_msn={msn}&_HLS_part={part}").read().decode()
+            assert re.search(rf'URI="llpart_\w+?_{msn}_{part}\.m4s"', blocked), blocked
+            hinted = re.search(r'PRELOAD-HINT:TYPE=PART,URI="([^"]+)"', blocked).group(1)
+            assert urllib.request.urlopen(f"{edge}/llhls/{hinted}").read()[4:8] == b"moof"
     assert report["errors"] == {}, report
     assert report["requests"] >= 200 * 6  # each viewer: a playlist a second, the init segment, the segments
     served = sum(kind["requests"] for kind in origin.values())
