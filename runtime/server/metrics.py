@@ -75,7 +75,7 @@ class Metrics:
         self.client_write_timeouts = 0
         self.control_refused = 0  # control requests refused before their body was read (Host, Origin, token, type)
         self._generated_times: deque[tuple[float, int]] = deque()
-        # Outputs with figures of their own (push targets): callables returning Prometheus text,
+        # Outputs with figures of their own (push targets, HLS answers): callables returning Prometheus text,
         # appended to /metrics; each reads its own state under its own lock.
         self.sections: list = []
 

@@ -3,7 +3,9 @@ owns their start and stop. The HTTP app (app.py) only reads from it.
 
     generator thread ─ FrameBuffer ─ pacer thread ─┬─ MjpegEncoder ─ Broadcast("mjpeg") ─ clients
       (pipeline)        (bounded)    (fps clock)   ├─ Fmp4Encoder  ─ Broadcast("mp4")   ─ clients
-                                                   └─ HlsEncoder   ─ HlsWindow (a segment's files) ─ clients
+                                                   ├─ HlsEncoder   ─ HlsWindow (a segment's files) ─ clients
+                                                   ├─ LlHlsPackager ─ LlHlsWindow (a part's files) ─ clients
+                                                   └─ Publisher    ─ relay process ─ rtmp:// receiver
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ from .encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
 from .generator import FrameBuffer, GeneratorThread, PacerThread
 from .generator_process import ProcessPipeline
 from .hls_window import HlsWindow
+from .llhls import PART_TARGET_S, LlHlsPackager, new_window
 from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
-from .llhls import PART_TARGET_S, LlHlsPackager, new_window
 from .publish import Publisher, check_publish_url, prometheus_text
 from .state import StateFile, StateSaver, make_hls_folder
 
