@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state", type=Path, default=None, metavar="FILE",
                        help="keep the prompt and playlist in FILE (written atomically on every change) and "
                             "resume them from it at start")
+    serve.add_argument("--publish", action="append", default=[], metavar="URL",
+                       help="push the H.264 stream to an RTMP receiver, rtmp://HOST[:PORT]/APP/KEY (a relay, "
+                            "a restream service); repeatable; reconnects with backoff")
+    serve.add_argument("--ll-hls-part", type=float, default=0.25, metavar="SECONDS",
+                       help="low-latency HLS beside HLS at /llhls/live.m3u8, in parts this long (whole frames; "
+                            "default 0.25); 0 turns it off")
     serve.add_argument("--captioner", type=Path, default=None,
                        help=f"caption the stream live (GET /caption): {CAPTIONER_HELP} (with --caption-every)")
     serve.add_argument("--caption-every", type=float, default=None, metavar="SECONDS",
@@ -366,13 +372,16 @@ def _serve(args) -> int:
 def server_config(args, token: str | None):
     """The ServerConfig of parsed `skyrt serve` flags (`skyrt fleet` builds each stream's the same way)."""
     from .server import ConnectionLimits, ServerConfig
+    from .server.llhls import PART_TARGET_S
 
     # fps: the stream's request's (a --fps flag is in its user layer, a preset's 16, else 24).
     return ServerConfig(fps=None, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                         token=token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                         connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
                         state_path=args.state, write_timeout_s=args.stall_timeout,
-                        stream_send_buffer_bytes=args.send_buffer_kib * 1024)
+                        stream_send_buffer_bytes=args.send_buffer_kib * 1024,
+                        publish=tuple(getattr(args, "publish", ())),
+                        ll_hls_part_s=getattr(args, "ll_hls_part", PART_TARGET_S))
 
 
 def pipeline_spec(args):

@@ -126,8 +126,8 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         if os.environ.get("SKYRT_REQUIRE_SYSTEM_TOOLS") == "1":
-            pytest.fail(f"{name} is required here but missing (apt-get install chromium ffmpeg)")
-        pytest.skip(f"{name} not installed (apt-get install chromium ffmpeg)")
+            pytest.fail(f"{name} is required here but missing (apt-get install chromium ffmpeg nginx)")
+        pytest.skip(f"{name} not installed (apt-get install chromium ffmpeg nginx)")
     return path
 
 

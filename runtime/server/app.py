@@ -6,6 +6,7 @@ error that names the problem.
     GET  /stream.mjpg      MJPEG (multipart/x-mixed-replace)
     GET  /stream.mp4       H.264 fragmented MP4, a fragment per frame (mpv, VLC, ffplay)
     GET  /hls/live.m3u8    H.264 HLS, 1 s fMP4 segments, rolling playlist with program-date-time
+    GET  /llhls/live.m3u8  the same as low-latency HLS: 0.25 s parts, blocking reload (llhls.py)
     POST /prompt           {"prompt", "negative_prompt"?, "transition"?: "continue"|"recache"}   [token]
     GET  /playlist         the playlist and its position;  PUT /playlist replaces it              [token]
     GET  /status           JSON figures;  GET /metrics  Prometheus text;  GET /healthz  liveness
@@ -29,6 +30,7 @@ from .connections import admission
 from .encoders import MJPEG_BOUNDARY
 from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, check_origin, json_depth_exceeds,
                     token_matches)
+from .llhls import add_routes as add_llhls_routes
 from .playlist import RequestError, parse_playlist, parse_prompt_change
 
 log = logging.getLogger("skyrt.server")
@@ -293,6 +295,8 @@ def create_app(server):
     app.router.add_get("/hls/{name}", hls_file)
     app.router.add_get("/stream.mjpg", mjpeg)
     app.router.add_get("/stream.mp4", mp4)
+    if server.llhls_window is not None:
+        add_llhls_routes(app, server.llhls_window)  # GET /llhls/live.m3u8 (low-latency HLS) and its parts
 
     async def start(_app):
         server.start(asyncio.get_running_loop())

@@ -46,10 +46,15 @@ class HlsWindow:
         self._playlist: bytes | None = None
         self._listed_before: set[str] = set()
         self.refreshes = 0  # windows published (for tests and metrics)
+        self.requests = RequestCounts()
 
     def get(self, name: str) -> HlsFile | None:
-        """The current version of `name`, or None if the window does not hold it (any thread)."""
-        return self._files.get(name)
+        """The current version of `name` (counted as a request for it), or None if the window does
+        not hold it (the HTTP side's thread)."""
+        file = self._files.get(name)
+        if file is not None:
+            self.requests.count(name, file, self._files)
+        return file
 
     def names(self) -> list[str]:
         return list(self._files)
@@ -91,3 +96,41 @@ class HlsWindow:
             return (self.folder / name).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+
+KINDS = {"m3u8": "playlist", "m4s": "segment", "mp4": "init"}
+
+
+class RequestCounts:
+    """HLS answers this origin gave, per kind of file, and how many distinct file versions they were
+    for (each playlist a segment publishes is a version of live.m3u8): requests / files is what a
+    cache in front (deploy/nginx/skyrt.conf) is judged by, about 1 when a crowd reaches the origin
+    once per file. Updated on the HTTP side's thread only."""
+
+    def __init__(self):
+        self.requests = dict.fromkeys(KINDS.values(), 0)
+        self.files = dict.fromkeys(KINDS.values(), 0)
+        self._seen: set[tuple[str, int]] = set()  # (name, hash of its bytes) of the versions asked
+
+    def count(self, name: str, file: HlsFile, window: dict[str, HlsFile]) -> None:
+        kind = KINDS[name.rsplit(".", 1)[1]]
+        self.requests[kind] += 1
+        key = (name, hash(file.body))  # a bytes object computes its hash once
+        if key not in self._seen:
+            self._seen.add(key)
+            self.files[kind] += 1
+            if len(self._seen) > 4 * len(window) + 64:  # forget versions the window no longer holds
+                self._seen = {(n, h) for n, h in self._seen if n in window and hash(window[n].body) == h}
+
+    def snapshot(self) -> dict:
+        return {kind: {"requests": self.requests[kind], "files": self.files[kind]} for kind in self.requests}
+
+    def prometheus(self) -> str:
+        lines = ["# HELP skyrt_hls_requests_total HLS files answered by this server, per kind.",
+                 "# TYPE skyrt_hls_requests_total counter"]
+        lines += [f'skyrt_hls_requests_total{{kind="{k}"}} {n}' for k, n in self.requests.items()]
+        lines += ["# HELP skyrt_hls_files_requested_total Distinct HLS file versions asked at least once.",
+                  "# TYPE skyrt_hls_files_requested_total counter"]
+        lines += [f'skyrt_hls_files_requested_total{{kind="{k}"}} {n}' for k, n in self.files.items()]
+        return "\n".join(lines) + "\n"
+

@@ -75,6 +75,9 @@ class Metrics:
         self.client_write_timeouts = 0
         self.control_refused = 0  # control requests refused before their body was read (Host, Origin, token, type)
         self._generated_times: deque[tuple[float, int]] = deque()
+        # Outputs with figures of their own (push targets, HLS answers): callables returning Prometheus text,
+        # appended to /metrics; each reads its own state under its own lock.
+        self.sections: list = []
 
     # -- updates
     def chunk_generated(self, frames: int, seconds: float) -> None:
@@ -227,7 +230,7 @@ class Metrics:
         rss, fds = process_resources()
         metric("skyrt_process_resident_memory_bytes", "gauge", "Resident memory of the server process.", [("", rss)])
         metric("skyrt_process_open_fds", "gauge", "Open file descriptors of the server process.", [("", fds)])
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + "".join(section() for section in self.sections)
 
 
 def process_resources(pid: int | str = "self") -> tuple[int, int]:

@@ -3,7 +3,9 @@ owns their start and stop. The HTTP app (app.py) only reads from it.
 
     generator thread ─ FrameBuffer ─ pacer thread ─┬─ MjpegEncoder ─ Broadcast("mjpeg") ─ clients
       (pipeline)        (bounded)    (fps clock)   ├─ Fmp4Encoder  ─ Broadcast("mp4")   ─ clients
-                                                   └─ HlsEncoder   ─ HlsWindow (a segment's files) ─ clients
+                                                   ├─ HlsEncoder   ─ HlsWindow (a segment's files) ─ clients
+                                                   ├─ LlHlsPackager ─ LlHlsWindow (a part's files) ─ clients
+                                                   └─ Publisher    ─ relay process ─ rtmp:// receiver
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from .encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
 from .generator import FrameBuffer, GeneratorThread, PacerThread
 from .generator_process import ProcessPipeline
 from .hls_window import HlsWindow
+from .llhls import PART_TARGET_S, LlHlsPackager, new_window
 from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
+from .publish import Publisher, check_publish_url, prometheus_text
 from .state import StateFile, StateSaver, make_hls_folder
 
 log = logging.getLogger("skyrt.server")
@@ -57,6 +61,8 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     state_path: Path | None = None  # --state FILE: the prompt and playlist survive a restart
+    publish: tuple[str, ...] = ()  # --publish URL: push targets (rtmp://HOST/APP/KEY), see publish.py
+    ll_hls_part_s: float = PART_TARGET_S  # low-latency HLS beside HLS (/llhls/), parts this long; 0: off
 
     def __post_init__(self):
         if self.fps is not None and not 1 <= self.fps <= 120:
@@ -68,6 +74,13 @@ class ServerConfig:
             raise ValueError("token must not be empty (leave it unset to keep control endpoints open)")
         if self.stream_send_buffer_bytes < 4096:
             raise ValueError(f"the send buffer must be at least 4 KiB, got {self.stream_send_buffer_bytes} bytes")
+        for url in self.publish:
+            check_publish_url(url)
+        if self.ll_hls_part_s:
+            new_window(self.fps, self.ll_hls_part_s)  # raises on a part length that cannot work
+        if self.publish and not {"mp4", "hls"} & set(self.formats):
+            raise ValueError("--publish pushes the H.264 encode of the mp4 or hls output: keep mp4 or hls in "
+                             f"--formats (got {','.join(self.formats)})")
 
 
 class StreamServer:
@@ -120,6 +133,8 @@ class StreamServer:
                            for fmt in config.formats if fmt in ("mjpeg", "mp4")}
         self.hls_folder = make_hls_folder()  # reaps the folders of servers that died first
         self.hls_window = HlsWindow(self.hls_folder)  # what HTTP serves: the HLS files in memory
+        self.llhls_window = (new_window(config.fps, config.ll_hls_part_s)
+                             if "hls" in config.formats and config.ll_hls_part_s else None)
         self.captioner = None
         if captioner is not None:
             from .captioning import LiveCaptioner
@@ -128,6 +143,10 @@ class StreamServer:
         self.generator = GeneratorThread(pipe, self.resolution, self.board, self.buffer, self.metrics, image=self.image)
         self.pacer: PacerThread | None = None
         self._encoders: list = []
+        self.publishers: list[Publisher] = []
+        self.metrics.sections.append(lambda: prometheus_text(self.publishers))
+        if "hls" in config.formats:
+            self.metrics.sections.append(self.hls_window.requests.prometheus)
         self._stopped = False
 
     def _frame_on_screen(self):
@@ -143,8 +162,14 @@ class StreamServer:
             h264 = Fmp4Encoder(self.broadcasts["mp4"], fps, w, h)
             encoders.append(h264)
         if "hls" in self.config.formats:
-            encoders.append(HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size, leader=h264,
-                                       window=self.hls_window))
+            hls = HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size, leader=h264,
+                             window=self.hls_window)
+            encoders.append(hls)
+            h264 = h264 or hls
+        if self.llhls_window is not None:
+            encoders.append(LlHlsPackager(self.llhls_window, fps, w, h, leader=h264))
+        self.publishers = [Publisher(url, h264, fps) for url in self.config.publish]
+        encoders.extend(self.publishers)
         return encoders  # leaders before followers: the pacer encodes in this order
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -221,6 +246,8 @@ class StreamServer:
             resident_memory_bytes=rss,
             open_fds=fds,
             generator_process=self._generator_process(),
+            publish=[publisher.state() for publisher in self.publishers],
+            hls_requests=self.hls_window.requests.snapshot() if "hls" in self.config.formats else None,
             time=time.time(),
         )
 
