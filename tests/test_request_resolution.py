@@ -25,7 +25,8 @@ from skyrt.runtime.server.generator_process import ProcessPipeline, PipelineSpec
 
 RECIPES = load_recipes()
 # Each preset's tiny model folder: the recipe of its family (causvid-warp4 reads CausVid's layout).
-RECIPE_OF = {"self-forcing": "self_forcing", "causvid": "causvid", "causvid-warp4": "causvid", "longlive": "longlive"}
+RECIPE_OF = {"self-forcing": "self_forcing", "causvid": "causvid", "causvid-warp4": "causvid", "longlive": "longlive",
+             "causal-forcing-framewise": "causal_forcing_framewise", "causal-forcing-chunkwise": "causal_forcing_chunkwise"}
 # The diffusion-forcing defaults, given explicitly: each must reach the sampler as given.
 EXPLICIT = {"shift": 8.0, "causal_block_size": 1, "sink_blocks": 1, "window_blocks": 8}
 assert {k: DEFAULTS[k] for k in EXPLICIT} == EXPLICIT  # they are the request type's defaults

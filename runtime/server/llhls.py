@@ -253,10 +253,15 @@ def body_frames(body: bytes) -> int:
     return count
 
 
-def new_window(fps: int, part_s: float = PART_TARGET_S, run: str | None = None) -> LlHlsWindow:
-    """A window whose parts are whole frames, as close to `part_s` seconds as the frame rate allows."""
+def check_part_length(part_s: float) -> None:
+    """Refuse a part length no player can use (checked before the stream's fps is known)."""
     if not 0.1 <= part_s <= 1.0:
         raise ValueError(f"an LL-HLS part should last 0.1-1 s (0.2-0.5 s is usual), got {part_s:g}")
+
+
+def new_window(fps: int, part_s: float = PART_TARGET_S, run: str | None = None) -> LlHlsWindow:
+    """A window whose parts are whole frames, as close to `part_s` seconds as the frame rate allows."""
+    check_part_length(part_s)
     return LlHlsWindow(fps, max(1, round(fps * part_s)), run or secrets.token_hex(4))
 
 

@@ -25,7 +25,7 @@ from .encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
 from .generator import FrameBuffer, GeneratorThread, PacerThread
 from .generator_process import ProcessPipeline
 from .hls_window import HlsWindow
-from .llhls import PART_TARGET_S, LlHlsPackager, new_window
+from .llhls import PART_TARGET_S, LlHlsPackager, check_part_length, new_window
 from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
 from .publish import Publisher, check_publish_url, prometheus_text
@@ -77,7 +77,7 @@ class ServerConfig:
         for url in self.publish:
             check_publish_url(url)
         if self.ll_hls_part_s:
-            new_window(self.fps, self.ll_hls_part_s)  # raises on a part length that cannot work
+            check_part_length(self.ll_hls_part_s)  # the fps (the request's) is not known yet
         if self.publish and not {"mp4", "hls"} & set(self.formats):
             raise ValueError("--publish pushes the H.264 encode of the mp4 or hls output: keep mp4 or hls in "
                              f"--formats (got {','.join(self.formats)})")
