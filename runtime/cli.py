@@ -16,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+from . import registry
 from .caption_schema import MAX_NEW_TOKENS, CaptionParseError
 from .captioner import CAPTIONER_ENV, CaptionerSetupError
 from .causal_family import PRESETS
@@ -164,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                          default="onnxruntime", help="onnxruntime (default, CPU) or tensorrt (engines built on first "
                                                      "use; needs an NVIDIA GPU)")
     caption.add_argument("--no-progress", action="store_true", help="no messages while a first use exports")
-    __import__("skyrt.export.export_cli", fromlist=["add_parser"]).add_parser(sub)  # torch only when an export runs
-    __import__("skyrt.runtime.fleet.cli", fromlist=["add_parser"]).add_parser(sub)  # Ray only when a fleet command runs
+    for name in ("cli:export_parser", "cli:fleet_parser"):  # by name: runtime/registry.py says why
+        registry.resolve(name)(sub)
     return parser
 
 

@@ -205,6 +205,36 @@ def test_runtime_never_imports_torch():
     assert not bad, _report("the torch-free runtime imports torch:", bad)
 
 
+# Rule 2: the torch layer may use the runtime's torch-free modules (configs, latents, RoPE, manifests,
+# the backend interface it implements), never what drives or serves a stream; rule 4: nothing in the
+# wheel imports the demo package.
+RUNTIME_DRIVERS = tuple(f"{RUNTIME}.{m}" for m in (
+    "pipeline", "kvcache", "api", "cli", "server", "fleet",
+    "backends.onnxruntime_backend", "backends.tensorrt_backend", "backends.exported_graphs"))
+
+
+def test_export_never_imports_the_runtimes_drivers_or_the_demo():
+    _, imports = all_imports(wheel_packages())
+    bad = forbidden_edges(imports, EXPORT, (*RUNTIME_DRIVERS, DEMO))
+    assert not bad, _report("skyrt.export may import the runtime's torch-free modules only (docs/architecture.md):",
+                            bad)
+
+
+def test_runtime_imports_by_name_only_through_the_registry():
+    """A dynamic import (__import__, importlib.import_module) elsewhere in the runtime would hide an edge
+    from the walker above: runtime/registry.py is the one place that imports by name."""
+    bad = []
+    for name, path in module_files(wheel_packages()).items():
+        if not _within(name, RUNTIME) or name == f"{RUNTIME}.registry":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                called = ast.unparse(node.func)
+                if called in ("__import__", "importlib.import_module", "import_module"):
+                    bad.append(f"  {path.relative_to(ROOT)}:{node.lineno}: {called}(...)")
+    assert not bad, "import by name through runtime/registry.py instead:\n" + "\n".join(bad)
+
+
 def test_no_import_cycles():
     modules, imports = all_imports(wheel_packages())
     cycles = import_cycles(imports, set(modules))
