@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     keys = [k for k in runs["candidate"][0] if k != "load_average_before"]
     median = {name: {k: statistics.median(run[k] for run in runs[name]) for k in keys} for name in installs}
     report = {"benchmark": "engine_ab", "config": {**vars(args), "baseline_root": str(args.baseline_root),
-                                                   "candidate_root": str(args.candidate_root), "out": args.out.name,
+                                                   "candidate_root": "." if args.candidate_root.resolve() == HERE.resolve() else str(args.candidate_root), "out": args.out.name,
                                                    "kvcache_args": KV_ARGS},
               "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
               "runs": runs, "median": median,
