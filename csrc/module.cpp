@@ -28,6 +28,7 @@
 #include "half.h"
 #include "kv_cache.h"
 #include "buffer.h"
+#include "rolling_cache.h"
 #include "rollout.h"
 #include "samplers.h"
 
@@ -1155,6 +1156,32 @@ void bind_rollout(nb::module_& m) {
       .def_prop_ro("slot_block", [](R& r) { return vector_array(r.get().ring().slot_block()); }, kMove);
 }
 
+// Rolling-Forcing's cache policy (csrc/rolling_cache.h): the views of a window call and of a commit.
+void bind_rolling_cache(nb::module_& m) {
+  nb::class_<skyrt::RollingView>(m, "RollingView", "What one DiT call of the rolling cache sees.")
+      .def_prop_ro("slot_valid", [](const skyrt::RollingView& v) { return vector_array<bool>(v.slot_valid); }, kMove,
+                   "bool [slots]: ring slots the call attends to besides its own frames")
+      .def_ro("attention_frames", &skyrt::RollingView::attention_frames,
+              "the attention block among the step's frames (the whole step: full attention)")
+      .def_ro("sink_position", &skyrt::RollingView::sink_position, "RoPE position of the sink's first frame")
+      .def_ro("sink_visible", &skyrt::RollingView::sink_visible);
+  nb::class_<skyrt::RollingCache>(m, "RollingCache",
+                                  "Rolling-Forcing's cache policy over a rollout core's ring (csrc/rolling_cache.h).")
+      .def("__init__",
+           [](skyrt::RollingCache* self, PyRollout& core, int64_t attention_frames, int64_t cache_frames) {
+             new (self) skyrt::RollingCache(core.get().config(), {attention_frames, cache_frames});
+           },
+           "core"_a, "attention_frames"_a = 21, "cache_frames"_a = 24)
+      .def("window", [](skyrt::RollingCache& c, PyRollout& r, int64_t first, int64_t count) {
+             return c.window(r.get(), first, count); },
+           "core"_a, "first"_a, "count"_a, "The window call of `count` active blocks from `first` (places the sink).")
+      .def("commit", [](skyrt::RollingCache& c, PyRollout& r, int64_t block) { return c.commit(r.get(), block); },
+           "core"_a, "block"_a, "The clean pass that commits `block`, before core.commit (places the sink).")
+      .def_prop_ro("attention_blocks", &skyrt::RollingCache::attention_blocks)
+      .def_prop_ro("cache_blocks", &skyrt::RollingCache::cache_blocks)
+      .def_prop_ro("sink_frame", &skyrt::RollingCache::sink_frame, "absolute frame the sink's keys sit at now");
+}
+
 nb::dict build_info() {
   nb::dict info;
 #ifdef SKYRT_WITH_CUDA
@@ -1179,4 +1206,5 @@ NB_MODULE(_core, m) {
   bind_buffer(m);
   bind_cuda(m);
   bind_rollout(m);
+  bind_rolling_cache(m);
 }

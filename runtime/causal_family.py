@@ -10,6 +10,7 @@ Each preset is read off the family's own inference config and loader (torch-free
 | longlive                 | NVlabs/LongLive (Wan2.1 1.3B) | 1000 750 500 250 (warped) | 5     | 3     | 12 frames, sink 3  | generator + LoRA   |
 | causal-forcing-framewise | thu-ml/Causal-Forcing         | 1000 750 500 250 (warped) | 5     | 1     | global (21 frames) | generator_ema (*)  |
 | causal-forcing-chunkwise | thu-ml/Causal-Forcing         | 1000 750 500 250 (warped) | 5     | 3     | global (21 frames) | generator          |
+| rolling-forcing          | TencentARC/RollingForcing     | 1000 800 600 400 200 (w.) | 5     | 3     | rolling (21 / 24)  | generator_ema (*)  |
 
 All run without classifier-free guidance at 480x832, 16 fps, and context_noise 0 (the clean pass at t=0).
 
@@ -24,10 +25,19 @@ load, then renames that prefix to "model." and loads with strict=False (a key it
 base Wan weights, silently); skyrt strips the wrapper names and loads strictly, naming any key that is
 missing. The README runs the frame-wise file with --use_ema and the chunk-wise one without.
 
-Rolling-Forcing (TencentARC/RollingForcing, configs/rolling_forcing_dmd.yaml: 1000 800 600 400 200
-warped, shift 5, blocks of 3) has no preset: its sampler denoises a window of 5 blocks at 5 staggered
-noise levels in one DiT call, which skyrt's one-block-at-a-time rollout does not do
-(tests/rolling_forcing_reference.py restates it exactly, for the rollout core to be checked against). A model folder for a preset holds the
+Rolling-Forcing (TencentARC/RollingForcing, configs/rolling_forcing_dmd.yaml over default_config.yaml;
+the inference loop is their pipeline/rolling_forcing_inference.py `inference_rolling_forcing`): each DiT
+call denoises a rolling window of 5 blocks at 5 staggered noise levels (the DF async schedule with
+ar_step 1 on the rollout core), with full attention inside the window, the sink (block 0's clean K/V)
+re-rotated to sit right before the working blocks, and a clean pass of the window's oldest block that
+writes the cache: skyrt._core.RollingCache, with their code's 21-frame attention and 24-frame cache
+(`rolling_cache`); skyrt's ring for it, sink 1 + window 6 blocks, holds what their cache holds. (*) Their
+README runs rolling_forcing_dmd.pt with --use_ema; the EMA entry is keyed like Causal-Forcing's and their
+inference.py strips the wrapper names and loads strictly, as skyrt does. Past the RoPE table skyrt
+rebases the cache (their absolute positions would fail); a prompt switch with recache is refused (their
+code has none).
+
+A model folder for a preset holds the
 family's checkpoint (and LoRA) beside the Wan2.1 files: `Wan2.1_VAE.pth`,
 `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/` and, optionally, the Wan2.1 `config.json`.
 """
@@ -63,6 +73,9 @@ class CausalPreset:
     # skyrt's ring for families without local attention: the first 21 frames (their whole cache at
     # 480x832: 7 blocks of 3) are exact; past that skyrt keeps block 0 as a sink and rolls the rest.
     global_ring: KVSettings = KVSettings(sink_blocks=1, window_blocks=5)
+    # (attention_frames, cache_frames): Rolling-Forcing's staggered window and cache policy
+    # (causal_rollout.rollout_sampling); None: one block at a time against the ring.
+    rolling_cache: tuple[int, int] | None = None
     height: int = 480
     width: int = 832
 
@@ -131,6 +144,14 @@ PRESETS: dict[str, CausalPreset] = {p.name: p for p in (
                                 local_attn_size=12, sink_size=3),
                  checkpoint_names=("longlive_base.pt", "models/longlive_base.pt"),
                  lora_names=("lora.pt", "models/lora.pt"), lora_rank=256, lora_alpha=256),
+    # configs/rolling_forcing_dmd.yaml; README: inference.py --use_ema with checkpoints/rolling_forcing_dmd.pt.
+    # Their self-attention's max_attention_size (21 frames at 480x832) and kv_cache_clean (24 frames):
+    # the window call sees sink + working + window within 21 frames, the clean pass the last 21 of the
+    # cache; the ring of sink 1 + window 6 blocks holds the 24 frames but the block being written.
+    CausalPreset("rolling-forcing", "TencentARC/RollingForcing",
+                 CausalSampling((1000, 800, 600, 400, 200), warp_denoising_step=True, timestep_shift=5.0),
+                 checkpoint_names=("rolling_forcing_dmd.pt", "checkpoints/rolling_forcing_dmd.pt"), use_ema=True,
+                 global_ring=KVSettings(sink_blocks=1, window_blocks=6), rolling_cache=(21, 24)),
 )}
 
 

@@ -147,14 +147,22 @@ class FewStepSchedule:
         return len(self.timesteps)
 
 
-def rollout_sampling(sampling: CausalSampling, shift: float | None = None) -> RolloutSampling:
+def rollout_sampling(sampling: CausalSampling, shift: float | None = None,
+                     rolling_cache: tuple[int, int] | None = None) -> RolloutSampling:
     """Their loop in the rollout core's terms: the fewstep sampler over their step list (the DiT sees the
     float32 timesteps; x0 takes sigma_x0, a re-noise to step k sigma_noise[k]), one block in flight
-    (ar_step = steps), the commit pass at t = context_noise, LongLive's recache on a prompt switch."""
+    (ar_step = steps), the commit pass at t = context_noise, LongLive's recache on a prompt switch.
+
+    rolling_cache (attention_frames, cache_frames): Rolling-Forcing's loop instead, a rolling window of
+    `steps` blocks at staggered timesteps in one DiT call (the DF async schedule with ar_step = 1: block j
+    at step w - j of row w, re-noise draws oldest block first), full attention over the window, the sink
+    re-rotated in front of the working blocks and the clean pass of the window's oldest block as the
+    commit (skyrt._core.RollingCache; tests/rolling_forcing_reference.py states their loop)."""
     schedule = FewStepSchedule.from_sampling(sampling, shift)
     steps = len(schedule)
     return RolloutSampling(
         sampler="fewstep", step_template=tuple(int(round(float(t))) for t in schedule.timesteps),
         sigmas=(*(float(s) for s in schedule.sigma_x0), 0.0), step_timesteps=tuple(float(t) for t in schedule.timesteps),
         renoise_sigmas=tuple(float(s) for s in schedule.sigma_noise), commit_timestep=float(sampling.context_noise),
-        ar_step=steps, recache="longlive")
+        ar_step=steps if rolling_cache is None else 1, recache="longlive" if rolling_cache is None else "recommit",
+        rolling_cache=rolling_cache)

@@ -97,7 +97,10 @@ class RolloutSampling:
     sees when they differ from it (a warped few-step list). sigmas [S + 1] are the sampler's (last 0);
     renoise_sigmas [S] the fewstep sampler's re-noise targets. ar_step None: the request's.
     recache: what set_prompt(recache=True) does, "recommit" (every cached block again, in order) or
-    "longlive" (LongLive's chunk recache, see skyrt._core.RolloutCore.pack_recache)."""
+    "longlive" (LongLive's chunk recache, see skyrt._core.RolloutCore.pack_recache).
+    rolling_cache: (attention_frames, cache_frames) for Rolling-Forcing's cache policy
+    (skyrt._core.RollingCache: the sink re-rotated in front of the working blocks, full attention over
+    the blocks in flight, their clean pass's view); None: every cached block, block-causal attention."""
 
     sampler: str
     step_template: tuple[int, ...]
@@ -107,6 +110,7 @@ class RolloutSampling:
     commit_timestep: float = 0.0
     ar_step: int | None = None
     recache: str = "recommit"
+    rolling_cache: tuple[int, int] | None = None
 
     @classmethod
     def diffusion_forcing(cls, req) -> "RolloutSampling":
@@ -199,6 +203,7 @@ class KVRollout:
                 guidance_scale=float(req.guidance_scale), device=self.session.device, stream=self.session.stream)
             self.session.bind(self.core)
             self.session.set_prompts(self.contexts)
+            self.rolling = None if s.rolling_cache is None else _core.RollingCache(self.core, *s.rolling_cache)
         except BaseException:
             self.close()
             raise
@@ -264,7 +269,9 @@ class KVRollout:
         if plan.active:
             frames = self.core.pack_active()
             t = np.repeat(np.asarray(plan.timesteps, np.float32), self.block)
-            self._step(frames, t, self._position(plan.active[0], frames), want_velocity=True)
+            position = self._position(plan.active[0], frames)
+            valid, attention = self._view(plan.active[0], len(plan.active))
+            self._step(frames, t, position, want_velocity=True, valid=valid, causal_block_size=attention)
             for blk in plan.step_noise:  # after the step, before the sampler: the documented draw order
                 self.core.set_step_noise(blk, self.noise.renoise(blk, self.core.steps_taken(blk), shape))
             self.core.apply_velocity()
@@ -273,6 +280,15 @@ class KVRollout:
             yield self._commit(blk, self.core.commit_timestep)
 
     # ------------------------------------------------------------------ networks and cache
+    def _view(self, first: int, count: int, commit: bool = False) -> tuple[np.ndarray | None, int | None]:
+        """(slot_valid, attention block) of a step over `count` blocks from `first` (a commit: block
+        `first`): the rolling cache's view (it places the sink's keys), else (None, None): every cached
+        block, the stream's block-causal attention."""
+        if self.rolling is None:
+            return None, None
+        view = self.rolling.commit(self.core, first) if commit else self.rolling.window(self.core, first, count)
+        return view.slot_valid, view.attention_frames
+
     def _position(self, blk: int, frames: int) -> int:
         """RoPE position of the block's first frame, rebasing the core's ring when the table would run out."""
         shift = rebase_shift(self.core.position_of(blk), frames, self.core.capacity * self.block)
@@ -303,7 +319,8 @@ class KVRollout:
         slot = self.core.next_slot()
         self.core.pack_store(slot)
         position = self._position(blk, self.block)
-        self._step(self.block, np.full(self.block, t_commit, np.float32), position, want_kv=True)
+        valid, _ = self._view(blk, 1, commit=True)
+        self._step(self.block, np.full(self.block, t_commit, np.float32), position, want_kv=True, valid=valid)
         self.core.commit(blk, t_commit)
         return self.core.read_store(slot)
 
@@ -315,7 +332,8 @@ class KVRollout:
         the K/V they were committed with under the old prompt (a soft transition). With it, the sampling's
         recache policy: "recommit", every cached block committed again under the new prompt, in block
         order, each against the blocks re-committed before it, at its current position (one clean pass
-        per cached block); "longlive", LongLive's recache (one full-attention clean pass over the last
+        per cached block; with the rolling cache each sees what its clean pass saw, as far as the ring
+        still holds it); "longlive", LongLive's recache (one full-attention clean pass over the last
         sink + window + 1 blocks, skyrt._core.RolloutCore.pack_recache).
         """
         self.contexts = switched_contexts(self.contexts, cond, uncond)
@@ -340,6 +358,9 @@ class KVRollout:
         for blk, slot in sorted((int(b), s) for s, b in enumerate(self.core.slot_block) if live[s]):
             self.core.pack_store(slot)
             t = np.full(self.block, self.core.committed_timestep(slot), np.float32)
-            self._step(self.block, t, self.core.position_of(blk), want_kv=True, valid=valid.copy())
+            shown = valid.copy()
+            if self.rolling is not None:  # its clean pass's view (the sink back at its own frames)
+                shown &= self._view(blk, 1, commit=True)[0]
+            self._step(self.block, t, self.core.position_of(blk), want_kv=True, valid=shown)
             self.core.write_kv(slot)
             valid[slot] = True

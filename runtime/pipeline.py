@@ -272,7 +272,7 @@ class Pipeline:
         """The preset family's sampler and cache rules in the rollout core's terms (runtime/causal_rollout.py)."""
         from .causal_rollout import rollout_sampling
 
-        return rollout_sampling(self.preset.sampling, shift=req.shift)
+        return rollout_sampling(self.preset.sampling, shift=req.shift, rolling_cache=self.preset.rolling_cache)
 
     # ------------------------------------------------------------------ causal-family presets
     def _check_preset_inputs(self, **inputs) -> None:

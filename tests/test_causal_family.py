@@ -1,5 +1,5 @@
-"""The causal Wan2.1 family (Self-Forcing, CausVid, LongLive, Causal-Forcing; Rolling-Forcing's restatement)
-against their OWN inference loops.
+"""The causal Wan2.1 family (Self-Forcing, CausVid, LongLive, Causal-Forcing, Rolling-Forcing) against their
+OWN inference loops.
 
 skyrt runs them on its one rollout engine (runtime/kvcache.py driving skyrt._core.RolloutCore with the
 core's fewstep sampler); tests/causal_rollout_reference.py, the host loop that ran them before, is kept as
@@ -13,9 +13,9 @@ pins the bytes), replays the same noise draws and prompt embeddings, and must re
 to 1e-4 (fp32). The umT5 encoder and the VAE are stood in for (their outputs are not part of these
 fixtures; skyrt's are tested against transformers / diffusers elsewhere).
 
-Rolling-Forcing has no preset (skyrt's rollout does not run its staggered window): its fixture is checked
-against tests/rolling_forcing_reference.py, a frozen restatement of their loop around skyrt's torch DiT
-reference, the oracle for the rollout core when it learns that schedule.
+Rolling-Forcing's staggered window runs on the same core (the DF async schedule with ar_step 1 and
+skyrt._core.RollingCache); its fixture is also checked against tests/rolling_forcing_reference.py, a
+frozen restatement of their loop around skyrt's torch DiT reference, which the core must equal too.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ TOLERANCE = 1e-4
 # Recipes that run a family's released config unchanged (self_forcing_window adds local attention).
 RELEASED_CONFIGS = ("self_forcing", "causvid", "longlive", "longlive_switch", "causal_forcing_framewise",
                     "causal_forcing_chunkwise")
-# Recipes of a family skyrt has a preset for (Rolling-Forcing has none: see the module docstring).
+# Recipes of a family skyrt has a preset for (every recipe's family now).
 PRESET_RECIPES = sorted(name for name, recipe in RECIPES.items() if recipe["family"] in PRESETS)
 
 
@@ -85,8 +85,11 @@ class ReplayNoise(kvcache.NoiseSource):
         return self.data["initial_noise"][:, block * b : (block + 1) * b].copy()
 
     def renoise(self, block, step, shape):
-        # Their loop draws once after every step but the last, block after block.
-        assert self.next_draw == block * (self.steps - 1) + step, "re-noise draws out of their order"
+        if "renoise_block" in self.data:  # Rolling-Forcing: the fixture names each draw's block and next step
+            expected = (int(self.data["renoise_block"][self.next_draw]), int(self.data["renoise_step"][self.next_draw]))
+            assert (block, step + 1) == expected, f"re-noise of block {block} to step {step + 1}, theirs is {expected}"
+        else:  # their loop draws once after every step but the last, block after block
+            assert self.next_draw == block * (self.steps - 1) + step, "re-noise draws out of their order"
         draw = self.data["renoise"][self.next_draw]
         self.next_draw += 1
         return draw.copy()
@@ -358,6 +361,134 @@ def test_rolling_forcing_fixture_tells_the_semantics_apart(rolling_dit, variant,
     err = np.abs(rolling_forcing_latents(rolling_dit, context, data, variant) - data["latents"]).max()
     print(f"rolling_forcing with {variant}: max |restatement - theirs| = {err:.2e}")
     assert err > factor * TOLERANCE
+
+
+def rolling_run(folders, their_inputs, **overrides) -> np.ndarray:
+    """The rolling-forcing preset's rollout of the fixture (their draws, their prompt embedding) on the core."""
+    pipe = load_preset(folders, "rolling_forcing")
+    their_inputs(pipe, "rolling_forcing")
+    return run_like_theirs(pipe, "rolling_forcing", **overrides)
+
+
+def test_rolling_forcing_core_equals_their_loop_and_the_restatement(folders, their_inputs, rolling_dit):
+    """The rolling-forcing preset on the rollout core (DF async schedule with ar_step 1, the fewstep sampler,
+    skyrt._core.RollingCache) equals their latents and the frozen restatement of their loop."""
+    ours = rolling_run(folders, their_inputs)
+    data, context = rolling_context()
+    restated = rolling_forcing_latents(rolling_dit, context, data)
+    err_theirs, err_restated = np.abs(ours - data["latents"]).max(), np.abs(ours - restated).max()
+    print(f"rolling_forcing on the core: max |core - theirs| = {err_theirs:.2e}, "
+          f"max |core - restatement| = {err_restated:.2e}")
+    assert ours.shape == data["latents"].shape
+    assert err_theirs <= TOLERANCE and err_restated <= TOLERANCE
+
+
+def test_rolling_forcing_schedule_is_their_window(folders):
+    """Row w of the core's schedule for the preset is their window w: blocks max(0, w - L + 1) .. min(N - 1, w),
+    block j at step w - j (its warped timestep), every block re-noised after each step but its last, block s
+    finished (and committed: their clean pass) in the row where it is the window's oldest at its last step."""
+    pipe = load_preset(folders, "rolling_forcing")
+    recipe, data = RECIPES["rolling_forcing"], fixture("rolling_forcing")
+    L, N = len(recipe["sampling"]["denoising_step_list"]), recipe["latent"]["frames"] // 3
+    sampling = pipe._causal_rollout(pipe.resolve({"prompt": "x"}).request)
+    core = kvcache._core.RolloutCore(
+        list(sampling.step_template), list(sampling.sigmas), sampler=sampling.sampler,
+        step_timesteps=list(sampling.step_timesteps), renoise_sigmas=list(sampling.renoise_sigmas),
+        ar_step=sampling.ar_step, causal_block_size=3, max_blocks_in_flight=L, horizon_blocks=N, sink_blocks=1,
+        window_blocks=6, height=4, width=6, tokens_per_frame=6, layers=1, heads=1, head_dim=12)
+    noise = np.zeros((16, 3, 4, 6), np.float32)
+    for w in range(N + L - 1):
+        plan = core.next_row()
+        blocks = list(range(max(0, w - L + 1), min(N - 1, w) + 1))
+        assert plan.active == blocks
+        assert np.array_equal(np.float32(plan.timesteps), data["step_timesteps"][[w - j for j in blocks]])
+        assert plan.step_noise == [j for j in blocks if w - j < L - 1]
+        assert plan.finished == ([w - L + 1] if w >= L - 1 else [])
+        for blk in plan.started:
+            core.start_block(blk, noise)
+        core.pack_active()
+        for blk in plan.step_noise:
+            core.set_step_noise(blk, noise)
+        core.apply_velocity()
+        for blk in plan.finished:
+            core.finish_block(blk)
+            core.pack_store(core.next_slot())
+            core.commit(blk, 0.0)
+    assert core.next_row() is None
+    core.close()
+
+
+def _sink_left_at_frame_zero(real_view):
+    """A rollout whose sink keys stay at frames 0..2 (the view's slots, the sink rotated back to 0 for the call)."""
+    def view(self, first, count, commit=False):
+        keys = self.core.buffer("cache_k").numpy()  # [layers, B, slots * tokens, heads, head_dim], slot 0 the sink
+        sink = keys[:, :, : self.block * self.core.buffer("new_k", 1).numpy().shape[2]]
+        kvcache._core.kv_rope_rebase(sink, -self.rolling.sink_frame)  # back where the policy left it
+        out = real_view(self, first, count, commit)
+        kvcache._core.kv_rope_rebase(sink, self.rolling.sink_frame)  # and to frame 0 for this call
+        return out
+    return view
+
+
+@pytest.mark.parametrize("change", ["sink at frame 0", "block-causal window", "ring of sink 1 + window 3"])
+def test_rolling_forcing_fixture_tells_the_core_semantics_apart(folders, their_inputs, monkeypatch, change):
+    """The fixture fails a core run that got one part of their policy wrong (the oracle has teeth)."""
+    overrides = {}
+    real_view = kvcache.KVRollout._view
+    if change == "sink at frame 0":
+        monkeypatch.setattr(kvcache.KVRollout, "_view", _sink_left_at_frame_zero(real_view))
+    elif change == "block-causal window":
+        monkeypatch.setattr(kvcache.KVRollout, "_view",
+                            lambda self, first, count, commit=False: (real_view(self, first, count, commit)[0], None))
+    else:  # a smaller ring than their 24-frame cache: the oldest working blocks drop out
+        overrides = dict(sink_blocks=1, window_blocks=3)
+    err = np.abs(rolling_run(folders, their_inputs, **overrides) - fixture("rolling_forcing")["latents"]).max()
+    print(f"rolling_forcing on the core with {change}: max |core - theirs| = {err:.2e}")
+    assert err > 30 * TOLERANCE
+
+
+def rolling_stream(pipe, blocks: int, switch: tuple[int, str, bool] | None = None) -> np.ndarray:
+    """`blocks` blocks of a rolling-forcing stream of prompt "a" (seeded noise), optionally switching the
+    prompt (at block, to prompt, recache) on the way."""
+    stream = pipe.stream("a", height=32, width=48, output="latent", seed=3)
+    chunks = []
+    for blk in range(blocks):
+        if switch is not None and blk == switch[0]:
+            stream.set_prompt(switch[1], recache=switch[2])
+        chunks.append(next(stream))
+    stream.close()
+    return np.concatenate(chunks, axis=1)
+
+
+def test_rolling_forcing_rope_rebase_is_exact(folders, monkeypatch, rebases):
+    """Past the RoPE table the rolling stream rebases its cache; relative positions, hence outputs, stay the
+    same (the sink's placement follows the origin). 20 blocks with a 40-position table (the least its ring and
+    window allow) against the real table."""
+    pipe = load_preset(folders, "rolling_forcing")
+    random_contexts(monkeypatch, pipe)
+    reference = rolling_stream(pipe, 20)
+    assert not rebases
+    monkeypatch.setattr(kvcache, "ROPE_TABLE", 40)
+    shrunk = rolling_stream(pipe, 20)
+    err = np.abs(shrunk - reference).max()
+    print(f"rolling_forcing, 20 blocks, {len(rebases)} rebases: max |rebased - not| = {err:.2e}")
+    assert len(rebases) >= 5 and err <= TOLERANCE
+
+
+def test_rolling_forcing_recache_under_the_same_prompt_changes_nothing(folders, monkeypatch):
+    """A recache re-runs each cached block's clean pass with its own view: under the same prompt, while the
+    ring holds every block, the cache and so the stream stay what they were; another prompt changes them."""
+    pipe = load_preset(folders, "rolling_forcing")
+    random_contexts(monkeypatch, pipe)
+    reference = rolling_stream(pipe, 9)
+    same = rolling_stream(pipe, 9, switch=(4, "a", True))
+    other, soft = rolling_stream(pipe, 9, switch=(4, "b", True)), rolling_stream(pipe, 9, switch=(4, "b", False))
+    err = np.abs(same - reference).max()
+    print(f"rolling_forcing: recache under the same prompt, max |recached - not| = {err:.2e}; "
+          f"another prompt with recache vs without: {np.abs(other - soft).max():.2e}")
+    assert err <= TOLERANCE
+    # measured 3.0e-3 and more: the tiny model's prompts differ little
+    assert np.abs(other - soft).max() > 10 * TOLERANCE and np.abs(soft - reference).max() > 10 * TOLERANCE
 
 
 # ------------------------------------------------------------------------------------------ loading
