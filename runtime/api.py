@@ -39,7 +39,7 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
         device: torch device for the torch backend ("cpu", "cuda"); onnxruntime: "cpu", "cuda[:N]",
             "tensorrt"; TensorRT engines always run on the GPU.
         preset: a causal Wan2.1 family ("self-forcing", "causvid", "causvid-warp4", "longlive",
-            "causal-forcing-framewise", "causal-forcing-chunkwise"; see
+            "causal-forcing-framewise", "causal-forcing-chunkwise", "rolling-forcing"; see
             runtime/causal_family.py): `model_dir` holds its checkpoint beside the Wan2.1 VAE and umT5
             files, and the pipeline runs its own sampler with its recommended settings. A model folder's
             demo_model.json recommendation is a layer of every request too, under the preset and the

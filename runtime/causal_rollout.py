@@ -1,4 +1,5 @@
-"""The causal Wan2.1 family's few-step sampling (Self-Forcing, CausVid, LongLive), as settings of the rollout core.
+"""The causal Wan2.1 family's few-step sampling (Self-Forcing, CausVid, LongLive, Causal-Forcing, Rolling-Forcing),
+as settings of the rollout core.
 
 Their inference loop, block after block of `causal_block_size` latent frames (their
 `num_frame_per_block`; blocks never overlap in time; one block is denoised at a time):

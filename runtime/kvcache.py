@@ -26,6 +26,10 @@ The causal family's presets (runtime/causal_rollout.py) run on the same driver a
 `RolloutSampling`: the core's "fewstep" sampler (x0 prediction re-noised from fresh noise), one block
 in flight (the DF schedule with ar_step = steps), the commit pass at their context_noise and LongLive's
 recache on a prompt switch; tests/causal_rollout_reference.py keeps their host loop as the oracle.
+Rolling-Forcing runs the DF async schedule with ar_step 1 (a window of `steps` blocks at staggered
+steps) and asks skyrt._core.RollingCache, per step, which ring slots the step sees and with what
+attention among its frames (`_view`: the sink re-rotated in front of the working blocks, full attention
+over the window; the commit as their clean pass); tests/rolling_forcing_reference.py states their loop.
 
 Noise (`NoiseSource`, one order for every stream): the prefix's addnoise_condition draw (once, first),
 then per schedule row the initial noise [16, b, h, w] of each block that starts (block order) and,

@@ -46,7 +46,7 @@ RECIPES = load_recipes()
 TOLERANCE = 1e-4
 # Recipes that run a family's released config unchanged (self_forcing_window adds local attention).
 RELEASED_CONFIGS = ("self_forcing", "causvid", "longlive", "longlive_switch", "causal_forcing_framewise",
-                    "causal_forcing_chunkwise")
+                    "causal_forcing_chunkwise", "rolling_forcing")
 # Recipes of a family skyrt has a preset for (every recipe's family now).
 PRESET_RECIPES = sorted(name for name, recipe in RECIPES.items() if recipe["family"] in PRESETS)
 
@@ -381,6 +381,27 @@ def test_rolling_forcing_core_equals_their_loop_and_the_restatement(folders, the
           f"max |core - restatement| = {err_restated:.2e}")
     assert ours.shape == data["latents"].shape
     assert err_theirs <= TOLERANCE and err_restated <= TOLERANCE
+
+
+def test_rolling_forcing_cache_is_their_codes():
+    # code_constants were read off their self-attention module at reference time (scaled back to frames).
+    constants = RECIPES["rolling_forcing"]["code_constants"]
+    preset = PRESETS["rolling-forcing"]
+    assert preset.rolling_cache == (constants["max_attention_size_frames"], constants["kv_cache_frames"])
+    assert constants["block_length_frames"] == preset.sampling.causal_block_size
+    # the ring holds their cache but the block its clean pass writes
+    assert preset.ring.sink_blocks + preset.ring.window_blocks + 1 == constants["kv_cache_frames"] // 3
+
+
+@pytest.mark.parametrize("frames, match", [((20, 24), "whole blocks of 3"), ((3, 24), "plus one block"),
+                                           ((21, 18), "at least that long")])
+def test_rolling_cache_refuses_what_it_cannot_keep(frames, match):
+    core = kvcache._core.RolloutCore([1000, 500], [0.9, 0.5, 0.0], sampler="fewstep", renoise_sigmas=[0.0, 0.5],
+                                     ar_step=1, causal_block_size=3, max_blocks_in_flight=2, height=4, width=6,
+                                     tokens_per_frame=6, layers=1, heads=1, head_dim=12)
+    with pytest.raises(ValueError, match=match):
+        kvcache._core.RollingCache(core, *frames)
+    core.close()
 
 
 def test_rolling_forcing_schedule_is_their_window(folders):

@@ -26,7 +26,8 @@ from skyrt.runtime.server.generator_process import ProcessPipeline, PipelineSpec
 RECIPES = load_recipes()
 # Each preset's tiny model folder: the recipe of its family (causvid-warp4 reads CausVid's layout).
 RECIPE_OF = {"self-forcing": "self_forcing", "causvid": "causvid", "causvid-warp4": "causvid", "longlive": "longlive",
-             "causal-forcing-framewise": "causal_forcing_framewise", "causal-forcing-chunkwise": "causal_forcing_chunkwise"}
+             "causal-forcing-framewise": "causal_forcing_framewise", "causal-forcing-chunkwise": "causal_forcing_chunkwise",
+             "rolling-forcing": "rolling_forcing"}
 # The diffusion-forcing defaults, given explicitly: each must reach the sampler as given.
 EXPLICIT = {"shift": 8.0, "causal_block_size": 1, "sink_blocks": 1, "window_blocks": 8}
 assert {k: DEFAULTS[k] for k in EXPLICIT} == EXPLICIT  # they are the request type's defaults
@@ -63,9 +64,9 @@ def rollouts(monkeypatch):
     real_sampling, real_core = causal_rollout.rollout_sampling, kvcache._core.RolloutCore
     shifts = []
 
-    def sampling_spy(sampling, shift=None):
+    def sampling_spy(sampling, shift=None, **policy):
         shifts.append(shift)
-        return real_sampling(sampling, shift=shift)
+        return real_sampling(sampling, shift=shift, **policy)
 
     def core_spy(*args, **kwargs):
         seen.append({"shift": shifts[-1] if shifts else None, "causal_block_size": kwargs["causal_block_size"],
