@@ -133,3 +133,31 @@ def test_a_new_webrtc_viewer_starts_at_the_next_keyframe_not_the_backlog():
     broadcast.publish((b"k", 6, None), keyframe=True)
     broadcast.publish((b"p", 7, None), keyframe=False)
     assert [p[1] for p in reader.take()] == [6, 7]
+
+
+def test_the_latency_benchmarks_stamp_survives_h264_and_jpeg():
+    """benchmarks/egress.py reads each frame's wall-clock stamp back from what the browser shows:
+    the stamp must come through libx264 (decoded by FFmpeg) and JPEG unchanged."""
+    import av
+    from PIL import Image
+
+    from benchmark_scripts import load_benchmark
+
+    egress = load_benchmark("egress")
+    stamps = [0, 1, (1 << 24) - 1, 0xA5A5A5, 12_345_678]
+    rng = np.random.default_rng(1)
+    frames = [egress.draw_stamp(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), s) for s in stamps]
+    codec = av.CodecContext.create("libx264", "w")
+    codec.width = codec.height = 64
+    codec.pix_fmt, codec.framerate, codec.options = "yuv420p", 12, {"tune": "zerolatency", "preset": "veryfast"}
+    decoder = av.CodecContext.create("h264", "r")
+    decoded = []
+    for frame in frames + [None]:
+        packets = codec.encode(None if frame is None else av.VideoFrame.from_ndarray(frame, format="rgb24"))
+        for packet in packets:
+            decoded += [f.to_ndarray(format="rgb24") for f in decoder.decode(packet)]
+    assert [egress.read_stamp(f) for f in decoded] == stamps
+    for frame, stamp in zip(frames, stamps):
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=85)
+        assert egress.read_stamp(np.asarray(Image.open(buf).convert("RGB"))) == stamp
