@@ -317,7 +317,8 @@ def main() -> None:
         Path(log.name).unlink(missing_ok=True)
     result = {
         "benchmark": "egress", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                           "python": platform.python_version()},
+                                           "python": platform.python_version(),
+                                           "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
         "settings": {"size": args.size, "fps": args.fps, "seconds_per_phase": args.seconds, "viewers": args.viewers,
                      "model": "built-in default", "formats": "mjpeg,hls,webrtc (+llhls)"},
         "latency_behind_live": latency, "no_viewers": alone, "viewer_phases": phases,

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", "-o", type=Path, default=Path("out.mp4"), help="mp4 path")
     gen.add_argument("--no-progress", action="store_true")
 
-    serve = sub.add_parser("serve", help="serve an endless stream over HTTP (MJPEG, HLS, fragmented MP4)")
+    serve = sub.add_parser("serve", help="serve an endless stream (MJPEG, HLS, LL-HLS, fragmented MP4, WebRTC; RTMP push)")
     _add_model_args(serve)
     _add_sampling_args(serve, {**SERVE_DEFAULTS,
                                "prompt_help": f"the stream's first prompt; default {DEFAULT_PROMPT!r}"},

@@ -131,7 +131,7 @@ class WhepSessions:
 
     def __init__(self, server, limit: int):
         self.server, self.limit = server, limit
-        self.sessions: dict[str, object] = {}
+        self.sessions: dict[str, tuple] = {}  # id -> (RTCPeerConnection, its Broadcast Reader)
         self.created = self.refused_full = self.closed_unconnected = 0
 
     async def open(self, offer_sdp: str) -> tuple[str, str]:
@@ -152,7 +152,7 @@ class WhepSessions:
         except Exception as err:
             await pc.close()
             raise ValueError(f"the SDP offer could not be answered ({type(err).__name__}: {err})") from err
-        self.sessions[session] = pc
+        self.sessions[session] = (pc, reader)
         self.created += 1
         self.server.metrics.client_connected(NAME, reader)
 
@@ -162,21 +162,20 @@ class WhepSessions:
                 await self.close(session)
 
         asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self._expire_unconnected, session)
-        pc._skyrt_reader = reader  # read back at close for the metrics
         return session, pc.localDescription.sdp
 
     def _expire_unconnected(self, session: str) -> None:
-        pc = self.sessions.get(session)
+        pc, _reader = self.sessions.get(session, (None, None))
         if pc is not None and pc.connectionState != "connected":
             self.closed_unconnected += 1
             asyncio.ensure_future(self.close(session))
 
     async def close(self, session: str) -> bool:
         """End a session; False if it is not there (already closed, or never was)."""
-        pc = self.sessions.pop(session, None)
+        pc, reader = self.sessions.pop(session, (None, None))
         if pc is None:
             return False
-        self.server.metrics.client_disconnected(NAME, pc._skyrt_reader)
+        self.server.metrics.client_disconnected(NAME, reader)
         await pc.close()
         return True
 
