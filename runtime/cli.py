@@ -107,14 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", "-o", type=Path, default=Path("out.mp4"), help="mp4 path")
     gen.add_argument("--no-progress", action="store_true")
 
-    serve = sub.add_parser("serve", help="serve an endless stream over HTTP (MJPEG, HLS, fragmented MP4)")
+    serve = sub.add_parser("serve", help="serve an endless stream (MJPEG, HLS, LL-HLS, fragmented MP4, WebRTC; RTMP push)")
     _add_model_args(serve)
     _add_sampling_args(serve, {**SERVE_DEFAULTS,
                                "prompt_help": f"the stream's first prompt; default {DEFAULT_PROMPT!r}"},
                        exclude=STREAM_EXCLUDED)  # the flags of Pipeline.stream's settings
     serve.add_argument("--playlist", type=Path, default=None,
                        help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}')
-    serve.add_argument("--formats", default="mjpeg,hls,mp4", help="outputs to encode, comma separated")
+    from .server.outputs import DEFAULT_FORMATS, FORMATS  # the output registry names them
+
+    serve.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                       help=f"outputs to encode, comma separated, of {','.join(FORMATS)} (default "
+                            f"{','.join(DEFAULT_FORMATS)}; "
+                            f"LL-HLS comes with hls, RTMP with --publish)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", default=None,
@@ -141,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--publish", action="append", default=[], metavar="URL",
                        help="push the H.264 stream to an RTMP receiver, rtmp://HOST[:PORT]/APP/KEY (a relay, "
                             "a restream service); repeatable; reconnects with backoff")
+    serve.add_argument("--max-webrtc-sessions", type=int, default=64, metavar="N",
+                       help="WebRTC (WHEP) viewers at once (default 64; each holds UDP sockets and a DTLS session)")
     serve.add_argument("--ll-hls-part", type=float, default=0.25, metavar="SECONDS",
                        help="low-latency HLS beside HLS at /llhls/live.m3u8, in parts this long (whole frames; "
                             "default 0.25); 0 turns it off")
@@ -382,7 +389,8 @@ def server_config(args, token: str | None):
                         state_path=args.state, write_timeout_s=args.stall_timeout,
                         stream_send_buffer_bytes=args.send_buffer_kib * 1024,
                         publish=tuple(getattr(args, "publish", ())),
-                        ll_hls_part_s=getattr(args, "ll_hls_part", PART_TARGET_S))
+                        ll_hls_part_s=getattr(args, "ll_hls_part", PART_TARGET_S),
+                        max_webrtc_sessions=getattr(args, "max_webrtc_sessions", 64))
 
 
 def pipeline_spec(args):

@@ -37,7 +37,7 @@ def test_good_publish_urls_mux_flv_and_the_key_never_shows():
     assert check_publish_url("rtmp://127.0.0.1:1935/live/k3y") == "flv"
     assert check_publish_url("rtmps://live.example.com/app/k3y") == "flv"
     assert redact("rtmp://user:pw@relay:1935/live/k3y") == "rtmp://relay:1935/live/***"
-    with pytest.raises(ValueError, match="keep mp4 or hls"):
+    with pytest.raises(ValueError, match="keep mp4, hls or webrtc"):
         ServerConfig(formats=("mjpeg",), publish=("rtmp://relay/live/key",))
     with pytest.raises(PublishUrlError):
         ServerConfig(publish=("srt://relay:9000",))

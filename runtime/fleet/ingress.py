@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..server.app import HLS_NAME
+from ..server.outputs import FLEET_VIDEO, fleet_pattern
+from ..server.outputs.hls import HLS_NAME
 from .config import NAMESPACE, STREAM_ID
 from .prometheus import gauge, merge_with_label
 
@@ -37,9 +37,13 @@ ADDRESS_TTL_S = 1.0  # a stream's address is asked again after this long (it mov
 ADDRESS_WAIT_S = 2.0
 FORWARD_TIMEOUT_S = 10.0
 RETRY_AFTER_S = "2"
-VIDEO_PATHS = re.compile(r"^/(stream\.mjpg|stream\.mp4|hls/[A-Za-z0-9_-]{1,64}\.(m4s|mp4))$")
+# Every output says how its paths are routed (runtime/server/outputs/): video bytes are redirected
+# (or proxied), the rest (HLS playlists, LL-HLS, WHEP signalling) is forwarded to the stream's server.
+VIDEO_PATHS = fleet_pattern(FLEET_VIDEO)
+ENDLESS_PATHS = ("/stream.mjpg", "/stream.mp4")  # answers that never end: copied as they come
 FORWARDED_REQUEST_HEADERS = ("host", "origin", "authorization", "content-type", "accept", "user-agent")
-FORWARDED_RESPONSE_HEADERS = ("content-type", "cache-control", "retry-after", "allow")
+# location: a WHEP session's resource URL (relative, so it stays under /streams/{id}/)
+FORWARDED_RESPONSE_HEADERS = ("content-type", "cache-control", "retry-after", "allow", "location")
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ class FleetIngress:
         if kind == "video":
             if self.video == "redirect":
                 return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-cache, no-store"})
-            return await self._proxy_video(target.stream, url, endless=target.rest in ("/stream.mjpg", "/stream.mp4"))
+            return await self._proxy_video(target.stream, url, endless=target.rest in ENDLESS_PATHS)
         return await self._forward(target.stream, url, request)
 
     def _no_such_stream(self, stream_id: str):

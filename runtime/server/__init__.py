@@ -97,8 +97,7 @@ async def _serve_until_signalled(server: StreamServer, host: str, port: int, sho
         listener = await listen(runner, host, port, server.connections)
         where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
         log.info("serving on %s (%s)", where, ", ".join(
-            {"mjpeg": "MJPEG /stream.mjpg", "hls": "HLS /hls/live.m3u8", "mp4": "fMP4 /stream.mp4"}[f]
-            for f in config.formats))
+            f"{o.title} " + (" ".join("/" + p for p in o.paths) or "push") for o in server.outputs))
         if config.token is None:
             log.warning("control endpoints are open (--no-token): anyone who can reach %s can change the prompt",
                         where)

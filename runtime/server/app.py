@@ -7,17 +7,19 @@ error that names the problem.
     GET  /stream.mp4       H.264 fragmented MP4, a fragment per frame (mpv, VLC, ffplay)
     GET  /hls/live.m3u8    H.264 HLS, 1 s fMP4 segments, rolling playlist with program-date-time
     GET  /llhls/live.m3u8  the same as low-latency HLS: 0.25 s parts, blocking reload (llhls.py)
+    POST /whep             WebRTC: an SDP offer -> 201 + answer + Location;  DELETE /whep/{id} ends it
     POST /prompt           {"prompt", "negative_prompt"?, "transition"?: "continue"|"recache"}   [token]
     GET  /playlist         the playlist and its position;  PUT /playlist replaces it              [token]
     GET  /status           JSON figures;  GET /metrics  Prometheus text;  GET /healthz  liveness
     GET  /caption          the latest caption of the live stream (with --caption-every)
+The video routes are the outputs' own (outputs/: one module per output); this module adds the
+routes every server has, and the copier the Broadcast outputs write their clients with.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import re
 import socket
 from pathlib import Path
 
@@ -27,16 +29,14 @@ except ImportError:  # Python 3.10: aiohttp's own dependency
     from async_timeout import timeout as within
 
 from .connections import admission
-from .encoders import MJPEG_BOUNDARY
 from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, check_origin, json_depth_exceeds,
                     token_matches)
-from .llhls import add_routes as add_llhls_routes
+from .outputs import Serving
 from .playlist import RequestError, parse_playlist, parse_prompt_change
 
 log = logging.getLogger("skyrt.server")
 
 STATIC = Path(__file__).parent / "static"
-HLS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.(m3u8|m4s|mp4)$")
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 STREAM_TICK_S = 0.25  # a stream client looks at its socket at least this often
 
@@ -69,13 +69,18 @@ def create_app(server):
                 or (None if authorized(request) else _UNAUTHORIZED)
                 or check_content_type(request.content_type))
 
-    async def read_json(request):
-        """The request body as JSON, bounded by config.max_body_bytes."""
+    async def read_body(request) -> bytes:
+        """The request body, bounded by config.max_body_bytes (HTTPRequestEntityTooLarge past it)."""
         if request.content_length is not None and request.content_length > config.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=config.max_body_bytes, actual_size=request.content_length)
         body = await request.content.read(config.max_body_bytes + 1)
         if len(body) > config.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=config.max_body_bytes, actual_size=len(body))
+        return body
+
+    async def read_json(request):
+        """The request body as JSON, bounded by config.max_body_bytes."""
+        body = await read_body(request)
         if json_depth_exceeds(body):
             raise RequestError(f"body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels; a prompt or a "
                                f"playlist needs 3, send e.g. {{\"prompt\": \"a red fox\"}}")
@@ -143,27 +148,6 @@ def create_app(server):
             return _error(404, "live captioning is off; start the server with --caption-every SECONDS")
         return web.json_response(server.captioner.latest(), headers=NO_CACHE)
 
-    async def hls_file(request):
-        if "hls" not in config.formats:
-            return _error(404, "HLS output is off; add hls to --formats")
-        name = request.match_info["name"]
-        if not HLS_NAME.match(name):
-            return _error(400, "invalid HLS file name: expected live.m3u8 or a segment name it lists")
-        file = server.hls_window.get(name)
-        if file is None:
-            return _error(404, f"{name} is not there (yet, or it rolled out of the window); reload the playlist")
-        return web.Response(body=file.body, content_type=file.content_type,
-                            headers={"Cache-Control": file.cache_control})
-
-    async def mjpeg(request):
-        # Items are whole multipart parts (encoders.py); a client shows each part as it arrives, so
-        # only the newest of a batch is worth sending.
-        return await stream_out(request, "mjpeg", f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
-                                lambda batch: batch[-1])
-
-    async def mp4(request):
-        return await stream_out(request, "mp4", "video/mp4", b"".join)
-
     async def stream_out(request, fmt: str, content_type: str, pack):
         """Copy a Broadcast to one client until it leaves; a stalled socket cuts the client off.
 
@@ -173,7 +157,7 @@ def create_app(server):
         is cut off."""
         broadcast = server.broadcasts.get(fmt)
         if broadcast is None:
-            return _error(404, f"{fmt} output is off; add {fmt} to --formats")
+            return _error(404, f"{fmt} output is off; add {fmt} to --formats")  # unreachable: routes follow outputs
         response = web.StreamResponse(headers=dict(NO_CACHE, **{"Content-Type": content_type}))
         transport = request.transport
         reader = broadcast.subscribe()
@@ -292,11 +276,11 @@ def create_app(server):
     app.router.add_get("/playlist", get_playlist)
     app.router.add_put("/playlist", control(put_playlist))
     app.router.add_get("/caption", caption)
-    app.router.add_get("/hls/{name}", hls_file)
-    app.router.add_get("/stream.mjpg", mjpeg)
-    app.router.add_get("/stream.mp4", mp4)
-    if server.llhls_window is not None:
-        add_llhls_routes(app, server.llhls_window)  # GET /llhls/live.m3u8 (low-latency HLS) and its parts
+    serving = Serving(server, _error, stream_out, read_body)
+    for output in server.outputs:  # outputs/: each output's own routes (a format that is off has none)
+        if output.add_routes is not None:
+            output.add_routes(app, serving)
+    add_off_routes(app, server)
 
     async def start(_app):
         server.start(asyncio.get_running_loop())
@@ -306,8 +290,28 @@ def create_app(server):
         # times out: cut every stream client off at once, then drain the threads.
         for transport in list(streams):
             transport.abort()
+        for hook in serving.shutdown_hooks:  # e.g. WebRTC sessions: closed while the loop runs
+            await hook()
         await asyncio.to_thread(server.stop)
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
     return app
+
+
+def add_off_routes(app, server) -> None:
+    """An output that is off answers its entry paths 404 with how to turn it on (not a bare 404)."""
+    from .outputs import OUTPUTS
+
+    on = {output.name for output in server.outputs}
+    for output in OUTPUTS:
+        if output.name in on or not output.selectable:
+            continue
+        for path in output.paths:
+            message = f"{output.title} output is off; add {output.name} to --formats"
+
+            async def off(_request, message=message):
+                return _error(404, message)
+
+            route = "/" + path.split("/")[0] + ("/{name}" if "/" in path else "")
+            app.router.add_route("*", route, off)

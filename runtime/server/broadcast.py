@@ -86,6 +86,14 @@ class Broadcast:
             start = keys[-1] - 1 if keys else self._seq
         return Reader(self, start)
 
+    def subscribe_at_next_keyframe(self) -> "Reader":
+        """A new reader that starts at the next keyframe published (nothing already held): for a
+        viewer that plays what it gets at once (WebRTC), a backlog would only put it behind live."""
+        with self._lock:
+            reader = Reader(self, self._seq)
+        reader._awaiting_keyframe = True
+        return reader
+
     def _after(self, cursor: int) -> tuple[list[Item], int]:
         """Items newer than `cursor` and how many were already evicted (lost to this reader).
         O(new items), not O(capacity): every reader calls this for every item published."""

@@ -5,7 +5,9 @@ owns their start and stop. The HTTP app (app.py) only reads from it.
       (pipeline)        (bounded)    (fps clock)   ├─ Fmp4Encoder  ─ Broadcast("mp4")   ─ clients
                                                    ├─ HlsEncoder   ─ HlsWindow (a segment's files) ─ clients
                                                    ├─ LlHlsPackager ─ LlHlsWindow (a part's files) ─ clients
+                                                   ├─ WebRtcFeed   ─ Broadcast("webrtc") ─ WHEP peer connections
                                                    └─ Publisher    ─ relay process ─ rtmp:// receiver
+Which outputs exist and how each is made: outputs/ (the registry).
 """
 from __future__ import annotations
 
@@ -21,21 +23,19 @@ from ..request import GenerationRequest, check_stream_settings
 from ..resolve import Settings
 from .broadcast import Broadcast
 from .connections import ConnectionLimits, ConnectionRegistry
-from .encoders import Fmp4Encoder, HlsEncoder, MjpegEncoder
 from .generator import FrameBuffer, GeneratorThread, PacerThread
 from .generator_process import ProcessPipeline
 from .hls_window import HlsWindow
-from .llhls import PART_TARGET_S, LlHlsPackager, check_part_length, new_window
+from .llhls import PART_TARGET_S, check_part_length, new_window
 from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
-from .publish import Publisher, check_publish_url, prometheus_text
+from .outputs import DEFAULT_FORMATS, FORMATS, H264_FORMATS, Encoding, active
+from .publish import Publisher, check_publish_url
 from .state import StateFile, StateSaver, make_hls_folder
 
 log = logging.getLogger("skyrt.server")
 
 GENERATOR_STOP_WAIT_S = 0.5  # how long a stop waits for the generator to finish its chunk
-
-FORMATS = ("mjpeg", "hls", "mp4")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ServerConfig:
     """Everything about serving that is not a sampling setting."""
 
     fps: int | None = None  # None: the stream request's (a preset's 16, else 24); set, it is a user setting
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS  # names of outputs/ (--formats)
     token: str | None = None  # control endpoints need 'Authorization: Bearer <token>' when set
     max_body_bytes: int = 64 * 1024
     limits: Limits = field(default_factory=Limits)
@@ -63,6 +63,7 @@ class ServerConfig:
     state_path: Path | None = None  # --state FILE: the prompt and playlist survive a restart
     publish: tuple[str, ...] = ()  # --publish URL: push targets (rtmp://HOST/APP/KEY), see publish.py
     ll_hls_part_s: float = PART_TARGET_S  # low-latency HLS beside HLS (/llhls/), parts this long; 0: off
+    max_webrtc_sessions: int = 64  # WHEP sessions at once (each holds UDP sockets and a DTLS context)
 
     def __post_init__(self):
         if self.fps is not None and not 1 <= self.fps <= 120:
@@ -78,9 +79,12 @@ class ServerConfig:
             check_publish_url(url)
         if self.ll_hls_part_s:
             check_part_length(self.ll_hls_part_s)  # the fps (the request's) is not known yet
-        if self.publish and not {"mp4", "hls"} & set(self.formats):
-            raise ValueError("--publish pushes the H.264 encode of the mp4 or hls output: keep mp4 or hls in "
-                             f"--formats (got {','.join(self.formats)})")
+        if self.publish and not set(H264_FORMATS) & set(self.formats):
+            raise ValueError(f"--publish pushes the H.264 encode of an H.264 output: keep "
+                             f"{', '.join(H264_FORMATS[:-1])} or {H264_FORMATS[-1]} in --formats "
+                             f"(got {','.join(self.formats)})")
+        if self.max_webrtc_sessions < 1:
+            raise ValueError(f"max_webrtc_sessions must be >= 1, got {self.max_webrtc_sessions}")
 
 
 class StreamServer:
@@ -129,8 +133,9 @@ class StreamServer:
             self.board.on_playlist_step(self._saver.mark_dirty)
         self.buffer = FrameBuffer(config.frame_buffer or max(4, config.fps // 2))
         capacity = max(2, int(config.client_buffer_s * config.fps))
-        self.broadcasts = {fmt: Broadcast(fmt, capacity, needs_keyframe=fmt == "mp4")
-                           for fmt in config.formats if fmt in ("mjpeg", "mp4")}
+        self.outputs = active(config)  # outputs/: what runs, in the order the pacer encodes
+        self.broadcasts = {o.name: Broadcast(o.name, capacity, needs_keyframe=o.broadcast == "keyframes")
+                           for o in self.outputs if o.broadcast}
         self.hls_folder = make_hls_folder()  # reaps the folders of servers that died first
         self.hls_window = HlsWindow(self.hls_folder)  # what HTTP serves: the HLS files in memory
         self.llhls_window = (new_window(config.fps, config.ll_hls_part_s)
@@ -143,34 +148,23 @@ class StreamServer:
         self.generator = GeneratorThread(pipe, self.resolution, self.board, self.buffer, self.metrics, image=self.image)
         self.pacer: PacerThread | None = None
         self._encoders: list = []
-        self.publishers: list[Publisher] = []
-        self.metrics.sections.append(lambda: prometheus_text(self.publishers))
-        if "hls" in config.formats:
-            self.metrics.sections.append(self.hls_window.requests.prometheus)
+        self.publishers: list[Publisher] = []  # made by outputs/rtmp.py
+        self.whep = None  # outputs/webrtc.py's WhepSessions, made with the app's routes
+        for output in self.outputs:
+            if output.prometheus is not None:
+                self.metrics.sections.append(lambda output=output: output.prometheus(self))
         self._stopped = False
 
     def _frame_on_screen(self):
         return None if self.pacer is None else self.pacer.last_frame
 
     def _make_encoders(self) -> list:
-        fps, w, h = self.config.fps, self.width, self.height
+        """Every active output's encoders, in registry order (H.264 leaders before their followers)."""
+        encoding = Encoding(self, self.config.fps, self.width, self.height)
         encoders: list = []
-        if "mjpeg" in self.broadcasts:
-            encoders.append(MjpegEncoder(self.broadcasts["mjpeg"], self.config.jpeg_quality))
-        h264 = None  # the first H.264 output encodes; the next muxes its packets (one libx264 per frame)
-        if "mp4" in self.broadcasts:
-            h264 = Fmp4Encoder(self.broadcasts["mp4"], fps, w, h)
-            encoders.append(h264)
-        if "hls" in self.config.formats:
-            hls = HlsEncoder(self.hls_folder, fps, w, h, list_size=self.config.hls_list_size, leader=h264,
-                             window=self.hls_window)
-            encoders.append(hls)
-            h264 = h264 or hls
-        if self.llhls_window is not None:
-            encoders.append(LlHlsPackager(self.llhls_window, fps, w, h, leader=h264))
-        self.publishers = [Publisher(url, h264, fps) for url in self.config.publish]
-        encoders.extend(self.publishers)
-        return encoders  # leaders before followers: the pacer encodes in this order
+        for output in self.outputs:
+            encoders.extend(output.make_encoders(encoding))
+        return encoders
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         for broadcast in self.broadcasts.values():
@@ -239,6 +233,7 @@ class StreamServer:
             height=self.height,
             mode=self.request.mode,
             formats=list(self.config.formats),
+            outputs=[output.describe() for output in self.outputs],
             frame_buffer=len(self.buffer),
             caption=None if self.captioner is None else self.captioner.latest()["caption"],
             connections={"open": self.connections.count, "refused": self.connections.refused,
@@ -246,11 +241,18 @@ class StreamServer:
             resident_memory_bytes=rss,
             open_fds=fds,
             generator_process=self._generator_process(),
-            publish=[publisher.state() for publisher in self.publishers],
-            hls_requests=self.hls_window.requests.snapshot() if "hls" in self.config.formats else None,
+            publish=[],  # (the outputs' own figures below replace these two when they are on)
+            hls_requests=None,
             time=time.time(),
-        )
+        ) | self._output_status()
 
+
+    def _output_status(self) -> dict:
+        merged: dict = {}
+        for output in self.outputs:
+            if output.status is not None:
+                merged.update(output.status(self))
+        return merged
 
     def _generator_process(self) -> dict | None:
         """The child process that runs the pipeline (None when it runs in this process)."""
