@@ -37,6 +37,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from devtools import devtools_page  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 STAMP_BITS, BLOCK, COLUMNS = 24, 8, 6
 WRAP = 1 << STAMP_BITS  # the stamp is wall-clock ms modulo 2^24 (4.6 hours)
@@ -172,39 +175,14 @@ class Chromium:
         self.proc.wait(timeout=20)
 
     async def measure(self, url: str, element: str, warmup_s: float, seconds: float) -> dict:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            for _ in range(150):
-                try:
-                    async with session.get(f"http://127.0.0.1:{self.port}/json/list") as r:
-                        pages = [t for t in await r.json() if t["type"] == "page"]
-                    if pages:
-                        break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.2)
-            ids = iter(range(1, 1_000_000))
-            async with session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                async def call(method, **params):
-                    msg_id = next(ids)
-                    await ws.send_json({"id": msg_id, "method": method, "params": params})
-                    while True:
-                        reply = await ws.receive_json(timeout=30)
-                        if reply.get("id") == msg_id:
-                            return reply.get("result", {})
-
-                async def evaluate(js):
-                    result = await call("Runtime.evaluate", expression=js, returnByValue=True, awaitPromise=True)
-                    return result.get("result", {}).get("value")
-
-                await call("Page.navigate", url=url)
-                await asyncio.sleep(warmup_s)
-                await evaluate(SAMPLER % {"element": element, "bits": STAMP_BITS, "cols": COLUMNS, "block": BLOCK,
-                                          "wrap": WRAP})
-                await asyncio.sleep(seconds)
-                values = await evaluate("JSON.stringify([window.latencies, window.unreadable])")
-                await call("Page.navigate", url="about:blank")  # ends the player (WHEP: pagehide DELETE)
+        async with devtools_page(self.port) as page:
+            await page.call("Page.navigate", url=url)
+            await asyncio.sleep(warmup_s)
+            await page.evaluate(SAMPLER % {"element": element, "bits": STAMP_BITS, "cols": COLUMNS, "block": BLOCK,
+                                           "wrap": WRAP})
+            await asyncio.sleep(seconds)
+            values = await page.evaluate("JSON.stringify([window.latencies, window.unreadable])")
+            await page.call("Page.navigate", url="about:blank")  # ends the player (WHEP: pagehide DELETE)
         latencies, unreadable = json.loads(values)
         return {"frames": len(latencies), "unreadable": unreadable,
                 "p50_s": _s(nearest_rank(latencies, 0.5)), "p99_s": _s(nearest_rank(latencies, 0.99)),

@@ -10,55 +10,21 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 from contextlib import contextmanager
 
+from benchmark_scripts import load_benchmark
 from serving import TOKEN, free_port, get_json, require_tool, running_server, wait_until
-
-
-async def _devtools_page(port: int, timeout: float = 30.0) -> str:
-    import aiohttp
-
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/json/list") as r:
-                    pages = [t for t in await r.json() if t["type"] == "page"]
-                    if pages:
-                        return pages[0]["webSocketDebuggerUrl"]
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("Chromium's DevTools endpoint never came up")
-            await asyncio.sleep(0.2)
 
 
 async def _in_page(devtools_port: int, url: str, steps):
     """Open `url` in the browser's page, then `await steps(evaluate)`, where `evaluate(js)` returns
     the value of a JavaScript expression (promises awaited)."""
-    import aiohttp
-
-    ws_url = await _devtools_page(devtools_port)
-    ids = iter(range(1, 10_000))
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        async def call(method: str, **params):
-            msg_id = next(ids)
-            await ws.send_json({"id": msg_id, "method": method, "params": params})
-            while True:
-                reply = await ws.receive_json(timeout=30)
-                if reply.get("id") == msg_id:
-                    return reply.get("result", {})
-
-        async def evaluate(expression: str):
-            result = await call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-            return result.get("result", {}).get("value")
-
-        await call("Page.navigate", url=url)
-        return await steps(evaluate)
+    async with load_benchmark("devtools").devtools_page(devtools_port) as page:
+        await page.call("Page.navigate", url=url)
+        return await steps(page.evaluate)
 
 
 def _watch_page(devtools_port: int, url: str, seconds: float) -> list[dict]:
