@@ -224,6 +224,10 @@ def validate_request(req: GenerationRequest) -> None:
     else:
         _check_pixel_frames("num_frames", req.num_frames)
     _check_pixel_frames("base_num_frames", req.base_num_frames)
+    if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, (int, np.integer))
+                                 or req.seed < 0):
+        raise ValueError(f"seed={req.seed!r} must be a non-negative integer (numpy's default_rng), or None for a "
+                         "random seed")
     if req.num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={req.num_inference_steps} must be at least 1 (recommended 30)")
     if req.shift <= 0:

@@ -7,14 +7,15 @@ A request's settings come from five layers, each later one overriding the earlie
               recommends none)
     model     the model folder's recommendation (its demo_model.json)
     preset    a causal family's settings (runtime/causal_family.py: steps, shift, block size, ring, ...)
-    user      what the user set: an API keyword, a CLI flag, a fleet YAML key, a server's settings
+    user      what the user set: an API keyword, a CLI flag, a fleet YAML key, a server's settings;
+              over them, what was set later through the server's HTTP control (PUT /settings)
 
 then `derived` values fill what no layer could know: causal_attention from the checkpoint,
 condition_noise and a stream's ar_step by mode, a stream's endless num_frames, no window overlap in
 a kvcache stream. Every layer is a mapping of only the keys it sets: "set by the user" is membership
 in the user layer, never equality with a default, so `shift=8.0` given to a preset whose shift is 5
 runs with 8. What the user sets and the preset cannot honour (4 distilled steps and
-num_inference_steps=30, a diffusion-forcing-only setting) is an error naming both layers and the fix.
+num_inference_steps=30, a diffusion-forcing-only setting) is a `LayerConflict` naming both layers and the fix.
 
 `resolve_request` returns a `Resolution`: the frozen, validated GenerationRequest (the one thing that
 crosses the server, its generator child process and the pipeline) and the `Source` of every field
@@ -35,6 +36,7 @@ LAYERS = (DEFAULT, COMMAND, MODEL, PRESET, USER, DERIVED)  # lowest first
 
 # Where a user's settings came from: how `Source` and errors spell a setting for each surface.
 API, COMMAND_LINE, FLEET_YAML, SERVER = "API keyword", "command line", "fleet YAML", "server settings"
+HTTP_CONTROL = "HTTP control"  # a running server's PUT/POST /settings (runtime/server/settings_control.py)
 _FIELDS = {f.name: f for f in SETTINGS}
 
 
@@ -46,15 +48,24 @@ def spelled(name: str, surface: str) -> str:
         return f"--{flag}"
     if surface == FLEET_YAML and flag is not None:
         return f"{flag.replace('-', '_')}:"
+    if surface == HTTP_CONTROL:
+        return f'/settings "{name}":'
     return f"{name}="
 
 
 def written(name: str, value, surface: str) -> str:
-    """A setting and its value as the user wrote them on `surface` (--steps 30, steps: 30, num_inference_steps=30)."""
+    """A setting and its value as the user wrote them on `surface` (--steps 30, steps: 30, num_inference_steps=30,
+    /settings "num_inference_steps": 30)."""
     spelling = spelled(name, surface)
     if spelling.startswith("--"):
         return f"{spelling} {value}"
+    if surface == HTTP_CONTROL:
+        return f"{spelling} {json.dumps(value)}"
     return f"{spelling} {value!r}" if spelling.endswith(":") else f"{spelling}{value!r}"
+
+
+class LayerConflict(ValueError):
+    """A value the user set that a lower layer (a preset) cannot honour; the message names both layers."""
 
 
 @dataclass(frozen=True)
@@ -72,12 +83,18 @@ class Source:
 class Settings:
     """The settings one surface contributes: `user`, only the keys the user set (on `surface`), and
     the surface's own defaults (`command`, named `command_name`), which rank below the model's
-    recommendation."""
+    recommendation. `control`: what the user set later through a running server's HTTP control
+    (surface HTTP_CONTROL), the user's too, over `user` key by key."""
 
     user: Mapping[str, Any] = field(default_factory=dict)
     surface: str = API
     command: Mapping[str, Any] = field(default_factory=dict)
     command_name: str = ""
+    control: Mapping[str, Any] = field(default_factory=dict)
+
+    def user_layers(self) -> tuple[tuple[Mapping[str, Any], str], ...]:
+        """(values, surface) of what the user set, lowest first."""
+        return (self.user, self.surface), (self.control, HTTP_CONTROL)
 
     @classmethod
     def of(cls, settings: "Settings | Mapping[str, Any] | None") -> "Settings":
@@ -168,7 +185,8 @@ def resolve_request(settings: Settings | Mapping[str, Any] | None = None, model:
     if preset is not None:
         apply(preset.sampling_defaults(), lambda key: Source(PRESET, preset.name))
         _refuse_what_the_preset_cannot_honour(settings, preset)
-    apply(settings.user, lambda key: Source(USER, spelled(key, settings.surface)))
+    for user, surface in settings.user_layers():
+        apply(user, lambda key, surface=surface: Source(USER, spelled(key, surface)))
     _derive(values, sources, settings, model, stream)
     if "prompt" not in values:
         raise ValueError("a request needs a prompt (the text the video shows)")
@@ -179,7 +197,8 @@ def resolve_request(settings: Settings | Mapping[str, Any] | None = None, model:
 
 def _check_names(settings: Settings, stream: bool) -> None:
     allowed = set(stream_setting_names()) if stream else set(_FIELDS)
-    for layer, what in ((settings.user, "setting"), (settings.command, f"{settings.command_name} default")):
+    for layer, what in ((settings.user, "setting"), (settings.control, "setting"),
+                        (settings.command, f"{settings.command_name} default")):
         unknown = sorted(set(layer) - allowed)
         if unknown:
             endless = " (a stream is endless: it has no num_frames)" if set(unknown) & set(STREAM_EXCLUDED) else ""
@@ -198,12 +217,13 @@ def _preset(name: str | None):
 
 def _refuse_what_the_preset_cannot_honour(settings: Settings, preset) -> None:
     """A user's setting the preset's sampler cannot run is an error naming both layers and the fix."""
-    for key, value in settings.user.items():
-        refusal = preset.refusal(key, value)
-        if refusal is not None:
-            why, fix = refusal
-            raise ValueError(f"{written(key, value, settings.surface)} (set by the user, {settings.surface}) "
-                             f"conflicts with the {preset.name} preset, which {why}: {fix}")
+    for user, surface in settings.user_layers():
+        for key, value in user.items():
+            refusal = preset.refusal(key, value)
+            if refusal is not None:
+                why, fix = refusal
+                raise LayerConflict(f"{written(key, value, surface)} (set by the user, {surface}) "
+                                    f"conflicts with the {preset.name} preset, which {why}: {fix}")
 
 
 def _derive(values: dict, sources: dict, settings: Settings, model: ModelLayers, stream: bool) -> None:
@@ -233,10 +253,10 @@ def _derive(values: dict, sources: dict, settings: Settings, model: ModelLayers,
         # No windows and no input video: the overlap has no effect on a kvcache stream, so its block-alignment
         # checks must not reject one (17 frames = 5 latents fails causal_block_size=2). One the user gave
         # (settings shared with window-mode streams) is shown as not used, not refused.
-        given = sources["overlap_history"].layer == USER
+        given = [written("overlap_history", user["overlap_history"], surface)
+                 for user, surface in settings.user_layers() if "overlap_history" in user][-1:]
         derived("overlap_history", None, "a kvcache stream has no windows" +
-                (f"; {written('overlap_history', settings.user['overlap_history'], settings.surface)} is not used"
-                 if given else ""))
+                "".join(f"; {spelling} is not used" for spelling in given))
 
 
 def folder_layers(model_dir: str | Path, preset: str | None = None) -> ModelLayers:

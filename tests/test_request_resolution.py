@@ -4,9 +4,9 @@ The bug this guards: with a preset, a value the user passed was replaced by the 
 the request type's default (`shift=8.0` ran Self-Forcing with its shift 5, `causal_block_size=1` ran
 blocks of 3). Here every preset gets the diffusion-forcing defaults given explicitly (shift 8, blocks
 of 1 latent frame, a ring of sink 1 + window 8) through every surface a user sets them on: the API, the
-CLI (generate and serve), the server (in this process and in its generator child's loop) and the fleet
-YAML; what the causal rollout is constructed with must be those values. Nothing is read back from the
-resolver: the spy sits where the rollout takes its settings.
+CLI (generate and serve), the server (in this process and in its generator child's loop), the server's
+HTTP control endpoint (PUT /settings) and the fleet YAML; what the causal rollout is constructed with must
+be those values. Nothing is read back from the resolver: the spy sits where the rollout takes its settings.
 """
 from __future__ import annotations
 
@@ -131,6 +131,60 @@ def test_server_settings_equal_to_the_defaults_reach_the_sampler(pipes, rollouts
     child = _ChildLoop(conn, pipes[preset])
     child._handle(("start", 1, server.resolution.with_prompt("a blue square"), {"image": None}))
     child._send_next_chunk()  # the spy stops the stream; the child reports it as the stream's error
+    assert rollouts[-1] == EXPLICIT and conn.sent[-1][0] == "error"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_http_control_settings_equal_to_the_defaults_reach_the_sampler(pipes, rollouts, preset):
+    """The server's HTTP control (PUT /settings on the app `skyrt serve` runs): the stream starts on the
+    preset's values, the PUT restarts it at a chunk boundary, and the rollout the generator thread then
+    builds has the values as given; a value the preset cannot honour is a 409 naming both layers."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+    from skyrt.runtime.server import create_app
+
+    rollouts.stop = False  # the stream really runs (tiny frames), on the server's own threads
+    p = PRESETS[preset]
+    own = {"shift": p.sampling.timestep_shift, "causal_block_size": p.sampling.causal_block_size,
+           "sink_blocks": p.ring.sink_blocks, "window_blocks": p.ring.window_blocks}
+    server = StreamServer(pipes[preset], dict(SIZE), ServerConfig(formats=("mjpeg",), token="t"),
+                          prompt=PromptChange("a red circle"))
+    auth = {"Authorization": "Bearer t"}
+
+    async def until(predicate, seconds=120.0):
+        for _ in range(int(seconds / 0.05)):
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out; rollouts seen: {list(rollouts)}")
+
+    async def scenario():
+        async with TestClient(TestServer(create_app(server))) as client:
+            await until(lambda: server.metrics.frames_generated > 0)
+            assert list(rollouts) == [own]  # nothing set: the preset's
+            conflict = await client.put("/settings", json={"num_inference_steps": 30}, headers=auth)
+            error = (await conflict.json())["error"]
+            assert conflict.status == 409 and '/settings "num_inference_steps": 30' in error, error
+            assert f"{preset} preset" in error and "set by the user, HTTP control" in error, error
+            reply = await client.put("/settings", json=EXPLICIT, headers=auth)
+            assert reply.status == 200, await reply.text()
+            await until(lambda: len(rollouts) > 1 and server.generator.running_resolution is server.resolution)
+            restarted_at = server.metrics.frames_generated
+            await until(lambda: server.metrics.frames_generated > restarted_at)  # the new stream streams
+            return (await (await client.get("/settings")).json())["settings"]
+
+    described = asyncio.run(scenario())
+    assert rollouts[-1] == EXPLICIT and len(rollouts) == 2  # one restart, at a chunk boundary
+    for key, value in EXPLICIT.items():
+        assert described[key] == {"value": value, "layer": "user", "source": f'/settings "{key}":',
+                                  "settable": True}, described[key]
+    # The generator child runs the request the server resolved, as it is.
+    conn = _Conn()
+    child = _ChildLoop(conn, pipes[preset])
+    rollouts.stop = True
+    child._handle(("start", 1, server.resolution.with_prompt("a blue square"), {"image": None}))
+    child._send_next_chunk()
     assert rollouts[-1] == EXPLICIT and conn.sent[-1][0] == "error"
 
 

@@ -1,7 +1,8 @@
 """The two threads behind the stream.
 
     GeneratorThread  owns the pipeline: iterates `pipe.stream(...)` forever, hands frame chunks to
-                     a small FrameBuffer, forwards prompt changes, restarts cleanly after an error.
+                     a small FrameBuffer, forwards prompt changes, restarts cleanly after an error,
+                     and restarts at a chunk boundary with a new request (`restart_with`: HTTP settings).
     PacerThread      takes one frame per 1/fps tick (repeating the last one when generation is
                      late, so players never stall), ticks the playlist, and runs every encoder once.
 
@@ -14,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 import numpy as np
 
@@ -60,6 +62,14 @@ class FrameBuffer:
             return len(self._frames)
 
 
+class TrialFailed(Exception):
+    """A stream opened by `restart_with(..., on_failure=...)` failed before its first chunk."""
+
+    def __init__(self, error: Exception, on_failure: Callable[[Exception], None]):
+        super().__init__(str(error))
+        self.error, self.on_failure = error, on_failure
+
+
 class GeneratorThread(threading.Thread):
     """Owns the pipeline (a Pipeline, or a ProcessPipeline whose streams run in a child process).
     `resolution` is the stream's resolved request (runtime/resolve.py): every stream opened runs it,
@@ -73,7 +83,19 @@ class GeneratorThread(threading.Thread):
         self._stream = None
         self._stream_lock = threading.Lock()
         self.active_prompt: str | None = None
+        self.running_resolution = None  # the resolution of the stream open now (None between streams)
+        self._restart = threading.Event()  # set: end the stream after the chunk in hand, open a new one
+        self._on_failure: Callable[[Exception], None] | None = None  # of a resolution no chunk has proven yet
         board.subscribe(self._forward)
+
+    def restart_with(self, resolution, on_failure: Callable[[Exception], None] | None = None) -> None:
+        """Run `resolution` from the next chunk boundary (any thread): the stream ends after the chunk in
+        hand, as at an error, and a new one opens with it (the prompt of the moment; a new noise and cache).
+        on_failure(error) is called, on this thread, if that stream fails before its first chunk (the
+        caller puts the resolution it replaced back); then the thread goes on at once, without a backoff."""
+        with self._stream_lock:
+            self.resolution, self._on_failure = resolution, on_failure
+            self._restart.set()
 
     def _forward(self, change: PromptChange) -> None:
         """Board listener: hand a prompt change to the running stream (applies at its next chunk)."""
@@ -87,6 +109,10 @@ class GeneratorThread(threading.Thread):
             try:
                 self._run_stream()
                 failures = 0
+            except TrialFailed as failed:  # a new request that cannot run: the caller reverts it
+                log.warning("the new settings failed before their first chunk (%s); going back", failed.error)
+                self.metrics.generator_failed(failed.error)
+                failed.on_failure(failed.error)
             except Exception as err:  # the last good frame stays on screen; start over from a clean state
                 if self.stop_event.is_set():
                     return  # stopping: the stream was cut off on purpose
@@ -98,16 +124,35 @@ class GeneratorThread(threading.Thread):
                     self.metrics.generator_restarts += 1
 
     def _run_stream(self) -> None:
+        with self._stream_lock:
+            resolution, on_failure = self.resolution, self._on_failure
+            self._restart.clear()
+        try:
+            self._stream_chunks(resolution, on_failure)
+        except Exception as err:
+            with self._stream_lock:  # cleared by the first chunk; replaced by a newer restart_with
+                untried = on_failure is not None and self._on_failure is on_failure
+            if not untried or self.stop_event.is_set():
+                raise
+            raise TrialFailed(err, on_failure) from err
+
+    def _stream_chunks(self, resolution, on_failure) -> None:
         change = self.board.current
-        request = self.resolution.with_prompt(change.prompt, change.negative_prompt)
+        request = resolution.with_prompt(change.prompt, change.negative_prompt)
         stream = self.pipe.stream(request=request, image=self.image)
         with self._stream_lock:
             self._stream = stream
+            self.running_resolution = resolution
         if self.board.current != change:  # switched while the stream was being set up: not lost
             self._forward(self.board.current)
         try:
             produced = time.monotonic()
             for chunk in stream:  # uint8 [n, H, W, 3]
+                if on_failure is not None:  # a chunk came: the new request runs, nothing to revert
+                    with self._stream_lock:
+                        if self._on_failure is on_failure:
+                            self._on_failure = None
+                    on_failure = None
                 now = time.monotonic()
                 # A stream in another process times its own chunks (it may run one chunk ahead).
                 seconds = getattr(stream, "last_chunk_seconds", None)
@@ -116,11 +161,12 @@ class GeneratorThread(threading.Thread):
                 if not self.buffer.put_chunk(chunk, self.stop_event):
                     return
                 produced = time.monotonic()
-                if self.stop_event.is_set():
+                if self.stop_event.is_set() or self._restart.is_set():
                     return
         finally:
             with self._stream_lock:
                 self._stream = None
+                self.running_resolution = None
             stream.close()
 
     def stop(self) -> None:

@@ -2,7 +2,7 @@
 
 A server killed with SIGKILL runs no cleanup. Two things then matter:
 
-- Control state: the playlist an operator PUT and the manual prompt are written to `--state FILE`
+- Control state: the playlist an operator PUT, the manual prompt and the HTTP settings are written to `--state FILE`
   on every change (temp file in the same folder, fsync, rename, fsync of the folder), so the file
   on disk is always one whole state, never half of one; a restart with the same `--state` resumes.
 - HLS folders: each is named after its owner's pid and records the owner's start time, so a server
@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 from .playlist import PromptBoard, RequestError
 
@@ -97,11 +98,13 @@ class StateFile:
         self.path = Path(path)
         self._lock = threading.Lock()
         self.saves = 0
+        # Other owners' state saved beside the board's, by key: the HTTP settings (settings_control.py).
+        self.sections: dict[str, Callable[[], object]] = {}
 
     def save(self, board: PromptBoard) -> None:
         """Write the board's state now (any thread; writes are serialized)."""
         with self._lock:
-            state = {"version": STATE_VERSION, **board.snapshot()}
+            state = {"version": STATE_VERSION, **board.snapshot(), **{k: get() for k, get in self.sections.items()}}
             write_atomically(self.path, json.dumps(state, indent=1).encode())
             self.saves += 1
 

@@ -31,6 +31,7 @@ from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
 from .outputs import DEFAULT_FORMATS, FORMATS, H264_FORMATS, Encoding, active
 from .publish import Publisher, check_publish_url
+from .settings_control import SettingsControl
 from .state import StateFile, StateSaver, make_hls_folder
 
 log = logging.getLogger("skyrt.server")
@@ -116,14 +117,14 @@ class StreamServer:
         if first.negative_prompt is not None:
             user["negative_prompt"] = first.negative_prompt
         self.pipe = pipe
-        self.resolution = pipe.resolve(replace(settings, user=user), stream=True)
+        self.settings = replace(settings, user=user)  # what HTTP control (settings_control.py) resolves over
+        self.resolution = pipe.resolve(self.settings, stream=True)
         self.request: GenerationRequest = self.resolution.request
         self.config = config = replace(config, fps=self.request.fps)
         self.height, self.width = self.request.height, self.request.width
         self.metrics = Metrics()
         self.connections = ConnectionRegistry(config.connections)
-        self.limits = replace(config.limits, min_duration_s=max(config.limits.min_duration_s,
-                                                                block_seconds(self.request)))
+        self.limits = self._limits_for(self.request)
         self.board = PromptBoard(first, playlist)
         self.state = StateFile(config.state_path) if config.state_path is not None else None
         self._saver: StateSaver | None = None
@@ -146,6 +147,10 @@ class StreamServer:
 
             self.captioner = LiveCaptioner(captioner, caption_every_s, self._frame_on_screen)
         self.generator = GeneratorThread(pipe, self.resolution, self.board, self.buffer, self.metrics, image=self.image)
+        self.settings_control = SettingsControl(self)
+        if self.state is not None:
+            self.state.sections["settings"] = self.settings_control.snapshot
+            self.settings_control.restore(self.state.load())
         self.pacer: PacerThread | None = None
         self._encoders: list = []
         self.publishers: list[Publisher] = []  # made by outputs/rtmp.py
@@ -154,6 +159,18 @@ class StreamServer:
             if output.prometheus is not None:
                 self.metrics.sections.append(lambda output=output: output.prometheus(self))
         self._stopped = False
+
+    def adopt(self, resolution, on_failure=None) -> None:
+        """Run `resolution` from the generator's next chunk boundary (HTTP control: settings_control.py);
+        on_failure: see GeneratorThread.restart_with."""
+        self.resolution, self.request = resolution, resolution.request
+        self.limits = self._limits_for(self.request)
+        self.generator.restart_with(resolution, on_failure)
+
+    def _limits_for(self, request: GenerationRequest) -> Limits:
+        """The control limits, a playlist item no shorter than one generated chunk of `request`."""
+        limits = self.config.limits
+        return replace(limits, min_duration_s=max(limits.min_duration_s, block_seconds(request)))
 
     def _frame_on_screen(self):
         return None if self.pacer is None else self.pacer.last_frame
