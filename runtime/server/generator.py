@@ -90,10 +90,14 @@ class GeneratorThread(threading.Thread):
 
     def restart_with(self, resolution, on_failure: Callable[[Exception], None] | None = None) -> None:
         """Run `resolution` from the next chunk boundary (any thread): the stream ends after the chunk in
-        hand, as at an error, and a new one opens with it (the prompt of the moment; a new noise and cache).
+        hand, as at an error, and a new one opens with it (the prompt of the moment; a new noise and cache);
+        a resolution of the request already running replaces it without a restart.
         on_failure(error) is called, on this thread, if that stream fails before its first chunk (the
         caller puts the resolution it replaced back); then the thread goes on at once, without a backoff."""
         with self._stream_lock:
+            if resolution.request == self.resolution.request:  # other sources, the same request: nothing to restart
+                self.resolution = resolution
+                return
             self.resolution, self._on_failure = resolution, on_failure
             self._restart.set()
 

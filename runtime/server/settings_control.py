@@ -171,7 +171,7 @@ class SettingsControl:
     def _revert(self, before: tuple, failed: "Resolution", error: Exception) -> None:
         """The generator thread: the stream of `failed` could not start; put back what it replaced."""
         with self._lock:
-            if self.server.resolution is not failed:
+            if self.server.request != failed.request:
                 return  # a newer change came meanwhile: it is the one running now
             failed_layer = self.layer
             self.layer = before[0]
@@ -200,8 +200,9 @@ class SettingsControl:
                 value = None if f.name == "num_frames" else getattr(resolution.request, f.name)  # endless
                 entry = {"value": value, "layer": source.layer, "source": source.detail or f"{source.layer} layer"}
             settings[f.name] = dict(entry, settable=f.name in SETTABLE)
+        running = server.generator.running_resolution
         return {"settings": settings, "http_control": layer,
-                "running": server.generator.running_resolution is resolution, "last_error": last_error}
+                "running": running is not None and running.request == resolution.request, "last_error": last_error}
 
     def snapshot(self) -> dict:
         """What --state keeps: the layer as set."""
