@@ -34,7 +34,6 @@ from ..resolve import LayerConflict
 
 if TYPE_CHECKING:
     from ..resolve import Resolution
-    from .stream_server import StreamServer
 
 log = logging.getLogger("skyrt.server")
 
@@ -141,7 +140,8 @@ class SettingsControl:
     """The HTTP control layer of one StreamServer: validated changes resolved into a new request that the
     generator adopts at its next chunk boundary; its description (GET) and its saved form (--state)."""
 
-    def __init__(self, server: "StreamServer"):
+    def __init__(self, server):
+        """server: the StreamServer (stream_server.py, which makes this; not imported: no cycle)."""
         self.server = server
         self.layer: dict[str, Any] = {}
         self.last_error: dict | None = None  # the last change that failed when its stream opened
@@ -226,7 +226,7 @@ class SettingsControl:
         return True
 
 
-def add_settings_routes(app, server: "StreamServer", control, error) -> None:
+def add_settings_routes(app, server, control, error) -> None:
     """GET, PUT and POST /settings on `app` (app.py's `control` wrapper: token, bounded JSON, state save)."""
     from aiohttp import web
 
