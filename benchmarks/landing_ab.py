@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "9b49636"  # the landing before issue 33 (one rollout engine, one request)
 # rollout.py: what each side measures (small model; kvcache ring 1+4 and window mode with latent carry).
 ROLLOUT_ARGS = ["--dim", "128", "--layers", "2", "--latent", "8", "--steps", "4", "--frames", "33",
-                "--base-frames", "17", "--overlap", "5", "--kv-windows", "4", "--kv-drivers", "core",
+                "--base-frames", "17", "--overlap", "5", "--kv-windows", "4", "--kv-drivers", "core", "--kv-repeats", "2",
                 "--skip", "skyrt_window_pixel_carry", "diffusers_long_video", "diffusers_long_video_async",
                 "--baseline", "skyrt_kvcache_ring_1+4"]
 ROLLOUT_FIGURES = ("latent_frames_per_s", "denoise_latent_frames_per_s", "time_to_first_frame_s")
