@@ -5,6 +5,9 @@ process where the pipeline's own refusal and the state file are looked at.
 What a change does is read from the stream, not from the endpoint: in kvcache mode a chunk is one block
 of `causal_block_size` latent frames, 4 pixel frames each, so frames generated per chunk (the server's
 Prometheus counters, read in one consistent snapshot) is 4 before `{"causal_block_size": 2}` and 8 after.
+The 409 of a value a preset cannot honour, and the explicit diffusion-forcing defaults reaching the sampler
+through PUT /settings, are checked per preset in tests/test_request_resolution.py (the same app, on each
+preset's tiny checkpoint).
 """
 from __future__ import annotations
 
