@@ -392,7 +392,8 @@ def _with_batch_axis(spec: GraphSpec) -> GraphSpec:
 def build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile: OnnxProfile) -> GraphSpec:
     """The module, example inputs and I/O names of graph `name` (see the table in the docstring)."""
     spec = _build_graph_spec(name, dit, vae, text_encoder, profile)
-    return _with_batch_axis(spec) if name in ("cross_kv", "dit_window", "dit_window_causal", "dit_step") else spec
+    return _with_batch_axis(spec) if name in ("cross_kv", "dit_window", "dit_window_causal", "dit_step",
+                                                  "dit_step_full") else spec
 
 
 def _build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile: OnnxProfile) -> GraphSpec:
