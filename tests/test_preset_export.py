@@ -240,3 +240,31 @@ def test_skyrt_serve_runs_a_preset_export_with_torch_not_importable(exports, tmp
         status = get_json(base + "/status")
         assert status["frames_output"] > 0
         assert "ImportError" not in proc.output()
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT-RTX: the preset's step graphs build ahead of time (no GPU) in fp16 and bf16
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", "float16"), ("bf16", "bfloat16")])
+def test_preset_step_graphs_build_with_tensorrt_rtx(model_folders, tmp_path, precision, dtype):
+    """`skyrt export engine --preset`: the preset's ONNX in `precision`, then TensorRT-RTX engines of its
+    DiT graphs (strongly typed: the precision comes from the graph; build_engines raises on a failure)."""
+    pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
+    from skyrt.export.export_cli import main
+
+    graphs = ["cross_kv", "dit_step", "dit_step_full"]
+    onnx_dir, engine_dir = tmp_path / "onnx", tmp_path / "engines"
+    assert main(["engine", "--preset", "longlive", "--model", str(model_folders["longlive"]), "--onnx", str(onnx_dir),
+                 "--out", str(engine_dir), "--precision", precision, "--height", str(HEIGHT), "--width", str(WIDTH),
+                 "--sink-blocks", "1", "--window-blocks", "2", "--lora-alpha", str(RECIPES["longlive"]["lora"]["alpha"]),
+                 "--builder", "tensorrt-rtx", "--graphs", ",".join(graphs), "--no-progress"]) == 0
+    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    assert manifest["preset"]["name"] == "longlive"
+    for name in ("dit_step", "dit_step_full"):
+        inputs = {i["name"]: i["dtype"] for i in manifest["graphs"][name]["inputs"]}
+        assert inputs["cache_k"] == inputs["cross_k"] == dtype and inputs["latents"] == "float32"
+    for name in graphs:
+        engine = json.loads((engine_dir / f"{name}.engine.json").read_text())
+        assert engine["precision"] == precision and engine["engine_bytes"] > 0, name
+    # the engine folder's copy of the ONNX manifest carries the preset: skyrt.load picks it up there too
+    assert json.loads((engine_dir / "onnx_manifest.json").read_text())["preset"]["name"] == "longlive"
