@@ -43,7 +43,9 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
             runtime/causal_family.py): `model_dir` holds its checkpoint beside the Wan2.1 VAE and umT5
             files, and the pipeline runs its own sampler with its recommended settings. A model folder's
             demo_model.json recommendation is a layer of every request too, under the preset and the
-            keywords a call passes (runtime/resolve.py). The options
+            keywords a call passes (runtime/resolve.py). With onnxruntime / tensorrt a preset runs from
+            its export folder (`skyrt export onnx --preset`), whose manifest names it: preset= may be
+            left unset there. The options
             checkpoint=, lora=, lora_alpha=, use_ema= override which files (and how) it loads.
         text_cache: a folder where prompt embeddings are kept, so no prompt is ever encoded twice
             (runtime/text_cache.py).

@@ -268,3 +268,9 @@ def test_preset_step_graphs_build_with_tensorrt_rtx(model_folders, tmp_path, pre
         assert engine["precision"] == precision and engine["engine_bytes"] > 0, name
     # the engine folder's copy of the ONNX manifest carries the preset: skyrt.load picks it up there too
     assert json.loads((engine_dir / "onnx_manifest.json").read_text())["preset"]["name"] == "longlive"
+
+
+def test_a_request_for_another_ring_names_the_preset_export_command(exports):
+    pipe = skyrt.load(exports("causvid"), backend="onnxruntime")
+    with pytest.raises(ValueError, match="skyrt export onnx --preset causvid .*--sink-blocks"):
+        next(pipe.stream("a fox", height=HEIGHT, width=WIDTH, sink_blocks=1, window_blocks=4))

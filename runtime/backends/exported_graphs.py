@@ -208,6 +208,13 @@ class ExportedGraphBackend(Backend):
             have = [self._manifests[f]["graphs"][name].get("shape_config") for f in self._folders
                     if name in self._manifests[f]["graphs"]]
             flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in needs.items())
+            preset = next((m["preset"]["name"] for m in self._manifests.values() if m.get("preset")), None)
+            if preset is not None:  # a preset's export: its block is fixed, its ring is sink + window
+                raise ValueError(
+                    f"the {preset} export has no {name} graph for {needs} (it has: {have or 'none'}): its size and "
+                    f"ring (sink + window blocks = cache_blocks) are baked in; request those, or export them with: "
+                    f"skyrt export onnx --preset {preset} --model MODEL_DIR --out DIR --height H --width W "
+                    "--sink-blocks S --window-blocks W")
             raise ValueError(
                 f"the ONNX export has no {name} graph for {needs or 'this request'} (it has: {have or 'none'}); "
                 f"export one with: skyrt export onnx --model MODEL_DIR --out DIR {flags}".rstrip())
