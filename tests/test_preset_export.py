@@ -274,3 +274,11 @@ def test_a_request_for_another_ring_names_the_preset_export_command(exports):
     pipe = skyrt.load(exports("causvid"), backend="onnxruntime")
     with pytest.raises(ValueError, match="skyrt export onnx --preset causvid .*--sink-blocks"):
         next(pipe.stream("a fox", height=HEIGHT, width=WIDTH, sink_blocks=1, window_blocks=4))
+
+
+def test_explain_resolves_against_the_exported_preset(exports):
+    """`skyrt serve --explain` on a preset export (no --preset): the preset's layer is in the resolution."""
+    result = subprocess.run([sys.executable, "-m", "skyrt.runtime.cli", "serve", "--model", str(exports("causvid")),
+                             "--backend", "onnxruntime", "--explain"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "preset (causvid)" in result.stdout
