@@ -11,10 +11,14 @@ Records ONNX and engine bytes and build seconds per graph and precision.
     python benchmarks/preset_engines.py --preset self-forcing                 # 30 layers: ~6 GB of fp32 weights
     python benchmarks/preset_engines.py --preset self-forcing --layers 2     # the real shape, 2 layers (smoke)
 
-Memory: the fp32 random model, its traced copy and the builder's working set; 30 layers need tens of
-GB of RAM. --layers N builds the real per-layer shape with fewer layers (engine bytes grow linearly in
-layers: per-layer weights dominate). FP8: the exporter writes no Q/DQ graphs yet, so no FP8 engine is
-built (recorded as such).
+Memory: the exporter traces each graph by running it once on example inputs of the real shape, and
+dit_step's trace at 480x832 (two blocks in flight: 9360 active tokens against a 6-slot ring, 37440
+keys) materialises attention scores of 12 x 9360 x 37440 fp32, ~17 GB per layer call, on top of the
+fp32 model (~6 GB for 30 layers): a machine with 64+ GB of RAM (or the GPU box) runs the real shape.
+--layers N and --height / --width build fewer layers or a smaller frame with the real width (dim,
+heads, ffn): engine bytes are dominated by the weights, which do not depend on the frame size and
+grow linearly in layers. FP8: the exporter writes no Q/DQ graphs yet, so no FP8 engine is built
+(recorded as such).
 """
 from __future__ import annotations
 
@@ -36,19 +40,21 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="self-forcing")
     p.add_argument("--layers", type=int, default=30, help="DiT layers (30 = Wan2.1-1.3B)")
     p.add_argument("--precisions", default="fp16,bf16,fp8", help="comma-separated: fp16, bf16, fp8")
+    p.add_argument("--height", type=int, default=None, help="pixel height (default the preset's 480)")
+    p.add_argument("--width", type=int, default=None, help="pixel width (default the preset's 832)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the folders here (default: temp)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "preset_engines.json")
     return p.parse_args(argv)
 
 
-def build_precision(folder: Path, work: Path, preset: str, precision: str, lora: dict) -> dict:
+def build_precision(folder: Path, work: Path, preset: str, precision: str, lora: dict, size: dict) -> dict:
     from skyrt.export.engine import BuildOptions, build_engines, graphs_from_onnx_manifest
     from skyrt.export.preset_export import export_preset_onnx
 
     onnx_dir, engine_dir = work / f"onnx-{precision}", work / f"engines-{precision}"
     start = time.perf_counter()
     manifest = export_preset_onnx(folder, onnx_dir, preset, precision=precision, graphs=list(GRAPHS), progress=False,
-                                  **lora)
+                                  **size, **lora)
     export_s = time.perf_counter() - start
     start = time.perf_counter()
     build_engines(graphs_from_onnx_manifest(onnx_dir), engine_dir, BuildOptions(builder="tensorrt-rtx"), progress=False)
@@ -87,7 +93,8 @@ def main(argv=None) -> int:
                                       "TensorRT-RTX takes FP8 only as Q/DQ in the graph (strongly typed)"}
                 continue
             try:
-                results[precision] = {"built": True, **build_precision(folder, work, args.preset, precision, lora)}
+                results[precision] = {"built": True, **build_precision(folder, work, args.preset, precision, lora,
+                                                                      dict(height=args.height, width=args.width))}
             except Exception as err:  # record and go on: one precision's failure is a result too
                 results[precision] = {"built": False, "error": f"{type(err).__name__}: {err}"[:2000]}
             print(precision, json.dumps(results[precision])[:400], flush=True)
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
     report = {"benchmark": "preset_engines",
               "config": {**vars(args), "out": args.out.name, "workdir": None if args.workdir is None else "set",
                          "shape": {"dim": 1536, "heads": 12, "ffn_dim": 8960, "layers": args.layers,
-                                   "height": preset.height, "width": preset.width,
+                                   "height": args.height or preset.height, "width": args.width or preset.width,
                                    "block_frames": preset.sampling.causal_block_size,
                                    "ring": {"sink_blocks": preset.ring.sink_blocks,
                                             "window_blocks": preset.ring.window_blocks}}},
