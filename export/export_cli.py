@@ -3,7 +3,9 @@
     skyrt export onnx --model DIR --out DIR [--precision fp32|fp16|bf16] [--height 544 --width 960]
                       [--block-frames 1 --cache-blocks 9 --window-frames 25]
     skyrt export onnx --captioner SkyCaptioner-V1/ --out DIR [--precision fp32|fp16]
+    skyrt export onnx --preset NAME --model DIR --out DIR [--sink-blocks 1 --window-blocks 5]
     skyrt export engine --onnx DIR --out DIR          # either kind of export folder
+    skyrt export engine --preset NAME --model DIR --onnx DIR --out DIR   # the preset's ONNX, then engines
     python -m skyrt.export.export_cli onnx ...      # the same without the skyrt entry point
 
 This module imports no torch at import time: `skyrt serve` builds the whole CLI parser, and only
@@ -54,6 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="bytes of weights above which a graph keeps them in <graph>.onnx.data (default 1.8e9)")
     onnx.add_argument("--model-hash", default=None, help=argparse.SUPPRESS)  # recorded in the manifest
     onnx.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_preset_arguments(onnx)
     engine = kinds.add_parser("engine", help="build TensorRT / TensorRT-RTX engines from an ONNX export",
                               description="One engine per graph of an ONNX export folder, each with a manifest "
                                           "(ONNX hash, precision, profile, builder version, compute capabilities).")
@@ -70,7 +73,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--workspace-gib", type=float, default=None, help="cap on builder scratch memory")
     engine.add_argument("--graphs", default=None, help="comma-separated subset of graphs (default: all)")
     engine.add_argument("--no-progress", action="store_true", help="no progress bar")
+    engine.add_argument("--model", type=Path, default=None, help="with --preset: the preset's model folder")
+    engine.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="with --preset: the precision of the ONNX graphs the engines are built from")
+    engine.add_argument("--height", type=int, default=None, help="with --preset: pixel height (default the preset's)")
+    engine.add_argument("--width", type=int, default=None, help="with --preset: pixel width (default the preset's)")
+    _add_preset_arguments(engine)
     return export
+
+
+def _add_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset and its options (export/preset_export.py), on `export onnx` and `export engine`."""
+    from skyrt.runtime.causal_family import PRESETS  # torch-free
+
+    parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                        help="export a causal-family preset's graphs from --model (its checkpoint and LoRA, merged): "
+                             "dit_step in its blocks and ring, dit_step_full, umT5 and the VAE")
+    parser.add_argument("--sink-blocks", type=int, default=None, help="with --preset: ring sink blocks (default the preset's)")
+    parser.add_argument("--window-blocks", type=int, default=None,
+                        help="with --preset: ring window blocks (default the preset's)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="with --preset: the checkpoint file to read")
+    parser.add_argument("--lora", type=Path, default=None, help="with --preset: the LoRA file to merge")
+    parser.add_argument("--lora-alpha", type=float, default=None,
+                        help="with --preset: the LoRA's alpha (default the preset's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,8 +106,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_engine(args: argparse.Namespace) -> int:
-    """Build engines (torch-free) and put the ONNX manifest and tokenizer beside them."""
+    """Build engines (torch-free) and put the ONNX manifest and tokenizer beside them; with --preset,
+    export the preset's ONNX graphs into --onnx first (torch)."""
     from .engine import BuildOptions, graphs_from_onnx_manifest, pick_builder, write_engine_folder
+
+    if args.preset is not None:
+        if args.model is None:
+            raise ValueError("--preset needs --model FOLDER (the preset's checkpoint beside the Wan2.1 files)")
+        _export_preset(args, args.onnx)
 
     specs = graphs_from_onnx_manifest(args.onnx)
     if args.graphs:
@@ -102,7 +133,7 @@ def run_engine(args: argparse.Namespace) -> int:
 # The captioner's export precisions (export/captioner/export.py PRECISIONS; that module imports torch).
 CAPTIONER_PRECISIONS = ("fp32", "fp16")
 DIT_ONLY_OPTIONS = ("height", "width", "block_frames", "cache_blocks", "max_active_blocks", "window_frames",
-                    "window_attention", "graphs", "model_hash")
+                    "window_attention", "graphs", "model_hash", "preset")
 
 
 def run_captioner_onnx(args: argparse.Namespace) -> int:
@@ -123,10 +154,42 @@ def run_captioner_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+# `export onnx` options a preset fixes itself (its block, its blocks in flight, no window graphs).
+PRESET_FIXED_OPTIONS = ("block_frames", "cache_blocks", "max_active_blocks", "window_frames", "window_attention")
+PRESET_ONLY_OPTIONS = ("sink_blocks", "window_blocks", "checkpoint", "lora", "lora_alpha")
+
+
+def _export_preset(args: argparse.Namespace, out: Path) -> dict:
+    """`--preset NAME --model DIR`: the preset's graphs (export/preset_export.py) into `out`."""
+    given = [f"--{n.replace('_', '-')}" for n in PRESET_FIXED_OPTIONS if getattr(args, n, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: the {args.preset} preset fixes its block size, blocks in flight and "
+                         "attention; set its ring with --sink-blocks / --window-blocks")
+    from .preset_export import export_preset_onnx
+
+    graphs = [g.strip() for g in args.graphs.split(",") if g.strip()] if getattr(args, "graphs", None) else None
+    manifest = export_preset_onnx(
+        args.model, out, args.preset, height=args.height, width=args.width, sink_blocks=args.sink_blocks,
+        window_blocks=args.window_blocks, precision=args.precision, graphs=graphs, progress=not args.no_progress,
+        opset=getattr(args, "opset", None), external_data_threshold=getattr(args, "external_data_threshold", None),
+        model_hash=getattr(args, "model_hash", None), checkpoint=args.checkpoint, lora=args.lora,
+        lora_alpha=args.lora_alpha)
+    print(f"wrote {len(manifest['graphs'])} graphs of the {args.preset} preset and {out / 'manifest.json'}")
+    return manifest
+
+
 def run_onnx(args: argparse.Namespace) -> int:
     """Run `skyrt export onnx` from parsed arguments; prints where the manifest went."""
     if args.captioner is not None:
         return run_captioner_onnx(args)
+    if args.preset is not None:
+        if args.model is None:
+            raise ValueError("--preset needs --model FOLDER (the preset's checkpoint beside the Wan2.1 files)")
+        _export_preset(args, args.out)
+        return 0
+    given = [f"--{n.replace('_', '-')}" for n in PRESET_ONLY_OPTIONS if getattr(args, n, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} are options of a preset export: add --preset NAME")
     from .onnx_export import export_onnx, profile_from_options
 
     profile = profile_from_options(

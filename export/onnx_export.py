@@ -96,7 +96,7 @@ WINDOW_ATTENTION = ("full", "causal", "both")
 
 # Every graph, in export order. Groups are what a lazily exporting runtime asks for together, and
 # the profile fields each graph is specialised on (its static shapes).
-GRAPHS = ("text_encoder", "cross_kv", "dit_window", "dit_window_causal", "dit_step",
+GRAPHS = ("text_encoder", "cross_kv", "dit_window", "dit_window_causal", "dit_step", "dit_step_full",
           "vae_decode_first", "vae_decode_step", "vae_encode_first", "vae_encode_step")
 GRAPH_PROFILE_FIELDS: dict[str, tuple[str, ...]] = {
     "text_encoder": (),
@@ -104,6 +104,7 @@ GRAPH_PROFILE_FIELDS: dict[str, tuple[str, ...]] = {
     "dit_window": ("height", "width"),
     "dit_window_causal": ("height", "width", "block_frames"),
     "dit_step": ("height", "width", "block_frames", "cache_blocks"),
+    "dit_step_full": ("height", "width", "block_frames", "cache_blocks"),
     "vae_decode_first": ("height", "width"),
     "vae_decode_step": ("height", "width"),
     "vae_encode_first": ("height", "width"),
@@ -114,6 +115,7 @@ GRAPH_GROUPS: dict[str, tuple[str, ...]] = {
     "window": ("dit_window",),
     "window_causal": ("dit_window_causal",),
     "step": ("dit_step",),
+    "step_full": ("dit_step_full",),
     "vae": ("vae_decode_first", "vae_decode_step", "vae_encode_first", "vae_encode_step"),
 }
 
@@ -156,6 +158,9 @@ class OnnxProfile:
     max_active_blocks: int = 6
     window_frames: int = 25
     window_attention: str = "full"
+    # Most latent frames of a dit_step_full call (0: no such graph): the KV-cached step with full
+    # attention among its frames, for LongLive's recache chunk and Rolling-Forcing's window.
+    full_step_frames: int = 0
     precision: str = "fp32"
     opset: int = DEFAULT_OPSET
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
@@ -168,6 +173,8 @@ class OnnxProfile:
         for name in ("block_frames", "cache_blocks", "max_active_blocks", "window_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.full_step_frames < 0:
+            raise ValueError(f"full_step_frames={self.full_step_frames} must be >= 0 (0: no dit_step_full graph)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS}")
         if self.window_attention not in WINDOW_ATTENTION:
@@ -182,6 +189,8 @@ class OnnxProfile:
     def default_graphs(self) -> tuple[str, ...]:
         """Every graph of a full export; the window graphs follow `window_attention`."""
         skip = {"full": {"dit_window_causal"}, "causal": {"dit_window"}, "both": set()}[self.window_attention]
+        if not self.full_step_frames:
+            skip = skip | {"dit_step_full"}
         return tuple(g for g in GRAPHS if g not in skip)
 
     def shape_config(self, graph: str) -> dict:
@@ -244,9 +253,10 @@ class _SinusoidCachedStep(CachedStep):
 class StepGraph(nn.Module):
     """The KV-cached step (export/cached_step.py) with stacked cross K/V and per-slot validity.
 
-    slot_valid bool [B, slots] is expanded to tokens in the graph (slots * tokens_per_block = S)."""
+    slot_valid bool [B, slots] is expanded to tokens in the graph (slots * tokens_per_block = S).
+    block_frames None: full attention among the step's frames (dit_step_full)."""
 
-    def __init__(self, dit: WanDiT, block_frames: int, tokens_per_block: int, graph: str = "onnx"):
+    def __init__(self, dit: WanDiT, block_frames: Optional[int], tokens_per_block: int, graph: str = "onnx"):
         super().__init__()
         self.step = _SinusoidCachedStep(dit, graph=graph)
         self.block_frames = block_frames
@@ -382,7 +392,8 @@ def _with_batch_axis(spec: GraphSpec) -> GraphSpec:
 def build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile: OnnxProfile) -> GraphSpec:
     """The module, example inputs and I/O names of graph `name` (see the table in the docstring)."""
     spec = _build_graph_spec(name, dit, vae, text_encoder, profile)
-    return _with_batch_axis(spec) if name in ("cross_kv", "dit_window", "dit_window_causal", "dit_step") else spec
+    return _with_batch_axis(spec) if name in ("cross_kv", "dit_window", "dit_window_causal", "dit_step",
+                                                  "dit_step_full") else spec
 
 
 def _build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile: OnnxProfile) -> GraphSpec:
@@ -420,7 +431,8 @@ def _build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile
                          frames_axis, _frame_ranges(block or 1, max_frames, tokens_per_frame),
                          info={"causal_block_size": block, "frames_multiple_of": block or 1})
 
-    if name == "dit_step":
+    if name in ("dit_step", "dit_step_full"):
+        full = name == "dit_step_full"
         block = profile.block_frames
         tokens_per_block = block * tokens_per_frame
         frames = 2 * block  # two blocks in flight: the block-causal mask among active tokens is traced
@@ -433,12 +445,15 @@ def _build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile
         slot_valid[:, : (profile.cache_blocks + 1) // 2] = True
         args = (latents, t_emb, ck, cv, cache_k, cache_v, slot_valid, cos, sin) + ((fps,) if fps is not None else ())
         axes = {**frames_axis, "new_k": {2: "active_tokens"}, "new_v": {2: "active_tokens"}}
-        max_frames = profile.max_active_blocks * block
-        return GraphSpec(name, StepGraph(dit, block, tokens_per_block), args,
+        if full:  # any frame count (a recache chunk grows block by block until the ring is full)
+            min_frames, max_frames, multiple = 1, max(profile.full_step_frames, 1), 1
+        else:
+            min_frames, max_frames, multiple = block, profile.max_active_blocks * block, block
+        return GraphSpec(name, StepGraph(dit, None if full else block, tokens_per_block), args,
                          ["latents", "t_emb", "cross_k", "cross_v", "cache_k", "cache_v", "slot_valid", "rope_cos",
                           "rope_sin"] + fps_in, ["velocity", "new_k", "new_v"], axes,
-                         _frame_ranges(block, max_frames, tokens_per_frame),
-                         info={"causal_block_size": block, "frames_multiple_of": block,
+                         _frame_ranges(min_frames, max_frames, tokens_per_frame),
+                         info={"causal_block_size": None if full else block, "frames_multiple_of": multiple,
                                "tokens_per_block": tokens_per_block, "cache_slots": profile.cache_blocks})
 
     if name.startswith("vae_decode"):
@@ -563,7 +578,7 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int, external_data_thres
     }
 
 
-ORT_CPU_VARIANT = "ort_cpu"  # the manifest key of dit_step's onnxruntime-CPU variant
+ORT_CPU_VARIANT = "ort_cpu"  # the manifest key of dit_step's (and dit_step_full's) onnxruntime-CPU variant
 ORT_CPU_PRECISIONS = ("fp32", "fp16")  # what ORT's CPU provider runs (no bf16 MatMul)
 ORT_CPU_CONTRIB_OPS = ["com.microsoft.MultiHeadAttention", "com.microsoft.FastGelu"]
 
@@ -574,7 +589,7 @@ def export_ort_cpu_step(spec: GraphSpec, out_dir: Path, profile: OnnxProfile) ->
     Same inputs, outputs and semantics as dit_step.onnx; only onnxruntime's CPU provider runs it (the
     onnxruntime backend picks it there); TensorRT engines are built from dit_step.onnx."""
     step = spec.module.step
-    variant = replace(spec, name=f"dit_step.{ORT_CPU_VARIANT}",
+    variant = replace(spec, name=f"{spec.name}.{ORT_CPU_VARIANT}",
                       module=StepGraph(step.dit, spec.module.block_frames, spec.module.tokens_per_block,
                                        graph="onnx-ort"))
     entry = export_graph(variant, out_dir, profile.opset, profile.external_data_threshold)
@@ -596,11 +611,15 @@ def export_onnx(
     progress: bool = True,
     model_hash: Optional[str] = None,
     components: Optional[tuple] = None,
+    model_spec=None,
+    manifest_extra: Optional[dict] = None,
 ) -> dict:
     """Export `graphs` (default: every graph of `profile`) of the model folder into `out_dir`.
 
     Writes <graph>.onnx files, tokenizer.json and manifest.json (returned as a dict). `components`
     (dit, vae, text_encoder) skips loading the folder (tests pass modules they already hold).
+    `model_spec` (a runtime ModelSpec) is the folder as already inspected (a causal preset's folder,
+    export/preset_export.py); `manifest_extra` adds top-level manifest fields (its "preset").
     """
     from tqdm.auto import tqdm
 
@@ -608,7 +627,7 @@ def export_onnx(
 
     from .loaders import load_components
 
-    spec = inspect_model_folder(model_dir)
+    spec = model_spec if model_spec is not None else inspect_model_folder(model_dir)
     graphs = list(graphs or profile.default_graphs())
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown:
@@ -631,7 +650,7 @@ def export_onnx(
         start = time.perf_counter()
         gspec = build_graph_spec(name, graph_dit, vae, text_encoder, profile)
         entry = export_graph(gspec, out, profile.opset, profile.external_data_threshold)
-        if name == "dit_step" and profile.precision in ORT_CPU_PRECISIONS:
+        if name in ("dit_step", "dit_step_full") and profile.precision in ORT_CPU_PRECISIONS:
             entry[ORT_CPU_VARIANT] = export_ort_cpu_step(gspec, out, profile)
         entry.setdefault("precision", profile.precision)
         entry["shape_config"] = profile.shape_config(name)
@@ -663,6 +682,7 @@ def export_onnx(
         "tokenizer": tokenizer,
         "cfg_batch": CFG_BATCH,
         "graphs": entries,
+        **(manifest_extra or {}),
     }
     if tokenizer:
         manifest["tokenizer_sha256"] = sha256_file(out / tokenizer["file"])

@@ -43,7 +43,9 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
             runtime/causal_family.py): `model_dir` holds its checkpoint beside the Wan2.1 VAE and umT5
             files, and the pipeline runs its own sampler with its recommended settings. A model folder's
             demo_model.json recommendation is a layer of every request too, under the preset and the
-            keywords a call passes (runtime/resolve.py). The options
+            keywords a call passes (runtime/resolve.py). With onnxruntime / tensorrt a preset runs from
+            its export folder (`skyrt export onnx --preset`), whose manifest names it: preset= may be
+            left unset there. The options
             checkpoint=, lora=, lora_alpha=, use_ema= override which files (and how) it loads.
         text_cache: a folder where prompt embeddings are kept, so no prompt is ever encoded twice
             (runtime/text_cache.py).
@@ -55,6 +57,7 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
     options.update(_decoder_options(backend, decoder, decoder_path))
     if backend == "tensorrt" and device == "cpu":
         device = "cuda"  # engines only run on the GPU; "cpu" is merely skyrt.load's default
+    preset = _export_preset(model_dir, backend, preset)
     if preset is not None:
         pipe = _load_preset(model_dir, backend, device, preset, options)
     else:
@@ -79,6 +82,40 @@ def _decoder_options(backend: str, decoder: str, decoder_path) -> dict:
     return {"decoder": decoder, "decoder_path": None if decoder_path is None else str(decoder_path)}
 
 
+EXPORTED_GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def export_manifest(model_dir, backend: str) -> dict | None:
+    """The ONNX manifest of an export folder (onnxruntime, tensorrt) or engine folder (tensorrt), else None."""
+    if model_dir is None or backend not in EXPORTED_GRAPH_BACKENDS:
+        return None
+    import json
+
+    from . import artifact_cache
+    from .backends.exported_graphs import is_export_folder, read_manifest
+    from .engine_manifest import ONNX_MANIFEST_COPY
+
+    path = Path(model_dir).expanduser()
+    if is_export_folder(path):
+        return read_manifest(path)
+    if backend == "tensorrt" and artifact_cache.is_engine_folder(path):
+        return json.loads((path / ONNX_MANIFEST_COPY).read_text())
+    return None
+
+
+def _export_preset(model_dir, backend: str, preset: str | None) -> str | None:
+    """The preset to run: the one an export (or engine) folder was made for (`skyrt export onnx --preset`),
+    else the caller's. A different preset than the export's is refused (its graphs bake in the block,
+    ring and weights of the one it was made for)."""
+    manifest = export_manifest(model_dir, backend)
+    exported = None if manifest is None or manifest.get("preset") is None else manifest["preset"]["name"]
+    if exported is not None and preset is not None and preset != exported:
+        raise ValueError(f"{model_dir} is an export of the {exported} preset, not {preset}: pass preset={exported!r} "
+                         f"(or leave it unset), or export {preset} with: skyrt export onnx --preset {preset} "
+                         "--model FOLDER --out DIR")
+    return exported or preset
+
+
 def _load_preset(model_dir, backend: str, device: str, name: str, options: dict) -> Pipeline:
     from .causal_family import FAMILY_OPTIONS, causal_model_spec, get_preset
 
@@ -86,11 +123,27 @@ def _load_preset(model_dir, backend: str, device: str, name: str, options: dict)
     if model_dir is None:
         raise ValueError(f"preset {name!r} needs a model folder holding its checkpoint ({preset.repo})")
     if backend != "torch":
-        # Their exporters re-read a folder as the official layout: they would export the Wan2.1 base.
-        raise ValueError(f"preset {name!r} runs on the torch backend (backend='torch', device='cuda' on a GPU); "
-                         f"exporting the causal family to {backend} is not wired up yet")
+        return _load_exported_preset(model_dir, backend, device, preset, options)
     family = {k: options.pop(k) for k in FAMILY_OPTIONS if k in options}
     spec = causal_model_spec(model_dir, preset, **family)
+    return Pipeline(get_backend(backend, spec, device=device, **options), preset=preset, **_recommendation(spec.path))
+
+
+def _load_exported_preset(model_dir, backend: str, device: str, preset, options: dict) -> Pipeline:
+    """A preset on onnxruntime / TensorRT: from its export folder (or engine folder), no torch imported."""
+    from .causal_family import FAMILY_OPTIONS
+
+    manifest = export_manifest(model_dir, backend)
+    if manifest is None or manifest.get("preset") is None:
+        # A model folder would be exported as the official layout: the Wan2.1 base, not the family's weights.
+        raise ValueError(f"preset {preset.name!r} on the {backend} backend runs from its export: make one with "
+                         f"skyrt export onnx --preset {preset.name} --model {model_dir} --out EXPORT_DIR "
+                         f"(then skyrt.load(EXPORT_DIR, backend={backend!r}))")
+    given = [k for k in FAMILY_OPTIONS if k in options]
+    if given:
+        raise ValueError(f"{', '.join(given)}: the {preset.name} export already holds its weights (LoRA merged); "
+                         "pass them to skyrt export onnx --preset instead")
+    spec = source_spec(model_dir, backend)
     return Pipeline(get_backend(backend, spec, device=device, **options), preset=preset, **_recommendation(spec.path))
 
 

@@ -259,12 +259,27 @@ def _derive(values: dict, sources: dict, settings: Settings, model: ModelLayers,
                 "".join(f"; {spelling} is not used" for spelling in given))
 
 
+def _exported_preset(folder: Path) -> str | None:
+    """The preset an ONNX export folder (or an engine folder's copy of its manifest) was made for."""
+    for name in ("manifest.json", "onnx_manifest.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text()).get("preset")
+            except (OSError, ValueError):
+                return None
+            return record["name"] if isinstance(record, dict) else None
+    return None
+
+
 def folder_layers(model_dir: str | Path, preset: str | None = None) -> ModelLayers:
     """A model folder's layers read without loading it (json only): its demo_model.json recommendation
     and its config.json's block size. What `skyrt generate --explain` resolves against."""
     from .default_model import DEMO_META, recommended_sampling
 
     folder = Path(model_dir).expanduser()
+    if preset is None:
+        preset = _exported_preset(folder)
     recommendation = recommended_sampling(folder) if folder.is_dir() else {}
     blocks = None
     config = folder / "config.json"

@@ -217,9 +217,12 @@ def _stats() -> tuple[int, int]:
     return s["allocations"], s["live"]
 
 
-def run_watched_stream(pipe: Pipeline, monkeypatch, rows: int = ROWS) -> dict:
+def run_watched_stream(pipe: Pipeline, monkeypatch, rows: int = ROWS, stream: dict = STREAM,
+                       warmup_recache: int | None = None) -> dict:
     """Stream until `rows` schedule rows ran, switching the prompt twice, then restart the generator
-    and stream again; records allocations and live buffers around every chunk."""
+    and stream again; records allocations and live buffers around every chunk. warmup_recache: a chunk
+    (before the warm-up ends) where a prompt switch with recache runs once, so that the recache's graph
+    (a preset's dit_step_full) is part of the warm-up too."""
     counted = {"rows": 0}
     run_row = kvcache.KVRollout._run_row
 
@@ -231,10 +234,12 @@ def run_watched_stream(pipe: Pipeline, monkeypatch, rows: int = ROWS) -> dict:
     report: dict = {"before": _stats()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # kvcache on a bidirectional checkpoint warns
-        first = pipe.stream("a red circle bouncing", **STREAM)
+        first = pipe.stream("a red circle bouncing", **stream)
         chunks, after_warmup = [], None
         while counted["rows"] < rows:
             chunks.append(next(first))
+            if len(chunks) == warmup_recache:
+                first.set_prompt("a red circle bouncing", recache=True)
             if len(chunks) == WARMUP_CHUNKS:
                 after_warmup = _stats()
             elif len(chunks) > WARMUP_CHUNKS:
@@ -246,7 +251,7 @@ def run_watched_stream(pipe: Pipeline, monkeypatch, rows: int = ROWS) -> dict:
         report.update(first_chunks=chunks, rows=counted["rows"], after_warmup=after_warmup, live_streaming=_stats())
         first.close()
         report["after_close"] = _stats()
-        second = pipe.stream("a red circle bouncing", **STREAM)  # the restart
+        second = pipe.stream("a red circle bouncing", **stream)  # the restart
         again = [next(second) for _ in range(WARMUP_CHUNKS)]
         report["restart_warm"] = _stats()
         again += [next(second) for _ in range(20)]
@@ -403,3 +408,80 @@ def test_trt_engine_refuses_buffers_of_the_wrong_shape_dtype_or_device(onnx_dir)
         engine.bind({"context": alloc([1, context_shape[1] + 1, context_shape[2]])}, outs)
     with pytest.raises(ValueError, match=r"no buffer for output cross_v \(given: \['cross_k'\]\)"):
         engine.bind(good, {"cross_k": outs["cross_k"]})
+
+
+# ----------------------------------------------------------------------------------------------
+# A causal-family preset's export (export/preset_export.py): dit_step and dit_step_full
+
+PRESET = "longlive"
+PRESET_RING = dict(sink_blocks=1, window_blocks=2)
+# Guided (batch 2), a 3-slot ring, LongLive's chunk recache (dit_step_full) once in the warm-up.
+PRESET_STREAM = dict(height=32, width=48, guidance_scale=3.0, seed=3, **PRESET_RING)
+PRESET_WARMUP_RECACHE = 4  # the ring is full by then: the recache chunk has its steady size
+
+
+@pytest.fixture(scope="module")
+def preset_onnx_dir(tmp_path_factory):
+    from causal_checkpoints import load_recipes, write_model_folder
+    from skyrt.export.preset_export import export_preset_onnx
+
+    recipe = load_recipes()["longlive"]
+    folder = write_model_folder(recipe, tmp_path_factory.mktemp("preset-model") / "model")
+    out = tmp_path_factory.mktemp("preset-onnx")
+    export_preset_onnx(folder, out, PRESET, height=32, width=48, progress=False, lora_alpha=recipe["lora"]["alpha"],
+                       **PRESET_RING)
+    return out
+
+
+@pytest.fixture(scope="module")
+def preset_engine_dir(preset_onnx_dir, tmp_path_factory):
+    """Every graph of the preset's export built by TensorRT-RTX (fp32, ahead of time, no GPU)."""
+    from skyrt.export.engine import BuildOptions, write_engine_folder
+
+    out = tmp_path_factory.mktemp("preset-engines")
+    write_engine_folder(preset_onnx_dir, out, BuildOptions(builder="tensorrt-rtx"), progress=False)
+    return out
+
+
+def preset_pipe(backend) -> Pipeline:
+    from skyrt.runtime.causal_family import PRESETS
+
+    return Pipeline(backend, preset=PRESETS[PRESET])
+
+
+@pytest.fixture(scope="module")
+def preset_ort_frames(preset_onnx_dir):
+    pipe = preset_pipe(ob.OnnxRuntimeBackend(ob.export_folder_spec(preset_onnx_dir)))
+    return list(pipe.stream("a red circle bouncing", **PRESET_STREAM, max_chunks=8))
+
+
+def test_preset_onnxruntime_binding_logic_allocates_nothing_after_warmup(preset_onnx_dir, preset_ort_frames,
+                                                                         monkeypatch):
+    backend = ob.OnnxRuntimeBackend(ob.export_folder_spec(preset_onnx_dir))
+    graphs = []
+    real_run_bound = backend._run_bound
+    monkeypatch.setattr(backend, "_run_bound", lambda graph, *a: (graphs.append(graph.name), real_run_bound(graph, *a))[1])
+    report = run_watched_stream(preset_pipe(backend), monkeypatch, stream=PRESET_STREAM,
+                                warmup_recache=PRESET_WARMUP_RECACHE)
+    check_allocation_discipline(report)
+    assert graphs.count("dit_step_full") >= 2  # the warm-up's recache and the one at chunk 40
+    for got, want in zip(report["first_chunks"][:PRESET_WARMUP_RECACHE], preset_ort_frames):
+        assert np.array_equal(got, want)  # the same backend: bit for bit until the watched run's recache
+    for got, want in zip(report["restart_chunks"], preset_ort_frames):
+        assert np.array_equal(got, want)  # a restart starts the same stream again
+
+
+def test_preset_tensorrt_host_logic_allocates_nothing_after_warmup(preset_engine_dir, preset_onnx_dir,
+                                                                   preset_ort_frames, monkeypatch):
+    RecordingGraph.captured = []
+    backend = trt_backend_on_host(preset_engine_dir, preset_onnx_dir, monkeypatch)
+    report = run_watched_stream(preset_pipe(backend), monkeypatch, stream=PRESET_STREAM,
+                                warmup_recache=PRESET_WARMUP_RECACHE)
+    check_allocation_discipline(report)
+    for got, want in zip(report["restart_chunks"], preset_ort_frames):
+        assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    # CUDA graphs: dit_step (a step and a commit: both one block, one shape) and dit_step_full's recache
+    # chunk, per stream; every one released when its stream closed.
+    names = sorted({g.context.engine.name for g in RecordingGraph.captured})
+    assert "dit_step" in names and "dit_step_full" in names
+    assert all(g.closed for g in RecordingGraph.captured)

@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 FORMAT = "skyrt-onnx"
 # Which graphs an exporting backend makes together (export/onnx_export.py GRAPH_GROUPS).
 GROUP_OF = {"text_encoder": "text", "cross_kv": "text", "dit_window": "window", "dit_window_causal": "window_causal",
-            "dit_step": "step", "vae_decode_first": "vae", "vae_decode_step": "vae", "vae_encode_first": "vae",
+            "dit_step": "step", "dit_step_full": "step_full", "vae_decode_first": "vae", "vae_decode_step": "vae", "vae_encode_first": "vae",
             "vae_encode_step": "vae"}
 GROUP_GRAPHS = {g: tuple(k for k, v in GROUP_OF.items() if v == g) for g in set(GROUP_OF.values())}
 # Bumped when the exporter writes different graphs for a group, so cached exports are made again:
@@ -208,6 +208,13 @@ class ExportedGraphBackend(Backend):
             have = [self._manifests[f]["graphs"][name].get("shape_config") for f in self._folders
                     if name in self._manifests[f]["graphs"]]
             flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in needs.items())
+            preset = next((m["preset"]["name"] for m in self._manifests.values() if m.get("preset")), None)
+            if preset is not None:  # a preset's export: its block is fixed, its ring is sink + window
+                raise ValueError(
+                    f"the {preset} export has no {name} graph for {needs} (it has: {have or 'none'}): its size and "
+                    f"ring (sink + window blocks = cache_blocks) are baked in; request those, or export them with: "
+                    f"skyrt export onnx --preset {preset} --model MODEL_DIR --out DIR --height H --width W "
+                    "--sink-blocks S --window-blocks W")
             raise ValueError(
                 f"the ONNX export has no {name} graph for {needs or 'this request'} (it has: {have or 'none'}); "
                 f"export one with: skyrt export onnx --model MODEL_DIR --out DIR {flags}".rstrip())
@@ -368,6 +375,7 @@ class GraphKVStreamSession(KVStreamSession):
         h, w = spec.latent_size
         self.step_graph = backend._graph("dit_step", height=h * SPATIAL, width=w * SPATIAL,
                                          block_frames=spec.causal_block_size, cache_blocks=spec.slots)
+        self._full_graph: _Graph | None = None  # dit_step_full, at the first call that needs it
         self.cross_graph = backend._graph("cross_kv")
         self.device, self.stream = backend.memory_device(), backend.stream_handle()
         self.kv_dtype = _io_spec(self.step_graph, "cache_k", "inputs")["dtype"]
@@ -436,11 +444,25 @@ class GraphKVStreamSession(KVStreamSession):
                                 self._bindings, ("cross_kv",))
 
     # ---- one DiT step --------------------------------------------------------------------------
+    def _graph_for(self, call: KVStepCall) -> _Graph:
+        """The step graph of a call: dit_step (block-causal in the stream's blocks, baked in), or
+        dit_step_full (full attention among the call's frames: LongLive's recache chunk, Rolling-Forcing's
+        window), looked up (exported from a model folder) at its first use."""
+        block = self.spec.causal_block_size
+        attention = call.causal_block_size or block
+        if attention == block or call.frames <= block:  # one block: block-causal == full attention
+            return self.step_graph
+        if attention >= call.frames:
+            if self._full_graph is None:
+                h, w = self.spec.latent_size
+                self._full_graph = self.backend._graph("dit_step_full", height=h * SPATIAL, width=w * SPATIAL,
+                                                       block_frames=block, cache_blocks=self.spec.slots)
+            return self._full_graph
+        raise ValueError(f"a step of {call.frames} frames in attention blocks of {attention}: the exported graphs "
+                         f"attend block-causally in blocks of {block} (dit_step) or fully (dit_step_full)")
+
     def step(self, call: KVStepCall) -> None:
-        if call.causal_block_size not in (None, self.spec.causal_block_size):
-            raise ValueError(f"the dit_step graph has block-causal attention in blocks of {self.spec.causal_block_size} "
-                             f"frames baked in; a step in blocks of {call.causal_block_size} (LongLive's recache) "
-                             "needs the torch backend")
+        graph = self._graph_for(call)
         backend, core, B, f = self.backend, self.core, self.spec.contexts, call.frames
         tokens = f * self.tokens_per_frame
         t_host = self._t_host[:, :f]
@@ -465,7 +487,7 @@ class GraphKVStreamSession(KVStreamSession):
         outputs = {"velocity": core.buffer("velocity", f), "new_k": core.buffer("new_k", f),
                    "new_v": core.buffer("new_v", f)}
         backend.synchronize()
-        backend._run_bound(self.step_graph, inputs, outputs, self._bindings, ("dit_step", f))
+        backend._run_bound(graph, inputs, outputs, self._bindings, (graph.name, f))
 
     def _token_grid(self) -> tuple[int, int]:
         h, w = self.spec.latent_size

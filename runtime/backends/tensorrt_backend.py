@@ -60,6 +60,7 @@ from .exported_graphs import (BoundStreamingDecoder, ExportedGraphBackend, _Grap
                               is_export_folder, read_manifest)
 
 TRT_PRECISIONS = ("fp32", "fp16")  # what the host side feeds and reads (numpy has no bfloat16)
+STEP_GRAPHS = ("dit_step", "dit_step_full")  # the KV-cached steps: one CUDA graph per active frame count
 
 
 def engine_folder_spec(path: str | Path | None) -> ModelSpec:
@@ -379,7 +380,7 @@ class TensorRTBackend(ExportedGraphBackend):
         """The engine on Buffers by address; the KV-cached step through a CUDA graph per key (one per
         active frame count) when cuda_graphs is on, captured at the key's first call."""
         engine = self._session(graph)
-        if not (self.cuda_graphs and graph.name == "dit_step"):
+        if not (self.cuda_graphs and graph.name in STEP_GRAPHS):
             engine.bind(inputs, outputs)
             engine.enqueue()
             return
