@@ -1,0 +1,195 @@
+"""A causal preset's stream started from an image or a clip (runtime/stream_start.py, Pipeline._preset_start).
+
+The start is committed into the rollout core's cache as clean blocks (one clean pass each, never run
+again). The oracle recomputes it instead: every DiT call is one block-causal full forward over the
+start, every finished block and the block being denoised, from position 0, no cache at all (the
+torch backend's predict_velocity), with their few-step sampler from the frozen host loop
+(tests/causal_rollout_reference.py). For a block-causal checkpoint whose ring holds everything, the
+two must agree to fp32 tolerance.
+
+    python -m pytest -q tests/test_stream_start.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import skyrt
+from causal_checkpoints import load_recipes, write_model_folder
+from causal_rollout_reference import FewStepSchedule
+from skyrt.runtime import latents as lat
+from skyrt.runtime.backends.base import TextContext
+from skyrt.runtime.stream_start import block_pixel_frames, clip_start, still_clip
+from skyrt.runtime.video_io import load_video, to_model_pixels, write_mp4
+
+RECIPES = load_recipes()
+TOLERANCE = 1e-4
+SIZE = dict(height=32, width=48)  # latent 4 x 6
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    names = ("self_forcing", "causal_forcing_framewise", "longlive", "rolling_forcing")
+    return {n: write_model_folder(RECIPES[n], tmp_path_factory.mktemp(n) / "model") for n in names}
+
+
+def load(folders, name: str):
+    recipe = RECIPES[name]
+    options = {"lora_alpha": recipe["lora"]["alpha"]} if recipe.get("lora") else {}
+    return skyrt.load(folders[name], preset=recipe["family"], **options)
+
+
+def seeded_context(monkeypatch, pipe) -> None:
+    """encode_text -> a seeded random context (the umT5 stand-in; the recipes' text_dim is 32)."""
+    value = torch.from_numpy(np.random.default_rng(7).standard_normal((1, 512, 32), dtype=np.float32))
+    monkeypatch.setattr(pipe.backend, "encode_text", lambda prompt: TextContext(prompt, value))
+
+
+def an_image(seed: int = 0) -> np.ndarray:
+    """A smooth uint8 [32, 48, 3] picture (gradients plus a square): something a VAE keeps."""
+    y, x = np.mgrid[0:32, 0:48]
+    img = np.stack([x * 5, y * 7, 255 - x * 4], -1).astype(np.float64)
+    img[8:20, 10 + seed:26 + seed] = (250, 30, 60)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def recomputed_rollout(pipe, start: np.ndarray, blocks: int, seed: int) -> np.ndarray:
+    """The oracle: start [16, P, h, w] model space, then `blocks` generated blocks, each DiT call a full
+    block-causal forward over everything so far (clean frames at t = context_noise). Noise in the
+    stream's order: per block its initial draw, then one re-noise draw after every step but the last."""
+    sampling = pipe.preset.sampling
+    schedule = FewStepSchedule.from_sampling(sampling, sampling.timestep_shift)
+    b = sampling.causal_block_size
+    context = pipe.backend.encode_text("a")
+    rng = np.random.default_rng(seed)
+    clean = [start]
+    for _ in range(blocks):
+        history = np.concatenate(clean, axis=1)
+        x = rng.standard_normal((lat.LATENT_CHANNELS, b, *start.shape[2:]), dtype=np.float32)
+        for step in range(len(schedule)):
+            t = np.concatenate([np.full(history.shape[1], sampling.context_noise, np.float32),
+                                np.full(b, schedule.timesteps[step], np.float32)])
+            v = pipe.backend.predict_velocity(np.concatenate([history, x], axis=1), t, context, None, b)[:, -b:]
+            x0 = schedule.x0(x, v, step)
+            if step + 1 < len(schedule):
+                x = schedule.renoise(x0, rng.standard_normal(x.shape, dtype=np.float32), step + 1)
+        clean.append(x0)
+    return np.concatenate(clean, axis=1)
+
+
+def encoded(pipe, frames: np.ndarray) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> model-space latents through the backend's Wan VAE encoder."""
+    return lat.normalize(pipe.backend.vae_encode(to_model_pixels(frames)))
+
+
+# ------------------------------------------------------------------------------------------ the start
+def test_a_still_clip_is_one_block_whose_first_latent_is_the_image(folders):
+    pipe = load(folders, "self_forcing")
+    img = an_image()
+    clip = still_clip(img, 3)
+    assert clip.shape == (9, 32, 48, 3) and block_pixel_frames(1, 3) == 9
+    z = encoded(pipe, clip)
+    assert z.shape == (16, 3, 4, 6)
+    # The causal VAE encodes frame 0 alone: the block's first latent is the image's I2V latent.
+    assert np.abs(z[:, :1] - encoded(pipe, img[None])).max() <= 1e-5
+
+
+def test_a_clip_keeps_its_last_whole_blocks_up_to_the_ring():
+    frames = np.arange(30)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    assert len(clip_start(frames, 3, max_blocks=6)) == 21  # 30 frames cover 8 latents: 2 blocks of 3
+    assert clip_start(frames, 3, max_blocks=6)[0, 0, 0, 0] == 9  # the last 21
+    assert len(clip_start(frames, 3, max_blocks=1)) == 9
+    assert len(clip_start(frames, 1, max_blocks=4)) == 13
+    with pytest.raises(ValueError, match="needs at least 9"):
+        clip_start(frames[:8], 3, max_blocks=6)
+
+
+# ------------------------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("name", ["self_forcing", "causal_forcing_framewise", "longlive"])
+def test_committed_start_equals_recomputing_it(folders, monkeypatch, name):
+    """stream(image=...) on the core (start committed once) == the no-cache recompute oracle."""
+    pipe = load(folders, name)
+    seeded_context(monkeypatch, pipe)
+    b = pipe.preset.sampling.causal_block_size
+    img = an_image()
+    generated = 3
+    stream = pipe.stream("a", image=img, output="latent", seed=3, **SIZE)
+    ours = np.concatenate([next(stream) for _ in range(1 + generated)], axis=1)
+    stream.close()
+    theirs = recomputed_rollout(pipe, encoded(pipe, still_clip(img, b)), generated, seed=3)
+    err = np.abs(ours - theirs).max()
+    print(f"{name}: start of {b} latent frame(s) + {generated} blocks, max |committed - recomputed| = {err:.2e}")
+    assert ours.shape == theirs.shape and err <= TOLERANCE
+    # The oracle has teeth: without the start, the first generated block is another one.
+    without = pipe.stream("a", output="latent", seed=3, **SIZE)
+    assert np.abs(next(without) - theirs[:, b:2 * b]).max() > 100 * TOLERANCE
+    without.close()
+
+
+def test_video_start_commits_its_last_blocks_and_output_starts_with_the_video(folders, monkeypatch, tmp_path):
+    """generate(video=...) under a preset: the clip's last 2 blocks are the start, the frames returned
+    are the input video itself, then the generated frames (the V2V contract of the DF path)."""
+    pipe = load(folders, "self_forcing")
+    seeded_context(monkeypatch, pipe)
+    video = np.stack([np.roll(an_image(), 2 * i, axis=1) for i in range(23)])  # 23 frames: 2 blocks of 3
+    path = tmp_path / "in.mp4"
+    write_mp4(video, path, fps=16)
+    decoded = load_video(path, 48, 32)
+    z = pipe.generate("a", video=path, num_frames=21 + 4 * 6, output="latent", seed=4, progress=False, **SIZE)
+    assert z.shape == (16, 6, 4, 6)  # V2V: latents leave out the start (its 6 latent frames)
+    frames = pipe.generate("a", video=path, num_frames=21 + 4 * 6, seed=4, progress=False, **SIZE)
+    assert frames.shape == (23 + 24, 32, 48, 3)
+    # the input itself, through [-1, 1] and back (the official truncation loses at most 1)
+    assert np.abs(frames[:23].astype(int) - decoded).max() <= 1
+
+
+def test_video_start_stream_equals_recomputing_it(folders, monkeypatch, tmp_path):
+    pipe = load(folders, "self_forcing")
+    seeded_context(monkeypatch, pipe)
+    video = np.stack([np.roll(an_image(), 2 * i, axis=1) for i in range(21)])
+    stream = pipe.stream("a", video=video, output="latent", seed=2, **SIZE)
+    ours = np.concatenate([next(stream) for _ in range(2 + 2)], axis=1)
+    stream.close()
+    theirs = recomputed_rollout(pipe, encoded(pipe, video), 2, seed=2)
+    assert np.abs(ours - theirs).max() <= TOLERANCE
+
+
+def test_rolling_forcing_starts_from_an_image(folders, monkeypatch):
+    """Rolling-Forcing's window (full attention, the sink re-rotated) has no block-causal recompute to
+    compare with; its start is committed as block 0 (the sink) and changes what follows."""
+    pipe = load(folders, "rolling_forcing")
+    seeded_context(monkeypatch, pipe)
+    img = an_image()
+    stream = pipe.stream("a", image=img, output="latent", seed=1, **SIZE)
+    first, following = next(stream), np.concatenate([next(stream) for _ in range(3)], axis=1)
+    stream.close()
+    assert np.abs(first - encoded(pipe, still_clip(img, 3))).max() <= 1e-6  # the start, as committed
+    without = pipe.stream("a", output="latent", seed=1, **SIZE)
+    plain = np.concatenate([next(without) for _ in range(3)], axis=1)
+    without.close()
+    assert np.isfinite(following).all() and np.abs(following - plain).max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_bad_starts_are_named(folders, tmp_path):
+    pipe = load(folders, "self_forcing")
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        pipe.generate("a", image=tmp_path / "missing.png", num_frames=33, progress=False, **SIZE)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="junk.png.*not an image"):
+        pipe.generate("a", image=tmp_path / "junk.png", num_frames=33, progress=False, **SIZE)
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="junk.mp4.*not a video"):
+        pipe.generate("a", video=tmp_path / "junk.mp4", num_frames=33, progress=False, **SIZE)
+    with pytest.raises(ValueError, match="needs at least 9"):
+        pipe.generate("a", video=np.zeros((5, 32, 48, 3), np.uint8), num_frames=33, progress=False, **SIZE)
+    with pytest.raises(ValueError, match="leaves nothing to generate"):
+        pipe.generate("a", image=an_image(), num_frames=9, progress=False, **SIZE)
+    with pytest.raises(ValueError, match="end_image"):
+        pipe.generate("a", end_image=an_image(), num_frames=33, progress=False, **SIZE)
+    with pytest.raises(ValueError, match="uint8"):
+        pipe.generate("a", image=np.zeros((32, 48), np.float32), num_frames=33, progress=False, **SIZE)
