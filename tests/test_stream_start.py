@@ -24,7 +24,7 @@ from causal_rollout_reference import FewStepSchedule
 from skyrt.runtime import latents as lat
 from skyrt.runtime.backends.base import TextContext
 from skyrt.runtime.stream_start import block_pixel_frames, clip_start, still_clip
-from skyrt.runtime.video_io import load_video, to_model_pixels, write_mp4
+from skyrt.runtime.video_io import load_video, to_model_pixels, to_uint8_frames, write_mp4
 
 RECIPES = load_recipes()
 TOLERANCE = 1e-4
@@ -84,6 +84,11 @@ def recomputed_rollout(pipe, start: np.ndarray, blocks: int, seed: int) -> np.nd
 def encoded(pipe, frames: np.ndarray) -> np.ndarray:
     """uint8 [T, H, W, 3] -> model-space latents through the backend's Wan VAE encoder."""
     return lat.normalize(pipe.backend.vae_encode(to_model_pixels(frames)))
+
+
+def still_decoded(pipe, image: np.ndarray, block: int = 3) -> np.ndarray:
+    """The frames a start from `image` shows first: its still block through the (random) VAE and back."""
+    return to_uint8_frames(pipe.backend.vae_decode(lat.denormalize(encoded(pipe, still_clip(image, block)))))
 
 
 # ------------------------------------------------------------------------------------------ the start
@@ -193,3 +198,134 @@ def test_bad_starts_are_named(folders, tmp_path):
         pipe.generate("a", end_image=an_image(), num_frames=33, progress=False, **SIZE)
     with pytest.raises(ValueError, match="uint8"):
         pipe.generate("a", image=np.zeros((32, 48), np.float32), num_frames=33, progress=False, **SIZE)
+
+
+# ------------------------------------------------------------------------------------------ routes
+def write_png(path: Path, image: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+    return path
+
+
+def test_cli_generate_and_serve_take_a_start(folders, tmp_path, monkeypatch):
+    from skyrt.runtime import cli
+
+    png, out = write_png(tmp_path / "start.png", an_image()), tmp_path / "out.mp4"
+    model = folders["self_forcing"]
+    base = ["generate", "--model", str(model), "--preset", "self-forcing", "--prompt", "a", "--height", "32", "--width", "48",
+            "--no-progress", "--output", str(out)]
+    assert cli.main([*base, "--num-frames", "21", "--image", str(png)]) == 0
+    frames = load_video(out, 48, 32)
+    assert len(frames) == 21  # the still block's 9 frames, then 12 generated
+    pipe = load(folders, "self_forcing")
+    expected = still_decoded(pipe, an_image())
+    text_only = pipe.generate("a", num_frames=9, progress=False, **SIZE)
+    # The start's frames, through H.264 (lossy on the random VAE's busy pictures), far closer than text alone.
+    assert np.abs(frames[:9].astype(int) - expected).mean() < 0.3 * np.abs(text_only.astype(int) - expected).mean()
+    clip = tmp_path / "clip.mp4"
+    write_mp4(np.stack([np.roll(an_image(), i, axis=1) for i in range(9)]), clip, fps=16)
+    assert cli.main([*base, "--num-frames", "21", "--video", str(clip)]) == 0
+    assert len(load_video(out, 48, 32)) == 9 + 12  # the input, then 21 - 9 generated frames
+    assert cli.main([*base, "--num-frames", "21", "--image", str(tmp_path / "nope.png")]) == 2
+    seen = {}
+    monkeypatch.setattr("skyrt.runtime.server.serve", lambda spec, sampling, config, **kw: seen.update(
+        sampling=sampling, config=config))
+    assert cli.main(["serve", "--model", str(model), "--preset", "self-forcing", "--no-token", "--video", str(clip),
+                     "--media-dir", str(tmp_path)]) == 0
+    assert seen["sampling"].user == {"video": str(clip)} and seen["config"].limits.media_dir == str(tmp_path)
+
+
+def test_playlist_items_start_from_files_inside_the_media_folder(tmp_path):
+    from skyrt.runtime.server.playlist import Limits, RequestError, load_playlist, parse_playlist
+
+    media = tmp_path / "media"
+    media.mkdir()
+    write_png(media / "lobby.png", an_image())
+    write_mp4(np.stack([an_image()] * 9), media / "clip.mp4", fps=16)
+    (media / "junk.png").write_bytes(b"no")
+    write_png(tmp_path / "outside.png", an_image())
+    limits = Limits(media_dir=str(media))
+    items = [{"prompt": "a", "duration_s": 5}, {"prompt": "b", "duration_s": 5, "image": "lobby.png"},
+             {"prompt": "c", "duration_s": 5, "video": "clip.mp4", "transition": "recache"}]
+    playlist = parse_playlist({"items": items}, limits)
+    assert [i.change().start for i in playlist.items] == [
+        None, ("image", str((media / "lobby.png").resolve())), ("video", str((media / "clip.mp4").resolve()))]
+    sent = playlist.to_json()["items"]  # what the client sent, no resolved paths
+    assert (sent[0].get("image"), sent[1]["image"], sent[2]["video"]) == (None, "lobby.png", "clip.mp4")
+    assert all("start_path" not in item and "video" not in item for item in sent[:2])
+    for item, words in [({"image": "../outside.png"}, "outside the media folder"),
+                        ({"image": str(tmp_path / "outside.png")}, "outside the media folder"),
+                        ({"image": "missing.png"}, "no file"), ({"image": "junk.png"}, "not an image"),
+                        ({"video": "junk.png"}, "not a video"), ({"image": 3}, "file name"),
+                        ({"image": "lobby.png", "video": "clip.mp4"}, "not both")]:
+        with pytest.raises(RequestError, match=words):
+            parse_playlist({"items": [{"prompt": "x", "duration_s": 1, **item}]}, limits)
+    with pytest.raises(RequestError, match="media folder"):
+        parse_playlist({"items": [{"prompt": "x", "duration_s": 1, "image": "lobby.png"}]}, Limits())
+    path = media / "playlist.json"
+    path.write_text(json.dumps({"items": items}))
+    assert load_playlist(path).items[1].start_path == str((media / "lobby.png").resolve())  # its folder by default
+
+
+def test_a_playlist_start_restarts_the_stream_from_its_file(folders, monkeypatch, tmp_path):
+    """The server's generator thread: a change carrying a start (a playlist item's image) ends the running
+    stream and opens one from that file, whose first chunk is the image's still block; a plain prompt
+    change goes to the running stream."""
+    import time
+
+    from skyrt.runtime.server.generator import FrameBuffer, GeneratorThread, Metrics
+    from skyrt.runtime.server.playlist import PromptBoard, PromptChange
+
+    pipe = load(folders, "self_forcing")
+    seeded_context(monkeypatch, pipe)
+    opened, first_chunks = [], []
+    real_stream = pipe.stream
+
+    class Recorded:
+        """The pipeline's stream, its first chunk kept."""
+
+        def __init__(self, stream):
+            self.stream, self.first = stream, True
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            chunk = next(self.stream)
+            if self.first:
+                first_chunks.append(chunk)
+                self.first = False
+            return chunk
+
+        def __getattr__(self, name):  # prompt, set_prompt, close
+            return getattr(self.stream, name)
+
+    def spy(**kwargs):
+        opened.append({k: v for k, v in kwargs.items() if k != "request"})
+        return Recorded(real_stream(**kwargs))
+
+    monkeypatch.setattr(pipe, "stream", spy)
+    png = write_png(tmp_path / "lobby.png", an_image())
+    resolution = pipe.resolve({"prompt": "a", **SIZE}, stream=True)
+    board = PromptBoard(PromptChange("a"))
+    buffer = FrameBuffer(1000)
+    generator = GeneratorThread(pipe, resolution, board, buffer, Metrics())
+    generator.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not first_chunks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        board.set_prompt(PromptChange("b"))  # a prompt switch: same stream
+        board.set_prompt(PromptChange("lobby", start=("image", str(png))))
+        while len(first_chunks) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        generator.stop()
+        generator.join(30)
+    assert opened[:2] == [{}, {"image": str(png)}]
+    still = first_chunks[1]
+    assert still.shape == (9, 32, 48, 3)
+    expected = still_decoded(pipe, an_image())
+    assert np.abs(still.astype(int) - expected).max() <= 1  # the image's still block, decoded
+    assert np.abs(first_chunks[0].astype(int)[:1] - expected[:1]).mean() > 10  # the text-only stream's is not
