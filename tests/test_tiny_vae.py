@@ -233,6 +233,13 @@ def test_export_cli_writes_the_step_graph_folder(folder_with_tiny, tmp_path):
     assert shapes["mu"] == [1, 16, 1, 2, 3] and shapes["pixels"] == [1, 3, 4, 16, 24]
     assert shapes["memory_8"] == shapes["new_memory_8"] == [1, 64, 8, 12]  # the carried memories, explicit I/O
     assert main(["onnx", "--tiny-decoder", str(folder_with_tiny / "taew2_1.pth"), "--out", str(out)]) == 2
+    pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
+    from skyrt.export.engine import BuildOptions, GraphSpec, build_engines
+
+    # The folder's graph builds ahead of time with TensorRT-RTX (no GPU here; loading it needs one).
+    [engine] = build_engines([GraphSpec("tiny_decoder_step", out / manifest["graph"]["file"])], tmp_path / "engine",
+                             BuildOptions(compute_capabilities=["8.9"]), progress=False)
+    assert engine.stat().st_size > 10_000
 
 
 def test_onnxruntime_backend_streams_the_tiny_decoder_like_torch(folder_with_tiny, tiny, reference, tmp_path):
