@@ -165,6 +165,9 @@ class Pipeline:
         of `sink_blocks` + `window_blocks` finished blocks (exact for block-causal checkpoints while
         everything fits in the cache; equals window mode with causal_attention=True and the same noise).
         An image or video prefix enters the cache as committed blocks; an end image needs window mode.
+        With a causal preset, `image` / `video` is the start (runtime/stream_start.py): an image as a still
+        clip of one block, a clip's last whole blocks; the result starts with the image's still block, or
+        with the input video itself (`num_frames` then counts the start's frames too).
         kvcache mode takes any `num_frames` >= 1: it denoises whole blocks of latents that cover the
         clip and returns exactly `num_frames` frames (the causal VAE's first frames do not depend on
         later latents). Window mode keeps the official constraints (1 + 4k frames, whole blocks).
