@@ -329,3 +329,18 @@ def test_a_playlist_start_restarts_the_stream_from_its_file(folders, monkeypatch
     expected = still_decoded(pipe, an_image())
     assert np.abs(still.astype(int) - expected).max() <= 1  # the image's still block, decoded
     assert np.abs(first_chunks[0].astype(int)[:1] - expected[:1]).mean() > 10  # the text-only stream's is not
+
+
+def test_image_start_benchmark_runs_and_reads_the_start(tmp_path):
+    """benchmarks/image_start.py at its smallest: one prompt, one seed, one block (the shipped demo model)."""
+    from benchmark_scripts import load_benchmark
+
+    out = tmp_path / "image_start.json"
+    assert load_benchmark("image_start").main(["--prompts", "1", "--seeds", "1", "--blocks", "1", "--threads", "1",
+                                               "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    summary = report["summary_per_generated_block"]
+    assert set(summary) == {"text_only", "matching_image", "conflicting_image", "text_only_vs_conflicting_image"}
+    assert report["settings"]["causal_block_size"] == 2 and report["frames_per_block"] == 8
+    # The measurement can tell a start from none: the conflicting image is nearer its own start than text alone.
+    assert summary["conflicting_image"]["pixel_mad"][0] < summary["text_only_vs_conflicting_image"]["pixel_mad"][0]
