@@ -33,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--captioner", type=Path, default=None,
                         help="SkyCaptioner-V1 / Qwen2.5-VL checkpoint folder: export the captioner instead "
                              "(takes --precision, --opset, --external-data-threshold, --no-progress)")
+    source.add_argument("--tiny-decoder", type=Path, default=None,
+                        help="TAEHV's taew2_1.pth / .safetensors: export its streaming step graph for --height x "
+                             "--width instead (what --decoder tiny runs on --backend onnxruntime)")
     onnx.add_argument("--out", type=Path, required=True, help="output folder (created)")
     onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                       help="fp32 (default), fp16 or bf16; fp16/bf16 DiT graphs keep norms, RoPE and time "
@@ -176,12 +179,25 @@ def _export_preset(args: argparse.Namespace, out: Path) -> dict:
         lora_alpha=args.lora_alpha)
     print(f"wrote {len(manifest['graphs'])} graphs of the {args.preset} preset and {out / 'manifest.json'}")
     return manifest
+def run_tiny_decoder_onnx(args: argparse.Namespace) -> int:
+    """`skyrt export onnx --tiny-decoder FILE --height H --width W`: the tiny decoder's step graph folder."""
+    if args.height is None or args.width is None:
+        raise ValueError("--tiny-decoder exports one fixed size: give --height and --width (pixels, multiples of 8)")
+    if args.precision != "fp32":
+        raise ValueError("--tiny-decoder exports fp32 (its graph is small: fp16 saves little)")
+    from .tiny_vae import export_tiny_decoder_folder
+
+    out = export_tiny_decoder_folder(args.tiny_decoder, args.out, args.height, args.width)
+    print(f"wrote the tiny decoder's step graph for {args.height}x{args.width} to {out}")
+    return 0
 
 
 def run_onnx(args: argparse.Namespace) -> int:
     """Run `skyrt export onnx` from parsed arguments; prints where the manifest went."""
     if args.captioner is not None:
         return run_captioner_onnx(args)
+    if args.tiny_decoder is not None:
+        return run_tiny_decoder_onnx(args)
     if args.preset is not None:
         if args.model is None:
             raise ValueError("--preset needs --model FOLDER (the preset's checkpoint beside the Wan2.1 files)")

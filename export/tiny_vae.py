@@ -33,15 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from skyrt.runtime import tiny_decoder as contract
 from skyrt.runtime.latents import LATENT_CHANNELS, normalize
+from skyrt.runtime.tiny_decoder import TINY_DECODER_FILES, find_tiny_decoder_file
 
-# The released Wan2.1 decoder's file names (madebyollin/taehv: taew2_1.pth in the repository root,
-# safetensors/taew2_1.safetensors), looked for in this order in a model folder.
-TINY_DECODER_FILES = ("taew2_1.safetensors", "taew2_1.pth")
 WIDTHS = (256, 128, 64, 64)  # TAEHV's base decoder (not the "super" variant)
 TIME_GROW = (1, 2, 2)  # taew2_1: decoder_time_upscale (False, True, True)
 TIME_FACTOR = 4  # raw frames per latent frame (product of TIME_GROW)
 STARTUP_FRAMES = TIME_FACTOR - 1  # raw frames dropped at the start of a stream
+assert STARTUP_FRAMES == contract.STARTUP_FRAMES  # what the exported-graph backends drop (runtime/tiny_decoder.py)
 MEMBLOCKS_PER_STAGE = 3
 
 
@@ -248,17 +248,6 @@ def tiny_decoder_state(sd: Mapping[str, Tensor], where: str, expected: Mapping[s
     return out
 
 
-def find_tiny_decoder_file(folder: str | Path) -> Path:
-    """The tiny decoder's weights in a model folder (TINY_DECODER_FILES), or a clear error."""
-    folder = Path(folder)
-    for name in TINY_DECODER_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"decoder='tiny' needs TAEHV's Wan2.1 decoder in the model folder {folder} "
-                            f"(one of {', '.join(TINY_DECODER_FILES)}, from github.com/madebyollin/taehv), "
-                            f"or its path as decoder_path=")
-
-
 def load_tiny_decoder(path: str | Path, device: str | torch.device = "cpu") -> TinyDecoder:
     """TinyDecoder with the weights of a released taew2_1 file (.pth or .safetensors), fp32, eval."""
     path = Path(path)
@@ -309,6 +298,34 @@ def export_tiny_decoder_onnx(tiny: TinyDecoder, path: str | Path, latent_h: int,
     return path
 
 
-__all__ = ["DECODERS", "MEMORY_SPECS", "STARTUP_FRAMES", "TINY_DECODER_FILES", "TinyDecoder", "TinyDecoderFileError",
+def export_tiny_decoder_folder(weights: str | Path, out: str | Path, height: int, width: int) -> Path:
+    """The released file's streaming step for pixel frames height x width as an export folder: the graph
+    (export_tiny_decoder_onnx) and its manifest (runtime/tiny_decoder.py: format, latent size, I/O with
+    shapes, the weights' sha256), what the exported-graph backends run with decoder="tiny"."""
+    import hashlib
+    import json
+
+    if height % 8 or width % 8:
+        raise ValueError(f"the tiny decoder makes 8x the latent size: {height}x{width} is not a multiple of 8")
+    out = Path(out)
+    h, w = height // 8, width // 8
+    graph = export_tiny_decoder_onnx(load_tiny_decoder(weights), out / f"{contract.STEP_GRAPH}.onnx", h, w)
+    inputs, outputs = step_io_names()
+    memories = [list(m.shape(1, h, w)) for m in MEMORY_SPECS]
+    spec = lambda name, shape: {"name": name, "shape": shape, "dtype": "float32"}  # noqa: E731
+    manifest = {
+        "format": contract.EXPORT_FORMAT, "latent": [h, w], "pixels": [height, width],
+        "weights": Path(weights).name, "weights_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
+        "graph": {"file": graph.name,
+                  "inputs": [spec(inputs[0], [1, LATENT_CHANNELS, 1, h, w]),
+                             *(spec(n, m) for n, m in zip(inputs[1:], memories))],
+                  "outputs": [spec(outputs[0], [1, 3, TIME_FACTOR, height, width]),
+                              *(spec(n, m) for n, m in zip(outputs[1:], memories))]},
+    }
+    (out / contract.EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+__all__ = ["DECODERS", "export_tiny_decoder_folder", "MEMORY_SPECS", "STARTUP_FRAMES", "TINY_DECODER_FILES", "TinyDecoder", "TinyDecoderFileError",
            "TinyDecoderStep", "TinyStreamingDecoder", "decode_raw", "export_tiny_decoder_onnx",
            "find_tiny_decoder_file", "load_tiny_decoder", "open_decoder", "step_io_names", "tiny_decoder_state"]

@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "prompt_help": f"the stream's first prompt; default {DEFAULT_PROMPT!r}"},
                        exclude=STREAM_EXCLUDED)  # the flags of Pipeline.stream's settings
     serve.add_argument("--playlist", type=Path, default=None,
-                       help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}')
+                       help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}; '
+                            'with a causal --preset an item may start a new stream from "image" or "video"')
+    serve.add_argument("--video", default=None,
+                       help="a short clip the stream starts from (a causal --preset only; its last whole blocks)")
+    serve.add_argument("--media-dir", type=Path, default=None,
+                       help="the folder playlist items' image / video files are named in (default: the --playlist "
+                            "file's folder); files outside it are refused")
     from .server.outputs import DEFAULT_FORMATS, FORMATS  # the output registry names them
 
     serve.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
@@ -379,11 +385,15 @@ def _serve(args) -> int:
 
 def server_config(args, token: str | None):
     """The ServerConfig of parsed `skyrt serve` flags (`skyrt fleet` builds each stream's the same way)."""
-    from .server import ConnectionLimits, ServerConfig
+    from .server import ConnectionLimits, Limits, ServerConfig
     from .server.llhls import PART_TARGET_S
 
+    media = getattr(args, "media_dir", None)
+    if media is None and getattr(args, "playlist", None) is not None:
+        media = args.playlist.expanduser().parent  # the playlist file's items are named from its folder
+    limits = Limits(media_dir=None if media is None else str(Path(media).expanduser()))
     # fps: the stream's request's (a --fps flag is in its user layer, a preset's 16, else 24).
-    return ServerConfig(fps=None, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+    return ServerConfig(fps=None, limits=limits, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                         token=token, allowed_hosts=tuple(h.lower() for h in args.allowed_host),
                         connections=ConnectionLimits(args.max_connections, args.max_connections_per_address),
                         state_path=args.state, write_timeout_s=args.stall_timeout,
@@ -409,8 +419,9 @@ def serve_sampling(args, surface: str = COMMAND_LINE):
     from .server import PromptChange
 
     user = cli_user_settings(args, exclude=STREAM_EXCLUDED)
-    if args.image is not None:
-        user["image"] = args.image  # an input of the stream, not a setting
+    for start in ("image", "video"):  # inputs of the stream, not settings
+        if getattr(args, start, None) is not None:
+            user[start] = getattr(args, start)
     prompt = PromptChange(user.pop("prompt", DEFAULT_PROMPT), user.pop("negative_prompt", None) or None)
     return Settings(user, surface, SERVE_DEFAULTS, "skyrt serve"), prompt
 

@@ -220,6 +220,10 @@ class KVRollout:
         family) allows the fewest its schedule needs; else all of a finite horizon (like one official
         window), or the fewest that an endless schedule with this ar_step allows."""
         fewest = max(1, math.ceil(self.num_steps / self.ar_step)) if self.ar_step >= 1 else None
+        if self.ar_step >= self.num_steps and fewest is not None:
+            # Blocks run one after another, so the bound only sizes buffers; the core's schedule wants
+            # the committed prefix inside it (a preset's video start may be several blocks).
+            fewest = max(fewest, self.prefix_blocks)
         if horizon_blocks is not None:
             return min(horizon_blocks, fewest) if self.sampling.ar_step is not None and fewest else horizon_blocks
         if fewest is None:
@@ -308,13 +312,13 @@ class KVRollout:
                                      causal_block_size=causal_block_size))
 
     def _prefix_noise(self) -> tuple[np.ndarray | None, float, float]:
-        """(noise, factor, timestep) the prefix blocks are committed with: none at t = 0, or with
+        """(noise, factor, timestep) the prefix blocks are committed with: none at the commit timestep, or with
         addnoise_condition a, 0.1%·a of noise at t = a. The official loop redraws that noise at every
         step, which no cache can do: it is drawn once, for the whole prefix, here (the window mode's
         condition_noise="once" does the same and is the reference for this mode)."""
         a = self.req.addnoise_condition
-        if a <= 0:
-            return None, 0.0, 0.0
+        if a <= 0:  # the clean pass of every finished block (a causal family's context_noise; DF: 0)
+            return None, 0.0, float(self.core.commit_timestep)
         return self.noise.condition(self._prefix.shape), 0.001 * a, float(a)
 
     def _commit(self, blk: int, t_commit: float) -> np.ndarray:

@@ -40,6 +40,7 @@ from .request import (STREAM_DEFAULTS, STREAM_EXCLUDED, STREAM_FRAMES, Generatio
                       with_request_signature)
 from .resolve import ModelLayers, Resolution, Settings, resolve_request
 from .scheduler import flow_sigmas, flow_timesteps
+from .stream_start import clip_start, still_clip
 from .video_io import ImageLike, VideoLike, load_image, load_video, to_model_pixels, to_uint8_frames
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class Conditioning:
     start_latents: np.ndarray | None = None  # model space [16, P, h, w], first window's prefix
     end_latents: np.ndarray | None = None  # model space [16, E, h, w], pinned after the last window
     input_pixels: np.ndarray | None = None  # V2V: the input video [3, T, H, W], output starts with it
+    start_pixel_frames: int = 0  # V2V: the decoded frames of start_latents, replaced by the input video
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
 
@@ -163,6 +165,9 @@ class Pipeline:
         of `sink_blocks` + `window_blocks` finished blocks (exact for block-causal checkpoints while
         everything fits in the cache; equals window mode with causal_attention=True and the same noise).
         An image or video prefix enters the cache as committed blocks; an end image needs window mode.
+        With a causal preset, `image` / `video` is the start (runtime/stream_start.py): an image as a still
+        clip of one block, a clip's last whole blocks; the result starts with the image's still block, or
+        with the input video itself (`num_frames` then counts the start's frames too).
         kvcache mode takes any `num_frames` >= 1: it denoises whole blocks of latents that cover the
         clip and returns exactly `num_frames` frames (the causal VAE's first frames do not depend on
         later latents). Window mode keeps the official constraints (1 + 4k frames, whole blocks).
@@ -173,7 +178,7 @@ class Pipeline:
 
         `request`: an already resolved request (`resolve(...).request`) instead of settings.
         """
-        self._check_preset_inputs(image=image, video=video, end_image=end_image)
+        self._check_preset_inputs(end_image=end_image)
         req = self._request(settings, latents, given=request)
         cond = self._condition(req, image, video, end_image)
         if req.mode == "kvcache":
@@ -186,7 +191,7 @@ class Pipeline:
         return self._decode(req, cond, rollout)
 
     @with_request_signature(exclude=STREAM_EXCLUDED, defaults=STREAM_DEFAULTS)
-    def stream(self, *, image: ImageLike | None = None, max_chunks: int | None = None,
+    def stream(self, *, image: ImageLike | None = None, video: VideoLike | None = None, max_chunks: int | None = None,
                request: GenerationRequest | None = None, **settings) -> FrameStream:
         """An endless stream: iterate it for uint8 frame chunks [n, H, W, 3] (or, with output="latent",
         model-space latent chunks [16, f, h, w]) forever, or for `max_chunks` chunks.
@@ -203,13 +208,19 @@ class Pipeline:
         With the default latent carry, frames go through the streaming VAE decoder, so the
         concatenated stream equals a whole decode of all latents.
 
+        `image` starts the stream from a first frame; with a causal preset, `image` or `video` (a short
+        clip) is committed into the cache as whole clean blocks (runtime/stream_start.py) and the stream's
+        first chunks are their decode. A diffusion-forcing stream takes `image` only.
+
         `request`: an already resolved stream request (`resolve(..., stream=True).request`) instead of
         settings (what `skyrt serve` hands its generator process).
         """
-        self._check_preset_inputs(image=image)
+        if video is not None and self.preset is None:
+            raise ValueError("video= starts a stream only under a causal preset (skyrt.load(..., preset=...)); a "
+                             "diffusion-forcing stream takes image=, and generate(video=...) extends a video")
         # A stream is a long video of unbounded length (num_frames "forever"): windows are planned one at a time.
         req = self._request(settings, given=request, stream=True)
-        cond = self._condition(req, image, None, None)
+        cond = self._condition(req, image, video, None)
         control = StreamControl(req.prompt, req.negative_prompt)
         chunks = self._stream_kvcache(req, cond, control) if req.mode == "kvcache" else self._stream_windows(
             req, cond, control)
@@ -258,7 +269,7 @@ class Pipeline:
         settings = kvcache.KVSettings(req.sink_blocks, req.window_blocks)
         if self.preset is not None:
             return kvcache.KVRollout(self.backend, req, cond.cond, cond.uncond, cond.rng, settings, horizon_blocks,
-                                     noise=noise, sampling=self._causal_rollout(req))
+                                     prefix=cond.start_latents, noise=noise, sampling=self._causal_rollout(req))
         if cond.end_latents is not None:
             raise ValueError("mode='kvcache' cannot pin an end image: block-causal attention never lets earlier "
                              "frames see it; use mode='window' for end_image")
@@ -280,8 +291,8 @@ class Pipeline:
             return
         given = [name for name, value in inputs.items() if value is not None]
         if given:
-            raise ValueError(f"the {self.preset.name} preset generates from text only here; {', '.join(given)} "
-                             "conditioning of the causal family is not supported by skyrt yet")
+            raise ValueError(f"the {self.preset.name} preset cannot take {', '.join(given)}: block-causal attention "
+                             "never lets earlier frames see an end frame; a preset starts from image= or video=")
 
     def _validate_preset(self, req: GenerationRequest) -> None:
         """A request resolved elsewhere must still be one this preset's checkpoint can run (a resolution
@@ -318,7 +329,7 @@ class Pipeline:
             return to_uint8_frames(pixels)
         # V2V: frames start with the input video itself (the decode of the prefix only warms the VAE's
         # causal caches).
-        return to_uint8_frames(np.concatenate([cond.input_pixels, pixels[:, req.overlap_history :]], axis=1))
+        return to_uint8_frames(np.concatenate([cond.input_pixels, pixels[:, cond.start_pixel_frames :]], axis=1))
 
     def _stream_kvcache(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
         decoder = self.backend.streaming_decoder()
@@ -376,6 +387,8 @@ class Pipeline:
         out = Conditioning(cond=cond, uncond=uncond, rng=np.random.default_rng(req.seed))
         if image is not None and video is not None:
             raise ValueError("pass either image (I2V) or video (V2V), not both")
+        if self.preset is not None:
+            return self._preset_start(req, image, video, out)
         if image is not None:
             out.start_latents = self._encode_image(image, req)
         if end_image is not None:
@@ -391,6 +404,7 @@ class Pipeline:
                 )
             out.input_pixels = to_model_pixels(frames)
             out.start_latents = self._encode_pixels(out.input_pixels[:, -req.overlap_history :])
+            out.start_pixel_frames = req.overlap_history
         for name, value in (("image", out.start_latents), ("end_image", out.end_latents)):
             if value is not None and value.shape[1] % req.causal_block_size:
                 raise ValueError(
@@ -399,6 +413,36 @@ class Pipeline:
                     "use causal_block_size=1 for image conditioning"
                 )
         return out
+
+    def _preset_start(self, req, image, video, out: Conditioning) -> Conditioning:
+        """A causal preset's start (runtime/stream_start.py): the image as a still clip of one block, or the
+        clip's last frames as whole blocks (as many as the ring holds), encoded by the Wan VAE into
+        start_latents [16, m b, h, w]. With a video the output starts with the input video itself."""
+        block = req.causal_block_size
+        if image is not None:
+            frames = still_clip(load_image(image, req.width, req.height), block)
+        elif video is not None:
+            clip = load_video(video, req.width, req.height)
+            out.input_pixels = to_model_pixels(clip)
+            frames = clip_start(clip, block, self._start_blocks_cap(req))
+            out.start_pixel_frames = len(frames)
+        else:
+            return out
+        out.start_latents = self._encode_pixels(to_model_pixels(frames))
+        start = out.start_latents.shape[1]
+        if req.latent_frames <= start:
+            raise ValueError(f"num_frames={req.num_frames} leaves nothing to generate after the start, which fills "
+                             f"the first {len(frames)} frames ({start} latent frames); ask for more frames, e.g. "
+                             f"num_frames={len(frames) + 4 * 4 * block}")
+        return out
+
+    def _start_blocks_cap(self, req) -> int:
+        """The most start blocks a preset's stream commits: what its ring holds and, for a sampling with
+        several blocks in flight (Rolling-Forcing's window), what the window holds."""
+        sampling = self._causal_rollout(req)
+        steps, ar_step = sampling.num_steps, sampling.ar_step or req.ar_step
+        ring = req.sink_blocks + req.window_blocks
+        return ring if ar_step >= steps else min(ring, -(-steps // ar_step))
 
     def _encode_image(self, image: ImageLike, req: GenerationRequest) -> np.ndarray:
         frame = load_image(image, req.width, req.height)[None]  # [1, H, W, 3]

@@ -23,7 +23,10 @@ def load_image(image: ImageLike, width: int, height: int) -> np.ndarray:
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {path}")
-        pil = Image.open(path)
+        try:
+            pil = Image.open(path)
+        except (OSError, ValueError) as err:  # UnidentifiedImageError is an OSError
+            raise ValueError(f"{path} is not an image Pillow can read ({err}); pass a PNG, JPEG or WebP file") from None
     elif isinstance(image, np.ndarray):
         pil = Image.fromarray(_as_uint8_rgb(image, "image"))
     elif hasattr(image, "convert"):
@@ -58,8 +61,13 @@ def read_video(path: str | Path) -> list[np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video file not found: {path}")
-    with av.open(str(path)) as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except av.FFmpegError as err:
+        raise ValueError(f"{path} is not a video PyAV can read ({err}); pass an mp4, webm or mkv file") from None
 
 
 def to_model_pixels(frames: np.ndarray) -> np.ndarray:

@@ -702,8 +702,8 @@ def test_preset_settings_that_do_not_apply_are_refused(folders):
     size = tiny_size(RECIPES["self_forcing"])
     with pytest.raises(ValueError, match="distilled for 4 steps"):
         pipe.generate("x", num_frames=9, num_inference_steps=8, **size)
-    with pytest.raises(ValueError, match="image"):
-        pipe.generate("x", num_frames=9, image=np.zeros((32, 48, 3), np.uint8), **size)
+    with pytest.raises(ValueError, match="end_image"):  # an image start: tests/test_stream_start.py
+        pipe.generate("x", num_frames=9, end_image=np.zeros((32, 48, 3), np.uint8), **size)
     with pytest.raises(ValueError, match="unknown preset"):
         skyrt.load(folders["self_forcing"], preset="self-forcin")
     # onnxruntime runs a preset from its export (tests/test_preset_export.py), never its model folder

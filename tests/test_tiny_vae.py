@@ -213,8 +213,91 @@ def test_tiny_decoder_by_path_and_clear_errors(official_dir, folder_with_tiny):
         skyrt.load(official_dir, decoder="tiny")
     with pytest.raises(ValueError, match="decoder='vqgan': choose 'wan'"):
         skyrt.load(official_dir, decoder="vqgan")
-    with pytest.raises(ValueError, match="decoder='tiny' runs on the torch backend"):
+    with pytest.raises(FileNotFoundError, match="decoder='tiny' needs TAEHV's Wan2.1 decoder"):
         skyrt.load(official_dir, backend="onnxruntime", decoder="tiny")
+    with pytest.raises(ValueError, match="decoder='tiny' runs on the torch and onnxruntime backends"):
+        skyrt.load(official_dir, backend="tensorrt", decoder="tiny")
+
+
+# ---- the exported-graph backends: the step graph as an export folder, onnxruntime with decoder="tiny" --
+def test_export_cli_writes_the_step_graph_folder(folder_with_tiny, tmp_path):
+    from skyrt.export.export_cli import main
+    from skyrt.runtime.tiny_decoder import is_tiny_decoder_export, read_tiny_export
+
+    out = tmp_path / "tiny"
+    assert main(["onnx", "--tiny-decoder", str(folder_with_tiny / "taew2_1.pth"), "--height", "16", "--width", "24",
+                 "--out", str(out)]) == 0
+    manifest = read_tiny_export(out)
+    assert is_tiny_decoder_export(out) and manifest["latent"] == [2, 3] and (out / manifest["graph"]["file"]).is_file()
+    shapes = {s["name"]: s["shape"] for s in manifest["graph"]["inputs"] + manifest["graph"]["outputs"]}
+    assert shapes["mu"] == [1, 16, 1, 2, 3] and shapes["pixels"] == [1, 3, 4, 16, 24]
+    assert shapes["memory_8"] == shapes["new_memory_8"] == [1, 64, 8, 12]  # the carried memories, explicit I/O
+    assert main(["onnx", "--tiny-decoder", str(folder_with_tiny / "taew2_1.pth"), "--out", str(out)]) == 2
+    pytest.importorskip("tensorrt_rtx", reason="pip install tensorrt-rtx (the test extra installs it)")
+    from skyrt.export.engine import BuildOptions, GraphSpec, build_engines
+
+    # The folder's graph builds ahead of time with TensorRT-RTX (no GPU here; loading it needs one).
+    [engine] = build_engines([GraphSpec("tiny_decoder_step", out / manifest["graph"]["file"])], tmp_path / "engine",
+                             BuildOptions(compute_capabilities=["8.9"]), progress=False)
+    assert engine.stat().st_size > 10_000
+
+
+def test_onnxruntime_backend_streams_the_tiny_decoder_like_torch(folder_with_tiny, tiny, reference, tmp_path):
+    """decoder="tiny" on onnxruntime (CPU): its step graph (exported on first use) carried latent by latent
+    on bound buffers == torch's whole-clip decode (fp32), and == the torch backend's streaming decoder."""
+    from skyrt.runtime.api import source_spec
+    from skyrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(source_spec(folder_with_tiny, "onnxruntime"), cache_dir=tmp_path, progress=False,
+                                 decoder="tiny")
+    mu = raw_mu(reference)  # [1, 16, 3, 2, 3]
+    with torch.no_grad():
+        whole = decode_raw(tiny, mu)[0].numpy()  # [3, 9, 16, 24]
+    decoder = backend.streaming_decoder()
+    chunks = [decoder.decode_next(mu[0, :, t:t + 1].numpy()) for t in range(mu.shape[2])]
+    assert [c.shape[1] for c in chunks] == [1, 4, 4]
+    err = np.abs(np.concatenate(chunks, 1) - whole).max()
+    assert err <= 1e-4, err
+    decoder.reset()  # a new stream on the same buffers starts from zero memories again
+    again = np.concatenate([decoder.decode_next(mu[0, :, t:t + 1].numpy()) for t in range(mu.shape[2])], 1)
+    assert np.abs(again - whole).max() <= 1e-4
+    assert np.abs(backend.vae_decode(mu[0].numpy()) - whole).max() <= 1e-4
+    decoder.close()
+    assert list((tmp_path / "tiny_decoder").glob("*/2x3/tiny_decoder.json"))  # exported once, into the cache
+
+
+def test_onnxruntime_pipeline_with_the_tiny_decoder(folder_with_tiny, tmp_path, monkeypatch):
+    """skyrt.load(..., backend="onnxruntime", decoder="tiny") generates frames decoded by the tiny graph:
+    the same clip as the torch backend with decoder="tiny" (same seed; DiT graphs within 1e-4)."""
+    import skyrt
+
+    monkeypatch.setenv("SKYRT_CACHE", str(tmp_path))
+    ort_pipe = skyrt.load(folder_with_tiny, backend="onnxruntime", decoder="tiny", progress=False)
+    torch_pipe = skyrt.load(folder_with_tiny, decoder="tiny")
+    frames = ort_pipe.generate("x", num_frames=9, seed=5, progress=False, **SMALL)
+    expected = torch_pipe.generate("x", num_frames=9, seed=5, progress=False, **SMALL)
+    assert frames.shape == expected.shape == (9, 32, 32, 3)
+    assert np.abs(frames.astype(int) - expected).max() <= 2
+    wan = skyrt.load(folder_with_tiny, backend="onnxruntime", progress=False)
+    assert np.abs(wan.generate("x", num_frames=9, seed=5, progress=False, **SMALL).astype(int) - frames).mean() > 5
+
+
+def test_onnxruntime_tiny_decoder_export_folder_of_another_size_is_refused(folder_with_tiny, tmp_path):
+    from skyrt.export.export_cli import main
+    from skyrt.runtime.api import source_spec
+    from skyrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    out = tmp_path / "tiny"
+    assert main(["onnx", "--tiny-decoder", str(folder_with_tiny / "taew2_1.pth"), "--height", "16", "--width", "16",
+                 "--out", str(out)]) == 0
+    backend = OnnxRuntimeBackend(source_spec(folder_with_tiny, "onnxruntime"), cache_dir=tmp_path, progress=False,
+                                 decoder="tiny", decoder_path=out)
+    assert backend.streaming_decoder().decode_next(np.zeros((16, 1, 2, 2), np.float32)).shape == (3, 1, 16, 16)
+    with pytest.raises(ValueError, match="is for 16x16 pixels, the stream is 16x24.*--height 16 --width 24"):
+        backend.streaming_decoder().decode_next(np.zeros((16, 1, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="not a tiny decoder export"):
+        OnnxRuntimeBackend(source_spec(folder_with_tiny, "onnxruntime"), cache_dir=tmp_path, decoder="tiny",
+                           decoder_path=tmp_path)
 
 
 def test_cli_decoder_flags_reach_load():

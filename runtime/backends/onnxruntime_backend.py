@@ -118,12 +118,16 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
 
     def __init__(self, model: ModelSpec, device: str = "cpu", providers: Sequence | None = None,
                  precision: str = "fp32", cache_dir: str | Path | None = None, threads: int | None = None,
-                 export_options: dict | None = None, progress: bool = True, spin: bool = False):
+                 export_options: dict | None = None, progress: bool = True, spin: bool = False,
+                 decoder: str = "wan", decoder_path: str | Path | None = None):
         """threads: intra-op threads (None = onnxruntime's choice, one per core). spin: let idle intra-op
         threads busy-wait for the next op (onnxruntime's default). Off here: with any other process or
         thread on the cores (the server's decoder and HTTP threads, a training job), spinning workers
         take their time slices; measured on this 2-core machine under load, the benchmark step took
-        1.5-1.9x longer with spinning (benchmarks/backends.py records both)."""
+        1.5-1.9x longer with spinning (benchmarks/backends.py records both).
+        decoder: "wan" (the exported Wan2.1 VAE graphs) or "tiny" (TAEHV's taew2_1 step graph,
+        runtime/backends/tiny_decoder.py): decoder_path is its weights file (exported on first use) or an
+        export folder of it, else the model folder's taew2_1 file. Encoding stays the Wan2.1 VAE's."""
         super().__init__(model)
         import onnxruntime as ort
 
@@ -149,6 +153,13 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         else:
             self._use_model_folder(Path(model.path), cache_dir)  # export on demand into the cache
         self._read_dit_layout(model.dit_config)
+        self._tiny = None
+        if decoder == "tiny":
+            from ..tiny_decoder import TinyDecoderSource
+
+            self._tiny = TinyDecoderSource(decoder_path, model.path, cache_dir, progress)
+        elif decoder != "wan" or decoder_path is not None:
+            raise ValueError(f"decoder={decoder!r}, decoder_path={decoder_path!r}: decoder_path needs decoder='tiny'")
 
     def _add_folder(self, folder: Path) -> None:
         if folder not in self._folders:
@@ -285,6 +296,10 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         return (velocity[0], np.asarray(new_k[:, 0], dtype=np.float32), np.asarray(new_v[:, 0], dtype=np.float32))
 
     def streaming_decoder(self) -> StreamingDecoder:
+        if self._tiny is not None:
+            from .tiny_decoder import BoundTinyStreamingDecoder
+
+            return BoundTinyStreamingDecoder(self, self._tiny)
         return BoundStreamingDecoder(self)
 
 

@@ -73,13 +73,17 @@ class TrialFailed(Exception):
 class GeneratorThread(threading.Thread):
     """Owns the pipeline (a Pipeline, or a ProcessPipeline whose streams run in a child process).
     `resolution` is the stream's resolved request (runtime/resolve.py): every stream opened runs it,
-    with the board's prompt of the moment; `image` is the stream's input."""
+    with the board's prompt of the moment; `image` / `video` are the stream's start (a video only under a
+    causal preset). A prompt change that carries a start of its own (a playlist item's image or video)
+    ends the running stream after its current chunk and opens a new one from that start."""
 
-    def __init__(self, pipe, resolution, board: PromptBoard, buffer: FrameBuffer, metrics: Metrics, image=None):
+    def __init__(self, pipe, resolution, board: PromptBoard, buffer: FrameBuffer, metrics: Metrics, image=None,
+                 video=None):
         super().__init__(name="skyrt-generator", daemon=True)
         self.pipe, self.resolution, self.board, self.buffer, self.metrics = pipe, resolution, board, buffer, metrics
-        self.image = image
+        self.image, self.video = image, video
         self.stop_event = threading.Event()
+        self._restart = threading.Event()  # a change with its own start: the stream starts over from it
         self._stream = None
         self._stream_lock = threading.Lock()
         self.active_prompt: str | None = None
@@ -102,10 +106,21 @@ class GeneratorThread(threading.Thread):
             self._restart.set()
 
     def _forward(self, change: PromptChange) -> None:
-        """Board listener: hand a prompt change to the running stream (applies at its next chunk)."""
+        """Board listener: hand a prompt change to the running stream (applies at its next chunk), or for a
+        change with a start, have the stream start over from it."""
+        if change.start is not None:
+            self._restart.set()
+            return
         with self._stream_lock:
             if self._stream is not None:
                 self._stream.set_prompt(change.prompt, change.negative_prompt, recache=change.transition == "recache")
+
+    def _start_inputs(self, change: PromptChange) -> dict:
+        """The stream's start: the change's own (a playlist item's file), else the server's."""
+        if change.start is not None:
+            kind, path = change.start
+            return {kind: path}
+        return {k: v for k, v in (("image", self.image), ("video", self.video)) if v is not None}
 
     def run(self) -> None:
         failures = 0
@@ -143,7 +158,7 @@ class GeneratorThread(threading.Thread):
     def _stream_chunks(self, resolution, on_failure) -> None:
         change = self.board.current
         request = resolution.with_prompt(change.prompt, change.negative_prompt)
-        stream = self.pipe.stream(request=request, image=self.image)
+        stream = self.pipe.stream(request=request, **self._start_inputs(change))
         with self._stream_lock:
             self._stream = stream
             self.running_resolution = resolution
@@ -166,7 +181,7 @@ class GeneratorThread(threading.Thread):
                     return
                 produced = time.monotonic()
                 if self.stop_event.is_set() or self._restart.is_set():
-                    return
+                    return  # stopping, or the run loop opens the stream of the board's new start
         finally:
             with self._stream_lock:
                 self._stream = None

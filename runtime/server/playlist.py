@@ -4,7 +4,13 @@ the HTTP side writes and the generator thread reads.
 A playlist is what a signage operator sets once and forgets:
 
     {"loop": true, "items": [{"prompt": "a red circle bouncing", "duration_s": 30},
-                             {"prompt": "a blue square orbiting", "duration_s": 20, "transition": "recache"}]}
+                             {"prompt": "a blue square orbiting", "duration_s": 20, "transition": "recache"},
+                             {"prompt": "the lobby at night", "duration_s": 20, "image": "lobby.png"}]}
+
+An item with "image" or "video" (a causal preset's start, runtime/stream_start.py) starts a new stream
+from that file instead of switching the prompt: the file is named relative to the server's media
+folder (`skyrt serve --media-dir DIR`; for `--playlist FILE`, that file's folder by default) and must
+lie inside it; it is checked when the playlist is set, so a bad file is a 4xx, never a generator crash.
 
 Item times run on *stream time* (output frames / fps), so a slow generator stretches nothing and a
 restart after an error does not skip items. A manual prompt (POST /prompt) holds until the
@@ -14,10 +20,11 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 TRANSITIONS = ("continue", "recache")  # keep the cached history / re-commit it under the new prompt
+STARTS = ("image", "video")  # what a playlist item may start a new stream from
 
 
 class RequestError(ValueError):
@@ -31,6 +38,12 @@ class PromptChange:
     prompt: str
     negative_prompt: str | None = None
     transition: str = "continue"
+    # A new stream from a file instead of a prompt switch: (kind in STARTS, absolute path). Not part of
+    # the JSON a client sends or the state file keeps (the playlist item that set it is).
+    start: tuple[str, str] | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "start"}
 
 
 @dataclass(frozen=True)
@@ -39,9 +52,17 @@ class PlaylistItem:
     duration_s: float
     negative_prompt: str | None = None
     transition: str = "continue"
+    image: str | None = None  # as given, relative to the media folder
+    video: str | None = None
+    start_path: str | None = field(default=None, compare=False, repr=False)  # the file, resolved
 
     def change(self) -> PromptChange:
-        return PromptChange(self.prompt, self.negative_prompt, self.transition)
+        kind = "image" if self.image is not None else "video" if self.video is not None else None
+        return PromptChange(self.prompt, self.negative_prompt, self.transition,
+                            None if kind is None else (kind, self.start_path))
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "start_path" and (v is not None or k not in STARTS)}
 
 
 @dataclass(frozen=True)
@@ -50,7 +71,7 @@ class Playlist:
     loop: bool = True
 
     def to_json(self) -> dict:
-        return {"loop": self.loop, "items": [asdict(item) for item in self.items]}
+        return {"loop": self.loop, "items": [item.to_json() for item in self.items]}
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,8 @@ class Limits:
     # The shortest playlist item: a prompt applies at the next generated block, so an item shorter
     # than one block would switch every frame. StreamServer sets it to one block of its stream.
     min_duration_s: float = 0.0
+    # The folder playlist items' image / video files are named in (None: items cannot start from files).
+    media_dir: str | None = None
 
 
 def _check_fields(obj, allowed: set[str], required: set[str], where: str) -> None:
@@ -92,6 +115,43 @@ def _transition(value, name: str) -> str:
     return value
 
 
+def _start_file(value, where: str, kind: str, limits: Limits) -> str:
+    """A playlist item's image / video: a relative name inside the media folder, of a file that opens as
+    one; its resolved path. Checked here so that a bad file is the client's error, not the generator's."""
+    if limits.media_dir is None:
+        raise RequestError(f"{where}: playlist items start from files only when the server has a media folder "
+                           "(skyrt serve --media-dir DIR, or --playlist FILE, whose folder it then is)")
+    if not isinstance(value, str) or not value or len(value) > 1024 or "\x00" in value:
+        raise RequestError(f"{where} must be a file name inside the media folder, got {value!r}")
+    root = Path(limits.media_dir).resolve()
+    path = (root / value).resolve()
+    if Path(value).is_absolute() or not path.is_relative_to(root):
+        raise RequestError(f"{where}: {value!r} is outside the media folder; name a file inside it, relative to it")
+    if not path.is_file():
+        raise RequestError(f"{where}: no file {value!r} in the media folder")
+    try:
+        _check_opens(path, kind)
+    except Exception as err:  # any decoder error is the file's fault here
+        raise RequestError(f"{where}: {value!r} is not {'an image' if kind == 'image' else 'a video'} "
+                           f"that can be read ({type(err).__name__}: {err})") from None
+    return str(path)
+
+
+def _check_opens(path: Path, kind: str) -> None:
+    if kind == "image":
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.verify()
+        return
+    import av
+
+    with av.open(str(path)) as container:  # the first frame decodes (a header alone proves little)
+        if not container.streams.video:
+            raise ValueError("it has no video stream")
+        next(container.decode(video=0))
+
+
 def parse_prompt_change(obj, limits: Limits = Limits()) -> PromptChange:
     """{"prompt": str, "negative_prompt"?: str, "transition"?: "continue"|"recache"} -> PromptChange."""
     _check_fields(obj, {"prompt", "negative_prompt", "transition"}, {"prompt"}, "body")
@@ -104,7 +164,7 @@ def parse_prompt_change(obj, limits: Limits = Limits()) -> PromptChange:
 
 
 def parse_playlist(obj, limits: Limits = Limits()) -> Playlist:
-    """{"loop"?: bool, "items": [{"prompt", "duration_s", "negative_prompt"?, "transition"?}, ...]}."""
+    """{"loop"?: bool, "items": [{"prompt", "duration_s", "negative_prompt"?, "transition"?, "image"? | "video"?}, ...]}."""
     _check_fields(obj, {"loop", "items"}, {"items"}, "playlist")
     loop = obj.get("loop", True)
     if not isinstance(loop, bool):
@@ -117,7 +177,8 @@ def parse_playlist(obj, limits: Limits = Limits()) -> Playlist:
     parsed = []
     for i, item in enumerate(items):
         where = f"playlist.items[{i}]"
-        _check_fields(item, {"prompt", "duration_s", "negative_prompt", "transition"}, {"prompt", "duration_s"}, where)
+        _check_fields(item, {"prompt", "duration_s", "negative_prompt", "transition", *STARTS}, {"prompt", "duration_s"},
+                      where)
         duration = item["duration_s"]
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not (
                 0 < duration <= limits.max_duration_s):
@@ -128,16 +189,24 @@ def parse_playlist(obj, limits: Limits = Limits()) -> Playlist:
                                f"({limits.min_duration_s:g} s), so the prompt would never show; use at least "
                                f"{limits.min_duration_s:g}")
         negative = item.get("negative_prompt")
+        starts = [kind for kind in STARTS if item.get(kind) is not None]
+        if len(starts) > 1:
+            raise RequestError(f"{where}: give either image or video, not both")
+        start_path = _start_file(item[starts[0]], f"{where}.{starts[0]}", starts[0], limits) if starts else None
         parsed.append(PlaylistItem(
             _text(item["prompt"], f"{where}.prompt", limits), float(duration),
             None if negative is None else _text(negative, f"{where}.negative_prompt", limits, allow_empty=True),
-            _transition(item.get("transition", "continue"), f"{where}.transition")))
+            _transition(item.get("transition", "continue"), f"{where}.transition"),
+            item.get("image"), item.get("video"), start_path))
     return Playlist(tuple(parsed), loop)
 
 
 def load_playlist(path: str | Path, limits: Limits = Limits()) -> Playlist:
-    """Read a playlist JSON file (the same form PUT /playlist takes)."""
+    """Read a playlist JSON file (the same form PUT /playlist takes); its items' image / video files are
+    named relative to limits.media_dir, or to the file's own folder when the server has none."""
     path = Path(path)
+    if limits.media_dir is None:
+        limits = replace(limits, media_dir=str(path.parent))
     if not path.is_file():
         raise FileNotFoundError(f"playlist file not found: {path}")
     try:
@@ -195,7 +264,7 @@ class PromptBoard:
             if self._playlist is not None:
                 playlist = dict(self._playlist.to_json(), index=self._index,
                                 elapsed_s=round(self._now_s - self._item_started_s, 3))
-            return {"prompt": asdict(self._current), "playlist": playlist}
+            return {"prompt": self._current.to_json(), "playlist": playlist}
 
     def restore(self, state: dict, limits: Limits = Limits()) -> None:
         """Resume a `snapshot`: the playlist at its item and elapsed time, then the prompt that was
@@ -214,6 +283,8 @@ class PromptBoard:
                     elapsed, (int, float)):
                 raise RequestError(f"state.playlist index {index!r} / elapsed_s {elapsed!r} do not fit its items")
         change = parse_prompt_change(state.get("prompt"), limits)
+        if playlist is not None and playlist.items and playlist.items[index].change() == change:
+            change = playlist.items[index].change()  # the item's start too (the state keeps only its name)
         with self._lock:
             self._playlist = playlist if playlist is not None and playlist.items else None
             self._index, self._item_started_s = index, self._now_s - float(elapsed)

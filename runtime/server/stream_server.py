@@ -104,9 +104,10 @@ class StreamServer:
         settings = Settings.of(sampling)
         if "prompt" in settings.user:
             raise ValueError("pass the prompt as `prompt=PromptChange(...)`, not inside `sampling`")
-        check_stream_settings(settings.user)  # the request type's stream settings (and `image`), nothing else
+        # the request type's stream settings (and the start: `image`, or `video` under a preset), nothing else
+        check_stream_settings(settings.user, inputs=("image", "video"))
         user = dict(settings.user)
-        self.image = user.pop("image", None)
+        self.image, self.video = user.pop("image", None), user.pop("video", None)
         if config.fps is not None:  # the server's fps is the stream's
             if user.get("fps", config.fps) != config.fps:
                 raise ValueError(f"fps={user['fps']} in the settings and ServerConfig(fps={config.fps}) disagree; "
@@ -146,7 +147,8 @@ class StreamServer:
             from .captioning import LiveCaptioner
 
             self.captioner = LiveCaptioner(captioner, caption_every_s, self._frame_on_screen)
-        self.generator = GeneratorThread(pipe, self.resolution, self.board, self.buffer, self.metrics, image=self.image)
+        self.generator = GeneratorThread(pipe, self.resolution, self.board, self.buffer, self.metrics, image=self.image,
+                                         video=self.video)
         self.settings_control = SettingsControl(self)
         if self.state is not None:
             self.state.sections["settings"] = self.settings_control.snapshot
