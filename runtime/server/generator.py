@@ -83,12 +83,11 @@ class GeneratorThread(threading.Thread):
         self.pipe, self.resolution, self.board, self.buffer, self.metrics = pipe, resolution, board, buffer, metrics
         self.image, self.video = image, video
         self.stop_event = threading.Event()
-        self._restart = threading.Event()  # a change with its own start: the stream starts over from it
         self._stream = None
         self._stream_lock = threading.Lock()
         self.active_prompt: str | None = None
         self.running_resolution = None  # the resolution of the stream open now (None between streams)
-        self._restart = threading.Event()  # set: end the stream after the chunk in hand, open a new one
+        self._restart = threading.Event()  # set: end the stream after the chunk in hand, open a new one (new settings, or a change with its own start)
         self._on_failure: Callable[[Exception], None] | None = None  # of a resolution no chunk has proven yet
         board.subscribe(self._forward)
 
