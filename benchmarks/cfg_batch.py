@@ -58,6 +58,7 @@ def looped_session_opener(backend):
     from skyrt.export.torch_backend import TorchKVStreamSession
 
     class LoopedSession(TorchKVStreamSession):
+        @torch.inference_mode()
         def set_prompts(self, contexts):
             super().set_prompts(contexts)
             prompts = [self.backend.dit.cross_attention_kv(c.value, collapse_padding=True) for c in contexts]
