@@ -1,7 +1,9 @@
 """One KV-cached DiT step on the CPU: onnxruntime vs torch, and how close ORT gets to matmul peak.
 
 Same random mid-size model (the rollout benchmark's: dim 256, 4 layers, 32x32 latents, one latent
-frame per block against a full ring of `--slots` blocks), same inputs, same threads. The two
+frame per block against a full ring of `--slots` blocks), same inputs, same threads, through the
+per-call step on host arrays (tests/step_reference.py: the runtime's stream sessions bind the core's
+buffers instead, which this benchmark leaves out to time the graph alone). The two
 backends are timed in alternating rounds (10 calls of A, 10 of B, ...) so machine noise hits
 all alike; medians are reported. onnxruntime is timed twice, with the backend's default session
 (intra-op spinning off) and with onnxruntime's default spinning (`spin=True`): on a loaded machine
@@ -96,6 +98,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import skyrt
+    import step_reference  # the per-call step on host arrays (tests/step_reference.py)
     from checkpoints import mid_size_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,17 +117,18 @@ def main() -> None:
         valid = np.ones(args.slots, bool)
         inputs = {}
         for name, backend in backends.items():
-            cache = backend.new_kv_cache(layers, args.slots, tokens, nheads, head_dim)
+            cache = step_reference.new_kv_cache(backend, layers, args.slots, tokens, nheads, head_dim)
             cache.k[...] = k
             cache.v[...] = v
-            prompt = backend.kv_prompt(backend.encode_text("a red circle"))
+            prompt = step_reference.kv_prompt(backend, backend.encode_text("a red circle"))
             inputs[name] = (latents, timesteps, prompt, cache, valid, args.slots, None, 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            outputs = {name: backends[name].kv_step(*inputs[name]) for name in backends}  # exports ORT graphs
+            # (the first call exports the ORT graphs)
+            outputs = {name: step_reference.kv_step(backends[name], *inputs[name]) for name in backends}
             for _ in range(3):
                 for name in backends:
-                    backends[name].kv_step(*inputs[name])
+                    step_reference.kv_step(backends[name], *inputs[name])
             # Alternate in rounds of 10 calls, with a pause between backends: onnxruntime's worker
             # threads spin for a while after each run and would steal the cores from a torch call
             # made right after it (per-call interleaving measured torch 1.8x slower than this).
@@ -132,7 +136,8 @@ def main() -> None:
             for _ in range(max(1, args.iters // 10)):
                 for name in backends:
                     time.sleep(0.2)
-                    times[name] += [_timed(lambda: backends[name].kv_step(*inputs[name])) for _ in range(10)]
+                    times[name] += [_timed(lambda: step_reference.kv_step(backends[name], *inputs[name]))
+                                    for _ in range(10)]
     diff = float(np.abs(outputs["torch"][0] - outputs["onnxruntime"][0]).max())
     median = {name: statistics.median(t) for name, t in times.items()}
     flops = step_flops(args.dim, 4 * args.dim, args.layers, tokens, (args.slots + 1) * tokens, 512, 16, 4)

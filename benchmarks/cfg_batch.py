@@ -1,8 +1,8 @@
 """Classifier-free guidance in kvcache mode: cond and uncond as one batch of 2 vs one DiT call each.
 
-The torch backend's `kv_step_many` runs both prompts of a guided stream as one batch (the shorter
-prompt's keys padded under a -inf bias); before, the rollout made one call per prompt (as the base
-class and the ONNX Runtime / TensorRT backends still do). Both stream
+The torch backend's stream session (export/torch_backend.py TorchKVStreamSession) runs both prompts of
+a guided stream as one batch (the shorter prompt's keys padded under a -inf bias); before, the rollout
+made one DiT call per prompt, which `LoopedSession` below does again. Both stream
 the same prompt from the same seed on the same model (default: the shipped demo model at its
 recommended settings, guidance 3), in alternating rounds so machine noise hits both alike; the
 report gives generated frames per second (decode included: what `skyrt serve` sees), the median
@@ -49,6 +49,37 @@ def stream_frames(pipe, settings: dict, chunks: int) -> tuple[np.ndarray, float]
     return frames, time.perf_counter() - tic
 
 
+def looped_session_opener(backend):
+    """open_kv_stream giving sessions that run one DiT call per prompt context (batch 1 each, each
+    prompt at its own length), what the rollout did before batching."""
+    import torch
+
+    from skyrt.export.cached_step import CachedStep
+    from skyrt.export.torch_backend import TorchKVStreamSession
+
+    class LoopedSession(TorchKVStreamSession):
+        @torch.inference_mode()
+        def set_prompts(self, contexts):
+            super().set_prompts(contexts)
+            prompts = [self.backend.dit.cross_attention_kv(c.value, collapse_padding=True) for c in contexts]
+            step = CachedStep(self.backend.dit)
+
+            def looped(x, t, _batched_cross, ck, cv, valid, cos, sin, fps=None, causal_block_size=None):
+                rows = lambda a, axis=0: None if a is None else a.narrow(axis, b, 1)  # noqa: E731
+                outs = []
+                for b in range(x.shape[0]):
+                    outs.append(step(rows(x), rows(t), prompts[b], rows(ck, 1), rows(cv, 1), valid, cos, sin,
+                                     fps=rows(fps), causal_block_size=causal_block_size))
+                v = torch.cat([o[0] for o in outs])
+                if outs[0][1] is None:  # a window step: no K/V
+                    return v, None, None
+                return v, torch.cat([o[1] for o in outs], dim=1), torch.cat([o[2] for o in outs], dim=1)
+
+            self._step = looped
+
+    return lambda spec: LoopedSession(backend, spec)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -64,25 +95,22 @@ def main(argv=None) -> int:
     settings = {**settings, "guidance_scale": guidance}
     pipe = skyrt.load(model)
     backend = pipe.backend
-    batched_step = backend.kv_step_many
+    batched_open = backend.open_kv_stream
+    looped_open = looped_session_opener(backend)
 
-    def looped_step(latents, timesteps, prompts, caches, *rest):
-        """What the rollout did before batching: one call per prompt."""
-        return [batched_step(latents, timesteps, [prompt], [cache], *rest)[0] for prompt, cache in zip(prompts, caches)]
-
-    def run(step) -> tuple[np.ndarray, float]:
-        backend.kv_step_many = step
+    def run(opener) -> tuple[np.ndarray, float]:
+        backend.open_kv_stream = opener
         try:
             return stream_frames(pipe, settings, args.chunks)
         finally:
-            del backend.kv_step_many  # back to the class's own method
+            del backend.open_kv_stream  # back to the class's own method
 
-    run(batched_step)  # warm-up: first-call allocations and thread pools
+    run(batched_open)  # warm-up: first-call allocations and thread pools
     seconds = {"batched": [], "looped": []}
     frames = {}
     for _ in range(args.rounds):
-        for name, step in (("batched", batched_step), ("looped", looped_step)):
-            frames[name], took = run(step)
+        for name, opener in (("batched", batched_open), ("looped", looped_open)):
+            frames[name], took = run(opener)
             seconds[name].append(took)
     count = len(frames["batched"])
     fps = {name: count / statistics.median(s) for name, s in seconds.items()}

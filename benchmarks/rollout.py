@@ -17,8 +17,8 @@ latent frames, one block of one latent frame at a time, against a ring of 1 sink
 Each kvcache run is made twice, back to back (--kv-drivers): by the runtime (its state in the C++
 rollout core, skyrt._core.RolloutCore, the backend's step on the core's buffers) and by the all-numpy
 driver the core replaced (tests/kvcache_numpy_reference.py: numpy UniPC per frame, host caches, the
-backend's per-call kv_step), so "core_vs_numpy_reference" in the JSON says whether the core is slower
-than what it replaced, measured in the same run.
+per-call kv_step of tests/step_reference.py), so "core_vs_numpy_reference" in the JSON says whether the
+core is slower than what it replaced, measured in the same run.
 """
 from __future__ import annotations
 

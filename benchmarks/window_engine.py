@@ -2,9 +2,9 @@
 
 The core (skyrt._core.RolloutCore.window, driven by Pipeline._denoise_window: per-block samplers,
 CFG and addnoise in C++, the backend's window session step on the core's buffers) against the frozen
-host engine (tests/window_numpy_reference.py: one numpy UniPC per frame, the DF matrix, the backend's
-predict_velocity per prompt context). Same model, seed, settings and noise; the runs interleave
-(core, host, host, core, ...) so a machine whose load drifts slows both alike. Reports ms per DiT
+host engine (tests/window_numpy_reference.py: one numpy UniPC per frame, the DF matrix,
+tests/step_reference.py's predict_velocity per prompt context). Same model, seed, settings and noise;
+the runs interleave (core, host, host, core, ...) so a machine whose load drifts slows both alike. Reports ms per DiT
 step (schedule row) of each run, the median and fastest of each engine, host / core, and the largest
 difference between the two engines' latents; writes JSON.
 

@@ -16,6 +16,10 @@ tokens' own K (rotated) and V per layer: when the active block is run at t=0 (th
 commit), those are exactly what a block-causal full forward computes for it, and the caller writes
 them into a free/evicted slot (skyrt._core.kv_write_block).
 
+Window mode is this step with no cached context: cache_k = cache_v = None (S = 0), every frame of the
+window active, full or block-causal attention among them, and no K/V to keep (new_k, new_v None). The
+window graphs (dit_window, dit_window_causal) are exported from it.
+
 Cache layout: cache_k / cache_v [layers, B, S, heads, head_dim] in the compute dtype (or fp32).
 For one sample, cache_k[:, b] viewed as [layers, slots, tokens_per_block, heads, head_dim] is the
 layout of skyrt._core.KVRing / kv_write_block / kv_rope_rebase; S = slots * tokens_per_block.
@@ -163,8 +167,8 @@ class CachedStep(nn.Module):
         latents: torch.Tensor,
         t: torch.Tensor,
         cross_kv: Sequence[CrossKV],
-        cache_k: torch.Tensor,
-        cache_v: torch.Tensor,
+        cache_k: Optional[torch.Tensor],
+        cache_v: Optional[torch.Tensor],
         cache_valid: Optional[torch.Tensor],
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
@@ -174,20 +178,22 @@ class CachedStep(nn.Module):
     ):
         """latents [B, C, f, H, W] of the active frames (y: i2v conditioning latents of the same frames,
         concatenated on channels); t [B, f] per-frame timesteps; cross_kv: WanDiT.cross_attention_kv
-        output (one CrossKV per layer); cache_k/cache_v [layers, B, S, N, Dh]; cache_valid bool [B, S]
-        or [S], or None when every cache token is valid (S may be 0); rope_cos/rope_sin [f*h*w, Dh/2] of the active tokens (active_rope); fps [B] classes
+        output (one CrossKV per layer); cache_k/cache_v [layers, B, S, N, Dh], or None for a window step
+        (no cached context); cache_valid bool [B, S] or [S], or None when every cache token is valid
+        (S may be 0); rope_cos/rope_sin [f*h*w, Dh/2] of the active tokens (active_rope); fps [B] classes
         (inject_sample_info only); causal_block_size: None = full attention among the active tokens,
         k = block-causal in blocks of k frames (a static int, baked into an exported graph).
 
         Returns (velocity [B, out_dim, f, H, W] fp32, new_k, new_v [layers, B, f*h*w, N, Dh]) where
-        new_k are the active tokens' keys normed and rotated at their positions, in the compute dtype.
+        new_k are the active tokens' keys normed and rotated at their positions, in the compute dtype;
+        a window step (cache None) returns (velocity, None, None).
         """
         dit, cfg = self.dit, self.dit.config
         x = latents if y is None else torch.cat([latents, y.to(latents.dtype)], dim=1)
         B, _, num_frames, H, W = x.shape
         pt, ph, pw = cfg.patch_size
         f, h, w = num_frames // pt, H // ph, W // pw
-        S = cache_k.shape[2]
+        S = 0 if cache_k is None else cache_k.shape[2]
 
         tokens = dit.patchify(x)  # [B, f, hw, D] fp32
         e, e0 = self.embed_time(t, fps)
@@ -207,6 +213,8 @@ class CachedStep(nn.Module):
                                   self.zero_invalid)
         tokens = dit.run_blocks(tokens, e0, cross_kv, ops)
         velocity = dit.unpatchify(dit.head(tokens, e), (f, h, w))
+        if cache_k is None:  # a window step: nothing to commit
+            return velocity, None, None
         return velocity, torch.stack(ops.new_k), torch.stack(ops.new_v)
 
     @staticmethod
@@ -219,6 +227,8 @@ class CachedStep(nn.Module):
         active_full = causal_block_size is None or f <= causal_block_size
         if cache_valid is None and active_full:
             return None, None
+        if S == 0:  # a window step: only the block-causal mask among its frames, for every sample
+            return block_causal_mask(f, tokens_per_frame, causal_block_size, device)[None, None], None
         if cache_valid is None:
             valid = torch.ones(B, S, dtype=torch.bool, device=device)
         else:
@@ -237,7 +247,7 @@ class _CachedOps(BlockOps):
 
     def __init__(self, cos, sin, mask, cache_k, cache_v, keep, zero_invalid: bool):
         super().__init__(cos, sin, mask)
-        self.cache_k, self.cache_v = cache_k, cache_v  # [layers, B, S, N, Dh]
+        self.cache_k, self.cache_v = cache_k, cache_v  # [layers, B, S, N, Dh], or None (a window step)
         self.keep = keep if zero_invalid else None  # [B, S, 1, 1] bool: zero the invalid cache entries
         self.new_k: list[torch.Tensor] = []  # per layer [B, L, N, Dh], compute dtype
         self.new_v: list[torch.Tensor] = []
@@ -249,6 +259,8 @@ class _CachedOps(BlockOps):
         """This layer's new k, v [B, L, N, Dh] (compute dtype) -> [cached ; new] [B, S + L, N, Dh]."""
         self.new_k.append(k)
         self.new_v.append(v)
+        if self.cache_k is None:  # a window step attends to its own tokens only
+            return k, v
         ck, cv = (cache.to(v.dtype) for cache in self._layer_cache(layer))
         if self.keep is not None:
             ck = torch.where(self.keep, ck, torch.zeros((), dtype=ck.dtype, device=ck.device))
@@ -290,8 +302,9 @@ class _CachedGraphOps(_CachedOps):
         self.qcos, self.qsin = self.cos * self.scale, self.sin * self.scale
         # (x @ swap)[2i] = -x[2i+1], (x @ swap)[2i+1] = x[2i]: RoPE's rotation by 90 degrees
         self.swap = torch.kron(torch.eye(Dh // 2), torch.tensor([[0.0, 1.0], [-1.0, 0.0]])).to(rope_cos.device)
-        # [1, B, S, N, Dh] per layer: one Split each, not a Gather per layer
-        self.caches_k, self.caches_v = cache_k.split(1), cache_v.split(1)
+        # [1, B, S, N, Dh] per layer: one Split each, not a Gather per layer (None: a window step)
+        if cache_k is not None:
+            self.caches_k, self.caches_v = cache_k.split(1), cache_v.split(1)
 
     def _layer_cache(self, layer):
         # [1, B, S, N, Dh] -> [B, S, N, Dh] by a reshape (an index would export as a copying Gather)

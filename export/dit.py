@@ -247,7 +247,7 @@ class CrossKV(NamedTuple):
     k_img: Optional[torch.Tensor] = None
     v_img: Optional[torch.Tensor] = None
     # [Lt] fp32 additive logit bias of the text keys (see collapse_padding); [B, Lt] for a batch of
-    # prompts padded to one length (runtime TorchBackend.kv_step_many)
+    # prompts padded to one length (export/torch_backend.py batch_cross_kv)
     bias: Optional[torch.Tensor] = None
 
 

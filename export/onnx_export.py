@@ -9,13 +9,14 @@ What it writes (one folder per export; `skyrt export onnx --model DIR --out DIR`
 | cross_kv           | context fp32 [1, Lt, text_dim] -> cross_k, cross_v [layers, 1, Lt, N, Dh] (once a prompt) |
 | dit_window         | latents fp32 [1, 16, F, h, w], t_emb fp32 [1, F, freq_dim], (fps int64 [1]), cross_k,    |
 |                    | cross_v, rope_cos, rope_sin fp32 [F*h*w/4, Dh/2] -> velocity fp32 [1, 16, F, h, w]      |
+|                    | window mode's step: dit_step with no cache inputs (CachedStep with cache None)          |
 | dit_window_causal  | the same with the block-causal mask of `block_frames` baked in                          |
 | dit_step           | the KV-cached step (export/cached_step.py): dit_window's inputs plus cache_k, cache_v    |
 |                    | [layers, 1, S, N, Dh] and slot_valid bool [1, slots] -> velocity, new_k, new_v           |
 |                    | [layers, 1, F*h*w/4, N, Dh]; block-causal in blocks of `block_frames` (baked in)         |
-| dit_step.ort_cpu   | the same step for onnxruntime's CPU provider only: attention as com.microsoft            |
+| <dit>.ort_cpu      | each DiT graph again for onnxruntime's CPU provider only: attention as com.microsoft     |
 |                    | MultiHeadAttention, GELU as FastGelu (contrib ops; TensorRT cannot build them). Not a     |
-|                    | graph of its own: the "ort_cpu" entry of dit_step's manifest entry (fp32/fp16 exports)   |
+|                    | graph of its own: the "ort_cpu" entry of the graph's manifest entry (fp32/fp16 exports)  |
 | vae_decode_first   | z fp32 [1, 16, 1, h, w] + every causal-conv cache -> pixels [1, 3, 1, H, W] + caches     |
 | vae_decode_step    | the same for every later latent frame -> pixels [1, 3, 4, H, W] + caches                 |
 | vae_encode_first   | pixels [1, 3, 1, H, W] + encoder caches -> mu [1, 16, 1, h, w] + caches                  |
@@ -31,7 +32,7 @@ block-causal graphs). Host-side inputs, so that no graph needs float64 or positi
   off by ~1e-4 rad), runtime/rope.py timestep_sinusoid: the torch model uses the same function;
 - RoPE cos/sin are real-valued tables of the active tokens' positions (runtime/rope.py rope_tables).
 
-dit_step is traced from CachedStep's export formulation (export/cached_step.py `_CachedGraphOps`: one
+The three DiT graphs are traced from CachedStep's export formulation (export/cached_step.py `_CachedGraphOps`: one
 q/k/v Gemm, RoPE as a pair-swap MatMul, the softmax scale folded into q, constant-shape reshapes).
 On the benchmark step (benchmarks/backends.py: dim 256, 4 layers, 256 active tokens against 1280
 cached; 660 nodes after ORT's optimizer before, 411 in the ORT CPU variant) the ORT CPU variant takes
@@ -54,10 +55,9 @@ cache, 30 interleaved repeats, medians; the machine was shared, load ~3.5):
     tiny model     (dim 32, 2 layers, 32x32 px):    2 x batch 1: 1.33 ms   batch 2: 0.62 ms
     small model    (dim 256, 4 layers, 64x64 px):   2 x batch 1: 29.1 ms   batch 2: 23.1 ms
     DF-1.3B width  (dim 1536, 2 layers, 128x128):   2 x batch 1: 756 ms    batch 2: 624 ms
-Batch 2 wins (1.2-2x: weights are read once, per-call overhead halves), so the graphs carry it. The
-runtime still runs batch 1 today because the Backend.kv_step / predict_velocity contract takes one
-prompt context per call and the two prompts' caches are separate arrays (stacking them per step
-would copy both caches); a batched contract can use B = 2 without re-exporting.
+Batch 2 wins (1.2-2x: weights are read once, per-call overhead halves), so the graphs carry it, and
+the runtime's one DiT entry (a stream session's step on the rollout core's buffers, batch = the
+stream's prompt contexts) runs cond and uncond as one batch-2 call in every mode.
 
 External data: a graph whose weights exceed `external_data_threshold` bytes (default 1.8 GB, under
 protobuf's 2 GiB limit) is written as `<name>.onnx` + `<name>.onnx.data`; onnx.checker runs on the
@@ -82,7 +82,7 @@ import torch
 from torch import nn
 
 from .cached_step import CachedStep
-from .dit import BlockOps, CrossKV, LayerNorm32, RMSNorm, WanDiT, block_causal_mask
+from .dit import CrossKV, LayerNorm32, RMSNorm, WanDiT
 from .vae import WanVAE
 from skyrt.runtime.engine_manifest import file_sha256 as sha256_file  # one owner of file hashing
 
@@ -122,8 +122,8 @@ GRAPH_GROUPS: dict[str, tuple[str, ...]] = {
 # The measurement behind the batch axis (module docstring), copied into every manifest.
 CFG_BATCH = {
     "graphs_take_batch": [1, 2],
-    "runtime_uses_batch": 1,
-    "why": "batch 2 is faster on ORT CPU, but Backend.kv_step/predict_velocity take one prompt per call",
+    "runtime_uses_batch": [1, 2],
+    "why": "batch 2 is faster on ORT CPU: a stream session's step runs cond and uncond as one call",
     "ort_cpu_2core_ms": {
         "tiny (dim 32, 2 layers, 32x32)": {"two_batch1_calls": 1.33, "one_batch2_call": 0.62},
         "small (dim 256, 4 layers, 64x64)": {"two_batch1_calls": 29.1, "one_batch2_call": 23.1},
@@ -219,30 +219,6 @@ class CrossKVGraph(nn.Module):
         return torch.stack([kv.k for kv in kvs]), torch.stack([kv.v for kv in kvs])
 
 
-class WindowGraph(nn.Module):
-    """WanDiT.forward over a window with host-side sinusoid and RoPE; see the module docstring.
-
-    causal_block_size None = full attention, k = block-causal in blocks of k frames (baked in)."""
-
-    def __init__(self, dit: WanDiT, causal_block_size: Optional[int] = None):
-        super().__init__()
-        self.dit = dit
-        self.causal_block_size = causal_block_size
-
-    def forward(self, latents, t_emb, cross_k, cross_v, rope_cos, rope_sin, fps=None):
-        dit = self.dit
-        _, _, frames, height, width = latents.shape
-        pt, ph, pw = dit.config.patch_size
-        f, h, w = frames // pt, height // ph, width // pw
-        tokens = dit.patchify(latents)  # [B, f, hw, D] fp32
-        e, e0 = dit.embed_sinusoid(t_emb, fps, check_fps=False)
-        mask = None
-        if self.causal_block_size is not None:
-            mask = block_causal_mask(f, h * w, self.causal_block_size, latents.device)
-        tokens = dit.run_blocks(tokens, e0, _cross_list(cross_k, cross_v), BlockOps(rope_cos, rope_sin, mask))
-        return dit.unpatchify(dit.head(tokens, e), (f, h, w))
-
-
 class _SinusoidCachedStep(CachedStep):
     """CachedStep whose `t` argument is already the sinusoid [B, f, freq_dim] (host-side float64)."""
 
@@ -267,6 +243,23 @@ class StepGraph(nn.Module):
         valid = slot_valid[:, :, None].expand(batch, slots, self.tokens_per_block).reshape(batch, -1)  # [B, S]
         return self.step(latents, t_emb, _cross_list(cross_k, cross_v), cache_k, cache_v, valid, rope_cos,
                          rope_sin, fps=fps, causal_block_size=self.block_frames)
+
+
+class WindowStepGraph(nn.Module):
+    """Window mode's DiT step: StepGraph with no cache inputs (CachedStep with cache None, S = 0), every
+    frame of the window active at RoPE positions from 0, velocity out (no K/V: nothing is committed).
+
+    causal_block_size None = full attention among the frames, k = block-causal in blocks of k (baked in)."""
+
+    def __init__(self, dit: WanDiT, causal_block_size: Optional[int] = None, graph: str = "onnx"):
+        super().__init__()
+        self.step = _SinusoidCachedStep(dit, graph=graph)
+        self.causal_block_size = causal_block_size
+
+    def forward(self, latents, t_emb, cross_k, cross_v, rope_cos, rope_sin, fps=None):
+        velocity, _, _ = self.step(latents, t_emb, _cross_list(cross_k, cross_v), None, None, None, rope_cos, rope_sin,
+                                   fps=fps, causal_block_size=self.causal_block_size)
+        return velocity
 
 
 class TextEncoderGraph(nn.Module):
@@ -426,7 +419,7 @@ def _build_graph_spec(name: str, dit: WanDiT, vae: WanVAE, text_encoder, profile
         latents, t_emb, ck, cv, cos, sin, fps = _dit_inputs(dit, frames, h, w, gen)
         args = (latents, t_emb, ck, cv, cos, sin) + ((fps,) if fps is not None else ())
         max_frames = profile.window_frames if block is None else max(block, profile.window_frames // block * block)
-        return GraphSpec(name, WindowGraph(dit, block), args,
+        return GraphSpec(name, WindowStepGraph(dit, block), args,
                          ["latents", "t_emb", "cross_k", "cross_v", "rope_cos", "rope_sin"] + fps_in, ["velocity"],
                          frames_axis, _frame_ranges(block or 1, max_frames, tokens_per_frame),
                          info={"causal_block_size": block, "frames_multiple_of": block or 1})
@@ -578,20 +571,27 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int, external_data_thres
     }
 
 
-ORT_CPU_VARIANT = "ort_cpu"  # the manifest key of dit_step's (and dit_step_full's) onnxruntime-CPU variant
+ORT_CPU_VARIANT = "ort_cpu"  # the manifest key of a DiT step graph's onnxruntime-CPU variant
+DIT_STEP_GRAPHS = ("dit_window", "dit_window_causal", "dit_step", "dit_step_full")  # CachedStep's graphs, each with that variant
 ORT_CPU_PRECISIONS = ("fp32", "fp16")  # what ORT's CPU provider runs (no bf16 MatMul)
 ORT_CPU_CONTRIB_OPS = ["com.microsoft.MultiHeadAttention", "com.microsoft.FastGelu"]
 
 
+def _ort_cpu_module(module: nn.Module) -> nn.Module:
+    """The same DiT step graph module in CachedStep's "onnx-ort" formulation (same weights)."""
+    dit = module.step.dit
+    if isinstance(module, WindowStepGraph):
+        return WindowStepGraph(dit, module.causal_block_size, graph="onnx-ort")
+    return StepGraph(dit, module.block_frames, module.tokens_per_block, graph="onnx-ort")
+
+
 def export_ort_cpu_step(spec: GraphSpec, out_dir: Path, profile: OnnxProfile) -> dict:
-    """dit_step again, attention and GELU as onnxruntime contrib ops (CachedStep graph="onnx-ort"),
-    into <out_dir>/dit_step.ort_cpu.onnx; returns the "ort_cpu" entry of dit_step's manifest entry.
-    Same inputs, outputs and semantics as dit_step.onnx; only onnxruntime's CPU provider runs it (the
-    onnxruntime backend picks it there); TensorRT engines are built from dit_step.onnx."""
-    step = spec.module.step
-    variant = replace(spec, name=f"{spec.name}.{ORT_CPU_VARIANT}",
-                      module=StepGraph(step.dit, spec.module.block_frames, spec.module.tokens_per_block,
-                                       graph="onnx-ort"))
+    """A DiT step graph (dit_step, dit_window, dit_window_causal) again, attention and GELU as
+    onnxruntime contrib ops (CachedStep graph="onnx-ort"), into <out_dir>/<name>.ort_cpu.onnx; returns
+    the "ort_cpu" entry of the graph's manifest entry. Same inputs, outputs and semantics as <name>.onnx;
+    only onnxruntime's CPU provider runs it (the onnxruntime backend picks it there); TensorRT engines
+    are built from <name>.onnx."""
+    variant = replace(spec, name=f"{spec.name}.{ORT_CPU_VARIANT}", module=_ort_cpu_module(spec.module))
     entry = export_graph(variant, out_dir, profile.opset, profile.external_data_threshold)
     return {"file": entry["file"], "external_data": entry["external_data"], "sha256": entry["sha256"],
             "providers": ["CPUExecutionProvider"], "contrib_ops": ORT_CPU_CONTRIB_OPS,
@@ -650,7 +650,7 @@ def export_onnx(
         start = time.perf_counter()
         gspec = build_graph_spec(name, graph_dit, vae, text_encoder, profile)
         entry = export_graph(gspec, out, profile.opset, profile.external_data_threshold)
-        if name in ("dit_step", "dit_step_full") and profile.precision in ORT_CPU_PRECISIONS:
+        if name in DIT_STEP_GRAPHS and profile.precision in ORT_CPU_PRECISIONS:
             entry[ORT_CPU_VARIANT] = export_ort_cpu_step(gspec, out, profile)
         entry.setdefault("precision", profile.precision)
         entry["shape_config"] = profile.shape_config(name)

@@ -5,7 +5,8 @@ so `skyrt.load(..., backend="torch")` works while skyrt.runtime never imports to
 
 This is the oracle-checked path (tests compare it with diffusers); engines are checked against it.
 
-The KV-cached stream (TorchKVStreamSession) runs on the rollout core's own buffers, seen as torch
+The DiT's one entry, a stream session's step in every mode (TorchKVStreamSession: against the ring, or
+with no cache for a window of window mode), runs on the rollout core's own buffers, seen as torch
 tensors without a copy (numpy views on the CPU, __cuda_array_interface__ on a GPU): latents in, the
 ring K/V read in place, velocity and new K/V written in place, on the core's CUDA stream (torch's
 current stream). With a CUDA device nothing of the stream's state crosses to the host.
@@ -115,14 +116,6 @@ class TorchBackend(Backend):
         return torch.from_numpy(array).to(self.device, self.dtype)
 
     @torch.inference_mode()
-    def predict_velocity(self, latents, timesteps, context, fps_class, causal_block_size):
-        x = torch.from_numpy(np.ascontiguousarray(latents))[None].to(self.device, self.dtype)  # [1, 16, F, h, w]
-        t = torch.from_numpy(np.asarray(timesteps, dtype=np.float32))[None].to(self.device)  # [1, F]
-        fps = None if fps_class is None else torch.tensor([fps_class], device=self.device)
-        v = self.dit(x, t, context.value, fps=fps, causal_block_size=causal_block_size)
-        return v[0].float().cpu().numpy()
-
-    @torch.inference_mode()
     def vae_encode(self, pixels: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(pixels))[None].to(self.device)  # [1, 3, T, H, W]
         return self.vae.encode(x)[0].float().cpu().numpy()
@@ -141,61 +134,15 @@ class TorchBackend(Backend):
             return TorchTinyStreamingDecoder(self.tiny_decoder, self.device)
         return TorchStreamingDecoder(self.vae, self.device)
 
-    # ---- KV-cached step (mode="kvcache") --------------------------------------------------------
+    # ---- the DiT: one stream session, every mode ----------------------------------------------
     def kv_layout(self) -> tuple[int, int, int]:
         cfg = self.dit.config
         return cfg.num_layers, cfg.num_heads, cfg.head_dim
 
-    @torch.inference_mode()
-    def kv_prompt(self, context: TextContext):
-        """Per-layer cross-attention K/V of a prompt, computed once."""
-        return self.dit.cross_attention_kv(context.value, collapse_padding=True)
-
-    @torch.inference_mode()
-    def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, causal_block_size):
-        """CachedStep on numpy buffers (zero-copy on the CPU): returns velocity [16, f, h, w] and the
-        active tokens' K, V [layers, tokens, heads, head_dim]."""
-        return self.kv_step_many(latents, timesteps, [prompt], [cache], slot_valid, first_position, fps_class,
-                                 causal_block_size)[0]
-
-    @torch.inference_mode()
-    def kv_step_many(self, latents, timesteps, prompts, caches, slot_valid, first_position, fps_class,
-                     causal_block_size):
-        """kv_step under B prompts as one batch of B (cond and uncond: the demo model streams 1.19x the
-        frames per second of one call per prompt on 2 CPU cores, benchmarks/cfg_batch.py). Each prompt
-        attends to its own cache; the batch shares slot_valid, the latents, timesteps and positions."""
-        from skyrt.export.cached_step import CachedStep, active_rope
-
-        if getattr(self, "_cached_step", None) is None:
-            self._cached_step = CachedStep(self.dit)
-        batch = len(prompts)
-        layers, slots, tokens, heads, head_dim = caches[0].k.shape
-        x = torch.from_numpy(np.ascontiguousarray(latents))[None].to(self.device, self.dtype)  # [1, 16, f, h, w]
-        x = x.expand(batch, *x.shape[1:])  # [B, 16, f, h, w]
-        t = torch.from_numpy(np.asarray(timesteps, np.float32))[None].to(self.device).expand(batch, -1)  # [B, f]
-        patch_h, patch_w = self.dit.config.patch_size[1:]
-        cos, sin = active_rope(self.dit, first_position, x.shape[2], x.shape[3] // patch_h, x.shape[4] // patch_w)
-        # Eager torch can skip what an engine must mask: attend only to the valid slots (a view when
-        # they lead the ring, a gather otherwise), so a filling cache costs what it holds.
-        valid = np.asarray(slot_valid, bool)
-        ck, cv = ([valid_slots(torch.from_numpy(getattr(c, name)), valid, 1).reshape(layers, 1, -1, heads, head_dim)
-                   for c in caches] for name in ("k", "v"))
-        ck = (ck[0] if batch == 1 else torch.cat(ck, dim=1)).to(self.device)  # [layers, B, S_valid, N, Dh]
-        cv = (cv[0] if batch == 1 else torch.cat(cv, dim=1)).to(self.device)
-        fps = None if fps_class is None else torch.full((batch,), fps_class, device=self.device)
-        cross = prompts[0] if batch == 1 else batch_cross_kv(prompts)
-        v, new_k, new_v = self._cached_step(x, t, cross, ck, cv, None, cos.to(self.device), sin.to(self.device),
-                                            fps=fps, causal_block_size=causal_block_size)
-        v, new_k, new_v = v.float().cpu().numpy(), new_k.float().cpu().numpy(), new_v.float().cpu().numpy()
-        return [(v[b], new_k[:, b], new_v[:, b]) for b in range(batch)]
-
-    def open_window_stream(self, spec: KVStreamSpec) -> "TorchKVStreamSession":
-        """Window mode's step is this stream session's step with no cache (spec.slots == 0): one DiT entry."""
-        return TorchKVStreamSession(self, spec)
-
     def open_kv_stream(self, spec: KVStreamSpec) -> "TorchKVStreamSession":
         """The stream lives on this backend's device (host memory on the CPU, the GPU with device='cuda'):
-        the core's buffers are used in place as torch tensors, cond and uncond run as one batch."""
+        the core's buffers are used in place as torch tensors, cond and uncond run as one batch. A window
+        (spec.slots == 0) is the same session's step with no cache."""
         return TorchKVStreamSession(self, spec)
 
 
@@ -241,9 +188,6 @@ class TorchKVStreamSession(KVStreamSession):
         self._step = CachedStep(backend.dit)
         self._cross = None
         self._fps = None if spec.fps_class is None else torch.full((spec.contexts,), spec.fps_class, device=dev)
-        cfg = backend.dit.config  # a window session (slots == 0) attends to no cache: [layers, B, 0, N, Dh]
-        self._no_cache = torch.zeros((cfg.num_layers, spec.contexts, 0, cfg.num_heads, cfg.head_dim),
-                                     dtype=backend.dtype, device=dev)
         self._block = spec.causal_block_size if spec.block_causal else None  # None: full attention among the frames
 
     def _view(self, name: str, frames: int | None = None) -> torch.Tensor:
@@ -251,7 +195,7 @@ class TorchKVStreamSession(KVStreamSession):
 
     @torch.inference_mode()
     def set_prompts(self, contexts: list[TextContext]) -> None:
-        prompts = [self.backend.kv_prompt(c) for c in contexts]
+        prompts = [self.backend.dit.cross_attention_kv(c.value, collapse_padding=True) for c in contexts]
         self._cross = prompts[0] if len(prompts) == 1 else batch_cross_kv(prompts)
 
     @torch.inference_mode()
@@ -264,13 +208,15 @@ class TorchKVStreamSession(KVStreamSession):
         t = torch.from_numpy(np.asarray(call.timesteps, np.float32))[None].to(dev).expand(batch, -1)  # [B, f]
         patch_h, patch_w = dit.config.patch_size[1:]
         cos, sin = active_rope(dit, call.position, f, x.shape[3] // patch_h, x.shape[4] // patch_w)
-        ck, cv = self._cache(call.slot_valid) if spec.slots else (self._no_cache, self._no_cache)
+        ck, cv = self._cache(call.slot_valid) if spec.slots else (None, None)  # None: a window step
         # A call's own block size (LongLive's recache: full attention over its chunk) wins over the stream's.
         v, new_k, new_v = self._step(x, t, self._cross, ck, cv, None, cos.to(dev), sin.to(dev), fps=self._fps,
                                      causal_block_size=call.causal_block_size or self._block)
         if call.want_velocity:
             self._view("velocity", f).copy_(v)
         if call.want_kv:
+            if new_k is None:
+                raise ValueError("a window step (no cached context) has no K/V to commit: want_kv needs a KV stream")
             self._view("new_k", f).copy_(new_k)
             self._view("new_v", f).copy_(new_v)
 
@@ -291,9 +237,10 @@ class TorchKVStreamSession(KVStreamSession):
 
 
 def batch_cross_kv(prompts: list) -> list:
-    """Per-prompt cross-attention K/V lists (one CrossKV [1, Lt_i, N, Dh] per layer, `kv_prompt`) -> one
-    list of batched CrossKV [B, Lt, N, Dh]: shorter prompts (collapse_padding leaves each its own
-    length) padded with zero keys under a -inf logit bias [B, Lt], which softmax gives exactly 0."""
+    """Per-prompt cross-attention K/V lists (one CrossKV [1, Lt_i, N, Dh] per layer, from
+    WanDiT.cross_attention_kv with collapse_padding) -> one list of batched CrossKV [B, Lt, N, Dh]:
+    shorter prompts (collapse_padding leaves each its own length) padded with zero keys under a -inf
+    logit bias [B, Lt], which softmax gives exactly 0."""
     from skyrt.export.dit import CrossKV
 
     length = max(p[0].k.shape[1] for p in prompts)

@@ -546,7 +546,7 @@ class Pipeline:
         spec = KVStreamSpec(contexts=len(contexts), causal_block_size=b, max_frames=w.num_frames, slots=0,
                             latent_size=(h, wd), layers=layers, heads=heads, head_dim=head_dim, fps_class=fps_class,
                             block_causal=bool(req.causal_attention))
-        session = self.backend.open_window_stream(spec)
+        session = self.backend.open_kv_stream(spec)  # slots 0: a window step, no cached context
         try:
             core = _core.RolloutCore.window(
                 timestep_template(req), flow_sigmas(req.num_inference_steps, req.shift).astype(np.float64).tolist(),

@@ -22,6 +22,8 @@ from skyrt.runtime.backends.base import Backend, TextContext
 from skyrt.runtime.causal_rollout import CausalSampling
 from skyrt.runtime.kvcache import KVSettings, rebase_shift, switched_contexts
 
+import step_reference
+
 
 def ring_position(ring, caches: list, blk: int, frames: int) -> int:
     """RoPE position of block `blk`'s first frame (`frames` frames from there), rebasing a host ring
@@ -121,7 +123,8 @@ class CausalRollout:
     """Streams the clean latent blocks [16, b, h, w] of a causal-family checkpoint (see module docstring).
 
     The same interface as kvcache.KVRollout (`blocks()`, `set_prompt`); this one runs on the Backend's
-    per-call KV-cached step (kv_prompt, kv_step_many, new_kv_cache) and skyrt._core.KVRing.
+    per-call KV-cached step (tests/step_reference.py: kv_prompt, kv_step_many, new_kv_cache) and
+    skyrt._core.KVRing.
     """
 
     def __init__(self, backend: Backend, sampling: CausalSampling, cond: TextContext, uncond: TextContext | None,
@@ -138,8 +141,9 @@ class CausalRollout:
         layers, heads, head_dim = backend.kv_layout()
         self.tokens_per_block = self.block * (self.h // lat.PATCH_SPATIAL) * (self.w // lat.PATCH_SPATIAL)
         self.contexts = [c for c in (cond, uncond) if c is not None]
-        self.prompts = [backend.kv_prompt(c) for c in self.contexts]
-        self.caches = [backend.new_kv_cache(layers, self.ring.capacity, self.tokens_per_block, heads, head_dim)
+        self.prompts = [step_reference.kv_prompt(backend, c) for c in self.contexts]
+        self.caches = [step_reference.new_kv_cache(backend, layers, self.ring.capacity, self.tokens_per_block, heads,
+                                                   head_dim)
                        for _ in self.contexts]
         self.fps_class = fps_class  # only for a DiT with the fps embedding (none of the released family has one)
         # Clean latents a LongLive recache recomputes: the sink blocks and the last window + 1 blocks.
@@ -195,7 +199,8 @@ class CausalRollout:
         return guided
 
     def _step(self, x, t, position, valid, block_size):
-        return self.backend.kv_step_many(x, t, self.prompts, self.caches, valid, position, self.fps_class, block_size)
+        return step_reference.kv_step_many(self.backend, x, t, self.prompts, self.caches, valid, position,
+                                           self.fps_class, block_size)
 
     def _commit(self, blk: int, x0: np.ndarray, position: int, valid: np.ndarray) -> None:
         """Their clean-context pass: x0 at t = context_noise, against the same cache; its K/V enter the ring."""
@@ -216,7 +221,7 @@ class CausalRollout:
         recomputed under the new prompt by LongLive's method (see `_recache`).
         """
         self.contexts = switched_contexts(self.contexts, cond, uncond)
-        self.prompts = [self.backend.kv_prompt(c) for c in self.contexts]
+        self.prompts = [step_reference.kv_prompt(self.backend, c) for c in self.contexts]
         if recache:
             self._recache()
 

@@ -2,7 +2,7 @@
 core (skyrt._core.RolloutCore) took the stream's state over. Kept unchanged (imports made absolute)
 as the regression oracle of tests/test_kvcache_core.py: per-frame numpy samplers (once
 runtime/scheduler.py's, now tests/window_numpy_reference.py), one host cache per prompt context,
-the backend's kv_step_many per call. Not used by the runtime.
+the backend's kv_step_many per call (now tests/step_reference.py's). Not used by the runtime.
 
 The KV-cached diffusion-forcing rollout (mode="kvcache"): each block is denoised once, forever.
 
@@ -33,7 +33,10 @@ import numpy as np
 from skyrt import _core
 
 from skyrt.runtime import latents as lat
-from skyrt.runtime.backends.base import Backend, HostKVCache, TextContext
+from skyrt.runtime.backends.base import Backend, TextContext
+
+import step_reference
+from step_reference import HostKVCache
 
 ROPE_TABLE = 1024  # positions in the model's RoPE table
 
@@ -89,8 +92,8 @@ class KVRollout:
         tokens = self.block * (self.h // lat.PATCH_SPATIAL) * (self.w // lat.PATCH_SPATIAL)
         self.tokens_per_block = tokens
         self.contexts = [c for c in (cond, uncond) if c is not None]
-        self.prompts = [backend.kv_prompt(c) for c in self.contexts]
-        self.caches = [backend.new_kv_cache(layers, self.ring.capacity, tokens, heads, head_dim)
+        self.prompts = [step_reference.kv_prompt(backend, c) for c in self.contexts]
+        self.caches = [step_reference.new_kv_cache(backend, layers, self.ring.capacity, tokens, heads, head_dim)
                        for _ in self.contexts]
         self.fps_class = (0 if req.fps == 16 else 1) if backend.model.inject_sample_info else None
         self._new_sampler = lambda: new_sampler(req)
@@ -179,7 +182,8 @@ class KVRollout:
     def _velocity(self, x: np.ndarray, t: np.ndarray, first_block: int) -> np.ndarray:
         position = self._position(first_block, x.shape[1])
         valid = np.asarray(self.ring.valid, dtype=bool)
-        outs = [out[0] for out in self.backend.kv_step_many(x, t, self.prompts, self.caches, valid, position,
+        outs = [out[0] for out in step_reference.kv_step_many(self.backend, x, t, self.prompts, self.caches, valid,
+                                                             position,
                                                              self.fps_class, self.block)]
         if len(outs) == 1:
             return outs[0]
@@ -209,7 +213,8 @@ class KVRollout:
 
     def _commit_kv(self, x: np.ndarray, t_commit: float, position: int, valid: np.ndarray) -> list:
         t = np.full(self.block, t_commit, np.float32)
-        return [out[1:] for out in self.backend.kv_step_many(x, t, self.prompts, self.caches, valid, position,
+        return [out[1:] for out in step_reference.kv_step_many(self.backend, x, t, self.prompts, self.caches, valid,
+                                                              position,
                                                               self.fps_class, self.block)]
 
     # ------------------------------------------------------------------ prompt switch
@@ -226,7 +231,7 @@ class KVRollout:
             raise ValueError("a prompt switch keeps classifier-free guidance on or off: pass uncond exactly when "
                              "the stream was started with guidance_scale > 1")
         self.contexts = contexts
-        self.prompts = [self.backend.kv_prompt(c) for c in contexts]
+        self.prompts = [step_reference.kv_prompt(self.backend, c) for c in contexts]
         if recache:
             self._recache()
 

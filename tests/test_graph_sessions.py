@@ -310,6 +310,38 @@ def test_tensorrt_host_logic_allocates_nothing_after_warmup(engine_dir, onnx_dir
     assert len(steps) == 1
 
 
+def test_tensorrt_window_mode_runs_the_window_step_graph_on_bound_buffers(engine_dir, onnx_dir, monkeypatch):
+    """Window mode on the TensorRT host logic: the dit_window engine (the DiT step without cache inputs)
+    on the window core's buffers, one batch-2 call (cond and uncond) per schedule row, gives the
+    onnxruntime backend's latents (its ORT-CPU variant of the same graph) to fp32 tolerance."""
+    from skyrt.runtime.backends import exported_graphs as eg
+
+    backend = trt_backend_on_host(engine_dir, onnx_dir, monkeypatch)
+    steps = []
+    real_step = eg.GraphKVStreamSession.step
+
+    def counted_step(self, call):
+        steps.append(self.step_graph.name)
+        return real_step(self, call)
+
+    monkeypatch.setattr(eg.GraphKVStreamSession, "step", counted_step)
+    window = dict(height=32, width=32, num_inference_steps=4, shift=8.0, guidance_scale=5.0, num_frames=17,
+                  base_num_frames=9, overlap_history=5, overlap_carry="latent", ar_step=1, seed=2, output="latent",
+                  progress=False)
+    pipe = Pipeline(backend)
+    got = pipe.generate("a red circle bouncing", negative_prompt="blurry", **window)
+    want = Pipeline(ob.OnnxRuntimeBackend(ob.export_folder_spec(onnx_dir))).generate(
+        "a red circle bouncing", negative_prompt="blurry", **window)
+    print(f"window mode, TensorRT host logic vs onnxruntime: max diff {np.abs(got - want).max():.2e}")
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
+    engines = {engine.name: engine for engine in backend._sessions.values()}
+    trt_steps = steps[:len(steps) // 2]  # the TensorRT pipeline's (the onnxruntime run came second)
+    assert set(trt_steps) == {"dit_window"} and len(trt_steps) > 4  # every row of both windows
+    assert engines["dit_window"].context.engine.executions == len(trt_steps)  # one batch-2 call per row
+    assert {i.name for i in engines["dit_window"].context.engine.session.get_inputs()}.isdisjoint(
+        {"cache_k", "cache_v", "slot_valid"})
+
+
 def test_onnxruntime_binding_logic_allocates_nothing_after_warmup(onnx_dir, ort_frames, monkeypatch):
     backend = ob.OnnxRuntimeBackend(ob.export_folder_spec(onnx_dir))
     bindings = []

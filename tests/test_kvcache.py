@@ -181,31 +181,69 @@ def test_stream_set_prompt_refuses_bad_input(official_pipeline):
         stream.set_prompt("y", negative_prompt=3)
 
 
+class _HostBuffer:
+    """A host array standing in for one of the rollout core's Buffers (what core_tensor reads)."""
+
+    device = "cpu"
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape = array, array.shape
+
+    def numpy(self) -> np.ndarray:
+        return self.array
+
+
+class _HostCore:
+    """The rollout core's buffers a stream session reads and writes, as host arrays of one step's size."""
+
+    def __init__(self, **arrays: np.ndarray):
+        self.arrays = {name: _HostBuffer(a) for name, a in arrays.items()}
+
+    def buffer(self, name: str, frames: int | None = None) -> _HostBuffer:
+        return self.arrays[name]
+
+
 def test_batched_cfg_step_equals_one_step_per_prompt(official_pipeline):
-    """TorchBackend.kv_step_many runs cond and uncond as one batch: prompts of different lengths
-    (padding collapsed per prompt) padded under a -inf bias, each against its own cache. It must
-    give what one kv_step per prompt gives, to fp32 tolerance; the base class's loop is the oracle."""
-    from skyrt.runtime.backends.base import Backend
+    """The torch backend's stream session runs cond and uncond as one batch: prompts of different
+    lengths (padding collapsed per prompt) padded under a -inf bias, each against its own ring rows. It
+    must give what one per-call step per prompt gives (tests/step_reference.py, batch 1), to fp32
+    tolerance: velocity and the new K/V."""
+    import step_reference
+    from skyrt.runtime.backends.base import KVStepCall, KVStreamSpec
 
     backend = official_pipeline.backend
     layers, heads, head_dim = backend.kv_layout()
-    prompts = [backend.kv_prompt(backend.encode_text(p)) for p in ("a red fox running through snow", "")]
+    contexts = [backend.encode_text(p) for p in ("a red fox running through snow", "")]
+    prompts = [step_reference.kv_prompt(backend, c) for c in contexts]
     assert prompts[0][0].k.shape[1] != prompts[1][0].k.shape[1]  # the padding case is exercised
     rng = np.random.default_rng(0)
-    frames, h, w = 2, 4, 4  # latent frames of one block, and latent size (32 px / 8)
+    frames, h, w, slots = 2, 4, 4, 3  # latent frames of one block, latent size (32 px / 8), ring slots
     tokens = frames * (h // 2) * (w // 2)
     caches = []
     for _ in prompts:
-        cache = backend.new_kv_cache(layers, 3, tokens, heads, head_dim)
+        cache = step_reference.new_kv_cache(backend, layers, slots, tokens, heads, head_dim)
         cache.k[:] = rng.standard_normal(cache.k.shape, dtype=np.float32)
         cache.v[:] = rng.standard_normal(cache.v.shape, dtype=np.float32)
         caches.append(cache)
     latents = rng.standard_normal((16, frames, h, w), dtype=np.float32)
     timesteps = np.array([700.0, 300.0], np.float32)
+    ring = (layers, 2, slots * tokens, heads, head_dim)
+    core = _HostCore(latents_in=np.stack([latents, latents]), velocity=np.zeros((2, 16, frames, h, w), np.float32),
+                     new_k=np.zeros((layers, 2, tokens, heads, head_dim), np.float32),
+                     new_v=np.zeros((layers, 2, tokens, heads, head_dim), np.float32),
+                     cache_k=np.stack([c.k.reshape(ring[:1] + ring[2:]) for c in caches], axis=1),
+                     cache_v=np.stack([c.v.reshape(ring[:1] + ring[2:]) for c in caches], axis=1))
+    spec = KVStreamSpec(contexts=2, causal_block_size=frames, max_frames=frames, slots=slots, latent_size=(h, w),
+                        layers=layers, heads=heads, head_dim=head_dim, fps_class=None)
+    session = backend.open_kv_stream(spec)
+    session.bind(core)
+    session.set_prompts(contexts)
     for valid in ([True, False, True], [True, True, True], [False, False, False]):
-        args = (latents, timesteps, prompts, caches, np.array(valid), 4, None, frames)
-        batched = backend.kv_step_many(*args)
-        looped = Backend.kv_step_many(backend, *args)
-        for got, want in zip(batched, looped):
+        session.step(KVStepCall(frames=frames, timesteps=timesteps, position=4, slot_valid=np.array(valid),
+                                want_kv=True))
+        for b, (prompt, cache) in enumerate(zip(prompts, caches)):
+            want = step_reference.kv_step(backend, latents, timesteps, prompt, cache, np.array(valid), 4, None, frames)
+            got = (core.arrays["velocity"].array[b], core.arrays["new_k"].array[:, b], core.arrays["new_v"].array[:, b])
             for g, w_ in zip(got, want):
                 np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-4)
+    session.close()

@@ -164,15 +164,19 @@ def test_cross_kv_graph(model, fp32_export):
     assert _maxdiff(v, torch.stack([r.v for r in ref])) <= TOL
 
 
+@pytest.mark.parametrize("variant", ["", ".ort_cpu"])
 @pytest.mark.parametrize("graph,batch,frames", [
     ("dit_window", 1, 3), ("dit_window", 2, 5),  # any frame count, batch 1 or 2 (CFG)
     ("dit_window_causal", 1, 2), ("dit_window_causal", 2, 6),  # whole blocks of BLOCK frames
 ])
-def test_dit_window_graph(model, fp32_export, graph, batch, frames):
+def test_dit_window_graph(model, fp32_export, graph, batch, frames, variant):
+    """The window graphs (the step with no cache, and their ORT-CPU variants) == WanDiT.forward, the
+    reference forward tests/test_dit.py checks against diffusers and the official code."""
     _, (dit, _, _) = model
     out, _ = fp32_export
     x, t, context, fps = _dit_case(dit, batch, frames, seed=frames)
     causal = BLOCK if graph == "dit_window_causal" else None
+    graph += variant
     with torch.no_grad():
         ref = dit(x, t, context, fps=fps, causal_block_size=causal)
         kv = dit.cross_attention_kv(context)
@@ -260,6 +264,22 @@ def test_dit_step_ort_cpu_variant_is_recorded_and_only_it_uses_contrib_ops(fp32_
     assert contrib == set(variant["contrib_ops"]) == {"com.microsoft.MultiHeadAttention", "com.microsoft.FastGelu"}
     assert [i.name for i in fused.graph.input] == [i.name for i in plain.graph.input]
     assert [o.name for o in fused.graph.output] == [o.name for o in plain.graph.output]
+
+
+def test_window_graphs_are_the_step_without_cache_inputs(fp32_export):
+    """Window mode's graphs take dit_step's inputs less the ring (cache_k, cache_v, slot_valid) and give
+    its velocity only (nothing to commit), each with an ORT-CPU variant of the same I/O."""
+    out, manifest = fp32_export
+    step = manifest["graphs"]["dit_step"]
+    ring = {"cache_k", "cache_v", "slot_valid"}
+    for name in ("dit_window", "dit_window_causal"):
+        entry = manifest["graphs"][name]
+        assert [i["name"] for i in entry["inputs"]] == [i["name"] for i in step["inputs"] if i["name"] not in ring]
+        assert [o["name"] for o in entry["outputs"]] == ["velocity"]
+        variant = onnx.load(str(out / entry["ort_cpu"]["file"]))
+        assert [i.name for i in variant.graph.input] == [i["name"] for i in entry["inputs"]]
+        assert {f"{n.domain}.{n.op_type}" for n in variant.graph.node if n.domain not in ("", "ai.onnx")} == \
+            set(entry["ort_cpu"]["contrib_ops"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,8 +375,8 @@ def _fp16_case(model, folder: Path, tokens_per_block: int, graph: str):
     half = {"cross_k": cross[0].half(), "cross_v": cross[1].half()}
     if graph == "cross_kv":
         return _run(folder, graph, {"context": context}), cross
-    if graph in ("dit_window", "dit_window_causal"):
-        causal = BLOCK if graph == "dit_window_causal" else None
+    if graph.split(".")[0] in ("dit_window", "dit_window_causal"):  # the graph or its ORT-CPU variant
+        causal = BLOCK if graph.startswith("dit_window_causal") else None
         with torch.no_grad():
             ref = [dit(x, t, context, fps=fps, causal_block_size=causal)]
         t_emb, cos, sin = _host_inputs(dit, t, 0, x.shape[2])
@@ -375,10 +395,11 @@ def _fp16_case(model, folder: Path, tokens_per_block: int, graph: str):
                                 "fps": fps}), list(ref)
 
 
-@pytest.mark.parametrize("graph", sorted(FP16_TOL) + ["dit_step.ort_cpu"])
+@pytest.mark.parametrize("graph", sorted(FP16_TOL) + ["dit_step.ort_cpu", "dit_window.ort_cpu",
+                                                     "dit_window_causal.ort_cpu"])
 def test_fp16_graphs_against_the_fp32_reference(model, fp16_export, graph):
     out, manifest = fp16_export
-    base = graph.split(".")[0]  # dit_step.ort_cpu: dit_step's ORT-CPU variant, the same bound
+    base = graph.split(".")[0]  # <graph>.ort_cpu: the graph's ORT-CPU variant, the same bound
     assert manifest["graphs"][base]["precision"] == "fp16"
     got, ref = _fp16_case(model, out, manifest["graphs"]["dit_step"]["tokens_per_block"], graph)
     names = [o["name"] for o in manifest["graphs"][base]["outputs"]]

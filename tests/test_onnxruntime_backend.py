@@ -143,6 +143,74 @@ def test_window_mode_frames_and_image_prefix_match_torch(torch_pipe, ort_pipe):
     assert ref.std() > 10  # the frames are not flat: the comparison means something
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_step_graph_matches_the_torch_forward(torch_pipe, ort_pipe, export_dir, causal):
+    """Window mode's DiT entry on onnxruntime: the stream session (GraphKVStreamSession) over the window
+    graph, the step with no cache inputs (its ORT-CPU variant here), cond and uncond as one batch-2 step
+    on a window core's buffers == the torch backend's WanDiT.forward per context (tests/step_reference.py),
+    at fp32 tolerance; a window step has no K/V to commit."""
+    import step_reference
+    from skyrt import _core
+    from skyrt.runtime.backends.base import KVStepCall, KVStreamSpec, TextContext
+    from skyrt.runtime.backends.exported_graphs import GraphKVStreamSession
+
+    backend, frames, (h, w) = ort_pipe.backend, 4, (4, 4)
+    layers, heads, head_dim = backend.kv_layout()
+    spec = KVStreamSpec(contexts=2, causal_block_size=1, max_frames=frames, slots=0, latent_size=(h, w),
+                        layers=layers, heads=heads, head_dim=head_dim, fps_class=1, block_causal=causal)
+    session = backend.open_kv_stream(spec)
+    assert isinstance(session, GraphKVStreamSession)
+    assert session.step_graph.name == ("dit_window_causal" if causal else "dit_window")
+    variant = export_dir / f"{session.step_graph.name}.ort_cpu.onnx"
+    assert backend._session(session.step_graph)._model_path == str(variant)
+    core = _core.RolloutCore.window([999, 937, 833, 624], [0.999, 0.937, 0.833, 0.624, 0.0], ar_step=0,
+                                    causal_block_size=1, prefix_blocks=0, window_blocks=frames, end_blocks=0,
+                                    height=h, width=w, contexts=2)
+    core.load_window(np.random.default_rng(1).standard_normal((16, frames, h, w), dtype=np.float32))
+    core.next_row()
+    assert core.pack_window() == frames
+    contexts = [backend.encode_text(p) for p in ("a red circle", "blurry")]
+    session.bind(core)
+    session.set_prompts(contexts)
+    timesteps = np.array([999.0, 700.0, 400.0, 100.0], np.float32)  # every frame at its own timestep
+    session.step(KVStepCall(frames=frames, timesteps=timesteps, position=0, slot_valid=np.zeros(0, bool)))
+    x = core.buffer("latents_in", frames).numpy()[0]
+    got = core.buffer("velocity", frames).numpy()
+    for b, context in enumerate(contexts):
+        torch_context = TextContext(context.prompt, torch.from_numpy(np.array(context.value)))
+        want = step_reference.predict_velocity(torch_pipe.backend, x, timesteps, torch_context, 1,
+                                               1 if causal else None)
+        print(f"window step, causal={causal}, context {b}: max |ort - torch| = {np.abs(got[b] - want).max():.2e}")
+        assert np.abs(got[b] - want).max() <= TOL
+    assert np.abs(got[0] - got[1]).max() > 10 * TOL  # the two prompts differ: batch rows are not mixed up
+    with pytest.raises(ValueError, match="no K/V to commit"):
+        session.step(KVStepCall(frames=frames, timesteps=timesteps, position=0, slot_valid=np.zeros(0, bool),
+                                want_kv=True))
+    session.close()
+    core.close()
+
+
+def test_window_session_refuses_a_graph_with_other_io(ort_pipe):
+    """The exported graph I/O-name check: a window graph with the ring's inputs (an export this runtime
+    does not know) is refused, naming the graph, both name lists and the fix."""
+    from skyrt.runtime.backends.base import KVStreamSpec
+    from skyrt.runtime.backends.exported_graphs import _Graph
+
+    backend = ort_pipe.backend
+    layers, heads, head_dim = backend.kv_layout()
+    spec = KVStreamSpec(contexts=1, causal_block_size=1, max_frames=3, slots=0, latent_size=(4, 4), layers=layers,
+                        heads=heads, head_dim=head_dim, fps_class=1, block_causal=False)
+    real = backend.dit_graph(spec)
+    step = backend._graph("dit_step", **SIZE, block_frames=1, cache_blocks=PROFILE.cache_blocks)
+    foreign = _Graph(real.name, real.folder, {**real.entry, "inputs": step.entry["inputs"]})
+    backend.dit_graph = lambda spec: foreign
+    try:
+        with pytest.raises(ValueError, match=r"dit_window graph's inputs are .*cache_k.*re-export it"):
+            backend.open_kv_stream(spec)
+    finally:
+        del backend.dit_graph
+
+
 @pytest.mark.parametrize("settings", [
     dict(num_frames=9, ar_step=1, guidance_scale=5.0),  # CFG: two prompts, two caches
     dict(num_frames=21, ar_step=2, guidance_scale=1.0),  # 6 blocks through a 3-slot ring: evictions

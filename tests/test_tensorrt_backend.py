@@ -1,5 +1,5 @@
 """The TensorRT path without a GPU: every exported graph builds with TensorRT-RTX (fp32, fp16 and
-bf16), `skyrt.load(..., backend="tensorrt")` builds engines into the cache from a model folder or an
+bf16; window mode's graphs are the DiT step without cache inputs), `skyrt.load(..., backend="tensorrt")` builds engines into the cache from a model folder or an
 ONNX export and reuses them, and the backend refuses mismatched or corrupted engines before it
 touches the GPU, then fails with a clear CUDA error where there is none.
 
@@ -35,6 +35,18 @@ from skyrt.runtime.engine_manifest import ONNX_MANIFEST_COPY, EngineMismatchErro
 CC = ["8.9"]  # an explicit target, to see it recorded in the manifests
 TINY = dict(height=32, width=32, block_frames=1, cache_blocks=3, max_active_blocks=2, window_frames=5)
 DIT_GRAPHS = ["cross_kv", "dit_window", "dit_window_causal", "dit_step"]  # the graphs with fp16/bf16 variants
+
+RING = {"cache_k", "cache_v", "slot_valid"}  # dit_step's cache inputs
+
+
+def assert_window_graphs_are_the_step_without_cache(onnx_manifest: dict) -> None:
+    """Window mode's graphs are dit_step less its ring inputs, velocity out (what the engines are built from)."""
+    step = [i["name"] for i in onnx_manifest["graphs"]["dit_step"]["inputs"]]
+    for name in ("dit_window", "dit_window_causal"):
+        entry = onnx_manifest["graphs"][name]
+        assert [i["name"] for i in entry["inputs"]] == [n for n in step if n not in RING], name
+        assert [o["name"] for o in entry["outputs"]] == ["velocity"], name
+
 
 needs_no_gpu = pytest.mark.skipif(cuda_mem.device_count() > 0,
                                   reason="a GPU is present: benchmarks/gpu_validate.py runs the engines")
@@ -76,6 +88,7 @@ def test_every_exported_graph_builds_with_tensorrt_rtx(engine_dir):
             "vae_decode_step", "vae_encode_first", "vae_encode_step"} <= graphs
     for name in graphs:
         assert (engine_dir / f"{name}.engine").stat().st_size > 0, name
+    assert_window_graphs_are_the_step_without_cache(json.loads((engine_dir / ONNX_MANIFEST_COPY).read_text()))
     assert ac.is_engine_folder(engine_dir)
     assert tb.engine_folder_spec(engine_dir).dit_config["num_layers"] >= 1
     manifest = json.loads((engine_dir / "dit_step.engine.json").read_text())
@@ -90,6 +103,10 @@ def test_fp16_and_bf16_graphs_build_with_tensorrt_rtx(official_dir, tmp_path, pr
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
     inputs = {i["name"]: i["dtype"] for i in manifest["graphs"]["dit_step"]["inputs"]}
     assert inputs["cache_k"] == inputs["cross_k"] == dtype and inputs["latents"] == "float32"
+    assert_window_graphs_are_the_step_without_cache(manifest)  # window mode's step graph, in this precision
+    for name in ("dit_window", "dit_window_causal"):
+        window = {i["name"]: i["dtype"] for i in manifest["graphs"][name]["inputs"]}
+        assert window["cross_k"] == dtype and window["latents"] == "float32", name
     paths = build_engines(graphs_from_onnx_manifest(onnx_dir), tmp_path / "engines", BuildOptions(), progress=False)
     assert sorted(p.stem for p in paths) == sorted(DIT_GRAPHS)
     for name in DIT_GRAPHS:

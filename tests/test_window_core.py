@@ -1,7 +1,7 @@
 """Window mode on the rollout core (skyrt._core.RolloutCore.window) against the frozen host engine
 it replaced (tests/window_numpy_reference.py: numpy UniPC / Euler per frame, predict_velocity per
-context, the DF matrix of the window). Same seed, same noise draws, whole generate() / stream()
-calls, so the window bookkeeping (carry, V2V, end image, streams) runs around both engines.
+context (tests/step_reference.py), the DF matrix of the window). Same seed, same noise draws, whole
+generate() / stream() calls, so the window bookkeeping (carry, V2V, end image, streams) runs around both engines.
 
 Two DiTs: the tiny random checkpoint (the core's path runs the torch backend's stream session step
 with no cache, the host's its full forward) and an analytic velocity shared by both engines (so only
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from skyrt import _core
-from skyrt.runtime.backends.base import VelocityWindowSession
-
+import step_reference
+from step_reference import VelocityWindowSession
 from window_numpy_reference import host_engine
 
 SMALL = dict(height=32, width=32, num_inference_steps=4, shift=8.0, guidance_scale=5.0, seed=11)
@@ -80,8 +80,8 @@ def analytic_velocity(latents, timesteps, context, fps_class, causal_block_size)
 @pytest.fixture
 def analytic_pipeline(official_pipeline, monkeypatch):
     backend = official_pipeline.backend
-    monkeypatch.setattr(backend, "predict_velocity", analytic_velocity)
-    monkeypatch.setattr(backend, "open_window_stream", lambda spec: VelocityWindowSession(backend, spec))
+    monkeypatch.setattr(step_reference, "predict_velocity", lambda _backend, *args: analytic_velocity(*args))
+    monkeypatch.setattr(backend, "open_kv_stream", lambda spec: VelocityWindowSession(backend, spec, analytic_velocity))
     return official_pipeline
 
 

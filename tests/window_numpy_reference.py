@@ -15,7 +15,8 @@ It holds (unchanged but for imports):
   s noise, the model predicts v = noise - x0, so x0 = x - s v, alpha(s) = 1 - s, lambda(s) =
   log(1 - s) - log(s);
 * `denoise_window`, Pipeline._denoise_window's host loop: one numpy sampler per latent frame, the
-  DF timestep matrix of the window, the backend's predict_velocity on the valid interval per row,
+  DF timestep matrix of the window, the backend's predict_velocity (now tests/step_reference.py's)
+  on the valid interval per row,
   the prefix's addnoise_condition noise drawn per row ("step") or once ("once"), end-image frames
   pinned, CFG through skyrt._core.cfg_combine;
 * `host_engine(pipe)`: a context in which `pipe` runs its windows with that loop, so whole
@@ -30,6 +31,8 @@ import numpy as np
 from skyrt import _core
 from skyrt.runtime import latents as lat
 from skyrt.runtime.scheduler import NUM_TRAIN_TIMESTEPS, flow_sigmas, flow_timesteps
+
+import step_reference
 
 
 # ----------------------------------------------------------------------------- shared stepping
@@ -296,10 +299,10 @@ def _noise_condition(req, rng, x, t, n, noise=None):
 
 
 def _velocity(pipe, req, cond, x, t, fps_class, block) -> np.ndarray:
-    v_cond = pipe.backend.predict_velocity(x, t, cond.cond, fps_class, block)
+    v_cond = step_reference.predict_velocity(pipe.backend, x, t, cond.cond, fps_class, block)
     if not req.use_cfg:
         return v_cond
-    v_uncond = pipe.backend.predict_velocity(x, t, cond.uncond, fps_class, block)
+    v_uncond = step_reference.predict_velocity(pipe.backend, x, t, cond.uncond, fps_class, block)
     guided = np.empty(v_cond.shape, np.float32)
     _core.cfg_combine(np.ascontiguousarray(v_cond), np.ascontiguousarray(v_uncond), guided, req.guidance_scale)
     return guided

@@ -4,13 +4,12 @@ All arrays crossing it are numpy float32 with channels first: latents [16, F, h,
 no batch axis), pixels [3, T, H, W] in [-1, 1]. Text contexts are opaque handles so a backend can
 keep them on its device.
 
-The KV-cached rollout (runtime/kvcache.py) keeps a stream's state in skyrt._core.RolloutCore, on
-one device; a backend joins it through a `KVStreamSession` (open_kv_stream): it computes the prompt
-K/V once per prompt and runs the DiT step on the core's buffers, reading latents_in and the ring
-K/V, writing velocity and new K/V, allocating nothing per step. That session's `step` is the one DiT
-entry of every KV-cached stream, the causal-family presets' included. The older per-call methods
-(kv_prompt, kv_step / kv_step_many on a HostKVCache) remain only for the frozen test oracles
-(tests/kvcache_numpy_reference.py, tests/causal_rollout_reference.py) and benchmarks/backends.py.
+Every rollout mode keeps its state in skyrt._core.RolloutCore, on one device; a backend joins it
+through a `KVStreamSession` (open_kv_stream): it computes the prompt K/V once per prompt and runs the
+DiT step on the core's buffers, reading latents_in and the ring K/V, writing velocity and new K/V,
+allocating nothing per step. That session's `step` is a backend's one DiT entry: kvcache mode and the
+causal-family presets (runtime/kvcache.py) step against the ring, window mode (runtime/pipeline.py)
+is a step with no cached context (spec.slots == 0) over every frame of the window.
 """
 from __future__ import annotations
 
@@ -77,30 +76,6 @@ class StreamingDecoder(abc.ABC):
         """Release what the decoder holds on its device now (a decoder used again re-acquires it)."""
 
 
-class HostKVCache:
-    """One prompt context's ring K/V buffers in host memory, laid out for skyrt._core.KVRing slots:
-    k, v [layers, slots, tokens_per_block, heads, head_dim] float32, allocated once."""
-
-    def __init__(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
-        shape = (layers, slots, tokens_per_block, heads, head_dim)
-        # Zeros, not garbage: masked slots must hold finite values (NaN would poison the softmax).
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
-
-    def write(self, slot: int, k: np.ndarray, v: np.ndarray) -> None:
-        """k, v [layers, tokens_per_block, heads, head_dim] (what kv_step returned) -> slot."""
-        from skyrt import _core
-
-        _core.kv_write_block(self.k, slot, np.ascontiguousarray(k, np.float32))
-        _core.kv_write_block(self.v, slot, np.ascontiguousarray(v, np.float32))
-
-    def rebase(self, shift: int) -> None:
-        """Rotate every cached key by -shift positions (temporal RoPE part only)."""
-        from skyrt import _core
-
-        _core.kv_rope_rebase(self.k, shift)
-
-
 @dataclass(frozen=True)
 class KVStreamSpec:
     """The shape of one stream's KV-cached DiT step, fixed when the stream starts."""
@@ -115,7 +90,7 @@ class KVStreamSpec:
     head_dim: int
     fps_class: int | None  # the fps embedding's class, None when the model has none
     # True: the step's frames attend block-causally in blocks of causal_block_size; False: full attention
-    # among them (window mode of a bidirectional checkpoint: a window session, `open_window_stream`).
+    # among them (window mode of a bidirectional checkpoint, slots == 0).
     block_causal: bool = True
 
 
@@ -171,29 +146,6 @@ class KVStreamSession(abc.ABC):
         self.core = None
 
 
-class VelocityWindowSession(KVStreamSession):
-    """A window-mode session (`Backend.open_window_stream`) over the backend's predict_velocity, on host
-    memory: reads latents_in, runs one predict_velocity per prompt context with the window's attention
-    (spec.block_causal), writes velocity. The default for backends whose DiT step cannot run a window:
-    the exported graphs' dit_step bakes in block-causal attention and a fixed ring capacity."""
-
-    def __init__(self, backend: "Backend", spec: KVStreamSpec):
-        super().__init__(spec)
-        self.backend = backend
-        self.contexts: list[TextContext] = []
-
-    def set_prompts(self, contexts: list[TextContext]) -> None:
-        self.contexts = list(contexts)
-
-    def step(self, call: KVStepCall) -> None:
-        f = call.frames
-        x = self.core.buffer("latents_in", f).numpy()[0]  # [16, f, h, w]: every context sees the same latents
-        velocity = self.core.buffer("velocity", f).numpy()  # [B, 16, f, h, w]
-        block = self.spec.causal_block_size if self.spec.block_causal else None
-        for b, context in enumerate(self.contexts):
-            velocity[b] = self.backend.predict_velocity(x, call.timesteps, context, self.spec.fps_class, block)
-
-
 class Backend(abc.ABC):
     """Runs the networks. Implementations: torch (export/torch_backend.py, the reference),
     onnxruntime and TensorRT (runtime/backends/)."""
@@ -234,20 +186,6 @@ class Backend(abc.ABC):
         return array
 
     @abc.abstractmethod
-    def predict_velocity(
-        self,
-        latents: np.ndarray,
-        timesteps: np.ndarray,
-        context: TextContext,
-        fps_class: int | None,
-        causal_block_size: int | None,
-    ) -> np.ndarray:
-        """DiT forward: latents [16, F, h, w], per-frame timesteps [F] -> flow velocity [16, F, h, w].
-
-        causal_block_size None means full attention inside the window (the official default).
-        """
-
-    @abc.abstractmethod
     def vae_encode(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels [3, T, H, W] in [-1, 1] (T = 1 + 4k) -> raw VAE mean [16, F, h, w]."""
 
@@ -259,45 +197,14 @@ class Backend(abc.ABC):
     def streaming_decoder(self) -> StreamingDecoder:
         """A fresh streaming VAE decoder."""
 
-    # -- the KV-cached stream (mode="kvcache", causal presets); backends without it cannot run them --
+    # -- the DiT: one stream session, every mode ------------------------------------------------------
     def kv_layout(self) -> tuple[int, int, int]:
         """(layers, heads, head_dim) of the DiT's self-attention."""
-        raise NotImplementedError(f"the {self.name} backend has no KV-cached step; use mode='window'")
+        raise NotImplementedError(f"the {self.name} backend has no DiT stream session")
 
-    # the per-call KV-cached step: for the frozen test oracles and benchmarks/backends.py only
-    def kv_prompt(self, context: TextContext) -> Any:
-        """Per-layer cross-attention K/V of one prompt context, computed once per prompt (opaque)."""
-        raise NotImplementedError(f"the {self.name} backend has no KV-cached step; use mode='window'")
-
-    def kv_step(self, latents: np.ndarray, timesteps: np.ndarray, prompt: Any, cache: Any, slot_valid: np.ndarray,
-                first_position: int, fps_class: int | None, causal_block_size: int) -> tuple[np.ndarray, Any, Any]:
-        """Active latents [16, f, h, w] at per-frame timesteps [f] against `cache` (slots where
-        slot_valid [slots] is True) at RoPE positions first_position.. -> (velocity [16, f, h, w],
-        new_k, new_v): the active tokens' K/V in whatever form this backend's cache.write takes."""
-        raise NotImplementedError(f"the {self.name} backend has no KV-cached step; use mode='window'")
-
-    def kv_step_many(self, latents: np.ndarray, timesteps: np.ndarray, prompts: list, caches: list,
-                     slot_valid: np.ndarray, first_position: int, fps_class: int | None,
-                     causal_block_size: int) -> list[tuple[np.ndarray, Any, Any]]:
-        """kv_step of the same latents under several prompts, each against its own cache (sharing
-        slot_valid): classifier-free guidance's cond and uncond. One kv_step each here; a backend
-        that can run them as one batch overrides this."""
-        return [self.kv_step(latents, timesteps, prompt, cache, slot_valid, first_position, fps_class,
-                             causal_block_size)
-                for prompt, cache in zip(prompts, caches)]
-
-    def new_kv_cache(self, layers: int, slots: int, tokens_per_block: int, heads: int, head_dim: int):
-        """A ring cache for one prompt context; host memory unless the backend keeps it on its device."""
-        return HostKVCache(layers, slots, tokens_per_block, heads, head_dim)
-
-    def open_window_stream(self, spec: KVStreamSpec) -> KVStreamSession:
-        """This backend's side of one window of window mode (runtime/pipeline.py): a step on the core's
-        buffers with no cached context (spec.slots == 0), every frame of the window at its own timestep,
-        attention as spec.block_causal says. Here: predict_velocity behind VelocityWindowSession; a
-        backend whose stream session can run it overrides this."""
-        return VelocityWindowSession(self, spec)
-
+    @abc.abstractmethod
     def open_kv_stream(self, spec: KVStreamSpec) -> KVStreamSession:
-        """This backend's side of one KV-cached stream (runtime/kvcache.py): the DiT step on the rollout
-        core's buffers. A backend with a KV-cached step implements it."""
-        raise NotImplementedError(f"the {self.name} backend has no KV-cached stream; use mode='window'")
+        """This backend's side of one stream, its one DiT entry: the step on the rollout core's buffers.
+        spec.slots > 0: a KV-cached stream (runtime/kvcache.py) stepping against the ring; spec.slots
+        == 0: one window of window mode (runtime/pipeline.py), every frame of the window at its own
+        timestep, no cached context, attention as spec.block_causal says."""

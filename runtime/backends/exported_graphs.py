@@ -5,14 +5,16 @@
   artifact_cache.py: a subprocess imports torch, never this process).
 - Host-side inputs: the time sinusoid and RoPE tables (runtime/rope.py, the one definition) and the
   tokenizer (`tokenizers` reading tokenizer.json, the official prompt cleaning).
-- `ExportedGraphBackend`: text encoder, window-mode DiT and VAE in terms of one `_run(graph, feeds)`
-  that each backend implements (onnxruntime sessions, TensorRT engines). Neither backend subclasses
-  the other; both subclass this.
-- `GraphKVStreamSession`: the KV-cached stream on the rollout core's buffers (runtime/kvcache.py):
-  every graph input and output is a skyrt._core.Buffer bound by address, allocated once per stream
-  (t_emb, RoPE tables, slot validity, fps, the prompt K/V slots), the core's own buffers (latents,
-  velocity, new K/V, the ring) bound directly; cond and uncond run as one batch-2 call. A backend
-  supplies `_run_bound(graph, inputs, outputs, cache)`; the session never allocates after warm-up.
+- `ExportedGraphBackend`: text encoder and VAE in terms of one `_run(graph, feeds)` that each backend
+  implements (onnxruntime sessions, TensorRT engines). Neither backend subclasses the other; both
+  subclass this.
+- `GraphKVStreamSession`: the backend's one DiT entry, a stream session's step on the rollout core's
+  buffers, for every mode: dit_step against the ring (runtime/kvcache.py), or a window graph, the same
+  step with no cache inputs (window mode, runtime/pipeline.py). Every graph input and output is a
+  skyrt._core.Buffer bound by address, allocated once per stream (t_emb, RoPE tables, slot validity,
+  fps, the prompt K/V slots), the core's own buffers (latents, velocity, new K/V, the ring) bound
+  directly; cond and uncond run as one batch-2 call. A backend supplies `_run_bound(graph, inputs,
+  outputs, cache)`; the session never allocates after warm-up.
 
 Semantics are the torch backend's (export/torch_backend.py); tests/test_onnxruntime_backend.py
 compares whole rollouts, tests/test_graph_sessions.py the buffer discipline.
@@ -42,8 +44,9 @@ GROUP_OF = {"text_encoder": "text", "cross_kv": "text", "dit_window": "window", 
             "vae_encode_step": "vae"}
 GROUP_GRAPHS = {g: tuple(k for k, v in GROUP_OF.items() if v == g) for g in set(GROUP_OF.values())}
 # Bumped when the exporter writes different graphs for a group, so cached exports are made again:
-# step 2 = dit_step's export formulation plus its ORT-CPU variant (export/onnx_export.py).
-GROUP_REVISION = {"step": 2}
+# step 2 = dit_step's export formulation plus its ORT-CPU variant (export/onnx_export.py); window 2 =
+# the window graphs traced from the step (CachedStep with no cache) plus their ORT-CPU variants.
+GROUP_REVISION = {"step": 2, "window": 2, "window_causal": 2}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 # ORT's CPU provider has no bfloat16 MatMul (it refuses bf16 MatMul nodes): bf16 exports are for TensorRT.
 ORT_CPU_VARIANT = "ort_cpu"  # manifest key of a graph's CPU-provider variant (export/onnx_export.py)
@@ -115,7 +118,7 @@ class _Graph:
         return self.folder / self.entry["file"]
 
     def path_for(self, provider: str) -> Path:
-        """The file to run on `provider`: dit_step's onnxruntime-CPU variant (contrib ops, see
+        """The file to run on `provider`: a DiT graph's onnxruntime-CPU variant (contrib ops, see
         export/onnx_export.py ORT_CPU_VARIANT) on the CPU provider when the export has one, else the
         graph itself (what TensorRT builds)."""
         variant = self.entry.get(ORT_CPU_VARIANT)
@@ -142,11 +145,11 @@ class _Graph:
 
 
 class ExportedGraphBackend(Backend):
-    """Text encoder, window-mode DiT, VAE and the KV-cached stream of an exported-graph backend.
+    """Text encoder, VAE and the DiT stream session (every mode) of an exported-graph backend.
 
     A subclass sets (in __init__) source, precision, export_options, progress, cache_root and
     model_hash (model folders), _folders, _manifests, _tokenizer, then calls _read_dit_layout, and
-    implements _add_folder, _run, _run_bound, _window_prompt and streaming_decoder."""
+    implements _add_folder, _run, _run_bound and streaming_decoder."""
 
     # ---- what a subclass implements ------------------------------------------------------------
     @abc.abstractmethod
@@ -158,10 +161,6 @@ class ExportedGraphBackend(Backend):
     def _run(self, graph: "_Graph", feeds: dict) -> list:
         """Run a graph on host arrays (or values this backend keeps on its device); outputs in
         manifest order as host numpy arrays."""
-
-    @abc.abstractmethod
-    def _window_prompt(self, context: TextContext) -> dict:
-        """{"cross_k": ..., "cross_v": ...} feeds of one prompt for the window-mode DiT graphs."""
 
     @abc.abstractmethod
     def _run_bound(self, graph: "_Graph", inputs: Mapping[str, Any], outputs: Mapping[str, Any], cache: dict,
@@ -268,30 +267,6 @@ class ExportedGraphBackend(Backend):
         (context,) = self._run(graph, {"input_ids": ids, "attention_mask": mask})
         return TextContext(prompt=prompt, value=context)  # [1, text_len, text_dim] float32
 
-    def _fps_feed(self, fps_class: int | None) -> dict:
-        if not self.model.inject_sample_info:
-            return {}
-        if fps_class not in (0, 1):
-            raise ValueError(f"this checkpoint uses the fps embedding: fps_class must be 0 (16 fps) or 1, "
-                             f"got {fps_class}")
-        return {"fps": np.array([fps_class], dtype=np.int64)}
-
-    def predict_velocity(self, latents, timesteps, context, fps_class, causal_block_size):
-        _, frames, h, w = latents.shape
-        size = dict(height=h * SPATIAL, width=w * SPATIAL)
-        if causal_block_size is None:
-            graph = self._graph("dit_window", **size)
-        else:
-            if frames % causal_block_size:
-                raise ValueError(f"{frames} latent frames are not whole causal blocks of {causal_block_size}")
-            graph = self._graph("dit_window_causal", **size, block_frames=causal_block_size)
-        cos, sin = rope_cos_sin(self.head_dim, 0, frames, h // PATCH, w // PATCH, self.rope_max_positions)
-        feeds = {"latents": np.ascontiguousarray(latents, dtype=np.float32)[None],
-                 "t_emb": timestep_sinusoid(np.asarray(timesteps, np.float32)[None], self.freq_dim),
-                 **self._window_prompt(context), "rope_cos": cos, "rope_sin": sin, **self._fps_feed(fps_class)}
-        (velocity,) = self._run(graph, feeds)
-        return velocity[0]
-
     def kv_layout(self) -> tuple[int, int, int]:
         return self.num_layers, self.num_heads, self.head_dim
 
@@ -329,9 +304,20 @@ class ExportedGraphBackend(Backend):
         decoder = self.streaming_decoder()
         return np.concatenate([decoder.decode_next(mu[:, i:i + 1]) for i in range(mu.shape[1])], axis=1)
 
-    # ---- the KV-cached stream ------------------------------------------------------------------
+    # ---- the DiT: one stream session, every mode ----------------------------------------------
     def open_kv_stream(self, spec: KVStreamSpec) -> KVStreamSession:
         return GraphKVStreamSession(self, spec)
+
+    def dit_graph(self, spec: KVStreamSpec) -> _Graph:
+        """The DiT step graph of a stream: dit_step against a ring of spec.slots, or with no cache
+        (spec.slots == 0, window mode) dit_window / dit_window_causal, the same step without cache inputs."""
+        h, w = spec.latent_size
+        size = dict(height=h * SPATIAL, width=w * SPATIAL)
+        if spec.slots:
+            return self._graph("dit_step", **size, block_frames=spec.causal_block_size, cache_blocks=spec.slots)
+        if spec.block_causal:
+            return self._graph("dit_window_causal", **size, block_frames=spec.causal_block_size)
+        return self._graph("dit_window", **size)
 
 
 
@@ -355,16 +341,17 @@ def _io_spec(graph: "_Graph", name: str, kind: str) -> dict:
 
 
 class GraphKVStreamSession(KVStreamSession):
-    """One KV-cached stream of an exported-graph backend: dit_step and cross_kv bound to Buffers.
+    """One stream of an exported-graph backend, every mode: its DiT step graph (`dit_graph`: dit_step
+    against the ring, or a window graph with no cache inputs) and cross_kv bound to Buffers.
 
     Allocated once, here, on the backend's memory device (skyrt._core.Buffer.allocate, counted by
     skyrt._core.memory_stats): t_emb [B * F_max * freq_dim], rope_cos / rope_sin [F_max * tokens *
-    head_dim / 2], slot_valid [B * slots], fps [B] (fps models), the prompt contexts [B, Lt, text_dim]
-    and the prompt K/V slots cross_k / cross_v [layers, B, Lt, heads, head_dim]. A step's inputs are
-    the first elements of these shaped for its F frames (so one buffer serves every F), plus the core's
-    latents_in, cache_k, cache_v; its outputs are the core's velocity, new_k, new_v. Per step only the
-    small host inputs (t_emb, RoPE, slot validity) are copied up; nothing is allocated after the first
-    step of each frame count (the backend prepares a binding or a CUDA graph once per F)."""
+    head_dim / 2], slot_valid [B * slots] (dit_step), fps [B] (fps models), the prompt contexts [B, Lt,
+    text_dim] and the prompt K/V slots cross_k / cross_v [layers, B, Lt, heads, head_dim]. A step's
+    inputs are the first elements of these shaped for its F frames (so one buffer serves every F), plus
+    the core's latents_in (and cache_k, cache_v); its outputs are the core's velocity (and new_k, new_v).
+    Per step only the small host inputs (t_emb, RoPE, slot validity) are copied up; nothing is allocated
+    after the first step of each frame count (the backend prepares a binding or a CUDA graph once per F)."""
 
     def __init__(self, backend: ExportedGraphBackend, spec: KVStreamSpec):
         super().__init__(spec)
@@ -373,13 +360,14 @@ class GraphKVStreamSession(KVStreamSession):
         self._core_mod = _core
         self.backend = backend
         h, w = spec.latent_size
-        self.step_graph = backend._graph("dit_step", height=h * SPATIAL, width=w * SPATIAL,
-                                         block_frames=spec.causal_block_size, cache_blocks=spec.slots)
+        self.cached = spec.slots > 0  # False: window mode, a step with no cached context
+        self.step_graph = backend.dit_graph(spec)
         self._full_graph: _Graph | None = None  # dit_step_full, at the first call that needs it
         self.cross_graph = backend._graph("cross_kv")
         self.device, self.stream = backend.memory_device(), backend.stream_handle()
-        self.kv_dtype = _io_spec(self.step_graph, "cache_k", "inputs")["dtype"]
-        self._check_graph_dtypes()
+        if self.cached:
+            self.kv_dtype = _io_spec(self.step_graph, "cache_k", "inputs")["dtype"]
+        self._check_graph_io()
         self.tokens_per_frame = (h // PATCH) * (w // PATCH)
         B, f_max = spec.contexts, spec.max_frames
         context = _io_spec(self.cross_graph, "context", "inputs")
@@ -393,7 +381,8 @@ class GraphKVStreamSession(KVStreamSession):
             alloc("t_emb", [B * f_max * backend.freq_dim], "float32")
             alloc("rope_cos", [f_max * self.tokens_per_frame * (backend.head_dim // 2)], "float32")
             alloc("rope_sin", [f_max * self.tokens_per_frame * (backend.head_dim // 2)], "float32")
-            alloc("slot_valid", [B * spec.slots], "bool")
+            if self.cached:
+                alloc("slot_valid", [B * spec.slots], "bool")
             alloc("context", self.context_shape, "float32")
             alloc("cross_k", self.cross_shape, cross["dtype"])
             alloc("cross_v", self.cross_shape, cross["dtype"])
@@ -411,18 +400,28 @@ class GraphKVStreamSession(KVStreamSession):
     def _allocate(self, name: str, shape: list[int], dtype: str) -> None:
         self.buffers[name] = self._core_mod.Buffer.allocate(shape, dtype, self.device, True, self.stream)
 
-    def _check_graph_dtypes(self) -> None:
-        """The core keeps latents and velocity in float32 and new K/V in the ring's dtype: refuse a
-        graph that would need conversions (it comes from an export this runtime does not know)."""
-        g = self.step_graph
-        wanted = {("inputs", "latents"): "float32", ("outputs", "velocity"): "float32",
-                  ("outputs", "new_k"): self.kv_dtype, ("outputs", "new_v"): self.kv_dtype,
-                  ("inputs", "cache_v"): self.kv_dtype}
+    def _check_graph_io(self) -> None:
+        """The step graph's inputs and outputs are the ones this session binds, by name, and the core
+        keeps latents and velocity in float32 and new K/V in the ring's dtype: refuse a graph that would
+        need other bindings or conversions (it comes from an export this runtime does not know)."""
+        g, fix = self.step_graph, "re-export it with this skyrt (skyrt export onnx)"
+        ring = ("cache_k", "cache_v", "slot_valid") if self.cached else ()
+        fps = ("fps",) if self.spec.fps_class is not None else ()
+        inputs = {"latents", "t_emb", "cross_k", "cross_v", "rope_cos", "rope_sin", *ring, *fps}
+        outputs = {"velocity", *(("new_k", "new_v") if self.cached else ())}
+        for kind, bound in (("inputs", inputs), ("outputs", outputs)):
+            names = {spec["name"] for spec in g.entry[kind]}
+            if names != bound:
+                raise ValueError(f"the {g.name} graph's {kind} are {sorted(names)}, this stream binds "
+                                 f"{sorted(bound)}: {fix}")
+        wanted = {("inputs", "latents"): "float32", ("outputs", "velocity"): "float32"}
+        if self.cached:
+            wanted.update({("outputs", "new_k"): self.kv_dtype, ("outputs", "new_v"): self.kv_dtype,
+                           ("inputs", "cache_v"): self.kv_dtype})
         for (kind, name), dtype in wanted.items():
             got = _io_spec(g, name, kind)["dtype"]
             if got != dtype:
-                raise ValueError(f"the dit_step graph's {name} is {got}, the rollout core needs {dtype}: re-export "
-                                 "it with this skyrt (skyrt export onnx)")
+                raise ValueError(f"the {g.name} graph's {name} is {got}, the rollout core needs {dtype}: {fix}")
         if self.kv_dtype not in ("float32", "float16"):
             raise ValueError(f"the dit_step graph's cache is {self.kv_dtype}; the rollout core keeps float32 or "
                              "float16 K/V (export with --precision fp16 or fp32)")
@@ -450,7 +449,7 @@ class GraphKVStreamSession(KVStreamSession):
         window), looked up (exported from a model folder) at its first use."""
         block = self.spec.causal_block_size
         attention = call.causal_block_size or block
-        if attention == block or call.frames <= block:  # one block: block-causal == full attention
+        if not self.cached or attention == block or call.frames <= block:  # window mode: its one graph  # one block: block-causal == full attention
             return self.step_graph
         if attention >= call.frames:
             if self._full_graph is None:
@@ -463,31 +462,39 @@ class GraphKVStreamSession(KVStreamSession):
 
     def step(self, call: KVStepCall) -> None:
         graph = self._graph_for(call)
+        if call.want_kv and not self.cached:
+            raise ValueError("a window step (no cached context) has no K/V to commit: want_kv needs a KV stream")
         backend, core, B, f = self.backend, self.core, self.spec.contexts, call.frames
         tokens = f * self.tokens_per_frame
         t_host = self._t_host[:, :f]
         t_host[:] = timestep_sinusoid(np.asarray(call.timesteps, np.float32), backend.freq_dim)[None]
         cos, sin = rope_cos_sin(backend.head_dim, int(call.position), f, *self._token_grid(),
                                 backend.rope_max_positions)
-        self._valid_host[:] = np.asarray(call.slot_valid, np.bool_)[None]
         upload = self._core_mod.upload
         upload(self.buffers["t_emb"], np.ascontiguousarray(t_host), self.stream)
         upload(self.buffers["rope_cos"], cos, self.stream)
         upload(self.buffers["rope_sin"], sin, self.stream)
-        upload(self.buffers["slot_valid"], self._valid_host, self.stream)
         inputs = {"latents": core.buffer("latents_in", f),
                   "t_emb": self._shaped("t_emb", [B, f, backend.freq_dim]),
                   "cross_k": self.buffers["cross_k"], "cross_v": self.buffers["cross_v"],
-                  "cache_k": core.buffer("cache_k"), "cache_v": core.buffer("cache_v"),
-                  "slot_valid": self._shaped("slot_valid", [B, self.spec.slots]),
                   "rope_cos": self._shaped("rope_cos", [tokens, backend.head_dim // 2]),
                   "rope_sin": self._shaped("rope_sin", [tokens, backend.head_dim // 2])}
         if "fps" in self.buffers:
             inputs["fps"] = self.buffers["fps"]
-        outputs = {"velocity": core.buffer("velocity", f), "new_k": core.buffer("new_k", f),
-                   "new_v": core.buffer("new_v", f)}
+        outputs = {"velocity": core.buffer("velocity", f)}
+        if self.cached:
+            self._bind_ring(call, inputs, outputs)
         backend.synchronize()
         backend._run_bound(graph, inputs, outputs, self._bindings, (graph.name, f))
+
+    def _bind_ring(self, call: KVStepCall, inputs: dict, outputs: dict) -> None:
+        """dit_step's extra I/O: the ring and its slot validity in, the step's new K/V out."""
+        f, B = call.frames, self.spec.contexts
+        self._valid_host[:] = np.asarray(call.slot_valid, np.bool_)[None]
+        self._core_mod.upload(self.buffers["slot_valid"], self._valid_host, self.stream)
+        inputs.update({"cache_k": self.core.buffer("cache_k"), "cache_v": self.core.buffer("cache_v"),
+                       "slot_valid": self._shaped("slot_valid", [B, self.spec.slots])})
+        outputs.update({"new_k": self.core.buffer("new_k", f), "new_v": self.core.buffer("new_v", f)})
 
     def _token_grid(self) -> tuple[int, int]:
         h, w = self.spec.latent_size

@@ -13,13 +13,13 @@ Nothing here imports torch, transformers or diffusers (exported_graphs.py holds 
 backend shares with TensorRT: tokenizer, float64 time sinusoid, RoPE tables, graph lookup).
 
 Providers: device "cpu" -> CPUExecutionProvider; "cuda" / "cuda:N" -> CUDAExecutionProvider;
-"tensorrt" -> TensorrtExecutionProvider (+ CUDA). The KV-cached stream (exported_graphs.py
-GraphKVStreamSession) and the streaming VAE run through I/O binding on skyrt._core.Buffers of the
-provider's device: on CUDA the ring, the latents, the velocity, the prompt K/V and the VAE caches
+"tensorrt" -> TensorrtExecutionProvider (+ CUDA). The DiT's one entry, a stream session's step in
+every mode (exported_graphs.py GraphKVStreamSession), and the streaming VAE run through I/O binding
+on skyrt._core.Buffers of the provider's device: on CUDA the ring, the latents, the velocity, the prompt K/V and the VAE caches
 never leave the GPU (device OrtValues bound by address; one binding per shape, made once); on the
 CPU the same binding code reads and writes the core's host buffers without a copy.
-On the CPU provider, dit_step runs its "ort_cpu" variant when the export has one (attention and GELU
-as onnxruntime contrib ops; the plain dit_step.onnx is what TensorRT builds). Intra-op threads do
+On the CPU provider, each DiT graph runs its "ort_cpu" variant when the export has one (attention and
+GELU as onnxruntime contrib ops; the plain graph is what TensorRT builds). Intra-op threads do
 not spin by default (`spin=True` restores onnxruntime's default; see __init__).
 onnxruntime silently falls back to the CPU when a GPU provider cannot start: this backend checks
 what each session really got and refuses such a session with an error instead.
@@ -29,7 +29,6 @@ compares whole rollouts. Run them: python -m pytest tests/test_onnxruntime_backe
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,13 +36,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..rope import rope_cos_sin, timestep_sinusoid
-from .base import ModelSpec, StreamingDecoder, TextContext
-from .exported_graphs import (PATCH, SPATIAL, BoundStreamingDecoder, ExportedGraphBackend, PromptTokenizer, _Graph,
+from .base import ModelSpec, StreamingDecoder
+from .exported_graphs import (BoundStreamingDecoder, ExportedGraphBackend, PromptTokenizer, _Graph,
                               clean_prompt, export_folder_spec, is_export_folder, read_manifest)
 
 # ORT's CPU provider has no bfloat16 MatMul (it refuses bf16 MatMul nodes): bf16 exports are for TensorRT.
 ORT_PRECISIONS = ("fp32", "fp16")
-PROMPT_MEMO = 2  # contexts whose cross K/V are kept (cond and uncond of the current prompt)
 _ORT_ELEMENT = {"float32": np.float32, "float16": np.float16, "uint8": np.bool_, "int64": np.int64}
 
 
@@ -84,15 +82,6 @@ def _provider_name(p) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # The backend
-
-
-@dataclass
-class OrtPrompt:
-    """kv_prompt's result: stacked cross-attention K/V [layers, 1, Lt, N, Dh] (numpy, or OrtValues
-    on the GPU with a CUDA provider)."""
-
-    k: Any
-    v: Any
 
 
 OnnxRuntimeStreamingDecoder = BoundStreamingDecoder  # the VAE caches stay in bound buffers between frames
@@ -146,7 +135,6 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         self._folders: list[Path] = []
         self._manifests: dict[Path, dict] = {}
         self._tokenizer: PromptTokenizer | None = None
-        self._prompt_memo: OrderedDict[int, OrtPrompt] = OrderedDict()  # context serial -> cross K/V
         if model.layout == "onnx" or is_export_folder(model.path):
             self.source = None  # a fixed export folder
             self._add_folder(Path(model.path))
@@ -195,27 +183,10 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
     def _on_gpu(self) -> bool:
         return _provider_name(self.providers[0]) != "CPUExecutionProvider"
 
-    def _run(self, graph: _Graph, feeds: dict, keep_on_device: Sequence[str] = ()) -> list:
-        """Run a graph; outputs in manifest order (numpy, or OrtValues for `keep_on_device` on a GPU)."""
-        session = self._session(graph)
-        output_names = [o["name"] for o in graph.entry["outputs"]]
-        if not self._on_gpu:
-            return session.run(output_names, feeds)
-        # I/O binding: OrtValue inputs already on the device are bound without a copy, and outputs
-        # that the next calls read again (cross K/V) stay on the device.
-        binding = session.io_binding()
-        for name, value in feeds.items():
-            if isinstance(value, self._ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        device_id = self._device_id()
-        for name in output_names:
-            binding.bind_output(name, "cuda" if name in keep_on_device else "cpu",
-                                device_id if name in keep_on_device else 0)
-        session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return [v if name in keep_on_device else v.numpy() for name, v in zip(output_names, values)]
+    def _run(self, graph: _Graph, feeds: dict) -> list:
+        """Run a graph on host arrays (text encoder, VAE encoder); outputs in manifest order as numpy
+        (a GPU provider copies them in and out)."""
+        return self._session(graph).run([o["name"] for o in graph.entry["outputs"]], feeds)
 
     def _device_id(self) -> int:
         first = self.providers[0]
@@ -247,54 +218,6 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
             bound = cache[key] = _Bound(session, binding, addresses)
         bound.session.run_with_iobinding(bound.binding)
 
-    def _cross_kv(self, context: TextContext) -> OrtPrompt:
-        """Cross-attention K/V of a context, remembered for the last PROMPT_MEMO contexts (by serial):
-        window mode alternates cond and uncond at every row and computes each once."""
-        prompt = self._prompt_memo.get(context.serial)
-        if prompt is not None:
-            self._prompt_memo.move_to_end(context.serial)
-            return prompt
-        graph = self._graph("cross_kv")
-        k, v = self._run(graph, {"context": np.ascontiguousarray(context.value, dtype=np.float32)},
-                         keep_on_device=("cross_k", "cross_v"))
-        prompt = self._prompt_memo[context.serial] = OrtPrompt(k, v)
-        while len(self._prompt_memo) > PROMPT_MEMO:
-            self._prompt_memo.popitem(last=False)
-        return prompt
-
-    # ---- DiT ----------------------------------------------------------------------------------
-    def _window_prompt(self, context: TextContext) -> dict:
-        prompt = self._cross_kv(context)
-        return {"cross_k": prompt.k, "cross_v": prompt.v}
-
-    def kv_prompt(self, context: TextContext) -> OrtPrompt:
-        """Per-layer cross-attention K/V of a prompt, computed once."""
-        return self._cross_kv(context)
-
-    def kv_step(self, latents, timesteps, prompt, cache, slot_valid, first_position, fps_class, causal_block_size):
-        """dit_step on the runtime's numpy cache (a view on the CPU, no copy with fp32 graphs): returns
-        velocity [16, f, h, w] and the active tokens' K, V [layers, tokens, heads, head_dim] float32."""
-        _, frames, h, w = latents.shape
-        layers, slots, tokens, heads, head_dim = cache.k.shape
-        if frames % causal_block_size:
-            raise ValueError(f"{frames} active latent frames are not whole blocks of {causal_block_size}")
-        graph = self._graph("dit_step", height=h * SPATIAL, width=w * SPATIAL, block_frames=causal_block_size,
-                            cache_blocks=slots)
-        cache_dtype = graph.input_dtype("cache_k")
-        shape = (layers, 1, slots * tokens, heads, head_dim)
-        cos, sin = rope_cos_sin(self.head_dim, int(first_position), frames, h // PATCH, w // PATCH,
-                                self.rope_max_positions)
-        feeds = {"latents": np.ascontiguousarray(latents, dtype=np.float32)[None],
-                 "t_emb": timestep_sinusoid(np.asarray(timesteps, np.float32)[None], self.freq_dim),
-                 "cross_k": prompt.k, "cross_v": prompt.v,
-                 # fp16 graphs take an fp16 cache: a converted copy per call (the runtime keeps fp32 K/V)
-                 "cache_k": np.asarray(cache.k.reshape(shape), dtype=cache_dtype),
-                 "cache_v": np.asarray(cache.v.reshape(shape), dtype=cache_dtype),
-                 "slot_valid": np.asarray(slot_valid, dtype=bool).reshape(1, slots),
-                 "rope_cos": cos, "rope_sin": sin, **self._fps_feed(fps_class)}
-        velocity, new_k, new_v = self._run(graph, feeds)
-        return (velocity[0], np.asarray(new_k[:, 0], dtype=np.float32), np.asarray(new_v[:, 0], dtype=np.float32))
-
     def streaming_decoder(self) -> StreamingDecoder:
         if self._tiny is not None:
             from .tiny_decoder import BoundTinyStreamingDecoder
@@ -309,6 +232,6 @@ def _ort_place(buffer) -> tuple[str, int]:
     return ("cpu", 0) if device == "cpu" else ("cuda", int(device.split(":")[1]))
 
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeStreamingDecoder", "OrtPrompt", "PromptTokenizer", "clean_prompt",
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeStreamingDecoder", "PromptTokenizer", "clean_prompt",
            "export_folder_spec", "is_export_folder", "read_manifest", "rope_cos_sin", "session_providers",
            "timestep_sinusoid"]

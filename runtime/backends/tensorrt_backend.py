@@ -22,18 +22,20 @@ The GPU is opened as soon as there is an engine to load: at once for engine and 
 the first group is built for a model folder.
 
 It shares the host logic of every exported-graph backend (exported_graphs.py: tokenizer, float64
-time sinusoid, RoPE tables, graph lookup, the KV stream session) and runs each graph as an engine:
+time sinusoid, RoPE tables, graph lookup, the DiT stream session) and runs each graph as an engine:
 - engines run with `execute_async_v3` on one CUDA stream, the stream the rollout core's kernels use;
   all memory is skyrt._core.Buffer (allocated through the core, counted by _core.memory_stats);
-- a KV-cached stream (GraphKVStreamSession) binds the core's ring, latents, velocity and new K/V and
-  its own input and prompt K/V buffers by address: all allocated when the stream starts, released by
-  its close() (a generator restart releases and allocates again); the velocity never leaves the GPU,
-  cond and uncond run as one batch-2 call, and nothing is allocated per step;
+- the DiT's one entry, a stream session's step (GraphKVStreamSession: dit_step against the ring, or a
+  window graph, the same step with no cache inputs, in window mode) binds the core's ring, latents,
+  velocity and new K/V and its own input and prompt K/V buffers by address: all allocated when the
+  stream (or window) starts, released by its close() (a generator restart releases and allocates
+  again); the velocity never leaves the GPU, cond and uncond run as one batch-2 call, and nothing is
+  allocated per step;
 - with `cuda_graphs=True` each step shape (active frames F) is captured once per stream and replayed;
   the key is F, never an address: the stream's buffers do not move while it lives, which each replay
   checks, and its graphs go with it;
 - the streaming VAE keeps its causal caches on the GPU (two buffer sets, ping-pong); only decoded
-  frames come back to the host. The window mode's per-prompt cross K/V live in two reused slots.
+  frames come back to the host.
 Engines built by TensorRT-RTX run through the `tensorrt_rtx` module, others through `tensorrt`.
 
 NOT EXECUTED in skyrt's CI (no GPU there): everything up to opening the GPU is tested
@@ -55,7 +57,7 @@ from .. import artifact_cache
 from ..engine_manifest import (ENGINE_MANIFEST_SUFFIX, ONNX_MANIFEST_COPY, EngineManifest, EngineMismatchError,
                                check_engine, check_engine_size, read_engine_bytes)
 from ..registry import resolve
-from .base import ModelSpec, StreamingDecoder, TextContext
+from .base import ModelSpec, StreamingDecoder
 from .exported_graphs import (BoundStreamingDecoder, ExportedGraphBackend, _Graph, export_folder_spec,
                               is_export_folder, read_manifest)
 
@@ -253,8 +255,6 @@ class TensorRTBackend(ExportedGraphBackend):
         self.stream = None  # opened with the first engine (_open_gpu)
         self._memory_device: str | None = None  # "cuda:N", set with the stream
         self._graph_factory = None  # cuda_mem.CudaGraph, set with the stream
-        self._prompt_slots: list[dict] = []  # window mode's per-prompt cross K/V (_window_prompt)
-        self._prompt_clock = 0
         self.gpu_compute_capability: str | None = None
         self.source = None
         path = Path(model.path).expanduser()
@@ -396,41 +396,6 @@ class TensorRTBackend(ExportedGraphBackend):
         if captured.addresses != addresses:  # the session's buffers never move: this is a bug
             raise RuntimeError(f"{graph.name}: the buffers of step {key} moved since its CUDA graph was captured")
         captured.graph.replay()
-
-    # ---- prompts --------------------------------------------------------------------------------
-    def _window_prompt(self, context: TextContext) -> dict:
-        """Cross K/V of a prompt for the window-mode graphs, in one of two reused slots (cond and
-        uncond alternate every row): a prompt switch overwrites a slot instead of allocating."""
-        from skyrt import _core
-
-        for slot in self._prompt_slots:
-            if slot["serial"] == context.serial:
-                slot["used"] = self._prompt_clock = self._prompt_clock + 1
-                return {"cross_k": slot["cross_k"], "cross_v": slot["cross_v"]}
-        graph = self._graph("cross_kv")
-        if len(self._prompt_slots) < 2:
-            device, stream = self.memory_device(), self.stream_handle()
-            shape = [int(d) if not isinstance(d, str) else 1 for d in graph.entry["outputs"][0]["shape"]]
-            dtype = graph.entry["outputs"][0]["dtype"]
-            self._prompt_slots.append({name: _core.Buffer.allocate(shape, dtype, device, True, stream)
-                                       for name in ("cross_k", "cross_v")} | {"serial": None, "used": 0})
-        slot = min(self._prompt_slots, key=lambda s: s["used"])  # the least recently used
-        self._prompt_clock += 1
-        slot["serial"], slot["used"] = context.serial, self._prompt_clock
-        engine = self._session(graph)
-        inputs = {"context": engine._stage("context", tuple(np.shape(context.value)))}
-        _core.upload(inputs["context"], np.ascontiguousarray(context.value, np.float32), self.stream_handle())
-        self._run_bound(graph, inputs, {"cross_k": slot["cross_k"], "cross_v": slot["cross_v"]}, {}, ("cross_kv",))
-        return {"cross_k": slot["cross_k"], "cross_v": slot["cross_v"]}
-
-    def kv_prompt(self, context: TextContext):
-        raise NotImplementedError("the TensorRT backend keeps a stream's prompt K/V in its KV stream session "
-                                  "(open_kv_stream, driven by runtime/kvcache.py); there is no per-call kv_prompt")
-
-    def kv_step(self, *args, **kwargs):
-        raise NotImplementedError("the TensorRT backend runs the KV-cached step on the rollout core's device "
-                                  "buffers (open_kv_stream, driven by runtime/kvcache.py); there is no per-call "
-                                  "kv_step on host arrays")
 
     def streaming_decoder(self) -> StreamingDecoder:
         return BoundStreamingDecoder(self)
