@@ -35,6 +35,7 @@ from .state import StateFile, StateSaver, make_hls_folder
 
 log = logging.getLogger("skyrt.server")
 
+SNAPSHOT_STOP_WAIT_S = 10.0  # at a stop: one chunk (the child snapshots between chunks) and the write
 GENERATOR_STOP_WAIT_S = 0.5  # how long a stop waits for the generator to finish its chunk
 
 
@@ -190,6 +191,9 @@ class StreamServer:
             broadcast.close()
         if self.captioner is not None:
             self.captioner.stop()
+        # --state: the stream resumes from here (asked before the generator ends the child's stream).
+        if isinstance(self.pipe, ProcessPipeline) and self.pipe.snapshot_now(SNAPSHOT_STOP_WAIT_S):
+            log.info("wrote the stream snapshot for the next start")
         self.generator.stop()
         if self.pacer is not None:
             self.pacer.stop()
