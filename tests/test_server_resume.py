@@ -105,8 +105,13 @@ def test_sigkill_then_restart_continues_the_stream(official_dir, official_pipeli
     assert int(resumed["core/ring"][0]) > 3  # the ring wrapped after the restart: evictions went through it
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "symlink"])
-def test_a_bad_snapshot_is_refused_and_the_stream_starts_fresh(official_dir, tmp_path, damage):
+REASONS = {"corrupt": "corrupt", "truncated": "corrupt or truncated", "symlink": "symbolic link",
+           "other_model": "another model"}
+
+
+@pytest.mark.parametrize("damage", list(REASONS))
+def test_a_bad_snapshot_is_refused_and_the_stream_starts_fresh(official_dir, diffusers_dir, tmp_path, damage):
+    """other_model: the same weights in the diffusers layout are other files, hence another model."""
     state_file = tmp_path / "state.json"
     snap = snapshot_path(state_file)
     flags = ("--state", str(state_file), *FLAGS)
@@ -119,15 +124,17 @@ def test_a_bad_snapshot_is_refused_and_the_stream_starts_fresh(official_dir, tmp
         middle = len(data) // 2
         data[middle : middle + 64] = bytes(64)  # zeros over the middle of an array
         snap.write_bytes(bytes(data))
-    else:
+    elif damage == "truncated":
+        snap.write_bytes(snap.read_bytes()[:-1000])
+    elif damage == "symlink":
         real = tmp_path / "elsewhere.npz"
         os.replace(snap, real)
         os.symlink(real, snap)
-    with running_server(official_dir, *flags) as (base, proc):
+    with running_server(diffusers_dir if damage == "other_model" else official_dir, *flags) as (base, proc):
         wait_until(lambda: "not resuming" in proc.output(), 60, lambda: proc.output())
         assert get_json(base + "/status")["frames_output"] > 0
         output = proc.output()
-    reason = "corrupt" if damage == "corrupt" else "symbolic link"
+    reason = REASONS[damage]
     assert reason in output.split("not resuming", 1)[1].splitlines()[0], output
     assert "resuming the stream from snapshot" not in output
 
