@@ -404,11 +404,14 @@ def pipeline_spec(args):
 
     from .server.resume import snapshot_path
 
-    state = getattr(args, "state", None)
+    state, every = getattr(args, "state", None), float(getattr(args, "snapshot_every", 30.0))
+    if every < 0:
+        raise SystemExit(f"skyrt serve: --snapshot-every {every:g}: give 0 (only at a stop) or a positive number "
+                         "of seconds, e.g. 30")
     return PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device,
                         options={**({} if args.preset is None else {"preset": args.preset}), **_decoder_kwargs(args)},
                         snapshot_path=None if state is None else str(snapshot_path(state.expanduser())),
-                        snapshot_every_s=float(getattr(args, "snapshot_every", 30.0)))
+                        snapshot_every_s=every)
 
 
 def serve_sampling(args, surface: str = COMMAND_LINE):

@@ -372,6 +372,10 @@ class Pipeline:
         rollout.import_state(state, arrays, contexts)
         decoder.import_state({k[len("decoder/"):]: v for k, v in arrays.items() if k.startswith("decoder/")})
         control.prompt, control.negative_prompt = state["prompt"], state["negative_prompt"]
+        if (req.prompt, req.negative_prompt) != (state["prompt"], state["negative_prompt"]):
+            # The prompt asked for now (a server's control state saved after the snapshot) takes over at the
+            # next block, as a switch would have; the same prompt keeps the stream exactly as it was.
+            control.request(PromptSwitch(req.prompt, req.negative_prompt))
         return int(state["blocks"])
 
     # ------------------------------------------------------------------ validation

@@ -103,10 +103,15 @@ def test_resume_after_a_prompt_switch(official_pipeline, tmp_path):
     want += _take(stream, 5)
     snapshot = _snapshot_after(official_pipeline, 4, tmp_path, overrides, switch_at=2)
     assert snapshot.state["prompt"].startswith("a blue square")
-    resumed = _stream(official_pipeline, resume=snapshot, **overrides)
+    resumed = _stream(official_pipeline, resume=snapshot, prompt="a blue square " * 40, **overrides)
     got = _take(resumed, 3)
     assert resumed.prompt.startswith("a blue square")
     assert max(float(np.abs(g - w).max()) for g, w in zip(got, want[4:])) == 0.0
+    # Resumed with another prompt (what a server's control state says now): it takes over at the next block.
+    other = _stream(official_pipeline, resume=snapshot, prompt="a green star", **overrides)
+    first, second = _take(other, 2)
+    assert np.array_equal(first, want[4])  # the block after the snapshot is the saved stream's
+    assert other.prompt == "a green star" and not np.array_equal(second, want[5])  # then the switch
 
 
 def test_resumed_frames_equal_uninterrupted_frames(official_pipeline, tmp_path):
@@ -302,10 +307,10 @@ def test_causal_preset_stream_resumes_exactly(tmp_path, monkeypatch, name):
     monkeypatch.setattr(pipe.backend, "encode_text", encode)
     settings = dict(height=32, width=48, sink_blocks=1, window_blocks=2, seed=5, output="latent")
 
-    def stream(resume=None):
+    def stream(resume=None, prompt="a"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return pipe.stream("a", resume=resume, **settings)
+            return pipe.stream(prompt, resume=resume, **settings)
 
     def run(s, n, switch_at=3):
         out = []
@@ -324,7 +329,7 @@ def test_causal_preset_stream_resumes_exactly(tmp_path, monkeypatch, name):
     write_snapshot(path, state, arrays, {"case": name}, MODEL)
     snapshot = read_snapshot(path, {"case": name}, MODEL)
     assert snapshot.state["sink_frame"] == (0 if name == "rolling_forcing" else None)
-    got = run(stream(resume=snapshot), 4, switch_at=None)
+    got = run(stream(resume=snapshot, prompt="b"), 4, switch_at=None)  # "b": the prompt in effect
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want[5:]))
     print(f"{name}: max |resumed - uninterrupted| over 4 blocks = {diff:.3g}")
     assert diff == 0.0

@@ -142,10 +142,11 @@ class _ChildLoop:
         elif kind == "server_state" and self.snapshots is not None:
             self.snapshots.server_state = dict(message[2])
         elif kind == "snapshot":
-            if self.snapshots is not None and self.stream is not None and stream_id == self.stream_id:
-                self.snapshots.write(self.stream, self.request)
+            written = (self.snapshots is not None and self.stream is not None and stream_id == self.stream_id
+                       and self.snapshots.write(self.stream, self.request))
             if self.snapshot_done is not None:
-                self.snapshot_done.set()
+                self.snapshot_done[1].value = int(written)
+                self.snapshot_done[0].set()
 
     def _send_next_chunk(self) -> None:
         started = time.monotonic()
@@ -202,7 +203,7 @@ class ProcessPipeline:
         self._ids = itertools.count(1)
         self.starts = 0  # child processes started (1 + restarts after a death)
         self.layers = None  # the loaded model's ModelLayers (runtime/resolve.py), once started
-        self._snapshot_done = self._context.Event()
+        self._snapshot_done = (self._context.Event(), self._context.Value("b", 0))  # (answered, written)
         self._stream_id = None  # the stream running in the child now
 
     @property
@@ -295,9 +296,10 @@ class ProcessPipeline:
         False when there is none to write or it did not finish within `timeout` seconds."""
         if self.spec.snapshot_path is None or self._stream_id is None or self._process is None:
             return False
-        self._snapshot_done.clear()
+        answered, written = self._snapshot_done
+        answered.clear()
         self.send(("snapshot", self._stream_id))
-        return self._snapshot_done.wait(timeout)
+        return answered.wait(timeout) and bool(written.value)
 
     def stop(self) -> None:
         """Kill the child (any thread; for good): it holds nothing worth saving, and a blocked

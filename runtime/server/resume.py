@@ -80,6 +80,8 @@ class StreamSnapshots:
                     self.path, error)
 
     def write_if_due(self, stream, request) -> None:
+        if request.mode != "kvcache":
+            return  # window mode has no resumable state (one warning at a stop is enough)
         if self.every_s > 0 and time.monotonic() - self._last >= self.every_s:
             self.write(stream, request)
 
