@@ -333,3 +333,28 @@ def test_causal_preset_stream_resumes_exactly(tmp_path, monkeypatch, name):
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want[5:]))
     print(f"{name}: max |resumed - uninterrupted| over 4 blocks = {diff:.3g}")
     assert diff == 0.0
+
+
+def test_exported_graph_decoder_caches_resume(official_dir, tmp_path):
+    """The onnxruntime backend's streaming decoder (bound buffers, runtime/backends/exported_graphs.py):
+    its caches downloaded after 3 frames and uploaded into a fresh decoder decode the next frames
+    exactly as the first decoder goes on; no caches ({}) is a decoder at its first frame."""
+    pytest.importorskip("onnxruntime")
+    import skyrt
+
+    backend = skyrt.load(official_dir, backend="onnxruntime", cache_dir=tmp_path).backend
+    rng = np.random.default_rng(0)
+    frames = [rng.standard_normal((16, 1, 4, 4), dtype=np.float32) for _ in range(6)]
+    first = backend.streaming_decoder()
+    assert first.export_state() == {}
+    for z in frames[:3]:
+        first.decode_next(z)
+    state = first.export_state()
+    want = [first.decode_next(z) for z in frames[3:]]
+    second = backend.streaming_decoder()
+    second.import_state(state)
+    got = [second.decode_next(z) for z in frames[3:]]
+    assert all(g.shape == (3, 4, 32, 32) and np.array_equal(g, w) for g, w in zip(got, want))
+    fresh = backend.streaming_decoder()
+    fresh.import_state({})
+    assert fresh.decode_next(frames[0]).shape == (3, 1, 32, 32)
