@@ -18,7 +18,9 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
+import urllib.request
 import warnings
 
 import numpy as np
@@ -162,3 +164,36 @@ def test_settings_are_the_request(official_pipeline):
     rebuilt = GenerationRequest(**json.loads(json.dumps(request_settings(request))), prompt="x",
                                 negative_prompt=request.negative_prompt)
     assert dataclasses.asdict(rebuilt) == dataclasses.asdict(request)
+
+
+def _media_sequence(playlist: str) -> tuple[int, int]:
+    """(first, last) media sequence numbers a playlist lists."""
+    first = int(re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", playlist).group(1))
+    return first, first + len(re.findall(r"^#EXTINF", playlist, re.M)) - 1
+
+
+def test_hls_media_sequences_continue_across_a_restart(official_dir, tmp_path):
+    """After a restart with the same --state, HLS and LL-HLS number on past the run before (from the
+    wall clock) and mark the splice with EXT-X-DISCONTINUITY; the first run marks none."""
+    state_file = tmp_path / "state.json"
+    flags = ("--state", str(state_file), "--seed", "3", "--formats", "mjpeg,hls", "--snapshot-every", "1")
+    playlists = []
+    for run in range(2):
+        with running_server(official_dir, *flags) as (base, proc):
+            def listed():
+                try:
+                    hls = urllib.request.urlopen(base + "/hls/live.m3u8", timeout=5).read().decode()
+                    ll = urllib.request.urlopen(base + "/llhls/live.m3u8", timeout=5).read().decode()
+                except OSError:
+                    return None
+                return (hls, ll) if hls.count("#EXTINF") >= 2 and ll.count("#EXTINF") >= 2 else None
+            wait_until(lambda: listed() is not None, 90, lambda: "no HLS segments:\n" + proc.output())
+            playlists.append(listed())
+            if run == 0:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+    (hls_before, ll_before), (hls_after, ll_after) = playlists
+    assert "#EXT-X-DISCONTINUITY" not in hls_before and "#EXT-X-DISCONTINUITY" not in ll_before
+    for before, after in ((hls_before, hls_after), (ll_before, ll_after)):
+        assert _media_sequence(after)[0] > _media_sequence(before)[1]
+        assert "#EXT-X-DISCONTINUITY\n" in after, after

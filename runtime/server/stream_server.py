@@ -127,6 +127,8 @@ class StreamServer:
                                                                 block_seconds(self.request)))
         self.board = PromptBoard(first, playlist)
         self.state = StateFile(config.state_path) if config.state_path is not None else None
+        # A start after another with the same --state: HLS media sequences go on (see llhls.LlHlsWindow).
+        self.restarted = self.state is not None and self.state.path.exists()
         self._saver: StateSaver | None = None
         if self.state is not None:
             self.state.restore(self.board, self.limits)
@@ -139,7 +141,8 @@ class StreamServer:
                            for o in self.outputs if o.broadcast}
         self.hls_folder = make_hls_folder()  # reaps the folders of servers that died first
         self.hls_window = HlsWindow(self.hls_folder)  # what HTTP serves: the HLS files in memory
-        self.llhls_window = (new_window(config.fps, config.ll_hls_part_s)
+        self.llhls_window = (new_window(config.fps, config.ll_hls_part_s, first_msn=int(time.time()) if self.restarted
+                                        else 0, discontinuity=self.restarted)
                              if "hls" in config.formats and config.ll_hls_part_s else None)
         self.captioner = None
         if captioner is not None:
