@@ -48,6 +48,12 @@ struct DFStep {
 // kOk, or kInvalidArgument with a reason in *why.
 int df_schedule_check(const DFScheduleConfig& cfg, std::string* why);
 
+// Where an unbounded schedule stands between rows (rollout_state.h saves and restores it).
+struct DFScheduleState {
+  int64_t live_begin = 0, terminal = 0, row = 0;
+  std::vector<int64_t> live;  // template index of blocks live_begin .. live_begin + live.size() - 1
+};
+
 class DFSchedule {
  public:
   explicit DFSchedule(DFScheduleConfig cfg);  // cfg must pass df_schedule_check
@@ -62,6 +68,9 @@ class DFSchedule {
   int64_t window() const { return window_; }
   int64_t terminal_flag() const { return terminal_; }  // official terminal_flag (unclipped)
   const DFScheduleConfig& config() const { return cfg_; }
+  DFScheduleState state() const { return {live_begin_, terminal_, row_, {live_.begin(), live_.end()}}; }
+  // kOk, or kInvalidArgument with a reason when `s` is no state this schedule can be in.
+  int set_state(const DFScheduleState& s, std::string* why);
 
  private:
   int64_t horizon() const;                    // H, or INT64_MAX when endless

@@ -74,6 +74,12 @@ struct KVAppend {
 // Sink slots [0, sink_blocks) take the first blocks appended and keep them; window slots
 // [sink_blocks, capacity) form a ring in append order. Positions are frames relative to origin():
 // block b's first frame sits at b * frames_per_block - origin().
+// The ring's bookkeeping (rollout_state.h saves and restores it).
+struct KVRingState {
+  int64_t appended = 0, origin = 0, last_block = -1;
+  std::vector<int64_t> slot_block, slot_position;  // [capacity]
+};
+
 class KVRing {
  public:
   static int check(int64_t sink_blocks, int64_t window_blocks, int64_t frames_per_block, std::string* why);
@@ -94,6 +100,8 @@ class KVRing {
   const std::vector<int64_t>& slot_block() const { return slot_block_; }        // [capacity], -1 = empty
   const std::vector<int64_t>& slot_position() const { return slot_position_; }  // [capacity], 0 if empty
   std::vector<int64_t> slots_in_order() const;  // valid slots, sinks first then window oldest first
+  KVRingState state() const { return {appended_, origin_, last_block_, slot_block_, slot_position_}; }
+  int set_state(const KVRingState& s, std::string* why);  // kOk, or kInvalidArgument with a reason
 
  private:
   int64_t sink_, window_, frames_per_block_;

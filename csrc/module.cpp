@@ -30,6 +30,7 @@
 #include "buffer.h"
 #include "rolling_cache.h"
 #include "rollout.h"
+#include "rollout_state.h"
 #include "samplers.h"
 
 namespace nb = nanobind;
@@ -920,6 +921,46 @@ void expect_window(const CpuConstArray& a, const skyrt::RolloutCore& core, int64
               std::to_string(a.size()) + " elements");
 }
 
+// export_state / import_state: {name: numpy array} <-> skyrt::RolloutState (csrc/rollout_state.h).
+nb::dict export_state_dict(const skyrt::RolloutCore& core) {
+  skyrt::RolloutState state;
+  {
+    nb::gil_scoped_release release;
+    state = core.export_state();
+  }
+  nb::module_ np = nb::module_::import_("numpy");
+  nb::dict out;
+  for (const skyrt::StateArray& a : state.arrays) {
+    nb::bytes raw(reinterpret_cast<const char*>(a.bytes.data()), a.bytes.size());
+    nb::object array = np.attr("frombuffer")(raw, "dtype"_a = a.dtype).attr("reshape")(nb::cast(a.shape));
+    out[a.name.c_str()] = array.attr("copy")();
+  }
+  return out;
+}
+
+void import_state_dict(skyrt::RolloutCore& core, nb::dict arrays) {
+  nb::module_ np = nb::module_::import_("numpy");
+  skyrt::RolloutState state;
+  for (auto [key, value] : arrays) {
+    skyrt::StateArray a;
+    a.name = nb::cast<std::string>(key);
+    nb::object array = np.attr("ascontiguousarray")(value);
+    a.dtype = nb::cast<std::string>(array.attr("dtype").attr("name"));
+    for (nb::handle d : array.attr("shape")) a.shape.push_back(nb::cast<int64_t>(d));
+    nb::bytes raw(array.attr("tobytes")());
+    const auto* p = reinterpret_cast<const uint8_t*>(raw.c_str());
+    a.bytes.assign(p, p + raw.size());
+    state.arrays.push_back(std::move(a));
+  }
+  std::string why;
+  int status;
+  {
+    nb::gil_scoped_release release;
+    status = core.import_state(state, &why);
+  }
+  require(status == skyrt::kOk, "RolloutCore.import_state: " + why);
+}
+
 // RolloutCore.window(...): the window-mode configuration (no ring: one sink-less slot, no K/V).
 PyRollout* make_window_core(std::vector<int64_t> step_template, std::vector<double> sigmas, const std::string& sampler,
                             bool official_df_aliasing, int64_t ar_step, int64_t block_frames, int64_t prefix_blocks,
@@ -1153,7 +1194,12 @@ void bind_rollout(nb::module_& m) {
                      return vector_array<bool>(v);
                    },
                    kMove, "bool [capacity]: slot holds a committed block")
-      .def_prop_ro("slot_block", [](R& r) { return vector_array(r.get().ring().slot_block()); }, kMove);
+      .def_prop_ro("slot_block", [](R& r) { return vector_array(r.get().ring().slot_block()); }, kMove)
+      .def("export_state", [](R& r) { return export_state_dict(r.get()); },
+           "The whole stream state between rows (csrc/rollout_state.h) as {name: numpy array} (host copies).")
+      .def("import_state", [](R& r, nb::dict arrays) { import_state_dict(r.get(), arrays); }, "arrays"_a,
+           "Put an export_state() dict back (between rows). A state of another configuration, version or shape is\n"
+           "a ValueError naming what differs, and leaves the core unchanged.");
 }
 
 // Rolling-Forcing's cache policy (csrc/rolling_cache.h): the views of a window call and of a commit.
@@ -1179,7 +1225,9 @@ void bind_rolling_cache(nb::module_& m) {
            "core"_a, "block"_a, "The clean pass that commits `block`, before core.commit (places the sink).")
       .def_prop_ro("attention_blocks", &skyrt::RollingCache::attention_blocks)
       .def_prop_ro("cache_blocks", &skyrt::RollingCache::cache_blocks)
-      .def_prop_ro("sink_frame", &skyrt::RollingCache::sink_frame, "absolute frame the sink's keys sit at now");
+      .def_prop_ro("sink_frame", &skyrt::RollingCache::sink_frame, "absolute frame the sink's keys sit at now")
+      .def("restore_sink_frame", &skyrt::RollingCache::restore_sink_frame, "frame"_a,
+           "A resumed stream's: where its sink's keys sat when its core's state was exported (nothing is rotated).");
 }
 
 nb::dict build_info() {

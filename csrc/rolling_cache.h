@@ -63,6 +63,9 @@ class RollingCache {
   int64_t attention_blocks() const { return attention_blocks_; }
   int64_t cache_blocks() const { return cache_blocks_; }
   int64_t sink_frame() const { return sink_frame_; }  // absolute frame the sink's keys sit at now
+  // A resumed stream's: the frame its sink's keys sat at when its core's state was exported (the keys
+  // come back with the core's cache_k, already rotated there; nothing is rotated here).
+  void restore_sink_frame(int64_t frame) { sink_frame_ = frame; }
 
  private:
   RollingView view(RolloutCore& core, const std::vector<int64_t>& blocks, bool with_sink, int64_t sink_frame,

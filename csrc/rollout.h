@@ -63,6 +63,8 @@
 
 namespace skyrt {
 
+struct RolloutState;  // rollout_state.h
+
 struct RolloutConfig {
   std::vector<int64_t> step_template;  // [S] timesteps
   std::vector<double> sigmas;          // [S + 1] the sampler's float32 sigmas (last 0), as doubles
@@ -185,6 +187,10 @@ class RolloutCore {
   // cache_k, cache_v (whole ring). A non-owning view.
   Buffer buffer(const std::string& name, int64_t frames) const;
   std::vector<std::string> buffer_names() const;
+
+  // The whole stream state between rows as named host arrays, and back (rollout_state.h).
+  RolloutState export_state() const;
+  int import_state(const RolloutState& state, std::string* why);
 
  private:
   BlockState& state_of(int64_t block);

@@ -25,6 +25,34 @@ from skyrt.runtime.backends.base import (Backend, KVStepCall, KVStreamSession, K
                                          StreamingDecoder, TextContext)
 
 
+def _export_tensors(tensors) -> dict[str, np.ndarray]:
+    """A decoder's list of cache tensors (None before the first frame) as {"cache/i": host array}."""
+    if tensors is None:
+        return {}
+    return {f"cache/{i:03d}": t.detach().float().cpu().numpy() for i, t in enumerate(tensors)}
+
+
+def _latent_size(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(h, w) of the latent frames a saved decoder decoded: its smallest caches are at latent size."""
+    return min(tuple(int(d) for d in a.shape[-2:]) for a in arrays.values())
+
+
+def _import_tensors(arrays: dict[str, np.ndarray], like: list | None, device) -> list | None:
+    """{"cache/i": array} back as tensors on `device`; `like`: the zero caches of this decoder, whose
+    names, shapes and dtypes the arrays must have. {} -> None (the next frame is the first)."""
+    if not arrays:
+        return None
+    names = [f"cache/{i:03d}" for i in range(len(like))]
+    if sorted(arrays) != names:
+        raise ValueError(f"the saved decoder has caches {sorted(arrays)[:3]}..., this decoder {names[:3]}...")
+    out = []
+    for name, zero in zip(names, like):
+        if tuple(arrays[name].shape) != tuple(zero.shape):
+            raise ValueError(f"decoder cache {name} is {arrays[name].shape}, this decoder's {tuple(zero.shape)}")
+        out.append(torch.from_numpy(np.array(arrays[name])).to(device=device, dtype=zero.dtype))
+    return out
+
+
 class TorchStreamingDecoder(StreamingDecoder):
     """Wraps skyrt.export.vae.StreamingDecoder for numpy in/out."""
 
@@ -42,6 +70,16 @@ class TorchStreamingDecoder(StreamingDecoder):
         z = torch.from_numpy(np.ascontiguousarray(mu_frame))[None].to(self._device)  # [1, 16, 1, h, w]
         return self._decoder.decode_next(z)[0].float().cpu().numpy()
 
+    def export_state(self) -> dict[str, np.ndarray]:
+        return _export_tensors(self._decoder.caches)
+
+    def import_state(self, arrays: dict[str, np.ndarray]) -> None:
+        like = None
+        if arrays:
+            height, width = _latent_size(arrays)
+            like = self._decoder.vae.decoder_cache_init(1, height, width, torch.float32, self._device)
+        self._decoder.caches = _import_tensors(arrays, like, self._device)
+
 
 class TorchTinyStreamingDecoder(StreamingDecoder):
     """Wraps skyrt.export.tiny_vae.TinyStreamingDecoder (TAEHV's decoder) for numpy in/out."""
@@ -58,6 +96,16 @@ class TorchTinyStreamingDecoder(StreamingDecoder):
     def decode_next(self, mu_frame: np.ndarray) -> np.ndarray:
         z = torch.from_numpy(np.ascontiguousarray(mu_frame))[None].to(self._device)  # [1, 16, 1, h, w]
         return self._decoder.decode_next(z)[0].float().cpu().numpy()
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        return _export_tensors(self._decoder.memories)
+
+    def import_state(self, arrays: dict[str, np.ndarray]) -> None:
+        like = None
+        if arrays:
+            h, w = _latent_size(arrays)
+            like = self._decoder.step.tiny.zero_memories(1, h, w, torch.zeros(1, device=self._device))
+        self._decoder.memories = _import_tensors(arrays, like, self._device)
 
 
 class TorchBackend(Backend):

@@ -147,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "in a drop-oldest ring, not here): lower it for many viewers on little memory, raise "
                             "it for distant viewers on fast links")
     serve.add_argument("--state", type=Path, default=None, metavar="FILE",
-                       help="keep the prompt and playlist in FILE (written atomically on every change) and "
-                            "resume them from it at start")
+                       help="keep the prompt and playlist in FILE (written atomically on every change) and the "
+                            "stream itself in FILE.stream.npz (a snapshot), and resume both from there at start: "
+                            "the stream continues where it stood")
+    serve.add_argument("--snapshot-every", type=float, default=30.0, metavar="SECONDS",
+                       help="with --state: write the stream snapshot every SECONDS (default 30; 0: only when the "
+                            "server stops); a restart after a crash goes back at most this far")
     serve.add_argument("--publish", action="append", default=[], metavar="URL",
                        help="push the H.264 stream to an RTMP receiver, rtmp://HOST[:PORT]/APP/KEY (a relay, "
                             "a restream service); repeatable; reconnects with backoff")
@@ -408,8 +412,16 @@ def pipeline_spec(args):
     builds each stream's the same way)."""
     from .server.generator_process import PipelineSpec
 
+    from .server.resume import snapshot_path
+
+    state, every = getattr(args, "state", None), float(getattr(args, "snapshot_every", 30.0))
+    if every < 0:
+        raise SystemExit(f"skyrt serve: --snapshot-every {every:g}: give 0 (only at a stop) or a positive number "
+                         "of seconds, e.g. 30")
     return PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device,
-                        options={**({} if args.preset is None else {"preset": args.preset}), **_decoder_kwargs(args)})
+                        options={**({} if args.preset is None else {"preset": args.preset}), **_decoder_kwargs(args)},
+                        snapshot_path=None if state is None else str(snapshot_path(state.expanduser())),
+                        snapshot_every_s=every)
 
 
 def serve_sampling(args, surface: str = COMMAND_LINE):

@@ -151,6 +151,24 @@ class NoiseSource:
         return self.rng.standard_normal(shape, dtype=np.float32)
 
 
+def _host_array(value) -> np.ndarray:
+    """A backend-native context value (numpy, or a torch tensor through .numpy()) as a host array."""
+    if isinstance(value, np.ndarray):
+        return value
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+def _json_rng_state(state: dict) -> dict:
+    """numpy's bit-generator state as plain JSON values (PCG64: integers; others may hold arrays)."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        return int(v) if isinstance(v, np.integer) else v
+    return plain(state)
+
+
 class KVCache:
     """The stream's ring K/V (every prompt context) inside the rollout core: the rebase goes through
     here, so tools (benchmarks/endless.py, tests) can watch it."""
@@ -214,6 +232,8 @@ class KVRollout:
         self.cache = KVCache(self.core)
         self.noise = NoiseSource(rng, noise)  # looked up here, so a test can replay recorded draws
         self._prefix = prefix
+        self._prefix_done = 0  # prefix blocks committed so far
+        self._unfinished: list[int] = []  # blocks of the current row whose commit has not been yielded yet
 
     def _in_flight(self, horizon_blocks: int | None) -> int:
         """Blocks denoised together: a sampling that fixes ar_step (one block at a time for the causal
@@ -254,16 +274,19 @@ class KVRollout:
 
     # ------------------------------------------------------------------ the loop
     def blocks(self) -> Iterator[np.ndarray]:
-        """Clean latent blocks in order; prefix blocks first (already clean), then generated ones."""
-        if self.prefix_blocks:
+        """Clean latent blocks in order; prefix blocks first (already clean), then generated ones. After
+        import_state, the blocks from where the exported stream stood."""
+        if self._prefix_done < self.prefix_blocks:
             noise, factor, t_commit = self._prefix_noise()
-            for blk in range(self.prefix_blocks):
+            for blk in range(self._prefix_done, self.prefix_blocks):
                 frames = slice(blk * self.block, (blk + 1) * self.block)
                 x = np.ascontiguousarray(self._prefix[:, frames], np.float32)
                 self.core.load_commit_input(x, None if noise is None else np.ascontiguousarray(noise[:, frames]),
                                             factor)
                 self._commit(blk, t_commit)
+                self._prefix_done = blk + 1
                 yield self._prefix[:, frames]
+        yield from self._finish_row()
         while True:
             plan = self.core.next_row()
             if plan is None:
@@ -283,9 +306,56 @@ class KVRollout:
             for blk in plan.step_noise:  # after the step, before the sampler: the documented draw order
                 self.core.set_step_noise(blk, self.noise.renoise(blk, self.core.steps_taken(blk), shape))
             self.core.apply_velocity()
-        for blk in plan.finished:
+        self._unfinished = list(plan.finished)
+        yield from self._finish_row()
+
+    def _finish_row(self) -> Iterator[np.ndarray]:
+        """Commit and yield the row's finished blocks; a state exported between two of them keeps the rest."""
+        while self._unfinished:
+            blk = self._unfinished[0]
             self.core.finish_block(blk)
-            yield self._commit(blk, self.core.commit_timestep)
+            clean = self._commit(blk, self.core.commit_timestep)
+            self._unfinished.pop(0)
+            yield clean
+
+    # ------------------------------------------------------------------ snapshot and resume
+    def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(header, arrays): the stream's whole state between blocks, so that a new KVRollout of the same
+        request and model continues it exactly (import_state). Arrays: the core's (skyrt._core
+        RolloutCore.export_state: schedule, ring, in-flight latents and sampler history, ring K/V,
+        committed inputs) under "core/", the prompt contexts under "context/<i>"; header: the noise
+        generator's state, the rolling cache's sink frame, the loop's position, the prompts."""
+        if self.noise.initial_noise is not None:
+            raise ValueError("a rollout given its initial noise (Pipeline.generate) has no resumable state; "
+                             "only streams (Pipeline.stream) snapshot")
+        arrays = {f"core/{k}": v for k, v in self.core.export_state().items()}
+        for i, context in enumerate(self.contexts):
+            arrays[f"context/{i}"] = np.ascontiguousarray(_host_array(context.value))
+        header = {"rng": _json_rng_state(self.noise.rng.bit_generator.state),
+                  "sink_frame": None if self.rolling is None else int(self.rolling.sink_frame),
+                  "prefix_done": self._prefix_done, "unfinished": [int(b) for b in self._unfinished],
+                  "prompts": [c.prompt for c in self.contexts]}
+        return header, arrays
+
+    def import_state(self, header: dict, arrays: dict[str, np.ndarray], contexts: list[TextContext]) -> None:
+        """Continue the stream `export_state` saved (call before blocks()). `contexts`: the saved prompt
+        contexts as this backend's TextContexts (cond, and uncond with guidance). A state of another
+        configuration is a ValueError naming the setting, and leaves this rollout as it was."""
+        if len(contexts) != len(self.contexts):
+            raise ValueError(f"the state has {len(contexts)} prompt context(s), this stream {len(self.contexts)} "
+                             "(guidance on in one, off in the other)")
+        if (header["sink_frame"] is None) != (self.rolling is None):
+            raise ValueError("the state was taken with another cache policy (rolling cache on in one, off in the other)")
+        rng = np.random.Generator(getattr(np.random, header["rng"]["bit_generator"])())
+        rng.bit_generator.state = header["rng"]
+        self.core.import_state({k[len("core/"):]: v for k, v in arrays.items() if k.startswith("core/")})
+        if self.rolling is not None:
+            self.rolling.restore_sink_frame(int(header["sink_frame"]))
+        self.contexts = list(contexts)
+        self.session.set_prompts(self.contexts)
+        self.noise.rng = rng
+        self._prefix_done = int(header["prefix_done"])
+        self._unfinished = [int(b) for b in header["unfinished"]]
 
     # ------------------------------------------------------------------ networks and cache
     def _view(self, first: int, count: int, commit: bool = False) -> tuple[np.ndarray | None, int | None]:

@@ -192,7 +192,7 @@ class Pipeline:
 
     @with_request_signature(exclude=STREAM_EXCLUDED, defaults=STREAM_DEFAULTS)
     def stream(self, *, image: ImageLike | None = None, video: VideoLike | None = None, max_chunks: int | None = None,
-               request: GenerationRequest | None = None, **settings) -> FrameStream:
+               request: GenerationRequest | None = None, resume=None, **settings) -> FrameStream:
         """An endless stream: iterate it for uint8 frame chunks [n, H, W, 3] (or, with output="latent",
         model-space latent chunks [16, f, h, w]) forever, or for `max_chunks` chunks.
 
@@ -214,6 +214,10 @@ class Pipeline:
 
         `request`: an already resolved stream request (`resolve(..., stream=True).request`) instead of
         settings (what `skyrt serve` hands its generator process).
+
+        `resume`: a checked runtime.snapshot.Snapshot of a kvcache stream of this request and model; the
+        stream continues where that one stood (the same blocks an uninterrupted stream would give next).
+        `stream.export_state()` gives (state, arrays) for such a snapshot, between chunks.
         """
         if video is not None and self.preset is None:
             raise ValueError("video= starts a stream only under a causal preset (skyrt.load(..., preset=...)); a "
@@ -222,7 +226,9 @@ class Pipeline:
         req = self._request(settings, given=request, stream=True)
         cond = self._condition(req, image, video, None)
         control = StreamControl(req.prompt, req.negative_prompt)
-        chunks = self._stream_kvcache(req, cond, control) if req.mode == "kvcache" else self._stream_windows(
+        if resume is not None and req.mode != "kvcache":
+            raise ValueError("only kvcache streams resume from a snapshot; window mode starts fresh")
+        chunks = self._stream_kvcache(req, cond, control, resume) if req.mode == "kvcache" else self._stream_windows(
             req, cond, control)
         return FrameStream(chunks, control, max_chunks)
 
@@ -331,18 +337,57 @@ class Pipeline:
         # causal caches).
         return to_uint8_frames(np.concatenate([cond.input_pixels, pixels[:, cond.start_pixel_frames :]], axis=1))
 
-    def _stream_kvcache(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
+    def _stream_kvcache(self, req, cond, control: "StreamControl", resume=None) -> Iterator[np.ndarray]:
         decoder = self.backend.streaming_decoder()
         rollout = self._kv_rollout(req, cond, None, None)
         try:
+            position = {"blocks": 0}
+            if resume is not None:
+                position["blocks"] = self._resume_stream(req, rollout, decoder, control, resume)
+            # Between blocks (where the generator is suspended) the whole stream state is consistent.
+            control.exporter = lambda: self._export_stream(rollout, decoder, control, position["blocks"])
             for block in rollout.blocks():
+                position["blocks"] += 1
                 yield block if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, block))
                 switch = control.take()  # the generator resumes here: between blocks, before the next row
                 if switch is not None:
                     rollout.set_prompt(*self._encode_prompts(req, switch), recache=switch.recache)
         finally:  # close() of the stream (or an error) releases the core's and the backend's buffers at once
+            control.exporter = None
             rollout.close()
             decoder.close()
+
+    @staticmethod
+    def _export_stream(rollout, decoder, control: "StreamControl", blocks: int) -> tuple[dict, dict]:
+        """(state, arrays) of a kvcache stream between blocks (runtime/snapshot.py writes them)."""
+        state, arrays = rollout.export_state()
+        decoder_arrays = decoder.export_state()
+        arrays.update({f"decoder/{k}": v for k, v in decoder_arrays.items()})
+        state.update(blocks=blocks, prompt=control.prompt, negative_prompt=control.negative_prompt)
+        return state, arrays
+
+    def _resume_stream(self, req, rollout, decoder, control: "StreamControl", snapshot) -> int:
+        """Put a snapshot's state into a fresh stream (runtime/snapshot.py checked the file); returns the
+        blocks the saved stream had yielded. The prompt contexts are encoded again and must equal the
+        saved ones: a text encoder that gives other contexts is a refusal, not a silently other stream."""
+        state, arrays = snapshot.state, snapshot.arrays
+        prompts = state["prompts"]
+        contexts = [self.backend.encode_text(p) for p in prompts]
+        for i, context in enumerate(contexts):
+            saved = arrays.get(f"context/{i}")
+            value = np.asarray(context.value.detach().cpu().numpy() if hasattr(context.value, "detach")
+                               else context.value)
+            if saved is None or saved.shape != value.shape or not np.array_equal(saved, value):
+                raise ValueError(f"the snapshot's prompt context {i} ({prompts[i][:40]!r}) differs from what "
+                                 "this text encoder gives: another encoder or model; start fresh")
+        rollout.import_state(state, arrays, contexts)
+        decoder.import_state({k[len("decoder/"):]: v for k, v in arrays.items() if k.startswith("decoder/")})
+        control.prompt, control.negative_prompt = state["prompt"], state["negative_prompt"]
+        if (req.prompt, req.negative_prompt) != (state["prompt"], state["negative_prompt"]):
+            # The prompt asked for now (a server's control state saved after the snapshot) takes over at the
+            # next block, as a switch would have; the same prompt keeps the stream exactly as it was.
+            control.request(PromptSwitch(req.prompt, req.negative_prompt))
+        return int(state["blocks"])
 
     # ------------------------------------------------------------------ validation
     def _request(self, settings: dict, initial: np.ndarray | None = None, given: GenerationRequest | None = None,
@@ -628,6 +673,7 @@ class StreamControl:
         self._lock = threading.Lock()
         self._pending: PromptSwitch | None = None
         self.prompt, self.negative_prompt = prompt, negative_prompt
+        self.exporter = None  # a kvcache stream's export_state, set while it runs
 
     def request(self, switch: PromptSwitch) -> None:
         with self._lock:
@@ -675,6 +721,15 @@ class FrameStream(Iterator[np.ndarray]):
     def prompt(self) -> str:
         """The prompt the stream is denoising with now."""
         return self._control.prompt
+
+    def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(state, arrays) of the stream between chunks, for runtime/snapshot.py: the rollout core, noise
+        generator, prompt contexts, streaming decoder and position (kvcache streams only; call it from
+        the thread that iterates, between chunks)."""
+        if self._control.exporter is None:
+            raise ValueError("this stream has no resumable state (window mode, or not started or closed): "
+                             "only a running kvcache stream snapshots")
+        return self._control.exporter()
 
     def close(self) -> None:
         """Stop the stream and release its state."""

@@ -75,6 +75,17 @@ class StreamingDecoder(abc.ABC):
     def close(self) -> None:
         """Release what the decoder holds on its device now (a decoder used again re-acquires it)."""
 
+    # -- snapshot and resume (runtime/snapshot.py): the causal caches as host arrays, and back --
+    def export_state(self) -> dict[str, np.ndarray]:
+        """The decoder's caches now as {name: host array} ({} before the first frame)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save its caches: this backend's stream "
+                                  "cannot be snapshotted")
+
+    def import_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Continue from `export_state`'s arrays ({}: from the first frame). Arrays of other names or
+        shapes are a ValueError."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restore its caches")
+
 
 @dataclass(frozen=True)
 class KVStreamSpec:

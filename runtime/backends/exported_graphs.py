@@ -562,6 +562,43 @@ class BoundStreamingDecoder(StreamingDecoder):
         self._first, self._current = False, 1 - self._current
         return out[0]
 
+    def export_state(self) -> dict[str, np.ndarray]:
+        """The causal-conv caches the next frame reads, downloaded ({} before the first frame)."""
+        from skyrt import _core
+
+        if self._first or self._size is None:
+            return {}
+        stream = self.backend.stream_handle()
+        self.backend.synchronize()
+        out = {"size": np.asarray(self._size, np.int64)}
+        for name, buffer in self._sets[self._current].items():
+            host = np.empty(buffer.shape, np.float32)
+            _core.download(buffer, host, stream)
+            out[f"cache/{name}"] = host
+        return out
+
+    def import_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Continue from export_state's caches ({}: the next frame is the first)."""
+        from skyrt import _core
+
+        if not arrays:
+            self.reset()
+            return
+        h, w = (int(v) for v in arrays["size"])
+        if self._size != (h, w):
+            self._prepare(h, w)
+        target = self._sets[0]
+        given = {k[len("cache/"):] for k in arrays if k.startswith("cache/")}
+        if given != set(target):
+            raise ValueError(f"the saved decoder has caches {sorted(given)[:3]}..., this one {sorted(target)[:3]}...")
+        stream = self.backend.stream_handle()
+        for name, buffer in target.items():
+            host = np.ascontiguousarray(arrays[f"cache/{name}"], np.float32)
+            if tuple(host.shape) != tuple(buffer.shape):
+                raise ValueError(f"decoder cache {name} is {host.shape}, this decoder's {tuple(buffer.shape)}")
+            _core.upload(buffer, host, stream)
+        self._first, self._current = False, 0
+
     def _prepare(self, h: int, w: int) -> None:
         """Buffers for latent frames of h x w: the graphs' static shapes, once per size."""
         from skyrt import _core

@@ -235,7 +235,8 @@ class HlsEncoder(_H264Output):
     PLAYLIST = PLAYLIST
 
     def __init__(self, folder: Path, fps: int, width: int, height: int, segment_s: int = 1, list_size: int = 6,
-                 run: str | None = None, leader: _H264Output | None = None, window: HlsWindow | None = None):
+                 run: str | None = None, leader: _H264Output | None = None, window: HlsWindow | None = None,
+                 restarted: bool = False):
         import av
 
         self.folder = Path(folder)
@@ -247,9 +248,13 @@ class HlsEncoder(_H264Output):
         container = av.open(str(self.folder / self.PLAYLIST), mode="w", format="hls", options={
             "hls_time": str(segment_s), "hls_list_size": str(list_size), "hls_segment_type": "fmp4",
             # temp_file: players never read a half-written playlist or segment
-            "hls_flags": "delete_segments+program_date_time+independent_segments+temp_file",
+            "hls_flags": "delete_segments+program_date_time+independent_segments+temp_file"
+                         + ("+discont_start" if restarted else ""),
             "hls_fmp4_init_filename": f"init_{self.run}.mp4",
             "hls_segment_filename": str(self.folder / f"seg_{self.run}_%06d.m4s"),
+            # restarted (--state): numbered from the wall clock, on from the run before, first segment marked
+            # as a discontinuity (EXT-X-DISCONTINUITY)
+            **({"hls_start_number_source": "epoch"} if restarted else {}),
         })
         super().__init__(container, fps, width, height, leader)
 

@@ -23,6 +23,11 @@ parent -> child:
     ("start", stream_id, request, inputs)   close any stream, open `pipe.stream(request=request, **inputs)`
     ("prompt", stream_id, prompt, negative_prompt, recache)
     ("end", stream_id)               close that stream and wait
+    ("snapshot", stream_id)          write the stream snapshot now (resume.py), then set the shared event
+    ("server_state", stream_id, d)   what the server adds to the next snapshots (JSON)
+With a snapshot path (--state), the child resumes a stream from its snapshot and writes one every
+`snapshot_every_s` (runtime/server/resume.py); ("resumed", stream_id, server_state) tells the parent
+before the first chunk of a resumed stream.
 Messages of a stream the parent has closed are skipped by their id. The parent ends the child with
 SIGKILL at a stop (it holds no state worth saving); on Linux the child also dies with its parent (PDEATHSIG).
 """
@@ -54,6 +59,8 @@ class PipelineSpec:
     backend: str = "torch"
     device: str = "cpu"
     options: dict = field(default_factory=dict)
+    snapshot_path: str | None = None  # the stream snapshot (resume.py); None: no snapshots
+    snapshot_every_s: float = 30.0
 
     def load(self):
         from ..api import load
@@ -74,7 +81,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _child_main(conn, spec: PipelineSpec, log_level: int) -> None:
+def _child_main(conn, spec: PipelineSpec, log_level: int, snapshot_done=None) -> None:
     """The child process: load the pipeline, then run the streams the parent asks for."""
     # The parent owns shutdown: Ctrl-C or a SIGTERM sent to the whole group must not kill this
     # process behind the server's back (it would count as a crash and restart).
@@ -89,15 +96,25 @@ def _child_main(conn, spec: PipelineSpec, log_level: int) -> None:
         return
     conn.send(("loaded", {"model": spec.model, "backend": spec.backend, "device": spec.device, "layers": pipe.layers}))
     try:
-        _ChildLoop(conn, pipe).run()
+        _ChildLoop(conn, pipe, _snapshots(spec), snapshot_done).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the parent went away
 
 
+def _snapshots(spec: PipelineSpec):
+    if spec.snapshot_path is None:
+        return None
+    from .resume import StreamSnapshots
+
+    return StreamSnapshots(spec.snapshot_path, spec.snapshot_every_s, spec.model)
+
+
 class _ChildLoop:
-    def __init__(self, conn, pipe):
+    def __init__(self, conn, pipe, snapshots=None, snapshot_done=None):
         self.conn, self.pipe = conn, pipe
         self.stream, self.stream_id = None, None
+        self.snapshots, self.snapshot_done = snapshots, snapshot_done
+        self.request, self.inputs, self.resuming = None, {}, False
 
     def run(self) -> None:
         while True:
@@ -111,14 +128,25 @@ class _ChildLoop:
         if kind == "start":
             self._close()
             self.stream_id = stream_id
+            self.request, self.inputs = message[2], message[3]
+            snapshot = None if self.snapshots is None else self.snapshots.load(self.request)
+            self.resuming = snapshot is not None
             try:
-                self.stream = self.pipe.stream(request=message[2], **message[3])
+                self.stream = self.pipe.stream(request=self.request, resume=snapshot, **self.inputs)
             except Exception as err:
                 self._report(err)
         elif kind == "prompt" and stream_id == self.stream_id and self.stream is not None:
             self.stream.set_prompt(message[2], message[3], recache=message[4])
         elif kind == "end" and stream_id == self.stream_id:
             self._close()
+        elif kind == "server_state" and self.snapshots is not None:
+            self.snapshots.server_state = dict(message[2])
+        elif kind == "snapshot":
+            written = (self.snapshots is not None and self.stream is not None and stream_id == self.stream_id
+                       and self.snapshots.write(self.stream, self.request))
+            if self.snapshot_done is not None:
+                self.snapshot_done[1].value = int(written)
+                self.snapshot_done[0].set()
 
     def _send_next_chunk(self) -> None:
         started = time.monotonic()
@@ -129,11 +157,22 @@ class _ChildLoop:
             self._close()
             return
         except Exception as err:
+            if self.resuming:  # the snapshot passed its checks but does not fit the stream: start fresh
+                self.snapshots.refuse(err)
+                self._close()
+                self.resuming = False
+                self._handle(("start", self.stream_id, self.request, self.inputs))
+                return
             self._report(err)
             return
+        if self.resuming:
+            self.resuming = False
+            self.conn.send(("resumed", self.stream_id, self.snapshots.server_state))
         chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
         self.conn.send(("chunk", self.stream_id, chunk.shape, time.monotonic() - started, self.stream.prompt))
         self.conn.send_bytes(chunk.reshape(-1))  # 1-D: Connection slices a view by its first axis
+        if self.snapshots is not None:
+            self.snapshots.write_if_due(self.stream, self.request)
 
     def _report(self, err: Exception) -> None:
         self.conn.send(("error", self.stream_id, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
@@ -164,6 +203,8 @@ class ProcessPipeline:
         self._ids = itertools.count(1)
         self.starts = 0  # child processes started (1 + restarts after a death)
         self.layers = None  # the loaded model's ModelLayers (runtime/resolve.py), once started
+        self._snapshot_done = (self._context.Event(), self._context.Value("b", 0))  # (answered, written)
+        self._stream_id = None  # the stream running in the child now
 
     @property
     def pid(self) -> int | None:
@@ -176,7 +217,8 @@ class ProcessPipeline:
         `cancelled` set while waiting (SIGTERM at start-up) ends the child and raises StartupInterrupted."""
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(target=_child_main, name="skyrt-generator",
-                                        args=(child_conn, self.spec, logging.getLogger().getEffectiveLevel()),
+                                        args=(child_conn, self.spec, logging.getLogger().getEffectiveLevel(),
+                                              self._snapshot_done),
                                         daemon=True)
         with self._lock:
             if self._stopped:
@@ -224,7 +266,7 @@ class ProcessPipeline:
                             process.exitcode)
                 self._reap()
             self.start()
-        stream_id = next(self._ids)
+        stream_id = self._stream_id = next(self._ids)
         self.send(("start", stream_id, request, inputs))
         return ChildStream(self, stream_id, request.prompt)
 
@@ -248,6 +290,16 @@ class ProcessPipeline:
                 process.join(timeout=1.0)
                 code = process.exitcode
             raise GeneratorProcessError(f"the generator process died (exit code {code})") from err
+
+    def snapshot_now(self, timeout: float = 10.0) -> bool:
+        """Ask the child to write its stream snapshot now (it does between chunks) and wait for it;
+        False when there is none to write or it did not finish within `timeout` seconds."""
+        if self.spec.snapshot_path is None or self._stream_id is None or self._process is None:
+            return False
+        answered, written = self._snapshot_done
+        answered.clear()
+        self.send(("snapshot", self._stream_id))
+        return answered.wait(timeout) and bool(written.value)
 
     def stop(self) -> None:
         """Kill the child (any thread; for good): it holds nothing worth saving, and a blocked
@@ -275,6 +327,7 @@ class ChildStream:
         self.owner, self.stream_id = owner, stream_id
         self.prompt = prompt  # what the child reports it is denoising with now
         self.last_chunk_seconds: float | None = None  # the child's own time for the last chunk
+        self.resumed_server_state: dict | None = None  # set when the child resumed this stream from a snapshot
         self._closed = False
 
     def __iter__(self) -> "ChildStream":
@@ -286,6 +339,9 @@ class ChildStream:
             if message[1] != self.stream_id:
                 continue  # left over from a stream closed earlier
             kind = message[0]
+            if kind == "resumed":  # a resumed stream: what the server saved with the snapshot
+                self.resumed_server_state = message[2]
+                continue
             if kind == "chunk":
                 _, _, shape, seconds, prompt = message
                 self.last_chunk_seconds, self.prompt = seconds, prompt

@@ -51,8 +51,12 @@ class LlHlsWindow:
     Every publish replaces `files` and `playlist` whole and then wakes the waiting requests through
     the event loop (`bind` it first); a reader never sees half a part."""
 
-    def __init__(self, fps: int, part_frames: int, run: str):
+    def __init__(self, fps: int, part_frames: int, run: str, first_msn: int = 0, discontinuity: bool = False):
         self.fps, self.part_frames, self.run = fps, part_frames, run
+        # A restarted server (--state) numbers on from the wall clock (later than any segment of the run
+        # before it) and marks its first segment as a discontinuity: players reload onto a continuing
+        # media sequence and know that the stream was spliced there.
+        self.first_msn, self.discontinuity = first_msn, discontinuity
         self.part_target = part_frames / fps
         self.init_name = f"llinit_{run}.mp4"
         self.files: dict[str, bytes] = {}
@@ -150,7 +154,7 @@ class LlHlsWindow:
     def next_part(self) -> tuple[int, int]:
         """(msn, part) of the part being made now (the preload hint)."""
         if self._current is None:
-            return self.latest_segment + 1, 0
+            return max(self.latest_segment + 1, self.first_msn), 0
         return self._current.msn, len(self._current.parts)
 
     def _render(self) -> str:
@@ -160,13 +164,20 @@ class LlHlsWindow:
                  f"#EXT-X-PART-INF:PART-TARGET={self.part_target:.5f}", "#EXT-X-INDEPENDENT-SEGMENTS"]
         segments = list(self._segments)[-SEGMENTS:]
         first = segments[0].msn if segments else (self._current.msn if self._current else 0)
-        lines += [f"#EXT-X-MEDIA-SEQUENCE:{first}", f'#EXT-X-MAP:URI="{self.init_name}"']
+        lines.append(f"#EXT-X-MEDIA-SEQUENCE:{first}")
+        if self.discontinuity and first > self.first_msn:  # the marked segment has left the window
+            lines.append("#EXT-X-DISCONTINUITY-SEQUENCE:1")
+        lines.append(f'#EXT-X-MAP:URI="{self.init_name}"')
         for i, segment in enumerate(segments):
+            if self.discontinuity and segment.msn == self.first_msn:
+                lines.append("#EXT-X-DISCONTINUITY")
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_iso(segment.date)}")
             if i >= len(segments) - PARTS_FOR:
                 lines += [_part_line(*part) for part in segment.parts]
             lines += [f"#EXTINF:{segment.duration:.5f},", segment.name]
         if self._current is not None:
+            if self.discontinuity and self._current.msn == self.first_msn:
+                lines.append("#EXT-X-DISCONTINUITY")
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_iso(self._current.date)}")
             lines += [_part_line(*part) for part in self._current.parts]
         msn, part = self.next_part()
@@ -191,7 +202,7 @@ class LlHlsPackager:
     def __init__(self, window: LlHlsWindow, fps: int, width: int, height: int, leader: _H264Output,
                  clock=time.time):
         self.window, self.clock = window, clock
-        self._msn = 0
+        self._msn = window.first_msn
         self._parts: list[bytes] = []  # the current segment's finished parts
         self._fragments: list[bytes] = []  # the current part's fragments
         self._segment_frames = 0
@@ -259,10 +270,12 @@ def check_part_length(part_s: float) -> None:
         raise ValueError(f"an LL-HLS part should last 0.1-1 s (0.2-0.5 s is usual), got {part_s:g}")
 
 
-def new_window(fps: int, part_s: float = PART_TARGET_S, run: str | None = None) -> LlHlsWindow:
-    """A window whose parts are whole frames, as close to `part_s` seconds as the frame rate allows."""
+def new_window(fps: int, part_s: float = PART_TARGET_S, run: str | None = None, first_msn: int = 0,
+               discontinuity: bool = False) -> LlHlsWindow:
+    """A window whose parts are whole frames, as close to `part_s` seconds as the frame rate allows
+    (first_msn, discontinuity: a restarted server's, see LlHlsWindow)."""
     check_part_length(part_s)
-    return LlHlsWindow(fps, max(1, round(fps * part_s)), run or secrets.token_hex(4))
+    return LlHlsWindow(fps, max(1, round(fps * part_s)), run or secrets.token_hex(4), first_msn, discontinuity)
 
 
 def add_routes(app, window: LlHlsWindow) -> None:

@@ -36,6 +36,7 @@ from .state import StateFile, StateSaver, make_hls_folder
 
 log = logging.getLogger("skyrt.server")
 
+SNAPSHOT_STOP_WAIT_S = 10.0  # at a stop: one chunk (the child snapshots between chunks) and the write
 GENERATOR_STOP_WAIT_S = 0.5  # how long a stop waits for the generator to finish its chunk
 
 
@@ -128,6 +129,8 @@ class StreamServer:
         self.limits = self._limits_for(self.request)
         self.board = PromptBoard(first, playlist)
         self.state = StateFile(config.state_path) if config.state_path is not None else None
+        # A start after another with the same --state: HLS media sequences go on (see llhls.LlHlsWindow).
+        self.restarted = self.state is not None and self.state.path.exists()
         self._saver: StateSaver | None = None
         if self.state is not None:
             self.state.restore(self.board, self.limits)
@@ -140,7 +143,8 @@ class StreamServer:
                            for o in self.outputs if o.broadcast}
         self.hls_folder = make_hls_folder()  # reaps the folders of servers that died first
         self.hls_window = HlsWindow(self.hls_folder)  # what HTTP serves: the HLS files in memory
-        self.llhls_window = (new_window(config.fps, config.ll_hls_part_s)
+        self.llhls_window = (new_window(config.fps, config.ll_hls_part_s, first_msn=int(time.time()) if self.restarted
+                                        else 0, discontinuity=self.restarted)
                              if "hls" in config.formats and config.ll_hls_part_s else None)
         self.captioner = None
         if captioner is not None:
@@ -209,6 +213,9 @@ class StreamServer:
             broadcast.close()
         if self.captioner is not None:
             self.captioner.stop()
+        # --state: the stream resumes from here (asked before the generator ends the child's stream).
+        if isinstance(self.pipe, ProcessPipeline) and self.pipe.snapshot_now(SNAPSHOT_STOP_WAIT_S):
+            log.info("wrote the stream snapshot for the next start")
         self.generator.stop()
         if self.pacer is not None:
             self.pacer.stop()

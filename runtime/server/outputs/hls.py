@@ -12,7 +12,8 @@ HLS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.(m3u8|m4s|mp4)$")
 def make_encoders(encoding: Encoding) -> list:
     server = encoding.server
     encoder = HlsEncoder(server.hls_folder, encoding.fps, encoding.width, encoding.height,
-                         list_size=server.config.hls_list_size, leader=encoding.h264, window=server.hls_window)
+                         list_size=server.config.hls_list_size, leader=encoding.h264, window=server.hls_window,
+                         restarted=server.restarted)
     encoding.h264 = encoding.h264 or encoder
     return [encoder]
 
