@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kernel send buffer of each stream client (default 256; a slow client's backlog lives "
                             "in a drop-oldest ring, not here): lower it for many viewers on little memory, raise "
                             "it for distant viewers on fast links")
+    serve.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="intra-op threads of the generator (torch, OpenMP, onnxruntime); default: usable cores "
+                            "minus the serving process's one; 0 leaves the libraries' defaults (one per core)")
     serve.add_argument("--state", type=Path, default=None, metavar="FILE",
                        help="keep the prompt and playlist in FILE (written atomically on every change) and "
                             "resume them from it at start")
@@ -397,9 +400,13 @@ def pipeline_spec(args):
     """The PipelineSpec (model, backend, device, preset) the stream's child process loads (`skyrt fleet`
     builds each stream's the same way)."""
     from .server.generator_process import PipelineSpec
+    from .threads import backend_thread_options, resolve_thread_count
 
+    threads = resolve_thread_count(getattr(args, "threads", None))
     return PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device,
-                        options={**({} if args.preset is None else {"preset": args.preset}), **_decoder_kwargs(args)})
+                        options={**({} if args.preset is None else {"preset": args.preset}), **_decoder_kwargs(args),
+                                 **backend_thread_options(args.backend, threads)},
+                        threads=threads.count)
 
 
 def serve_sampling(args, surface: str = COMMAND_LINE):

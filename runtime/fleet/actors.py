@@ -15,6 +15,7 @@ reported as pending (never dropped). Names live in the `skyrt-fleet` namespace:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -66,6 +67,17 @@ def _node_here() -> dict:
             "started": time.time()}
 
 
+def with_owned_threads(config: StreamConfig, assigned_cpus: float | None) -> StreamConfig:
+    """The stream's config with `threads` (the generator's intra-op threads, runtime/threads.py) set to
+    the CPUs its actor owns, unless the stream sets `threads` itself. The actor's process sees every
+    core of the node, so the serve default (usable cores minus one) would oversubscribe a node that
+    Ray packs with several streams. At least one thread (a GPU stream may own no CPU)."""
+    if "threads" in config.serve:
+        return config
+    owned = max(1, int(assigned_cpus or 0))
+    return dataclasses.replace(config, serve={**config.serve, "threads": owned})
+
+
 @ray.remote(max_restarts=-1, max_concurrency=8)
 class StreamActor:
     """One stream of a fleet (see the module docstring). Construction is quick on purpose: Ray marks
@@ -73,7 +85,9 @@ class StreamActor:
 
     def __init__(self, fleet: str, stream: dict, token: str | None, allowed_hosts: tuple[str, ...],
                  settings: dict | None = None):
-        self.fleet, self.config = fleet, StreamConfig.from_json(stream)
+        self.fleet = fleet
+        owned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        self.config = with_owned_threads(StreamConfig.from_json(stream), owned_cpus)
         self.controller = ray.get_actor(controller_name(fleet), namespace=NAMESPACE)
         self.node = _node_here()
         started = ray.get(self.controller.stream_starting.remote(self.config.id, self.node))

@@ -48,12 +48,15 @@ log = logging.getLogger("skyrt.server")
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """How to load a pipeline: `skyrt.load(model, backend=..., device=..., **options)` (picklable)."""
+    """How to load a pipeline: `skyrt.load(model, backend=..., device=..., **options)` (picklable).
+    threads: the intra-op thread count (runtime/threads.py) the child sets before the model loads;
+    None leaves the libraries' defaults."""
 
     model: str | None = None
     backend: str = "torch"
     device: str = "cpu"
     options: dict = field(default_factory=dict)
+    threads: int | None = None
 
     def load(self):
         from ..api import load
@@ -74,6 +77,23 @@ def _die_with_parent() -> None:
         pass
 
 
+def _set_threads(spec: PipelineSpec) -> None:
+    """The spec's intra-op thread count, set before torch / onnxruntime load (runtime/threads.py)."""
+    from ..threads import ThreadCount, apply_thread_count
+
+    apply_thread_count(ThreadCount(spec.threads, "spec"))
+
+
+def _threads_in_use() -> dict:
+    """What the loaded libraries run with: OMP_NUM_THREADS and torch's intra-op threads (if loaded)."""
+    import os
+    import sys
+
+    torch = sys.modules.get("torch")
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "torch": None if torch is None else torch.get_num_threads()}
+
+
 def _child_main(conn, spec: PipelineSpec, log_level: int) -> None:
     """The child process: load the pipeline, then run the streams the parent asks for."""
     # The parent owns shutdown: Ctrl-C or a SIGTERM sent to the whole group must not kill this
@@ -82,12 +102,14 @@ def _child_main(conn, spec: PipelineSpec, log_level: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    _set_threads(spec)
     try:
         pipe = spec.load()
     except BaseException as err:  # reported to the parent, which raises it where the server starts
         conn.send(("load_failed", type(err).__name__, str(err), traceback.format_exc()))
         return
-    conn.send(("loaded", {"model": spec.model, "backend": spec.backend, "device": spec.device, "layers": pipe.layers}))
+    conn.send(("loaded", {"model": spec.model, "backend": spec.backend, "device": spec.device, "layers": pipe.layers,
+                          "threads": _threads_in_use()}))
     try:
         _ChildLoop(conn, pipe).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -164,6 +186,7 @@ class ProcessPipeline:
         self._ids = itertools.count(1)
         self.starts = 0  # child processes started (1 + restarts after a death)
         self.layers = None  # the loaded model's ModelLayers (runtime/resolve.py), once started
+        self.threads = None  # the child's intra-op threads as it reported them at load
 
     @property
     def pid(self) -> int | None:
@@ -205,6 +228,7 @@ class ProcessPipeline:
             raise (error if isinstance(error, type) and issubclass(error, Exception) else RuntimeError)(text)
         log.info("generator process %d loaded the model", process.pid)
         self.layers = message[1]["layers"]
+        self.threads = message[1].get("threads")
         return message[1]
 
     def resolve(self, settings=None, stream: bool = False):

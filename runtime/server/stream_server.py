@@ -260,7 +260,7 @@ class StreamServer:
             return None
         pid = self.pipe.pid
         rss = process_resources(pid)[0] if pid is not None else -1
-        return {"pid": pid, "starts": self.pipe.starts, "resident_memory_bytes": rss}
+        return {"pid": pid, "starts": self.pipe.starts, "resident_memory_bytes": rss, "threads": self.pipe.threads}
 
 
 def block_seconds(req: GenerationRequest) -> float:
