@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--height", type=int, default=32)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--pacer-fps", type=int, default=240, help="output fps, above what the model generates")
+    p.add_argument("--pacer-fps", type=int, default=120, help="output fps, above what the model generates")
     p.add_argument("--busy", default="0,4,8", help="busy background processes per level")
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per server")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "threads.json")
