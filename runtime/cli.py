@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kernel send buffer of each stream client (default 256; a slow client's backlog lives "
                             "in a drop-oldest ring, not here): lower it for many viewers on little memory, raise "
                             "it for distant viewers on fast links")
+    serve.add_argument("--generator-stall", type=float, default=0.0, metavar="SECONDS",
+                       help="restart the generator's process when it produces no frame for SECONDS (a hung "
+                            "driver); the last frame stays on screen, /metrics counts it; default 0: off")
     serve.add_argument("--threads", type=int, default=None, metavar="N",
                        help="intra-op threads of the generator (torch, OpenMP, onnxruntime); default: usable cores "
                             "minus the serving process's one; 0 leaves the libraries' defaults (one per core)")
@@ -393,7 +396,8 @@ def server_config(args, token: str | None):
                         stream_send_buffer_bytes=args.send_buffer_kib * 1024,
                         publish=tuple(getattr(args, "publish", ())),
                         ll_hls_part_s=getattr(args, "ll_hls_part", PART_TARGET_S),
-                        max_webrtc_sessions=getattr(args, "max_webrtc_sessions", 64))
+                        max_webrtc_sessions=getattr(args, "max_webrtc_sessions", 64),
+                        generator_stall_s=getattr(args, "generator_stall", 0.0))
 
 
 def pipeline_spec(args):

@@ -52,7 +52,7 @@ SERVE_KEYS = {
     **{f.metadata["cli"].replace("-", "_"): setting_type(f)
        for f in cli_settings(exclude=(*STREAM_EXCLUDED, "prompt"))},
     "formats": list, "max_connections": int, "max_connections_per_address": int, "stall_timeout": float,
-    "send_buffer_kib": int, "threads": int,
+    "send_buffer_kib": int, "threads": int, "generator_stall": float,
 }
 # Stream keys of the fleet itself.
 FLEET_STREAM_KEYS = {"id", "prompt", "playlist", "token_file", "no_token", "gpus", "cpus", "precision"}

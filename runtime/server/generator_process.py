@@ -280,6 +280,11 @@ class ProcessPipeline:
             self._stopped = True
         self._reap()
 
+    def kill_child(self) -> None:
+        """Kill the child now (a stalled generator, StallWatchdog): the blocked `receive` raises and the
+        generator thread starts a new child, as after a crash."""
+        self._reap()
+
     def _reap(self) -> None:
         with self._lock:
             process, conn = self._process, self._conn
