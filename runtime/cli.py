@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kernel send buffer of each stream client (default 256; a slow client's backlog lives "
                             "in a drop-oldest ring, not here): lower it for many viewers on little memory, raise "
                             "it for distant viewers on fast links")
+    serve.add_argument("--generator-stall", type=float, default=0.0, metavar="SECONDS",
+                       help="restart the generator's process when it produces no frame for SECONDS (a hung "
+                            "driver); the last frame stays on screen, /metrics counts it; default 0: off")
+    serve.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="intra-op threads of the generator (torch, OpenMP, onnxruntime); default: usable cores "
+                            "minus the serving process's one; 0 leaves the libraries' defaults (one per core)")
     serve.add_argument("--state", type=Path, default=None, metavar="FILE",
                        help="keep the prompt and playlist in FILE (written atomically on every change) and the "
                             "stream itself in FILE.stream.npz (a snapshot), and resume both from there at start: "
@@ -404,13 +410,15 @@ def server_config(args, token: str | None):
                         stream_send_buffer_bytes=args.send_buffer_kib * 1024,
                         publish=tuple(getattr(args, "publish", ())),
                         ll_hls_part_s=getattr(args, "ll_hls_part", PART_TARGET_S),
-                        max_webrtc_sessions=getattr(args, "max_webrtc_sessions", 64))
+                        max_webrtc_sessions=getattr(args, "max_webrtc_sessions", 64),
+                        generator_stall_s=getattr(args, "generator_stall", 0.0))
 
 
 def pipeline_spec(args):
     """The PipelineSpec (model, backend, device, preset) the stream's child process loads (`skyrt fleet`
     builds each stream's the same way)."""
     from .server.generator_process import PipelineSpec
+    from .threads import backend_thread_options, resolve_thread_count
 
     from .server.resume import snapshot_path
 
@@ -418,8 +426,11 @@ def pipeline_spec(args):
     if every < 0:
         raise SystemExit(f"skyrt serve: --snapshot-every {every:g}: give 0 (only at a stop) or a positive number "
                          "of seconds, e.g. 30")
+    threads = resolve_thread_count(getattr(args, "threads", None))
     return PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device,
-                        options={**({} if args.preset is None else {"preset": args.preset}), **_decoder_kwargs(args)},
+                        options={**({} if args.preset is None else {"preset": args.preset}), **_decoder_kwargs(args),
+                                 **backend_thread_options(args.backend, threads)},
+                        threads=threads.count,
                         snapshot_path=None if state is None else str(snapshot_path(state.expanduser())),
                         snapshot_every_s=every)
 

@@ -15,12 +15,14 @@ reported as pending (never dropped). Names live in the `skyrt-fleet` namespace:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
 
 import ray
 
+from .admission import Admission, AdmissionRefused, stream_plan
 from .config import NAMESPACE, StreamConfig
 from .store import FleetState, FleetStore, StreamRecord, merge_declared
 from .stream_host import HostSettings, StreamHost
@@ -66,6 +68,17 @@ def _node_here() -> dict:
             "started": time.time()}
 
 
+def with_owned_threads(config: StreamConfig, assigned_cpus: float | None) -> StreamConfig:
+    """The stream's config with `threads` (the generator's intra-op threads, runtime/threads.py) set to
+    the CPUs its actor owns, unless the stream sets `threads` itself. The actor's process sees every
+    core of the node, so the serve default (usable cores minus one) would oversubscribe a node that
+    Ray packs with several streams. At least one thread (a GPU stream may own no CPU)."""
+    if "threads" in config.serve:
+        return config
+    owned = max(1, int(assigned_cpus or 0))
+    return dataclasses.replace(config, serve={**config.serve, "threads": owned})
+
+
 @ray.remote(max_restarts=-1, max_concurrency=8)
 class StreamActor:
     """One stream of a fleet (see the module docstring). Construction is quick on purpose: Ray marks
@@ -73,7 +86,9 @@ class StreamActor:
 
     def __init__(self, fleet: str, stream: dict, token: str | None, allowed_hosts: tuple[str, ...],
                  settings: dict | None = None):
-        self.fleet, self.config = fleet, StreamConfig.from_json(stream)
+        self.fleet = fleet
+        owned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        self.config = with_owned_threads(StreamConfig.from_json(stream), owned_cpus)
         self.controller = ray.get_actor(controller_name(fleet), namespace=NAMESPACE)
         self.node = _node_here()
         started = ray.get(self.controller.stream_starting.remote(self.config.id, self.node))
@@ -118,18 +133,30 @@ class FleetController:
         self._probes: dict[str, asyncio.Future] = {}
         self._dirty = False
         self._writer = None
+        self.admission = Admission(())  # by memory, when the config declares gpus (admission.py)
+        self.refused: dict[str, dict] = {}  # stream id -> why it was not admitted, with the figures
 
     # ---------------------------------------------------------------------------- fleet changes
-    async def apply(self, streams: list[dict], tokens: dict[str, str | None], fleet_token: str | None) -> dict:
+    async def apply(self, streams: list[dict], tokens: dict[str, str | None], fleet_token: str | None,
+                    gpus: tuple = ()) -> dict:
         """Make the declared streams run (create missing ones, recreate changed ones) and start every
-        other stream the state file holds (added with `fleet add` earlier). Returns what it did."""
+        other stream the state file holds (added with `fleet add` earlier). With `gpus` (logical GPUs
+        and their memory), streams are admitted in order while they fit; one that does not is not
+        started and is reported as refused, with its figures. Returns what it did."""
         self.state.token = fleet_token
-        created, kept, restarted = [], [], []
+        self.admission, self.refused = Admission(tuple(gpus)), {}
+        created, kept, restarted, refused = [], [], [], {}
         for data in streams:
             declared = StreamConfig.from_json(data)
             record, changed = merge_declared(self.state, declared, tokens.get(declared.id))
             self.state.streams[declared.id] = record
             handle = self._handle(declared.id)
+            why = self._admit(declared)
+            if why is not None:
+                if handle is not None:
+                    await self._stop_actor(declared.id, handle)
+                refused[declared.id] = why
+                continue
             if handle is not None and changed:
                 await self._stop_actor(declared.id, handle)
                 handle = None
@@ -144,16 +171,43 @@ class FleetController:
         resumed = []
         for sid, record in self.state.streams.items():
             if sid not in declared_ids and self._handle(sid) is None:
+                why = self._admit(record.config)
+                if why is not None:
+                    refused[sid] = why
+                    continue
                 self._create(record)
                 resumed.append(sid)
         self._save()
-        return {"created": created, "restarted": restarted, "kept": kept, "resumed": resumed}
+        return {"created": created, "restarted": restarted, "kept": kept, "resumed": resumed, "refused": refused}
+
+    def _admit(self, config: StreamConfig) -> str | None:
+        """None when the stream may start (no gpus declared, or its memory plan fits), else why not."""
+        if not self.admission.gpus:
+            return None
+        try:
+            plan = stream_plan(config)
+            gpu = self.admission.admit(config.id, plan)
+        except AdmissionRefused as err:
+            self.refused[config.id] = {"error": str(err), "needed_bytes": err.needed_bytes,
+                                       "free_bytes": err.free_bytes, "plan": err.plan.to_json()}
+            log.warning("fleet %s: %s", self.fleet, err)
+            return str(err)
+        except ValueError as err:  # its request does not resolve (a bad model folder, a bad setting)
+            self.refused[config.id] = {"error": f"no memory plan: {err}"}
+            return self.refused[config.id]["error"]
+        self.refused.pop(config.id, None)
+        log.info("fleet %s: stream %s admitted on %s (%.3f GiB)", self.fleet, config.id, gpu,
+                 plan.total_bytes(1) / 2 ** 30)
+        return None
 
     async def add(self, stream: dict, token: str | None) -> None:
         config = StreamConfig.from_json(stream)
         if config.id in self.state.streams:
             raise ValueError(f"stream {config.id!r} is already in fleet {self.fleet!r}; remove it first "
                              f"(skyrt fleet remove {config.id}) or pick another id")
+        why = self._admit(config)
+        if why is not None:
+            raise ValueError(why)  # `fleet add` prints it
         record = StreamRecord(config, token, None, config.control_source_hash())
         self.state.streams[config.id] = record
         self._create(record)
@@ -167,6 +221,8 @@ class FleetController:
         if handle is not None:
             await self._stop_actor(stream_id, handle)
         del self.state.streams[stream_id]
+        self.admission.release(stream_id)
+        self.refused.pop(stream_id, None)
         self._save()
 
     async def down(self) -> list[str]:
@@ -276,6 +332,11 @@ class FleetController:
         entry = {"id": stream_id, "url": f"/streams/{stream_id}/", "restarts": record.restarts,
                  "fps": int(config.serve.get("fps", 24)), "wants": {"CPU": config.cpus, "GPU": config.num_gpus},
                  "node": None, "gpus": [], "generated_fps": None, "clients": {}, "error": None}
+        if stream_id in self.refused:
+            entry.update(state="refused", error=self.refused[stream_id]["error"],
+                         memory={k: v for k, v in self.refused[stream_id].items() if k != "error"})
+            return entry
+        entry["gpu"] = self.admission.gpu_of(stream_id)
         if info is not None:
             status = info.get("status") or {}
             entry.update(state=info["phase"], node=info["node"]["node_id"], node_ip=info["node"]["ip"],

@@ -149,7 +149,9 @@ def start_streams(config: FleetConfig, environ=os.environ, settings: dict | None
     if generated and saved:
         token, generated = saved, False  # a token generated at an earlier `up` stays valid
     tokens = {s.id: _stream_token(s, token) for s in config.streams}
-    ray.get(controller.apply.remote([s.to_json() for s in config.streams], tokens, token))
+    done = ray.get(controller.apply.remote([s.to_json() for s in config.streams], tokens, token, config.gpus))
+    for stream_id, why in done.get("refused", {}).items():
+        log.warning("fleet %s: stream %s not started: %s", config.name, stream_id, why)
     return token, generated
 
 

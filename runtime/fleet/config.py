@@ -6,6 +6,7 @@
     token_file: /etc/skyrt/token     # fleet-wide control token (else $SKYRT_TOKEN, else one generated at `up`)
     allowed_hosts: [screens.example.org]
     ingress: {host: 0.0.0.0, port: 8000, video: redirect}
+    gpus: [{name: gpu0, memory: 24GiB, reserve: 1GiB}]   # logical GPUs: streams admitted while they fit
     defaults: {height: 128, width: 128, fps: 24}   # every stream starts from these
     streams:
       - id: lobby
@@ -51,17 +52,51 @@ SERVE_KEYS = {
     **{f.metadata["cli"].replace("-", "_"): setting_type(f)
        for f in cli_settings(exclude=(*STREAM_EXCLUDED, "prompt"))},
     "formats": list, "max_connections": int, "max_connections_per_address": int, "stall_timeout": float,
-    "send_buffer_kib": int,
+    "send_buffer_kib": int, "threads": int, "generator_stall": float,
 }
 # Stream keys of the fleet itself.
-FLEET_STREAM_KEYS = {"id", "prompt", "playlist", "token_file", "no_token", "gpus", "cpus"}
+FLEET_STREAM_KEYS = {"id", "prompt", "playlist", "token_file", "no_token", "gpus", "cpus", "precision"}
 FLEET_KEYS = {"name", "address", "state_dir", "token_file", "no_token", "allowed_hosts", "ingress", "defaults",
-              "streams"}
+              "streams", "gpus"}
+GPU_KEYS = {"name", "memory", "reserve"}
 INGRESS_KEYS = {"host", "port", "video", "proxy_location"}
 
 
 class ConfigError(ValueError):
     """A fleet configuration that does not validate; the message names the field and the fix."""
+
+
+MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB)?\s*$", re.IGNORECASE)
+UNITS = {"gib": 1024 ** 3, "gb": 10 ** 9, "mib": 1024 ** 2, "mb": 10 ** 6}
+
+
+def parse_memory(value, where: str) -> int:
+    """Bytes of `24GiB`, `24 GB`, `512MiB` or a bare number of GiB."""
+    if isinstance(value, bool):
+        raise ValueError(f"{where} must be a memory size like 24GiB, got {value!r}")
+    if isinstance(value, (int, float)):
+        value = str(value)
+    match = MEMORY.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{where} must be a memory size like 24GiB, 24GB or 512MiB, got {value!r}")
+    amount, unit = float(match.group(1)), (match.group(2) or "GiB").lower()
+    nbytes = int(amount * UNITS[unit])
+    if nbytes <= 0:
+        raise ValueError(f"{where} must be more than 0, got {value!r}")
+    return nbytes
+
+
+@dataclass(frozen=True)
+class LogicalGpu:
+    """One logical GPU of the fleet: its memory, and a reserve kept free (CUDA context, workspace)."""
+
+    name: str
+    memory_bytes: int
+    reserve_bytes: int = 0
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.memory_bytes - self.reserve_bytes
 
 
 @dataclass(frozen=True)
@@ -77,6 +112,19 @@ class StreamConfig:
     no_token: bool = False
     gpus: float | None = None  # None: 1 for a cuda device, else 0
     cpus: float = 1.0
+    # The precision its graphs / engines run at, for its memory plan (runtime/memory_plan.py); None: fp32 on
+    # the CPU, bf16 on a GPU.
+    precision_key: str | None = None
+
+    @property
+    def precision(self) -> str:
+        if self.precision_key is not None:
+            return self.precision_key
+        return "bf16" if self.device.startswith("cuda") or self.backend == "tensorrt" else "fp32"
+
+    @property
+    def backend(self) -> str:
+        return str(self.serve.get("backend", "torch"))
 
     @property
     def device(self) -> str:
@@ -137,6 +185,8 @@ class FleetConfig:
     allowed_hosts: tuple[str, ...] = ()
     ingress: IngressConfig = field(default_factory=IngressConfig)
     streams: tuple[StreamConfig, ...] = ()
+    # Logical GPUs with their memory (admission.py): empty, no admission by memory (Ray's GPU counts only).
+    gpus: tuple = ()
 
 
 # ---------------------------------------------------------------------------------------- parsing
@@ -182,7 +232,34 @@ def parse_fleet_config(data, base: Path = Path(".")) -> FleetConfig:
         token_file=_token_file(data.get("token_file"), base, "token_file"),
         no_token=_bool(data.get("no_token", False), "no_token"),
         allowed_hosts=tuple(h.lower() for h in allowed),
-        ingress=parse_ingress(data.get("ingress") or {}), streams=streams)
+        ingress=parse_ingress(data.get("ingress") or {}), streams=streams, gpus=parse_gpus(data.get("gpus")))
+
+
+def parse_gpus(data) -> tuple:
+    """The fleet's logical GPUs: a list of {name, memory, reserve?} (memory like 24GiB)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"gpus must be a list of logical GPUs like [{{name: gpu0, memory: 24GiB}}], got {data!r}")
+    gpus = []
+    for i, entry in enumerate(data):
+        where = f"gpus[{i}]"
+        _check_keys(entry, GPU_KEYS, where)
+        if "memory" not in entry:
+            raise ConfigError(f"{where}: missing memory (e.g. memory: 24GiB)")
+        name = _name(entry.get("name", f"gpu{i}"), f"{where}.name", STREAM_ID)
+        try:
+            memory = parse_memory(entry["memory"], f"{where}.memory")
+            reserve = parse_memory(entry["reserve"], f"{where}.reserve") if "reserve" in entry else 0
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if reserve >= memory:
+            raise ConfigError(f"{where}.reserve must be less than its memory")
+        gpus.append(LogicalGpu(name, memory, reserve))
+    names = [g.name for g in gpus]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"gpus: names must be unique, got {names}")
+    return tuple(gpus)
 
 
 def parse_ingress(data) -> IngressConfig:
@@ -219,9 +296,17 @@ def parse_stream_config(data, base: Path = Path("."), where: str = "stream") -> 
         token_file=_token_file(data.get("token_file"), base, f"{where}.token_file"),
         no_token=_bool(data.get("no_token", False), f"{where}.no_token"),
         gpus=None if data.get("gpus") is None else _amount(data["gpus"], f"{where}.gpus"),
-        cpus=_amount(data.get("cpus", 1.0), f"{where}.cpus"))
+        cpus=_amount(data.get("cpus", 1.0), f"{where}.cpus"), precision_key=_precision(data.get("precision"), where))
     check_serve_flags(stream)
     return stream
+
+
+def _precision(value, where: str) -> str | None:
+    from ..memory_plan import PRECISIONS
+
+    if value is not None and value not in PRECISIONS:
+        raise ConfigError(f"{where}.precision must be one of {list(PRECISIONS)}, got {value!r}")
+    return value
 
 
 def check_serve_flags(stream: StreamConfig):

@@ -3,6 +3,9 @@
     GeneratorThread  owns the pipeline: iterates `pipe.stream(...)` forever, hands frame chunks to
                      a small FrameBuffer, forwards prompt changes, restarts cleanly after an error,
                      and restarts at a chunk boundary with a new request (`restart_with`: HTTP settings).
+    StallWatchdog    (--generator-stall SECONDS) a generator that has been waiting that long for its
+                     next chunk (a hung driver, a deadlock in native code) has its child process
+                     killed: the generator thread sees a dead child and restarts it, as after a crash.
     PacerThread      takes one frame per 1/fps tick (repeating the last one when generation is
                      late, so players never stall), ticks the playlist, and runs every encoder once.
 
@@ -89,6 +92,9 @@ class GeneratorThread(threading.Thread):
         self.running_resolution = None  # the resolution of the stream open now (None between streams)
         self._restart = threading.Event()  # set: end the stream after the chunk in hand, open a new one (new settings, or a change with its own start)
         self._on_failure: Callable[[Exception], None] | None = None  # of a resolution no chunk has proven yet
+        # monotonic time the running stream began waiting for its next chunk; None while it is not
+        # waiting on the model (loading it, or handing a chunk to a full buffer): StallWatchdog reads it
+        self.awaiting_chunk_since: float | None = None
         board.subscribe(self._forward)
 
     def restart_with(self, resolution, on_failure: Callable[[Exception], None] | None = None) -> None:
@@ -165,7 +171,7 @@ class GeneratorThread(threading.Thread):
             self._forward(self.board.current)
         try:
             produced = time.monotonic()
-            for chunk in stream:  # uint8 [n, H, W, 3]
+            for chunk in self._chunks(stream):  # uint8 [n, H, W, 3]
                 if on_failure is not None:  # a chunk came: the new request runs, nothing to revert
                     with self._stream_lock:
                         if self._on_failure is on_failure:
@@ -186,6 +192,55 @@ class GeneratorThread(threading.Thread):
                 self._stream = None
                 self.running_resolution = None
             stream.close()
+
+    def _chunks(self, stream):
+        """The stream's chunks, with `awaiting_chunk_since` set while each but the first is awaited: the
+        first includes the stream's warm-up (and a new child's first step), which may take far longer
+        than a chunk, and judging it would kill a slow start over and over."""
+        first = True
+        while True:
+            self.awaiting_chunk_since = None if first else time.monotonic()
+            first = False
+            try:
+                chunk = next(stream)
+            except StopIteration:
+                return
+            finally:
+                self.awaiting_chunk_since = None
+            yield chunk
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+class StallWatchdog(threading.Thread):
+    """Restarts a generator that has produced no chunk for `stall_s` seconds while waiting on the model.
+    The pacer keeps repeating the last frame meanwhile (viewers see it held, not a broken stream).
+    Needs the pipeline in a child process (ProcessPipeline.kill_child): a thread cannot be killed."""
+
+    def __init__(self, generator: GeneratorThread, stall_s: float, metrics: Metrics, period_s: float | None = None):
+        super().__init__(name="skyrt-stall-watchdog", daemon=True)
+        self.generator, self.stall_s, self.metrics = generator, stall_s, metrics
+        self.period_s = min(1.0, stall_s / 4) if period_s is None else period_s
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.period_s):
+            since = self.generator.awaiting_chunk_since
+            if since is not None and time.monotonic() - since > self.stall_s:
+                self._restart(time.monotonic() - since)
+
+    def _restart(self, waited: float) -> None:
+        kill = getattr(self.generator.pipe, "kill_child", None)
+        log.error("generator produced no frame for %.1f s (--generator-stall %g): %s", waited, self.stall_s,
+                  "restarting its process" if kill else "cannot restart an in-process pipeline")
+        with self.metrics.lock:
+            self.metrics.generator_stalls += 1
+        if kill is None:
+            self.stop_event.set()  # counted once; nothing else to do
+            return
+        self.generator.awaiting_chunk_since = None  # one restart per stall
+        kill()
 
     def stop(self) -> None:
         self.stop_event.set()

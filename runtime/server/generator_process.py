@@ -53,7 +53,9 @@ log = logging.getLogger("skyrt.server")
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """How to load a pipeline: `skyrt.load(model, backend=..., device=..., **options)` (picklable)."""
+    """How to load a pipeline: `skyrt.load(model, backend=..., device=..., **options)` (picklable).
+    threads: the intra-op thread count (runtime/threads.py) the child sets before the model loads;
+    None leaves the libraries' defaults."""
 
     model: str | None = None
     backend: str = "torch"
@@ -61,6 +63,7 @@ class PipelineSpec:
     options: dict = field(default_factory=dict)
     snapshot_path: str | None = None  # the stream snapshot (resume.py); None: no snapshots
     snapshot_every_s: float = 30.0
+    threads: int | None = None
 
     def load(self):
         from ..api import load
@@ -81,6 +84,23 @@ def _die_with_parent() -> None:
         pass
 
 
+def _set_threads(spec: PipelineSpec) -> None:
+    """The spec's intra-op thread count, set before torch / onnxruntime load (runtime/threads.py)."""
+    from ..threads import ThreadCount, apply_thread_count
+
+    apply_thread_count(ThreadCount(spec.threads, "spec"))
+
+
+def _threads_in_use() -> dict:
+    """What the loaded libraries run with: OMP_NUM_THREADS and torch's intra-op threads (if loaded)."""
+    import os
+    import sys
+
+    torch = sys.modules.get("torch")
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "torch": None if torch is None else torch.get_num_threads()}
+
+
 def _child_main(conn, spec: PipelineSpec, log_level: int, snapshot_done=None) -> None:
     """The child process: load the pipeline, then run the streams the parent asks for."""
     # The parent owns shutdown: Ctrl-C or a SIGTERM sent to the whole group must not kill this
@@ -89,12 +109,14 @@ def _child_main(conn, spec: PipelineSpec, log_level: int, snapshot_done=None) ->
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    _set_threads(spec)
     try:
         pipe = spec.load()
     except BaseException as err:  # reported to the parent, which raises it where the server starts
         conn.send(("load_failed", type(err).__name__, str(err), traceback.format_exc()))
         return
-    conn.send(("loaded", {"model": spec.model, "backend": spec.backend, "device": spec.device, "layers": pipe.layers}))
+    conn.send(("loaded", {"model": spec.model, "backend": spec.backend, "device": spec.device, "layers": pipe.layers,
+                          "threads": _threads_in_use()}))
     try:
         _ChildLoop(conn, pipe, _snapshots(spec), snapshot_done).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -205,6 +227,7 @@ class ProcessPipeline:
         self.layers = None  # the loaded model's ModelLayers (runtime/resolve.py), once started
         self._snapshot_done = (self._context.Event(), self._context.Value("b", 0))  # (answered, written)
         self._stream_id = None  # the stream running in the child now
+        self.threads = None  # the child's intra-op threads as it reported them at load
 
     @property
     def pid(self) -> int | None:
@@ -247,6 +270,7 @@ class ProcessPipeline:
             raise (error if isinstance(error, type) and issubclass(error, Exception) else RuntimeError)(text)
         log.info("generator process %d loaded the model", process.pid)
         self.layers = message[1]["layers"]
+        self.threads = message[1].get("threads")
         return message[1]
 
     def resolve(self, settings=None, stream: bool = False):
@@ -306,6 +330,11 @@ class ProcessPipeline:
         `receive` on the generator thread returns at once."""
         with self._lock:
             self._stopped = True
+        self._reap()
+
+    def kill_child(self) -> None:
+        """Kill the child now (a stalled generator, StallWatchdog): the blocked `receive` raises and the
+        generator thread starts a new child, as after a crash."""
         self._reap()
 
     def _reap(self) -> None:

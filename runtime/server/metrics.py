@@ -64,6 +64,7 @@ class Metrics:
         self.last_chunk_s: float | None = None  # uptime at which frames_generated last grew
         self.generator_errors = 0
         self.generator_restarts = 0
+        self.generator_stalls = 0  # generators restarted by --generator-stall
         self.last_error: str | None = None
         self.encoder_errors = 0
         self.chunk_latency = Histogram(LATENCY_BUCKETS)
@@ -150,6 +151,7 @@ class Metrics:
                 **self._latency_summary(),
                 "generator_errors": self.generator_errors,
                 "generator_restarts": self.generator_restarts,
+                "generator_stalls": self.generator_stalls,
                 "last_error": self.last_error,
                 "encoder_errors": self.encoder_errors,
                 "pacer_resyncs": self.pacer_resyncs,
@@ -212,6 +214,9 @@ class Metrics:
                    [(f'{{quantile="{q / 100:g}"}}', nan_if_none(window.percentile(q))) for q in (50, 99)])
             metric("skyrt_generator_errors_total", "counter", "Generator failures (each followed by a clean restart).",
                    [("", self.generator_errors)])
+            metric("skyrt_generator_stalls_total", "counter",
+                   "Generators restarted after producing no frame for --generator-stall seconds.",
+                   [("", self.generator_stalls)])
             metric("skyrt_encoder_errors_total", "counter", "Output encoder failures.", [("", self.encoder_errors)])
             metric("skyrt_pacer_resyncs_total", "counter", "Times the pacer fell over 1 s behind and reset its clock.",
                    [("", self.pacer_resyncs)])

@@ -23,7 +23,7 @@ from ..request import GenerationRequest, check_stream_settings
 from ..resolve import Settings
 from .broadcast import Broadcast
 from .connections import ConnectionLimits, ConnectionRegistry
-from .generator import FrameBuffer, GeneratorThread, PacerThread
+from .generator import FrameBuffer, GeneratorThread, PacerThread, StallWatchdog
 from .generator_process import ProcessPipeline
 from .hls_window import HlsWindow
 from .llhls import PART_TARGET_S, check_part_length, new_window
@@ -66,8 +66,11 @@ class ServerConfig:
     publish: tuple[str, ...] = ()  # --publish URL: push targets (rtmp://HOST/APP/KEY), see publish.py
     ll_hls_part_s: float = PART_TARGET_S  # low-latency HLS beside HLS (/llhls/), parts this long; 0: off
     max_webrtc_sessions: int = 64  # WHEP sessions at once (each holds UDP sockets and a DTLS context)
+    generator_stall_s: float = 0.0  # --generator-stall: restart a generator with no chunk this long; 0: off
 
     def __post_init__(self):
+        if not self.generator_stall_s >= 0:
+            raise ValueError(f"--generator-stall must be seconds >= 0 (0: off), got {self.generator_stall_s}")
         if self.fps is not None and not 1 <= self.fps <= 120:
             raise ValueError(f"fps must be in 1..120, got {self.fps}")
         unknown = sorted(set(self.formats) - set(FORMATS))
@@ -157,6 +160,8 @@ class StreamServer:
         if self.state is not None:
             self.state.sections["settings"] = self.settings_control.snapshot
             self.settings_control.restore(self.state.load())
+        self.stall_watchdog = (StallWatchdog(self.generator, self.config.generator_stall_s, self.metrics)
+                               if self.config.generator_stall_s > 0 else None)
         self.pacer: PacerThread | None = None
         self._encoders: list = []
         self.publishers: list[Publisher] = []  # made by outputs/rtmp.py
@@ -196,6 +201,8 @@ class StreamServer:
         self.pacer = PacerThread(self.config.fps, self.buffer, self._encoders, self.board, self.metrics)
         self.generator.start()
         self.pacer.start()
+        if self.stall_watchdog is not None:
+            self.stall_watchdog.start()
         if self._saver is not None:
             self._saver.start()
             self._saver.mark_dirty()  # the file exists (and names this run's state) from the start
@@ -217,6 +224,8 @@ class StreamServer:
         if isinstance(self.pipe, ProcessPipeline) and self.pipe.snapshot_now(SNAPSHOT_STOP_WAIT_S):
             log.info("wrote the stream snapshot for the next start")
         self.generator.stop()
+        if self.stall_watchdog is not None:
+            self.stall_watchdog.stop()
         if self.pacer is not None:
             self.pacer.stop()
             self.pacer.join(timeout=5)
@@ -286,7 +295,7 @@ class StreamServer:
             return None
         pid = self.pipe.pid
         rss = process_resources(pid)[0] if pid is not None else -1
-        return {"pid": pid, "starts": self.pipe.starts, "resident_memory_bytes": rss}
+        return {"pid": pid, "starts": self.pipe.starts, "resident_memory_bytes": rss, "threads": self.pipe.threads}
 
 
 def block_seconds(req: GenerationRequest) -> float:
