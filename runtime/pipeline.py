@@ -36,6 +36,7 @@ from skyrt import _core
 
 from . import latents as lat
 from .backends.base import Backend, KVStepCall, KVStreamSpec, TextContext
+from .drift import DriftMonitor, DriftThresholds
 from .request import (STREAM_DEFAULTS, STREAM_EXCLUDED, STREAM_FRAMES, GenerationRequest, validate_request,
                       with_request_signature)
 from .resolve import ModelLayers, Resolution, Settings, resolve_request
@@ -187,7 +188,8 @@ class Pipeline:
 
     @with_request_signature(exclude=STREAM_EXCLUDED, defaults=STREAM_DEFAULTS)
     def stream(self, *, image: ImageLike | None = None, max_chunks: int | None = None,
-               request: GenerationRequest | None = None, **settings) -> FrameStream:
+               request: GenerationRequest | None = None, drift: DriftThresholds | None = None,
+               **settings) -> FrameStream:
         """An endless stream: iterate it for uint8 frame chunks [n, H, W, 3] (or, with output="latent",
         model-space latent chunks [16, f, h, w]) forever, or for `max_chunks` chunks.
 
@@ -205,17 +207,23 @@ class Pipeline:
 
         `request`: an already resolved stream request (`resolve(..., stream=True).request`) instead of
         settings (what `skyrt serve` hands its generator process).
+
+        Every stream runs a drift monitor (runtime/drift.py; `drift` sets its thresholds, default
+        DriftThresholds()) on each chunk's latents and frames: `stream.drift_status()` reads it. With
+        reanchor="recache" (kvcache mode) a crossing re-anchors the cache (KVRollout.recache) between
+        blocks; reanchor="off" only counts crossings and leaves the stream as it is.
         """
         self._check_preset_inputs(image=image)
         # A stream is a long video of unbounded length (num_frames "forever"): windows are planned one at a time.
         req = self._request(settings, given=request, stream=True)
         cond = self._condition(req, image, None, None)
         control = StreamControl(req.prompt, req.negative_prompt)
-        chunks = self._stream_kvcache(req, cond, control) if req.mode == "kvcache" else self._stream_windows(
-            req, cond, control)
-        return FrameStream(chunks, control, max_chunks)
+        monitor = DriftMonitor(drift, req.reanchor)
+        chunks = self._stream_kvcache(req, cond, control, monitor) if req.mode == "kvcache" else self._stream_windows(
+            req, cond, control, monitor)
+        return FrameStream(chunks, control, max_chunks, monitor)
 
-    def _stream_windows(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
+    def _stream_windows(self, req, cond, control: "StreamControl", monitor: DriftMonitor) -> Iterator[np.ndarray]:
         base = lat.latent_length(req.base_num_frames)
         decoder = self.backend.streaming_decoder()
         prefix = cond.start_latents
@@ -229,13 +237,15 @@ class Pipeline:
             new = z if index == 0 else z[:, window.prefix_frames :]
             if req.overlap_carry == "latent":
                 # Streaming decode of each new latent frame == one decode of the whole stream.
-                yield new if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, new))
+                frames = None if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, new))
                 prefix = self._next_prefix(req, z, None)
             else:
                 pixels = self.backend.vae_decode(lat.denormalize(z))
-                yield new if req.output == "latent" else to_uint8_frames(
+                frames = None if req.output == "latent" else to_uint8_frames(
                     pixels if index == 0 else pixels[:, req.overlap_history :])
                 prefix = self._encode_pixels(pixels[:, -req.overlap_history :])
+            monitor.observe(new, frames)  # window mode has no cache to re-anchor (reanchor="off" enforced)
+            yield new if frames is None else frames
             index += 1
 
     def _decode_stream(self, decoder, z: np.ndarray) -> np.ndarray:
@@ -320,15 +330,21 @@ class Pipeline:
         # causal caches).
         return to_uint8_frames(np.concatenate([cond.input_pixels, pixels[:, req.overlap_history :]], axis=1))
 
-    def _stream_kvcache(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
+    def _stream_kvcache(self, req, cond, control: "StreamControl", monitor: DriftMonitor) -> Iterator[np.ndarray]:
         decoder = self.backend.streaming_decoder()
         rollout = self._kv_rollout(req, cond, None, None)
         try:
             for block in rollout.blocks():
-                yield block if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, block))
+                frames = None if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, block))
+                reanchor = monitor.observe(block, frames)
+                yield block if frames is None else frames
                 switch = control.take()  # the generator resumes here: between blocks, before the next row
                 if switch is not None:
                     rollout.set_prompt(*self._encode_prompts(req, switch), recache=switch.recache)
+                elif reanchor:  # a switch's recache already re-anchors under the new prompt
+                    rollout.recache()
+                if reanchor:
+                    monitor.reanchored()
         finally:  # close() of the stream (or an error) releases the core's and the backend's buffers at once
             rollout.close()
             decoder.close()
@@ -603,8 +619,10 @@ class StreamControl:
 class FrameStream(Iterator[np.ndarray]):
     """What `Pipeline.stream` returns: an iterator of chunks that can be steered while it runs."""
 
-    def __init__(self, chunks: Iterator[np.ndarray], control: StreamControl, max_chunks: int | None):
+    def __init__(self, chunks: Iterator[np.ndarray], control: StreamControl, max_chunks: int | None,
+                 monitor: DriftMonitor | None = None):
         self._chunks, self._control, self._left = chunks, control, max_chunks
+        self.monitor = monitor
 
     def __iter__(self) -> "FrameStream":
         return self
@@ -631,6 +649,10 @@ class FrameStream(Iterator[np.ndarray]):
     def prompt(self) -> str:
         """The prompt the stream is denoising with now."""
         return self._control.prompt
+
+    def drift_status(self) -> dict | None:
+        """The drift monitor's figures (runtime/drift.py DriftMonitor.status), JSON-safe; None without one."""
+        return None if self.monitor is None else self.monitor.status()
 
     def close(self) -> None:
         """Stop the stream and release its state."""

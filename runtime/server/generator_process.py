@@ -16,7 +16,8 @@ iterator of chunks with `set_prompt`, `prompt` and `close`, like `Pipeline.strea
 
 Protocol on one duplex pipe (child -> parent, after ("loaded", info) or ("load_failed", error); info
 holds the model's ModelLayers under "layers"):
-    ("chunk", stream_id, shape, seconds, prompt) then the chunk's bytes   one uint8 chunk [n, H, W, 3]
+    ("chunk", stream_id, shape, seconds, prompt, drift) then the chunk's bytes   one uint8 chunk [n, H, W, 3];
+                                                   drift: the stream's drift monitor status (runtime/drift.py)
     ("error", stream_id, text)                                           the stream raised; it is closed
     ("done", stream_id)                                                  a finite stream ended
 parent -> child:
@@ -132,7 +133,9 @@ class _ChildLoop:
             self._report(err)
             return
         chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
-        self.conn.send(("chunk", self.stream_id, chunk.shape, time.monotonic() - started, self.stream.prompt))
+        drift = getattr(self.stream, "drift_status", None)
+        self.conn.send(("chunk", self.stream_id, chunk.shape, time.monotonic() - started, self.stream.prompt,
+                        None if drift is None else drift()))
         self.conn.send_bytes(chunk.reshape(-1))  # 1-D: Connection slices a view by its first axis
 
     def _report(self, err: Exception) -> None:
@@ -275,6 +278,7 @@ class ChildStream:
         self.owner, self.stream_id = owner, stream_id
         self.prompt = prompt  # what the child reports it is denoising with now
         self.last_chunk_seconds: float | None = None  # the child's own time for the last chunk
+        self._drift: dict | None = None  # the child's drift monitor status after the last chunk
         self._closed = False
 
     def __iter__(self) -> "ChildStream":
@@ -287,13 +291,17 @@ class ChildStream:
                 continue  # left over from a stream closed earlier
             kind = message[0]
             if kind == "chunk":
-                _, _, shape, seconds, prompt = message
+                _, _, shape, seconds, prompt, self._drift = message
                 self.last_chunk_seconds, self.prompt = seconds, prompt
                 return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
             self._closed = True
             if kind == "error":
                 raise GeneratorProcessError(message[2])
         raise StopIteration
+
+    def drift_status(self) -> dict | None:
+        """The stream's drift monitor figures, as the child sent them with the last chunk."""
+        return self._drift
 
     def set_prompt(self, prompt: str, negative_prompt: str | None = None, recache: bool = False) -> None:
         self.owner.send(("prompt", self.stream_id, prompt, negative_prompt, bool(recache)))
