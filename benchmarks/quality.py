@@ -23,6 +23,16 @@ Also records generated frames per second of every run (wall clock, this machine,
     python benchmarks/quality.py --settings default --stream-frames 21440   # the 20,000-frame target
     python benchmarks/quality.py --merge a.json b.json # one report from parallel runs of other --settings
     python benchmarks/quality.py --shape-grid          # colour x shape grid -> results/quality_shapes.json
+    python benchmarks/quality.py --long --long-frames 100000 --variants default,default_reanchor
+                                                       # long streams -> results/quality_long.json + .png
+    python benchmarks/quality.py --long --merge a.json b.json   # one long report from parallel --long runs
+
+--long: one long stream of the stability prompt per variant (a cache setting, with or without the
+drift monitor's re-anchoring, runtime/drift.py), adherence per stream minute (2 s windows read by the
+detector), first / last / worst minute, the drift monitor's signals per minute and its re-anchors.
+Variants (LONG_VARIANTS): default (the model's recommended kvcache setting, reanchor off),
+default_reanchor (reanchor="recache", default thresholds), default_forced (re-anchors every
+cooldown: thresholds 0, what re-anchoring does by itself), window, sink1 (kv_sink1_win3), sink1_reanchor.
 
 Writes benchmarks/results/quality.json and quality.png (needs matplotlib for the plot).
 --model defaults to skyrt's built-in demo model (skyrt-demo-world-v6, shipped in the package).
@@ -74,10 +84,16 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="report path (default: results/quality.json, or "
                    "results/quality_shapes.json with --shape-grid)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="merge reports of parallel runs (different --settings) into --out, and plot")
+                   help="merge reports of parallel runs (different --settings, or --long --variants) into --out, and plot")
+    p.add_argument("--long", action="store_true", help="long streams per variant (writes results/quality_long.json)")
+    p.add_argument("--long-frames", type=int, default=100_000, help="--long: frames per variant's stream")
+    p.add_argument("--long-seconds", type=float, default=None,
+                   help="--long: wall-clock budget per variant; the stream stops at whichever comes first (frames or time)")
+    p.add_argument("--variants", default="default,default_reanchor", help=f"--long: comma list of {list(LONG_VARIANTS)}")
     args = p.parse_args(argv)
     if args.out is None:
-        args.out = RESULTS / ("quality_shapes.json" if args.shape_grid else "quality.json")
+        args.out = RESULTS / ("quality_shapes.json" if args.shape_grid else "quality_long.json" if args.long
+                              else "quality.json")
     if args.quick:
         args.clips, args.stream_minutes, args.switches, args.size = 1, 96 / (60 * args.fps), 1, min(args.size, 64)
     return args
@@ -333,6 +349,174 @@ def switch_pairs(rng, count):
 
 
 # ----------------------------------------------------------------------------------------------
+# Long streams (--long): adherence per minute, with and without the drift monitor's re-anchoring
+
+# variant -> (setting name, or "default" for the model's recommended one; reanchor; drift thresholds)
+LONG_VARIANTS = {
+    "default": ("default", "off", None),
+    "default_reanchor": ("default", "recache", None),
+    "default_forced": ("default", "recache", "forced"),
+    "window": ("window", "off", None),
+    "sink1": ("kv_sink1_win3", "off", None),
+    "sink1_reanchor": ("kv_sink1_win3", "recache", None),
+}
+
+
+def forced_thresholds():
+    """Every signal's threshold at 0: the monitor re-anchors once per cooldown (what re-anchoring does by itself)."""
+    from skyrt.runtime.drift import SIGNALS, DriftThresholds
+
+    return DriftThresholds(**{s: 0.0 for s in SIGNALS})
+
+
+def long_run(pipe, attrs, setting: dict, reanchor: str, thresholds, sampling, block, size, total_frames, window,
+             fps, seed, budget_s: float | None = None) -> dict:
+    """One stream of `attrs` for `total_frames`: per 2 s window the detector's adherence and the drift
+    monitor's status; per stream minute adherence, signals and re-anchors; first / last / worst minute."""
+    from skyrt_demo.detector import score_clip
+
+    kwargs = {**sampling, **setting, "reanchor": reanchor}
+    if kwargs["mode"] == "window":
+        kwargs["ar_step"] = setting.get("ar_step", 0)
+    stream = pipe.stream(attrs.prompt, causal_block_size=block, height=size, width=size, seed=seed, drift=thresholds,
+                         **kwargs)
+    buffer, made, windows = [], 0, []
+    t0 = time.perf_counter()
+    for chunk in stream:
+        buffer.append(chunk)
+        made += len(chunk)
+        pending = np.concatenate(buffer)
+        while len(pending) >= window:
+            clip, pending = pending[:window], pending[window:]
+            start = made - len(pending) - window
+            status = stream.drift_status()
+            windows.append({"start_frame": start, "minute": start // (60 * fps),
+                            "adherence": score_clip(clip, attrs).adherence, "signals": status["signals"],
+                            "reanchors": status["reanchors"], "drifted_chunks": status["drifted_chunks"]})
+        buffer = [pending] if len(pending) else []
+        if made >= total_frames or (budget_s is not None and time.perf_counter() - t0 > budget_s):
+            break
+    seconds = time.perf_counter() - t0
+    final = stream.drift_status()
+    stream.close()
+    return {"prompt": attrs.prompt, "setting": setting, "reanchor": reanchor, "frames": made, "seconds": seconds,
+            "generated_fps": made / seconds, "drift_final": final, **per_minute_summary(windows, made, window, fps),
+            "windows": windows}
+
+
+def per_minute_summary(windows: list[dict], made: int, window: int, fps: int) -> dict:
+    """Adherence per whole stream minute (a partial last minute is left out of first/last/worst), the
+    monitor's mean signals and re-anchors per minute; the first-minute and last-minute figures and the drop."""
+    minute = 60 * fps
+    full_minutes = made // minute
+    rows = []
+    for m in sorted({w["minute"] for w in windows}):
+        ws = [w for w in windows if w["minute"] == m]
+        before = [w for w in windows if w["minute"] < m]
+        signals = {k: float(np.mean([w["signals"][k] for w in ws if w["signals"][k] is not None]))
+                   if any(w["signals"][k] is not None for w in ws) else None for k in ws[0]["signals"]}
+        rows.append({"minute": m, "windows": len(ws), "full": m < full_minutes,
+                     "adherence": float(np.mean([w["adherence"] for w in ws])), "signals": signals,
+                     "reanchors": ws[-1]["reanchors"] - (before[-1]["reanchors"] if before else 0)})
+    full = [r for r in rows if r["full"]] or rows
+    first, last = full[0], full[-1]
+    worst = min(full, key=lambda r: r["adherence"])
+    return {"minutes": len(full), "adherence_first_minute": first["adherence"], "adherence_last_minute": last["adherence"],
+            "worst_minute": {"minute": worst["minute"], "adherence": worst["adherence"]},
+            "min_minute_adherence": worst["adherence"], "drop_points": 100 * (first["adherence"] - last["adherence"]),
+            "per_minute": rows}
+
+
+def long_targets(result: dict) -> dict:
+    """The issue's targets for a long stream: >= 0.90 in every minute, <= 5 points first-to-last drop."""
+    return {"adherence>=0.90_every_minute": result["min_minute_adherence"] >= 0.90,
+            "drop_points<=5": result["drop_points"] <= 5.0, "frames>=100000": result["frames"] >= 100_000}
+
+
+def write_long(pipe, label, all_settings, default_name, attrs, sampling, block, window, args) -> int:
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in LONG_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}: choose from {list(LONG_VARIANTS)}")
+    report = {**report_header("quality_long", args, label, block, sampling, window_frames=window),
+              "prompt": attrs.prompt, "default_setting": default_name, "variants": {}}
+    for name in names:
+        setting_name, reanchor, thresholds = LONG_VARIANTS[name]
+        setting_name = default_name if setting_name == "default" else setting_name
+        thresholds = forced_thresholds() if thresholds == "forced" else None
+        print(f"[{name}] {setting_name}, reanchor={reanchor}: {args.long_frames} frames of '{attrs.prompt}'", flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            result = long_run(pipe, attrs, all_settings[setting_name], reanchor, thresholds, sampling, block, args.size,
+                              args.long_frames, window, args.fps, args.seed, args.long_seconds)
+        result["setting_name"], result["targets"] = setting_name, long_targets(result)
+        report["variants"][name] = result
+        print(f"[{name}]   first/last/worst minute {result['adherence_first_minute']:.3f}/"
+              f"{result['adherence_last_minute']:.3f}/{result['min_minute_adherence']:.3f}, "
+              f"{result['drift_final']['reanchors']} re-anchors, {result['generated_fps']:.1f} fps", flush=True)
+    write_long_report(report, args.out)
+    return 0
+
+
+def write_long_report(report: dict, out: Path) -> None:
+    report["summary"] = {n: {k: v[k] for k in ("setting_name", "reanchor", "frames", "minutes", "generated_fps",
+                                                "adherence_first_minute", "adherence_last_minute", "worst_minute",
+                                                "drop_points", "targets")}
+                         | {"reanchors": v["drift_final"]["reanchors"], "drifted_chunks": v["drift_final"]["drifted_chunks"]}
+                         for n, v in report["variants"].items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    drawn = plot_long(report, out.with_suffix(".png"))
+    for name, row in report["summary"].items():
+        print(f"{name:>16}: {row['frames']} frames, first/last minute {row['adherence_first_minute']:.3f}/"
+              f"{row['adherence_last_minute']:.3f}, worst {row['worst_minute']}, re-anchors {row['reanchors']}, "
+              f"targets {row['targets']}")
+    print(f"wrote {out.name}" + (f" and {out.with_suffix('.png').name}" if drawn else "") + f" in {out.parent}")
+
+
+def merge_long(paths: list[Path], out: Path) -> int:
+    """One long report from --long runs of the same model over different --variants (run in parallel)."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = {**reports[0], "variants": {}, "merged_from": [p.name for p in paths],
+              "machines": [r["machine"] for r in reports]}
+    for r in reports:
+        if r["model"] != merged["model"] or r["prompt"] != merged["prompt"]:
+            raise SystemExit(f"cannot merge long reports of different models or prompts: {p.name}")
+        merged["variants"].update(r["variants"])
+    write_long_report(merged, out)
+    return 0
+
+
+def plot_long(report: dict, path: Path) -> bool:
+    """Adherence per stream minute for every variant (top), the drift signals of each (bottom)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'skyrt[bench]')")
+        return False
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
+    for name, v in report["variants"].items():
+        rows = v["per_minute"]
+        top.plot([r["minute"] for r in rows], [r["adherence"] for r in rows], marker=".",
+                 label=f"{name} ({v['frames']} frames, {v['drift_final']['reanchors']} re-anchors)")
+        bottom.plot([r["minute"] for r in rows], [r["signals"]["latent_mean_shift"] for r in rows], label=name)
+    top.axhline(0.90, color="gray", linestyle="--", linewidth=1, label="target 0.90")
+    top.set(title=f"adherence per stream minute: '{report['prompt']}'", ylabel="adherence (detector)", ylim=(0, 1.05))
+    top.legend(fontsize=7)
+    bottom.set(title="drift monitor: latent_mean_shift (rolling, vs the stream's first blocks)",
+               xlabel=f"stream minute ({report['config']['fps']} fps)", ylabel="max channel z")
+    bottom.legend(fontsize=7)
+    fig.suptitle(f"skyrt long-stream quality: {report['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 
 
@@ -388,7 +572,7 @@ def plot(report: dict, path: Path) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge_long(args.merge, args.out) if args.long else merge(args.merge, args.out)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -424,6 +608,8 @@ def main(argv=None) -> int:
     if args.shape_grid:
         name = default_name if args.settings == "all" else names[0]
         return write_shape_grid(pipe, label, name, all_settings[name], sampling, block, clip_frames, args)
+    if args.long:
+        return write_long(pipe, label, all_settings, default_name, stable_prompt, sampling, block, window, args)
     report = {**report_header("quality", args, label, block, sampling, window_frames=window), "settings": {}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the kvcache approximation warning of bidirectional models

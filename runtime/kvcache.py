@@ -417,7 +417,17 @@ class KVRollout:
         self.contexts = switched_contexts(self.contexts, cond, uncond)
         self.session.set_prompts(self.contexts)
         if recache:
-            self._recache_longlive() if self.sampling.recache == "longlive" else self._recommit()
+            self.recache()
+
+    def recache(self) -> None:
+        """Re-anchor the cache under the current prompt (call between blocks): the cached window and the
+        sink committed again with the sampling's recache policy, the one a prompt switch with recache
+        uses ("recommit": every cached block, sink first, in block order; "longlive": LongLive's chunk
+        recache). What the drift monitor's reanchor="recache" runs (runtime/drift.py). Under an unchanged
+        prompt, before any block left the ring, it rewrites the K/V they already hold (block-causal);
+        after evictions the oldest window blocks are recomputed without the history they were committed
+        against, so the prompt weighs more in what the stream continues from."""
+        self._recache_longlive() if self.sampling.recache == "longlive" else self._recommit()
 
     def _recache_longlive(self) -> None:
         plan = self.core.pack_recache()

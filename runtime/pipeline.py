@@ -36,6 +36,7 @@ from skyrt import _core
 
 from . import latents as lat
 from .backends.base import Backend, KVStepCall, KVStreamSpec, TextContext
+from .drift import DriftMonitor, DriftThresholds
 from .request import (STREAM_DEFAULTS, STREAM_EXCLUDED, STREAM_FRAMES, GenerationRequest, validate_request,
                       with_request_signature)
 from .resolve import ModelLayers, Resolution, Settings, resolve_request
@@ -192,7 +193,8 @@ class Pipeline:
 
     @with_request_signature(exclude=STREAM_EXCLUDED, defaults=STREAM_DEFAULTS)
     def stream(self, *, image: ImageLike | None = None, video: VideoLike | None = None, max_chunks: int | None = None,
-               request: GenerationRequest | None = None, resume=None, **settings) -> FrameStream:
+               request: GenerationRequest | None = None, resume=None,
+               drift: DriftThresholds | None = None, **settings) -> FrameStream:
         """An endless stream: iterate it for uint8 frame chunks [n, H, W, 3] (or, with output="latent",
         model-space latent chunks [16, f, h, w]) forever, or for `max_chunks` chunks.
 
@@ -218,6 +220,10 @@ class Pipeline:
         `resume`: a checked runtime.snapshot.Snapshot of a kvcache stream of this request and model; the
         stream continues where that one stood (the same blocks an uninterrupted stream would give next).
         `stream.export_state()` gives (state, arrays) for such a snapshot, between chunks.
+        Every stream runs a drift monitor (runtime/drift.py; `drift` sets its thresholds, default
+        DriftThresholds()) on each chunk's latents and frames: `stream.drift_status()` reads it. With
+        reanchor="recache" (kvcache mode) a crossing re-anchors the cache (KVRollout.recache) between
+        blocks; reanchor="off" only counts crossings and leaves the stream as it is.
         """
         if video is not None and self.preset is None:
             raise ValueError("video= starts a stream only under a causal preset (skyrt.load(..., preset=...)); a "
@@ -228,11 +234,12 @@ class Pipeline:
         control = StreamControl(req.prompt, req.negative_prompt)
         if resume is not None and req.mode != "kvcache":
             raise ValueError("only kvcache streams resume from a snapshot; window mode starts fresh")
-        chunks = self._stream_kvcache(req, cond, control, resume) if req.mode == "kvcache" else self._stream_windows(
-            req, cond, control)
-        return FrameStream(chunks, control, max_chunks)
+        monitor = DriftMonitor(drift, req.reanchor)
+        chunks = self._stream_kvcache(req, cond, control, monitor, resume) if req.mode == "kvcache" else (
+            self._stream_windows(req, cond, control, monitor))
+        return FrameStream(chunks, control, max_chunks, monitor)
 
-    def _stream_windows(self, req, cond, control: "StreamControl") -> Iterator[np.ndarray]:
+    def _stream_windows(self, req, cond, control: "StreamControl", monitor: DriftMonitor) -> Iterator[np.ndarray]:
         base = lat.latent_length(req.base_num_frames)
         decoder = self.backend.streaming_decoder()
         prefix = cond.start_latents
@@ -246,13 +253,15 @@ class Pipeline:
             new = z if index == 0 else z[:, window.prefix_frames :]
             if req.overlap_carry == "latent":
                 # Streaming decode of each new latent frame == one decode of the whole stream.
-                yield new if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, new))
+                frames = None if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, new))
                 prefix = self._next_prefix(req, z, None)
             else:
                 pixels = self.backend.vae_decode(lat.denormalize(z))
-                yield new if req.output == "latent" else to_uint8_frames(
+                frames = None if req.output == "latent" else to_uint8_frames(
                     pixels if index == 0 else pixels[:, req.overlap_history :])
                 prefix = self._encode_pixels(pixels[:, -req.overlap_history :])
+            monitor.observe(new, frames)  # window mode has no cache to re-anchor (reanchor="off" enforced)
+            yield new if frames is None else frames
             index += 1
 
     def _decode_stream(self, decoder, z: np.ndarray) -> np.ndarray:
@@ -337,7 +346,8 @@ class Pipeline:
         # causal caches).
         return to_uint8_frames(np.concatenate([cond.input_pixels, pixels[:, cond.start_pixel_frames :]], axis=1))
 
-    def _stream_kvcache(self, req, cond, control: "StreamControl", resume=None) -> Iterator[np.ndarray]:
+    def _stream_kvcache(self, req, cond, control: "StreamControl", monitor: DriftMonitor,
+                        resume=None) -> Iterator[np.ndarray]:
         decoder = self.backend.streaming_decoder()
         rollout = self._kv_rollout(req, cond, None, None)
         try:
@@ -348,10 +358,16 @@ class Pipeline:
             control.exporter = lambda: self._export_stream(rollout, decoder, control, position["blocks"])
             for block in rollout.blocks():
                 position["blocks"] += 1
-                yield block if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, block))
+                frames = None if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, block))
+                reanchor = monitor.observe(block, frames)
+                yield block if frames is None else frames
                 switch = control.take()  # the generator resumes here: between blocks, before the next row
                 if switch is not None:
                     rollout.set_prompt(*self._encode_prompts(req, switch), recache=switch.recache)
+                elif reanchor:  # a switch's recache already re-anchors under the new prompt
+                    rollout.recache()
+                if reanchor:
+                    monitor.reanchored()
         finally:  # close() of the stream (or an error) releases the core's and the backend's buffers at once
             control.exporter = None
             rollout.close()
@@ -693,8 +709,10 @@ class StreamControl:
 class FrameStream(Iterator[np.ndarray]):
     """What `Pipeline.stream` returns: an iterator of chunks that can be steered while it runs."""
 
-    def __init__(self, chunks: Iterator[np.ndarray], control: StreamControl, max_chunks: int | None):
+    def __init__(self, chunks: Iterator[np.ndarray], control: StreamControl, max_chunks: int | None,
+                 monitor: DriftMonitor | None = None):
         self._chunks, self._control, self._left = chunks, control, max_chunks
+        self.monitor = monitor
 
     def __iter__(self) -> "FrameStream":
         return self
@@ -730,6 +748,10 @@ class FrameStream(Iterator[np.ndarray]):
             raise ValueError("this stream has no resumable state (window mode, or not started or closed): "
                              "only a running kvcache stream snapshots")
         return self._control.exporter()
+
+    def drift_status(self) -> dict | None:
+        """The drift monitor's figures (runtime/drift.py DriftMonitor.status), JSON-safe; None without one."""
+        return None if self.monitor is None else self.monitor.status()
 
     def close(self) -> None:
         """Stop the stream and release its state."""

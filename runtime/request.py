@@ -35,6 +35,7 @@ OUTPUTS = ("frames", "latent")
 OVERLAP_CARRIES = ("pixel", "latent")
 CONDITION_NOISE = ("step", "once")
 SAMPLERS = ("unipc", "euler")
+REANCHOR = ("off", "recache")  # runtime/drift.py's policies
 
 
 def setting(default: Any = MISSING, *, doc: str, cli: str | None, recommended: bool = False,
@@ -92,6 +93,9 @@ class GenerationRequest:
     condition_noise: str | None = setting(None, doc="addnoise_condition noise drawn every step (official) or "
                                                     "once per window (None: step in window mode, once in kvcache)",
                                           cli=None, choices=CONDITION_NOISE)  # None is resolved before the check
+    reanchor: str = setting("off", doc="what a stream does when its drift monitor crosses a threshold: off (count "
+                                       "it) or recache (kvcache: commit the window and sink again under the prompt)",
+                            cli="reanchor", choices=REANCHOR)
 
     @property
     def latent_frames(self) -> int:
@@ -209,6 +213,9 @@ def validate_request(req: GenerationRequest) -> None:
             "mode='kvcache' commits the prefix once, so its addnoise_condition noise is drawn once: "
             "condition_noise='step' (the official per-step redraw) needs mode='window'; use condition_noise='once'"
         )
+    if req.reanchor != "off" and req.mode != "kvcache":
+        raise ValueError(f"reanchor={req.reanchor!r} re-commits a KV cache, which mode={req.mode!r} has none: use "
+                         "mode='kvcache', or reanchor='off' (the drift monitor still reports)")
     if not isinstance(req.prompt, str):
         raise ValueError(f"prompt must be a string, got {type(req.prompt).__name__}")
     for name in ("height", "width"):

@@ -22,7 +22,7 @@ OFFICIAL_T2V = {"num_frames": 97, "height": 544, "width": 960, "num_inference_st
                 "shift": 8.0, "ar_step": 0, "causal_block_size": 1, "base_num_frames": 97, "overlap_history": None,
                 "addnoise_condition": 0, "fps": 24}
 GENERATE_INPUTS = ("image", "video", "end_image", "latents", "progress", "request")
-STREAM_INPUTS = ("image", "video", "max_chunks", "request")
+STREAM_INPUTS = ("image", "video", "max_chunks", "request", "resume", "drift")
 
 
 def _fields(exclude=()):

@@ -181,6 +181,9 @@ class GeneratorThread(threading.Thread):
                 # A stream in another process times its own chunks (it may run one chunk ahead).
                 seconds = getattr(stream, "last_chunk_seconds", None)
                 self.metrics.chunk_generated(len(chunk), now - produced if seconds is None else seconds)
+                drift = getattr(stream, "drift_status", None)
+                if drift is not None:
+                    self.metrics.drift_observed(drift())
                 self.active_prompt = stream.prompt
                 if not self.buffer.put_chunk(chunk, self.stop_event):
                     return

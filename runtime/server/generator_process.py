@@ -16,7 +16,8 @@ iterator of chunks with `set_prompt`, `prompt` and `close`, like `Pipeline.strea
 
 Protocol on one duplex pipe (child -> parent, after ("loaded", info) or ("load_failed", error); info
 holds the model's ModelLayers under "layers"):
-    ("chunk", stream_id, shape, seconds, prompt) then the chunk's bytes   one uint8 chunk [n, H, W, 3]
+    ("chunk", stream_id, shape, seconds, prompt, drift) then the chunk's bytes   one uint8 chunk [n, H, W, 3];
+                                                   drift: the stream's drift monitor status (runtime/drift.py)
     ("error", stream_id, text)                                           the stream raised; it is closed
     ("done", stream_id)                                                  a finite stream ended
 parent -> child:
@@ -191,7 +192,9 @@ class _ChildLoop:
             self.resuming = False
             self.conn.send(("resumed", self.stream_id, self.snapshots.server_state))
         chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
-        self.conn.send(("chunk", self.stream_id, chunk.shape, time.monotonic() - started, self.stream.prompt))
+        drift = getattr(self.stream, "drift_status", None)
+        self.conn.send(("chunk", self.stream_id, chunk.shape, time.monotonic() - started, self.stream.prompt,
+                        None if drift is None else drift()))
         self.conn.send_bytes(chunk.reshape(-1))  # 1-D: Connection slices a view by its first axis
         if self.snapshots is not None:
             self.snapshots.write_if_due(self.stream, self.request)
@@ -357,6 +360,7 @@ class ChildStream:
         self.prompt = prompt  # what the child reports it is denoising with now
         self.last_chunk_seconds: float | None = None  # the child's own time for the last chunk
         self.resumed_server_state: dict | None = None  # set when the child resumed this stream from a snapshot
+        self._drift: dict | None = None  # the child's drift monitor status after the last chunk
         self._closed = False
 
     def __iter__(self) -> "ChildStream":
@@ -372,13 +376,17 @@ class ChildStream:
                 self.resumed_server_state = message[2]
                 continue
             if kind == "chunk":
-                _, _, shape, seconds, prompt = message
+                _, _, shape, seconds, prompt, self._drift = message
                 self.last_chunk_seconds, self.prompt = seconds, prompt
                 return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
             self._closed = True
             if kind == "error":
                 raise GeneratorProcessError(message[2])
         raise StopIteration
+
+    def drift_status(self) -> dict | None:
+        """The stream's drift monitor figures, as the child sent them with the last chunk."""
+        return self._drift
 
     def set_prompt(self, prompt: str, negative_prompt: str | None = None, recache: bool = False) -> None:
         self.owner.send(("prompt", self.stream_id, prompt, negative_prompt, bool(recache)))

@@ -76,6 +76,10 @@ class Metrics:
         self.client_write_timeouts = 0
         self.control_refused = 0  # control requests refused before their body was read (Host, Origin, token, type)
         self._generated_times: deque[tuple[float, int]] = deque()
+        # The running stream's drift monitor (runtime/drift.py DriftMonitor.status); re-anchors and
+        # crossings of streams that ended (a generator restart) are kept in the totals.
+        self.drift: dict | None = None
+        self._drift_done = {"reanchors": 0, "crossings": {}}
         # Outputs with figures of their own (push targets, HLS answers): callables returning Prometheus text,
         # appended to /metrics; each reads its own state under its own lock.
         self.sections: list = []
@@ -93,6 +97,27 @@ class Metrics:
             self._generated_times.append((now, frames))
             while self._generated_times and self._generated_times[0][0] < now - RATE_WINDOW_S:
                 self._generated_times.popleft()
+
+    def drift_observed(self, status: dict | None) -> None:
+        """The stream's drift monitor after a chunk. A status whose chunk count went down is a new stream:
+        the old one's counts move to the totals."""
+        if status is None:
+            return
+        with self.lock:
+            old = self.drift
+            if old is not None and status["chunks"] < old["chunks"]:
+                self._drift_done["reanchors"] += old["reanchors"]
+                for name, n in old["crossings"].items():
+                    self._drift_done["crossings"][name] = self._drift_done["crossings"].get(name, 0) + n
+            self.drift = status
+
+    def _drift_totals(self) -> tuple[int, dict[str, int]]:
+        """(re-anchors, crossings per signal) over every stream this server ran (call with the lock held)."""
+        done, now = self._drift_done, self.drift or {"reanchors": 0, "crossings": {}}
+        crossings = dict(done["crossings"])
+        for name, n in now["crossings"].items():
+            crossings[name] = crossings.get(name, 0) + n
+        return done["reanchors"] + now["reanchors"], crossings
 
     def frame_output(self, repeated: bool) -> None:
         with self.lock:
@@ -160,7 +185,20 @@ class Metrics:
                 "client_write_timeouts": self.client_write_timeouts,
                 "clients_gone": self.clients_gone,
                 "control_refused": self.control_refused,
+                "drift": self._drift_snapshot(),
             }
+
+    def _drift_snapshot(self) -> dict | None:
+        """/status "drift": the running stream's monitor, with re-anchors over the server's life (lock held)."""
+        if self.drift is None:
+            return None
+        reanchors, crossings = self._drift_totals()
+        return {**self.drift, "reanchors_total": reanchors, "crossings_total": crossings}
+
+    def _drift_metrics(self, metric) -> None:
+        """The drift families, once a stream reported its monitor (call with the lock held)."""
+        if self.drift is not None:
+            _drift_lines(metric, self.drift, *self._drift_totals())
 
     def _latency_summary(self) -> dict:
         """Chunk latency percentiles, min and max over the rolling window (call with the lock held)."""
@@ -232,10 +270,25 @@ class Metrics:
                    [("", self.clients_gone)])
             metric("skyrt_control_refused_total", "counter",
                    "Control requests refused for their Host, Origin, token or content type.", [("", self.control_refused)])
+            self._drift_metrics(metric)
         rss, fds = process_resources()
         metric("skyrt_process_resident_memory_bytes", "gauge", "Resident memory of the server process.", [("", rss)])
         metric("skyrt_process_open_fds", "gauge", "Open file descriptors of the server process.", [("", fds)])
         return "\n".join(lines) + "\n" + "".join(section() for section in self.sections)
+
+
+def _drift_lines(metric, drift: dict, reanchors: int, crossings: dict[str, int]) -> None:
+    """The drift monitor's Prometheus families (runtime/drift.py): signals, thresholds, crossings, re-anchors."""
+    signals = sorted(drift["signals"])
+    metric("skyrt_drift_signal", "gauge", "Drift monitor signal of the running stream vs its first blocks.",
+           [(f'{{signal="{s}"}}', nan_if_none(drift["signals"][s])) for s in signals])
+    metric("skyrt_drift_threshold", "gauge", "Threshold above which a drift signal counts as a crossing.",
+           [(f'{{signal="{s}"}}', float("inf") if drift["thresholds"][s] is None else drift["thresholds"][s])
+            for s in signals])
+    metric("skyrt_drift_crossings_total", "counter", "Chunks on which a drift signal was above its threshold.",
+           [(f'{{signal="{s}"}}', crossings.get(s, 0)) for s in signals])
+    metric("skyrt_drift_reanchors_total", "counter",
+           "Re-anchors (the cache committed again under the prompt) the drift monitor triggered.", [("", reanchors)])
 
 
 def process_resources(pid: int | str = "self") -> tuple[int, int]:
