@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "a restream service); repeatable; reconnects with backoff")
     serve.add_argument("--max-webrtc-sessions", type=int, default=64, metavar="N",
                        help="WebRTC (WHEP) viewers at once (default 64; each holds UDP sockets and a DTLS session)")
+    serve.add_argument("--max-webrtc-sessions-per-address", type=int, default=4, metavar="N",
+                       help="WebRTC (WHEP) viewers at once from one client address (default 4; behind a reverse "
+                            "proxy every offer comes from the proxy: raise it to --max-webrtc-sessions there)")
     serve.add_argument("--ll-hls-part", type=float, default=0.25, metavar="SECONDS",
                        help="low-latency HLS beside HLS at /llhls/live.m3u8, in parts this long (whole frames; "
                             "default 0.25); 0 turns it off")
@@ -411,7 +414,8 @@ def server_config(args, token: str | None):
                         publish=tuple(getattr(args, "publish", ())),
                         ll_hls_part_s=getattr(args, "ll_hls_part", PART_TARGET_S),
                         max_webrtc_sessions=getattr(args, "max_webrtc_sessions", 64),
-                        generator_stall_s=getattr(args, "generator_stall", 0.0))
+                        generator_stall_s=getattr(args, "generator_stall", 0.0),
+                        max_webrtc_sessions_per_address=getattr(args, "max_webrtc_sessions_per_address", 4))
 
 
 def pipeline_spec(args):

@@ -82,7 +82,8 @@ async def _read_mjpeg(http, base: str, jpegs: list, frames: list, frames_wanted:
 @pytest.fixture(scope="module")
 def server(official_dir):
     # webrtc follows hls's encode here (mp4 off): the follower path that prepends SPS/PPS.
-    with running_server(official_dir, "--formats", "mjpeg,hls,webrtc", "--max-webrtc-sessions", "2") as (base, proc):
+    with running_server(official_dir, "--formats", "mjpeg,hls,webrtc", "--max-webrtc-sessions", "3",
+                        "--max-webrtc-sessions-per-address", "2") as (base, proc):
         yield base, proc
 
 
@@ -152,32 +153,41 @@ def test_trickle_and_unknown_sessions_and_the_session_cap(server):
     assert call("PATCH", "/whep/abc", b"a=candidate") == 405
     assert call("DELETE", "/whep/not-a-session") == 404
 
-    async def hold_two_then_offer_a_third():
+    async def offer_from(addresses):
+        """One offer from each of `addresses` (loopback source addresses), sessions held until all are made."""
         import aiohttp
         from aiortc import RTCConfiguration, RTCPeerConnection
 
-        pcs = []
-        async with aiohttp.ClientSession() as http:
-            codes, resources = [], []
-            for _ in range(3):
-                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-                pc.addTransceiver("video", direction="recvonly")
-                await pc.setLocalDescription(await pc.createOffer())
-                pcs.append(pc)
+        pcs, codes, errors, resources = [], [], [], []
+        for address in addresses:
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            pcs.append(pc)
+            connector = aiohttp.TCPConnector(local_addr=(address, 0))
+            async with aiohttp.ClientSession(connector=connector) as http:
                 async with http.post(base + "/whep", data=pc.localDescription.sdp,
                                      headers={"Content-Type": "application/sdp"}) as r:
                     codes.append(r.status)
+                    errors.append(None if r.status == 201 else json.loads(await r.text())["error"])
                     if r.status == 201:
                         resources.append(urllib.parse.urljoin(base + "/whep", r.headers["Location"]))
+        async with aiohttp.ClientSession() as http:
             for resource in resources:
                 async with http.delete(resource) as r:
                     assert r.status == 200
         for pc in pcs:
             await pc.close()
-        return codes
+        return codes, errors
 
-    assert asyncio.run(hold_two_then_offer_a_third()) == [201, 201, 503]
-    assert get_json(base + "/status")["webrtc"]["refused_full"] >= 1
+    # Two from one address, the third from it refused (429, naming the flag); another address gets the
+    # last session of three; a fourth address finds them all in use (503).
+    codes, errors = asyncio.run(offer_from(["127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.3"]))
+    assert codes == [201, 201, 429, 201, 503], errors
+    assert "--max-webrtc-sessions-per-address" in errors[2] and "127.0.0.1" in errors[2]
+    assert "sessions are in use" in errors[4]
+    state = get_json(base + "/status")["webrtc"]
+    assert state["refused_full"] >= 1 and state["refused_per_address"] >= 1 and state["sessions"] == 0
 
 
 def test_chromium_plays_webrtc_from_the_page_for_ten_seconds(official_dir, tmp_path):

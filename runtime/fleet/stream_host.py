@@ -83,6 +83,8 @@ class StreamHost(threading.Thread):
         args = check_serve_flags(self.stream)
         sampling, prompt = serve_sampling(args, FLEET_YAML)  # the YAML's keys are the user's settings
         config = replace(server_config(args, self.token), allowed_hosts=tuple(args.allowed_host) + self.allowed_hosts)
+        # WHEP offers reach this server through the ingress, all from its address: no per-address cap here.
+        config = replace(config, max_webrtc_sessions_per_address=config.max_webrtc_sessions)
         prompt = replace(prompt, prompt=self.stream.prompt)
         if self._pipe is None:
             self._pipe = ProcessPipeline(pipeline_spec(args))

@@ -67,6 +67,9 @@ class ServerConfig:
     ll_hls_part_s: float = PART_TARGET_S  # low-latency HLS beside HLS (/llhls/), parts this long; 0: off
     max_webrtc_sessions: int = 64  # WHEP sessions at once (each holds UDP sockets and a DTLS context)
     generator_stall_s: float = 0.0  # --generator-stall: restart a generator with no chunk this long; 0: off
+    # WHEP sessions at once from one client address, so one client cannot take every session (behind a
+    # reverse proxy every offer comes from the proxy's address: raise it to max_webrtc_sessions there).
+    max_webrtc_sessions_per_address: int = 4
 
     def __post_init__(self):
         if not self.generator_stall_s >= 0:
@@ -90,6 +93,9 @@ class ServerConfig:
                              f"(got {','.join(self.formats)})")
         if self.max_webrtc_sessions < 1:
             raise ValueError(f"max_webrtc_sessions must be >= 1, got {self.max_webrtc_sessions}")
+        if self.max_webrtc_sessions_per_address < 1:
+            raise ValueError(f"max_webrtc_sessions_per_address must be >= 1, got "
+                             f"{self.max_webrtc_sessions_per_address}")
 
 
 class StreamServer:

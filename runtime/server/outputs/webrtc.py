@@ -16,7 +16,8 @@ up skips to the next keyframe (Broadcast); keyframe requests (PLI/FIR) are not h
 encode is shared, so a lost packet is repaired by NACK retransmission or by the next keyframe.
 
 Viewing is public, like /stream.mjpg and HLS: no token. A session holds UDP sockets and a DTLS
-context, so sessions are capped (`ServerConfig.max_webrtc_sessions`, 503 past it), an offer is bounded
+context, so sessions are capped, in all (`ServerConfig.max_webrtc_sessions`, 503 past it) and per
+client address (`max_webrtc_sessions_per_address`, 429 past it: one client cannot take them all), an offer is bounded
 like every body (`max_body_bytes`), and a session that has not connected within CONNECT_TIMEOUT_S or
 whose connection fails is closed. Media flows over UDP straight between the viewer and this process
 (ICE host candidates of this machine's interfaces; no STUN/TURN server is asked), so behind the
@@ -127,15 +128,22 @@ def _track_class():
 
 
 class WhepSessions:
-    """The WHEP sessions of a server: id -> peer connection, capped, each closed once."""
+    """The WHEP sessions of a server: id -> peer connection, capped in all and per client address,
+    each closed once."""
 
-    def __init__(self, server, limit: int):
-        self.server, self.limit = server, limit
+    def __init__(self, server, limit: int, per_address: int):
+        self.server, self.limit, self.per_address = server, limit, per_address
         self.sessions: dict[str, tuple] = {}  # id -> (RTCPeerConnection, its Broadcast Reader)
-        self.created = self.refused_full = self.closed_unconnected = 0
+        self.addresses: dict[str, str] = {}  # id -> the client address that opened it
+        self.created = self.refused_full = self.refused_per_address = self.closed_unconnected = 0
 
-    async def open(self, offer_sdp: str) -> tuple[str, str]:
-        """Answer `offer_sdp`: (session id, answer SDP). ValueError names what is wrong with the offer."""
+    def held_by(self, address: str) -> int:
+        """Sessions open now that `address` opened."""
+        return sum(1 for held in self.addresses.values() if held == address)
+
+    async def open(self, offer_sdp: str, address: str) -> tuple[str, str]:
+        """Answer `offer_sdp` from client `address`: (session id, answer SDP). ValueError names what is
+        wrong with the offer."""
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
         broadcast = self.server.broadcasts[NAME]
@@ -153,6 +161,7 @@ class WhepSessions:
             await pc.close()
             raise ValueError(f"the SDP offer could not be answered ({type(err).__name__}: {err})") from err
         self.sessions[session] = (pc, reader)
+        self.addresses[session] = address
         self.created += 1
         self.server.metrics.client_connected(NAME, reader)
 
@@ -175,6 +184,7 @@ class WhepSessions:
         pc, reader = self.sessions.pop(session, (None, None))
         if pc is None:
             return False
+        self.addresses.pop(session, None)
         self.server.metrics.client_disconnected(NAME, reader)
         await pc.close()
         return True
@@ -183,8 +193,9 @@ class WhepSessions:
         await asyncio.gather(*(self.close(s) for s in list(self.sessions)), return_exceptions=True)
 
     def state(self) -> dict:
-        return {"sessions": len(self.sessions), "limit": self.limit, "created": self.created,
-                "refused_full": self.refused_full, "closed_unconnected": self.closed_unconnected}
+        return {"sessions": len(self.sessions), "limit": self.limit, "per_address_limit": self.per_address,
+                "created": self.created, "refused_full": self.refused_full,
+                "refused_per_address": self.refused_per_address, "closed_unconnected": self.closed_unconnected}
 
 
 def _offers_h264(sdp: str) -> bool:
@@ -195,7 +206,8 @@ def add_routes(app, serving: Serving) -> None:
     from aiohttp import web
 
     server = serving.server
-    sessions = server.whep = WhepSessions(server, server.config.max_webrtc_sessions)
+    sessions = server.whep = WhepSessions(server, server.config.max_webrtc_sessions,
+                                          server.config.max_webrtc_sessions_per_address)
     serving.shutdown_hooks.append(sessions.close_all)
 
     async def offer(request):
@@ -225,8 +237,16 @@ def add_routes(app, serving: Serving) -> None:
                                           "or watch HLS (hls/live.m3u8)")
             response.headers["Retry-After"] = "5"
             return response
+        address = request.remote or "?"
+        if sessions.held_by(address) >= sessions.per_address:
+            sessions.refused_per_address += 1
+            response = serving.error(429, f"this address ({address}) already holds {sessions.per_address} WebRTC "
+                                          f"sessions, the most one address may (--max-webrtc-sessions-per-address); "
+                                          f"end one (DELETE its resource URL) or retry later")
+            response.headers["Retry-After"] = "5"
+            return response
         try:
-            session, answer = await sessions.open(sdp)
+            session, answer = await sessions.open(sdp, address)
         except ValueError as err:
             return serving.error(400, str(err))
         # Relative to the request: /whep -> /whep/<id>, /streams/<s>/whep -> /streams/<s>/whep/<id>.
@@ -261,7 +281,10 @@ def prometheus(server) -> str:
             f"skyrt_webrtc_sessions {state['sessions']}\n"
             "# HELP skyrt_webrtc_sessions_refused_total WHEP offers refused because every session was in use.\n"
             "# TYPE skyrt_webrtc_sessions_refused_total counter\n"
-            f"skyrt_webrtc_sessions_refused_total {state['refused_full']}\n")
+            f"skyrt_webrtc_sessions_refused_total {state['refused_full']}\n"
+            "# HELP skyrt_webrtc_sessions_refused_per_address_total WHEP offers refused because their address "
+            "held its most sessions.\n# TYPE skyrt_webrtc_sessions_refused_per_address_total counter\n"
+            f"skyrt_webrtc_sessions_refused_per_address_total {state['refused_per_address']}\n")
 
 
 OUTPUT = Output(name=NAME, title="WebRTC (WHEP)", paths=("whep",), content_type=SDP, fleet=FLEET_FORWARD,
