@@ -21,6 +21,7 @@ import torch
 import skyrt
 from causal_checkpoints import load_recipes, write_model_folder
 from causal_rollout_reference import FewStepSchedule
+import step_reference
 from skyrt.runtime import latents as lat
 from skyrt.runtime.backends.base import TextContext
 from skyrt.runtime.stream_start import block_pixel_frames, clip_start, still_clip
@@ -73,7 +74,8 @@ def recomputed_rollout(pipe, start: np.ndarray, blocks: int, seed: int) -> np.nd
         for step in range(len(schedule)):
             t = np.concatenate([np.full(history.shape[1], sampling.context_noise, np.float32),
                                 np.full(b, schedule.timesteps[step], np.float32)])
-            v = pipe.backend.predict_velocity(np.concatenate([history, x], axis=1), t, context, None, b)[:, -b:]
+            v = step_reference.predict_velocity(pipe.backend, np.concatenate([history, x], axis=1), t, context, None,
+                                                b)[:, -b:]
             x0 = schedule.x0(x, v, step)
             if step + 1 < len(schedule):
                 x = schedule.renoise(x0, rng.standard_normal(x.shape, dtype=np.float32), step + 1)
