@@ -479,9 +479,9 @@ def merge_long(paths: list[Path], out: Path) -> int:
     reports = [json.loads(p.read_text()) for p in paths]
     merged = {**reports[0], "variants": {}, "merged_from": [p.name for p in paths],
               "machines": [r["machine"] for r in reports]}
-    for r in reports:
+    for path, r in zip(paths, reports):
         if r["model"] != merged["model"] or r["prompt"] != merged["prompt"]:
-            raise SystemExit(f"cannot merge long reports of different models or prompts: {p.name}")
+            raise SystemExit(f"cannot merge long reports of different models or prompts: {path.name}")
         merged["variants"].update(r["variants"])
     write_long_report(merged, out)
     return 0
