@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from skyrt import _core
+
+from .atomic_file import write_atomically
 
 SNAPSHOT_FORMAT = 1
 HEADER = "__header__"
@@ -89,22 +90,7 @@ def write_snapshot(path: str | os.PathLike, state: dict, arrays: dict[str, np.nd
                    model: str) -> int:
     """Write the snapshot to `path` atomically; returns its size in bytes."""
     data = encode_snapshot(state, arrays, settings, model)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    write_atomically(path, data)
     return len(data)
 
 

@@ -2,7 +2,7 @@
 playlist and its position) and restart count, in one JSON file per fleet under `state_dir`.
 
 The controller is its only writer. The file is replaced atomically (temp file, fsync, rename:
-state.py's `write_atomically`) and created readable by its owner only, since it holds tokens. It is
+runtime/atomic_file.py's `write_atomically`) and created readable by its owner only, since it holds tokens. It is
 what makes a fleet's streams outlive `skyrt fleet down` + `up`, a restarted controller, and a stream
 restarted on another node.
 """
@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..server.state import write_atomically
+from ..atomic_file import write_atomically
 from .config import StreamConfig
 
 log = logging.getLogger("skyrt.fleet")

@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from ..atomic_file import write_atomically
+
 from .playlist import PromptBoard, RequestError
 
 log = logging.getLogger("skyrt.server")
@@ -69,26 +71,6 @@ def make_hls_folder(parent: Path | None = None) -> Path:
     (folder / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(),
                                                  "start_time": _process_start_time(os.getpid())}))
     return folder
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash at any point leaves the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
 
 
 class StateFile:
