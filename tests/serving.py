@@ -51,15 +51,21 @@ def running_server(model_dir, *extra: str, ready_timeout: float = 90.0, token: s
                    lambda: f"server never produced a frame:\n{_output(proc)}")
         yield base, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
+        stop_process(proc)
         log.close()
         Path(log.name).unlink(missing_ok=True)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """Ask a child to stop with `sig`; kill it if it has not exited within `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
 
 
 def _output(proc) -> str:
