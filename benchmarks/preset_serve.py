@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from serving import free_port, stop_process  # noqa: E402  (the tests' server helpers)
+
 BLOCK_TORCH = 'raise ImportError("torch is blocked: the exported-graph serving path must not import it")\n'
 
 
@@ -56,12 +57,6 @@ def torch_blocked_env(root: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shadow), env.get("PYTHONPATH", "")) if p)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status(base: str) -> dict:
@@ -106,12 +101,7 @@ def serve_once(model: Path, backend: str, sampling: list[str], env: dict, args, 
                 "ready_s": ready_s, "time_to_first_frame_s": last.get("time_to_first_frame_s"),
                 "import_error_in_log": "ImportError" in text}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop_process(proc)
 
 
 def main(argv=None) -> int:

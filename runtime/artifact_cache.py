@@ -28,10 +28,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from .atomic_file import write_atomically
 from .engine_manifest import ENGINE_MANIFEST_SUFFIX, ONNX_MANIFEST_COPY, file_sha256
 from .registry import EXPORTER, resolve
 
@@ -80,20 +80,9 @@ def tree_sha256(paths: Iterable[str | Path], memo_file: str | Path | None = None
                 changed = True
             digest.update(f"{root.name}/{rel}\0{memo[stamp]}\0".encode())
     if memo_path and changed:
-        _atomic_write_bytes(memo_path, json.dumps(memo).encode())
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(memo_path, json.dumps(memo).encode())
     return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_hash(folder: str | Path, root: Path) -> str:

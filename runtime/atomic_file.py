@@ -1,5 +1,6 @@
-"""Crash-safe file replacement, shared by the server's state file, the fleet's store and the stream
-snapshot (kept outside runtime/server so runtime/snapshot.py need not import the server package)."""
+"""Crash-safe file replacement, shared by the server's state file, the fleet's store, the stream
+snapshot, the text-embedding cache and the artifact cache's file-hash memo (kept outside
+runtime/server so runtime/snapshot.py need not import the server package)."""
 
 from __future__ import annotations
 

@@ -55,12 +55,13 @@ def skyrt_version() -> str:
 
 def model_identity(model: str | os.PathLike | None) -> str:
     """sha256 (hex) naming the model: of its folder's files (relative names and contents), or of the
-    name of the built-in default model when `model` is None."""
+    name of the built-in default model when `model` is None. Each file's hash is remembered in the
+    artifact cache by (path, size, mtime), so a restart does not read a multi-GB checkpoint again."""
     if model is None:
         return hashlib.sha256(f"skyrt-builtin-default-model:{skyrt_version()}".encode()).hexdigest()
-    from .artifact_cache import tree_sha256
+    from .artifact_cache import cache_root, model_hash
 
-    return tree_sha256([Path(model)])
+    return model_hash(Path(model), cache_root())
 
 
 def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:

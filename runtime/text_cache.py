@@ -5,7 +5,7 @@ The context [1, text_len, d_model] is zero past the prompt's length (TextEncoder
 the rows up to the last non-zero one are stored and the zeros are restored on load: an entry is a
 few KB to a few hundred KB instead of text_len * d_model * 4 bytes (8 MB for umT5-xxl).
 
-- Writes are atomic (temp file in the same folder + os.replace): a crash never leaves a half entry.
+- Writes are atomic (runtime/atomic_file.py): a crash never leaves a half entry.
 - Optional bounds (`max_bytes`, `max_entries`) evict least recently used entries (a hit touches the
   file's mtime; eviction drops the oldest mtimes first).
 - An unreadable or mismatching entry is re-encoded and rewritten, with a warning.
@@ -20,15 +20,16 @@ Run the tests: python -m pytest tests/test_text_cache.py -q
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .atomic_file import write_atomically
 from .backends.base import Backend, TextContext
 
 SUFFIX = ".npz"
@@ -104,14 +105,9 @@ class TextEmbeddingCache:
         used = int(nonzero[-1]) + 1 if len(nonzero) else 0
         meta = {"encoder": encoder_hash, "prompt": prompt, "text_len": int(text_len), "shape": list(context.shape)}
         path = self.path(encoder_hash, prompt, text_len)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".entry.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, rows=context[:, :used], meta=np.array(json.dumps(meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        entry = io.BytesIO()
+        np.savez(entry, rows=context[:, :used], meta=np.array(json.dumps(meta)))
+        write_atomically(path, entry.getvalue())
         self.evict()
         return path
 

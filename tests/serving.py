@@ -1,4 +1,4 @@
-"""Helpers for tests that run a real `skyrt serve` process on loopback."""
+"""Helpers for tests that run a real `skyrt serve` process on loopback, and a stream that fails on cue."""
 from __future__ import annotations
 
 import json
@@ -51,15 +51,21 @@ def running_server(model_dir, *extra: str, ready_timeout: float = 90.0, token: s
                    lambda: f"server never produced a frame:\n{_output(proc)}")
         yield base, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
+        stop_process(proc)
         log.close()
         Path(log.name).unlink(missing_ok=True)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """Ask a child to stop with `sig`; kill it if it has not exited within `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
 
 
 def _output(proc) -> str:
@@ -139,3 +145,30 @@ def ffprobe(path) -> dict:
                           "-of", "json", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["streams"][0]
+
+
+class FaultAfter:
+    """A stream that passes `after` chunks of `inner` through, then calls `fault()` for each next one:
+    a fault that raises is a driver or device error, one that never returns is a hung driver call."""
+
+    def __init__(self, inner, after: int, fault):
+        self.inner, self.left, self.fault = inner, after, fault
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.left == 0:
+            return self.fault()
+        self.left -= 1
+        return next(self.inner)
+
+    def set_prompt(self, *args, **kwargs):
+        self.inner.set_prompt(*args, **kwargs)
+
+    @property
+    def prompt(self):
+        return self.inner.prompt
+
+    def close(self):
+        self.inner.close()

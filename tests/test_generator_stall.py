@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from serving import wait_until
+from serving import FaultAfter, wait_until
 
 from skyrt.runtime.server import PromptChange, ServerConfig, StreamServer
 from skyrt.runtime.server.generator_process import PipelineSpec, ProcessPipeline
@@ -39,32 +39,12 @@ class _HangingPipeline:
         self.pipe, self.layers = pipe, pipe.layers
 
     def stream(self, **kwargs):
-        return _HangingStream(self.pipe.stream(**kwargs))
+        return FaultAfter(self.pipe.stream(**kwargs), HANG_AFTER_CHUNKS, _hang)
 
 
-class _HangingStream:
-    def __init__(self, inner):
-        self.inner, self.left = inner, HANG_AFTER_CHUNKS
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.left == 0:
-            while True:  # hung: alive, silent
-                time.sleep(3600)
-        self.left -= 1
-        return next(self.inner)
-
-    def set_prompt(self, *args, **kwargs):
-        self.inner.set_prompt(*args, **kwargs)
-
-    @property
-    def prompt(self):
-        return self.inner.prompt
-
-    def close(self):
-        self.inner.close()
+def _hang():
+    while True:  # hung: alive, silent
+        time.sleep(3600)
 
 
 def test_a_hung_generator_is_restarted_while_the_last_frame_is_held(tmp_path):

@@ -259,6 +259,27 @@ def test_snapshot_refuses_another_model_settings_or_version(tmp_path):
         read_snapshot(path, {"steps": 3}, MODEL)
 
 
+def test_model_identity_reads_a_model_once_and_follows_its_contents(tmp_path, monkeypatch):
+    """A restart must not re-read a multi-GB checkpoint to name the model, yet a changed file must
+    change the name (the memo is keyed by path, size and mtime)."""
+    from skyrt.runtime import artifact_cache
+    from skyrt.runtime.snapshot import model_identity
+
+    monkeypatch.setenv("SKYRT_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "weights.bin").write_bytes(b"\x01" * 1000)
+    reads = []
+    real_sha = artifact_cache.file_sha256
+    monkeypatch.setattr(artifact_cache, "file_sha256", lambda p: reads.append(p) or real_sha(p))
+    first = model_identity(model)
+    assert len(reads) == 2
+    assert model_identity(model) == first and len(reads) == 2  # remembered: nothing read again
+    (model / "weights.bin").write_bytes(b"\x02" * 1001)
+    assert model_identity(model) != first and len(reads) == 3  # only the changed file is read
+
+
 def test_snapshot_refuses_a_symlink(tmp_path):
     target = _write(tmp_path, "real.npz")
     link = tmp_path / "s.npz"

@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from serving import free_port, get_json, require_tool, running_server, wait_until
+from serving import free_port, get_json, require_tool, running_server, stop_process, wait_until
 
 from skyrt.runtime.server.publish import Backoff, PacketQueue, PublishUrlError, check_publish_url, redact
 from skyrt.runtime.server.stream_server import ServerConfig
@@ -160,12 +160,7 @@ def test_push_reaches_an_ffmpeg_receiver_and_resumes_after_it_is_killed(official
             assert 'skyrt_publish_connected{target="rtmp://127.0.0.1:%d/live/***"} 1' % port in metrics
             assert "skyrt_publish_reconnects_total" in metrics
     finally:
-        if receiver.poll() is None:
-            receiver.send_signal(signal.SIGINT)
-            try:
-                receiver.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                receiver.kill()
+        stop_process(receiver, signal.SIGINT, timeout=10)
         log.close()
 
 

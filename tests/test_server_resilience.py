@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from serving import get_json, process_gone, running_server, wait_until
+from serving import FaultAfter, get_json, process_gone, running_server, wait_until
 
 from skyrt.runtime.server import PromptChange, ServerConfig, StreamServer
 
@@ -29,31 +29,11 @@ class FailingOnce:
         inner = self.pipe.stream(**settings)
         if self.streams > 1:
             return inner
-        return _Failing(inner, self.after)
+        return FaultAfter(inner, self.after, _device_error)
 
 
-class _Failing:
-    def __init__(self, inner, after):
-        self.inner, self.left = inner, after
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.left == 0:
-            raise RuntimeError("simulated device error")
-        self.left -= 1
-        return next(self.inner)
-
-    def set_prompt(self, *args, **kwargs):
-        self.inner.set_prompt(*args, **kwargs)
-
-    @property
-    def prompt(self):
-        return self.inner.prompt
-
-    def close(self):
-        self.inner.close()
+def _device_error():
+    raise RuntimeError("simulated device error")
 
 
 def test_generator_error_keeps_the_last_frame_on_screen_and_restarts_clean(official_pipeline):
