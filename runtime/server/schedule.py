@@ -205,9 +205,10 @@ def parse_timezone(value, where: str = "schedule.timezone") -> str:
 
 
 def _time(value, where: str) -> dt.time:
-    if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 07:00 as 420 (base 60)
-        raise RequestError(f"{where}.at must be a quoted \"HH:MM\" string; YAML reads an unquoted time like 07:00 "
-                           f"as the number {value}: write at: \"07:00\"")
+    if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 18:30 as 1110 (base 60)
+        hint = f'at: "{value // 60:02d}:{value % 60:02d}"' if 0 <= value < 24 * 60 else 'at: "HH:MM"'
+        raise RequestError(f"{where}.at is the number {value}: YAML reads an unquoted time such as 18:30 as a "
+                           f"number (base 60); quote it: {hint}")
     match = _TIME.match(value) if isinstance(value, str) else None
     if match is None:
         raise RequestError(f"{where}.at must be a 24-hour time \"HH:MM\" or \"HH:MM:SS\" (00:00 to 23:59:59), "
