@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: one generated per run, printed at start in the page's URL")
     serve.add_argument("--token-file", type=Path, default=None, help="read the control token from this file")
     serve.add_argument("--no-token", action="store_true",
-                       help="leave POST /prompt and PUT /playlist open to anyone who can reach the server")
+                       help="leave POST /prompt, PUT /playlist and PUT /schedule open to anyone who can reach the server")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="a host name control requests may use besides IP addresses and localhost "
                             "(a reverse proxy's public name; repeatable)")

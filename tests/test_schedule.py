@@ -375,3 +375,19 @@ def test_cli_refuses_schedule_with_playlist_and_a_bad_schedule_file_before_loadi
     assert main(["serve", "--model", str(tmp_path), "--no-token", "--timezone", "Nowhere/City",
                  "--schedule", str(good)]) == 2
     assert "--timezone: unknown time zone 'Nowhere/City'" in capsys.readouterr().err
+
+
+def test_the_readme_example_schedule_is_valid(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Schedules", 1)[1]
+    example = tmp_path / "example.yaml"
+    example.write_text(re.search(r"```yaml\n(.*?)```", section, re.S)[1])
+    s = load_schedule(example)
+    assert [e.label() for e in s.entries] == ["07:00 every day", "12:00 on mon,tue,wed,thu,fri", "18:30 every day",
+                                              "09:00 on 2026-12-24"]
+    assert prompt_at(s, utc(2026, 12, 8, 2, 0)) == "the lobby at night"  # 03:00 Tuesday: Monday's 18:30
+    assert prompt_at(s, utc(2026, 12, 24, 10, 59)) == "snow on the roofs"  # 11:59 on the 24th (a Thursday)
+    assert prompt_at(s, utc(2026, 12, 24, 11, 0)) == "playlist"  # the weekday 12:00 entry takes over
