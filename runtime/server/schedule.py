@@ -39,6 +39,7 @@ position stays as it was.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import re
@@ -61,8 +62,8 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = datetime
 _FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-# Recurring entries occur at least once a week: looking this many days around t finds the active and
-# the next occurrence of every recurring entry, daylight-saving shifts included.
+# Recurring entries occur at least once a week: looking this many days back (ahead) from t finds the
+# active (next) start whenever there is a recurring entry.
 _SCAN_DAYS = 8
 ENTRY_FIELDS = {"at", "days", "date", "name", "prompt", "negative_prompt", "transition", "playlist", *STARTS}
 
@@ -123,41 +124,44 @@ class Schedule:
         """The instant (aware, UTC) entry `index` starts on local date `day` (DST rules: module docstring)."""
         return local_instant(day, self.entries[index].at, self.zone)
 
-    def _occurrences(self, t: dt.datetime) -> list[tuple[dt.datetime, dt.time, int]]:
-        """(start instant in UTC, wall time, entry index) of every start within _SCAN_DAYS of t, and every
-        one-off entry's, sorted so the last of equal instants is the later wall time (it wins a tie)."""
-        today = t.astimezone(self.zone).date()
-        found = []
-        for index, entry in enumerate(self.entries):
-            if entry.date is not None:
-                found.append((self.occurrence(index, entry.date), entry.at, index))
-                continue
-            for offset in range(-_SCAN_DAYS, _SCAN_DAYS + 1):
-                day = today + dt.timedelta(days=offset)
-                if entry.occurs_on(day):
-                    found.append((self.occurrence(index, day), entry.at, index))
-        return sorted(found)
+    def _day_starts(self, day: dt.date) -> list[tuple[dt.datetime, dt.time, int]]:
+        """(start instant in UTC, wall time, entry index) of the entries starting on local date `day`, sorted
+        so that of equal instants (starts in one spring-forward gap) the later wall time comes last."""
+        return sorted((self.occurrence(i, day), e.at, i) for i, e in enumerate(self.entries) if e.occurs_on(day))
 
     def active_at(self, t: dt.datetime) -> tuple[int, dt.datetime] | None:
         """(entry index, its start instant) of the entry showing at aware instant t: the latest start
         <= t. None before any entry has started."""
         _check_aware(t)
-        past = [(start, index) for start, _, index in self._occurrences(t) if start <= t]
-        if not past:
-            return None
-        start, index = past[-1]
-        return index, start
+        today = t.astimezone(self.zone).date()
+        # A local day's starts all come before the next day's: the first day back with one started wins.
+        for back in range(_SCAN_DAYS + 1):
+            past = [o for o in self._day_starts(today - dt.timedelta(days=back)) if o[0] <= t]
+            if past:
+                return past[-1][2], past[-1][0]
+        # No recurring entry (they start at least weekly): the latest one-off, however long ago.
+        past = sorted((self.occurrence(i, e.date), e.at, i) for i, e in enumerate(self.entries)
+                      if e.date is not None and self.occurrence(i, e.date) <= t)
+        return (past[-1][2], past[-1][0]) if past else None
 
     def next_after(self, t: dt.datetime) -> tuple[int, dt.datetime] | None:
         """(entry index, start instant) of the next start after aware instant t; None if none is left
         (one-off entries only, all past)."""
         _check_aware(t)
-        ahead = [(start, at, index) for start, at, index in self._occurrences(t) if start > t]
-        if not ahead:
-            return None
-        first = ahead[0][0]
-        start, _, index = [o for o in ahead if o[0] == first][-1]  # equal instants: the later wall time wins
-        return index, start
+        today = t.astimezone(self.zone).date()
+        for ahead in range(_SCAN_DAYS + 1):
+            later = [o for o in self._day_starts(today + dt.timedelta(days=ahead)) if o[0] > t]
+            if later:
+                return self._last_of_first(later)
+        later = sorted((self.occurrence(i, e.date), e.at, i) for i, e in enumerate(self.entries)
+                       if e.date is not None and self.occurrence(i, e.date) > t)
+        return self._last_of_first(later) if later else None
+
+    @staticmethod
+    def _last_of_first(starts: list) -> tuple[int, dt.datetime]:
+        """Of sorted starts, the earliest instant; of several at it, the later wall time (it wins the tie)."""
+        first = [o for o in starts if o[0] == starts[0][0]][-1]
+        return first[2], first[0]
 
 
 def _check_aware(t: dt.datetime) -> None:
@@ -169,6 +173,7 @@ def _hhmm(at: dt.time) -> str:
     return at.strftime("%H:%M:%S" if at.second else "%H:%M")
 
 
+@functools.lru_cache(maxsize=16384)  # the same few days' starts are asked for at every boundary and /status
 def local_instant(day: dt.date, at: dt.time, zone: ZoneInfo) -> dt.datetime:
     """The UTC instant the wall time `at` on `day` names in `zone`. A repeated wall time (fall back) is
     its first occurrence; a missing one (spring forward) is the end of the gap, the instant of the jump."""
