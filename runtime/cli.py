@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: one generated per run, printed at start in the page's URL")
     serve.add_argument("--token-file", type=Path, default=None, help="read the control token from this file")
     serve.add_argument("--no-token", action="store_true",
-                       help="leave POST /prompt, PUT /playlist and PUT /schedule open to anyone who can reach the server")
+                       help="leave POST /prompt, PUT /playlist and PUT /schedule open to anyone who can reach the "
+                            "server")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="a host name control requests may use besides IP addresses and localhost "
                             "(a reverse proxy's public name; repeatable)")
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="intra-op threads of the generator (torch, OpenMP, onnxruntime); default: usable cores "
                             "minus the serving process's one; 0 leaves the libraries' defaults (one per core)")
     serve.add_argument("--state", type=Path, default=None, metavar="FILE",
-                       help="keep the prompt and playlist in FILE (written atomically on every change) and the "
+                       help="keep the prompt, playlist and schedule in FILE (written atomically on every change) and the "
                             "stream itself in FILE.stream.npz (a snapshot), and resume both from there at start: "
                             "the stream continues where it stood")
     serve.add_argument("--snapshot-every", type=float, default=30.0, metavar="SECONDS",

@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .playlist import (STARTS, Limits, Playlist, PlaylistItem, PromptBoard, PromptChange, RequestError, _check_fields,
-                       _start_file, _text, _transition, parse_playlist)
+from .playlist import (STARTS, Limits, Playlist, PlaylistItem, PromptBoard, RequestError, _check_fields, _start_file,
+                       _text, _transition, parse_playlist)
 
 log = logging.getLogger("skyrt.server")
 
