@@ -395,3 +395,17 @@ def test_the_readme_example_schedule_is_valid(tmp_path):
     assert prompt_at(s, utc(2026, 12, 8, 2, 0)) == "the lobby at night"  # 03:00 Tuesday: Monday's 18:30
     assert prompt_at(s, utc(2026, 12, 24, 10, 59)) == "snow on the roofs"  # 11:59 on the 24th (a Thursday)
     assert prompt_at(s, utc(2026, 12, 24, 11, 0)) == "playlist"  # the weekday 12:00 entry takes over
+
+
+def test_an_entry_start_file_is_checked_up_front_and_a_schedule_with_a_playlist_is_refused(tmp_path):
+    from skyrt.runtime.server import Limits, StreamServer
+    from skyrt.runtime.server.playlist import parse_playlist
+
+    limits = Limits(media_dir=str(tmp_path))
+    with pytest.raises(RequestError, match=r"entries\[0\] \(07:00\)\.image: no file 'lobby\.png' in the media folder"):
+        parse_schedule({"entries": [{"at": "07:00", "prompt": "the lobby", "image": "lobby.png"}]}, limits)
+    with pytest.raises(RequestError, match=r"outside the media folder"):
+        parse_schedule({"entries": [{"at": "07:00", "prompt": "x", "video": "../clip.mp4"}]}, limits)
+    playlist = parse_playlist({"items": [{"prompt": "a", "duration_s": 10}]})
+    with pytest.raises(ValueError, match="give a schedule or a playlist, not both"):
+        StreamServer(None, {}, playlist=playlist, schedule=sched({"at": "07:00", "prompt": "a"}))
