@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--playlist", type=Path, default=None,
                        help='JSON file {"loop": true, "items": [{"prompt": "...", "duration_s": 30}, ...]}; '
                             'with a causal --preset an item may start a new stream from "image" or "video"')
+    serve.add_argument("--schedule", type=Path, default=None, metavar="FILE",
+                       help='YAML or JSON file {"timezone": "Europe/Berlin", "entries": [{"at": "07:00", "prompt": '
+                            '"..."}, {"at": "18:00", "days": ["mon", "fri"], "playlist": {...}}]}: what the stream '
+                            "shows by the wall clock, switched at block boundaries (not with --playlist)")
+    serve.add_argument("--timezone", default="UTC", metavar="ZONE",
+                       help="IANA time zone of a schedule that names none (default UTC), e.g. Europe/Berlin")
     serve.add_argument("--video", default=None,
                        help="a short clip the stream starts from (a causal --preset only; its last whole blocks)")
     serve.add_argument("--media-dir", type=Path, default=None,
@@ -133,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: one generated per run, printed at start in the page's URL")
     serve.add_argument("--token-file", type=Path, default=None, help="read the control token from this file")
     serve.add_argument("--no-token", action="store_true",
-                       help="leave POST /prompt and PUT /playlist open to anyone who can reach the server")
+                       help="leave POST /prompt, PUT /playlist and PUT /schedule open to anyone who can reach the "
+                            "server")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="a host name control requests may use besides IP addresses and localhost "
                             "(a reverse proxy's public name; repeatable)")
@@ -153,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="intra-op threads of the generator (torch, OpenMP, onnxruntime); default: usable cores "
                             "minus the serving process's one; 0 leaves the libraries' defaults (one per core)")
     serve.add_argument("--state", type=Path, default=None, metavar="FILE",
-                       help="keep the prompt and playlist in FILE (written atomically on every change) and the "
+                       help="keep the prompt, playlist and schedule in FILE (written atomically on every change) and the "
                             "stream itself in FILE.stream.npz (a snapshot), and resume both from there at start: "
                             "the stream continues where it stood")
     serve.add_argument("--snapshot-every", type=float, default=30.0, metavar="SECONDS",
@@ -368,7 +375,7 @@ def _in_whole_blocks(resolution, args):
 
 
 def _serve(args) -> int:
-    from .server import load_playlist, serve
+    from .server import load_playlist, load_schedule, serve
     from .server.startup import StartupInterrupted, resolve_token, sigterm_sets
 
     sampling, prompt = serve_sampling(args)
@@ -382,7 +389,11 @@ def _serve(args) -> int:
         return 0
     token = resolve_token(args.token, args.token_file, args.no_token)
     config = server_config(args, token.token)
+    if args.playlist is not None and args.schedule is not None:
+        raise SystemExit("skyrt serve: give --schedule or --playlist, not both; a schedule entry may run a playlist: "
+                         '{"at": "07:00", "playlist": {"items": [...]}}')
     playlist = load_playlist(args.playlist, config.limits) if args.playlist is not None else None
+    schedule = load_schedule(args.schedule, config.limits, config.timezone) if args.schedule is not None else None
     captioning = _live_captioning(args)  # before loading the model: a bad captioner folder fails fast
     # The pipeline loads and runs in a child process (server/generator_process.py): serving never
     # shares an interpreter lock with generation.
@@ -390,7 +401,7 @@ def _serve(args) -> int:
     try:
         with sigterm_sets(threading.Event()) as stopped:  # a stop while the model loads is a clean exit too
             serve(spec, sampling, config, host=args.host, port=args.port, prompt=prompt, playlist=playlist,
-                  show_token=token.generated, startup_cancelled=stopped, **captioning)
+                  show_token=token.generated, startup_cancelled=stopped, schedule=schedule, **captioning)
     except StartupInterrupted:
         print("skyrt serve: stopped (SIGTERM) before the stream started", file=sys.stderr)
     return 0
@@ -402,8 +413,9 @@ def server_config(args, token: str | None):
     from .server.llhls import PART_TARGET_S
 
     media = getattr(args, "media_dir", None)
-    if media is None and getattr(args, "playlist", None) is not None:
-        media = args.playlist.expanduser().parent  # the playlist file's items are named from its folder
+    for named_from in ("playlist", "schedule"):  # the file's items are named from its folder
+        if media is None and getattr(args, named_from, None) is not None:
+            media = getattr(args, named_from).expanduser().parent
     limits = Limits(media_dir=None if media is None else str(Path(media).expanduser()))
     # fps: the stream's request's (a --fps flag is in its user layer, a preset's 16, else 24).
     return ServerConfig(fps=None, limits=limits, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
@@ -415,7 +427,8 @@ def server_config(args, token: str | None):
                         ll_hls_part_s=getattr(args, "ll_hls_part", PART_TARGET_S),
                         max_webrtc_sessions=getattr(args, "max_webrtc_sessions", 64),
                         generator_stall_s=getattr(args, "generator_stall", 0.0),
-                        max_webrtc_sessions_per_address=getattr(args, "max_webrtc_sessions_per_address", 4))
+                        max_webrtc_sessions_per_address=getattr(args, "max_webrtc_sessions_per_address", 4),
+                        timezone=getattr(args, "timezone", "UTC"))
 
 
 def pipeline_spec(args):

@@ -21,13 +21,15 @@ from .app import create_app
 from .connections import ConnectionLimits, guarded_runner, install_log_rate_limit, listen
 from .generator_process import PipelineSpec, ProcessPipeline
 from .playlist import Limits, Playlist, PlaylistItem, PromptBoard, PromptChange, RequestError, load_playlist
+from .schedule import Schedule, ScheduleEntry, load_schedule, parse_schedule
 from .stream_server import FORMATS, ServerConfig, StreamServer
 
 if TYPE_CHECKING:
     from ..resolve import Settings
 
 __all__ = ["FORMATS", "ConnectionLimits", "Limits", "PipelineSpec", "Playlist", "PlaylistItem", "PromptBoard",
-           "PromptChange", "RequestError", "ServerConfig", "StreamServer", "create_app", "load_playlist", "serve"]
+           "PromptChange", "RequestError", "Schedule", "ScheduleEntry", "ServerConfig", "StreamServer", "create_app",
+           "load_playlist", "load_schedule", "parse_schedule", "serve"]
 
 log = logging.getLogger("skyrt.server")
 
@@ -36,7 +38,8 @@ SHUTDOWN_TIMEOUT_S = 1.0  # after SIGTERM, handlers get this long before they ar
 
 def serve(pipe, sampling: "Settings | dict", config: ServerConfig = ServerConfig(), host: str = "127.0.0.1",
           port: int = 8000, prompt: PromptChange | None = None, playlist: Playlist | None = None, captioner=None,
-          caption_every_s: float = 30.0, show_token: bool = False, startup_cancelled=None) -> None:
+          caption_every_s: float = 30.0, show_token: bool = False, startup_cancelled=None,
+          schedule: "Schedule | None" = None) -> None:
     """Serve an endless stream of `pipe.stream(**sampling)` until SIGINT/SIGTERM, then drain and exit.
     `sampling` is resolved once, against the loaded model, before the stream starts (StreamServer).
 
@@ -46,7 +49,8 @@ def serve(pipe, sampling: "Settings | dict", config: ServerConfig = ServerConfig
     show_token: log the page's URL with the token in it (for a token generated at start: the only
     way the operator learns it).
     startup_cancelled: a threading.Event; set while the model loads, the child is ended and
-    StartupInterrupted raised (`skyrt serve` sets it on SIGTERM)."""
+    StartupInterrupted raised (`skyrt serve` sets it on SIGTERM).
+    schedule: a Schedule (schedule.py: `load_schedule`) run by the wall clock instead of a playlist."""
     if host_is_name(host) and host.lower() not in config.allowed_hosts:
         config = dataclasses.replace(config, allowed_hosts=(*config.allowed_hosts, host.lower()))
     if isinstance(pipe, PipelineSpec):
@@ -59,7 +63,7 @@ def serve(pipe, sampling: "Settings | dict", config: ServerConfig = ServerConfig
             raise
     try:
         server = StreamServer(pipe, sampling, config, prompt=prompt, playlist=playlist, captioner=captioner,
-                              caption_every_s=caption_every_s)
+                              caption_every_s=caption_every_s, schedule=schedule)
         install_log_rate_limit()
         asyncio.run(_serve_until_signalled(server, host, port, show_token, startup_cancelled))
     finally:

@@ -10,6 +10,7 @@ error that names the problem.
     POST /whep             WebRTC: an SDP offer -> 201 + answer + Location;  DELETE /whep/{id} ends it
     POST /prompt           {"prompt", "negative_prompt"?, "transition"?: "continue"|"recache"}   [token]
     GET  /playlist         the playlist and its position;  PUT /playlist replaces it              [token]
+    GET  /schedule         the wall-clock schedule, its entry showing and the next;  PUT replaces it [token]
     GET  /settings         generation settings, each with its layer;  PUT/POST /settings sets them [token]
     GET  /status           JSON figures;  GET /metrics  Prometheus text;  GET /healthz  liveness
     GET  /caption          the latest caption of the live stream (with --caption-every)
@@ -34,6 +35,7 @@ from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, che
                     token_matches)
 from .outputs import Serving
 from .playlist import RequestError, parse_playlist, parse_prompt_change
+from .schedule import add_schedule_routes
 from .settings_control import add_settings_routes
 
 log = logging.getLogger("skyrt.server")
@@ -278,6 +280,7 @@ def create_app(server):
     app.router.add_get("/playlist", get_playlist)
     app.router.add_put("/playlist", control(put_playlist))
     app.router.add_get("/caption", caption)
+    add_schedule_routes(app, server, control)  # schedule.py: wall-clock entries
     add_settings_routes(app, server, control, _error)  # settings_control.py: the HTTP control layer
     serving = Serving(server, _error, stream_out, read_body)
     for output in server.outputs:  # outputs/: each output's own routes (a format that is off has none)

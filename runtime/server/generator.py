@@ -95,6 +95,10 @@ class GeneratorThread(threading.Thread):
         # monotonic time the running stream began waiting for its next chunk; None while it is not
         # waiting on the model (loading it, or handing a chunk to a full buffer): StallWatchdog reads it
         self.awaiting_chunk_since: float | None = None
+        self.blocks = 0  # chunks generated since the server started, over every stream it opened
+        # Called with `blocks` between chunks and before a stream opens (the schedule: schedule.py); a
+        # prompt change it makes reaches the stream through the board, before the next chunk is asked for.
+        self.between_blocks: Callable[[int], object] | None = None
         board.subscribe(self._forward)
 
     def restart_with(self, resolution, on_failure: Callable[[Exception], None] | None = None) -> None:
@@ -160,7 +164,16 @@ class GeneratorThread(threading.Thread):
                 raise
             raise TrialFailed(err, on_failure) from err
 
+    def _between_blocks(self) -> None:
+        if self.between_blocks is None:
+            return
+        try:
+            self.between_blocks(self.blocks)
+        except Exception:  # a broken hook must not stop the stream; the next boundary tries again
+            log.exception("the between-blocks hook failed")
+
     def _stream_chunks(self, resolution, on_failure) -> None:
+        self._between_blocks()  # a new stream opens with the prompt of the moment's schedule entry
         change = self.board.current
         request = resolution.with_prompt(change.prompt, change.negative_prompt)
         stream = self.pipe.stream(request=request, **self._start_inputs(change))
@@ -185,8 +198,10 @@ class GeneratorThread(threading.Thread):
                 if drift is not None:
                     self.metrics.drift_observed(drift())
                 self.active_prompt = stream.prompt
+                self.blocks += 1
                 if not self.buffer.put_chunk(chunk, self.stop_event):
                     return
+                self._between_blocks()  # before the restart check: an entry with its own start restarts now
                 produced = time.monotonic()
                 if self.stop_event.is_set() or self._restart.is_set():
                     return  # stopping, or the run loop opens the stream of the board's new start

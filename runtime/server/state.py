@@ -2,9 +2,10 @@
 
 A server killed with SIGKILL runs no cleanup. Two things then matter:
 
-- Control state: the playlist an operator PUT, the manual prompt and the HTTP settings are written to `--state FILE`
-  on every change (temp file in the same folder, fsync, rename, fsync of the folder), so the file
-  on disk is always one whole state, never half of one; a restart with the same `--state` resumes.
+- Control state: the playlist an operator PUT, the manual prompt, the schedule and the HTTP settings are
+  written to `--state FILE` on every change (temp file in the same folder, fsync, rename, fsync of the
+  folder), so the file on disk is always one whole state, never half of one; a restart with the same
+  `--state` resumes.
 - HLS folders: each is named after its owner's pid and records the owner's start time, so a server
   starting up can tell a dead owner's folder (remove it) from a live one's (leave it).
 """

@@ -31,6 +31,7 @@ from .metrics import Metrics, process_resources
 from .playlist import Limits, Playlist, PromptBoard, PromptChange
 from .outputs import DEFAULT_FORMATS, FORMATS, H264_FORMATS, Encoding, active
 from .publish import Publisher, check_publish_url
+from .schedule import DEFAULT_TIMEZONE, Schedule, ScheduleRunner, parse_timezone
 from .settings_control import SettingsControl
 from .state import StateFile, StateSaver, make_hls_folder
 
@@ -70,8 +71,13 @@ class ServerConfig:
     # WHEP sessions at once from one client address, so one client cannot take every session (behind a
     # reverse proxy every offer comes from the proxy's address: raise it to max_webrtc_sessions there).
     max_webrtc_sessions_per_address: int = 4
+    timezone: str = DEFAULT_TIMEZONE  # --timezone: a schedule's zone when it names none (schedule.py)
 
     def __post_init__(self):
+        try:
+            parse_timezone(self.timezone, "--timezone")
+        except ValueError as err:  # RequestError is a ValueError; a config error is the caller's
+            raise ValueError(str(err)) from None
         if not self.generator_stall_s >= 0:
             raise ValueError(f"--generator-stall must be seconds >= 0 (0: off), got {self.generator_stall_s}")
         if self.fps is not None and not 1 <= self.fps <= 120:
@@ -103,14 +109,19 @@ class StreamServer:
 
     def __init__(self, pipe, sampling: Settings | dict, config: ServerConfig = ServerConfig(),
                  prompt: PromptChange | None = None, playlist: Playlist | None = None, captioner=None,
-                 caption_every_s: float = 30.0):
+                 caption_every_s: float = 30.0, schedule: Schedule | None = None, clock=None):
         """pipe: a Pipeline, or a started ProcessPipeline (anything with `resolve` and `stream(request=...)`).
         sampling: the stream's settings as the user set them (a dict: API keywords; `skyrt serve` gives
         a Settings with its own defaults), plus an optional `image` input. They are resolved here, once,
         against the loaded model (runtime/resolve.py): every stream the server opens, in this process or
         in the generator child, runs that request, with the prompt of the moment.
         captioner: a `skyrt.runtime.captioner.Captioner`; with one, the stream is captioned every
-        `caption_every_s` seconds (GET /caption)."""
+        `caption_every_s` seconds (GET /caption).
+        schedule: a Schedule (schedule.py) to run by the wall clock; not with `playlist` (make the playlist an
+        entry's). clock: the schedule's `now()` (aware datetimes; default the system clock): tests pass a fake."""
+        if schedule is not None and playlist is not None and playlist.items:
+            raise ValueError("give a schedule or a playlist, not both (--schedule with --playlist): a schedule "
+                             "entry may run a playlist, {\"at\": \"07:00\", \"playlist\": {\"items\": [...]}}")
         settings = Settings.of(sampling)
         if "prompt" in settings.user:
             raise ValueError("pass the prompt as `prompt=PromptChange(...)`, not inside `sampling`")
@@ -137,6 +148,8 @@ class StreamServer:
         self.connections = ConnectionRegistry(config.connections)
         self.limits = self._limits_for(self.request)
         self.board = PromptBoard(first, playlist)
+        self.schedule = ScheduleRunner(self.board, clock, config.timezone)
+        self.schedule.set(schedule)
         self.state = StateFile(config.state_path) if config.state_path is not None else None
         # A start after another with the same --state: HLS media sequences go on (see llhls.LlHlsWindow).
         self.restarted = self.state is not None and self.state.path.exists()
@@ -145,6 +158,11 @@ class StreamServer:
             self.state.restore(self.board, self.limits)
             self._saver = StateSaver(self.state, self.board)
             self.board.on_playlist_step(self._saver.mark_dirty)
+            # A saved schedule replaces --schedule, as a saved playlist replaces --playlist.
+            self.schedule.restore(self.state.load(), self.limits)
+            self.schedule.on_switch = self._saver.mark_dirty
+            self.state.sections["schedule"] = self.schedule.snapshot
+        self.schedule.select_now()  # the entry active now shows from the first block (a kept one stays)
         self.buffer = FrameBuffer(config.frame_buffer or max(4, config.fps // 2))
         capacity = max(2, int(config.client_buffer_s * config.fps))
         self.outputs = active(config)  # outputs/: what runs, in the order the pacer encodes
@@ -162,6 +180,8 @@ class StreamServer:
             self.captioner = LiveCaptioner(captioner, caption_every_s, self._frame_on_screen)
         self.generator = GeneratorThread(pipe, self.resolution, self.board, self.buffer, self.metrics, image=self.image,
                                          video=self.video)
+        self.generator.between_blocks = self.schedule.check
+        self.metrics.sections.append(self.schedule.prometheus)
         self.settings_control = SettingsControl(self)
         if self.state is not None:
             self.state.sections["settings"] = self.settings_control.snapshot
@@ -269,6 +289,7 @@ class StreamServer:
             prompt_active=self.generator.active_prompt,
             prompt_switches=self.board.switches,
             playlist=self.board.playlist_json()["position"],
+            schedule=self.schedule.status(),
             fps=self.config.fps,
             width=self.width,
             height=self.height,
