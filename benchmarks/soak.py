@@ -405,11 +405,29 @@ def summarize(samples: list[dict], window_s: float = WINDOW_S, thresholds: dict 
         flat = growth <= allowed and (slope is None or slope <= allowed)
         series[name] = {"first_10min_median": first_median, "last_10min_median": last_median, "growth": growth,
                         "slope_per_hour": slope, "allowed": allowed, "flat": flat}
-    overlap = end < 2 * window_s  # a short run: the two windows overlap, the verdict says less
-    return {"flat": all(s["flat"] for s in series.values()), "duration_s": end, "windows_overlap": overlap,
+    # A run shorter than two windows compares a window with itself and extrapolates minutes of noise
+    # to an hour: no verdict (None) rather than a meaningless one; the series figures stay.
+    overlap = end < 2 * window_s
+    flat = None if overlap else all(s["flat"] for s in series.values())
+    return {"flat": flat, "duration_s": end, "windows_overlap": overlap,
             "rule": "flat: last-10-min median - first-10-min median <= allowed and slope per hour (least "
                     "squares over samples after the first 10 min) <= allowed; allowed = max(relative x "
                     "first median, absolute)", "series": series}
+
+
+def process_role(samples: list[dict], rank: int) -> str:
+    """A legend name for the rank-th process of the tree (root first), from its command line."""
+    for sample in samples:
+        if rank < len(sample["processes"]):
+            cmd = sample["processes"][rank].get("cmd", "")
+            if rank == 0:
+                return "server"
+            for needle, role in (("resource_tracker", "resource tracker"), ("spawn_main", "generator"),
+                                 ("ffmpeg", "ffmpeg")):
+                if needle in cmd:
+                    return role
+            return f"child {rank}"
+    return f"child {rank}"
 
 
 def plot(report: dict, png: Path) -> bool:
@@ -437,8 +455,14 @@ def plot(report: dict, png: Path) -> bool:
             for rank in range(max((len(s["processes"]) for s in samples), default=0)):
                 ys = [s["processes"][rank][field_name[0]] / field_name[1] if rank < len(s["processes"]) else None
                       for s in samples]
-                ax.plot(hours, ys, linewidth=0.8, linestyle="--", label="server" if rank == 0 else f"child {rank}")
-        ax.set_title(title)
+                ax.plot(hours, ys, linewidth=0.8, linestyle="--", label=process_role(samples, rank))
+        figures = report.get("summary", {}).get("series", {}).get(lines[0][0])
+        if figures:
+            scale = lines[0][2]
+            title += (f": first 10 min {figures['first_10min_median'] / scale:.1f}, last 10 min "
+                      f"{figures['last_10min_median'] / scale:.1f}, slope "
+                      f"{(figures['slope_per_hour'] or 0) / scale:+.1f}/h (allowed {figures['allowed'] / scale:.1f})")
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
     verdict = report.get("summary", {}).get("flat")
