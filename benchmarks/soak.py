@@ -306,6 +306,9 @@ def take_sample(base: str, server_pid: int, t0: float, churn: Churn, previous: d
         status = get_json(base + "/status")
         sample |= {"frames_generated": status.get("frames_generated"), "frames_output": status.get("frames_output"),
                    "connections_open": (status.get("connections") or {}).get("open"),
+                   # refused / shed for idleness: how the server dealt with the abandoned viewers
+                   "connections_refused": (status.get("connections") or {}).get("refused"),
+                   "connections_idle_shed": (status.get("connections") or {}).get("idle_shed"),
                    "server_reported_rss_bytes": status.get("resident_memory_bytes"),
                    "server_reported_fds": status.get("open_fds")}
     except (OSError, ValueError) as err:
