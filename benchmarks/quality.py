@@ -33,6 +33,18 @@ detector), first / last / worst minute, the drift monitor's signals per minute a
 Variants (LONG_VARIANTS): default (the model's recommended kvcache setting, reanchor off),
 default_reanchor (reanchor="recache", default thresholds), default_forced (re-anchors every
 cooldown: thresholds 0, what re-anchoring does by itself), window, sink1 (kv_sink1_win3), sink1_reanchor.
+Per minute it also records which attributes the detector read right, and per variant a "model_cap"
+reading: the attributes already wrong in the first minute (what the model draws for the prompt before
+any drift) and the adherence ceiling they leave. `--backend onnxruntime` runs the stream through the
+exported graphs (made on first use; cheaper per frame on a CPU) after checking that its first
+--check-frames frames are torch's (within BACKEND_CHECK_MAX_LEVELS uint8 levels, else it stops). Every
+--partial-seconds the report so far is written (atomically, marked "partial"), so an interrupted run
+leaves a valid report of the frames it reached:
+
+    nice -n 19 python benchmarks/quality.py --long --long-frames 100800 --backend onnxruntime \
+        --variants default --out results/quality_long_default.json &        # one process per variant
+    python benchmarks/quality.py --long --merge results/quality_long_default.json \
+        results/quality_long_default_reanchor.json --out results/quality_long.json
 
 Writes benchmarks/results/quality.json and quality.png (needs matplotlib for the plot).
 --model defaults to skyrt's built-in demo model (skyrt-demo-world-v6, shipped in the package).
@@ -567,7 +579,11 @@ def write_long_report(report: dict, out: Path, quiet: bool = False) -> None:
     for name, row in report["summary"].items():
         print(f"{name:>16}: {row['frames']} frames, first/last minute {row['adherence_first_minute']:.3f}/"
               f"{row['adherence_last_minute']:.3f}, worst {row['worst_minute']}, re-anchors {row['reanchors']}, "
-              f"targets {row['targets']}")
+              f"targets {row['targets']}" + (" (still running: partial)" if row["partial"] else ""))
+        cap = row["model_cap"] or {}
+        if cap.get("capped_by_model"):
+            print(f"{'':>16}  capped by the model: {cap['failing_from_first_minute']} read right in the first minute's "
+                  f"windows (ceiling {cap['ceiling']:.2f})")
     print(f"wrote {out.name}" + (f" and {out.with_suffix('.png').name}" if drawn else "") + f" in {out.parent}")
 
 
