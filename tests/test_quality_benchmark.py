@@ -193,3 +193,13 @@ def test_merge_of_partial_long_reports_keeps_each_variant_and_its_state(tmp_path
     other = _long_report(q, tmp_path, "window", done, prompt="a blue square still on a black background")
     with pytest.raises(SystemExit, match="different models or prompts"):
         q.merge_long([a, other], tmp_path / "other.json")
+
+
+def test_backend_check_passes_the_same_rollout_and_stops_another():
+    q = load_benchmark("quality")
+    same = q.backend_check(WorldPipe("square", 10**6), WorldPipe("square", 10**6), STILL, {"mode": "kvcache"}, {}, 2,
+                           64, frames=24, seed=0)
+    assert same["frames"] == 24 and same["max_abs_diff_levels"] == 0 and same["fraction_differing"] == 0.0
+    with pytest.raises(SystemExit, match="not torch's"):  # the shape changes at frame 12: not the same rollout
+        q.backend_check(WorldPipe("square", 12), WorldPipe("square", 10**6), STILL, {"mode": "kvcache"}, {}, 2, 64,
+                        frames=24, seed=0)
