@@ -33,6 +33,18 @@ detector), first / last / worst minute, the drift monitor's signals per minute a
 Variants (LONG_VARIANTS): default (the model's recommended kvcache setting, reanchor off),
 default_reanchor (reanchor="recache", default thresholds), default_forced (re-anchors every
 cooldown: thresholds 0, what re-anchoring does by itself), window, sink1 (kv_sink1_win3), sink1_reanchor.
+Per minute it also records which attributes the detector read right, and per variant a "model_cap"
+reading: the attributes already wrong in the first minute (what the model draws for the prompt before
+any drift) and the adherence ceiling they leave. `--backend onnxruntime` runs the stream through the
+exported graphs (made on first use; cheaper per frame on a CPU) after checking that its first
+--check-frames frames are torch's (within BACKEND_CHECK_MAX_LEVELS uint8 levels, else it stops). Every
+--partial-seconds the report so far is written (atomically, marked "partial"), so an interrupted run
+leaves a valid report of the frames it reached:
+
+    nice -n 19 python benchmarks/quality.py --long --long-frames 100800 --backend onnxruntime \
+        --variants default --out results/quality_long_default.json &        # one process per variant
+    python benchmarks/quality.py --long --merge results/quality_long_default.json \
+        results/quality_long_default_reanchor.json --out results/quality_long.json
 
 Writes benchmarks/results/quality.json and quality.png (needs matplotlib for the plot).
 --model defaults to skyrt's built-in demo model (skyrt-demo-world-v6, shipped in the package).
@@ -41,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -90,6 +103,13 @@ def parse_args(argv=None):
     p.add_argument("--long-seconds", type=float, default=None,
                    help="--long: wall-clock budget per variant; the stream stops at whichever comes first (frames or time)")
     p.add_argument("--variants", default="default,default_reanchor", help=f"--long: comma list of {list(LONG_VARIANTS)}")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                   help="--long: the backend that runs the stream (onnxruntime: the exported graphs, made on first "
+                        "use; the first --check-frames frames are compared with the torch stream first)")
+    p.add_argument("--check-frames", type=int, default=96,
+                   help="--long --backend onnxruntime: frames of the default stream compared with torch's (0: none)")
+    p.add_argument("--partial-seconds", type=float, default=300.0,
+                   help="--long: write the report so far (marked partial) every this many seconds of a run")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = RESULTS / ("quality_shapes.json" if args.shape_grid else "quality_long.json" if args.long
@@ -370,9 +390,13 @@ def forced_thresholds():
 
 
 def long_run(pipe, attrs, setting: dict, reanchor: str, thresholds, sampling, block, size, total_frames, window,
-             fps, seed, budget_s: float | None = None) -> dict:
-    """One stream of `attrs` for `total_frames`: per 2 s window the detector's adherence and the drift
-    monitor's status; per stream minute adherence, signals and re-anchors; first / last / worst minute."""
+             fps, seed, budget_s: float | None = None, on_progress=None, progress_every_s: float = 300.0) -> dict:
+    """One stream of `attrs` for `total_frames`: per 2 s window the detector's adherence (and which
+    attributes it read right) and the drift monitor's status; per stream minute adherence, signals and
+    re-anchors; first / last / worst minute.
+
+    `on_progress(result)`, when given, is called every `progress_every_s` seconds with the result so far
+    (marked "partial": True), so that a run stopped at any point leaves a valid report behind."""
     from skyrt_demo.detector import score_clip
 
     kwargs = {**sampling, **setting, "reanchor": reanchor}
@@ -381,7 +405,7 @@ def long_run(pipe, attrs, setting: dict, reanchor: str, thresholds, sampling, bl
     stream = pipe.stream(attrs.prompt, causal_block_size=block, height=size, width=size, seed=seed, drift=thresholds,
                          **kwargs)
     buffer, made, windows = [], 0, []
-    t0 = time.perf_counter()
+    t0 = last_progress = time.perf_counter()
     for chunk in stream:
         buffer.append(chunk)
         made += len(chunk)
@@ -390,17 +414,30 @@ def long_run(pipe, attrs, setting: dict, reanchor: str, thresholds, sampling, bl
             clip, pending = pending[:window], pending[window:]
             start = made - len(pending) - window
             status = stream.drift_status()
-            windows.append({"start_frame": start, "minute": start // (60 * fps),
-                            "adherence": score_clip(clip, attrs).adherence, "signals": status["signals"],
+            score = score_clip(clip, attrs)
+            windows.append({"start_frame": start, "minute": start // (60 * fps), "adherence": score.adherence,
+                            "correct": score.correct, "signals": status["signals"],
                             "reanchors": status["reanchors"], "drifted_chunks": status["drifted_chunks"]})
         buffer = [pending] if len(pending) else []
         if made >= total_frames or (budget_s is not None and time.perf_counter() - t0 > budget_s):
             break
+        now = time.perf_counter()
+        if on_progress is not None and windows and now - last_progress >= progress_every_s:
+            on_progress(long_result(attrs, setting, reanchor, made, now - t0, stream.drift_status(), windows, window,
+                                    fps, partial=True))
+            last_progress = now
     seconds = time.perf_counter() - t0
     final = stream.drift_status()
     stream.close()
+    return long_result(attrs, setting, reanchor, made, seconds, final, windows, window, fps, partial=False)
+
+
+def long_result(attrs, setting: dict, reanchor: str, made: int, seconds: float, drift_status: dict,
+                windows: list[dict], window: int, fps: int, partial: bool) -> dict:
+    """A long stream's result from its windows so far: `partial` marks a run that is still going."""
     return {"prompt": attrs.prompt, "setting": setting, "reanchor": reanchor, "frames": made, "seconds": seconds,
-            "generated_fps": made / seconds, "drift_final": final, **per_minute_summary(windows, made, window, fps),
+            "generated_fps": made / seconds if seconds else None, "partial": partial, "drift_final": drift_status,
+            "loadavg_end": list(os.getloadavg()), **per_minute_summary(windows, made, window, fps),
             "windows": windows}
 
 
@@ -417,6 +454,7 @@ def per_minute_summary(windows: list[dict], made: int, window: int, fps: int) ->
                    if any(w["signals"][k] is not None for w in ws) else None for k in ws[0]["signals"]}
         rows.append({"minute": m, "windows": len(ws), "full": m < full_minutes,
                      "adherence": float(np.mean([w["adherence"] for w in ws])), "signals": signals,
+                     "per_attribute": attribute_rates(ws),
                      "reanchors": ws[-1]["reanchors"] - (before[-1]["reanchors"] if before else 0)})
     full = [r for r in rows if r["full"]] or rows
     first, last = full[0], full[-1]
@@ -424,7 +462,32 @@ def per_minute_summary(windows: list[dict], made: int, window: int, fps: int) ->
     return {"minutes": len(full), "adherence_first_minute": first["adherence"], "adherence_last_minute": last["adherence"],
             "worst_minute": {"minute": worst["minute"], "adherence": worst["adherence"]},
             "min_minute_adherence": worst["adherence"], "drop_points": 100 * (first["adherence"] - last["adherence"]),
-            "per_minute": rows}
+            "model_cap": model_cap(first, last), "per_minute": rows}
+
+
+def attribute_rates(windows: list[dict]) -> dict[str, float] | None:
+    """Per attribute, the fraction of `windows` the detector read right (None: windows without readings)."""
+    if not windows or any("correct" not in w for w in windows):
+        return None
+    return {k: float(np.mean([w["correct"][k] for w in windows])) for k in windows[0]["correct"]}
+
+
+def model_cap(first: dict, last: dict) -> dict:
+    """Is the 0.90 target out of reach from the stream's first minute on (the model, not drift)?
+
+    Attributes read right in under half of the first minute's windows are "wrong from the start": what
+    the model draws for this prompt, before any drift could set in. `ceiling` is the adherence the stream
+    would have with only those attributes wrong (every other attribute right)."""
+    rates = first.get("per_attribute")
+    if rates is None:
+        return {"capped_by_model": None, "why": "no per-attribute readings in this report"}
+    failing = {k: v for k, v in rates.items() if v < 0.5}
+    ceiling = 1.0 - len(failing) / len(rates)
+    lost_later = {k: round(rates[k] - last["per_attribute"][k], 4) for k in rates
+                  if last.get("per_attribute") and rates[k] - last["per_attribute"][k] > 0.05}
+    return {"capped_by_model": first["adherence"] < 0.90 and ceiling < 0.90 + 1e-9,
+            "failing_from_first_minute": failing, "ceiling": ceiling,
+            "first_minute_per_attribute": rates, "worse_in_last_minute": lost_later}
 
 
 def long_targets(result: dict) -> dict:
@@ -433,22 +496,67 @@ def long_targets(result: dict) -> dict:
             "drop_points<=5": result["drop_points"] <= 5.0, "frames>=100000": result["frames"] >= 100_000}
 
 
-def write_long(pipe, label, all_settings, default_name, attrs, sampling, block, window, args) -> int:
+# The ORT stream may differ from torch's by float rounding: one uint8 level where a value sits on a
+# rounding edge. More than this is a different rollout, and the long run refuses to stand in for torch's.
+BACKEND_CHECK_MAX_LEVELS = 2
+
+
+def backend_check(pipe, torch_pipe, attrs, setting: dict, sampling: dict, block: int, size: int, frames: int,
+                  seed: int) -> dict:
+    """The first `frames` frames of `setting`'s stream on `pipe` against the same stream on `torch_pipe`
+    (the reference backend): uint8 differences. Raises when they are not the same rollout."""
+    clips, fps = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for p in (torch_pipe, pipe):
+            t0 = time.perf_counter()
+            clips.append(take_frames(open_stream(p, attrs.prompt, setting, sampling, block, size, seed), frames)[:frames]
+                         .astype(np.int16))  # [T, H, W, 3]
+            fps.append(len(clips[-1]) / (time.perf_counter() - t0))
+    a, b = clips
+    diff = np.abs(a - b)
+    result = {"frames": int(len(a)), "max_abs_diff_levels": int(diff.max()), "mean_abs_diff_levels": float(diff.mean()),
+              "fraction_differing": float((diff > 0).mean()), "tolerance_levels": BACKEND_CHECK_MAX_LEVELS,
+              # one short stream each, one after the other, stream start included: a rough ratio only
+              "torch_fps": fps[0], "backend_fps": fps[1], "backend_over_torch": fps[1] / fps[0]}
+    if result["max_abs_diff_levels"] > BACKEND_CHECK_MAX_LEVELS:
+        raise SystemExit(f"the --backend stream is not torch's (max difference "
+                         f"{result['max_abs_diff_levels']} levels over {len(a)} frames): run --backend torch, or find "
+                         "out why the export differs (tests/test_onnxruntime_backend.py)")
+    return result
+
+
+def write_long(pipe, label, all_settings, default_name, attrs, sampling, block, window, args, torch_pipe=None) -> int:
+    """Run the --variants one after another into one report; write it (marked partial) as the runs go."""
     names = args.variants.split(",")
     unknown = [n for n in names if n not in LONG_VARIANTS]
     if unknown:
         raise SystemExit(f"unknown --variants {unknown}: choose from {list(LONG_VARIANTS)}")
     report = {**report_header("quality_long", args, label, block, sampling, window_frames=window),
               "prompt": attrs.prompt, "default_setting": default_name, "variants": {}}
+    report["machine"].update(backend=args.backend, cpu_count=os.cpu_count(), nice=os.nice(0),
+                             loadavg_start=list(os.getloadavg()))
+    if torch_pipe is not None and args.check_frames > 0:
+        report["backend_check"] = backend_check(pipe, torch_pipe, attrs, all_settings[default_name], sampling, block,
+                                                args.size, args.check_frames, args.seed)
+        print(f"backend check: {args.backend} vs torch, {json.dumps(report['backend_check'])}", flush=True)
     for name in names:
         setting_name, reanchor, thresholds = LONG_VARIANTS[name]
         setting_name = default_name if setting_name == "default" else setting_name
         thresholds = forced_thresholds() if thresholds == "forced" else None
         print(f"[{name}] {setting_name}, reanchor={reanchor}: {args.long_frames} frames of '{attrs.prompt}'", flush=True)
+
+        def progress(partial: dict, name=name, setting_name=setting_name) -> None:
+            partial["setting_name"], partial["targets"] = setting_name, long_targets(partial)
+            write_long_report({**report, "variants": {**report["variants"], name: partial}}, args.out, quiet=True)
+            print(f"[{name}]   partial: {partial['frames']} frames, {partial['generated_fps']:.1f} fps, "
+                  f"last minute {partial['adherence_last_minute']:.3f} -> {args.out.name}", flush=True)
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             result = long_run(pipe, attrs, all_settings[setting_name], reanchor, thresholds, sampling, block, args.size,
-                              args.long_frames, window, args.fps, args.seed, args.long_seconds)
+                              args.long_frames, window, args.fps, args.seed, args.long_seconds, on_progress=progress,
+                              progress_every_s=args.partial_seconds)
         result["setting_name"], result["targets"] = setting_name, long_targets(result)
         report["variants"][name] = result
         print(f"[{name}]   first/last/worst minute {result['adherence_first_minute']:.3f}/"
@@ -458,19 +566,31 @@ def write_long(pipe, label, all_settings, default_name, attrs, sampling, block, 
     return 0
 
 
-def write_long_report(report: dict, out: Path) -> None:
+def write_long_report(report: dict, out: Path, quiet: bool = False) -> None:
+    """Summarise every variant, write the report (atomically: a reader never sees half a file) and its plot."""
+    from skyrt.runtime.atomic_file import write_atomically
+
     report["summary"] = {n: {k: v[k] for k in ("setting_name", "reanchor", "frames", "minutes", "generated_fps",
                                                 "adherence_first_minute", "adherence_last_minute", "worst_minute",
                                                 "drop_points", "targets")}
-                         | {"reanchors": v["drift_final"]["reanchors"], "drifted_chunks": v["drift_final"]["drifted_chunks"]}
+                         | {"reanchors": v["drift_final"]["reanchors"], "drifted_chunks": v["drift_final"]["drifted_chunks"],
+                            # .get: reports from before partial writes and per-attribute readings
+                            "partial": v.get("partial", False), "model_cap": v.get("model_cap")}
                          for n, v in report["variants"].items()}
+    report["partial"] = any(row["partial"] for row in report["summary"].values())
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_atomically(out, json.dumps(report, indent=1).encode())
     drawn = plot_long(report, out.with_suffix(".png"))
+    if quiet:
+        return
     for name, row in report["summary"].items():
         print(f"{name:>16}: {row['frames']} frames, first/last minute {row['adherence_first_minute']:.3f}/"
               f"{row['adherence_last_minute']:.3f}, worst {row['worst_minute']}, re-anchors {row['reanchors']}, "
-              f"targets {row['targets']}")
+              f"targets {row['targets']}" + (" (still running: partial)" if row["partial"] else ""))
+        cap = row["model_cap"] or {}
+        if cap.get("capped_by_model"):
+            print(f"{'':>16}  capped by the model: {cap['failing_from_first_minute']} read right in the first minute's "
+                  f"windows (ceiling {cap['ceiling']:.2f})")
     print(f"wrote {out.name}" + (f" and {out.with_suffix('.png').name}" if drawn else "") + f" in {out.parent}")
 
 
@@ -482,7 +602,13 @@ def merge_long(paths: list[Path], out: Path) -> int:
     for path, r in zip(paths, reports):
         if r["model"] != merged["model"] or r["prompt"] != merged["prompt"]:
             raise SystemExit(f"cannot merge long reports of different models or prompts: {path.name}")
+        twice = set(r["variants"]) & set(merged["variants"])
+        if twice:
+            raise SystemExit(f"variant(s) {sorted(twice)} are in more than one report ({path.name}): merge each once")
         merged["variants"].update(r["variants"])
+    checks = {p.name: r["backend_check"] for p, r in zip(paths, reports) if "backend_check" in r}
+    if checks:
+        merged["backend_check"] = checks
     write_long_report(merged, out)
     return 0
 
@@ -500,8 +626,9 @@ def plot_long(report: dict, path: Path) -> bool:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
     for name, v in report["variants"].items():
         rows = v["per_minute"]
+        running = ", running" if v.get("partial") else ""
         top.plot([r["minute"] for r in rows], [r["adherence"] for r in rows], marker=".",
-                 label=f"{name} ({v['frames']} frames, {v['drift_final']['reanchors']} re-anchors)")
+                 label=f"{name} ({v['frames']} frames{running}, {v['drift_final']['reanchors']} re-anchors)")
         bottom.plot([r["minute"] for r in rows], [r["signals"]["latent_mean_shift"] for r in rows], label=name)
     top.axhline(0.90, color="gray", linestyle="--", linewidth=1, label="target 0.90")
     top.set(title=f"adherence per stream minute: '{report['prompt']}'", ylabel="adherence (detector)", ylim=(0, 1.05))
@@ -582,7 +709,12 @@ def main(argv=None) -> int:
     from skyrt.runtime.default_model import default_model_dir, recommended_sampling
 
     model_dir = args.model if args.model is not None else default_model_dir()
-    pipe = skyrt.load(model_dir)
+    if args.backend != "torch" and not args.long:
+        raise SystemExit("--backend runs --long streams only; the other measurements run on torch")
+    torch_pipe = skyrt.load(model_dir)
+    # onnxruntime: the same rollout through the exported graphs (cheaper per frame on this CPU); torch's
+    # pipeline stays loaded for the check of the first frames (backend_check).
+    pipe = torch_pipe if args.backend == "torch" else skyrt.load(model_dir, backend=args.backend, threads=args.threads)
     block = max(1, pipe.model.num_frame_per_block)
     recommended = recommended_sampling(model_dir)
     sampling = sampling_defaults(recommended, args)
@@ -609,7 +741,8 @@ def main(argv=None) -> int:
         name = default_name if args.settings == "all" else names[0]
         return write_shape_grid(pipe, label, name, all_settings[name], sampling, block, clip_frames, args)
     if args.long:
-        return write_long(pipe, label, all_settings, default_name, stable_prompt, sampling, block, window, args)
+        return write_long(pipe, label, all_settings, default_name, stable_prompt, sampling, block, window, args,
+                          torch_pipe=None if pipe is torch_pipe else torch_pipe)
     report = {**report_header("quality", args, label, block, sampling, window_frames=window), "settings": {}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the kvcache approximation warning of bidirectional models

@@ -105,3 +105,101 @@ def test_shape_grid_confusion_names_the_shape_drawn(monkeypatch):
     assert grid["per_shape"]["cross"] == 0.0 and grid["per_shape"]["circle"] == 1.0
     # ("green", "cross") is the one held-out pair among these colours; it was drawn as a diamond.
     assert (grid["heldout_pairs"], grid["heldout_correct"]) == (1, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# --long: partial reports, per-attribute minutes, the model-cap reading, merging
+
+
+class WorldPipe:
+    """pipe.stream stand-in for long_run: a world stream of the prompt that draws `wrong_shape` instead of
+    the prompt's shape from frame `wrong_from` on, with a drift monitor that never fires."""
+
+    def __init__(self, wrong_shape: str, wrong_from: int):
+        self.wrong_shape, self.wrong_from = wrong_shape, wrong_from
+
+    def stream(self, prompt, **kwargs):
+        attrs = W.parse_prompt(prompt)
+        stream = DelayedWorldStream(attrs, chunk=8, delay=0, seed=2)
+        wrong = W.Attributes(self.wrong_shape, attrs.colour, attrs.motion, attrs.background, attrs.camera)
+        stream.pending = (self.wrong_from, wrong)
+        stream.drift_status = lambda: {"signals": {"latent_mean_shift": 0.1}, "reanchors": 0, "drifted_chunks": 0}
+        return stream
+
+
+FPS, WINDOW = 8, 16  # a stream minute of 480 frames, read in 2 s windows of 16 frames
+STILL = W.Attributes("circle", "red", "still", "dark blue")
+
+
+def _long_run(q, pipe, frames, progress=None):
+    return q.long_run(pipe, STILL, {"mode": "kvcache"}, "off", None, {}, 2, 64, frames, WINDOW, FPS, seed=0,
+                      on_progress=progress, progress_every_s=0.0)
+
+
+def test_long_run_reports_partial_results_and_the_attribute_that_drifts():
+    q = load_benchmark("quality")
+    partials = []
+    result = _long_run(q, WorldPipe("square", wrong_from=480), 960, partials.append)
+    # Every partial report is a valid report of the frames so far, marked as such.
+    assert partials and all(p["partial"] for p in partials) and not result["partial"]
+    assert [p["frames"] for p in partials] == sorted(p["frames"] for p in partials)
+    assert all(p["frames"] < 960 for p in partials) and result["frames"] == 960
+    assert partials[-1]["windows"] == result["windows"][: len(partials[-1]["windows"])]
+    # Minute 0 draws the prompt; minute 1 a square: the shape reading (1 of 5 attributes) is lost.
+    first, second = result["per_minute"]
+    assert first["per_attribute"]["shape"] == 1.0 and second["per_attribute"]["shape"] == 0.0
+    assert result["drop_points"] == pytest.approx(20.0, abs=1e-6)
+    cap = result["model_cap"]
+    assert cap["capped_by_model"] is False and cap["failing_from_first_minute"] == {}
+    assert cap["worse_in_last_minute"] == {"shape": 1.0}
+
+
+def test_a_shape_wrong_from_the_start_is_the_models_cap():
+    q = load_benchmark("quality")
+    result = _long_run(q, WorldPipe("square", wrong_from=0), 480)
+    cap = result["model_cap"]
+    assert cap["capped_by_model"] is True
+    assert cap["failing_from_first_minute"] == {"shape": 0.0} and cap["ceiling"] == pytest.approx(0.8)
+    assert result["adherence_first_minute"] == pytest.approx(0.8) and result["drop_points"] == pytest.approx(0.0)
+
+
+def _long_report(q, tmp_path, name: str, result: dict, prompt: str = STILL.prompt) -> "Path":
+    result = {**result, "setting_name": "kv", "targets": q.long_targets(result)}
+    report = {"benchmark": "quality_long", "model": "world", "prompt": prompt, "machine": {"device": "cpu"},
+              "config": {"fps": FPS}, "variants": {name: result}}
+    path = tmp_path / f"{name}.json"
+    q.write_long_report(report, path, quiet=True)
+    return path
+
+
+def test_merge_of_partial_long_reports_keeps_each_variant_and_its_state(tmp_path, monkeypatch):
+    import json
+
+    q = load_benchmark("quality")
+    monkeypatch.setattr(q, "plot_long", lambda report, path: False)  # the plot is not what this reads (and slow)
+    partials = []
+    done = _long_run(q, WorldPipe("square", wrong_from=10**6), 480, partials.append)
+    a = _long_report(q, tmp_path, "default", partials[0])
+    b = _long_report(q, tmp_path, "default_reanchor", done)
+    out = tmp_path / "merged.json"
+    q.merge_long([a, b], out)
+    merged = json.loads(out.read_text())
+    assert set(merged["variants"]) == {"default", "default_reanchor"}
+    assert merged["partial"] is True  # one of them was still running
+    assert merged["summary"]["default"]["partial"] and not merged["summary"]["default_reanchor"]["partial"]
+    assert merged["summary"]["default"]["frames"] == partials[0]["frames"] < done["frames"] == 480
+    with pytest.raises(SystemExit, match="more than one report"):
+        q.merge_long([a, a], tmp_path / "twice.json")
+    other = _long_report(q, tmp_path, "window", done, prompt="a blue square still on a black background")
+    with pytest.raises(SystemExit, match="different models or prompts"):
+        q.merge_long([a, other], tmp_path / "other.json")
+
+
+def test_backend_check_passes_the_same_rollout_and_stops_another():
+    q = load_benchmark("quality")
+    same = q.backend_check(WorldPipe("square", 10**6), WorldPipe("square", 10**6), STILL, {"mode": "kvcache"}, {}, 2,
+                           64, frames=24, seed=0)
+    assert same["frames"] == 24 and same["max_abs_diff_levels"] == 0 and same["fraction_differing"] == 0.0
+    with pytest.raises(SystemExit, match="not torch's"):  # the shape changes at frame 12: not the same rollout
+        q.backend_check(WorldPipe("square", 12), WorldPipe("square", 10**6), STILL, {"mode": "kvcache"}, {}, 2, 64,
+                        frames=24, seed=0)
