@@ -1,9 +1,11 @@
 """deploy/nginx/skyrt.conf in front of a real `skyrt serve`: real nginx (unprivileged, a temp prefix,
 the shipped config with its ports and cache folder substituted), a crowd of 200 HLS viewers on it,
-and the origin's own count of what reached it: about one request per file."""
+and the origin's own count of what reached it: about one request per file; then low-latency HLS
+through it as a preloading player asks (hinted parts ahead, blocking reloads)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import urllib.request
@@ -59,6 +61,7 @@ def test_200_hls_viewers_through_nginx_reach_the_origin_about_once_per_file(offi
             report = crowd.viewer_report(viewers)
             origin = crowd.per_file(before, crowd.hls_counts(base))
             cache_log = (prefix / "access.log").read_text()
+            ll_parts = follow_ll_hints(edge, parts=8)
     assert report["errors"] == {}, report
     assert report["requests"] >= 200 * 6  # each viewer: a playlist a second, the init segment, the segments
     served = sum(kind["requests"] for kind in origin.values())
@@ -70,6 +73,27 @@ def test_200_hls_viewers_through_nginx_reach_the_origin_about_once_per_file(offi
         assert origin[kind]["files"] >= 1 and origin[kind]["per_file"] <= 2.0, origin
     assert origin["segment"]["per_file"] <= 1.2 and origin["init"]["per_file"] == 1.0, origin  # immutable ones
     assert " HIT " in cache_log
+    assert len(ll_parts) == 8 and len({name.rsplit("_", 2)[1] for name in ll_parts}) >= 2, ll_parts  # across segments
+
+
+HINT = re.compile(r'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="(llpart_\w+?_(\d+)_(\d+)\.m4s)"')
+
+
+def follow_ll_hints(edge: str, parts: int) -> list[str]:
+    """Low-latency HLS through the proxy as a preloading player goes: the hinted part asked before it
+    exists (the origin holds it, nginx's cache lock in front), then a blocking reload for that part,
+    whose hint is the next one; `parts` in a row (8 at 0.25 s: two segment ends, where a hint for a
+    part that is never made would be answered 404). Returns the parts' names."""
+    playlist = urllib.request.urlopen(edge + "/llhls/live.m3u8", timeout=10).read().decode()
+    names = []
+    for _ in range(parts):
+        name, msn, part = HINT.search(playlist).groups()
+        assert urllib.request.urlopen(f"{edge}/llhls/{name}", timeout=10).read()[4:8] == b"moof", name
+        playlist = urllib.request.urlopen(f"{edge}/llhls/live.m3u8?_HLS_msn={msn}&_HLS_part={part}",
+                                          timeout=10).read().decode()
+        assert f'URI="{name}"' in playlist, playlist
+        names.append(name)
+    return names
 
 
 def test_the_origin_counts_answers_per_file_version(tmp_path):
