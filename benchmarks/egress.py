@@ -215,6 +215,8 @@ def viewer_phase(base: str, pid: int, kind: str, count: int, seconds: float, fps
         frames = report["frames"] * window / seconds
     elif kind == "mjpeg":
         frames = report["mjpeg_parts"] * window / seconds
+    elif kind == "mp4":
+        frames = report["mp4_fragments"] * window / seconds
     else:
         frames = count * fps * window
     phase.update(viewers=count, viewer_report=report, frames_delivered_in_window=round(frames))

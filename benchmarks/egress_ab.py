@@ -13,11 +13,11 @@ baseline's runtime/ and export/ and its own _core) is put first on PYTHONPATH, w
 sitecustomize that drops this venv's editable-install finder so the baseline's modules are the
 ones imported, in the server and in its spawned generator child. A later run reuses the build.
 
-Per server: no viewers, then `--viewers` MJPEG, HLS (benchmarks/viewers.py) and, after only,
+Per server: no viewers, then `--viewers` MJPEG, fMP4, HLS (benchmarks/viewers.py) and, after only,
 WebRTC (benchmarks/whep_viewers.py) viewers, each for `--seconds`, then no viewers again. CPU is the
 serving process's own (the generator child excluded); the cost of a phase is its CPU over the mean
 of the two no-viewer phases, divided by the frames its viewers received (egress.viewer_phase: MJPEG
-parts; HLS viewers x fps x seconds, each viewer fetching every segment once; WebRTC frames decoded).
+parts; fMP4 fragments (one a frame); HLS viewers x fps x seconds, each viewer fetching every segment once; WebRTC frames decoded).
 LL-HLS did not exist before (its viewer load is not simulated here).
 
     flock LOCK python benchmarks/egress_ab.py --rounds 2 --seconds 12 --out benchmarks/results/egress_ab.json
@@ -130,7 +130,7 @@ def alone_phase(base: str, pid: int, seconds: float) -> dict:
 
 def measure_server(args, side: str, env: dict, outputs: tuple[str, ...], log) -> dict:
     """No viewers, each output's viewers, no viewers again: µs per frame delivered per output."""
-    formats = "mjpeg,hls,webrtc" if "webrtc" in outputs else "mjpeg,hls"
+    formats = ",".join(outputs)  # the same encoders on both sides, webrtc (after only) following mp4's encode
     proc, base = start_server(args, formats, env, log)
     try:
         time.sleep(2.0)  # past the first segments
@@ -189,11 +189,12 @@ def main() -> None:
 
     work = args.work_dir / args.baseline_commit
     work.mkdir(parents=True, exist_ok=True)
-    sides = {"before": (prepare_baseline(args.baseline_commit, work), ("mjpeg", "hls")),
-             "after": ({}, ("mjpeg", "hls", "webrtc"))}
+    sides = {"before": (prepare_baseline(args.baseline_commit, work), ("mjpeg", "mp4", "hls")),
+             "after": ({}, ("mjpeg", "mp4", "hls", "webrtc"))}
     where = {side: imported_from(env) for side, (env, _outputs) in sides.items()}
     if where["before"] == where["after"] or str(work) not in where["before"]:
         raise SystemExit(f"the baseline does not import from its own tree: {where}")
+    load_at_start = round(os.getloadavg()[0], 2)
     log = tempfile.NamedTemporaryFile(prefix="egress-ab-serve-", suffix=".log", delete=False)
     rounds = []
     for r in range(args.rounds):
@@ -206,7 +207,9 @@ def main() -> None:
     result = {
         "benchmark": "egress_ab",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
+                    "load_average_1m_at_start": load_at_start,
+                    "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+                    "cpu_tick_s": round(1 / os.sysconf("SC_CLK_TCK"), 4)},  # the resolution of the CPU figures
         "before": {"commit": args.baseline_commit, "what": "fast path (HLS answered below aiohttp), pushers"},
         "after": {"commit": head, "what": "output registry, aiohttp only, stream clients on StreamResponse"},
         "settings": {"size": args.size, "fps": args.fps, "seconds_per_phase": args.seconds, "viewers": args.viewers,

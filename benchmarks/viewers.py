@@ -1,8 +1,9 @@
-"""Viewer load for `benchmarks/serve.py`: many MJPEG or HLS viewers in one asyncio process.
+"""Viewer load for `benchmarks/serve.py`: many MJPEG, fMP4 or HLS viewers in one asyncio process.
 
 Each viewer behaves like a player, with the least client-side work that still moves every byte (bare
 asyncio protocols, no stream readers: they stand in for players on other machines):
 - mjpeg: one GET /stream.mjpg, then read and discard for as long as the load lasts;
+- mp4: the same with GET /stream.mp4 (fragmented MP4, one fragment a frame: `moof` boxes are counted);
 - hls: on one keep-alive connection, GET /hls/live.m3u8 once a second (hls.js polls a live playlist
   once per target duration, 1 s here), then every segment it has not fetched yet (the init segment once).
 
@@ -33,6 +34,7 @@ class Tally:
         self.requests = 0
         self.latencies: list[float] = []  # seconds per HLS request
         self.parts = 0  # MJPEG parts (boundaries) received
+        self.fragments = 0  # fMP4 fragments (`moof` box types) received
         self.errors: dict[str, int] = {}
 
     def error(self, err: BaseException) -> None:
@@ -95,7 +97,8 @@ class HttpClient(asyncio.Protocol):
 
 
 class MjpegClient(asyncio.Protocol):
-    """Reads an MJPEG stream and counts its bytes and parts (a boundary split across reads is missed: rare)."""
+    """Reads an endless stream and counts its bytes and MJPEG parts or fMP4 fragments (a marker split
+    across reads is missed, and `moof` may occur by chance inside compressed data: both rare)."""
 
     def __init__(self, tally: Tally):
         self.tally = tally
@@ -104,6 +107,7 @@ class MjpegClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.tally.bytes += len(data)
         self.tally.parts += data.count(b"--skyrtframe")
+        self.tally.fragments += data.count(b"moof")
 
     def connection_lost(self, exc) -> None:
         if not self.closed.done():
@@ -139,12 +143,12 @@ class Gate:
         return self.opened.done() and time.monotonic() < until
 
 
-async def mjpeg_viewer(port: int, until: float, tally: Tally, gate: Gate) -> None:
+async def mjpeg_viewer(port: int, until: float, tally: Tally, gate: Gate, path: str = "/stream.mjpg") -> None:
     loop = asyncio.get_running_loop()
     while await gate.wait_open(until):
         transport, client = await loop.create_connection(lambda: MjpegClient(tally), "127.0.0.1", port)
         try:
-            transport.write(b"GET /stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            transport.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             tally.requests += 1
             await asyncio.wait([client.closed, gate.closing], timeout=max(0.1, until - time.monotonic()),
                                return_when=asyncio.FIRST_COMPLETED)
@@ -152,6 +156,10 @@ async def mjpeg_viewer(port: int, until: float, tally: Tally, gate: Gate) -> Non
                 raise ConnectionError("the server closed the stream")
         finally:
             transport.close()
+
+
+async def mp4_viewer(port: int, until: float, tally: Tally, gate: Gate) -> None:
+    await mjpeg_viewer(port, until, tally, gate, path="/stream.mp4")
 
 
 async def hls_viewer(port: int, until: float, tally: Tally, gate: Gate) -> None:
@@ -179,7 +187,7 @@ def nearest_rank(ordered: list[float], q: float) -> float | None:
 async def run(port: int, fmt: str, count: int, seconds: float) -> dict:
     tally = Tally()
     until = time.monotonic() + seconds
-    viewer = {"mjpeg": mjpeg_viewer, "hls": hls_viewer}[fmt]
+    viewer = {"mjpeg": mjpeg_viewer, "mp4": mp4_viewer, "hls": hls_viewer}[fmt]
     gate = Gate()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, gate.close)
@@ -197,13 +205,13 @@ async def run(port: int, fmt: str, count: int, seconds: float) -> dict:
     return {"format": fmt, "viewers": count, "seconds": seconds, "bytes": tally.bytes,
             "requests": tally.requests, "request_latency_p50_s": nearest_rank(latencies, 0.5),
             "request_latency_p99_s": nearest_rank(latencies, 0.99),
-            "mjpeg_parts": tally.parts, "errors": tally.errors}
+            "mjpeg_parts": tally.parts, "mp4_fragments": tally.fragments, "errors": tally.errors}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--format", choices=("mjpeg", "hls"), required=True)
+    p.add_argument("--format", choices=("mjpeg", "mp4", "hls"), required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by this much")

@@ -109,6 +109,12 @@ def test_the_serve_application_builder_refuses_a_fleet_without_a_given_token(tmp
     ("POST", "/streams/a/prompt", Route("forward", "a", "/prompt")),
     ("PUT", "/streams/a/playlist", Route("forward", "a", "/playlist")),
     ("POST", "/streams/a/stream.mjpg", Route("method", "a", "/stream.mjpg")),
+    # WHEP signalling and LL-HLS (parts are waited on at the origin) come through to the stream's server.
+    ("POST", "/streams/a/whep", Route("forward", "a", "/whep")),
+    ("DELETE", "/streams/a/whep/Zx9_-k", Route("forward", "a", "/whep/Zx9_-k")),
+    ("PATCH", "/streams/a/whep/Zx9_-k", Route("forward", "a", "/whep/Zx9_-k")),
+    ("GET", "/streams/a/llhls/llpart_ab12_3_1.m4s", Route("forward", "a", "/llhls/llpart_ab12_3_1.m4s")),
+    ("GET", "/streams/a/stream.mp4", Route("video", "a", "/stream.mp4")),
     ("GET", "/streams/../etc/passwd", Route("missing")),
     ("GET", "/streams/UPPER/status", Route("missing")),
     ("GET", "/elsewhere", Route("missing")),

@@ -93,6 +93,36 @@ def test_the_playlist_follows_the_ll_hls_rules(packaged):
     assert hint in window.files and f'URI="{hint}"' in window.playlist.decode()
 
 
+
+def test_every_preload_hint_names_a_part_that_is_then_made():
+    """Frame by frame over 3 s (12 fps, 3-frame parts: a segment's 4th part fills its GOP), each
+    playlist's preload hint is recorded; every hinted name must appear as a file within the next
+    part's frames (a hint for a part that is never made is a 404 for every LL-HLS player that
+    preloads it: hls.js does)."""
+    leader = Fmp4Encoder(Broadcast("mp4", 10, needs_keyframe=True), 12, 32, 32)
+    window = new_window(12, 0.25, run="beef")
+    packager = LlHlsPackager(window, 12, 32, 32, leader=leader)
+    rng = np.random.default_rng(1)
+    hinted: dict[str, int] = {}  # name -> frame index when first hinted
+    made: dict[str, int] = {}  # name -> frame index when it first existed
+    for i in range(12 * 3 + 2):
+        frame = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        leader.encode(frame)
+        packager.encode(frame)
+        for name in window.files:
+            made.setdefault(name, i)
+        if window.playlist is not None:
+            name = re.search(r'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="([^"]+)"', window.playlist.decode()).group(1)
+            hinted.setdefault(name, i)
+    # The last hint may still be in the making; every earlier one was made, within a part (+ the
+    # muxer's one frame of lag) of being hinted.
+    settled = {name: at for name, at in hinted.items() if at <= i - 4}
+    assert len(settled) >= 8
+    never = sorted(name for name in settled if name not in made)
+    assert never == [], f"hinted but never made: {never}"
+    assert all(made[name] - at <= 4 for name, at in settled.items()), (hinted, made)
+    assert any(name.endswith("_0.m4s") and at > 0 for name, at in settled.items())  # a next segment's first part
+
 # ---------------------------------------------------------------- a real server
 def get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
     try:

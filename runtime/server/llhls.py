@@ -58,6 +58,11 @@ class LlHlsWindow:
         # media sequence and know that the stream was spliced there.
         self.first_msn, self.discontinuity = first_msn, discontinuity
         self.part_target = part_frames / fps
+        # Frames from one keyframe to the next (encoders.h264_options: one GOP a second, no scene cuts).
+        # A segment that holds them all ends at the next frame, so the part after its last one is the
+        # next segment's first: that is the part to hint, not one that will never be made.
+        self.gop_frames = fps
+        self._current_frames = 0  # frames in the current segment's finished parts
         self.init_name = f"llinit_{run}.mp4"
         self.files: dict[str, bytes] = {}
         self.playlist: bytes | None = None
@@ -105,11 +110,13 @@ class LlHlsWindow:
 
     def start_segment(self, msn: int, date: float) -> None:
         self._current = Segment(msn, f"llseg_{self.run}_{msn}.m4s", date)
+        self._current_frames = 0
 
     def add_part(self, index: int, body: bytes, frames: int, independent: bool) -> None:
         segment = self._current
         name = f"llpart_{self.run}_{segment.msn}_{index}.m4s"
         segment.parts.append((name, frames / self.fps, independent))
+        self._current_frames += frames
         self._publish({name: body}, latest_part=(segment.msn, index))
 
     def end_segment(self, body: bytes, frames: int) -> None:
@@ -152,9 +159,12 @@ class LlHlsWindow:
         return self._current is not None
 
     def next_part(self) -> tuple[int, int]:
-        """(msn, part) of the part being made now (the preload hint)."""
+        """(msn, part) of the part being made now (the preload hint): the next segment's first once
+        the current segment holds a whole GOP (its next frame is a keyframe, which starts a segment)."""
         if self._current is None:
             return max(self.latest_segment + 1, self.first_msn), 0
+        if self._current_frames >= self.gop_frames:
+            return self._current.msn + 1, 0
         return self._current.msn, len(self._current.parts)
 
     def _render(self) -> str:
