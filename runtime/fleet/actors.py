@@ -118,7 +118,7 @@ class StreamActor:
     def shutdown(self) -> dict:
         """Stop the stream and hand back its final control state (before `ray.kill`)."""
         self.host.stop()
-        return self.host.server.board.snapshot() if self.host.server is not None else {}
+        return self.host.control_snapshot()
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, resources={HEAD_NODE_RESOURCE: 0.001})
