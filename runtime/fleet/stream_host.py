@@ -55,10 +55,11 @@ class StreamHost(threading.Thread):
 
     def __init__(self, stream: StreamConfig, token: str | None, allowed_hosts: tuple[str, ...] = (),
                  control: dict | None = None, settings: HostSettings = HostSettings(),
-                 on_control=lambda snapshot: None, on_fatal=lambda reason: None, pipe=None):
+                 on_control=lambda snapshot: None, on_fatal=lambda reason: None, pipe=None, make_pipe=None):
         """control: a saved control snapshot to resume (`control_snapshot()`: prompt, playlist and its
         position, HTTP settings layer), else the config's prompt and playlist. pipe: a loaded pipeline
-        to use instead of a child process (tests)."""
+        to use instead of a child process (tests). make_pipe: PipelineSpec -> a pipeline to `start()`
+        instead of the child process (a GPU worker's RemotePipeline, gpu_worker.py)."""
         super().__init__(name=f"skyrt-stream-{stream.id}", daemon=True)
         self.stream, self.token, self.allowed_hosts = stream, token, allowed_hosts
         self.control, self.settings = control, settings
@@ -68,6 +69,7 @@ class StreamHost(threading.Thread):
         self.address: tuple[str, int] | None = None
         self.server = None
         self._pipe = pipe
+        self._make_pipe = make_pipe
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serve_done: asyncio.Event | None = None
         self._stop_requested = threading.Event()
@@ -89,7 +91,7 @@ class StreamHost(threading.Thread):
         config = replace(config, max_webrtc_sessions_per_address=config.max_webrtc_sessions)
         prompt = replace(prompt, prompt=self.stream.prompt)
         if self._pipe is None:
-            self._pipe = ProcessPipeline(pipeline_spec(args))
+            self._pipe = (self._make_pipe or ProcessPipeline)(pipeline_spec(args))
             self._pipe.start(self._stop_requested)  # the model loads in the child; a load error is raised here
         host = self
 
@@ -206,6 +208,11 @@ class StreamHost(threading.Thread):
         self._last_push_time = time.monotonic()
 
     # ------------------------------------------------------------------------------------ reads
+    @property
+    def pipe(self):
+        """The pipeline the stream runs on (None before the build starts)."""
+        return self._pipe
+
     def info(self) -> dict:
         """The stream's phase, address and figures (JSON-able)."""
         info = {"id": self.stream.id, "phase": self.phase, "error": self.error,
