@@ -251,12 +251,14 @@ class FleetController:
             if handle is not None:
                 await self._stop_actor(sid, handle)
                 stopped.append(sid)
-        for gpu in list(self.worker_wants_gpu):
+        # Every logical GPU's, not only the workers this incarnation made (a restarted controller's
+        # apply re-books the streams but finds their workers running).
+        for gpu in set(self.worker_wants_gpu) | {g.name for g in self.admission.gpus}:
             try:
                 ray.kill(ray.get_actor(gpu_worker_name(self.fleet, gpu), namespace=NAMESPACE), no_restart=True)
             except ValueError:
                 pass
-            del self.worker_wants_gpu[gpu]
+            self.worker_wants_gpu.pop(gpu, None)
         self._save()
         return stopped
 
