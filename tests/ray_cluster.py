@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,6 @@ RAY_ENV = {
     "RAY_DEDUP_LOGS": "0",
 }
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
-
 
 
 def session_processes(sid: int) -> list[int]:
@@ -133,3 +133,50 @@ class LocalRayCluster:
                 except ProcessLookupError:
                     pass
             time.sleep(0.2)
+
+
+@dataclass
+class LocalFleet:
+    """A `skyrt fleet up` with no cluster address, running (see `local_fleet`)."""
+
+    proc: subprocess.Popen
+    url: str  # the ingress
+    log: Path  # the command's output
+
+    def log_tail(self) -> str:
+        return self.log.read_text()[-3000:]
+
+    def stop(self) -> None:
+        """Ctrl-C, as a laptop user stops it: the fleet goes down, the cluster ends, exit status 0."""
+        self.proc.send_signal(signal.SIGINT)
+        assert self.proc.wait(timeout=60) == 0, self.log_tail()
+
+
+@contextmanager
+def local_fleet(folder: Path, port: int, *args: str, config: str = "fleet.yaml"):
+    """Run `skyrt fleet up --config CONFIG --local-cpus 1 ARGS` in `folder`: the command starts a local
+    Ray cluster of its own, in a session of its own. Yields a LocalFleet; on leaving, whatever the test
+    did, no process of that session may remain (they are killed and the leak is an assertion).
+
+    Token auth as Ray's local default, with the token given here: Ray would otherwise write one to ~/.ray."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SKYRT_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_enable_worker_prestart="0", RAY_prestart_worker_first_driver="0",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    log_path = Path(folder) / f"up-{port}.log"
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "skyrt.runtime.cli", "fleet", "up", "--config", config,
+                                 "--local-cpus", "1", *args], cwd=folder, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield LocalFleet(proc, f"http://127.0.0.1:{port}", log_path)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+            deadline = time.monotonic() + 30
+            while session_processes(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            left = session_processes(proc.pid)
+            for pid in left:  # never leave a cluster running, even when an assertion failed
+                os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the local cluster outlived the command: {left}"

@@ -1,17 +1,17 @@
-"""Admission by memory on a local Ray cluster (`skyrt fleet up` with no address, as on a laptop): one
-logical GPU with room for three streams of the built-in model; the first three are admitted and run,
-the fourth is refused and reported with its memory figures (needed vs free), and never started."""
+"""Admission by memory on a local Ray cluster (`skyrt fleet up` with no address, as on a laptop, with two
+logical GPUs that Ray counts but no real one): the streams booked on a logical GPU generate in that GPU's
+one worker process, on the Ray GPU that worker holds, and share one loaded copy of the model, so the GPU
+pays its weights once and cache + activations per stream.
+
+g0 has room for the weights and three streams and a half, g1 for the weights and one stream and a half:
+s1..s3 go to g0 (one model copy, one Ray GPU), s4 no longer fits g0 and goes to g1 (another worker,
+another GPU), s5 fits nowhere and is refused with its figures (needed vs free per GPU), never started."""
 from __future__ import annotations
 
-import os
-import secrets
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from ray_cluster import free_port, session_processes
+from ray_cluster import free_port, local_fleet
 from serving import get_json, wait_until
 
 from skyrt.runtime.fleet.admission import stream_plan
@@ -20,13 +20,22 @@ from skyrt.runtime.fleet.config import parse_fleet_config
 pytest.importorskip("ray")
 
 DEFAULTS = {"height": 32, "width": 32, "steps": 2, "fps": 8, "guidance_scale": 1.0, "formats": ["mjpeg"],
-            "cpus": 0.25, "threads": 1}
+            "cpus": 0.2, "gpus": 1, "threads": 1}
+MIB = 2 ** 20
 
 
-def test_three_streams_fit_one_logical_gpu_and_the_fourth_is_refused_with_its_figures(tmp_path):
+def _mib(nbytes: float) -> tuple[str, int]:
+    """A memory size as the config writes it, and the bytes the config reads back from it."""
+    text = f"{nbytes / MIB:.6f}"
+    return f"{text}MiB", int(float(text) * MIB)
+
+
+def test_streams_on_one_logical_gpu_share_its_worker_its_gpu_and_one_model_copy_and_the_last_is_refused(tmp_path):
     one = parse_fleet_config({"defaults": DEFAULTS, "streams": [{"id": "x"}]}).streams[0]
-    need = stream_plan(one).total_bytes(1)  # every stream here has this plan (memory_plan is tested apart)
-    memory = int(3.5 * need)
+    plan = stream_plan(one)  # every stream here has this plan (memory_plan is tested apart)
+    weights, own = plan.weights_bytes, plan.per_stream_bytes
+    g0_text, g0 = _mib(weights + 3.5 * own)
+    g1_text, g1 = _mib(weights + 1.5 * own)
     port = free_port()
     defaults = ", ".join(f"{k}: {v}" if not isinstance(v, list) else f"{k}: [{', '.join(v)}]"
                          for k, v in DEFAULTS.items())
@@ -35,50 +44,40 @@ name: mem
 state_dir: state
 no_token: true
 ingress: {{port: {port}}}
-gpus: [{{name: g0, memory: {memory / 2 ** 20:.6f}MiB}}]
+gpus: [{{name: g0, memory: {g0_text}}}, {{name: g1, memory: {g1_text}}}]
 defaults: {{{defaults}}}
-streams: [{{id: s1}}, {{id: s2}}, {{id: s3}}, {{id: s4}}]
+streams: [{{id: s1}}, {{id: s2}}, {{id: s3}}, {{id: s4}}, {{id: s5}}]
 """)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SKYRT_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_enable_worker_prestart="0", RAY_prestart_worker_first_driver="0",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    log = open(tmp_path / "up.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "skyrt.runtime.cli", "fleet", "up", "--config", "fleet.yaml",
-                             "--local-cpus", "1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    admitted = ("s1", "s2", "s3", "s4")
+    with local_fleet(tmp_path, port, "--local-gpus", "2") as fleet:
+        def states():
+            return {s["id"]: s for s in get_json(fleet.url + "/streams")["streams"]}
 
-    def states():
-        return {s["id"]: s for s in get_json(url + "/streams")["streams"]}
-
-    try:
-        wait_until(lambda: [states()[s]["state"] for s in ("s1", "s2", "s3")] == ["running"] * 3, 300,
-                   lambda: (tmp_path / "up.log").read_text()[-3000:])
+        wait_until(lambda: [states()[s]["state"] for s in admitted] == ["running"] * 4, 300, fleet.log_tail)
+        wait_until(lambda: all(states()[s].get("model_object_id") for s in admitted), 30, fleet.log_tail)
         listed = states()
-        assert {listed[s]["gpu"] for s in ("s1", "s2", "s3")} == {"g0"}
-        refused = listed["s4"]
-        assert refused["state"] == "refused"
+        assert [listed[s]["gpu"] for s in admitted] == ["g0", "g0", "g0", "g1"]
+        # Pinned: g0's streams generate in one process on one Ray GPU; g1's elsewhere, on the other.
+        on_g0 = {(listed[s]["worker_pid"], tuple(listed[s]["gpus"])) for s in ("s1", "s2", "s3")}
+        assert len(on_g0) == 1
+        (pid0, gpus0), = on_g0
+        assert len(gpus0) == 1 and listed["s4"]["worker_pid"] != pid0
+        assert len(listed["s4"]["gpus"]) == 1 and listed["s4"]["gpus"] != list(gpus0)
+        # One copy of the weights for g0's three streams (the very object), another for g1's stream.
+        assert len({listed[s]["model_object_id"] for s in ("s1", "s2", "s3")}) == 1
+        assert listed["s1"]["memory"]["weights_shared_with"] == ["s2", "s3"]
+        # The accounting pays g0's weights once: what it has free is its memory less one copy and three streams.
+        assert listed["s1"]["memory"]["gpu_free_bytes"] == g0 - weights - 3 * own
+        assert listed["s4"]["memory"]["gpu_free_bytes"] == g1 - weights - own
+
+        refused = listed["s5"]
+        assert refused["state"] == "refused" and refused["node"] is None  # never placed
         figures = refused["memory"]
-        assert figures["needed_bytes"] == need
-        # the free figure is what the three admitted streams left: memory less three plans, nothing reserved
-        assert figures["free_bytes"] == {"g0": int(float(f"{memory / 2 ** 20:.6f}") * 2 ** 20) - 3 * need}
-        assert figures["free_bytes"]["g0"] < need
-        assert f"needs {need / 2 ** 30:.3f} GiB" in refused["error"] and "free: g0" in refused["error"]
-        assert refused["node"] is None  # never placed
+        assert figures["needed_bytes"] == {"g0": own, "g1": own}  # both GPUs hold its model already
+        assert figures["free_bytes"] == {"g0": g0 - weights - 3 * own, "g1": g1 - weights - own}
+        assert all(figures["free_bytes"][g] < own for g in ("g0", "g1"))
+        assert f"g0: needs {own / 2 ** 30:.3f} GiB (its weights are loaded there)" in refused["error"]
         time.sleep(2.0)
-        assert states()["s4"]["state"] == "refused"  # never started behind the report's back
-        assert "stream s4 not started" in (tmp_path / "up.log").read_text()
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while session_processes(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = session_processes(proc.pid)
-        for pid in left:  # never leave a cluster running, even when an assertion above failed
-            os.kill(pid, signal.SIGKILL)
-        log.close()
-    assert not left, f"processes of the local cluster outlived the command: {left}"
+        assert states()["s5"]["state"] == "refused"  # never started behind the report's back
+        assert "stream s5 not started" in fleet.log.read_text()
+        fleet.stop()

@@ -264,6 +264,30 @@ def test_a_stream_host_resumes_a_saved_playlist_position(official_pipeline, host
     assert host.info()["status"]["prompt"] == "a blue square"
 
 
+def test_a_stream_hosts_http_settings_layer_is_kept_in_the_fleet_store_and_back_at_the_next_start(
+        official_pipeline, host_of, tmp_path):
+    """PUT /settings on a fleet stream reaches the controller (on_control) before its 200; the store
+    keeps it, and the stream's next incarnation, started from the stored control, runs with it."""
+    pushed = []
+    host = host_of(official_pipeline, on_control=pushed.append)
+    wait_until(lambda: host.phase == "running", 60)
+    base = "http://%s:%d" % tuple(host.address)
+    assert get_json(base + "/settings")["settings"]["shift"]["layer"] != "user"  # nothing set yet
+    status, _ = request("PUT", base + "/settings", json.dumps({"shift": 6.5, "seed": 11}).encode(), token="t0k")
+    assert status == 200 and pushed[-1]["settings"] == {"values": {"shift": 6.5, "seed": 11}}
+    host.stop()
+    store = FleetStore(tmp_path, "f")
+    config = StreamConfig("a", dict(SAMPLING), prompt="a red circle")
+    store.save(FleetState({"a": StreamRecord(config, "t0k", host.control_snapshot())}))
+    control = store.load().streams["a"].control
+    again = host_of(official_pipeline, control=control)
+    wait_until(lambda: again.phase == "running", 60)
+    settings = get_json("http://%s:%d/settings" % tuple(again.address))
+    assert settings["http_control"] == {"shift": 6.5, "seed": 11}
+    assert (settings["settings"]["shift"]["value"], settings["settings"]["shift"]["layer"]) == (6.5, "user")
+    assert again.info()["status"]["prompt"] == "a red circle"
+
+
 def test_a_generator_in_a_fault_loop_is_reported_fatal(host_of):
     fatal = threading.Event()
     reasons = []

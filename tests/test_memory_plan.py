@@ -13,6 +13,7 @@ from skyrt import _core
 from skyrt.runtime import memory_plan as mp
 from skyrt.runtime.causal_family import PRESETS
 from skyrt.runtime.fleet.admission import Admission, AdmissionRefused, LogicalGpu, parse_memory
+from skyrt.runtime.fleet.shared_models import ModelCache, ModelKey
 from skyrt.runtime.fleet.config import ConfigError, parse_fleet_config
 from skyrt.runtime.model_config import DF_1_3B_540P, TINY, DiTConfig
 
@@ -135,20 +136,49 @@ def test_parse_memory():
             parse_memory(bad, "m")
 
 
-def test_admission_first_fit_then_refusal_with_figures():
+KEY = ModelKey("m", "torch", "cuda", "bf16")
+OTHER = ModelKey("n", "torch", "cuda", "bf16")
+
+
+def test_admission_pays_a_models_weights_once_per_gpu_then_refuses_with_figures():
     plan = mp.plan_preset("self-forcing", 480, 832, "bf16", text_encoder=False)
-    need = plan.total_bytes(1)
-    gpus = (LogicalGpu("a", int(1.5 * need), reserve_bytes=0), LogicalGpu("b", int(2.5 * need)))
+    w, own = plan.weights_bytes, plan.per_stream_bytes
+    gpus = (LogicalGpu("a", w + int(1.5 * own), reserve_bytes=0), LogicalGpu("b", w + int(2.5 * own)))
     admission = Admission(gpus)
-    assert [admission.admit(s, plan) for s in ("s1", "s2", "s3")] == ["a", "b", "b"]
+    # a: weights + one stream; then a has no room for a second stream, b loads its own copy for two.
+    assert [admission.admit(s, plan, KEY) for s in ("s1", "s2", "s3")] == ["a", "b", "b"]
+    assert admission.used_bytes("b") == w + 2 * own  # weights once, not per stream
     with pytest.raises(AdmissionRefused) as refused:
-        admission.admit("s4", plan)
+        admission.admit("s4", plan, KEY)
     err = refused.value
-    assert err.needed_bytes == need and err.free_bytes == {"a": gpus[0].memory_bytes - need,
-                                                           "b": gpus[1].memory_bytes - 2 * need}
-    assert f"needs {need / 2 ** 30:.3f} GiB" in str(err) and "free: a " in str(err) and "weights" in str(err)
-    admission.release("s1")
-    assert admission.admit("s4", plan) == "a"
+    assert err.needed_bytes == {"a": own, "b": own}
+    assert err.free_bytes == {"a": gpus[0].memory_bytes - w - own, "b": gpus[1].memory_bytes - w - 2 * own}
+    assert f"a: needs {own / 2 ** 30:.3f} GiB (its weights are loaded there)" in str(err) and "weights" in str(err)
+    # Another model pays its own weights wherever it goes.
+    with pytest.raises(AdmissionRefused) as other:
+        admission.admit("t1", plan, OTHER)
+    assert other.value.needed_bytes == {"a": w + own, "b": w + own}
+    admission.release("s1")  # a's last stream of KEY: its weights are no longer counted there
+    assert admission.free_bytes()["a"] == gpus[0].memory_bytes
+    assert admission.admit("s4", plan, KEY) == "a"  # b (which holds the model) has half a stream free
+    assert admission.booking_json("s2")["weights_shared_with"] == ["s3"]
+
+
+def test_a_model_cache_loads_a_shared_model_once_and_frees_it_with_its_last_stream():
+    loads = []
+
+    def load():
+        loads.append(object())
+        return loads[-1]
+
+    cache = ModelCache()
+    first, second = cache.acquire(KEY, "s1", load), cache.acquire(KEY, "s2", load)
+    assert first is second and len(loads) == 1
+    assert cache.acquire(OTHER, "s3", load) is not first and len(loads) == 2
+    assert cache.release("s1") == []  # s2 still runs on it
+    assert [d["streams"] for d in cache.describe() if d["object_id"] == id(first)] == [["s2"]]
+    assert cache.release("s2") == [KEY]
+    assert cache.acquire(KEY, "s4", load) is not first and len(loads) == 3  # loaded afresh
 
 
 def test_fleet_config_gpus():

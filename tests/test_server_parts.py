@@ -500,3 +500,25 @@ def test_a_token_file_others_can_read_is_warned_about(tmp_path, caplog, mode, ex
     else:
         assert exposed in choice.warning and f"chmod 600 {path}" in choice.warning, choice.warning
         assert [r.getMessage() for r in caplog.records] == [choice.warning]
+
+
+def test_hls_folder_reaping_keeps_a_folder_a_live_server_is_still_making_and_removes_dead_ones(tmp_path):
+    """Two servers starting at once on one machine: one's reap must not take the folder the other has made
+    but not yet marked with its owner file (the fleet's streams on one GPU worker start together)."""
+    import os
+    import subprocess
+
+    from skyrt.runtime.server.state import HLS_PREFIX, make_hls_folder, reap_stale_hls_folders
+
+    being_made = tmp_path / f"{HLS_PREFIX}{os.getpid()}-abc"  # a live process, no owner file yet
+    being_made.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    half_made = tmp_path / f"{HLS_PREFIX}{dead.pid}-def"  # its maker died before the owner file
+    half_made.mkdir()
+    unnamed = tmp_path / f"{HLS_PREFIX}old"  # no pid in the name, no owner: an older version's
+    unnamed.mkdir()
+    mine = make_hls_folder(tmp_path)  # reaps first, as every server start does
+    assert being_made.is_dir() and mine.is_dir()
+    assert not half_made.exists() and not unnamed.exists()
+    assert reap_stale_hls_folders(tmp_path) == []

@@ -7,6 +7,9 @@
                      GPU (`num_gpus=1` by default for a CUDA device) or a fixed number of CPUs.
                      Ray restarts it, with the same config, when its process or node dies; a
                      stream in a fault loop exits on purpose to be restarted the same way.
+    GpuWorker        with admission by memory (config `gpus`) only: one per logical GPU
+                     (gpu_worker.py), the process that holds the weights and generates for every
+                     stream booked on that GPU; its stream actors keep HTTP and encoding, no GPU.
 
 Actors are placed with Ray's SPREAD strategy; an actor Ray cannot place stays in Ray's queue and is
 reported as pending (never dropped). Names live in the `skyrt-fleet` namespace:
@@ -22,7 +25,8 @@ import time
 
 import ray
 
-from .admission import Admission, AdmissionRefused, stream_plan
+from .admission import Admission, AdmissionRefused, stream_model_key, stream_plan
+from .gpu_worker import GpuWorker, RemotePipeline, gpu_worker_name
 from .config import NAMESPACE, StreamConfig
 from .store import FleetState, FleetStore, StreamRecord, merge_declared
 from .stream_host import HostSettings, StreamHost
@@ -85,7 +89,9 @@ class StreamActor:
     an actor alive once its constructor returns, so alive means placed; the model loads after."""
 
     def __init__(self, fleet: str, stream: dict, token: str | None, allowed_hosts: tuple[str, ...],
-                 settings: dict | None = None):
+                 settings: dict | None = None, worker: dict | None = None):
+        """worker: {"name": the GpuWorker actor's name, "key": the stream's ModelKey} when the stream is
+        booked on a logical GPU: it generates there (RemotePipeline), not in a child of its own."""
         self.fleet = fleet
         owned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         self.config = with_owned_threads(StreamConfig.from_json(stream), owned_cpus)
@@ -93,8 +99,13 @@ class StreamActor:
         self.node = _node_here()
         started = ray.get(self.controller.stream_starting.remote(self.config.id, self.node))
         settings = HostSettings(**{"bind": self.node["ip"], **(settings or {})})  # a local fleet binds loopback
+        make_pipe = None
+        if worker is not None:
+            handle = ray.get_actor(worker["name"], namespace=NAMESPACE)
+            make_pipe = lambda spec: RemotePipeline(handle, self.config.id, worker["key"], spec)  # noqa: E731
         self.host = StreamHost(self.config, token, tuple(allowed_hosts), control=started["control"],
-                               settings=settings, on_control=self._save_control, on_fatal=self._exit_for_restart)
+                               settings=settings, on_control=self._save_control, on_fatal=self._exit_for_restart,
+                               make_pipe=make_pipe)
         self.incarnation = started["starts"]
         self.host.start()
 
@@ -112,13 +123,18 @@ class StreamActor:
         return None if self.host.address is None or self.host.phase != "running" else list(self.host.address)
 
     def info(self) -> dict:
-        return dict(self.host.info(), node=self.node, incarnation=self.incarnation,
+        node, pipe = self.node, self.host.pipe
+        if isinstance(pipe, RemotePipeline) and pipe.placement is not None:
+            # Generation runs in the GPU worker: the GPUs are its, the model copy too.
+            node = dict(node, gpus=pipe.placement["gpus"], worker_pid=pipe.placement["pid"],
+                        model_object_id=pipe.model_object_id)
+        return dict(self.host.info(), node=node, incarnation=self.incarnation,
                     actor_id=ray.get_runtime_context().get_actor_id())
 
     def shutdown(self) -> dict:
         """Stop the stream and hand back its final control state (before `ray.kill`)."""
         self.host.stop()
-        return self.host.server.board.snapshot() if self.host.server is not None else {}
+        return self.host.control_snapshot()
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, resources={HEAD_NODE_RESOURCE: 0.001})
@@ -135,6 +151,7 @@ class FleetController:
         self._writer = None
         self.admission = Admission(())  # by memory, when the config declares gpus (admission.py)
         self.refused: dict[str, dict] = {}  # stream id -> why it was not admitted, with the figures
+        self.worker_wants_gpu: dict[str, float] = {}  # logical GPU -> the Ray GPUs its worker was made with
 
     # ---------------------------------------------------------------------------- fleet changes
     async def apply(self, streams: list[dict], tokens: dict[str, str | None], fleet_token: str | None,
@@ -186,7 +203,7 @@ class FleetController:
             return None
         try:
             plan = stream_plan(config)
-            gpu = self.admission.admit(config.id, plan)
+            gpu = self.admission.admit(config.id, plan, stream_model_key(config))
         except AdmissionRefused as err:
             self.refused[config.id] = {"error": str(err), "needed_bytes": err.needed_bytes,
                                        "free_bytes": err.free_bytes, "plan": err.plan.to_json()}
@@ -196,8 +213,8 @@ class FleetController:
             self.refused[config.id] = {"error": f"no memory plan: {err}"}
             return self.refused[config.id]["error"]
         self.refused.pop(config.id, None)
-        log.info("fleet %s: stream %s admitted on %s (%.3f GiB)", self.fleet, config.id, gpu,
-                 plan.total_bytes(1) / 2 ** 30)
+        log.info("fleet %s: stream %s admitted on %s (%.3f GiB of its own, weights %.3f GiB once per GPU)",
+                 self.fleet, config.id, gpu, plan.per_stream_bytes / 2 ** 30, plan.weights_bytes / 2 ** 30)
         return None
 
     async def add(self, stream: dict, token: str | None) -> None:
@@ -226,25 +243,54 @@ class FleetController:
         self._save()
 
     async def down(self) -> list[str]:
-        """Stop every stream, keeping its config and final control state for the next `up`."""
+        """Stop every stream, keeping its config and final control state for the next `up`; end the GPU
+        workers (their models went with their streams)."""
         stopped = []
         for sid in list(self.state.streams):
             handle = self._handle(sid)
             if handle is not None:
                 await self._stop_actor(sid, handle)
                 stopped.append(sid)
+        # Every logical GPU's, not only the workers this incarnation made (a restarted controller's
+        # apply re-books the streams but finds their workers running).
+        for gpu in set(self.worker_wants_gpu) | {g.name for g in self.admission.gpus}:
+            try:
+                ray.kill(ray.get_actor(gpu_worker_name(self.fleet, gpu), namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass
+            self.worker_wants_gpu.pop(gpu, None)
         self._save()
         return stopped
 
     def _create(self, record: StreamRecord) -> None:
         config = record.config
         record.starts = 0
+        gpu, worker, num_gpus = self.admission.gpu_of(config.id), None, config.num_gpus
+        if gpu is not None:  # booked on a logical GPU: its worker holds the GPU and generates
+            worker = {"name": self._worker(gpu, config.num_gpus), "key": self.admission.placed[config.id].key}
+            num_gpus = 0
         handle = StreamActor.options(
             name=stream_actor_name(self.fleet, config.id), namespace=NAMESPACE, lifetime="detached",
-            num_cpus=config.cpus, num_gpus=config.num_gpus, scheduling_strategy="SPREAD",
-        ).remote(self.fleet, config.to_json(), record.token, self.allowed_hosts, self.settings)
+            num_cpus=config.cpus, num_gpus=num_gpus, scheduling_strategy="SPREAD",
+        ).remote(self.fleet, config.to_json(), record.token, self.allowed_hosts, self.settings, worker)
         self.actor_ids[config.id] = handle._actor_id.hex()
-        log.info("fleet %s: stream %s created (%g CPU, %g GPU)", self.fleet, config.id, config.cpus, config.num_gpus)
+        log.info("fleet %s: stream %s created (%g CPU, %g GPU%s)", self.fleet, config.id, config.cpus, num_gpus,
+                 "" if gpu is None else f", generating on logical GPU {gpu}")
+
+    def _worker(self, gpu: str, wants_gpu: float) -> str:
+        """The name of logical GPU `gpu`'s worker, made on first use: it takes one whole Ray GPU when its
+        first stream wants one (a CUDA stream), so Ray pins every stream booked on `gpu` to that device."""
+        name = gpu_worker_name(self.fleet, gpu)
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            num_gpus = 1 if wants_gpu > 0 else 0
+            GpuWorker.options(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+                              num_gpus=num_gpus).remote(self.fleet, gpu)
+            self.worker_wants_gpu[gpu] = num_gpus
+            log.info("fleet %s: gpu worker for %s created (%d Ray GPU)", self.fleet, gpu, num_gpus)
+        self.worker_wants_gpu.setdefault(gpu, 0)
+        return name
 
     async def _stop_actor(self, stream_id: str, handle) -> None:
         """Ask the stream to stop and hand over its final control state, then end the actor for good."""
@@ -337,12 +383,17 @@ class FleetController:
                          memory={k: v for k, v in self.refused[stream_id].items() if k != "error"})
             return entry
         entry["gpu"] = self.admission.gpu_of(stream_id)
+        booking = self.admission.booking_json(stream_id)
+        if booking is not None:
+            entry["memory"] = booking
         if info is not None:
             status = info.get("status") or {}
             entry.update(state=info["phase"], node=info["node"]["node_id"], node_ip=info["node"]["ip"],
                          gpus=info["node"]["gpus"], error=info.get("error"), address=info.get("address"),
                          generated_fps=status.get("generated_fps"), clients=status.get("clients", {}),
                          prompt=status.get("prompt"), frames_generated=status.get("frames_generated"))
+            if "worker_pid" in info["node"]:
+                entry.update(worker_pid=info["node"]["worker_pid"], model_object_id=info["node"]["model_object_id"])
             return entry
         ray_state = ray_actor_state(self.actor_ids.get(stream_id)) if self._handle(stream_id) else "DEAD"
         entry["ray_state"] = ray_state

@@ -1,5 +1,5 @@
 """The fleet's state on disk (no Ray here): every stream's config, token, control state (prompt,
-playlist and its position) and restart count, in one JSON file per fleet under `state_dir`.
+playlist and its position, the HTTP /settings layer) and restart count, in one JSON file per fleet under `state_dir`.
 
 The controller is its only writer. The file is replaced atomically (temp file, fsync, rename:
 runtime/atomic_file.py's `write_atomically`) and created readable by its owner only, since it holds tokens. It is
@@ -27,7 +27,7 @@ class StreamRecord:
 
     config: StreamConfig
     token: str | None = None  # resolved at `up`/`add`: the stream's own token or the fleet's
-    control: dict | None = None  # the stream's last board snapshot (see PromptBoard.snapshot)
+    control: dict | None = None  # the stream's last StreamHost.control_snapshot() (board + settings layer)
     control_source: str = ""  # config.control_source_hash() of the declaration `control` grew from
     starts: int = 0  # actor incarnations since the stream was created (restarts = starts - 1)
     last_node: dict | None = None  # where its latest incarnation started

@@ -4,8 +4,9 @@
                          StreamServer and its aiohttp app on the node's address, port chosen by the OS
       ├─ watchdog      ── a generator in a fault loop, a dead generator or pacer thread, or no new
       │                   frame for `stall_s`: calls `on_fatal` (the actor exits; Ray restarts it)
-      └─ control push  ── the prompt and playlist position go to `on_control` after every control
-                          request (before its 200), every playlist step, and every `position_push_s`
+      └─ control push  ── the prompt, the playlist position and the HTTP settings layer (/settings,
+                          settings_control.py) go to `on_control` after every control request (before
+                          its 200), every playlist step, and every `position_push_s`
 
 The pipeline child is started from this long-lived thread on purpose: it dies with the thread that
 made it (PR_SET_PDEATHSIG), and this thread lives as long as the stream.
@@ -54,9 +55,11 @@ class StreamHost(threading.Thread):
 
     def __init__(self, stream: StreamConfig, token: str | None, allowed_hosts: tuple[str, ...] = (),
                  control: dict | None = None, settings: HostSettings = HostSettings(),
-                 on_control=lambda snapshot: None, on_fatal=lambda reason: None, pipe=None):
-        """control: a saved board snapshot to resume (prompt, playlist and its position), else the
-        config's prompt and playlist. pipe: a loaded pipeline to use instead of a child process (tests)."""
+                 on_control=lambda snapshot: None, on_fatal=lambda reason: None, pipe=None, make_pipe=None):
+        """control: a saved control snapshot to resume (`control_snapshot()`: prompt, playlist and its
+        position, HTTP settings layer), else the config's prompt and playlist. pipe: a loaded pipeline
+        to use instead of a child process (tests). make_pipe: PipelineSpec -> a pipeline to `start()`
+        instead of the child process (a GPU worker's RemotePipeline, gpu_worker.py)."""
         super().__init__(name=f"skyrt-stream-{stream.id}", daemon=True)
         self.stream, self.token, self.allowed_hosts = stream, token, allowed_hosts
         self.control, self.settings = control, settings
@@ -66,6 +69,7 @@ class StreamHost(threading.Thread):
         self.address: tuple[str, int] | None = None
         self.server = None
         self._pipe = pipe
+        self._make_pipe = make_pipe
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serve_done: asyncio.Event | None = None
         self._stop_requested = threading.Event()
@@ -87,7 +91,7 @@ class StreamHost(threading.Thread):
         config = replace(config, max_webrtc_sessions_per_address=config.max_webrtc_sessions)
         prompt = replace(prompt, prompt=self.stream.prompt)
         if self._pipe is None:
-            self._pipe = ProcessPipeline(pipeline_spec(args))
+            self._pipe = (self._make_pipe or ProcessPipeline)(pipeline_spec(args))
             self._pipe.start(self._stop_requested)  # the model loads in the child; a load error is raised here
         host = self
 
@@ -105,8 +109,18 @@ class StreamHost(threading.Thread):
                 log.info("stream %s resumed its saved prompt and playlist position", self.stream.id)
             except RequestError as err:
                 log.warning("stream %s: ignoring its saved control state (%s)", self.stream.id, err)
+            # The /settings layer saved beside it: resolved again over this start's settings, and one that
+            # no longer resolves (the fleet YAML changed the stream) is logged and left out.
+            server.settings_control.restore(self.control)
         server.board.on_playlist_step(self._control_dirty.set)
         return server
+
+    def control_snapshot(self) -> dict:
+        """What the fleet keeps for this stream: the board's snapshot (prompt, playlist and position) and
+        the HTTP settings layer under "settings", the keys a `skyrt serve --state` file holds."""
+        if self.server is None:
+            return {}
+        return {**self.server.board.snapshot(), "settings": self.server.settings_control.snapshot()}
 
     # -------------------------------------------------------------------------------------- run
     def run(self) -> None:
@@ -181,10 +195,10 @@ class StreamHost(threading.Thread):
                 await asyncio.to_thread(self.push_control)
 
     def push_control(self, force: bool = False) -> None:
-        """Hand the board's snapshot to `on_control` if it changed (or `force`)."""
+        """Hand the control snapshot to `on_control` if it changed (or `force`)."""
         if self.server is None:
             return
-        snapshot = self.server.board.snapshot()
+        snapshot = self.control_snapshot()
         if force or snapshot != self._last_pushed:
             try:
                 self.on_control(snapshot)
@@ -194,6 +208,11 @@ class StreamHost(threading.Thread):
         self._last_push_time = time.monotonic()
 
     # ------------------------------------------------------------------------------------ reads
+    @property
+    def pipe(self):
+        """The pipeline the stream runs on (None before the build starts)."""
+        return self._pipe
+
     def info(self) -> dict:
         """The stream's phase, address and figures (JSON-able)."""
         info = {"id": self.stream.id, "phase": self.phase, "error": self.error,

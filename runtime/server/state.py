@@ -47,7 +47,11 @@ def _owner_alive(folder: Path) -> bool:
         owner = json.loads((folder / OWNER_FILE).read_text())
         pid, started = int(owner["pid"]), str(owner["start_time"])
     except (OSError, ValueError, KeyError, TypeError):
-        return False  # no readable owner: a folder from a crash during creation, or an older version
+        # No readable owner yet: a folder being made right now (between mkdtemp and the owner file: two
+        # servers starting at once, as a fleet's streams on one GPU worker do), or one a crash left half
+        # made. The pid in its name tells them apart: a live one is still making it.
+        pid = folder.name[len(HLS_PREFIX):].split("-", 1)[0]
+        return pid.isdigit() and _process_start_time(int(pid)) is not None
     return _process_start_time(pid) == started
 
 
