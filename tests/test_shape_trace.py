@@ -42,9 +42,9 @@ def components(tmp_path_factory):
     return folder, (dit.eval(), vae.eval(), text_encoder)
 
 
-def _export(components, out: Path, precision: str, trace: str) -> dict:
+def _export(components, out: Path, precision: str, trace: str, graphs: list[str]) -> dict:
     folder, parts = components
-    return export_onnx(folder, out, replace(PROFILE, precision=precision), graphs=GRAPHS, progress=False,
+    return export_onnx(folder, out, replace(PROFILE, precision=precision), graphs=graphs, progress=False,
                        components=parts, trace=trace, ort_cpu=False)
 
 
@@ -75,15 +75,22 @@ def _feeds(session, seed: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_shape_trace_writes_the_same_graphs(components, tmp_path, precision):
-    computed = _export(components, tmp_path / "compute", precision, "compute")
-    light = _export(components, tmp_path / "shapes", precision, "shapes")
-    for name in GRAPHS:
+# fp32: every graph the shape trace covers in a preset export; fp16 / bf16 (the engine precisions): the
+# step graph (bf16 is not run: onnxruntime's CPU provider has no bf16 MatMul; the graphs must be equal).
+CASES = [("fp32", GRAPHS), ("fp16", ["dit_step"]), ("bf16", ["dit_step_full"])]
+
+
+@pytest.mark.parametrize("precision,graphs", CASES, ids=[c[0] for c in CASES])
+def test_shape_trace_writes_the_same_graphs(components, tmp_path, precision, graphs):
+    computed = _export(components, tmp_path / "compute", precision, "compute", graphs)
+    light = _export(components, tmp_path / "shapes", precision, "shapes", graphs)
+    for name in graphs:
         a, b = tmp_path / "compute" / f"{name}.onnx", tmp_path / "shapes" / f"{name}.onnx"
         assert _graph_without_names(a) == _graph_without_names(b), f"{name}: the shape-only trace differs"
         assert computed["graphs"][name]["profile"] == light["graphs"][name]["profile"]
         assert computed["graphs"][name]["outputs"] == light["graphs"][name]["outputs"]
+        if precision == "bf16":
+            continue
         sa, sb = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (a, b))
         feeds = _feeds(sa, seed=len(name))
         for x, y in zip(sa.run(None, feeds), sb.run(None, feeds)):
