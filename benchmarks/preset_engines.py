@@ -18,7 +18,9 @@ under the group "all-presets".
 
 Recorded per graph: ONNX bytes (graph + external data), engine bytes, export and build seconds, the
 peak RSS of each step (VmHWM, reset per step), precision, TensorRT-RTX version, machine.
-FP8: built only when export/quantize.py (quantize_onnx_fp8) exists; otherwise recorded as not built.
+FP8: the fp16 export with FP8 (E4M3) weight-only Q/DQ on its GEMM weights (quantize_onnx_fp8 of
+export/quantize.py, or of --fp8-module), built for compute capabilities 8.9 and 12.0 only (TensorRT-RTX
+runs FP8 on Ada and later); without a quantizer, recorded as not built.
 
 Memory: --max-rss-gb (default 14) stops the process (exit 3, recorded) before the machine runs out.
 """
@@ -50,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, default=None, help="pixel height (default the preset's 480)")
     p.add_argument("--width", type=int, default=None, help="pixel width (default the preset's 832)")
     p.add_argument("--max-rss-gb", type=float, default=14.0, help="stop (exit 3) past this resident memory")
+    p.add_argument("--fp8-module", type=Path, default=None,
+                   help="a quantize.py defining quantize_onnx_fp8 (default: skyrt.export.quantize)")
+    p.add_argument("--fp8-source", default=None, help="where --fp8-module came from (recorded)")
     p.add_argument("--keep", action="store_true", help="keep the ONNX and engine files (GBs each)")
     p.add_argument("--workdir", type=Path, default=None, help="model folders, ONNX, engines (default: temp)")
     p.add_argument("--machine", default="2-core CPU, 24 GB, shared/loaded (~8 jobs), no GPU")
@@ -132,8 +137,12 @@ def onnx_bytes(onnx_dir: Path, entry: dict) -> int:
     return sum((onnx_dir / f).stat().st_size for f in entry["sha256"])
 
 
-def build_one(folder: Path, work: Path, preset: str, precision: str, graph: str, size: dict, keep: bool) -> dict:
-    """Export `graph` of `preset` in `precision` (shape-only trace) and build it; returns its record."""
+def build_one(folder: Path, work: Path, preset: str, precision: str, graph: str, size: dict, keep: bool,
+              fp8=None) -> dict:
+    """Export `graph` of `preset` in `precision` (shape-only trace) and build it; returns its record.
+    fp8 (quantize_onnx_fp8): the fp16 export, its GEMM weights FP8 weight-only Q/DQ, built for 8.9/12.0."""
+    from dataclasses import replace
+
     from skyrt.export.engine import BuildOptions, build_engines, graphs_from_onnx_manifest
     from skyrt.export.preset_export import export_preset_onnx
     from skyrt.runtime.causal_family import get_preset
@@ -143,17 +152,32 @@ def build_one(folder: Path, work: Path, preset: str, precision: str, graph: str,
     gc.collect()
     reset_peak_rss()
     start = time.perf_counter()
-    manifest = export_preset_onnx(folder, onnx_dir, preset, precision=precision, graphs=[graph], progress=False,
-                                  trace="shapes", ort_cpu=False, **size, **lora)
+    manifest = export_preset_onnx(folder, onnx_dir, preset, precision="fp16" if fp8 else precision, graphs=[graph],
+                                  progress=False, trace="shapes", ort_cpu=False, **size, **lora)
     record = {"export_s": round(time.perf_counter() - start, 1), "export_peak_rss_gb": peak_rss_gb()}
     entry = manifest["graphs"][graph]
     record.update(onnx_bytes=onnx_bytes(onnx_dir, entry), profile=entry["profile"].get("latents"),
                   inputs={i["name"]: i["shape"] for i in entry["inputs"]})
+    specs = graphs_from_onnx_manifest(onnx_dir)
+    options = BuildOptions(builder="tensorrt-rtx")
+    if fp8 is not None:
+        gc.collect()
+        reset_peak_rss()
+        start = time.perf_counter()
+        dst = onnx_dir / f"{graph}.fp8.onnx"
+        report = fp8(onnx_dir / entry["file"], dst, mode="weights")
+        record.update(quantize_s=round(time.perf_counter() - start, 1), quantize_peak_rss_gb=peak_rss_gb(),
+                      fp16_onnx_bytes=record["onnx_bytes"], fp8_mode="weights",
+                      onnx_bytes=sum(p.stat().st_size for p in onnx_dir.glob(f"{graph}.fp8.onnx*")),
+                      fp8_weights=len(report.quantized), fp8_kept=len(report.weights) - len(report.quantized),
+                      initializer_bytes_before=report.initializer_bytes_before,
+                      initializer_bytes_after=report.initializer_bytes_after)
+        specs = [replace(s, onnx_path=dst, precision="fp8") for s in specs]
+        options = replace(options, compute_capabilities=("8.9", "12.0"))  # FP8 needs Ada or later
     gc.collect()
     reset_peak_rss()
     start = time.perf_counter()
-    build_engines(graphs_from_onnx_manifest(onnx_dir), engine_dir, BuildOptions(builder="tensorrt-rtx"),
-                  progress=False)
+    build_engines(specs, engine_dir, options, progress=False)
     engine = json.loads((engine_dir / f"{graph}.engine.json").read_text())
     record.update(build_s=engine["build_seconds"], build_total_s=round(time.perf_counter() - start, 1),
                   build_peak_rss_gb=peak_rss_gb(), engine_bytes=engine["engine_bytes"],
@@ -164,13 +188,22 @@ def build_one(folder: Path, work: Path, preset: str, precision: str, graph: str,
     return record
 
 
-def fp8_available() -> Optional[str]:
-    """None when export/quantize.py's quantize_onnx_fp8 imports, else why not."""
+def fp8_quantizer(module_file: Optional[Path]):
+    """(quantize_onnx_fp8, None), or (None, why not): export/quantize.py's, or the one in
+    `module_file` (a quantize.py from a branch not merged here; its commit goes in the record)."""
+    if module_file is not None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("skyrt_fp8_quantize", module_file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module.quantize_onnx_fp8, None
     try:
-        from skyrt.export.quantize import quantize_onnx_fp8  # noqa: F401
+        from skyrt.export.quantize import quantize_onnx_fp8
     except ImportError as err:
-        return f"export/quantize.py (quantize_onnx_fp8) is not on this branch: {err}"
-    return None
+        return None, f"export/quantize.py (quantize_onnx_fp8) is not on this branch: {err}"
+    return quantize_onnx_fp8, None
 
 
 def load_report(path: Path) -> dict:
@@ -232,15 +265,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         for precision in precisions:
-            why = fp8_available() if precision == "fp8" else None
+            fp8, why = fp8_quantizer(args.fp8_module) if precision == "fp8" else (None, None)
             if why:
                 for group in wanted:
                     for graph in graphs:
                         record(group if graph in DIT_GRAPHS else ALL_GROUP, precision, graph,
                                {"built": False, "why": why})
                 continue
-            if precision == "fp8":
-                raise SystemExit("fp8: quantize_onnx_fp8 is available but not wired into this benchmark yet")
             for group in wanted:
                 for graph in graphs:
                     key = group if graph in DIT_GRAPHS else ALL_GROUP
@@ -250,7 +281,9 @@ def main(argv=None) -> int:
                     folder = model_folder(work, group, args.layers)
                     current.update(group=key, precision=precision, graph=graph)
                     try:
-                        value = build_one(folder, work, group, precision, graph, size, args.keep)
+                        value = build_one(folder, work, group, precision, graph, size, args.keep, fp8)
+                        if fp8 is not None:
+                            value["fp8_module"] = args.fp8_source or "export/quantize.py"
                     except Exception as err:  # record and go on: a failed build is a result too
                         value = {"built": False, "error": f"{type(err).__name__}: {err}"[:2000]}
                     if key == ALL_GROUP:
