@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -48,8 +49,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_random_folder(folder: Path, preset_name: str, shape: str, dtype: torch.dtype) -> Path:
-    """Wan2.1 files (small umT5, VAE of the real or tiny shape) + the preset's checkpoint, random weights."""
+def write_random_folder(folder: Path, preset_name: str, shape: str, dtype: torch.dtype,
+                        text_dim: Optional[int] = None) -> Path:
+    """Wan2.1 files (small umT5, VAE of the real or tiny shape) + the preset's checkpoint, random weights.
+    text_dim: the DiT's context width (default the small umT5's; 4096 is umT5-xxl's, the real one)."""
     from skyrt.export import vae as vae_module
     from skyrt.export.dit import DiTConfig, WanDiT
     from skyrt.export.tiny import randomize_, write_official_checkpoint
@@ -62,7 +65,7 @@ def write_random_folder(folder: Path, preset_name: str, shape: str, dtype: torch
     # stand-in; the family's own checkpoint then holds the DiT that is measured.
     write_official_checkpoint(folder, dit_config=DiTConfig(dim=32, num_heads=2, num_layers=1, ffn_dim=32,
                                                            freq_dim=32, text_dim=32), vae_config=vae)
-    text_dim = json.loads((folder / "config.json").read_text())["text_dim"]
+    text_dim = text_dim or json.loads((folder / "config.json").read_text())["text_dim"]
     config = DiTConfig(**spec, text_dim=text_dim)
     (folder / "config.json").write_text(json.dumps(config.to_official(), indent=2))
     with torch.device("meta"):

@@ -38,6 +38,7 @@ from skyrt.runtime.model_config import CLIP_DIM, DF_1_3B_540P, DF_14B_540P, DF_1
 # The time sinusoid and RoPE tables are torch-free (the serving backends feed them to the graphs).
 from skyrt.runtime import rope as _rope
 from skyrt.runtime.rope import ROPE_THETA, rope_axis_pairs  # noqa: F401
+from . import shape_trace  # which eager fast paths apply while exporting by shapes
 
 
 
@@ -73,7 +74,8 @@ def _onednn_linear_applies(x: torch.Tensor) -> bool:
         return False
     if not torch.backends.mkldnn.is_available():
         return False
-    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+                or shape_trace.active())
 
 
 def _onednn_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

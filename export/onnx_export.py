@@ -68,6 +68,7 @@ Run the tests: python -m pytest tests/test_onnx_export.py -q
 from __future__ import annotations
 
 
+import contextlib
 import copy
 import json
 import os
@@ -83,6 +84,7 @@ from torch import nn
 
 from .cached_step import CachedStep
 from .dit import CrossKV, LayerNorm32, RMSNorm, WanDiT
+from .shape_trace import shape_only
 from .vae import WanVAE
 from skyrt.runtime.engine_manifest import file_sha256 as sha256_file  # one owner of file hashing
 
@@ -289,13 +291,13 @@ class VAEStepGraph(nn.Module):
         return (out, *new)
 
 
-def cast_dit(dit: WanDiT, precision: str) -> WanDiT:
-    """The DiT an export of `precision` traces: fp32 as is; fp16/bf16 = a copy with the big matmuls in
-    that dtype and the fp32 islands (norms, modulation tables, time/fps embeddings) kept fp32 in
-    storage too."""
+def cast_dit(dit: WanDiT, precision: str, in_place: bool = False) -> WanDiT:
+    """The DiT an export of `precision` traces: fp32 as is; fp16/bf16 = a copy (in_place: `dit` itself)
+    with the big matmuls in that dtype and the fp32 islands (norms, modulation tables, time/fps
+    embeddings) kept fp32 in storage too."""
     if precision == "fp32":
         return dit
-    half = copy.deepcopy(dit).to(_TORCH_DTYPES[precision])
+    half = (dit if in_place else copy.deepcopy(dit)).to(_TORCH_DTYPES[precision])
     keep = [half.time_embedding, half.time_projection]
     if half.config.inject_sample_info:
         keep += [half.fps_embedding, half.fps_projection]
@@ -493,13 +495,18 @@ def value_info(values) -> list[dict]:
 class _ShapeRecorder(nn.Module):
     """Runs a graph module and remembers its output shapes (seen while tracing: no second run)."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, shapes_only: bool = False):
         super().__init__()
         self.inner = inner
+        self.shapes_only = shapes_only  # trace without computing the activations (export/shape_trace.py)
         self.shapes: list[tuple[int, ...]] = []
 
     def forward(self, *args):
-        out = self.inner(*args)
+        if self.shapes_only:
+            with shape_only():
+                out = self.inner(*args)
+        else:
+            out = self.inner(*args)
         self.shapes = [tuple(int(d) for d in o.shape) for o in (out if isinstance(out, (tuple, list)) else (out,))]
         return out
 
@@ -528,16 +535,20 @@ def _initializer_bytes(model) -> int:
     return total
 
 
-def export_graph(spec: GraphSpec, out_dir: Path, opset: int, external_data_threshold: int) -> dict:
+def export_graph(spec: GraphSpec, out_dir: Path, opset: int, external_data_threshold: int,
+                 shapes_only: bool = False) -> dict:
     """Trace `spec` with the legacy (TorchScript) exporter, write <out_dir>/<name>.onnx (external data
-    past the threshold), run onnx.checker on the path, and return its manifest entry."""
+    past the threshold), run onnx.checker on the path, and return its manifest entry.
+
+    shapes_only: trace without computing the activations (export/shape_trace.py; the same graph,
+    for graphs in SHAPE_TRACE_GRAPHS, whose spec.args may then be uncomputed tensors)."""
     import onnx
 
     tmp = out_dir / f".tmp-{spec.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        recorder = _ShapeRecorder(spec.module).eval()
+        recorder = _ShapeRecorder(spec.module, shapes_only).eval()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings on shape checks that are static by design
             torch.onnx.export(recorder, spec.args, str(tmp / "graph.onnx"), dynamo=False,
@@ -571,6 +582,10 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int, external_data_thres
     }
 
 
+TRACES = ("compute", "shapes")  # export_onnx(trace=...): how graphs are traced
+# What trace="shapes" covers: the graphs with no control flow on tensor values (export/cached_step.py,
+# CrossKVGraph), checked equal to the computing trace by tests/test_shape_trace.py.
+SHAPE_TRACE_GRAPHS = ("cross_kv", "dit_window", "dit_window_causal", "dit_step", "dit_step_full")
 ORT_CPU_VARIANT = "ort_cpu"  # the manifest key of a DiT step graph's onnxruntime-CPU variant
 DIT_STEP_GRAPHS = ("dit_window", "dit_window_causal", "dit_step", "dit_step_full")  # CachedStep's graphs, each with that variant
 ORT_CPU_PRECISIONS = ("fp32", "fp16")  # what ORT's CPU provider runs (no bf16 MatMul)
@@ -585,14 +600,14 @@ def _ort_cpu_module(module: nn.Module) -> nn.Module:
     return StepGraph(dit, module.block_frames, module.tokens_per_block, graph="onnx-ort")
 
 
-def export_ort_cpu_step(spec: GraphSpec, out_dir: Path, profile: OnnxProfile) -> dict:
+def export_ort_cpu_step(spec: GraphSpec, out_dir: Path, profile: OnnxProfile, shapes_only: bool = False) -> dict:
     """A DiT step graph (dit_step, dit_window, dit_window_causal) again, attention and GELU as
     onnxruntime contrib ops (CachedStep graph="onnx-ort"), into <out_dir>/<name>.ort_cpu.onnx; returns
     the "ort_cpu" entry of the graph's manifest entry. Same inputs, outputs and semantics as <name>.onnx;
     only onnxruntime's CPU provider runs it (the onnxruntime backend picks it there); TensorRT engines
     are built from <name>.onnx."""
     variant = replace(spec, name=f"{spec.name}.{ORT_CPU_VARIANT}", module=_ort_cpu_module(spec.module))
-    entry = export_graph(variant, out_dir, profile.opset, profile.external_data_threshold)
+    entry = export_graph(variant, out_dir, profile.opset, profile.external_data_threshold, shapes_only)
     return {"file": entry["file"], "external_data": entry["external_data"], "sha256": entry["sha256"],
             "providers": ["CPUExecutionProvider"], "contrib_ops": ORT_CPU_CONTRIB_OPS,
             "why": "MultiHeadAttention's CPU kernel skips the transposes and the separate bias/softmax "
@@ -613,6 +628,8 @@ def export_onnx(
     components: Optional[tuple] = None,
     model_spec=None,
     manifest_extra: Optional[dict] = None,
+    trace: str = "compute",
+    ort_cpu: bool = True,
 ) -> dict:
     """Export `graphs` (default: every graph of `profile`) of the model folder into `out_dir`.
 
@@ -620,6 +637,10 @@ def export_onnx(
     (dit, vae, text_encoder) skips loading the folder (tests pass modules they already hold).
     `model_spec` (a runtime ModelSpec) is the folder as already inspected (a causal preset's folder,
     export/preset_export.py); `manifest_extra` adds top-level manifest fields (its "preset").
+    `trace` "shapes": the DiT graphs and cross_kv are traced without computing their activations
+    (export/shape_trace.py: the same graphs, at a fraction of the memory; what the real 1.3B shape
+    needs), "compute" (default): by running them once. `ort_cpu` False: no onnxruntime-CPU variants
+    of the DiT graphs (a TensorRT-only export).
     """
     from tqdm.auto import tqdm
 
@@ -641,17 +662,24 @@ def export_onnx(
         raise ValueError(f"patch_size={cfg.patch_size}: the runtime assumes (1, 2, 2)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    graph_dit = cast_dit(dit, profile.precision)
+    if trace not in TRACES:
+        raise ValueError(f"trace={trace!r} is not one of {TRACES}")
+    # a folder loaded here is ours: cast in place (a 1.3B fp32 DiT is 5.7 GB; its copy would double it)
+    graph_dit = cast_dit(dit, profile.precision, in_place=components is None)
+    del dit
 
     entries = {}
     bar = tqdm(graphs, desc="export onnx", unit="graph", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         start = time.perf_counter()
-        gspec = build_graph_spec(name, graph_dit, vae, text_encoder, profile)
-        entry = export_graph(gspec, out, profile.opset, profile.external_data_threshold)
-        if name in DIT_STEP_GRAPHS and profile.precision in ORT_CPU_PRECISIONS:
-            entry[ORT_CPU_VARIANT] = export_ort_cpu_step(gspec, out, profile)
+        shapes_only = trace == "shapes" and name in SHAPE_TRACE_GRAPHS
+        with shape_only(inputs=True) if shapes_only else contextlib.nullcontext():  # uncomputed example inputs
+            gspec = build_graph_spec(name, graph_dit, vae, text_encoder, profile)
+        entry = export_graph(gspec, out, profile.opset, profile.external_data_threshold, shapes_only)
+        if name in DIT_STEP_GRAPHS and profile.precision in ORT_CPU_PRECISIONS and ort_cpu:
+            entry[ORT_CPU_VARIANT] = export_ort_cpu_step(gspec, out, profile, shapes_only)
+        del gspec  # its example inputs (GBs at the real shape when computed)
         entry.setdefault("precision", profile.precision)
         entry["shape_config"] = profile.shape_config(name)
         entry["export_seconds"] = round(time.perf_counter() - start, 3)

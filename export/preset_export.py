@@ -88,11 +88,12 @@ def export_preset_onnx(model_dir: str | Path, out_dir: str | Path, preset_name: 
                        precision: str = "fp32", graphs: Optional[Sequence[str]] = None, progress: bool = True,
                        opset: Optional[int] = None, external_data_threshold: Optional[int] = None,
                        model_hash: Optional[str] = None, components: Optional[tuple] = None,
-                       **family) -> dict:
+                       trace: str = "compute", ort_cpu: bool = True, **family) -> dict:
     """Export preset `preset_name`'s graphs of model folder `model_dir` into `out_dir` (manifest returned).
 
     family: checkpoint=, lora=, lora_alpha=, use_ema= (runtime/causal_family.py find_causal_files).
-    components (dit, vae, text_encoder): skip loading (tests pass modules they already hold)."""
+    components (dit, vae, text_encoder): skip loading (tests pass modules they already hold).
+    trace, ort_cpu: as export_onnx's (trace="shapes" is what the real 1.3B shape needs in memory)."""
     preset = get_preset(preset_name)
     spec = causal_model_spec(model_dir, preset, **{k: v for k, v in family.items() if v is not None})
     ring = preset_ring(preset, sink_blocks, window_blocks)
@@ -110,7 +111,8 @@ def export_preset_onnx(model_dir: str | Path, out_dir: str | Path, preset_name: 
               "use_ema": files.use_ema, "lora": None if files.lora is None else files.lora.name,
               "lora_alpha": files.lora_alpha, "lora_merged": files.lora is not None}
     return export_onnx(model_dir, out_dir, profile, graphs=wanted, progress=progress, model_hash=model_hash,
-                       components=components, model_spec=spec, manifest_extra={"preset": record})
+                       components=components, model_spec=spec, manifest_extra={"preset": record}, trace=trace,
+                       ort_cpu=ort_cpu)
 
 
 def manifest_preset(manifest: dict) -> Optional[str]:
