@@ -133,6 +133,7 @@ def process_figures(pid: int) -> dict | None:
         status = Path(f"/proc/{pid}/status").read_text()
         fds = len(os.listdir(f"/proc/{pid}/fd"))
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        cmd = cmd.replace(sys.executable, "python")  # the report names no path of this machine
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)

@@ -1,6 +1,7 @@
 """Helpers for tests that run a real `skyrt serve` process on loopback, and a stream that fails on cue."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -147,20 +148,17 @@ def ffprobe(path) -> dict:
     return json.loads(out.stdout)["streams"][0]
 
 
-class FaultAfter:
-    """A stream that passes `after` chunks of `inner` through, then calls `fault()` for each next one:
-    a fault that raises is a driver or device error, one that never returns is a hung driver call."""
+class PassThroughStream:
+    """A stream that hands out `inner`'s chunks and forwards prompt changes; subclasses override
+    __next__ to act on each chunk (fail on cue, record what was made)."""
 
-    def __init__(self, inner, after: int, fault):
-        self.inner, self.left, self.fault = inner, after, fault
+    def __init__(self, inner):
+        self.inner = inner
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.left == 0:
-            return self.fault()
-        self.left -= 1
         return next(self.inner)
 
     def set_prompt(self, *args, **kwargs):
@@ -172,3 +170,27 @@ class FaultAfter:
 
     def close(self):
         self.inner.close()
+
+
+class FaultAfter(PassThroughStream):
+    """A stream that passes `after` chunks of `inner` through, then calls `fault()` for each next one:
+    a fault that raises is a driver or device error, one that never returns is a hung driver call."""
+
+    def __init__(self, inner, after: int, fault):
+        super().__init__(inner)
+        self.left, self.fault = after, fault
+
+    def __next__(self):
+        if self.left == 0:
+            return self.fault()
+        self.left -= 1
+        return next(self.inner)
+
+
+async def until(predicate, seconds: float = 60.0) -> None:
+    """Await (in 50 ms polls on the running event loop) until `predicate()` holds; AssertionError after `seconds`."""
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")

@@ -16,7 +16,7 @@ import shutil
 from zoneinfo import ZoneInfo
 
 import pytest
-from serving import TOKEN
+from serving import TOKEN, PassThroughStream, until
 
 from skyrt.runtime.server.playlist import PromptBoard, PromptChange, RequestError
 from skyrt.runtime.server.schedule import (MAX_ENTRIES, ScheduleRunner, load_schedule, local_instant,
@@ -212,40 +212,20 @@ class Recording:
         return _Recorded(self.pipe.stream(**settings), self.prompts)
 
 
-class _Recorded:
+class _Recorded(PassThroughStream):
     def __init__(self, inner, prompts):
-        self.inner, self.prompts = inner, prompts
-
-    def __iter__(self):
-        return self
+        super().__init__(inner)
+        self.prompts = prompts
 
     def __next__(self):
         chunk = next(self.inner)
         self.prompts.append(self.inner.prompt)  # the prompt this chunk was denoised with
         return chunk
 
-    def set_prompt(self, *args, **kwargs):
-        self.inner.set_prompt(*args, **kwargs)
-
-    @property
-    def prompt(self):
-        return self.inner.prompt
-
-    def close(self):
-        self.inner.close()
-
 
 def _block_clock(holder: list):
     """Wall time T0 + one second per block generated: the block boundaries are whole seconds after T0."""
     return lambda: T0 + dt.timedelta(seconds=holder[0].generator.blocks if holder else 0)
-
-
-async def _until(predicate, seconds: float = 60.0) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def _run_app(server, scenario):
@@ -273,7 +253,7 @@ def test_the_switch_happens_at_the_first_block_boundary_at_or_after_the_start(of
     holder.append(server)
 
     async def scenario(client):
-        await _until(lambda: len(pipe.prompts) >= 9)
+        await until(lambda: len(pipe.prompts) >= 9)
         status = await (await client.get("/status")).json()
         metrics = await (await client.get("/metrics")).text()
         return status, metrics
@@ -295,7 +275,7 @@ def test_put_and_get_schedule_over_http_with_400_401_413(official_pipeline):
                           prompt=PromptChange("own"), clock=lambda: T0)
 
     async def scenario(client):
-        await _until(lambda: len(pipe.prompts) >= 1)
+        await until(lambda: len(pipe.prompts) >= 1)
         empty = await (await client.get("/schedule")).json()
         body = {"entries": [{"at": "09:30", "prompt": "put prompt", "name": "morning"},
                             {"at": "20:00", "days": ["tue"], "prompt": "tuesday night"}]}
@@ -307,7 +287,7 @@ def test_put_and_get_schedule_over_http_with_400_401_413(official_pipeline):
         huge = await client.put("/schedule", json={"entries": [{"at": "09:30", "prompt": "a" * 70_000}]}, headers=AUTH)
         good = await client.put("/schedule", json=body, headers=AUTH)
         reply = await good.json()
-        await _until(lambda: pipe.prompts[-1] == "put prompt")
+        await until(lambda: pipe.prompts[-1] == "put prompt")
         got = await (await client.get("/schedule")).json()
         stop = await client.put("/schedule", json={"entries": []}, headers=AUTH)
         stopped = await stop.json()

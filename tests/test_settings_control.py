@@ -19,7 +19,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from serving import TOKEN, get_json, request, running_server, wait_until
+from serving import TOKEN, get_json, request, running_server, until, wait_until
 
 from skyrt.runtime.request import SETTINGS
 
@@ -177,14 +177,6 @@ def _in_process(pipe, sampling: dict, scenario, **config):
     return asyncio.run(run())
 
 
-async def _until(predicate, seconds: float = 60.0) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 FAST = {"height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 1.0, "mode": "kvcache", "fps": 12}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -196,13 +188,13 @@ def test_a_change_the_pipeline_refuses_when_its_stream_opens_is_put_back(officia
     image = np.full((32, 32, 3), 128, np.uint8)
 
     async def scenario(client, server):
-        await _until(lambda: server.metrics.frames_generated > 0)
+        await until(lambda: server.metrics.frames_generated > 0)
         reply = await client.put(SETTINGS_URL, json={"causal_block_size": 2}, headers=AUTH)
         assert reply.status == 200
-        await _until(lambda: server.settings_control.last_error is not None)
+        await until(lambda: server.settings_control.last_error is not None)
         described = await (await client.get(SETTINGS_URL)).json()
         frames = server.metrics.frames_generated
-        await _until(lambda: server.metrics.frames_generated > frames)  # streaming again, on the old request
+        await until(lambda: server.metrics.frames_generated > frames)  # streaming again, on the old request
         return described, server.request.causal_block_size
 
     described, blocks = _in_process(official_pipeline, {**FAST, "image": image}, scenario)
