@@ -90,7 +90,11 @@ FORMAT = "skyrt-onnx"
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf refuses messages over 2 GiB
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+# fp8 = the fp16 export with the DiT graphs' GEMM weights as FP8 E4M3 + DequantizeLinear (export/quantize.py,
+# weight-only): FP8 is a GEMM-only type in TensorRT(-RTX), so everything else stays as in the fp16 graphs.
+FP8_BASE_PRECISION = "fp16"
+FP8_GRAPHS = ("cross_kv", "dit_window", "dit_window_causal", "dit_step", "dit_step_full")
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 WINDOW_ATTENTION = ("full", "causal", "both")
 
@@ -599,6 +603,23 @@ def export_ort_cpu_step(spec: GraphSpec, out_dir: Path, profile: OnnxProfile) ->
                    "passes, FastGelu replaces nine elementwise ops; TensorRT cannot build contrib ops"}
 
 
+def quantize_entry_fp8(out_dir: Path, entry: dict) -> dict:
+    """Quantize a just-exported graph file in place to FP8 weights (export/quantize.py, weight-only);
+    returns the manifest fields that change: precision, base precision, sha256 and the fp8 summary."""
+    from .quantize import quantize_onnx_fp8
+
+    path = out_dir / entry["file"]
+    report = quantize_onnx_fp8(path, path, mode="weights")
+    files = [entry["file"]] + ([entry["external_data"]] if entry.get("external_data") else [])
+    summary = report.to_dict()
+    return {"precision": "fp8", "base_precision": FP8_BASE_PRECISION,
+            "sha256": {f: sha256_file(out_dir / f) for f in files},
+            "fp8": {"mode": report.mode, "opset": report.opset, "quantized": summary["quantized_count"],
+                    "kept": {w.weight: w.reason for w in report.weights if not w.quantized},
+                    "initializer_bytes_before": report.initializer_bytes_before,
+                    "initializer_bytes_after": report.initializer_bytes_after}}
+
+
 # ----------------------------------------------------------------------------------------------
 # A whole export
 
@@ -641,7 +662,8 @@ def export_onnx(
         raise ValueError(f"patch_size={cfg.patch_size}: the runtime assumes (1, 2, 2)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    graph_dit = cast_dit(dit, profile.precision)
+    traced_precision = FP8_BASE_PRECISION if profile.precision == "fp8" else profile.precision
+    graph_dit = cast_dit(dit, traced_precision)
 
     entries = {}
     bar = tqdm(graphs, desc="export onnx", unit="graph", disable=not progress)
@@ -652,6 +674,8 @@ def export_onnx(
         entry = export_graph(gspec, out, profile.opset, profile.external_data_threshold)
         if name in DIT_STEP_GRAPHS and profile.precision in ORT_CPU_PRECISIONS:
             entry[ORT_CPU_VARIANT] = export_ort_cpu_step(gspec, out, profile)
+        if profile.precision == "fp8" and name in FP8_GRAPHS:
+            entry.update(quantize_entry_fp8(out, entry))
         entry.setdefault("precision", profile.precision)
         entry["shape_config"] = profile.shape_config(name)
         entry["export_seconds"] = round(time.perf_counter() - start, 3)

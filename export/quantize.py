@@ -24,7 +24,8 @@ in E4M3FN (ml_dtypes' cast, the same rounding as torch's float8_e4m3fn); the gra
 
 Which weights are quantized (select_fp8_weights): the 2-D float initializers that are the weight
 input of a MatMul or Gemm, i.e. the transformer blocks' attention projections (the fused q/k/v, o, the
-cross-attention q and o; cross_kv's K/V projections) and FFN layers. Kept in their original precision,
+cross-attention q and o; in cross_kv, each layer's K/V projections and the text embedding MLP) and FFN
+layers. Kept in their original precision,
 with the reason recorded in the report:
 - the time / fps embedding MLPs and the modulation projection (GEMMs fed only from the graph inputs
   t_emb / fps): they make the scale, shift and gate of every block, so an error there multiplies every
