@@ -212,6 +212,21 @@ def write_engine_folder(onnx_dir: Path, out_dir: Path, options: BuildOptions, pr
     return paths
 
 
+def write_tiny_decoder_engine_folder(tiny_dir: Path, out_dir: Path, options: BuildOptions, progress: bool = True,
+                                     final_dir: Path | None = None) -> Path:
+    """The tiny decoder's step graph export (`skyrt export onnx --tiny-decoder`, runtime/tiny_decoder.py)
+    as an engine folder: tiny_decoder_step.engine (+ manifest) and the export's tiny_decoder.json beside
+    it (the graph's I/O, which the TensorRT backend's streaming decoder binds). Returns the engine path."""
+    from skyrt.runtime.tiny_decoder import EXPORT_MANIFEST, STEP_GRAPH, read_tiny_export
+
+    manifest = read_tiny_export(tiny_dir)
+    spec = GraphSpec(name=STEP_GRAPH, onnx_path=Path(tiny_dir) / manifest["graph"]["file"],
+                     export_config={"tiny_decoder": {"latent": manifest["latent"], "weights": manifest["weights"]}})
+    (path,) = build_engines([spec], out_dir, options, progress=progress, final_dir=final_dir)
+    shutil.copy2(Path(tiny_dir) / EXPORT_MANIFEST, Path(out_dir) / EXPORT_MANIFEST)
+    return path
+
+
 def build_engine(trt, logger, spec: GraphSpec, out_dir: Path, options: BuildOptions,
                  final_dir: Path | None = None) -> Path:
     """Parse spec.onnx_path from its file (so >2 GB external data works), build, write engine + manifest.

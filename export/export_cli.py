@@ -66,7 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="One engine per graph of an ONNX export folder, each with a manifest "
                                           "(ONNX hash, precision, profile, builder version, compute capabilities).")
     engine.add_argument("--onnx", type=Path, required=True,
-                        help="folder written by 'skyrt export onnx' (--model or --captioner)")
+                        help="folder written by 'skyrt export onnx' (--model, --preset, --captioner or --tiny-decoder)")
     engine.add_argument("--out", type=Path, required=True, help="engine folder (created)")
     engine.add_argument("--builder", choices=("auto", "tensorrt-rtx", "tensorrt"), default="auto",
                         help="auto (default): tensorrt when it is installed, else tensorrt-rtx; tensorrt-rtx builds without "
@@ -114,8 +114,17 @@ def run(args: argparse.Namespace) -> int:
 def run_engine(args: argparse.Namespace) -> int:
     """Build engines (torch-free) and put the ONNX manifest and tokenizer beside them; with --preset,
     export the preset's ONNX graphs into --onnx first (torch)."""
-    from .engine import BuildOptions, graphs_from_onnx_manifest, pick_builder, write_engine_folder
+    from skyrt.runtime.tiny_decoder import is_tiny_decoder_export
 
+    from .engine import (BuildOptions, graphs_from_onnx_manifest, pick_builder, write_engine_folder,
+                         write_tiny_decoder_engine_folder)
+
+    if args.preset is None and is_tiny_decoder_export(args.onnx):  # `export onnx --tiny-decoder`'s folder
+        options = BuildOptions(builder=pick_builder(args.builder), optimization_level=args.optimization_level,
+                               workspace_gib=args.workspace_gib, compute_capabilities=args.compute_capability)
+        path = write_tiny_decoder_engine_folder(args.onnx, args.out, options, progress=not args.no_progress)
+        print(f"wrote the tiny decoder's engine {path} (--decoder tiny on --backend tensorrt: --decoder-path {args.out})")
+        return 0
     if args.preset is not None:
         if args.model is None:
             raise ValueError("--preset needs --model FOLDER (the preset's checkpoint beside the Wan2.1 files)")

@@ -237,7 +237,29 @@ def build_engine_folder(onnx_dir: Path, target: Path, options, progress: bool = 
     return publish(Path(target), make, is_engine_folder)
 
 
+TINY_DECODER_ENGINE_PREFIX = "tiny-decoder-"
+
+
+def cached_tiny_decoder_engine(tiny_dir: Path, root: Path, options, builder_version: str,
+                               progress: bool = True) -> Path:
+    """The engine folder of a tiny decoder step graph export (runtime/tiny_decoder.py) in the cache,
+    engines/<builder>-<version>/tiny-decoder-<key>, built first when absent; the key hashes the graph file
+    as engine_cache_key does the DiT's (builder, version, targets and options too)."""
+    from .tiny_decoder import STEP_GRAPH, read_tiny_export
+
+    graph = Path(tiny_dir) / read_tiny_export(tiny_dir)["graph"]["file"]
+    key = engine_cache_key({"graphs": {STEP_GRAPH: {"sha256": {graph.name: file_sha256(graph)}}}}, options,
+                           builder_version)
+    target = Path(root) / ENGINE_CACHE / f"{options.builder}-{builder_version}" / f"{TINY_DECODER_ENGINE_PREFIX}{key}"
+    build = resolve("engine:write_tiny_decoder_folder")
+
+    def make(staging: Path) -> None:
+        build(Path(tiny_dir), staging, options, progress=progress, final_dir=target)
+
+    return publish(target, make, lambda path: (path / f"{STEP_GRAPH}{ENGINE_MANIFEST_SUFFIX}").is_file())
+
+
 __all__ = ["CAPTIONER_CACHE", "ENGINE_CACHE", "ONNX_CACHE", "build_engine_folder", "cache_root",
-           "cached_engine_folder", "engine_build_options", "engine_cache_key", "exported_captioner",
+           "cached_engine_folder", "cached_tiny_decoder_engine", "engine_build_options", "engine_cache_key", "exported_captioner",
            "exported_graph_group", "is_engine_folder", "model_hash", "publish", "run_exporter", "settings_key",
            "tree_sha256"]

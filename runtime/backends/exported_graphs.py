@@ -26,7 +26,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -148,8 +148,8 @@ class ExportedGraphBackend(Backend):
     """Text encoder, VAE and the DiT stream session (every mode) of an exported-graph backend.
 
     A subclass sets (in __init__) source, precision, export_options, progress, cache_root and
-    model_hash (model folders), _folders, _manifests, _tokenizer, then calls _read_dit_layout, and
-    implements _add_folder, _run, _run_bound and streaming_decoder."""
+    model_hash (model folders), _folders, _manifests, _tokenizer, then calls _read_dit_layout and
+    _choose_decoder, and implements _add_folder, _run and _run_bound."""
 
     # ---- what a subclass implements ------------------------------------------------------------
     @abc.abstractmethod
@@ -179,6 +179,33 @@ class ExportedGraphBackend(Backend):
 
     def synchronize(self) -> None:
         """Wait until the core's work is done before another stream reads it (a no-op on one stream)."""
+
+    # ---- the decoder: the Wan2.1 VAE graphs, or the tiny decoder's step graph ---------------------
+    _tiny = None  # a TinyDecoderSource when decoder="tiny"
+
+    def _choose_decoder(self, decoder: str, decoder_path, model_folder, cache_dir, progress: bool) -> None:
+        """decoder: "wan" (the exported Wan2.1 VAE graphs) or "tiny" (TAEHV's taew2_1 step graph,
+        runtime/backends/tiny_decoder.py): decoder_path is its weights file (exported on first use) or an
+        export folder of it, else the model folder's taew2_1 file. Encoding stays the Wan2.1 VAE's."""
+        if decoder == "tiny":
+            from ..tiny_decoder import TinyDecoderSource
+
+            self._tiny = TinyDecoderSource(decoder_path, model_folder, cache_dir, progress)
+        elif decoder != "wan" or decoder_path is not None:
+            raise ValueError(f"decoder={decoder!r}, decoder_path={decoder_path!r}: decoder_path needs decoder='tiny'")
+
+    def tiny_decoder_folder(self, latent_h: int, latent_w: int) -> Path:
+        """The folder of the tiny decoder's step graph for latents h x w (its tiny_decoder.json names the
+        graph and its I/O): here the ONNX export; a backend that runs something else (engines) overrides."""
+        return self._tiny.folder_for(latent_h, latent_w)
+
+    def streaming_decoder(self) -> StreamingDecoder:
+        """A fresh streaming decoder on bound buffers: the tiny decoder's, or the Wan2.1 VAE's."""
+        if self._tiny is not None:
+            from .tiny_decoder import BoundTinyStreamingDecoder
+
+            return BoundTinyStreamingDecoder(self, self._tiny)
+        return BoundStreamingDecoder(self)
 
     def _read_dit_layout(self, cfg: dict) -> None:
         """What the host side needs from the DiT config (official config.json names)."""
@@ -518,22 +545,66 @@ class GraphKVStreamSession(KVStreamSession):
 # The streaming VAE decoder on bound buffers
 
 
-class BoundStreamingDecoder(StreamingDecoder):
-    """vae_decode_first, then vae_decode_step, one latent frame per call, with the causal-conv caches
-    kept in two sets of buffers on the backend's memory device (each call reads one set and writes
-    the other). Allocated at the first frame of a size (z [1, 16, 1, h, w], pixels, both cache sets),
-    then per frame only the latent frame goes up and the decoded pixels come down."""
+class PingPongDecoder(StreamingDecoder):
+    """What the streaming decoders on bound buffers share: a decoder graph whose carried state (the Wan
+    VAE's causal-conv caches, the tiny decoder's per-frame memories) is explicit graph I/O, kept in two
+    sets of skyrt._core.Buffers on the backend's memory device. Each call reads set `_current` and
+    writes the other (read_write_sets), then flips (_flip); a stream's first call reads zeros.
+    Subclasses allocate with _allocate_sets in their _prepare (once per latent size)."""
 
     def __init__(self, backend: ExportedGraphBackend):
         self.backend = backend
         self._size: tuple[int, int] | None = None
-        self._buffers: dict[str, Any] = {}
-        self._sets: list[dict[str, Any]] = []
+        self._buffers: dict[str, Any] = {}  # the per-call input / output buffers (latent frame, pixels)
+        self._sets: list[dict[str, Any]] = []  # two {state name: Buffer}
         self._bindings: dict = {}
         self.reset()
 
     def reset(self) -> None:
-        self._first, self._current = True, 0  # the first graph starts from zero caches (zeroed then)
+        self._first, self._current = True, 0  # the first call starts from zero state (zeroed then)
+
+    def _allocate_sets(self, state: Mapping[str, Sequence[int]], buffers: Mapping[str, Sequence[int]]) -> None:
+        """Both state sets (name -> shape) and the per-call buffers, float32 on the memory device."""
+        from skyrt import _core
+
+        device, stream = self.backend.memory_device(), self.backend.stream_handle()
+        alloc = lambda shape: _core.Buffer.allocate(list(shape), "float32", device, True, stream)  # noqa: E731
+        self._sets = [{name: alloc(shape) for name, shape in state.items()} for _ in range(2)]
+        self._buffers = {name: alloc(shape) for name, shape in buffers.items()}
+
+    def read_write_sets(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the set this call reads, the set it writes); the read set is zeroed on a stream's first call."""
+        from skyrt import _core
+
+        read, write = self._sets[self._current], self._sets[1 - self._current]
+        if self._first:
+            stream = self.backend.stream_handle()
+            for buffer in read.values():
+                _core.fill_zero(buffer, stream)
+        return read, write
+
+    def _flip(self) -> bool:
+        """After a call: the written set is read next. Returns whether that call was the stream's first."""
+        first, self._first, self._current = self._first, False, 1 - self._current
+        return first
+
+    def close(self) -> None:
+        """Release the buffers and bindings now (a later frame allocates them again)."""
+        bindings, self._bindings = self._bindings, {}
+        for value in bindings.values():
+            closer = getattr(value, "close", None)
+            if closer is not None:
+                closer()
+        for buffer in [*self._buffers.values(), *(b for s in self._sets for b in s.values())]:
+            buffer.close()
+        self._buffers, self._sets, self._size = {}, [], None
+
+
+class BoundStreamingDecoder(PingPongDecoder):
+    """vae_decode_first, then vae_decode_step, one latent frame per call, with the causal-conv caches
+    kept in two sets of buffers on the backend's memory device (PingPongDecoder). Allocated at the
+    first frame of a size (z [1, 16, 1, h, w], pixels, both cache sets), then per frame only the
+    latent frame goes up and the decoded pixels come down."""
 
     def decode_next(self, mu_frame: np.ndarray) -> np.ndarray:
         """Raw latent frame [16, 1, h, w] -> pixels [3, 1 (first) or 4, H, W] in [-1, 1]."""
@@ -544,10 +615,7 @@ class BoundStreamingDecoder(StreamingDecoder):
             self._prepare(h, w)
         stream = self.backend.stream_handle()
         graph = self._first_graph if self._first else self._step_graph
-        read, write = self._sets[self._current], self._sets[1 - self._current]
-        if self._first:
-            for buffer in read.values():
-                _core.fill_zero(buffer, stream)
+        read, write = self.read_write_sets()
         _core.upload(self._buffers["z"], np.ascontiguousarray(mu_frame, np.float32), stream)
         inputs = {"z": self._buffers["z"]}
         inputs.update({s["name"]: read[s["name"]] for s in graph.entry["inputs"][1:]})
@@ -559,7 +627,7 @@ class BoundStreamingDecoder(StreamingDecoder):
         self.backend._run_bound(graph, inputs, outputs, self._bindings, (graph.name, self._current))
         out = np.empty(pixels_spec["shape"], np.float32)
         _core.download(pixels, out, stream)
-        self._first, self._current = False, 1 - self._current
+        self._flip()
         return out[0]
 
     def export_state(self) -> dict[str, np.ndarray]:
@@ -601,31 +669,15 @@ class BoundStreamingDecoder(StreamingDecoder):
 
     def _prepare(self, h: int, w: int) -> None:
         """Buffers for latent frames of h x w: the graphs' static shapes, once per size."""
-        from skyrt import _core
-
         self.close()
         size = dict(height=h * SPATIAL, width=w * SPATIAL)
         self._first_graph = self.backend._graph("vae_decode_first", **size)
         self._step_graph = self.backend._graph("vae_decode_step", **size)
-        device, stream = self.backend.memory_device(), self.backend.stream_handle()
-        alloc = lambda shape: _core.Buffer.allocate(list(shape), "float32", device, True, stream)  # noqa: E731
         caches = {}
         for graph in (self._first_graph, self._step_graph):
             for spec in graph.entry["inputs"][1:]:
                 caches[spec["name"]] = spec["shape"]
-        self._sets = [{name: alloc(shape) for name, shape in caches.items()} for _ in range(2)]
         pixel_elems = max(int(np.prod(g.entry["outputs"][0]["shape"])) for g in (self._first_graph, self._step_graph))
-        self._buffers = {"z": alloc(self._first_graph.entry["inputs"][0]["shape"]), "pixels": alloc([pixel_elems])}
+        self._allocate_sets(caches, {"z": self._first_graph.entry["inputs"][0]["shape"], "pixels": [pixel_elems]})
         self._size = (h, w)
         self.reset()
-
-    def close(self) -> None:
-        """Release the buffers and bindings now (a later frame allocates them again)."""
-        bindings, self._bindings = self._bindings, {}
-        for value in bindings.values():
-            closer = getattr(value, "close", None)
-            if closer is not None:
-                closer()
-        for buffer in [*self._buffers.values(), *(b for s in self._sets for b in s.values())]:
-            buffer.close()
-        self._buffers, self._sets, self._size = {}, [], None
