@@ -9,6 +9,8 @@ Both builders share one API (`tensorrt` and `tensorrt_rtx` modules). What differ
 - TensorRT 10.12+/11 networks here are strongly typed: precision comes from the ONNX graph (export
   fp16/bf16 graphs); there are no builder precision flags to set.
 - The timing cache matters to TensorRT (minutes saved on rebuilds); TensorRT-RTX ignores it.
+- FP8 graphs (export/quantize.py Q/DQ) build only for compute capability 8.9+ (FP8 GEMMs: Ada,
+  Blackwell): an fp8 graph's targets are those of the asked ones (FP8_COMPUTE_CAPABILITIES by default).
 
 Every engine gets `<name>.engine.json`: the ONNX file's sha256, the export config and precision
 from the ONNX manifest, the optimization profile, the builder's name and version, the compute

@@ -47,6 +47,11 @@ significand: 8x coarser than fp16, but fp32's range); onnxruntime's CPU provider
 MatMul, so they are built into engines in the tests but not run here. The umT5 encoder and the VAE
 stay fp32 in every export (umT5 is known to overflow in fp16; the VAE's RMS norm sums squares over
 channels in the input dtype). tests/test_onnx_export.py holds the fp16 tolerance of each graph.
+fp8 graphs (`--precision fp8`) are the fp16 graphs with the GEMM weights of cross_kv and the DiT step
+graphs stored as FP8 E4M3 behind DequantizeLinear (export/quantize.py, weight-only, per-output-channel
+scales; the time embedding and the head stay fp16/fp32); the manifest records what was kept and why.
+TensorRT(-RTX) builds them for compute capability 8.9+ only; onnxruntime's backend does not run them
+(tests/test_fp8_quantize.py checks the Q/DQ graphs on ORT-CPU against torch directly).
 
 Classifier-free guidance: the DiT graphs (and cross_kv) take batch 1 or 2 (a dynamic axis, TensorRT
 profile 1..2), traced at 1 and checked at 2 by the tests. One batch-2 call against two batch-1
