@@ -262,3 +262,14 @@ def test_trt_rtx_builds_the_fp8_graph_for_ada_and_later(exported, weight_only, t
     with pytest.raises(ValueError, match="8.9 or later"):
         build_engines([spec], tmp_path, BuildOptions(builder="tensorrt-rtx", compute_capabilities=["8.6"]),
                       progress=False)
+
+
+def test_fp8_graphs_target_ada_and_later_only():
+    from skyrt.export.engine import RTX_COMPUTE_CAPABILITIES, BuildOptions, build_targets
+
+    rtx = BuildOptions(builder="tensorrt-rtx")
+    assert build_targets(rtx) == list(RTX_COMPUTE_CAPABILITIES)  # other precisions: every RTX generation
+    assert build_targets(rtx, "fp8") == ["8.9", "12.0"]
+    assert build_targets(BuildOptions(compute_capabilities=["8.0", "8.6", "8.9", "12.0"]), "fp8") == ["8.9", "12.0"]
+    with pytest.raises(ValueError, match="8.9 or later.*--compute-capability 8.9"):
+        build_targets(BuildOptions(compute_capabilities=["8.0", "8.6"]), "fp8")
