@@ -9,6 +9,8 @@ Both builders share one API (`tensorrt` and `tensorrt_rtx` modules). What differ
 - TensorRT 10.12+/11 networks here are strongly typed: precision comes from the ONNX graph (export
   fp16/bf16 graphs); there are no builder precision flags to set.
 - The timing cache matters to TensorRT (minutes saved on rebuilds); TensorRT-RTX ignores it.
+- FP8 graphs (export/quantize.py Q/DQ) build only for compute capability 8.9+ (FP8 GEMMs: Ada,
+  Blackwell): an fp8 graph's targets are those of the asked ones (FP8_COMPUTE_CAPABILITIES by default).
 
 Every engine gets `<name>.engine.json`: the ONNX file's sha256, the export config and precision
 from the ONNX manifest, the optimization profile, the builder's name and version, the compute
@@ -41,6 +43,10 @@ from skyrt.runtime.engine_manifest import (BUILDERS, ENGINE_MANIFEST_SUFFIX, ONN
 # and every skyrt export keeps fp32 matmuls (umT5, VAE, time embedding): seen here on all 9 graphs
 # in fp32 and bf16 and 8 of 9 in fp16, so a default that included it failed every build.
 RTX_COMPUTE_CAPABILITIES = ("8.0", "8.6", "8.9", "12.0")
+# FP8 (E4M3) is a GEMM type of Ada (8.9) and later only: TensorRT-RTX 1.7 refuses a graph with FP8
+# Q/DQ for other targets ("Cannot compile for target(s) sm80, sm86, because the model contains
+# HW-specific datatypes: fp8_e4m3"), so fp8 graphs get these targets (of the ones asked).
+FP8_COMPUTE_CAPABILITIES = ("8.9", "12.0")
 TIMING_CACHE_FILE = "timing.cache"
 
 
@@ -101,13 +107,25 @@ def pick_builder(choice: str = "auto") -> str:
     return "tensorrt"
 
 
-def build_targets(options: BuildOptions) -> list[str]:
+def build_targets(options: BuildOptions, precision: str | None = None) -> list[str]:
     """The compute capabilities an engine built with `options` runs on: TensorRT-RTX compiles for the
-    ones asked (default: every RTX generation); TensorRT for the GPU it builds on ('current' when
-    that cannot be read)."""
+    ones asked (default: every RTX generation; for an fp8 graph those of 8.9 and later, default
+    FP8_COMPUTE_CAPABILITIES); TensorRT for the GPU it builds on ('current' when that cannot be read)."""
     if options.builder != "tensorrt-rtx":
         return [gpu_compute_capability() or "current"]
-    return list(options.compute_capabilities or RTX_COMPUTE_CAPABILITIES)
+    if precision != "fp8":
+        return list(options.compute_capabilities or RTX_COMPUTE_CAPABILITIES)
+    asked = list(options.compute_capabilities or FP8_COMPUTE_CAPABILITIES)
+    fp8 = [cc for cc in asked if _cc_tuple(cc) >= (8, 9)]
+    if not fp8:
+        raise ValueError(f"fp8 engines need compute capability 8.9 or later (FP8 GEMMs: Ada, Blackwell); asked for "
+                         f"{', '.join(asked)}: add --compute-capability 8.9 (or 12.0), or export fp16")
+    return fp8
+
+
+def _cc_tuple(cc: str) -> tuple[int, int]:
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
 
 
 def first_use_build_options(builder: str, timing_dir: Path, compute_capabilities: Sequence[str] | None = None,
@@ -196,6 +214,21 @@ def write_engine_folder(onnx_dir: Path, out_dir: Path, options: BuildOptions, pr
     return paths
 
 
+def write_tiny_decoder_engine_folder(tiny_dir: Path, out_dir: Path, options: BuildOptions, progress: bool = True,
+                                     final_dir: Path | None = None) -> Path:
+    """The tiny decoder's step graph export (`skyrt export onnx --tiny-decoder`, runtime/tiny_decoder.py)
+    as an engine folder: tiny_decoder_step.engine (+ manifest) and the export's tiny_decoder.json beside
+    it (the graph's I/O, which the TensorRT backend's streaming decoder binds). Returns the engine path."""
+    from skyrt.runtime.tiny_decoder import EXPORT_MANIFEST, STEP_GRAPH, read_tiny_export
+
+    manifest = read_tiny_export(tiny_dir)
+    spec = GraphSpec(name=STEP_GRAPH, onnx_path=Path(tiny_dir) / manifest["graph"]["file"],
+                     export_config={"tiny_decoder": {"latent": manifest["latent"], "weights": manifest["weights"]}})
+    (path,) = build_engines([spec], out_dir, options, progress=progress, final_dir=final_dir)
+    shutil.copy2(Path(tiny_dir) / EXPORT_MANIFEST, Path(out_dir) / EXPORT_MANIFEST)
+    return path
+
+
 def build_engine(trt, logger, spec: GraphSpec, out_dir: Path, options: BuildOptions,
                  final_dir: Path | None = None) -> Path:
     """Parse spec.onnx_path from its file (so >2 GB external data works), build, write engine + manifest.
@@ -212,7 +245,7 @@ def build_engine(trt, logger, spec: GraphSpec, out_dir: Path, options: BuildOpti
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
     _add_profile(trt, builder, network, config, spec)
-    targets = _set_targets(trt, config, options)
+    targets = _set_targets(trt, config, options, spec.precision)
     cache_path = None if options.builder == "tensorrt-rtx" else (options.timing_cache or out_dir / TIMING_CACHE_FILE)
     if cache_path is not None:
         _load_timing_cache(config, cache_path)
@@ -283,9 +316,9 @@ def _add_profile(trt, builder, network, config, spec: GraphSpec) -> None:
     config.add_optimization_profile(profile)
 
 
-def _set_targets(trt, config, options: BuildOptions) -> list[str]:
-    """TensorRT-RTX: the compute capabilities to compile for. TensorRT: the GPU it builds on."""
-    wanted = build_targets(options)
+def _set_targets(trt, config, options: BuildOptions, precision: str | None = None) -> list[str]:
+    """TensorRT-RTX: the compute capabilities to compile for (build_targets). TensorRT: the GPU it builds on."""
+    wanted = build_targets(options, precision)
     if options.builder != "tensorrt-rtx":
         return wanted
     config.num_compute_capabilities = len(wanted)

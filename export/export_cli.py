@@ -37,9 +37,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="TAEHV's taew2_1.pth / .safetensors: export its streaming step graph for --height x "
                              "--width instead (what --decoder tiny runs on --backend onnxruntime)")
     onnx.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                      help="fp32 (default), fp16 or bf16; fp16/bf16 DiT graphs keep norms, RoPE and time "
-                           "embedding fp32; the captioner exports fp32 or fp16")
+    onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16", "fp8"), default="fp32",
+                      help="fp32 (default), fp16, bf16 or fp8; fp16/bf16 DiT graphs keep norms, RoPE and time "
+                           "embedding fp32; fp8 = the fp16 graphs with the DiT's GEMM weights in FP8 E4M3 "
+                           "(weight-only Q/DQ, export/quantize.py; engines for compute capability 8.9+); the "
+                           "captioner exports fp32 or fp16")
     onnx.add_argument("--height", type=int, default=None, help="pixel height, multiple of 16 (default 544)")
     onnx.add_argument("--width", type=int, default=None, help="pixel width, multiple of 16 (default 960)")
     onnx.add_argument("--block-frames", type=int, default=None,
@@ -64,7 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="One engine per graph of an ONNX export folder, each with a manifest "
                                           "(ONNX hash, precision, profile, builder version, compute capabilities).")
     engine.add_argument("--onnx", type=Path, required=True,
-                        help="folder written by 'skyrt export onnx' (--model or --captioner)")
+                        help="folder written by 'skyrt export onnx' (--model, --preset, --captioner or --tiny-decoder)")
     engine.add_argument("--out", type=Path, required=True, help="engine folder (created)")
     engine.add_argument("--builder", choices=("auto", "tensorrt-rtx", "tensorrt"), default="auto",
                         help="auto (default): tensorrt when it is installed, else tensorrt-rtx; tensorrt-rtx builds without "
@@ -77,8 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--graphs", default=None, help="comma-separated subset of graphs (default: all)")
     engine.add_argument("--no-progress", action="store_true", help="no progress bar")
     engine.add_argument("--model", type=Path, default=None, help="with --preset: the preset's model folder")
-    engine.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="with --preset: the precision of the ONNX graphs the engines are built from")
+    engine.add_argument("--precision", choices=("fp32", "fp16", "bf16", "fp8"), default="fp32",
+                        help="with --preset: the precision of the ONNX graphs the engines are built from (fp8: "
+                             "FP8 weights, engines for 8.9 and 12.0 only: FP8 GEMMs need Ada or later)")
     engine.add_argument("--height", type=int, default=None, help="with --preset: pixel height (default the preset's)")
     engine.add_argument("--width", type=int, default=None, help="with --preset: pixel width (default the preset's)")
     _add_preset_arguments(engine)
@@ -111,8 +114,17 @@ def run(args: argparse.Namespace) -> int:
 def run_engine(args: argparse.Namespace) -> int:
     """Build engines (torch-free) and put the ONNX manifest and tokenizer beside them; with --preset,
     export the preset's ONNX graphs into --onnx first (torch)."""
-    from .engine import BuildOptions, graphs_from_onnx_manifest, pick_builder, write_engine_folder
+    from skyrt.runtime.tiny_decoder import is_tiny_decoder_export
 
+    from .engine import (BuildOptions, graphs_from_onnx_manifest, pick_builder, write_engine_folder,
+                         write_tiny_decoder_engine_folder)
+
+    if args.preset is None and is_tiny_decoder_export(args.onnx):  # `export onnx --tiny-decoder`'s folder
+        options = BuildOptions(builder=pick_builder(args.builder), optimization_level=args.optimization_level,
+                               workspace_gib=args.workspace_gib, compute_capabilities=args.compute_capability)
+        path = write_tiny_decoder_engine_folder(args.onnx, args.out, options, progress=not args.no_progress)
+        print(f"wrote the tiny decoder's engine {path} (--decoder tiny on --backend tensorrt: --decoder-path {args.out})")
+        return 0
     if args.preset is not None:
         if args.model is None:
             raise ValueError("--preset needs --model FOLDER (the preset's checkpoint beside the Wan2.1 files)")

@@ -47,6 +47,11 @@ significand: 8x coarser than fp16, but fp32's range); onnxruntime's CPU provider
 MatMul, so they are built into engines in the tests but not run here. The umT5 encoder and the VAE
 stay fp32 in every export (umT5 is known to overflow in fp16; the VAE's RMS norm sums squares over
 channels in the input dtype). tests/test_onnx_export.py holds the fp16 tolerance of each graph.
+fp8 graphs (`--precision fp8`) are the fp16 graphs with the GEMM weights of cross_kv and the DiT step
+graphs stored as FP8 E4M3 behind DequantizeLinear (export/quantize.py, weight-only, per-output-channel
+scales; the time embedding and the head stay fp16/fp32); the manifest records what was kept and why.
+TensorRT(-RTX) builds them for compute capability 8.9+ only; onnxruntime's backend does not run them
+(tests/test_fp8_quantize.py checks the Q/DQ graphs on ORT-CPU against torch directly).
 
 Classifier-free guidance: the DiT graphs (and cross_kv) take batch 1 or 2 (a dynamic axis, TensorRT
 profile 1..2), traced at 1 and checked at 2 by the tests. One batch-2 call against two batch-1
@@ -92,7 +97,11 @@ FORMAT = "skyrt-onnx"
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf refuses messages over 2 GiB
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+# fp8 = the fp16 export with the DiT graphs' GEMM weights as FP8 E4M3 + DequantizeLinear (export/quantize.py,
+# weight-only): FP8 is a GEMM-only type in TensorRT(-RTX), so everything else stays as in the fp16 graphs.
+FP8_BASE_PRECISION = "fp16"
+FP8_GRAPHS = ("cross_kv", "dit_window", "dit_window_causal", "dit_step", "dit_step_full")
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 WINDOW_ATTENTION = ("full", "causal", "both")
 
@@ -614,6 +623,23 @@ def export_ort_cpu_step(spec: GraphSpec, out_dir: Path, profile: OnnxProfile, sh
                    "passes, FastGelu replaces nine elementwise ops; TensorRT cannot build contrib ops"}
 
 
+def quantize_entry_fp8(out_dir: Path, entry: dict) -> dict:
+    """Quantize a just-exported graph file in place to FP8 weights (export/quantize.py, weight-only);
+    returns the manifest fields that change: precision, base precision, sha256 and the fp8 summary."""
+    from .quantize import quantize_onnx_fp8
+
+    path = out_dir / entry["file"]
+    report = quantize_onnx_fp8(path, path, mode="weights")
+    files = [entry["file"]] + ([entry["external_data"]] if entry.get("external_data") else [])
+    summary = report.to_dict()
+    return {"precision": "fp8", "base_precision": FP8_BASE_PRECISION,
+            "sha256": {f: sha256_file(out_dir / f) for f in files},
+            "fp8": {"mode": report.mode, "opset": report.opset, "quantized": summary["quantized_count"],
+                    "kept": {w.weight: w.reason for w in report.weights if not w.quantized},
+                    "initializer_bytes_before": report.initializer_bytes_before,
+                    "initializer_bytes_after": report.initializer_bytes_after}}
+
+
 # ----------------------------------------------------------------------------------------------
 # A whole export
 
@@ -664,8 +690,9 @@ def export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     if trace not in TRACES:
         raise ValueError(f"trace={trace!r} is not one of {TRACES}")
+    traced_precision = FP8_BASE_PRECISION if profile.precision == "fp8" else profile.precision
     # a folder loaded here is ours: cast in place (a 1.3B fp32 DiT is 5.7 GB; its copy would double it)
-    graph_dit = cast_dit(dit, profile.precision, in_place=components is None)
+    graph_dit = cast_dit(dit, traced_precision, in_place=components is None)
     del dit
 
     entries = {}
@@ -680,6 +707,8 @@ def export_onnx(
         if name in DIT_STEP_GRAPHS and profile.precision in ORT_CPU_PRECISIONS and ort_cpu:
             entry[ORT_CPU_VARIANT] = export_ort_cpu_step(gspec, out, profile, shapes_only)
         del gspec  # its example inputs (GBs at the real shape when computed)
+        if profile.precision == "fp8" and name in FP8_GRAPHS:
+            entry.update(quantize_entry_fp8(out, entry))
         entry.setdefault("precision", profile.precision)
         entry["shape_config"] = profile.shape_config(name)
         entry["export_seconds"] = round(time.perf_counter() - start, 3)

@@ -50,9 +50,11 @@ def load(model_dir: str | Path | None = None, backend: str = "torch", device: st
         text_cache: a folder where prompt embeddings are kept, so no prompt is ever encoded twice
             (runtime/text_cache.py).
         decoder: which decoder turns latents into pixels: "wan" (the Wan2.1 VAE, default) or "tiny"
-            (TAEHV's taew2_1, several times cheaper, slightly lower quality; torch and onnxruntime backends):
-            its weights are the model folder's taew2_1.safetensors or taew2_1.pth, or `decoder_path` (on
-            onnxruntime also an export folder of it: `skyrt export onnx --tiny-decoder`).
+            (TAEHV's taew2_1, several times cheaper, slightly lower quality; torch, onnxruntime and tensorrt
+            backends): its weights are the model folder's taew2_1.safetensors or taew2_1.pth, or `decoder_path`
+            (on onnxruntime also an export folder of it: `skyrt export onnx --tiny-decoder`; on tensorrt an
+            export folder, whose engine is built on first use, or an engine folder of it: `skyrt export
+            engine --onnx TINY_EXPORT --out DIR`).
         options: passed to the backend (e.g. precision, cache_dir, builder).
     """
     options.update(_decoder_options(backend, decoder, decoder_path))
@@ -77,10 +79,8 @@ def _decoder_options(backend: str, decoder: str, decoder_path) -> dict:
         raise ValueError(f"decoder={decoder!r}: choose 'wan' (the Wan2.1 VAE) or 'tiny' (TAEHV's taew2_1)")
     if decoder == "wan" and decoder_path is None:
         return {}
-    if backend not in ("torch", "onnxruntime"):
-        raise ValueError(f"decoder='tiny' runs on the torch and onnxruntime backends; the {backend} backend decodes "
-                         "with the Wan2.1 VAE engines it built (the tiny step graph builds with TensorRT-RTX, "
-                         "skyrt export onnx --tiny-decoder, but this backend does not run it yet)")
+    if backend not in ("torch", "onnxruntime", "tensorrt"):
+        raise ValueError(f"decoder='tiny' runs on the torch, onnxruntime and tensorrt backends, not {backend!r}")
     return {"decoder": decoder, "decoder_path": None if decoder_path is None else str(decoder_path)}
 
 

@@ -48,9 +48,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a causal Wan2.1 family (--model holds its checkpoint beside the Wan2.1 VAE and umT5 files): "
                         "runs its own sampler and sets its recommended sampling flags (runtime/causal_family.py)")
     p.add_argument("--decoder", default="wan", choices=("wan", "tiny"),
-                   help="wan: the Wan2.1 VAE decodes (default); tiny: TAEHV's taew2_1 (much cheaper, torch backend): "
-                        "the model folder's taew2_1.safetensors / taew2_1.pth, or --decoder-path")
-    p.add_argument("--decoder-path", type=Path, default=None, help="the tiny decoder's weights file (with --decoder tiny)")
+                   help="wan: the Wan2.1 VAE decodes (default); tiny: TAEHV's taew2_1 (much cheaper; torch, onnxruntime "
+                        "and tensorrt backends): the model folder's taew2_1.safetensors / taew2_1.pth, or --decoder-path")
+    p.add_argument("--decoder-path", type=Path, default=None,
+                   help="with --decoder tiny: the tiny decoder's weights file, or an export folder of it (skyrt export "
+                        "onnx --tiny-decoder; on tensorrt also its engine folder: skyrt export engine --onnx THAT)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, command_defaults: dict, exclude: tuple[str, ...] = ()) -> None:

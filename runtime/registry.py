@@ -29,6 +29,7 @@ ENTRIES: dict[str, tuple[str, str]] = {
     "engine:import_builder": ("skyrt.export.engine:import_builder", "tensorrt"),
     "engine:first_use_options": ("skyrt.export.engine:first_use_build_options", "tensorrt"),
     "engine:write_folder": ("skyrt.export.engine:write_engine_folder", "tensorrt"),
+    "engine:write_tiny_decoder_folder": ("skyrt.export.engine:write_tiny_decoder_engine_folder", "tensorrt"),
     # subcommands whose modules the CLI imports only when it builds its parser: `skyrt export` (its
     # module imports torch only when an export runs) and `skyrt fleet` (Ray only when a fleet command runs)
     "cli:export_parser": ("skyrt.export.export_cli:add_parser", "export"),

@@ -105,5 +105,30 @@ class TinyDecoderSource:
         return artifact_cache.publish(target, export, is_tiny_decoder_export)
 
 
-__all__ = ["CACHE", "EXPORT_FORMAT", "EXPORT_MANIFEST", "STARTUP_FRAMES", "STEP_GRAPH", "TINY_DECODER_FILES",
+ENGINE_PREFIX = "tiny-decoder-"
+
+
+def cached_tiny_decoder_engine(tiny_dir: Path, root: Path, options, builder_version: str,
+                               progress: bool = True) -> Path:
+    """The engine folder of a tiny decoder step graph export in the engine cache (runtime/artifact_cache.py),
+    engines/<builder>-<version>/tiny-decoder-<key>, built first when absent; the key hashes the graph file
+    as engine_cache_key does the DiT's (builder, version, targets and options too)."""
+    from . import artifact_cache
+    from .engine_manifest import ENGINE_MANIFEST_SUFFIX, file_sha256
+    from .registry import resolve
+
+    graph = Path(tiny_dir) / read_tiny_export(tiny_dir)["graph"]["file"]
+    graph_hashes = {"graphs": {STEP_GRAPH: {"sha256": {graph.name: file_sha256(graph)}}}}
+    key = artifact_cache.engine_cache_key(graph_hashes, options, builder_version)
+    target = Path(root) / artifact_cache.ENGINE_CACHE / f"{options.builder}-{builder_version}" / f"{ENGINE_PREFIX}{key}"
+    build = resolve("engine:write_tiny_decoder_folder")
+
+    def make(staging: Path) -> None:
+        build(Path(tiny_dir), staging, options, progress=progress, final_dir=target)
+
+    built = lambda path: (path / f"{STEP_GRAPH}{ENGINE_MANIFEST_SUFFIX}").is_file()  # noqa: E731
+    return artifact_cache.publish(target, make, built)
+
+
+__all__ = ["CACHE", "ENGINE_PREFIX", "cached_tiny_decoder_engine", "EXPORT_FORMAT", "EXPORT_MANIFEST", "STARTUP_FRAMES", "STEP_GRAPH", "TINY_DECODER_FILES",
            "TinyDecoderSource", "find_tiny_decoder_file", "is_tiny_decoder_export", "read_tiny_export"]

@@ -187,9 +187,12 @@ class _Stream:
     handle = 0
 
 
-def trt_backend_on_host(engine_dir, onnx_dir, monkeypatch) -> tb.TensorRTBackend:
-    """The TensorRTBackend of `engine_dir` whose GPU is host memory and whose engines are stand-ins."""
+def trt_backend_on_host(engine_dir, onnx_dir, monkeypatch, **options) -> tb.TensorRTBackend:
+    """The TensorRTBackend of `engine_dir` whose GPU is host memory and whose engines are stand-ins
+    (options: the backend's, e.g. decoder="tiny")."""
     import onnxruntime as ort
+
+    from skyrt.runtime.tiny_decoder import STEP_GRAPH, read_tiny_export
 
     manifest = ob.read_manifest(onnx_dir)
 
@@ -199,13 +202,16 @@ def trt_backend_on_host(engine_dir, onnx_dir, monkeypatch) -> tb.TensorRTBackend
 
     def load_engine(self, graph):
         self._open_gpu()
-        path = onnx_dir / manifest["graphs"][graph.name]["file"]  # the graph the engine was built from
+        if graph.name == STEP_GRAPH:  # the tiny decoder's engine: built from its own export folder
+            path = self._tiny.folder_for(*read_tiny_export(graph.folder)["latent"]) / graph.entry["file"]
+        else:
+            path = onnx_dir / manifest["graphs"][graph.name]["file"]  # the graph the engine was built from
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return tb.TrtEngine(FakeTrt, OrtEngine(session, graph.name), 0, graph.name, "cpu")
 
     monkeypatch.setattr(tb.TensorRTBackend, "_open_gpu", open_gpu)
     monkeypatch.setattr(tb.TensorRTBackend, "_load_engine", load_engine)
-    return tb.TensorRTBackend(tb.engine_folder_spec(engine_dir), cuda_graphs=True)
+    return tb.TensorRTBackend(tb.engine_folder_spec(engine_dir), cuda_graphs=True, **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +346,71 @@ def test_tensorrt_window_mode_runs_the_window_step_graph_on_bound_buffers(engine
     assert engines["dit_window"].context.engine.executions == len(trt_steps)  # one batch-2 call per row
     assert {i.name for i in engines["dit_window"].context.engine.session.get_inputs()}.isdisjoint(
         {"cache_k", "cache_v", "slot_valid"})
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A taew2_1.pth in TAEHV's released layout with the seeded weights of tests/tiny_vae_reference.py."""
+    import json
+
+    import torch
+
+    from tiny_vae_reference import FIXTURE, seeded_state
+
+    info = json.loads(str(np.load(FIXTURE)["info"]))
+    state = seeded_state({k: tuple(s) for k, s in info["keys"].items()})
+    path = tmp_path_factory.mktemp("taehv") / "taew2_1.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    return path
+
+
+def test_tensorrt_tiny_decoder_builds_on_first_use_and_carries_its_memories(engine_dir, onnx_dir, tiny_weights,
+                                                                          tmp_path, monkeypatch):
+    """decoder="tiny" on the TensorRT host logic: the step graph is exported and built (TensorRT-RTX, for
+    real) into the cache at the first frame, then run latent by latent on the stand-in engine with its 9
+    memories carried in the two bound buffer sets: == torch's whole-clip decode of the same weights; a
+    second stream starts from zero memories; nothing is allocated after the first frame; a second backend
+    reuses the cached engine. (The engine itself does not execute here: no GPU.)"""
+    import subprocess
+
+    import torch
+
+    from skyrt.export import engine as engine_module
+    from skyrt.export.tiny_vae import decode_raw, load_tiny_decoder
+    from skyrt.runtime.engine_manifest import EngineManifest, file_sha256
+
+    options = dict(decoder="tiny", decoder_path=tiny_weights, cache_dir=tmp_path, progress=False)
+    backend = trt_backend_on_host(engine_dir, onnx_dir, monkeypatch, **options)
+    mu = np.random.default_rng(0).standard_normal((16, 4, 4, 4)).astype(np.float32)  # raw latents [16, T, h, w]
+    with torch.no_grad():
+        whole = decode_raw(load_tiny_decoder(tiny_weights), torch.from_numpy(mu)[None])[0].numpy()  # [3, 13, 32, 32]
+    decoder = backend.streaming_decoder()
+    chunks = [decoder.decode_next(mu[:, :1])]
+    after_first = _stats()
+    chunks += [decoder.decode_next(mu[:, t:t + 1]) for t in range(1, mu.shape[1])]
+    assert _stats() == after_first  # frames 2..T: no allocation, nothing more alive
+    assert [c.shape[1] for c in chunks] == [1, 4, 4, 4]
+    err = float(np.abs(np.concatenate(chunks, 1) - whole).max())
+    print(f"tiny decoder on the TensorRT host logic vs torch whole clip: {err:.2e}")
+    assert err <= 1e-4
+    decoder.reset()
+    again = np.concatenate([decoder.decode_next(mu[:, t:t + 1]) for t in range(mu.shape[1])], 1)
+    assert np.abs(again - whole).max() <= 1e-4  # zero memories again, not the last stream's
+    (engines,) = backend._tiny_engines.values()
+    manifest = EngineManifest.read(engines / "tiny_decoder_step.engine.json")
+    source = backend._tiny.folder_for(4, 4) / "tiny_decoder_step.onnx"
+    assert manifest.builder == "tensorrt-rtx" and manifest.onnx_sha256 == file_sha256(source)
+    assert (engines / manifest.engine_file).stat().st_size == manifest.engine_bytes > 10_000
+    decoder.close()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("exported or built again")
+
+    monkeypatch.setattr(subprocess, "run", fail)  # the tiny decoder's ONNX export runs in a subprocess
+    monkeypatch.setattr(engine_module, "build_engines", fail)
+    reused = trt_backend_on_host(engine_dir, onnx_dir, monkeypatch, **options).streaming_decoder()
+    assert np.abs(reused.decode_next(mu[:, :1]) - whole[:, :1]).max() <= 1e-4
+    reused.close()
 
 
 def test_onnxruntime_binding_logic_allocates_nothing_after_warmup(onnx_dir, ort_frames, monkeypatch):

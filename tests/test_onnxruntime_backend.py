@@ -194,7 +194,7 @@ def test_window_session_refuses_a_graph_with_other_io(ort_pipe):
     """The exported graph I/O-name check: a window graph with the ring's inputs (an export this runtime
     does not know) is refused, naming the graph, both name lists and the fix."""
     from skyrt.runtime.backends.base import KVStreamSpec
-    from skyrt.runtime.backends.exported_graphs import _Graph
+    from skyrt.runtime.backends.graph_files import GraphFile
 
     backend = ort_pipe.backend
     layers, heads, head_dim = backend.kv_layout()
@@ -202,7 +202,7 @@ def test_window_session_refuses_a_graph_with_other_io(ort_pipe):
                         heads=heads, head_dim=head_dim, fps_class=1, block_causal=False)
     real = backend.dit_graph(spec)
     step = backend._graph("dit_step", **SIZE, block_frames=1, cache_blocks=PROFILE.cache_blocks)
-    foreign = _Graph(real.name, real.folder, {**real.entry, "inputs": step.entry["inputs"]})
+    foreign = GraphFile(real.name, real.folder, {**real.entry, "inputs": step.entry["inputs"]})
     backend.dit_graph = lambda spec: foreign
     try:
         with pytest.raises(ValueError, match=r"dit_window graph's inputs are .*cache_k.*re-export it"):

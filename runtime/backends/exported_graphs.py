@@ -24,7 +24,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,6 +33,8 @@ from ..latents import PATCH_SPATIAL as PATCH, SPATIAL_FACTOR as SPATIAL, TEMPORA
 from ..prompt import clean_prompt
 from ..rope import rope_cos_sin, timestep_sinusoid
 from .. import artifact_cache
+from .bound_decoders import BoundStreamingDecoder, BoundTinyStreamingDecoder
+from .graph_files import NP_DTYPES, GraphFile
 from .base import Backend, KVStepCall, KVStreamSession, KVStreamSpec, ModelSpec, StreamingDecoder, TextContext
 
 MANIFEST = "manifest.json"
@@ -47,9 +48,6 @@ GROUP_GRAPHS = {g: tuple(k for k, v in GROUP_OF.items() if v == g) for g in set(
 # step 2 = dit_step's export formulation plus its ORT-CPU variant (export/onnx_export.py); window 2 =
 # the window graphs traced from the step (CachedStep with no cache) plus their ORT-CPU variants.
 GROUP_REVISION = {"step": 2, "window": 2, "window_causal": 2}
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
-# ORT's CPU provider has no bfloat16 MatMul (it refuses bf16 MatMul nodes): bf16 exports are for TensorRT.
-ORT_CPU_VARIANT = "ort_cpu"  # manifest key of a graph's CPU-provider variant (export/onnx_export.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,41 +103,6 @@ def export_folder_spec(path: str | Path) -> ModelSpec:
     return ModelSpec(path=path, layout="onnx", dit_config=read_manifest(path)["model"]["dit_config"])
 
 
-@dataclass
-class _Graph:
-    """One graph of one export folder."""
-
-    name: str
-    folder: Path
-    entry: dict
-
-    @property
-    def path(self) -> Path:
-        return self.folder / self.entry["file"]
-
-    def path_for(self, provider: str) -> Path:
-        """The file to run on `provider`: a DiT graph's onnxruntime-CPU variant (contrib ops, see
-        export/onnx_export.py ORT_CPU_VARIANT) on the CPU provider when the export has one, else the
-        graph itself (what TensorRT builds)."""
-        variant = self.entry.get(ORT_CPU_VARIANT)
-        if variant is not None and provider in variant.get("providers", ()):
-            return self.folder / variant["file"]
-        return self.path
-
-    def input_dtype(self, name: str):
-        for spec in self.entry["inputs"]:
-            if spec["name"] == name:
-                return _NP_DTYPES[spec["dtype"]]
-        raise KeyError(f"{self.name} has no input {name!r}")
-
-    def input_shape(self, name: str) -> list:
-        return next(s["shape"] for s in self.entry["inputs"] if s["name"] == name)
-
-    def matches(self, needs: dict) -> bool:
-        static = self.entry.get("shape_config", {})  # the static shapes the graph was exported for
-        return all(static.get(k) == v for k, v in needs.items())
-
-
 # ----------------------------------------------------------------------------------------------
 # The shared backend
 
@@ -148,8 +111,8 @@ class ExportedGraphBackend(Backend):
     """Text encoder, VAE and the DiT stream session (every mode) of an exported-graph backend.
 
     A subclass sets (in __init__) source, precision, export_options, progress, cache_root and
-    model_hash (model folders), _folders, _manifests, _tokenizer, then calls _read_dit_layout, and
-    implements _add_folder, _run, _run_bound and streaming_decoder."""
+    model_hash (model folders), _folders, _manifests, _tokenizer, then calls _read_dit_layout and
+    _choose_decoder, and implements _add_folder, _run and _run_bound."""
 
     # ---- what a subclass implements ------------------------------------------------------------
     @abc.abstractmethod
@@ -158,12 +121,12 @@ class ExportedGraphBackend(Backend):
         backend cannot run."""
 
     @abc.abstractmethod
-    def _run(self, graph: "_Graph", feeds: dict) -> list:
+    def _run(self, graph: "GraphFile", feeds: dict) -> list:
         """Run a graph on host arrays (or values this backend keeps on its device); outputs in
         manifest order as host numpy arrays."""
 
     @abc.abstractmethod
-    def _run_bound(self, graph: "_Graph", inputs: Mapping[str, Any], outputs: Mapping[str, Any], cache: dict,
+    def _run_bound(self, graph: "GraphFile", inputs: Mapping[str, Any], outputs: Mapping[str, Any], cache: dict,
                    key: tuple) -> None:
         """Run a graph reading `inputs` and writing `outputs` (skyrt._core.Buffers, by address; shapes
         as given). `cache` is the calling session's, for what may be prepared once per `key` and
@@ -180,6 +143,32 @@ class ExportedGraphBackend(Backend):
     def synchronize(self) -> None:
         """Wait until the core's work is done before another stream reads it (a no-op on one stream)."""
 
+    # ---- the decoder: the Wan2.1 VAE graphs, or the tiny decoder's step graph ---------------------
+    _tiny = None  # a TinyDecoderSource when decoder="tiny"
+
+    def _choose_decoder(self, decoder: str, decoder_path, model_folder, cache_dir, progress: bool) -> None:
+        """decoder: "wan" (the exported Wan2.1 VAE graphs) or "tiny" (TAEHV's taew2_1 step graph,
+        runtime/backends/bound_decoders.py): decoder_path is its weights file (exported on first use) or an
+        export folder of it, else the model folder's taew2_1 file. Encoding stays the Wan2.1 VAE's."""
+        if decoder == "tiny":
+            from ..tiny_decoder import TinyDecoderSource
+
+            self._tiny = TinyDecoderSource(decoder_path, model_folder, cache_dir, progress)
+        elif decoder != "wan" or decoder_path is not None:
+            raise ValueError(f"decoder={decoder!r}, decoder_path={decoder_path!r}: decoder_path needs decoder='tiny'")
+
+    def tiny_decoder_folder(self, latent_h: int, latent_w: int) -> Path:
+        """The folder of the tiny decoder's step graph for latents h x w (its tiny_decoder.json names the
+        graph and its I/O): here the ONNX export; a backend that runs something else (engines) overrides."""
+        return self._tiny.folder_for(latent_h, latent_w)
+
+    def streaming_decoder(self) -> StreamingDecoder:
+        """A fresh streaming decoder on bound buffers: the tiny decoder's, or the Wan2.1 VAE's."""
+        if self._tiny is not None:
+
+            return BoundTinyStreamingDecoder(self, self._tiny)
+        return BoundStreamingDecoder(self)
+
     def _read_dit_layout(self, cfg: dict) -> None:
         """What the host side needs from the DiT config (official config.json names)."""
         self.num_layers, self.num_heads = int(cfg["num_layers"]), int(cfg["num_heads"])
@@ -188,16 +177,16 @@ class ExportedGraphBackend(Backend):
         self.rope_max_positions = int(cfg.get("rope_max_positions", 1024))
 
     # ---- graphs and sessions ------------------------------------------------------------------
-    def _find(self, name: str, needs: dict) -> _Graph | None:
+    def _find(self, name: str, needs: dict) -> GraphFile | None:
         for folder in self._folders:
             entry = self._manifests[folder]["graphs"].get(name)
             if entry is not None:
-                graph = _Graph(name, folder, entry)
+                graph = GraphFile(name, folder, entry)
                 if graph.matches(needs):
                     return graph
         return None
 
-    def _graph(self, name: str, **needs) -> _Graph:
+    def _graph(self, name: str, **needs) -> GraphFile:
         """The graph `name` exported for the static shapes `needs` (exporting it first from a model folder)."""
         graph = self._find(name, needs)
         if graph is None and self.source is not None:
@@ -240,7 +229,7 @@ class ExportedGraphBackend(Backend):
         self.model_hash = artifact_cache.model_hash(path, self.cache_root)
 
     # ---- text ---------------------------------------------------------------------------------
-    def _text_graph(self) -> _Graph:
+    def _text_graph(self) -> GraphFile:
         return self._graph("text_encoder")
 
     def text_encoder_hash(self) -> str:
@@ -274,10 +263,10 @@ class ExportedGraphBackend(Backend):
     # Caches travel by name (cache_00 in, new_cache_00 out): a first-step graph may lack some cache
     # inputs (the first encoder chunk never reads the temporal downsampler's cache, and the exporter
     # drops inputs that nothing reads), so positions differ between the first and later graphs.
-    def _zero_caches(self, graph: _Graph) -> dict[str, np.ndarray]:
-        return {s["name"]: np.zeros(s["shape"], _NP_DTYPES[s["dtype"]]) for s in graph.entry["inputs"][1:]}
+    def _zero_caches(self, graph: GraphFile) -> dict[str, np.ndarray]:
+        return {s["name"]: np.zeros(s["shape"], NP_DTYPES[s["dtype"]]) for s in graph.entry["inputs"][1:]}
 
-    def _vae_call(self, graph: _Graph, name: str, x: np.ndarray, caches: dict[str, np.ndarray]):
+    def _vae_call(self, graph: GraphFile, name: str, x: np.ndarray, caches: dict[str, np.ndarray]):
         """(pixels or mu, caches for the next step) of one VAE graph call."""
         feeds = {name: np.ascontiguousarray(x, dtype=np.float32)}
         feeds.update({s["name"]: caches[s["name"]] for s in graph.entry["inputs"][1:]})
@@ -308,7 +297,7 @@ class ExportedGraphBackend(Backend):
     def open_kv_stream(self, spec: KVStreamSpec) -> KVStreamSession:
         return GraphKVStreamSession(self, spec)
 
-    def dit_graph(self, spec: KVStreamSpec) -> _Graph:
+    def dit_graph(self, spec: KVStreamSpec) -> GraphFile:
         """The DiT step graph of a stream: dit_step against a ring of spec.slots, or with no cache
         (spec.slots == 0, window mode) dit_window / dit_window_causal, the same step without cache inputs."""
         h, w = spec.latent_size
@@ -333,7 +322,7 @@ def graph_io_shape(spec: dict, sizes: Mapping[str, int]) -> list[int]:
         raise ValueError(f"{spec['name']}: no size for its axis {err} (have {dict(sizes)})") from None
 
 
-def _io_spec(graph: "_Graph", name: str, kind: str) -> dict:
+def _io_spec(graph: "GraphFile", name: str, kind: str) -> dict:
     for spec in graph.entry[kind]:
         if spec["name"] == name:
             return spec
@@ -362,7 +351,7 @@ class GraphKVStreamSession(KVStreamSession):
         h, w = spec.latent_size
         self.cached = spec.slots > 0  # False: window mode, a step with no cached context
         self.step_graph = backend.dit_graph(spec)
-        self._full_graph: _Graph | None = None  # dit_step_full, at the first call that needs it
+        self._full_graph: GraphFile | None = None  # dit_step_full, at the first call that needs it
         self.cross_graph = backend._graph("cross_kv")
         self.device, self.stream = backend.memory_device(), backend.stream_handle()
         if self.cached:
@@ -443,7 +432,7 @@ class GraphKVStreamSession(KVStreamSession):
                                 self._bindings, ("cross_kv",))
 
     # ---- one DiT step --------------------------------------------------------------------------
-    def _graph_for(self, call: KVStepCall) -> _Graph:
+    def _graph_for(self, call: KVStepCall) -> GraphFile:
         """The step graph of a call: dit_step (block-causal in the stream's blocks, baked in), or
         dit_step_full (full attention among the call's frames: LongLive's recache chunk, Rolling-Forcing's
         window), looked up (exported from a model folder) at its first use."""
@@ -512,120 +501,3 @@ class GraphKVStreamSession(KVStreamSession):
             buffer.close()
         self.buffers = {}
         super().close()
-
-
-# ----------------------------------------------------------------------------------------------
-# The streaming VAE decoder on bound buffers
-
-
-class BoundStreamingDecoder(StreamingDecoder):
-    """vae_decode_first, then vae_decode_step, one latent frame per call, with the causal-conv caches
-    kept in two sets of buffers on the backend's memory device (each call reads one set and writes
-    the other). Allocated at the first frame of a size (z [1, 16, 1, h, w], pixels, both cache sets),
-    then per frame only the latent frame goes up and the decoded pixels come down."""
-
-    def __init__(self, backend: ExportedGraphBackend):
-        self.backend = backend
-        self._size: tuple[int, int] | None = None
-        self._buffers: dict[str, Any] = {}
-        self._sets: list[dict[str, Any]] = []
-        self._bindings: dict = {}
-        self.reset()
-
-    def reset(self) -> None:
-        self._first, self._current = True, 0  # the first graph starts from zero caches (zeroed then)
-
-    def decode_next(self, mu_frame: np.ndarray) -> np.ndarray:
-        """Raw latent frame [16, 1, h, w] -> pixels [3, 1 (first) or 4, H, W] in [-1, 1]."""
-        from skyrt import _core
-
-        _, _, h, w = mu_frame.shape
-        if self._size != (h, w):
-            self._prepare(h, w)
-        stream = self.backend.stream_handle()
-        graph = self._first_graph if self._first else self._step_graph
-        read, write = self._sets[self._current], self._sets[1 - self._current]
-        if self._first:
-            for buffer in read.values():
-                _core.fill_zero(buffer, stream)
-        _core.upload(self._buffers["z"], np.ascontiguousarray(mu_frame, np.float32), stream)
-        inputs = {"z": self._buffers["z"]}
-        inputs.update({s["name"]: read[s["name"]] for s in graph.entry["inputs"][1:]})
-        pixels_spec = graph.entry["outputs"][0]
-        pixels = self._buffers["pixels"].slice(pixels_spec["shape"], 0)
-        outputs = {pixels_spec["name"]: pixels}
-        outputs.update({s["name"]: write[s["name"][len("new_"):]] for s in graph.entry["outputs"][1:]})
-        self.backend.synchronize()
-        self.backend._run_bound(graph, inputs, outputs, self._bindings, (graph.name, self._current))
-        out = np.empty(pixels_spec["shape"], np.float32)
-        _core.download(pixels, out, stream)
-        self._first, self._current = False, 1 - self._current
-        return out[0]
-
-    def export_state(self) -> dict[str, np.ndarray]:
-        """The causal-conv caches the next frame reads, downloaded ({} before the first frame)."""
-        from skyrt import _core
-
-        if self._first or self._size is None:
-            return {}
-        stream = self.backend.stream_handle()
-        self.backend.synchronize()
-        out = {"size": np.asarray(self._size, np.int64)}
-        for name, buffer in self._sets[self._current].items():
-            host = np.empty(buffer.shape, np.float32)
-            _core.download(buffer, host, stream)
-            out[f"cache/{name}"] = host
-        return out
-
-    def import_state(self, arrays: dict[str, np.ndarray]) -> None:
-        """Continue from export_state's caches ({}: the next frame is the first)."""
-        from skyrt import _core
-
-        if not arrays:
-            self.reset()
-            return
-        h, w = (int(v) for v in arrays["size"])
-        if self._size != (h, w):
-            self._prepare(h, w)
-        target = self._sets[0]
-        given = {k[len("cache/"):] for k in arrays if k.startswith("cache/")}
-        if given != set(target):
-            raise ValueError(f"the saved decoder has caches {sorted(given)[:3]}..., this one {sorted(target)[:3]}...")
-        stream = self.backend.stream_handle()
-        for name, buffer in target.items():
-            host = np.ascontiguousarray(arrays[f"cache/{name}"], np.float32)
-            if tuple(host.shape) != tuple(buffer.shape):
-                raise ValueError(f"decoder cache {name} is {host.shape}, this decoder's {tuple(buffer.shape)}")
-            _core.upload(buffer, host, stream)
-        self._first, self._current = False, 0
-
-    def _prepare(self, h: int, w: int) -> None:
-        """Buffers for latent frames of h x w: the graphs' static shapes, once per size."""
-        from skyrt import _core
-
-        self.close()
-        size = dict(height=h * SPATIAL, width=w * SPATIAL)
-        self._first_graph = self.backend._graph("vae_decode_first", **size)
-        self._step_graph = self.backend._graph("vae_decode_step", **size)
-        device, stream = self.backend.memory_device(), self.backend.stream_handle()
-        alloc = lambda shape: _core.Buffer.allocate(list(shape), "float32", device, True, stream)  # noqa: E731
-        caches = {}
-        for graph in (self._first_graph, self._step_graph):
-            for spec in graph.entry["inputs"][1:]:
-                caches[spec["name"]] = spec["shape"]
-        self._sets = [{name: alloc(shape) for name, shape in caches.items()} for _ in range(2)]
-        pixel_elems = max(int(np.prod(g.entry["outputs"][0]["shape"])) for g in (self._first_graph, self._step_graph))
-        self._buffers = {"z": alloc(self._first_graph.entry["inputs"][0]["shape"]), "pixels": alloc([pixel_elems])}
-        self._size = (h, w)
-        self.reset()
-
-    def close(self) -> None:
-        """Release the buffers and bindings now (a later frame allocates them again)."""
-        bindings, self._bindings = self._bindings, {}
-        for value in bindings.values():
-            closer = getattr(value, "close", None)
-            if closer is not None:
-                closer()
-        for buffer in [*self._buffers.values(), *(b for s in self._sets for b in s.values())]:
-            buffer.close()
-        self._buffers, self._sets, self._size = {}, [], None

@@ -36,9 +36,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..rope import rope_cos_sin, timestep_sinusoid
-from .base import ModelSpec, StreamingDecoder
-from .exported_graphs import (BoundStreamingDecoder, ExportedGraphBackend, PromptTokenizer, _Graph,
-                              clean_prompt, export_folder_spec, is_export_folder, read_manifest)
+from .base import ModelSpec
+from .bound_decoders import BoundStreamingDecoder
+from .exported_graphs import (ExportedGraphBackend, PromptTokenizer, clean_prompt, export_folder_spec,
+                              is_export_folder, read_manifest)
+from .graph_files import GraphFile
 
 # ORT's CPU provider has no bfloat16 MatMul (it refuses bf16 MatMul nodes): bf16 exports are for TensorRT.
 ORT_PRECISIONS = ("fp32", "fp16")
@@ -114,9 +116,7 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         thread on the cores (the server's decoder and HTTP threads, a training job), spinning workers
         take their time slices; measured on this 2-core machine under load, the benchmark step took
         1.5-1.9x longer with spinning (benchmarks/backends.py records both).
-        decoder: "wan" (the exported Wan2.1 VAE graphs) or "tiny" (TAEHV's taew2_1 step graph,
-        runtime/backends/tiny_decoder.py): decoder_path is its weights file (exported on first use) or an
-        export folder of it, else the model folder's taew2_1 file. Encoding stays the Wan2.1 VAE's."""
+        decoder, decoder_path: ExportedGraphBackend._choose_decoder ("wan" or "tiny")."""
         super().__init__(model)
         import onnxruntime as ort
 
@@ -141,13 +141,7 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
         else:
             self._use_model_folder(Path(model.path), cache_dir)  # export on demand into the cache
         self._read_dit_layout(model.dit_config)
-        self._tiny = None
-        if decoder == "tiny":
-            from ..tiny_decoder import TinyDecoderSource
-
-            self._tiny = TinyDecoderSource(decoder_path, model.path, cache_dir, progress)
-        elif decoder != "wan" or decoder_path is not None:
-            raise ValueError(f"decoder={decoder!r}, decoder_path={decoder_path!r}: decoder_path needs decoder='tiny'")
+        self._choose_decoder(decoder, decoder_path, model.path, cache_dir, progress)
 
     def _add_folder(self, folder: Path) -> None:
         if folder not in self._folders:
@@ -159,7 +153,7 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
             self._folders.append(folder)
 
     # ---- graphs and sessions ------------------------------------------------------------------
-    def _session(self, graph: _Graph):
+    def _session(self, graph: GraphFile):
         session = self._sessions.get(graph.path)
         if session is None:
             ort = self._ort
@@ -183,7 +177,7 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
     def _on_gpu(self) -> bool:
         return _provider_name(self.providers[0]) != "CPUExecutionProvider"
 
-    def _run(self, graph: _Graph, feeds: dict) -> list:
+    def _run(self, graph: GraphFile, feeds: dict) -> list:
         """Run a graph on host arrays (text encoder, VAE encoder); outputs in manifest order as numpy
         (a GPU provider copies them in and out)."""
         return self._session(graph).run([o["name"] for o in graph.entry["outputs"]], feeds)
@@ -202,7 +196,7 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
 
             _core.synchronize(self.memory_device(), 0)
 
-    def _run_bound(self, graph: _Graph, inputs: Mapping[str, Any], outputs: Mapping[str, Any], cache: dict,
+    def _run_bound(self, graph: GraphFile, inputs: Mapping[str, Any], outputs: Mapping[str, Any], cache: dict,
                    key: tuple) -> None:
         """I/O binding by address: every Buffer bound where it lies (device_type cpu or cuda), outputs
         written in place; the binding is made once per key and run again while the addresses hold."""
@@ -217,13 +211,6 @@ class OnnxRuntimeBackend(ExportedGraphBackend):
                 binding.bind_output(name, *_ort_place(buf), _ORT_ELEMENT[buf.dtype], list(buf.shape), buf.ptr)
             bound = cache[key] = _Bound(session, binding, addresses)
         bound.session.run_with_iobinding(bound.binding)
-
-    def streaming_decoder(self) -> StreamingDecoder:
-        if self._tiny is not None:
-            from .tiny_decoder import BoundTinyStreamingDecoder
-
-            return BoundTinyStreamingDecoder(self, self._tiny)
-        return BoundStreamingDecoder(self)
 
 
 def _ort_place(buffer) -> tuple[str, int]:

@@ -35,7 +35,9 @@ time sinusoid, RoPE tables, graph lookup, the DiT stream session) and runs each 
   the key is F, never an address: the stream's buffers do not move while it lives, which each replay
   checks, and its graphs go with it;
 - the streaming VAE keeps its causal caches on the GPU (two buffer sets, ping-pong); only decoded
-  frames come back to the host.
+  frames come back to the host. decoder="tiny" does the same with TAEHV's step graph and its per-frame
+  memories (backends/bound_decoders.py); its engine is built on first use from its ONNX export
+  (tiny_decoder_folder), so `--backend tensorrt --decoder tiny` needs only the taew2_1 weights file.
 Engines built by TensorRT-RTX run through the `tensorrt_rtx` module, others through `tensorrt`.
 
 NOT EXECUTED in skyrt's CI (no GPU there): everything up to opening the GPU is tested
@@ -53,15 +55,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .. import artifact_cache
+from .. import artifact_cache, tiny_decoder
 from ..engine_manifest import (ENGINE_MANIFEST_SUFFIX, ONNX_MANIFEST_COPY, EngineManifest, EngineMismatchError,
                                check_engine, check_engine_size, read_engine_bytes)
 from ..registry import resolve
-from .base import ModelSpec, StreamingDecoder
-from .exported_graphs import (BoundStreamingDecoder, ExportedGraphBackend, _Graph, export_folder_spec,
-                              is_export_folder, read_manifest)
+from .base import ModelSpec
+from .exported_graphs import ExportedGraphBackend, export_folder_spec, is_export_folder, read_manifest
+from .graph_files import GraphFile
 
-TRT_PRECISIONS = ("fp32", "fp16")  # what the host side feeds and reads (numpy has no bfloat16)
+# What the host side feeds and reads (numpy has no bfloat16). fp8 graphs (export/quantize.py) are fp16
+# graphs with FP8 weights behind DequantizeLinear: their inputs and outputs are the fp16 graphs'.
+TRT_PRECISIONS = ("fp32", "fp16", "fp8")
 STEP_GRAPHS = ("dit_step", "dit_step_full")  # the KV-cached steps: one CUDA graph per active frame count
 
 
@@ -231,6 +235,9 @@ class TensorRTBackend(ExportedGraphBackend):
     compute_capabilities: TensorRT-RTX targets of engines built here (default: every RTX
         generation, export/engine.py RTX_COMPUTE_CAPABILITIES).
     cache_dir: the cache root ($SKYRT_CACHE or ~/.cache/skyrt).
+    decoder, decoder_path: "wan" or "tiny" (ExportedGraphBackend._choose_decoder); the tiny decoder's
+        step graph runs as an engine built on first use (tiny_decoder_folder), or from an engine folder of
+        it given as decoder_path (skyrt export engine --onnx TINY_EXPORT --out DIR).
     """
 
     name = "tensorrt"
@@ -238,7 +245,8 @@ class TensorRTBackend(ExportedGraphBackend):
     def __init__(self, model: ModelSpec, device: str = "cuda", cuda_graphs: bool = False, builder: str = "auto",
                  precision: str = "fp16", compute_capabilities: Sequence[str] | None = None,
                  optimization_level: int = 3, cache_dir: str | Path | None = None,
-                 export_options: dict | None = None, progress: bool = True):
+                 export_options: dict | None = None, progress: bool = True, decoder: str = "wan",
+                 decoder_path: str | Path | None = None):
         super().__init__(model)
         if precision not in TRT_PRECISIONS:
             raise ValueError(f"precision={precision!r}: the TensorRT backend runs {' or '.join(TRT_PRECISIONS)} "
@@ -267,6 +275,8 @@ class TensorRTBackend(ExportedGraphBackend):
             else:
                 self._use_model_folder(path, cache_dir)  # a model folder: export + build group by group
         self._read_dit_layout(model.dit_config)
+        self._tiny_engines: dict[Path, Path] = {}  # tiny decoder export folder -> its engine folder
+        self._choose_decoder(decoder, decoder_path, path, cache_dir, progress)
         if self._folders:
             self._open_gpu()  # engines to load: without a GPU, fail here rather than at the first prompt
 
@@ -354,13 +364,13 @@ class TensorRTBackend(ExportedGraphBackend):
         self._open_gpu()
         return self.stream.handle
 
-    def _session(self, graph: _Graph) -> TrtEngine:
+    def _session(self, graph: GraphFile) -> TrtEngine:
         engine = self._sessions.get(graph.path)
         if engine is None:
             engine = self._sessions[graph.path] = self._load_engine(graph)
         return engine
 
-    def _load_engine(self, graph: _Graph) -> TrtEngine:
+    def _load_engine(self, graph: GraphFile) -> TrtEngine:
         manifest = self._engine_manifests[graph.folder].get(graph.name)
         if manifest is None:
             raise FileNotFoundError(f"{graph.folder} has no engine for {graph.name}: build it with skyrt export "
@@ -370,12 +380,12 @@ class TensorRTBackend(ExportedGraphBackend):
         return TrtEngine.deserialize(self.trt, self._runtime, read_engine_bytes(manifest, path), path,
                                      self.stream_handle(), self.memory_device())
 
-    def _run(self, graph: _Graph, feeds: dict) -> list:
+    def _run(self, graph: GraphFile, feeds: dict) -> list:
         engine = self._session(graph)
         by_name = dict(zip(engine.outputs, engine.run(feeds)))
         return [by_name[o["name"]] for o in graph.entry["outputs"]]  # manifest order, as onnxruntime gives
 
-    def _run_bound(self, graph: _Graph, inputs: Mapping[str, Any], outputs: Mapping[str, Any], cache: dict,
+    def _run_bound(self, graph: GraphFile, inputs: Mapping[str, Any], outputs: Mapping[str, Any], cache: dict,
                    key: tuple) -> None:
         """The engine on Buffers by address; the KV-cached step through a CUDA graph per key (one per
         active frame count) when cuda_graphs is on, captured at the key's first call."""
@@ -397,8 +407,28 @@ class TensorRTBackend(ExportedGraphBackend):
             raise RuntimeError(f"{graph.name}: the buffers of step {key} moved since its CUDA graph was captured")
         captured.graph.replay()
 
-    def streaming_decoder(self) -> StreamingDecoder:
-        return BoundStreamingDecoder(self)
+    def tiny_decoder_folder(self, latent_h: int, latent_w: int) -> Path:
+        """The engine folder of the tiny decoder's step graph for latents h x w: decoder_path's when it is
+        an engine folder of it, else built on first use from its ONNX export (itself exported on first
+        use) into the engine cache (tiny_decoder.cached_tiny_decoder_engine); its manifest is checked
+        against this TensorRT and GPU like every engine's before it loads."""
+        folder = self._tiny.folder_for(latent_h, latent_w)
+        engines = self._tiny_engines.get(folder)
+        if engines is not None:
+            return engines
+        engines = folder
+        if not (folder / f"{tiny_decoder.STEP_GRAPH}{ENGINE_MANIFEST_SUFFIX}").is_file():
+            options = self.build_options
+            if options is None:  # an engine folder was given: build the decoder as its engines' builder would
+                options, _ = artifact_cache.engine_build_options(self.builder, self.cache_root)
+            engines = tiny_decoder.cached_tiny_decoder_engine(folder, self.cache_root, options, self.trt.__version__,
+                                                              progress=self.progress)
+        manifest = EngineManifest.read(engines / f"{tiny_decoder.STEP_GRAPH}{ENGINE_MANIFEST_SUFFIX}")
+        self._check(manifest)
+        check_engine_size(manifest, engines / manifest.engine_file)
+        self._engine_manifests[engines] = {manifest.name: manifest}
+        self._tiny_engines[folder] = engines
+        return engines
 
 
 @dataclass
