@@ -155,6 +155,42 @@ class DriftMonitor:
             self._recent.clear()
             self._cooldown = self.thresholds.cooldown_chunks
 
+    # ------------------------------------------------------------------ snapshots
+    def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(state, arrays) of the monitor for a stream snapshot (runtime/snapshot.py): its counters, the
+        reference chunks (or figures), the smoothed recent chunks and the last frame, so a resumed stream
+        reads the same signals and re-anchors at the same chunks as the uninterrupted one."""
+        with self._lock:
+            state = {"policy": self.policy, "thresholds": asdict(self.thresholds), "chunks": self.chunks,
+                     "signals": dict(self.signals), "crossings": dict(self.crossings),
+                     "drifted_chunks": self.drifted_chunks, "reanchors": self.reanchors, "cooldown": self._cooldown,
+                     "reference": len(self._reference), "recent": len(self._recent)}
+            arrays = {}
+            for kind, chunks in (("reference", self._reference), ("recent", list(self._recent))):
+                for i, c in enumerate(chunks):
+                    arrays.update(_chunk_arrays(f"{kind}/{i}", c))
+            if self._last_frame is not None:
+                arrays["last_frame"] = self._last_frame
+            return state, arrays
+
+    def import_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Continue from export_state's figures. A monitor of other thresholds or policy refuses: its
+        signals would not mean what the saved ones did."""
+        if state["policy"] != self.policy or state["thresholds"] != asdict(self.thresholds):
+            raise ValueError(f"the snapshot's drift monitor ran reanchor={state['policy']!r} with thresholds "
+                             f"{state['thresholds']}; this stream's is reanchor={self.policy!r} with "
+                             f"{asdict(self.thresholds)}: resume with the same settings or start fresh")
+        with self._lock:
+            self._reference = [_chunk_from(arrays, f"reference/{i}") for i in range(state["reference"])]
+            self._ref = (_reference_figures(self._reference)
+                         if len(self._reference) == self.thresholds.reference_chunks else None)
+            self._recent = deque((_chunk_from(arrays, f"recent/{i}") for i in range(state["recent"])),
+                                 maxlen=self.thresholds.smooth_chunks)
+            self._last_frame = arrays.get("last_frame")
+            self.chunks, self.signals = int(state["chunks"]), dict(state["signals"])
+            self.crossings, self.drifted_chunks = dict(state["crossings"]), int(state["drifted_chunks"])
+            self.reanchors, self._cooldown = int(state["reanchors"]), int(state["cooldown"])
+
     # ------------------------------------------------------------------ reading
     def status(self) -> dict:
         """JSON-safe figures: signals now, thresholds, crossings, re-anchors."""
@@ -166,6 +202,22 @@ class DriftMonitor:
                     "over_threshold": {s: bool(v is not None and v > th.of(s)) for s, v in self.signals.items()},
                     "crossings": dict(self.crossings), "drifted_chunks": self.drifted_chunks,
                     "reanchors": self.reanchors, "settings": {k: v for k, v in asdict(th).items() if k not in SIGNALS}}
+
+
+def _chunk_arrays(prefix: str, c: ChunkStats) -> dict[str, np.ndarray]:
+    """One chunk's statistics as named arrays (a frame figure left out when the chunk had no frames)."""
+    out = {f"{prefix}/latent_mean": c.latent_mean, f"{prefix}/latent_std": c.latent_std}
+    if c.mean_rgb is not None:
+        out[f"{prefix}/mean_rgb"] = c.mean_rgb
+    if c.frame_change is not None:
+        out[f"{prefix}/frame_change"] = np.asarray(c.frame_change, np.float64)
+    return out
+
+
+def _chunk_from(arrays: dict[str, np.ndarray], prefix: str) -> ChunkStats:
+    change = arrays.get(f"{prefix}/frame_change")
+    return ChunkStats(arrays[f"{prefix}/latent_mean"], arrays[f"{prefix}/latent_std"], arrays.get(f"{prefix}/mean_rgb"),
+                      None if change is None else float(change))
 
 
 def _reference_figures(chunks: list[ChunkStats]) -> dict:

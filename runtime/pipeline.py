@@ -351,38 +351,53 @@ class Pipeline:
         decoder = self.backend.streaming_decoder()
         rollout = self._kv_rollout(req, cond, None, None)
         try:
-            position = {"blocks": 0}
+            # blocks yielded; whether the monitor asked to re-anchor after the last one (done when the
+            # generator resumes, so a snapshot taken while it is suspended must carry it)
+            position = {"blocks": 0, "reanchor_pending": False}
             if resume is not None:
-                position["blocks"] = self._resume_stream(req, rollout, decoder, control, resume)
+                position["blocks"] = self._resume_stream(req, rollout, decoder, monitor, control, resume)
+                if resume.state.get("reanchor_pending"):
+                    self._between_blocks(req, rollout, monitor, control, reanchor=True)
             # Between blocks (where the generator is suspended) the whole stream state is consistent.
-            control.exporter = lambda: self._export_stream(rollout, decoder, control, position["blocks"])
+            control.exporter = lambda: self._export_stream(rollout, decoder, monitor, control, position)
             for block in rollout.blocks():
                 position["blocks"] += 1
                 frames = None if req.output == "latent" else to_uint8_frames(self._decode_stream(decoder, block))
-                reanchor = monitor.observe(block, frames)
+                position["reanchor_pending"] = monitor.observe(block, frames)
                 yield block if frames is None else frames
-                switch = control.take()  # the generator resumes here: between blocks, before the next row
-                if switch is not None:
-                    rollout.set_prompt(*self._encode_prompts(req, switch), recache=switch.recache)
-                elif reanchor:  # a switch's recache already re-anchors under the new prompt
-                    rollout.recache()
-                if reanchor:
-                    monitor.reanchored()
+                # the generator resumes here: between blocks, before the next row
+                self._between_blocks(req, rollout, monitor, control, position["reanchor_pending"])
+                position["reanchor_pending"] = False
         finally:  # close() of the stream (or an error) releases the core's and the backend's buffers at once
             control.exporter = None
             rollout.close()
             decoder.close()
 
+    def _between_blocks(self, req, rollout, monitor: DriftMonitor, control: "StreamControl", reanchor: bool) -> None:
+        """After a block: a prompt switch asked for meanwhile, else the monitor's re-anchor (a switch's
+        recache already re-anchors under the new prompt)."""
+        switch = control.take()
+        if switch is not None:
+            rollout.set_prompt(*self._encode_prompts(req, switch), recache=switch.recache)
+        elif reanchor:
+            rollout.recache()
+        if reanchor:
+            monitor.reanchored()
+
     @staticmethod
-    def _export_stream(rollout, decoder, control: "StreamControl", blocks: int) -> tuple[dict, dict]:
+    def _export_stream(rollout, decoder, monitor: DriftMonitor, control: "StreamControl",
+                       position: dict) -> tuple[dict, dict]:
         """(state, arrays) of a kvcache stream between blocks (runtime/snapshot.py writes them)."""
         state, arrays = rollout.export_state()
         decoder_arrays = decoder.export_state()
         arrays.update({f"decoder/{k}": v for k, v in decoder_arrays.items()})
-        state.update(blocks=blocks, prompt=control.prompt, negative_prompt=control.negative_prompt)
+        drift_state, drift_arrays = monitor.export_state()
+        arrays.update({f"drift/{k}": v for k, v in drift_arrays.items()})
+        state.update(blocks=position["blocks"], reanchor_pending=position["reanchor_pending"], prompt=control.prompt,
+                     negative_prompt=control.negative_prompt, drift=drift_state)
         return state, arrays
 
-    def _resume_stream(self, req, rollout, decoder, control: "StreamControl", snapshot) -> int:
+    def _resume_stream(self, req, rollout, decoder, monitor: DriftMonitor, control: "StreamControl", snapshot) -> int:
         """Put a snapshot's state into a fresh stream (runtime/snapshot.py checked the file); returns the
         blocks the saved stream had yielded. The prompt contexts are encoded again and must equal the
         saved ones: a text encoder that gives other contexts is a refusal, not a silently other stream."""
@@ -398,6 +413,9 @@ class Pipeline:
                                  "this text encoder gives: another encoder or model; start fresh")
         rollout.import_state(state, arrays, contexts)
         decoder.import_state({k[len("decoder/"):]: v for k, v in arrays.items() if k.startswith("decoder/")})
+        if "drift" in state:  # snapshots written before the monitor was saved resume with a fresh one
+            monitor.import_state(state["drift"], {k[len("drift/"):]: v for k, v in arrays.items()
+                                                  if k.startswith("drift/")})
         control.prompt, control.negative_prompt = state["prompt"], state["negative_prompt"]
         if (req.prompt, req.negative_prompt) != (state["prompt"], state["negative_prompt"]):
             # The prompt asked for now (a server's control state saved after the snapshot) takes over at the

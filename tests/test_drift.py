@@ -119,6 +119,41 @@ def test_the_policy_acts_once_per_excursion_and_off_never_acts():
     assert acting.status()["reanchors"] == len(asked)
 
 
+@pytest.mark.parametrize("cut", [3, 14, 25])  # before the reference is in, while smoothing, in a cooldown
+def test_a_monitor_continues_from_its_exported_state_as_if_never_stopped(cut):
+    """export_state -> (through JSON and float32 arrays, as a snapshot stores it) -> import_state on a fresh
+    monitor: the rest of the stream gets the same answers and ends with the same status."""
+    import json
+
+    thresholds = DriftThresholds(cooldown_chunks=5)
+    whole = DriftMonitor(thresholds, "recache")
+    want = _answers_with_reanchors(whole, range(40))
+    first = DriftMonitor(thresholds, "recache")
+    got = _answers_with_reanchors(first, range(cut))
+    state, arrays = first.export_state()
+    state = json.loads(json.dumps(state))
+    resumed = DriftMonitor(thresholds, "recache")
+    resumed.import_state(state, {k: np.array(v) for k, v in arrays.items()})
+    got += _answers_with_reanchors(resumed, range(cut, 40))
+    assert got == want and any(want)
+    assert resumed.status() == whole.status()
+    with pytest.raises(ValueError, match="thresholds"):
+        DriftMonitor(DriftThresholds(cooldown_chunks=6), "recache").import_state(state, arrays)
+
+
+def _answers_with_reanchors(monitor: DriftMonitor, chunks) -> list[bool]:
+    """Chunks k of a stream whose latent channel 3 moves by 4 std from chunk 12 on; re-anchors when asked."""
+    answers = []
+    for k in chunks:
+        rng = np.random.default_rng(k)  # each chunk its own draw: a resumed run sees the same chunks
+        offset = np.zeros(C, np.float32)
+        offset[3] = 4.0 if k >= 12 else 0.0
+        answers.append(monitor.observe(steady_latents(rng, offset), moving_square(8 * k)))
+        if answers[-1]:
+            monitor.reanchored()
+    return answers
+
+
 @pytest.mark.parametrize("bad", [dict(latent_mean_shift=-1.0), dict(colour_distance=float("nan")),
                                  dict(reference_chunks=0), dict(cooldown_chunks=-1)])
 def test_bad_thresholds_are_refused_by_name(bad):

@@ -51,7 +51,7 @@ def _snapshot_after(pipe, k, tmp_path, overrides, switch_at=None):
             stream.set_prompt("a blue square " * 40, recache=True)
     state, arrays = stream.export_state()
     stream.close()
-    settings = {"case": json.dumps(overrides, sort_keys=True)}
+    settings = {"case": json.dumps(overrides, sort_keys=True, default=repr)}
     path = tmp_path / "stream.npz"
     size = write_snapshot(path, state, arrays, settings, MODEL)
     print(f"snapshot after {k} chunks: {size} bytes, {len(arrays)} arrays")
@@ -80,6 +80,32 @@ def test_resumed_stream_equals_uninterrupted_stream(official_pipeline, tmp_path,
     print(f"{name}: max |resumed - uninterrupted| over {after} blocks = {diff:.3g}")
     assert all(g.shape == w.shape for g, w in zip(got, want[k:]))
     assert diff == 0.0  # the same arithmetic on the same state: bit for bit
+
+
+@pytest.mark.parametrize("k", [3, 5])  # 3: the monitor has just asked to re-anchor; 5: in its cooldown
+def test_resume_keeps_the_drift_monitor_so_reanchors_fall_on_the_same_blocks(official_pipeline, tmp_path, k):
+    """A stream that re-anchors (every signal's threshold 0: once per cooldown) snapshotted after k blocks:
+    the resumed monitor keeps its reference, smoothed chunks and cooldown, and a re-anchor asked for after
+    the last saved block is done on resume, so re-anchors fall on the same blocks and the latents stay the
+    uninterrupted stream's; a fresh monitor would re-read its reference from the resumed blocks."""
+    from skyrt.runtime.drift import SIGNALS, DriftThresholds
+
+    overrides = dict(ar_step=3, reanchor="recache",
+                     drift=DriftThresholds(**{s: 0.0 for s in SIGNALS}, reference_chunks=2, smooth_chunks=1,
+                                           cooldown_chunks=3))
+    uninterrupted = _stream(official_pipeline, **overrides)
+    want = _take(uninterrupted, 11)
+    want_drift = uninterrupted.drift_status()
+    snapshot = _snapshot_after(official_pipeline, k, tmp_path, overrides)
+    drift = snapshot.state["drift"]
+    if k == 3:
+        assert snapshot.state["reanchor_pending"] and drift["reanchors"] == 0
+    else:
+        assert not snapshot.state["reanchor_pending"] and drift["reanchors"] == 1 and drift["cooldown"] > 0
+    resumed = _stream(official_pipeline, resume=snapshot, **overrides)
+    got = _take(resumed, 11 - k)
+    assert resumed.drift_status() == want_drift and want_drift["reanchors"] >= 2
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, want[k:])) == 0.0
 
 
 def test_resume_across_a_rope_rebase(official_pipeline, tmp_path, monkeypatch):
