@@ -472,3 +472,19 @@ def test_the_stand_in_fails_where_a_real_graph_would():
                 StandInGraph(lambda: weights * float(weights.sum()), [])
     finally:
         WATCH = None
+
+
+@pytest.mark.parametrize("window", [dict(ar_step=1, causal_block_size=1)])
+def test_window_mode_on_the_fixed_shape_step_equals_the_default(official_dir, window):
+    """Window mode's step (no ring) with block-causal attention among the window's frames (its mask
+    built once per key) and CFG: the latents of the two steps agree."""
+    settings = dict(height=32, width=32, num_inference_steps=3, shift=8.0, guidance_scale=5.0, num_frames=9,
+                    base_num_frames=5, overlap_history=1, seed=2, output="latent", progress=False, **window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        default = skyrt.load(official_dir).generate("a red circle", negative_prompt="blurry", **settings)
+        fixed = skyrt.load(official_dir, fixed_shapes=True).generate("a red circle", negative_prompt="blurry",
+                                                                     **settings)
+    err = np.abs(fixed - default).max()
+    print(f"window mode {window}: max |fixed - default| = {err:.2e}")
+    assert err <= 1e-5
