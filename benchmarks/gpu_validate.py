@@ -679,9 +679,11 @@ def _preset_stream(backend, height: int, width: int, blocks: int, switch_at: int
 
 
 def run_preset_cuda_graphs(device: str = DEVICE, config=None, height: int = 480, width: int = 832,
-                           small_size: tuple[int, int] = (64, 96)) -> dict:
+                           small_size: tuple[int, int] = (64, 96), stream: dict | None = None,
+                           speed_dtype: str = "bfloat16") -> dict:
     """The preset's stream: default step, fixed-shape eager, fixed-shape with CUDA graphs (module
-    docstring). config/height/width exist so the tests can run the real code path small on a CPU."""
+    docstring). config/height/width/stream/speed_dtype exist so the tests can run the real code path small
+    on a CPU (whose bf16 matmuls are slow)."""
     import torch
 
     from skyrt.runtime.causal_family import PRESETS
@@ -694,7 +696,7 @@ def run_preset_cuda_graphs(device: str = DEVICE, config=None, height: int = 480,
     cuda = device.startswith("cuda")
     ways = {"default": {}, "fixed_eager": {"fixed_shapes": True}, "cuda_graphs": {"cuda_graphs": cuda,
                                                                                   "fixed_shapes": True}}
-    s = GRAPH_STREAM
+    s = {**GRAPH_STREAM, **(stream or {})}
     report: dict = {"preset": GRAPH_PRESET, "stream": s, "cuda_graphs_run": cuda}
 
     def equality() -> dict:  # fp32, small: the arithmetic of the three ways
@@ -713,7 +715,7 @@ def run_preset_cuda_graphs(device: str = DEVICE, config=None, height: int = 480,
         cfg = config or WAN21_1_3B
         out, latents = {}, {}
         for way, options in ways.items():
-            backend = _preset_backend(cfg, device, torch.bfloat16, 0, **options)
+            backend = _preset_backend(cfg, device, getattr(torch, speed_dtype), 0, **options)
             latents[way], seconds, extra = _preset_stream(backend, height, width, s["blocks"], s["switch_at"], 0,
                                                           cfg.text_len)
             steady = [t for i, t in enumerate(seconds) if i >= s["warmup_blocks"] and i != s["switch_at"]]
@@ -731,7 +733,7 @@ def run_preset_cuda_graphs(device: str = DEVICE, config=None, height: int = 480,
         out["graphs_vs_default_fps"] = out["cuda_graphs"]["video_fps"] / out["default"]["video_fps"]
         out["bf16_graphs_vs_eager_max_abs_diff"] = float(np.abs(latents["cuda_graphs"] - latents["fixed_eager"]).max())
         out["bf16_fixed_vs_default_max_abs_diff"] = float(np.abs(latents["fixed_eager"] - latents["default"]).max())
-        out["size"] = [height, width]
+        out["size"], out["dtype"] = [height, width], speed_dtype
         out["passed"] = bool(all(np.isfinite(out[w]["video_fps"]) for w in ways))
         return out
 
@@ -745,9 +747,10 @@ TINY_DECODER = dict(parity_latent=(30, 52), parity_frames=3, timing_latent=(60, 
 TINY_DECODER_ATOL = 1e-3  # fp32 both sides (TF32 off), pixels in [-1, 1]
 
 
-def run_tiny_decoder(device: str = DEVICE, sizes: dict | None = None, seed: int = 0) -> dict:
+def run_tiny_decoder(device: str = DEVICE, sizes: dict | None = None, seed: int = 0,
+                     precisions: tuple[str, ...] = ("fp32", "fp16")) -> dict:
     """TAEHV's tiny decoder, random weights: GPU vs CPU on the same latents, and streaming ms per latent
-    frame on the GPU in fp32 and fp16 (module docstring). sizes: TINY_DECODER's keys, for the tests."""
+    frame on the GPU in `precisions` (module docstring). sizes: TINY_DECODER's keys, for the tests."""
     import torch
 
     from skyrt.export.tiny_vae import TinyDecoder, TinyStreamingDecoder, decode_raw
@@ -765,7 +768,9 @@ def run_tiny_decoder(device: str = DEVICE, sizes: dict | None = None, seed: int 
     diff = float((on_device - on_cpu).abs().max())
     report = {"parity": {"latent": [h, w], "frames": sizes["parity_frames"], **_result(diff, TINY_DECODER_ATOL)}}
     h, w = sizes["timing_latent"]
-    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+    for name in precisions:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[name]
+
         def timing(dtype=dtype) -> dict:
             decoder = TinyStreamingDecoder(tiny.to(device, dtype))
             z = torch.randn(1, 16, 1, h, w, device=device, dtype=dtype)

@@ -122,16 +122,18 @@ def test_torch_only_preset_graph_decoder_and_memory_sections_run_on_the_cpu():
     small = DiTConfig(**gv.SMALL_GRAPH_CONFIG)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the CPU's "cuda_graphs needs a CUDA device"
-        graphs = gv.run_preset_cuda_graphs(device="cpu", config=small, height=32, width=48, small_size=(32, 48))
+        graphs = gv.run_preset_cuda_graphs(device="cpu", config=small, height=32, width=48, small_size=(32, 48),
+                                           stream=dict(blocks=4, switch_at=2, warmup_blocks=1), speed_dtype="float32")
     assert graphs["passed"] and not graphs["cuda_graphs_run"], graphs
     equality = graphs["equality_fp32"]
     assert equality["graphs_vs_eager_max_abs_diff"] == 0.0 and 0 < equality["fixed_vs_gather_max_abs_diff"] <= 1e-4
     speed = graphs["speed_bf16"]
-    assert speed["graphs_vs_eager_fps"] > 0 and len(speed["default"]["block_s_all"]) == gv.GRAPH_STREAM["blocks"]
+    assert speed["graphs_vs_eager_fps"] > 0 and len(speed["default"]["block_s_all"]) == 4
+    # fp32 only: fp16 convolutions on this CPU take seconds per frame (the GPU runs both)
     tiny = gv.run_tiny_decoder(device="cpu", sizes=dict(parity_latent=(4, 6), parity_frames=2, timing_latent=(4, 6),
-                                                        timed_frames=2))
+                                                        timed_frames=2), precisions=("fp32",))
     assert tiny["passed"] and tiny["parity"]["max_abs_diff"] == 0.0, tiny
-    assert tiny["stream_fp16"].get("passed") is not None  # fp16 convolutions may be missing on a CPU: recorded
+    assert tiny["stream_fp32"]["ms_per_latent_frame"] > 0
     memory = gv.run_memory_per_precision(device="cpu", config=small, height=32, width=48, blocks=2)
     for name in gv.MEMORY_PRECISIONS:
         entry = memory[name]
