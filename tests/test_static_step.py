@@ -488,3 +488,14 @@ def test_window_mode_on_the_fixed_shape_step_equals_the_default(official_dir, wi
     err = np.abs(fixed - default).max()
     print(f"window mode {window}: max |fixed - default| = {err:.2e}")
     assert err <= 1e-5
+
+
+def test_cli_cuda_graphs_flag_reaches_the_backend_or_is_refused():
+    from skyrt.runtime.cli import _graph_kwargs, build_parser
+
+    parse = build_parser().parse_args
+    assert _graph_kwargs(parse(["serve", "--cuda-graphs", "--device", "cuda"])) == {"cuda_graphs": True}
+    assert _graph_kwargs(parse(["generate", "--backend", "tensorrt", "--cuda-graphs"])) == {"cuda_graphs": True}
+    assert _graph_kwargs(parse(["serve"])) == {}
+    with pytest.raises(SystemExit, match="onnxruntime backend does not capture CUDA graphs"):
+        _graph_kwargs(parse(["serve", "--backend", "onnxruntime", "--cuda-graphs"]))
