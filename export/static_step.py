@@ -35,7 +35,7 @@ import torch
 
 from skyrt.runtime.rope import rope_tables, timestep_sinusoid
 
-from .dit import CrossKV, WanDiT, block_causal_mask
+from .dit import CrossKV, WanDiT, batch_cross_kv, block_causal_mask
 from .onnx_export import _SinusoidCachedStep
 
 FULL = "full"  # the attention key of a step whose active frames all see each other
@@ -85,8 +85,6 @@ class StaticKVStep:
         """Per-context cross K/V lists -> the static prompt K/V, each prompt padded to `length` keys.
         Copied into the existing buffers when the shapes match; True when they had to be (re)allocated
         (the first prompt, or another shape: a graph holding the old ones must be dropped)."""
-        from .torch_backend import batch_cross_kv
-
         new = batch_cross_kv(list(prompts), length=length)
         if self.cross is not None and _same_shapes(self.cross, new):
             for old_kv, new_kv in zip(self.cross, new):
