@@ -38,6 +38,19 @@ the rollout, about a minute of DF-1.3B blocks, the rest is the build):
                  streaming VAE decode) at Wan2.1-1.3B's real shape, 480x832, random bf16 weights in
                  its release layout (benchmarks/causal_family.py): ms per block, video fps.
                  Anchors: Self-Forcing reports 17 fps on one H100, FlashDreams ~35 fps
+  preset_cuda_graphs  the Self-Forcing preset's stream on torch-CUDA three ways, same noise: the default
+                 step (gather of the valid ring slots), the fixed-shape step eager (whole ring, additive
+                 mask, static buffers) and the fixed-shape step through one CUDA graph per step shape
+                 (TorchBackend(cuda_graphs=True)); a small fp32 model (equality: fixed vs gather, graphs vs
+                 eager) and Wan2.1-1.3B's real shape in bf16 at 480x832 (ms per block and video fps of each,
+                 graphs / eager ratio, torch allocations after warm-up, captures and replays per key),
+                 a prompt switch with LongLive's recache included
+  tiny_decoder   TAEHV's tiny decoder (random weights, export/tiny_vae.py) on the GPU against the CPU on
+                 the same latents (max difference, fp32) and its streaming decode time per latent frame
+                 at 480x832 in fp32 and fp16
+  memory_per_precision  the Self-Forcing preset's stream at 480x832 in fp32, fp16 and bf16 (random weights
+                 at Wan2.1-1.3B's shape, a recache included): torch's peak allocation and the rollout core's
+                 buffers against runtime/memory_plan.py's computed weights, cache and activations
 Each section records its error instead of stopping the others, so a partial report still helps.
 """
 from __future__ import annotations
@@ -68,7 +81,8 @@ FP16_ATOL = 2e-3  # fp16 storage: one half-precision ulp at |x| ~ 2
 
 
 FULL_SECTIONS = ["kernels", "engines", "rollout", "captioner"]
-TORCH_ONLY_SECTIONS = ["kernels", "torch_rollout", "throughput", "causal_family"]
+TORCH_ONLY_SECTIONS = ["kernels", "torch_rollout", "throughput", "causal_family", "preset_cuda_graphs",
+                       "tiny_decoder", "memory_per_precision"]
 BUILD_COMMAND = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
 
 
@@ -601,6 +615,219 @@ def run_causal_family(device: str = DEVICE, shape: str = "1.3b", blocks: int = 8
                 anchors_video_fps={"self_forcing_h100": 17, "flashdreams": 35})
 
 
+# ------------------------------------------------------------------------------------------------
+# The preset's torch-CUDA stream with CUDA graphs, the tiny decoder, memory per precision
+
+GRAPH_PRESET = "self-forcing"
+GRAPH_STREAM = dict(blocks=6, switch_at=3, warmup_blocks=2)  # a prompt switch with recache at block 3
+# fixed vs gather: fp32 summation order only; graphs vs eager fixed: the same kernels replayed
+FIXED_VS_GATHER_ATOL, GRAPHS_VS_EAGER_ATOL = 1e-4, 1e-5
+SMALL_GRAPH_CONFIG = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=32)
+
+
+def _preset_backend(config, device: str, dtype, seed: int, **options):
+    """A TorchBackend over a random WanDiT of `config` in `dtype`, built on `device` (no model folder)."""
+    import torch
+
+    from skyrt.export.dit import WanDiT
+    from skyrt.export.torch_backend import TorchBackend
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        dit = WanDiT(config)
+    return TorchBackend.from_modules(dit.to(dtype), device=device, dtype=dtype, **options)
+
+
+def _preset_stream(backend, height: int, width: int, blocks: int, switch_at: int | None, seed: int,
+                   text_len: int) -> tuple[np.ndarray, list[float], dict]:
+    """`blocks` clean latent blocks of the preset's stream (random prompt contexts, one prompt switch with
+    recache at block `switch_at`), the seconds per block, and torch's allocation count and the core's
+    live bytes after each block."""
+    import torch
+
+    from skyrt import _core
+    from skyrt.runtime.backends.base import TextContext
+    from skyrt.runtime.causal_family import PRESETS
+    from skyrt.runtime.pipeline import Pipeline
+
+    cfg, device = backend.dit.config, backend.device
+    contexts = {}
+
+    def encode(prompt):  # umT5 stand-in: a seeded random context per prompt
+        if prompt not in contexts:
+            g = torch.Generator().manual_seed(seed + len(contexts))
+            contexts[prompt] = torch.randn(1, text_len, cfg.text_dim, generator=g).to(device, backend.dtype)
+        return TextContext(prompt, contexts[prompt])
+
+    backend.encode_text = encode
+    cuda = device.type == "cuda"
+    stream = Pipeline(backend, preset=PRESETS[GRAPH_PRESET]).stream("a", height=height, width=width, seed=seed,
+                                                                     output="latent")
+    chunks, seconds, allocations, core_bytes = [], [], [], []
+    with torch.inference_mode():
+        for blk in range(blocks):
+            if blk == switch_at:
+                stream.set_prompt("b", recache=True)
+            started = time.perf_counter()
+            chunks.append(np.array(next(stream)))  # the block's latents on the host: its GPU work is done
+            seconds.append(time.perf_counter() - started)
+            allocations.append(torch.cuda.memory_stats(device)["allocation.all.allocated"] if cuda else 0)
+            core_bytes.append(_core.memory_stats()["live_bytes"])  # the ring, latents: the core's, not torch's
+    stream.close()
+    return np.concatenate(chunks, axis=1), seconds, {"allocations_after_block": allocations,
+                                                      "core_live_bytes_after_block": core_bytes}
+
+
+def run_preset_cuda_graphs(device: str = DEVICE, config=None, height: int = 480, width: int = 832,
+                           small_size: tuple[int, int] = (64, 96), stream: dict | None = None,
+                           speed_dtype: str = "bfloat16") -> dict:
+    """The preset's stream: default step, fixed-shape eager, fixed-shape with CUDA graphs (module
+    docstring). config/height/width/stream/speed_dtype exist so the tests can run the real code path small
+    on a CPU (whose bf16 matmuls are slow)."""
+    import torch
+
+    from skyrt.runtime.causal_family import PRESETS
+    from skyrt.runtime.memory_plan import WAN21_1_3B
+    from skyrt.runtime.model_config import DiTConfig
+
+    require_torch_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cuda = device.startswith("cuda")
+    ways = {"default": {}, "fixed_eager": {"fixed_shapes": True}, "cuda_graphs": {"cuda_graphs": cuda,
+                                                                                  "fixed_shapes": True}}
+    s = {**GRAPH_STREAM, **(stream or {})}
+    report: dict = {"preset": GRAPH_PRESET, "stream": s, "cuda_graphs_run": cuda}
+
+    def equality() -> dict:  # fp32, small: the arithmetic of the three ways
+        small = DiTConfig(**SMALL_GRAPH_CONFIG)
+        got = {}
+        for way, options in ways.items():
+            backend = _preset_backend(small, device, torch.float32, 0, **options)
+            got[way] = _preset_stream(backend, *small_size, s["blocks"], s["switch_at"], 0, small.text_len)[0]
+        fixed = float(np.abs(got["fixed_eager"] - got["default"]).max())
+        graphs = float(np.abs(got["cuda_graphs"] - got["fixed_eager"]).max())
+        return {"size": list(small_size), "fixed_vs_gather_max_abs_diff": fixed,
+                "graphs_vs_eager_max_abs_diff": graphs, "latent_std": float(got["default"].std()),
+                "passed": fixed <= FIXED_VS_GATHER_ATOL and graphs <= GRAPHS_VS_EAGER_ATOL}
+
+    def speed() -> dict:  # bf16 at the real shape
+        cfg = config or WAN21_1_3B
+        out, latents = {}, {}
+        for way, options in ways.items():
+            backend = _preset_backend(cfg, device, getattr(torch, speed_dtype), 0, **options)
+            latents[way], seconds, extra = _preset_stream(backend, height, width, s["blocks"], s["switch_at"], 0,
+                                                          cfg.text_len)
+            steady = [t for i, t in enumerate(seconds) if i >= s["warmup_blocks"] and i != s["switch_at"]]
+            allocs = extra["allocations_after_block"]
+            block_s = float(np.median(steady))
+            out[way] = {"block_s_all": seconds, "block_s_median": block_s,
+                        "video_fps": 4 * PRESETS[GRAPH_PRESET].sampling.causal_block_size / block_s,
+                        "torch_allocations_after_warmup": allocs[-1] - allocs[s["warmup_blocks"] - 1],
+                        "graph_stats": {str(k): vars(v) for k, v in
+                                        (getattr(backend, "last_graph_stats", None) or {}).items()}}
+            del backend
+            if cuda:
+                torch.cuda.empty_cache()
+        out["graphs_vs_eager_fps"] = out["cuda_graphs"]["video_fps"] / out["fixed_eager"]["video_fps"]
+        out["graphs_vs_default_fps"] = out["cuda_graphs"]["video_fps"] / out["default"]["video_fps"]
+        out["bf16_graphs_vs_eager_max_abs_diff"] = float(np.abs(latents["cuda_graphs"] - latents["fixed_eager"]).max())
+        out["bf16_fixed_vs_default_max_abs_diff"] = float(np.abs(latents["fixed_eager"] - latents["default"]).max())
+        out["size"], out["dtype"] = [height, width], speed_dtype
+        out["passed"] = bool(all(np.isfinite(out[w]["video_fps"]) for w in ways))
+        return out
+
+    report["equality_fp32"] = _guarded(equality)
+    report["speed_bf16"] = _guarded(speed)
+    report["passed"] = bool(report["equality_fp32"].get("passed") and report["speed_bf16"].get("passed"))
+    return report
+
+
+TINY_DECODER = dict(parity_latent=(30, 52), parity_frames=3, timing_latent=(60, 104), timed_frames=8)
+TINY_DECODER_ATOL = 1e-3  # fp32 both sides (TF32 off), pixels in [-1, 1]
+
+
+def run_tiny_decoder(device: str = DEVICE, sizes: dict | None = None, seed: int = 0,
+                     precisions: tuple[str, ...] = ("fp32", "fp16")) -> dict:
+    """TAEHV's tiny decoder, random weights: GPU vs CPU on the same latents, and streaming ms per latent
+    frame on the GPU in `precisions` (module docstring). sizes: TINY_DECODER's keys, for the tests."""
+    import torch
+
+    from skyrt.export.tiny_vae import TinyDecoder, TinyStreamingDecoder, decode_raw
+
+    require_torch_device(device)
+    torch.backends.cudnn.allow_tf32 = False
+    sizes = {**TINY_DECODER, **(sizes or {})}
+    torch.manual_seed(seed)
+    tiny = TinyDecoder().eval()
+    h, w = sizes["parity_latent"]
+    mu = torch.randn(1, 16, sizes["parity_frames"], h, w, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        on_cpu = decode_raw(tiny, mu)
+        on_device = decode_raw(tiny.to(device), mu.to(device)).float().cpu()
+    diff = float((on_device - on_cpu).abs().max())
+    report = {"parity": {"latent": [h, w], "frames": sizes["parity_frames"], **_result(diff, TINY_DECODER_ATOL)}}
+    h, w = sizes["timing_latent"]
+    for name in precisions:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[name]
+
+        def timing(dtype=dtype) -> dict:
+            decoder = TinyStreamingDecoder(tiny.to(device, dtype))
+            z = torch.randn(1, 16, 1, h, w, device=device, dtype=dtype)
+            for _ in range(2):  # the first frame (its own shape) and one steady frame
+                decoder.decode_next(z)
+            _sync(device)
+            started = time.perf_counter()
+            for _ in range(sizes["timed_frames"]):
+                decoder.decode_next(z)
+            _sync(device)
+            ms = 1e3 * (time.perf_counter() - started) / sizes["timed_frames"]
+            return {"pixels": [8 * h, 8 * w], "ms_per_latent_frame": ms, "video_frames_per_s": 4 / (ms / 1e3),
+                    "passed": bool(np.isfinite(ms))}
+        report[f"stream_{name}"] = _guarded(timing)
+    report["passed"] = all(r.get("passed") for r in report.values())
+    return report
+
+
+MEMORY_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def run_memory_per_precision(device: str = DEVICE, config=None, height: int = 480, width: int = 832,
+                             blocks: int = 3) -> dict:
+    """The preset's stream per precision: torch's peak allocation (DiT weights, activations, prompt K/V) and
+    the rollout core's live buffers (the ring and latents, allocated by the core, not torch) against
+    runtime/memory_plan.py's figures for the same preset and size (no text encoder or VAE: not loaded)."""
+    import torch
+
+    from skyrt.runtime.memory_plan import WAN21_1_3B, plan_preset
+
+    require_torch_device(device)
+    cuda = device.startswith("cuda")
+    cfg = config or WAN21_1_3B
+    report: dict = {"preset": GRAPH_PRESET, "size": [height, width], "blocks": blocks}
+    for name, dtype_name in MEMORY_PRECISIONS.items():
+        def one(dtype=getattr(torch, dtype_name), name=name) -> dict:
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            backend = _preset_backend(cfg, device, dtype, 0)
+            weights = torch.cuda.memory_allocated(device) if cuda else None
+            extra = _preset_stream(backend, height, width, blocks, blocks - 1, 0, cfg.text_len)[2]
+            plan = plan_preset(GRAPH_PRESET, height, width, name, text_encoder=False)
+            peak = torch.cuda.max_memory_allocated(device) if cuda else None
+            del backend
+            return {"torch_weights_bytes": weights, "torch_peak_bytes": peak, "core_live_bytes_peak": max(extra["core_live_bytes_after_block"]),
+                    "plan_dit_weights_bytes": plan.weights["dit"], "plan_cache_bytes": plan.cache_bytes,
+                    "plan_activation_bytes": plan.activation_bytes,
+                    "torch_peak_over_plan_weights_plus_activations":
+                        None if peak is None else peak / (plan.weights["dit"] + plan.activation_bytes),
+                    "passed": True}
+        report[name] = _guarded(one)
+    report["passed"] = all(report[n].get("passed") for n in MEMORY_PRECISIONS)
+    return report
+
+
 def machine_info(torch_only: bool = False) -> dict:
     info = {"platform": platform.platform(), "python": sys.version.split()[0]}
     if torch_only:
@@ -638,6 +865,12 @@ def main(argv=None) -> int:
         report["throughput"] = _guarded(lambda: run_throughput(args.seed, args.sizes))
     if "causal_family" in args.sections:
         report["causal_family"] = _guarded(run_causal_family)
+    if "preset_cuda_graphs" in args.sections:
+        report["preset_cuda_graphs"] = _guarded(run_preset_cuda_graphs)
+    if "tiny_decoder" in args.sections:
+        report["tiny_decoder"] = _guarded(run_tiny_decoder)
+    if "memory_per_precision" in args.sections:
+        report["memory_per_precision"] = _guarded(run_memory_per_precision)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         if {"engines", "rollout"} & set(args.sections):

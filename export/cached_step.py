@@ -175,6 +175,7 @@ class CachedStep(nn.Module):
         fps: Optional[torch.Tensor] = None,
         causal_block_size: Optional[int] = None,
         y: Optional[torch.Tensor] = None,
+        attention_bias: Optional[torch.Tensor] = None,
     ):
         """latents [B, C, f, H, W] of the active frames (y: i2v conditioning latents of the same frames,
         concatenated on channels); t [B, f] per-frame timesteps; cross_kv: WanDiT.cross_attention_kv
@@ -182,7 +183,11 @@ class CachedStep(nn.Module):
         (no cached context); cache_valid bool [B, S] or [S], or None when every cache token is valid
         (S may be 0); rope_cos/rope_sin [f*h*w, Dh/2] of the active tokens (active_rope); fps [B] classes
         (inject_sample_info only); causal_block_size: None = full attention among the active tokens,
-        k = block-causal in blocks of k frames (a static int, baked into an exported graph).
+        k = block-causal in blocks of k frames (a static int, baked into an exported graph);
+        attention_bias: a ready additive self-attention bias over [cache ; active] keys, [B or 1, 1,
+        L or 1, S + L] in the compute dtype (0 = attend, -inf = not), which replaces the mask of
+        cache_valid / causal_block_size (the fixed-shape step, export/static_step.py, builds it from
+        static buffers; zero_invalid does not apply to it).
 
         Returns (velocity [B, out_dim, f, H, W] fp32, new_k, new_v [layers, B, f*h*w, N, Dh]) where
         new_k are the active tokens' keys normed and rotated at their positions, in the compute dtype;
@@ -198,8 +203,11 @@ class CachedStep(nn.Module):
         tokens = dit.patchify(x)  # [B, f, hw, D] fp32
         e, e0 = self.embed_time(t, fps)
 
-        mask, keep = self._attention_mask(cache_valid, B, S, f, h * w, causal_block_size, x.device)
-        if mask is not None:
+        if attention_bias is not None:
+            mask, keep = attention_bias, None
+        else:
+            mask, keep = self._attention_mask(cache_valid, B, S, f, h * w, causal_block_size, x.device)
+        if mask is not None and mask.dtype == torch.bool:
             # Once per step, an additive bias instead of a boolean mask: exported, a boolean mask
             # becomes a Where over every layer's [B, N, L, S + L] scores plus a NaN guard (about a
             # fifth of the ORT step's time at the benchmark size); a bias is one Add. Every row

@@ -249,8 +249,40 @@ class CrossKV(NamedTuple):
     k_img: Optional[torch.Tensor] = None
     v_img: Optional[torch.Tensor] = None
     # [Lt] fp32 additive logit bias of the text keys (see collapse_padding); [B, Lt] for a batch of
-    # prompts padded to one length (export/torch_backend.py batch_cross_kv)
+    # prompts padded to one length (batch_cross_kv)
     bias: Optional[torch.Tensor] = None
+
+
+def batch_cross_kv(prompts: list, length: int | None = None) -> list:
+    """Per-prompt cross-attention K/V lists (one CrossKV [1, Lt_i, N, Dh] per layer, from
+    WanDiT.cross_attention_kv with collapse_padding) -> one list of batched CrossKV [B, Lt, N, Dh]:
+    shorter prompts (collapse_padding leaves each its own length) padded with zero keys under a -inf
+    logit bias [B, Lt], which softmax gives exactly 0. length: pad to that many keys (fixed shapes,
+    every prompt the same; the bias is then always given), default the longest prompt's."""
+    longest = max(p[0].k.shape[1] for p in prompts)
+    if length is not None and length < longest:
+        raise ValueError(f"a prompt has {longest} cross-attention keys, more than the fixed length {length}")
+    fixed = length is not None
+    length = longest if length is None else int(length)
+    bias = None
+    if fixed or any(p[0].bias is not None or p[0].k.shape[1] != length for p in prompts):
+        bias = torch.full((len(prompts), length), float("-inf"))
+        for b, p in enumerate(prompts):
+            n = p[0].k.shape[1]
+            bias[b, :n] = 0.0 if p[0].bias is None else p[0].bias
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [1, n, N, Dh] -> [1, length, N, Dh]
+        return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, length - x.shape[1]))
+
+    layers = []
+    for per_prompt in zip(*prompts):
+        k = torch.cat([pad(kv.k) for kv in per_prompt])
+        v = torch.cat([pad(kv.v) for kv in per_prompt])
+        images = [kv.k_img for kv in per_prompt]
+        k_img = None if images[0] is None else torch.cat(images)
+        v_img = None if images[0] is None else torch.cat([kv.v_img for kv in per_prompt])
+        layers.append(CrossKV(k, v, k_img, v_img, None if bias is None else bias.to(k.device)))
+    return layers
 
 
 def cross_bias(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:

@@ -118,19 +118,43 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 decoder: str = "wan", decoder_path: str | None = None):
+                 decoder: str = "wan", decoder_path: str | None = None, cuda_graphs: bool = False,
+                 fixed_shapes: bool | None = None, graph_warmup: int = 2):
         super().__init__(model)
         from skyrt.export.loaders import load_components
         from skyrt.export.tiny_vae import open_decoder
 
         self.device = torch.device(device)
         self.dtype = dtype
+        self._set_step_options(cuda_graphs, fixed_shapes, graph_warmup)
         self.tiny_decoder = open_decoder(decoder, decoder_path, model.path, self.device)  # None: the Wan VAE's
         self.dit, self.vae, self.text_encoder = load_components(model, dtype=dtype, device=self.device)
 
+    # set on the class so that tests can inject a stand-in: device -> a runtime/step_graphs.py
+    # GraphMechanism (None: skyrt.export.static_step.TorchCudaGraphs)
+    graph_mechanism = None
+
+    def _set_step_options(self, cuda_graphs: bool, fixed_shapes: bool | None, graph_warmup: int) -> None:
+        """cuda_graphs: one CUDA graph per step shape (needs a CUDA device; elsewhere the fixed-shape
+        step runs eagerly, and `cuda_graphs_off` says why). fixed_shapes: the step over the whole ring
+        with an additive mask and static buffers (export/static_step.py); default: on with cuda_graphs."""
+        import warnings
+
+        self.fixed_shapes = bool(cuda_graphs) if fixed_shapes is None else bool(fixed_shapes)
+        if cuda_graphs and not self.fixed_shapes:
+            raise ValueError("cuda_graphs=True needs the fixed-shape step: leave fixed_shapes unset or True")
+        self.graph_warmup = int(graph_warmup)
+        self.cuda_graphs, self.cuda_graphs_off = bool(cuda_graphs), None
+        if cuda_graphs and self.device.type != "cuda":
+            self.cuda_graphs = False
+            self.cuda_graphs_off = (f"cuda_graphs=True needs a CUDA device, this backend runs on {self.device}: "
+                                    "the fixed-shape step runs eagerly (pass device='cuda' for CUDA graphs)")
+            warnings.warn(self.cuda_graphs_off, RuntimeWarning, stacklevel=3)
+
     @classmethod
     def from_modules(cls, dit, vae=None, text_encoder=None, device: str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> "TorchBackend":
+                     dtype: torch.dtype = torch.float32, cuda_graphs: bool = False,
+                     fixed_shapes: bool | None = None, graph_warmup: int = 2) -> "TorchBackend":
         """A backend over modules already in memory (no model folder: e.g. random weights of a real
         architecture for benchmarks/gpu_validate.py). Without a VAE or text encoder, only the DiT
         paths work (contexts come as TextContext(prompt, value=[1, text_len, text_dim] tensors))."""
@@ -140,6 +164,7 @@ class TorchBackend(Backend):
         Backend.__init__(backend, ModelSpec(path=Path("<in memory>"), layout="official",
                                             dit_config=dit.config.to_official()))
         backend.device, backend.dtype = torch.device(device), dtype
+        backend._set_step_options(cuda_graphs, fixed_shapes, graph_warmup)
         backend.dit = dit.to(backend.device, dtype).eval()
         backend.vae = None if vae is None else vae.to(backend.device).eval()
         backend.text_encoder = text_encoder
@@ -237,17 +262,56 @@ class TorchKVStreamSession(KVStreamSession):
         self._cross = None
         self._fps = None if spec.fps_class is None else torch.full((spec.contexts,), spec.fps_class, device=dev)
         self._block = spec.causal_block_size if spec.block_causal else None  # None: full attention among the frames
+        # backend.fixed_shapes: the step over static buffers and the whole ring (export/static_step.py),
+        # made with the first prompts (it needs the core's ring); backend.cuda_graphs: through StepGraphs
+        self.static = None
+        self.graphs = None
+        if backend.cuda_graphs:
+            from skyrt.runtime.step_graphs import StepGraphs
+
+            make = backend.graph_mechanism
+            if make is None:
+                from skyrt.export.static_step import TorchCudaGraphs as make
+            self.graphs = StepGraphs(make(dev), warmup=backend.graph_warmup)
 
     def _view(self, name: str, frames: int | None = None) -> torch.Tensor:
         return core_tensor(self.core.buffer(name, frames))
 
     @torch.inference_mode()
     def set_prompts(self, contexts: list[TextContext]) -> None:
+        from skyrt.export.dit import batch_cross_kv
+
         prompts = [self.backend.dit.cross_attention_kv(c.value, collapse_padding=True) for c in contexts]
+        if self.backend.fixed_shapes:
+            self._set_static_prompts(prompts, max(int(c.value.shape[1]) for c in contexts))
+            return
         self._cross = prompts[0] if len(prompts) == 1 else batch_cross_kv(prompts)
+
+    def _set_static_prompts(self, prompts: list, length: int) -> None:
+        """The fixed-shape step's prompt K/V (padded to `length` keys): copied in place, or reallocated
+        (the first prompts, another shape), which drops every captured graph."""
+        if self.static is None:
+            from skyrt.export.static_step import StaticKVStep
+
+            ring_k, ring_v = self._ring() if self.spec.slots else (None, None)
+            self.static = StaticKVStep(self.backend.dit, ring_k, ring_v, self.spec.slots, self._tokens_per_slot(),
+                                       self._fps, self.backend.device)
+        if self.static.set_prompts(prompts, length) and self.graphs is not None:
+            self.graphs.invalidate("the prompt K/V buffers were reallocated (first prompts or another shape)")
+
+    def _tokens_per_slot(self) -> int:
+        patch_h, patch_w = self.backend.dit.config.patch_size[1:]
+        spec = self.spec
+        return (spec.latent_size[0] // patch_h) * (spec.latent_size[1] // patch_w) * spec.causal_block_size
+
+    def _ring(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole ring, cache_k and cache_v [layers, B, slots * tokens_per_slot, N, Dh] (the core's memory)."""
+        return self._view("cache_k"), self._view("cache_v")
 
     @torch.inference_mode()
     def step(self, call: KVStepCall) -> None:
+        if self.static is not None:
+            return self._static_step(call)
         from skyrt.export.cached_step import active_rope
 
         spec, dit, dev = self.spec, self.backend.dit, self.backend.device
@@ -260,6 +324,26 @@ class TorchKVStreamSession(KVStreamSession):
         # A call's own block size (LongLive's recache: full attention over its chunk) wins over the stream's.
         v, new_k, new_v = self._step(x, t, self._cross, ck, cv, None, cos.to(dev), sin.to(dev), fps=self._fps,
                                      causal_block_size=call.causal_block_size or self._block)
+        self._write_outputs(call, v, new_k, new_v)
+
+    def _static_step(self, call: KVStepCall) -> None:
+        """The fixed-shape step: inputs copied into the key's static buffers, the step eager or from the
+        key's CUDA graph, its outputs copied into the core's buffers."""
+        from skyrt.export.static_step import attention_key
+
+        f = call.frames
+        key = (f, attention_key(f, call.causal_block_size or self._block))
+        static = self.static
+        static.load(key, self._view("latents_in", f), call.timesteps, call.position,
+                    call.slot_valid if self.spec.slots else None)
+        if self.graphs is None:
+            v, new_k, new_v = static.compute(key)
+        else:
+            v, new_k, new_v = self.graphs.run(key, lambda: static.compute(key), static.addresses())
+        self._write_outputs(call, v, new_k, new_v)
+
+    def _write_outputs(self, call: KVStepCall, v, new_k, new_v) -> None:
+        f = call.frames
         if call.want_velocity:
             self._view("velocity", f).copy_(v)
         if call.want_kv:
@@ -281,33 +365,9 @@ class TorchKVStreamSession(KVStreamSession):
 
     def close(self) -> None:
         self._cross = None
+        if self.graphs is not None:
+            self.graphs.close()
+            # what the stream's graphs did, per step key (warm-ups, captures, replays): logs and tests
+            self.backend.last_graph_stats = dict(self.graphs.stats)
+        self.static = None
         super().close()
-
-
-def batch_cross_kv(prompts: list) -> list:
-    """Per-prompt cross-attention K/V lists (one CrossKV [1, Lt_i, N, Dh] per layer, from
-    WanDiT.cross_attention_kv with collapse_padding) -> one list of batched CrossKV [B, Lt, N, Dh]:
-    shorter prompts (collapse_padding leaves each its own length) padded with zero keys under a -inf
-    logit bias [B, Lt], which softmax gives exactly 0."""
-    from skyrt.export.dit import CrossKV
-
-    length = max(p[0].k.shape[1] for p in prompts)
-    bias = None
-    if any(p[0].bias is not None or p[0].k.shape[1] != length for p in prompts):
-        bias = torch.full((len(prompts), length), float("-inf"))
-        for b, p in enumerate(prompts):
-            n = p[0].k.shape[1]
-            bias[b, :n] = 0.0 if p[0].bias is None else p[0].bias
-
-    def pad(x: torch.Tensor) -> torch.Tensor:  # [1, n, N, Dh] -> [1, length, N, Dh]
-        return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, length - x.shape[1]))
-
-    layers = []
-    for per_prompt in zip(*prompts):
-        k = torch.cat([pad(kv.k) for kv in per_prompt])
-        v = torch.cat([pad(kv.v) for kv in per_prompt])
-        images = [kv.k_img for kv in per_prompt]
-        k_img = None if images[0] is None else torch.cat(images)
-        v_img = None if images[0] is None else torch.cat([kv.v_img for kv in per_prompt])
-        layers.append(CrossKV(k, v, k_img, v_img, None if bias is None else bias.to(k.device)))
-    return layers

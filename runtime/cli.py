@@ -53,6 +53,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-path", type=Path, default=None,
                    help="with --decoder tiny: the tiny decoder's weights file, or an export folder of it (skyrt export "
                         "onnx --tiny-decoder; on tensorrt also its engine folder: skyrt export engine --onnx THAT)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="one CUDA graph per DiT step shape, captured once and replayed (--backend tensorrt, or torch "
+                        "with --device cuda: its fixed-shape step, the whole ring under a mask)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, command_defaults: dict, exclude: tuple[str, ...] = ()) -> None:
@@ -248,7 +251,18 @@ def _dispatch(args) -> int:
 def _load(args):
     from .api import load
 
-    return load(args.model, backend=args.backend, device=args.device, preset=args.preset, **_decoder_kwargs(args))
+    return load(args.model, backend=args.backend, device=args.device, preset=args.preset, **_decoder_kwargs(args),
+                **_graph_kwargs(args))
+
+
+def _graph_kwargs(args) -> dict:
+    """skyrt.load's cuda_graphs= from --cuda-graphs (none when not given); onnxruntime has no such option."""
+    if not getattr(args, "cuda_graphs", False):
+        return {}
+    if args.backend == "onnxruntime":
+        raise SystemExit("--cuda-graphs: the onnxruntime backend does not capture CUDA graphs; use --backend "
+                         "tensorrt, or --backend torch --device cuda")
+    return {"cuda_graphs": True}
 
 
 def _decoder_kwargs(args) -> dict:
@@ -448,7 +462,7 @@ def pipeline_spec(args):
     threads = resolve_thread_count(getattr(args, "threads", None))
     return PipelineSpec(None if args.model is None else str(args.model.expanduser()), args.backend, args.device,
                         options={**({} if args.preset is None else {"preset": args.preset}), **_decoder_kwargs(args),
-                                 **backend_thread_options(args.backend, threads)},
+                                 **_graph_kwargs(args), **backend_thread_options(args.backend, threads)},
                         threads=threads.count,
                         snapshot_path=None if state is None else str(snapshot_path(state.expanduser())),
                         snapshot_every_s=every)

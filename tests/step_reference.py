@@ -145,7 +145,8 @@ def kv_step_many(backend, latents, timesteps, prompts: list, caches: list, slot_
     import torch
 
     from skyrt.export.cached_step import CachedStep, active_rope
-    from skyrt.export.torch_backend import batch_cross_kv, valid_slots
+    from skyrt.export.dit import batch_cross_kv
+    from skyrt.export.torch_backend import valid_slots
 
     with torch.inference_mode():
         step = CachedStep(backend.dit)

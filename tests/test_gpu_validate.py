@@ -109,6 +109,40 @@ def test_torch_only_mode_rollout_and_throughput_run_on_the_cpu():
     assert family["passed"] and family["blocks"] == 3 and family["video_fps_steady"] > 0, family
 
 
+def test_torch_only_preset_graph_decoder_and_memory_sections_run_on_the_cpu():
+    """The sections added for the causal presets, with the GPU swapped for the CPU and small shapes: the
+    three ways of the preset's stream agree (graphs fall back to the eager fixed-shape step here, so
+    graphs == eager exactly), the tiny decoder's parity and timings are finite, and every precision's
+    memory entry carries the plan's figures."""
+    import warnings
+
+    from skyrt.runtime.model_config import DiTConfig
+
+    gv = load_benchmark("gpu_validate")
+    small = DiTConfig(**gv.SMALL_GRAPH_CONFIG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the CPU's "cuda_graphs needs a CUDA device"
+        graphs = gv.run_preset_cuda_graphs(device="cpu", config=small, height=32, width=48, small_size=(32, 48),
+                                           stream=dict(blocks=4, switch_at=2, warmup_blocks=1), speed_dtype="float32")
+    assert graphs["passed"] and not graphs["cuda_graphs_run"], graphs
+    equality = graphs["equality_fp32"]
+    assert equality["graphs_vs_eager_max_abs_diff"] == 0.0 and 0 < equality["fixed_vs_gather_max_abs_diff"] <= 1e-4
+    speed = graphs["speed_bf16"]
+    assert speed["graphs_vs_eager_fps"] > 0 and len(speed["default"]["block_s_all"]) == 4
+    # fp32 only: fp16 convolutions on this CPU take seconds per frame (the GPU runs both)
+    tiny = gv.run_tiny_decoder(device="cpu", sizes=dict(parity_latent=(4, 6), parity_frames=2, timing_latent=(4, 6),
+                                                        timed_frames=2), precisions=("fp32",))
+    assert tiny["passed"] and tiny["parity"]["max_abs_diff"] == 0.0, tiny
+    assert tiny["stream_fp32"]["ms_per_latent_frame"] > 0
+    memory = gv.run_memory_per_precision(device="cpu", config=small, height=32, width=48, blocks=2)
+    for name in gv.MEMORY_PRECISIONS:
+        entry = memory[name]
+        if "error" in entry:  # a CPU without half-precision kernels records why
+            continue
+        assert entry["plan_dit_weights_bytes"] > 0 and entry["core_live_bytes_peak"] > 0, entry
+    assert memory["fp32"]["passed"], memory
+
+
 def test_torch_only_command_without_a_gpu_reports_every_section_and_fails(tmp_path, monkeypatch):
     """The one command of the torch-only mode, end to end on a machine without a GPU: the build step
     runs its command (a stand-in here: rebuilding the extension is CI's job) and records the build
@@ -120,7 +154,8 @@ def test_torch_only_command_without_a_gpu_reports_every_section_and_fails(tmp_pa
         pytest.skip("a GPU is present: run the script itself")
     gv = load_benchmark("gpu_validate")
     args = gv.parse_args(["--mode", "torch-only"])
-    assert args.sections == ["kernels", "torch_rollout", "throughput", "causal_family"] and args.sizes == ["480x832", "544x960"]
+    assert args.sections == ["kernels", "torch_rollout", "throughput", "causal_family", "preset_cuda_graphs",
+                             "tiny_decoder", "memory_per_precision"] and args.sizes == ["480x832", "544x960"]
     # The offline build the mode promises: no build isolation (no network), no dependency resolution.
     assert gv.BUILD_COMMAND[1:] == ["-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
     monkeypatch.setattr(gv, "BUILD_COMMAND", [sys.executable, "-c", "print('stand-in build')"])
@@ -133,7 +168,8 @@ def test_torch_only_command_without_a_gpu_reports_every_section_and_fails(tmp_pa
     assert report["machine"]["gpus"] == 0 and report["machine"]["torch"] == torch.__version__
     for name in gv.kernel_cases(None):
         assert report["kernels"][name]["passed"] is False and "cuda" in report["kernels"][name]["error"].lower()
-    for section in ("torch_rollout", "throughput", "causal_family"):  # cuda:0 does not exist here: recorded, not raised
+    for section in ("torch_rollout", "throughput", "causal_family", "preset_cuda_graphs", "tiny_decoder",
+                    "memory_per_precision"):  # cuda:0 does not exist here: recorded, not raised
         assert report[section]["passed"] is False and "sees no CUDA device for cuda:0" in report[section]["error"]
 
 

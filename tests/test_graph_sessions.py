@@ -588,3 +588,9 @@ def test_preset_tensorrt_host_logic_allocates_nothing_after_warmup(preset_engine
     names = sorted({g.context.engine.name for g in RecordingGraph.captured})
     assert "dit_step" in names and "dit_step_full" in names
     assert all(g.closed for g in RecordingGraph.captured)
+    # One capture per step shape and stream, replays thereafter: dit_step has one shape (a block), and each
+    # of the two streams (first run, restart) captured it once and replayed it at every later step and commit.
+    step_graphs = [g for g in RecordingGraph.captured if g.context.engine.name == "dit_step"]
+    assert len(step_graphs) == 2
+    assert len({tuple(sorted(g.snapshot[0].items())) for g in step_graphs}) == 1  # the same shapes both times
+    assert step_graphs[0].replays >= report["rows"]  # every row of the first stream after its capture
