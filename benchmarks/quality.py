@@ -39,10 +39,12 @@ any drift) and the adherence ceiling they leave. `--backend onnxruntime` runs th
 exported graphs (made on first use; cheaper per frame on a CPU) after checking that its first
 --check-frames frames are torch's (within BACKEND_CHECK_MAX_LEVELS uint8 levels, else it stops). Every
 --partial-seconds the report so far is written (atomically, marked "partial"), so an interrupted run
-leaves a valid report of the frames it reached:
+leaves a valid report of the frames it reached; with --checkpoint-dir the stream is snapshotted there at
+each of those writes (runtime/snapshot.py, drift monitor included) and the same command run again resumes
+it, frame for frame the uninterrupted stream, so a 100k-frame run may span several processes:
 
     nice -n 19 python benchmarks/quality.py --long --long-frames 100800 --backend onnxruntime \
-        --variants default --out results/quality_long_default.json &        # one process per variant
+        --variants default --checkpoint-dir CKPT --out results/quality_long_default.json &   # one process per variant
     python benchmarks/quality.py --long --merge results/quality_long_default.json \
         results/quality_long_default_reanchor.json --out results/quality_long.json
 
@@ -110,6 +112,10 @@ def parse_args(argv=None):
                    help="--long --backend onnxruntime: frames of the default stream compared with torch's (0: none)")
     p.add_argument("--partial-seconds", type=float, default=300.0,
                    help="--long: write the report so far (marked partial) every this many seconds of a run")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="--long: snapshot each variant's stream here at every partial report, and resume from the "
+                        "snapshot found there (the same run's only: another run's is refused); a run killed at any "
+                        "point continues where its last snapshot was, frame for frame the uninterrupted stream")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = RESULTS / ("quality_shapes.json" if args.shape_grid else "quality_long.json" if args.long
@@ -389,23 +395,68 @@ def forced_thresholds():
     return DriftThresholds(**{s: 0.0 for s in SIGNALS})
 
 
+class LongCheckpoint:
+    """A long run's resumable state in one snapshot file (runtime/snapshot.py): the stream's whole state
+    (FrameStream.export_state: rollout core, noise, decoder, drift monitor) plus this harness's own (frames
+    made, the windows read so far, the frames of the window being filled, seconds run). Written at every
+    partial report; a run started with the same file continues the stream where the snapshot left it,
+    frame for frame the uninterrupted stream (tests/test_resume.py), so one 100k-frame run can span
+    several processes. `identity` (prompt, setting, sampling, size, seed, backend, ...) and the model are
+    checked when it is read: a snapshot of another run is refused, never continued."""
+
+    def __init__(self, path: Path, identity: dict, model: str):
+        self.path, self.identity, self.model = Path(path), identity, model
+
+    def load(self):
+        """The checked snapshot, or None when there is none yet. Another run's snapshot is an error."""
+        from skyrt.runtime.snapshot import SnapshotRefused, read_snapshot
+
+        if not self.path.exists():
+            return None
+        try:
+            return read_snapshot(self.path, self.identity, self.model)
+        except SnapshotRefused as e:
+            raise SystemExit(f"{self.path}: {e}; remove it to start this run over, or pass another --checkpoint-dir")
+
+    def save(self, stream, harness: dict, pending: np.ndarray) -> None:
+        """Snapshot the stream (suspended between chunks) with the harness state; atomic."""
+        from skyrt.runtime.snapshot import write_snapshot
+
+        state, arrays = stream.export_state()
+        state["quality"] = harness
+        arrays["quality/pending"] = pending
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_snapshot(self.path, state, arrays, self.identity, self.model)
+
+
 def long_run(pipe, attrs, setting: dict, reanchor: str, thresholds, sampling, block, size, total_frames, window,
-             fps, seed, budget_s: float | None = None, on_progress=None, progress_every_s: float = 300.0) -> dict:
+             fps, seed, budget_s: float | None = None, on_progress=None, progress_every_s: float = 300.0,
+             checkpoint: LongCheckpoint | None = None) -> dict:
     """One stream of `attrs` for `total_frames`: per 2 s window the detector's adherence (and which
     attributes it read right) and the drift monitor's status; per stream minute adherence, signals and
     re-anchors; first / last / worst minute.
 
     `on_progress(result)`, when given, is called every `progress_every_s` seconds with the result so far
-    (marked "partial": True), so that a run stopped at any point leaves a valid report behind."""
+    (marked "partial": True), so that a run stopped at any point leaves a valid report behind; with a
+    `checkpoint` the stream is snapshotted just before each, and a checkpoint that exists is resumed
+    (frames, windows and seconds continue from it; "resumed_at_frames" lists where)."""
     from skyrt_demo.detector import score_clip
 
     kwargs = {**sampling, **setting, "reanchor": reanchor}
     if kwargs["mode"] == "window":
         kwargs["ar_step"] = setting.get("ar_step", 0)
+    resume = checkpoint.load() if checkpoint is not None else None
+    harness = dict(resume.state["quality"]) if resume is not None else {"made": 0, "windows": [], "seconds": 0.0,
+                                                                         "resumed_at_frames": []}
+    if resume is not None:
+        harness["resumed_at_frames"] = [*harness["resumed_at_frames"], harness["made"]]
     stream = pipe.stream(attrs.prompt, causal_block_size=block, height=size, width=size, seed=seed, drift=thresholds,
-                         **kwargs)
-    buffer, made, windows = [], 0, []
-    t0 = last_progress = time.perf_counter()
+                         resume=resume, **kwargs)
+    made, windows = harness["made"], harness["windows"]
+    pending_saved = resume.arrays["quality/pending"] if resume is not None else np.zeros((0, size, size, 3), np.uint8)
+    buffer = [pending_saved] if len(pending_saved) else []
+    t0 = time.perf_counter() - harness["seconds"]  # seconds run before a resume count too
+    last_progress = time.perf_counter()
     for chunk in stream:
         buffer.append(chunk)
         made += len(chunk)
@@ -423,13 +474,17 @@ def long_run(pipe, attrs, setting: dict, reanchor: str, thresholds, sampling, bl
             break
         now = time.perf_counter()
         if on_progress is not None and windows and now - last_progress >= progress_every_s:
-            on_progress(long_result(attrs, setting, reanchor, made, now - t0, stream.drift_status(), windows, window,
-                                    fps, partial=True))
+            if checkpoint is not None:
+                pending = np.concatenate(buffer) if buffer else np.zeros((0, size, size, 3), np.uint8)
+                checkpoint.save(stream, {**harness, "made": made, "windows": windows, "seconds": now - t0}, pending)
+            on_progress({**long_result(attrs, setting, reanchor, made, now - t0, stream.drift_status(), windows, window,
+                                       fps, partial=True), "resumed_at_frames": harness["resumed_at_frames"]})
             last_progress = now
     seconds = time.perf_counter() - t0
     final = stream.drift_status()
     stream.close()
-    return long_result(attrs, setting, reanchor, made, seconds, final, windows, window, fps, partial=False)
+    return {**long_result(attrs, setting, reanchor, made, seconds, final, windows, window, fps, partial=False),
+            "resumed_at_frames": harness["resumed_at_frames"]}
 
 
 def long_result(attrs, setting: dict, reanchor: str, made: int, seconds: float, drift_status: dict,
@@ -527,7 +582,10 @@ def backend_check(pipe, torch_pipe, attrs, setting: dict, sampling: dict, block:
 
 
 def write_long(pipe, label, all_settings, default_name, attrs, sampling, block, window, args, torch_pipe=None) -> int:
-    """Run the --variants one after another into one report; write it (marked partial) as the runs go."""
+    """Run the --variants one after another into one report; write it (marked partial) as the runs go
+    (and, with --checkpoint-dir, a resumable snapshot of each variant's stream beside it)."""
+    from skyrt.runtime.snapshot import model_identity
+
     names = args.variants.split(",")
     unknown = [n for n in names if n not in LONG_VARIANTS]
     if unknown:
@@ -554,9 +612,17 @@ def write_long(pipe, label, all_settings, default_name, attrs, sampling, block, 
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
+            checkpoint = None
+            if args.checkpoint_dir is not None:
+                identity = {"benchmark": "quality_long", "variant": name, "prompt": attrs.prompt,
+                            "setting": all_settings[setting_name], "reanchor": reanchor, "thresholds": repr(thresholds),
+                            "sampling": sampling, "block": block, "size": args.size, "seed": args.seed,
+                            "window": window, "fps": args.fps, "backend": args.backend}
+                checkpoint = LongCheckpoint(args.checkpoint_dir / f"quality_long_{name}.snapshot.npz", identity,
+                                            model_identity(args.model))
             result = long_run(pipe, attrs, all_settings[setting_name], reanchor, thresholds, sampling, block, args.size,
                               args.long_frames, window, args.fps, args.seed, args.long_seconds, on_progress=progress,
-                              progress_every_s=args.partial_seconds)
+                              progress_every_s=args.partial_seconds, checkpoint=checkpoint)
         result["setting_name"], result["targets"] = setting_name, long_targets(result)
         report["variants"][name] = result
         print(f"[{name}]   first/last/worst minute {result['adherence_first_minute']:.3f}/"

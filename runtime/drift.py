@@ -210,14 +210,14 @@ def _chunk_arrays(prefix: str, c: ChunkStats) -> dict[str, np.ndarray]:
     if c.mean_rgb is not None:
         out[f"{prefix}/mean_rgb"] = c.mean_rgb
     if c.frame_change is not None:
-        out[f"{prefix}/frame_change"] = np.asarray(c.frame_change, np.float64)
+        out[f"{prefix}/frame_change"] = np.array([c.frame_change], np.float64)  # [1]: a snapshot keeps no 0-d arrays
     return out
 
 
 def _chunk_from(arrays: dict[str, np.ndarray], prefix: str) -> ChunkStats:
     change = arrays.get(f"{prefix}/frame_change")
     return ChunkStats(arrays[f"{prefix}/latent_mean"], arrays[f"{prefix}/latent_std"], arrays.get(f"{prefix}/mean_rgb"),
-                      None if change is None else float(change))
+                      None if change is None else float(change[0]))
 
 
 def _reference_figures(chunks: list[ChunkStats]) -> dict:

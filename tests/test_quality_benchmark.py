@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from benchmark_scripts import load_benchmark
 
+import skyrt
 import skyrt_demo.world as W
 
 
@@ -203,3 +204,39 @@ def test_backend_check_passes_the_same_rollout_and_stops_another():
     with pytest.raises(SystemExit, match="not torch's"):  # the shape changes at frame 12: not the same rollout
         q.backend_check(WorldPipe("square", 12), WorldPipe("square", 10**6), STILL, {"mode": "kvcache"}, {}, 2, 64,
                         frames=24, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# --long --checkpoint-dir: a run stopped anywhere continues frame for frame (the real demo model)
+
+
+def test_a_long_run_resumed_from_its_checkpoint_reads_the_uninterrupted_runs_windows(tmp_path):
+    """The demo model at 64 x 64, re-anchoring on (every threshold 0: a re-anchor per cooldown): a run to
+    48 frames that snapshots at every partial report, then a second run to 96 frames on the same
+    checkpoint, reads exactly the windows (adherence, attributes, drift signals, re-anchors) of one
+    uninterrupted 96-frame run; a checkpoint of another run is refused."""
+    from skyrt.runtime.default_model import default_model_dir, recommended_sampling
+    from skyrt.runtime.drift import SIGNALS, DriftThresholds
+
+    q = load_benchmark("quality")
+    pipe = skyrt.load(default_model_dir())
+    sampling = q.sampling_defaults(recommended_sampling(default_model_dir()), q.parse_args([]))
+    setting = {"mode": "kvcache", "sink_blocks": 0, "window_blocks": 3}
+    forced = DriftThresholds(**{s: 0.0 for s in SIGNALS}, reference_chunks=2, smooth_chunks=1, cooldown_chunks=3)
+    block = max(1, pipe.model.num_frame_per_block)
+
+    def run(frames, checkpoint=None):
+        return q.long_run(pipe, STILL, setting, "recache", forced, sampling, block, 64, frames, WINDOW, FPS, seed=5,
+                          on_progress=lambda partial: None, progress_every_s=0.0, checkpoint=checkpoint)
+
+    whole = run(96)
+    checkpoint = q.LongCheckpoint(tmp_path / "run.snapshot.npz", {"run": "a"}, "demo")
+    first = run(48, checkpoint)
+    saved_at = q.LongCheckpoint(checkpoint.path, {"run": "a"}, "demo").load().state["quality"]["made"]
+    assert 0 < saved_at < first["frames"] < 96
+    resumed = run(96, checkpoint)
+    assert resumed["resumed_at_frames"] == [saved_at] and resumed["frames"] == whole["frames"]
+    assert resumed["windows"] == whole["windows"] and whole["drift_final"]["reanchors"] >= 2
+    assert resumed["drift_final"] == whole["drift_final"]
+    with pytest.raises(SystemExit, match="remove it to start this run over"):
+        run(96, q.LongCheckpoint(checkpoint.path, {"run": "b"}, "demo"))
