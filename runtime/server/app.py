@@ -168,7 +168,7 @@ def create_app(server):
         response = web.StreamResponse(headers=dict(NO_CACHE, **{"Content-Type": content_type}))
         transport = request.transport
         reader = broadcast.subscribe()
-        server.metrics.client_connected(fmt, reader)
+        server.metrics.client_connected(fmt, reader, None if transport is None else transport.get_write_buffer_size)
         streams.add(transport)
         loop = asyncio.get_running_loop()
         stalled = False

@@ -140,6 +140,12 @@ class Broadcast:
         reader._awaiting_keyframe = True
         return reader
 
+    def _evicted_past(self, cursor: int) -> int:
+        """How many items after `cursor` the ring has already dropped (a reader there lost them)."""
+        with self._lock:
+            oldest = self._items[0].seq if self._items else self._seq + 1
+        return max(0, oldest - cursor - 1)
+
     def _after(self, cursor: int) -> tuple[list[Item], int]:
         """Items newer than `cursor` and how many were already evicted (lost to this reader).
         O(new items), not O(capacity): every reader calls this for every item published."""
@@ -165,6 +171,12 @@ class Reader:
         self.broadcast, self.cursor = broadcast, cursor
         self.dropped = 0
         self._awaiting_keyframe = False
+
+    @property
+    def missed(self) -> int:
+        """Items this reader lost: those counted when it took, and those the ring has dropped since
+        that it has not reached yet (a client whose socket is full takes nothing, and misses all)."""
+        return self.dropped + self.broadcast._evicted_past(self.cursor)
 
     def take(self) -> list[bytes]:
         """Every pending payload, now ([] if none): what was evicted before this reader got to it is
