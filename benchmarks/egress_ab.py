@@ -20,7 +20,10 @@ of the two no-viewer phases, divided by the frames its viewers received (egress.
 parts; fMP4 fragments (one a frame); HLS viewers x fps x seconds, each viewer fetching every segment once; WebRTC frames decoded).
 LL-HLS did not exist before (its viewer load is not simulated here).
 
-    flock LOCK python benchmarks/egress_ab.py --rounds 2 --seconds 12 --out benchmarks/results/egress_ab.json
+    flock LOCK python benchmarks/egress_ab.py --rounds 2 --seconds 12 --also main=COMMIT --out benchmarks/results/egress_ab.json
+
+`--also LABEL=COMMIT` adds another commit's server to every round (forward order, then reversed), with
+every output of this checkout; a commit whose extension sources equal this checkout's reuses its build.
 """
 from __future__ import annotations
 
@@ -57,6 +60,20 @@ def run_logged(cmd: list[str], log: Path, cwd: Path | None = None) -> None:
             raise SystemExit(f"{' '.join(cmd)} failed; see {log}")
 
 
+BUILD_INPUTS = ("csrc", "CMakeLists.txt", "python", "pyproject.toml")  # what the extension is built from
+
+
+def same_extension_as_checkout(commit: str) -> Path | None:
+    """This venv's built skyrt._core when `commit` builds the same extension as this checkout
+    (no difference in its build inputs): no second build is needed then."""
+    same = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", commit, "HEAD", "--", *BUILD_INPUTS]).returncode == 0
+    if not same:
+        return None
+    code = "import skyrt._core as c; print(c.__file__)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir())
+    return Path(found.stdout.strip()) if found.returncode == 0 and found.stdout.strip() else None
+
+
 def prepare_baseline(commit: str, work: Path) -> dict:
     """The environment that runs `commit`'s server: its tree and build under `work` (made once)."""
     tree, build, pkg = work / "tree", work / "build", work / "pkg"
@@ -66,6 +83,8 @@ def prepare_baseline(commit: str, work: Path) -> dict:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     built = sorted(build.glob("_core*.so"))
+    if not built and (reused := same_extension_as_checkout(commit)) is not None:
+        built = [reused]
     if not built:
         run_logged(["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DSKYRT_CUDA=OFF",
                     f"-DPython_EXECUTABLE={sys.executable}"], log)
@@ -158,20 +177,33 @@ def measure_server(args, side: str, env: dict, outputs: tuple[str, ...], log) ->
             "outputs": figures}
 
 
-def summarize(rounds: list[dict], outputs_after: tuple[str, ...]) -> dict:
-    """Median µs / frame per side and output over the rounds, and after / before."""
+def summarize(rounds: list[dict], outputs_after: tuple[str, ...], sides: tuple[str, ...]) -> dict:
+    """Median µs / frame per side and output over the rounds, and after / each other side."""
     summary = {}
     for kind in outputs_after:
         row = {}
-        for side in ("before", "after"):
+        for side in sides:
             values = [r[side]["outputs"][kind]["us_per_frame_delivered"] for r in rounds
                       if kind in r[side]["outputs"] and r[side]["outputs"][kind]["us_per_frame_delivered"] is not None]
             row[f"{side}_us_per_frame"] = round(median(values), 1) if values else None
             row[f"{side}_per_round"] = values
-        if row["before_us_per_frame"] and row["after_us_per_frame"]:
-            row["after_over_before"] = round(row["after_us_per_frame"] / row["before_us_per_frame"], 2)
+        for side in sides:
+            if side != "after" and row[f"{side}_us_per_frame"] and row["after_us_per_frame"]:
+                row[f"after_over_{side}"] = round(row["after_us_per_frame"] / row[f"{side}_us_per_frame"], 2)
         summary[kind] = row
     return summary
+
+
+def parse_also(values: list[str]) -> dict[str, str]:
+    """`--also LABEL=COMMIT` pairs: more servers measured in the same run (e.g. main=5a7034e)."""
+    pairs = {}
+    for value in values:
+        label, sep, commit = value.partition("=")
+        if not sep or not label.isidentifier() or not commit or label in ("before", "after"):
+            raise SystemExit(f"--also {value!r}: write LABEL=COMMIT, e.g. --also main=5a7034e "
+                             f"(a label other than 'before' and 'after')")
+        pairs[label] = commit
+    return pairs
 
 
 def main() -> None:
@@ -184,21 +216,30 @@ def main() -> None:
     p.add_argument("--fps", type=int, default=12)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="rounds of two servers, ABBA order")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=COMMIT",
+                   help="another commit measured in the same run with every output of this checkout "
+                        "(e.g. main=5a7034e); repeatable")
     p.add_argument("--out", type=Path, default=HERE / "results" / "egress_ab.json")
     args = p.parse_args()
 
-    work = args.work_dir / args.baseline_commit
-    work.mkdir(parents=True, exist_ok=True)
-    sides = {"before": (prepare_baseline(args.baseline_commit, work), ("mjpeg", "mp4", "hls")),
-             "after": ({}, ("mjpeg", "mp4", "hls", "webrtc"))}
+    after_outputs = ("mjpeg", "mp4", "hls", "webrtc")
+    commits = {"before": args.baseline_commit, **parse_also(args.also)}
+    sides, works = {}, {}
+    for label, commit in commits.items():
+        works[label] = work = args.work_dir / commit
+        work.mkdir(parents=True, exist_ok=True)
+        sides[label] = (prepare_baseline(commit, work), ("mjpeg", "mp4", "hls") if label == "before" else after_outputs)
+    sides["after"] = ({}, after_outputs)
     where = {side: imported_from(env) for side, (env, _outputs) in sides.items()}
-    if where["before"] == where["after"] or str(work) not in where["before"]:
-        raise SystemExit(f"the baseline does not import from its own tree: {where}")
+    for label, work in works.items():
+        if where[label] == where["after"] or str(work) not in where[label]:
+            raise SystemExit(f"{label} ({commits[label]}) does not import from its own tree: {where}")
     load_at_start = round(os.getloadavg()[0], 2)
     log = tempfile.NamedTemporaryFile(prefix="egress-ab-serve-", suffix=".log", delete=False)
     rounds = []
+    forward = tuple(sides)  # before, the --also commits, after; every other round in reverse (ABBA)
     for r in range(args.rounds):
-        order = ("before", "after") if r % 2 == 0 else ("after", "before")
+        order = forward if r % 2 == 0 else forward[::-1]
         rounds.append({side: measure_server(args, side, sides[side][0], sides[side][1], log) for side in order})
     log.close()
     Path(log.name).unlink(missing_ok=True)
@@ -211,10 +252,12 @@ def main() -> None:
                     "load_average_1m_at_end": round(os.getloadavg()[0], 2),
                     "cpu_tick_s": round(1 / os.sysconf("SC_CLK_TCK"), 4)},  # the resolution of the CPU figures
         "before": {"commit": args.baseline_commit, "what": "fast path (HLS answered below aiohttp), pushers"},
-        "after": {"commit": head, "what": "output registry, aiohttp only, stream clients on StreamResponse"},
+        **{label: {"commit": commit, "what": "--also"} for label, commit in commits.items() if label != "before"},
+        "after": {"commit": head, "what": "this checkout"},
         "settings": {"size": args.size, "fps": args.fps, "seconds_per_phase": args.seconds, "viewers": args.viewers,
                      "rounds": args.rounds, "model": "built-in default"},
-        "us_per_frame_delivered": summarize(rounds, sides["after"][1]),
+        "order": [list(r) for r in rounds],
+        "us_per_frame_delivered": summarize(rounds, after_outputs, forward),
         "rounds": rounds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

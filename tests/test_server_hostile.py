@@ -15,10 +15,11 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
-from serving import FAST_SAMPLING, TOKEN, free_port, get_json, process_gone, running_server, wait_until
+from serving import FAST_SAMPLING, TOKEN, free_port, get_json, process_gone, read_for, running_server, wait_until
 
 from skyrt.runtime.server.encoders import MJPEG_KEEPALIVE_S
 
@@ -291,6 +292,71 @@ def test_sigterm_while_the_model_loads_is_a_clean_exit(official_dir):
             proc.wait(timeout=30)
     assert proc.returncode == 0, out
     assert "stopped (SIGTERM) before the stream started" in out and "Traceback" not in out, out
+
+
+def _per_client(base: str, metric: str) -> dict[str, tuple[str, int]]:
+    """A per-client gauge of /metrics: client id -> (format, value)."""
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.findall(rf'^{metric}{{client="(\d+)",format="(\w+)"}} (\d+)$', text, re.M)
+    return {rid: (fmt, int(value)) for rid, fmt, value in found}
+
+
+def test_stream_clients_that_never_read_hold_a_bounded_queue_and_the_generator_goes_on(official_dir):
+    """An MJPEG and an fMP4 client that never read: once their sockets are full the server queues no
+    more bytes for them (what it holds unsent, in its transport and in the kernel, stops growing), the
+    ring drops what they miss, and frames keep being generated and reaching a viewer that reads."""
+    # A long stall timeout: the clients stay connected through the whole check (the cut-off itself is
+    # the stalled-reader test above).
+    with running_server(official_dir, "--stall-timeout", "120", "--send-buffer-kib", "16",
+                        "--formats", "mjpeg,mp4", sampling=BIG_FRAMES) as (base, proc):
+        port = _port(base)
+        socks = {fmt: _stalled_reader(base, path) for fmt, path in (("mjpeg", "/stream.mjpg"), ("mp4", "/stream.mp4"))}
+        try:
+            # Full: the server holds bytes in user space (the kernel took no more of its last write).
+            wait_until(lambda: len(q := _per_client(base, "skyrt_client_queued_bytes")) == 2
+                       and all(n > 0 for _fmt, n in q.values()), 60,
+                       lambda: f"the stalled clients' sockets never filled: {_per_client(base, 'skyrt_client_queued_bytes')}")
+            stalled = {rid: fmt for rid, (fmt, _n) in _per_client(base, "skyrt_client_queued_bytes").items()}
+            assert sorted(stalled.values()) == ["mjpeg", "mp4"], stalled
+
+            def held() -> dict[str, int]:
+                """Bytes held unsent per stalled client: the server's transport buffer + its kernel send queue."""
+                queued = _per_client(base, "skyrt_client_queued_bytes")
+                kernel = {fmt: _server_send_queue(port, sock.getsockname()[1]) for fmt, sock in socks.items()}
+                assert all(k is not None for k in kernel.values()), f"a stalled client was cut off: {kernel}"
+                return {fmt: queued[rid][1] + kernel[fmt] for rid, fmt in stalled.items()}
+
+            def missed() -> dict[str, int]:
+                drops = _per_client(base, "skyrt_client_queue_drops")
+                return {fmt: drops[rid][1] for rid, fmt in stalled.items()}
+
+            full = held()
+            before = get_json(base + "/status")
+            # Until the ring has dropped items for both (they missed frames rather than queueing them),
+            # then 2 s more: what is held for them never grows.
+            most = dict(full)
+            deadline = time.monotonic() + 60
+            while not all(m > 0 for m in missed().values()):
+                assert time.monotonic() < deadline, f"no drops: {missed()}"
+                most = {fmt: max(most[fmt], n) for fmt, n in held().items()}
+                time.sleep(0.2)
+            viewer = read_for(base + "/stream.mjpg", 2.0)  # a reading viewer is served meanwhile
+            most = {fmt: max(most[fmt], n) for fmt, n in held().items()}
+            after = get_json(base + "/status")
+            lost = missed()
+        finally:
+            for sock in socks.values():
+                sock.close()
+        # Bounded: at most one write past the socket's fill, and not a byte more after (one 128x128
+        # noise frame is tens of kB; a server that queued every frame would hold MBs by now).
+        assert most == full, (full, most)
+        assert all(n < 512 * 1024 for n in full.values()), full
+        assert all(m > 0 for m in lost.values()), lost
+        generated = after["frames_generated"] - before["frames_generated"]
+        assert generated >= 12, (generated, before, after)  # the generator went on (about a second's worth)
+        assert viewer.count(b"--skyrtframe") >= 2, len(viewer)
+        assert proc.poll() is None
 
 
 # ---------------------------------------------------------------- 6. connection caps

@@ -37,6 +37,7 @@ from .outputs import Serving
 from .playlist import RequestError, parse_playlist, parse_prompt_change
 from .schedule import add_schedule_routes
 from .settings_control import add_settings_routes
+from .write_watch import WriteWatch
 
 log = logging.getLogger("skyrt.server")
 
@@ -62,6 +63,7 @@ def create_app(server):
     config = server.config
     allowed_hosts = frozenset(name.lower().rstrip(".") for name in config.allowed_hosts)
     streams: set = set()  # transports of the stream responses in flight (aborted at shutdown)
+    writes = WriteWatch(config.write_timeout_s)  # the stream clients' write deadlines, on one timer
 
     def authorized(request) -> bool:
         return config.token is None or token_matches(request.raw_headers, config.token)
@@ -158,16 +160,18 @@ def create_app(server):
         Written through aiohttp's response, one write per wake-up with everything new (`pack` makes
         the batch one write). While the socket holds bytes of the last write, nothing is taken from
         the ring (the ring drops the oldest meanwhile); if it holds them `write_timeout_s`, the client
-        is cut off."""
+        is cut off. A write that aiohttp holds waiting for the socket is cut off by `writes` (one
+        timer for every client, not a timeout context per frame: see write_watch.py)."""
         broadcast = server.broadcasts.get(fmt)
         if broadcast is None:
             return _error(404, f"{fmt} output is off; add {fmt} to --formats")  # unreachable: routes follow outputs
         response = web.StreamResponse(headers=dict(NO_CACHE, **{"Content-Type": content_type}))
         transport = request.transport
         reader = broadcast.subscribe()
-        server.metrics.client_connected(fmt, reader)
+        server.metrics.client_connected(fmt, reader, None if transport is None else transport.get_write_buffer_size)
         streams.add(transport)
         loop = asyncio.get_running_loop()
+        stalled = False
         try:
             await response.prepare(request)  # sends the headers
             if transport is None or transport.is_closing():
@@ -190,9 +194,25 @@ def create_app(server):
                 unsent_since = None
                 batch = reader.take()
                 if batch:
-                    async with within(config.write_timeout_s):  # aiohttp waits for the socket now and then
+                    writes.begin(reader.id, transport)
+                    try:
                         await response.write(pack(batch))
+                    finally:
+                        writes.end(reader.id)
         except asyncio.TimeoutError:
+            stalled = True
+        except ConnectionError:
+            if not writes.expired(reader.id):
+                client_gone(request)
+            else:
+                stalled = True
+        except asyncio.CancelledError:
+            pass  # the server is stopping
+        finally:
+            writes.expired(reader.id)  # forgotten whatever the way out
+            streams.discard(transport)
+            server.metrics.client_disconnected(fmt, reader)
+        if stalled:
             # Abort, not close: close() would wait to flush the very send queue that stalled, and keep
             # the socket and its kernel buffers until then.
             if transport is not None:
@@ -200,13 +220,6 @@ def create_app(server):
             with server.metrics.lock:
                 server.metrics.client_write_timeouts += 1
             log.info("%s client %d stalled for %.0f s; disconnected", fmt, reader.id, config.write_timeout_s)
-        except ConnectionError:
-            client_gone(request)
-        except asyncio.CancelledError:
-            pass  # the server is stopping
-        finally:
-            streams.discard(transport)
-            server.metrics.client_disconnected(fmt, reader)
         return response
 
     def bound_send_buffers(transport) -> None:
@@ -296,6 +309,7 @@ def create_app(server):
         # times out: cut every stream client off at once, then drain the threads.
         for transport in list(streams):
             transport.abort()
+        writes.close()
         for hook in serving.shutdown_hooks:  # e.g. WebRTC sessions: closed while the loop runs
             await hook()
         await asyncio.to_thread(server.stop)

@@ -11,6 +11,12 @@ A stream client is one task on the event loop (app.py): it waits in `Reader.wait
 loop right after each publish, and writes what `Reader.take()` returns through aiohttp's response.
 While its socket has not taken the last write, it takes nothing: the items wait in the ring
 (drop-oldest, as above) until the socket drains or the stall clock cuts the client off.
+
+Waking is the per-client cost paid for every frame, so it is kept to the minimum asyncio allows: a
+waiting client holds one bare future (no Event, no wait_for task, no timer of its own); a publish
+resolves every waiting future in one callback on the loop; the waits' timeouts share one timer per
+Broadcast, armed for the earliest deadline (a publish wakes everyone, so it is re-armed about once
+per publish, not once per client).
 """
 from __future__ import annotations
 
@@ -40,7 +46,11 @@ class Broadcast:
         self._seq = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wakers: set[asyncio.Event] = set()  # one per waiting client; event loop thread only
+        # Event loop thread only: (future, deadline) per waiting client, and the one timer for the
+        # earliest deadline among them (None when nobody waits with a deadline pending).
+        self._waiting: list[tuple[asyncio.Future, float]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
         self._closed = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -72,9 +82,45 @@ class Broadcast:
                 pass
 
     def _set_wakers(self) -> None:
-        """On the event loop after every publish (and at close)."""
-        for waker in self._wakers:
-            waker.set()
+        """On the event loop after every publish (and at close): every waiting client is woken."""
+        waiting, self._waiting = self._waiting, []
+        self._disarm()
+        for future, _deadline in waiting:
+            if not future.done():  # a client whose task was cancelled left its future cancelled
+                future.set_result(None)
+
+    def _add_waiter(self, timeout_s: float) -> asyncio.Future:
+        """A future that a publish, the close, or `timeout_s` passing resolves (event loop thread)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        deadline = loop.time() + timeout_s
+        self._waiting.append((future, deadline))
+        if deadline < self._timer_at:
+            self._disarm()
+            self._timer, self._timer_at = loop.call_at(deadline, self._expire), deadline
+        return future
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, float("inf")
+
+    def _expire(self) -> None:
+        """The shared timer: wake the waits whose deadline has come, re-arm for the next one."""
+        self._timer, self._timer_at = None, float("inf")
+        loop = asyncio.get_running_loop()
+        now, kept = loop.time() + 0.001, []  # asyncio may run a timer a clock tick early
+        for future, deadline in self._waiting:
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_result(None)
+            else:
+                kept.append((future, deadline))
+        self._waiting = kept
+        if kept:
+            self._timer_at = min(deadline for _future, deadline in kept)
+            self._timer = loop.call_at(self._timer_at, self._expire)
 
     def subscribe(self) -> "Reader":
         """A new reader, starting at the newest item it can decode from."""
@@ -93,6 +139,12 @@ class Broadcast:
             reader = Reader(self, self._seq)
         reader._awaiting_keyframe = True
         return reader
+
+    def _evicted_past(self, cursor: int) -> int:
+        """How many items after `cursor` the ring has already dropped (a reader there lost them)."""
+        with self._lock:
+            oldest = self._items[0].seq if self._items else self._seq + 1
+        return max(0, oldest - cursor - 1)
 
     def _after(self, cursor: int) -> tuple[list[Item], int]:
         """Items newer than `cursor` and how many were already evicted (lost to this reader).
@@ -120,6 +172,12 @@ class Reader:
         self.dropped = 0
         self._awaiting_keyframe = False
 
+    @property
+    def missed(self) -> int:
+        """Items this reader lost: those counted when it took, and those the ring has dropped since
+        that it has not reached yet (a client whose socket is full takes nothing, and misses all)."""
+        return self.dropped + self.broadcast._evicted_past(self.cursor)
+
     def take(self) -> list[bytes]:
         """Every pending payload, now ([] if none): what was evicted before this reader got to it is
         counted as dropped, and a format that needs one restarts at a keyframe."""
@@ -144,13 +202,6 @@ class Reader:
         """Return once there is something to `take` (or the broadcast closed), or after `timeout_s`
         (event loop thread)."""
         bc = self.broadcast
-        if bc.closed or bc._after(self.cursor)[0]:
+        if bc.closed or bc._seq > self.cursor:  # an int read: no lock needed to see that items wait
             return
-        waker = asyncio.Event()
-        bc._wakers.add(waker)
-        try:
-            await asyncio.wait_for(waker.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            bc._wakers.discard(waker)
+        await bc._add_waiter(timeout_s)

@@ -5,6 +5,7 @@ import os
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 # Per-chunk generation latency buckets (seconds): fine from 10 ms to 500 ms, where a small block on
 # a CPU or a GPU lands, coarse above up to a real checkpoint's window of tens of seconds.
@@ -74,6 +75,7 @@ class Metrics:
         self.client_drops_total: dict[str, int] = {}
         self.clients_served: dict[str, int] = {}
         self.client_write_timeouts = 0
+        self._queued: dict[int, Callable[[], int]] = {}  # reader id -> bytes queued unsent for it, now
         self.control_refused = 0  # control requests refused before their body was read (Host, Origin, token, type)
         self._generated_times: deque[tuple[float, int]] = deque()
         # The running stream's drift monitor (runtime/drift.py DriftMonitor.status); re-anchors and
@@ -129,15 +131,38 @@ class Metrics:
             self.generator_errors += 1
             self.last_error = f"{type(error).__name__}: {error}"[:500]
 
-    def client_connected(self, fmt: str, reader) -> None:
+    def client_connected(self, fmt: str, reader, queued_bytes: Callable[[], int] | None = None) -> None:
+        """A stream client starts; `queued_bytes` says how many bytes the server holds for it unsent
+        (its transport's write buffer) when a figure is rendered."""
         with self.lock:
             self.clients[reader.id] = (fmt, reader)
             self.clients_served[fmt] = self.clients_served.get(fmt, 0) + 1
+            if queued_bytes is not None:
+                self._queued[reader.id] = queued_bytes
 
     def client_disconnected(self, fmt: str, reader) -> None:
         with self.lock:
             self.clients.pop(reader.id, None)
-            self.client_drops_total[fmt] = self.client_drops_total.get(fmt, 0) + reader.dropped
+            self._queued.pop(reader.id, None)
+            self.client_drops_total[fmt] = self.client_drops_total.get(fmt, 0) + reader.missed
+
+    def _queued_bytes(self) -> dict[int, int]:
+        """Bytes queued unsent per client id, for the clients that report it (lock held)."""
+        queued = {}
+        for rid, measure in self._queued.items():
+            try:
+                queued[rid] = int(measure())
+            except Exception:  # a transport torn down between the client's end and its bookkeeping
+                queued[rid] = 0
+        return queued
+
+    def _queued_max_per_format(self) -> dict[str, int]:
+        """The most bytes queued unsent for one client, per format (lock held)."""
+        most: dict[str, int] = {}
+        for rid, n in self._queued_bytes().items():
+            fmt = self.clients[rid][0] if rid in self.clients else "?"
+            most[fmt] = max(most.get(fmt, 0), n)
+        return most
 
     # -- reads
     def _clients_per_format(self) -> dict[str, int]:
@@ -162,7 +187,7 @@ class Metrics:
             clients = self._clients_per_format()
             drops = dict(self.client_drops_total)
             for fmt, reader in self.clients.values():
-                drops[fmt] = drops.get(fmt, 0) + reader.dropped
+                drops[fmt] = drops.get(fmt, 0) + reader.missed
             return {
                 "uptime_s": round(time.monotonic() - self.started, 4),
                 "frames_generated": self.frames_generated,
@@ -182,6 +207,7 @@ class Metrics:
                 "pacer_resyncs": self.pacer_resyncs,
                 "clients": clients,
                 "client_drops": drops,
+                "client_queued_bytes_max": self._queued_max_per_format(),
                 "client_write_timeouts": self.client_write_timeouts,
                 "clients_gone": self.clients_gone,
                 "control_refused": self.control_refused,
@@ -261,7 +287,12 @@ class Metrics:
             metric("skyrt_clients", "gauge", "Connected stream clients.",
                    [(f'{{format="{f}"}}', n) for f, n in sorted(self._clients_per_format().items())])
             metric("skyrt_client_queue_drops", "gauge", "Items a connected client missed because it read too slowly.",
-                   [(f'{{client="{rid}",format="{fmt}"}}', r.dropped) for rid, (fmt, r) in sorted(self.clients.items())])
+                   [(f'{{client="{rid}",format="{fmt}"}}', r.missed) for rid, (fmt, r) in sorted(self.clients.items())])
+            queued = self._queued_bytes()
+            metric("skyrt_client_queued_bytes", "gauge",
+                   "Bytes the server holds unsent for a connected stream client (its socket took no more).",
+                   [(f'{{client="{rid}",format="{self.clients[rid][0]}"}}', n) for rid, n in sorted(queued.items())
+                    if rid in self.clients])
             metric("skyrt_client_queue_drops_total", "counter", "Items dropped for clients that have disconnected.",
                    [(f'{{format="{f}"}}', n) for f, n in sorted(self.client_drops_total.items())])
             metric("skyrt_client_write_timeouts_total", "counter", "Clients cut off after a write stalled.",
