@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import os
@@ -89,16 +90,23 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
+@functools.lru_cache(maxsize=1)
+def _mallinfo2():
+    """glibc's mallinfo2, looked up once (a CDLL per call would make ctypes classes per call), or None."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
 def heap_figures() -> dict | None:
     """glibc's heap: bytes handed out (in_use), held free inside its arenas (free), mmapped blocks
     (mmapped); None off glibc. RSS growing with in_use flat is fragmentation, not a leak."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallinfo2 = libc.mallinfo2
-    except (OSError, AttributeError, TypeError):
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
         return None
-    mallinfo2.restype = _MallInfo2
     info = mallinfo2()
     return {"arena_bytes": info.arena, "mmapped_bytes": info.hblkhd, "mmapped_blocks": info.hblks,
             "in_use_bytes": info.uordblks + info.hblkhd, "free_in_arenas_bytes": info.fordblks,
