@@ -16,6 +16,12 @@ then silence, then a reset) and half-sent requests. Every --sample-s seconds one
 * /status: frames generated / output (fps between samples), open connections;
 * the churn's own counts: viewers now, connects, disconnects, errors, bytes, per kind.
 
+With --tracemalloc FRAMES the server runs with $SKYRT_TRACEMALLOC (runtime/server/memtrace.py):
+every sample adds glibc's heap figures (bytes in use vs held free) and Python's traced total, and
+every --tracemalloc-every-s a memory snapshot (GET /debug/memory, with the control token) adds the
+allocation sites and object types that grew since the first one (`tracemalloc` in the JSON).
+--tracemalloc 0 adds the heap figures and object counts without tracing (RSS stays comparable).
+
 Each sample is appended to --out (JSON, written atomically every sample: a killed run still leaves
 its results). At the end (or with --plot-only JSON) a summary per series: the median of the first
 10 minutes vs the median of the last 10 minutes, the least-squares slope per hour over the samples
@@ -60,6 +66,9 @@ MIB = 1 << 20
 # counts once viewers leave, up to the few that are connected at the moment of a sample.
 THRESHOLDS = {
     "rss_total_bytes": {"relative": 0.10, "absolute": 32 * MIB},
+    # The serving process alone (the tree's total hides it under the generator child's ~500 MiB): it
+    # holds no state per frame or per viewer, so past start-up only allocator noise should move it.
+    "server_rss_bytes": {"relative": 0.0, "absolute": 4 * MIB},
     "fds_total": {"relative": 0.0, "absolute": 12},
     "threads_total": {"relative": 0.0, "absolute": 8},
     "hls_files_on_disk": {"relative": 0.0, "absolute": 4},
@@ -365,6 +374,7 @@ def take_sample(base: str, server_pid: int, t0: float, churn: Churn, previous: d
     procs = [f for f in (process_figures(pid) for pid in process_tree(server_pid)) if f is not None]
     sample: dict = {"t_s": round(time.monotonic() - t0, 1), "time": time.time(), "processes": procs,
                     "rss_total_bytes": sum(p["rss_bytes"] for p in procs),
+                    "server_rss_bytes": procs[0]["rss_bytes"] if procs and procs[0]["pid"] == server_pid else None,
                     "fds_total": sum(p["fds"] for p in procs), "threads_total": sum(p["threads"] for p in procs),
                     "hls_files_on_disk": hls_files_on_disk(server_pid)}
     sample |= playlist_counts(base)
@@ -482,6 +492,14 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     return sum((t - mt) * (v - mv) for t, v in points) / den * 3600.0
 
 
+def series_value(sample: dict, name: str):
+    """One series' value in a sample; the serving process's RSS from its process list (samples of
+    runs before that series existed have it there too)."""
+    if name == "server_rss_bytes" and sample.get(name) is None:
+        return sample["processes"][0]["rss_bytes"] if sample.get("processes") else None
+    return sample.get(name)
+
+
 def summarize(samples: list[dict], window_s: float = WINDOW_S, thresholds: dict = THRESHOLDS) -> dict:
     """Per series: first/last window medians, slope per hour after the first window, a flat verdict."""
     if not samples:
@@ -489,7 +507,7 @@ def summarize(samples: list[dict], window_s: float = WINDOW_S, thresholds: dict 
     end = samples[-1]["t_s"]
     series = {}
     for name, tol in thresholds.items():
-        points = [(s["t_s"], float(s[name])) for s in samples if s.get(name) is not None]
+        points = [(s["t_s"], float(v)) for s in samples if (v := series_value(s, name)) is not None]
         if not points:
             continue
         first = [v for t, v in points if t <= window_s]
