@@ -16,6 +16,12 @@ then silence, then a reset) and half-sent requests. Every --sample-s seconds one
 * /status: frames generated / output (fps between samples), open connections;
 * the churn's own counts: viewers now, connects, disconnects, errors, bytes, per kind.
 
+With --tracemalloc FRAMES the server runs with $SKYRT_TRACEMALLOC (runtime/server/memtrace.py):
+every sample adds glibc's heap figures (bytes in use vs held free) and Python's traced total, and
+every --tracemalloc-every-s a memory snapshot (GET /debug/memory, with the control token) adds the
+allocation sites and object types that grew since the first one (`tracemalloc` in the JSON).
+--tracemalloc 0 adds the heap figures and object counts without tracing (RSS stays comparable).
+
 Each sample is appended to --out (JSON, written atomically every sample: a killed run still leaves
 its results). At the end (or with --plot-only JSON) a summary per series: the median of the first
 10 minutes vs the median of the last 10 minutes, the least-squares slope per hour over the samples
@@ -60,6 +66,9 @@ MIB = 1 << 20
 # counts once viewers leave, up to the few that are connected at the moment of a sample.
 THRESHOLDS = {
     "rss_total_bytes": {"relative": 0.10, "absolute": 32 * MIB},
+    # The serving process alone (the tree's total hides it under the generator child's ~500 MiB): it
+    # holds no state per frame or per viewer, so past start-up only allocator noise should move it.
+    "server_rss_bytes": {"relative": 0.0, "absolute": 4 * MIB},
     "fds_total": {"relative": 0.0, "absolute": 12},
     "threads_total": {"relative": 0.0, "absolute": 8},
     "hls_files_on_disk": {"relative": 0.0, "absolute": 4},
@@ -85,12 +94,18 @@ def get_text(url: str, timeout: float = 10.0) -> str:
         return r.read().decode(errors="replace")
 
 
-def start_server(port: int, log_path: Path) -> subprocess.Popen:
-    """`skyrt serve --port PORT` at every other default, niced to 19; its log goes to a file."""
-    env = dict(os.environ, SKYRT_TOKEN="soak-" + os.urandom(8).hex())
+def start_server(port: int, log_path: Path, tracemalloc_frames: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`skyrt serve --port PORT` at every other default, niced to 19; its log goes to a file.
+    With `tracemalloc_frames`, $SKYRT_TRACEMALLOC turns on the server's memory tracing (memtrace.py).
+    Returns the process and its control token."""
+    token = "soak-" + os.urandom(8).hex()
+    env = dict(os.environ, SKYRT_TOKEN=token)
+    env.pop("SKYRT_TRACEMALLOC", None)
+    if tracemalloc_frames is not None:
+        env["SKYRT_TRACEMALLOC"] = str(tracemalloc_frames)
     log = open(log_path, "w")
     return subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "skyrt.runtime.cli", "serve",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env), token
 
 
 def wait_ready(base: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
@@ -295,11 +310,71 @@ async def churn_loop(base: str, port: int, churn: Churn, until: float, lo: int, 
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# ------------------------------------------------------------------------------ memory tracing
+TOP_SITES = 30  # growing allocation sites / object types kept per memory snapshot
+
+
+def fetch_memory(base: str, token: str, query: str = "limit=20000") -> dict:
+    """The server's GET /debug/memory (every allocation site it traces, object counts, glibc heap)."""
+    request = urllib.request.Request(base + "/debug/memory?" + query,
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=300) as r:
+        return json.load(r)
+
+
+def site_key(site: dict) -> str:
+    """One allocation site's traceback as one string (the allocating line first)."""
+    return " <- ".join(site["where"])
+
+
+def memory_growth(baseline: dict, now: dict, top: int = TOP_SITES) -> dict:
+    """What grew between two /debug/memory answers: the `top` allocation sites and object types by
+    growth (bytes, objects), and the change of Python's traced total and of glibc's heap figures."""
+    before = {site_key(s): s for s in baseline.get("sites", [])}
+    rows = []
+    for site in now.get("sites", []):
+        old = before.pop(site_key(site), {"size": 0, "count": 0})
+        rows.append((site["size"] - old["size"], site["count"] - old["count"], site))
+    rows += [(-old["size"], -old["count"], dict(old, size=0, count=0)) for old in before.values()]  # sites gone
+    rows.sort(key=lambda r: r[0], reverse=True)
+    types_before = baseline.get("object_types", {})
+    types = sorted(((n - types_before.get(name, 0), name, n) for name, n in now.get("object_types", {}).items()),
+                   reverse=True)
+    heap_before, heap_now = baseline.get("heap") or {}, now.get("heap") or {}
+    return {"traced_bytes_growth": now.get("traced_bytes", 0) - baseline.get("traced_bytes", 0),
+            "heap_growth": {k: heap_now[k] - heap_before[k] for k in heap_now if k in heap_before},
+            "top_growing_sites": [{"size_growth": d, "count_growth": c, "size": s["size"], "count": s["count"],
+                                   "where": s["where"]} for d, c, s in rows[:top]],
+            "top_shrinking_sites": [{"size_growth": d, "count_growth": c, "where": s["where"]}
+                                    for d, c, s in sorted(rows, key=lambda r: r[0])[:5] if d < 0],
+            "top_growing_types": [{"type": name, "growth": d, "count": n} for d, name, n in types[:top] if d > 0]}
+
+
+def memory_entry(base: str, token: str, t_s: float, server_rss: int, state: dict) -> dict:
+    """One memory snapshot: Python's totals and glibc's heap now, growth since the baseline snapshot
+    (the first one taken; kept whole in `state`, only its totals go into the report)."""
+    now = fetch_memory(base, token)
+    entry = {"t_s": t_s, "server_rss_bytes": server_rss, "traced_bytes": now.get("traced_bytes"),
+             "tracemalloc_overhead_bytes": now.get("tracemalloc_overhead_bytes"), "sites_total": now.get("sites_total"),
+             "heap": now.get("heap")}
+    if "baseline" not in state:
+        state["baseline"] = now
+        entry["baseline"] = True
+    else:
+        entry |= {"since_baseline_s": round(t_s - state["baseline_t_s"], 1),
+                  "server_rss_growth": server_rss - state["baseline_rss"], **memory_growth(state["baseline"], now)}
+    state.setdefault("baseline_t_s", t_s)
+    state.setdefault("baseline_rss", server_rss)
+    return entry
+
+
 # ------------------------------------------------------------------------------ sampling
-def take_sample(base: str, server_pid: int, t0: float, churn: Churn, previous: dict | None) -> dict:
+def take_sample(base: str, server_pid: int, t0: float, churn: Churn, previous: dict | None,
+                token: str | None = None) -> dict:
     procs = [f for f in (process_figures(pid) for pid in process_tree(server_pid)) if f is not None]
     sample: dict = {"t_s": round(time.monotonic() - t0, 1), "time": time.time(), "processes": procs,
                     "rss_total_bytes": sum(p["rss_bytes"] for p in procs),
+                    "server_rss_bytes": procs[0]["rss_bytes"] if procs and procs[0]["pid"] == server_pid else None,
                     "fds_total": sum(p["fds"] for p in procs), "threads_total": sum(p["threads"] for p in procs),
                     "hls_files_on_disk": hls_files_on_disk(server_pid)}
     sample |= playlist_counts(base)
@@ -318,6 +393,12 @@ def take_sample(base: str, server_pid: int, t0: float, churn: Churn, previous: d
         dt = sample["t_s"] - previous["t_s"]
         sample["generated_fps"] = round((sample["frames_generated"] - previous["frames_generated"]) / dt, 3)
         sample["output_fps"] = round((sample["frames_output"] - previous["frames_output"]) / dt, 3)
+    if token is not None:  # memory debugging on: glibc's heap and Python's traced total (no snapshot: cheap)
+        try:
+            memory = fetch_memory(base, token, "limit=0&types=0")
+            sample |= {"heap": memory.get("heap"), "traced_bytes": memory.get("traced_bytes")}
+        except (OSError, ValueError) as err:
+            sample["memory_error"] = f"{type(err).__name__}: {err}"
     sample["viewers"] = churn.snapshot()
     return sample
 
@@ -338,8 +419,16 @@ async def soak(args) -> dict:
                          "viewers": [args.min_viewers, args.max_viewers], "kinds": KINDS, "seed": args.seed,
                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
               "thresholds": THRESHOLDS, "samples": [], "complete": False}
-    proc = start_server(port, log_path)
+    proc, token = start_server(port, log_path, args.tracemalloc)
     report["server_pid"] = proc.pid
+    traced: dict = {}  # the baseline memory snapshot (memory_entry)
+    if args.tracemalloc is not None:
+        report["config"] |= {"tracemalloc_frames": args.tracemalloc, "tracemalloc_every_s": args.tracemalloc_every_s,
+                             "tracemalloc_first_s": args.tracemalloc_first_s}
+        report["tracemalloc"] = {"snapshots": [],
+                                 "note": "growth = latest snapshot minus the first (baseline) one; the server "
+                                         "runs with $SKYRT_TRACEMALLOC, which slows it and grows its RSS by "
+                                         "the tracer's own tables (tracemalloc_overhead_bytes)"}
     try:
         wait_ready(base, proc, log_path, args.ready_timeout)
         t0 = time.monotonic()
@@ -348,7 +437,8 @@ async def soak(args) -> dict:
         viewers = asyncio.create_task(churn_loop(base, port, churn, until, args.min_viewers, args.max_viewers, args.seed))
         previous = None
         while time.monotonic() < until and proc.poll() is None:
-            sample = await asyncio.to_thread(take_sample, base, proc.pid, t0, churn, previous)
+            sample = await asyncio.to_thread(take_sample, base, proc.pid, t0, churn, previous,
+                                             token if args.tracemalloc is not None else None)
             report["samples"].append(sample)
             report["duration_s"] = sample["t_s"]
             save(report, args.out)
@@ -356,6 +446,19 @@ async def soak(args) -> dict:
                   f"threads {sample['threads_total']:4d} hls files {sample['hls_files_on_disk']:3d} "
                   f"fps {sample.get('generated_fps')} viewers {sample['viewers']['active_total']} "
                   f"connects {sum(sample['viewers']['connects'].values())}", flush=True)
+            taken = len(report.get("tracemalloc", {}).get("snapshots", []))
+            if args.tracemalloc is not None and sample["t_s"] >= args.tracemalloc_first_s + args.tracemalloc_every_s * taken:
+                server_rss = sample["processes"][0]["rss_bytes"] if sample["processes"] else 0
+                try:
+                    entry = await asyncio.to_thread(memory_entry, base, token, sample["t_s"], server_rss, traced)
+                except (OSError, ValueError) as err:
+                    entry = {"t_s": sample["t_s"], "error": f"{type(err).__name__}: {err}"}
+                report["tracemalloc"]["snapshots"].append(entry)
+                report["tracemalloc"]["latest_growth"] = {k: entry[k] for k in entry if k != "heap"}
+                save(report, args.out)
+                print(f"  memory: traced {(entry.get('traced_bytes') or 0) / MIB:.1f} MiB, growth since baseline "
+                      f"{(entry.get('traced_bytes_growth') or 0) / MIB:+.2f} MiB traced, "
+                      f"{(entry.get('server_rss_growth') or 0) / MIB:+.2f} MiB RSS", flush=True)
             if viewers.done():
                 viewers.result()  # the churn loop itself failing is a bug in this script: show it
             previous = sample
@@ -389,6 +492,14 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     return sum((t - mt) * (v - mv) for t, v in points) / den * 3600.0
 
 
+def series_value(sample: dict, name: str):
+    """One series' value in a sample; the serving process's RSS from its process list (samples of
+    runs before that series existed have it there too)."""
+    if name == "server_rss_bytes" and sample.get(name) is None:
+        return sample["processes"][0]["rss_bytes"] if sample.get("processes") else None
+    return sample.get(name)
+
+
 def summarize(samples: list[dict], window_s: float = WINDOW_S, thresholds: dict = THRESHOLDS) -> dict:
     """Per series: first/last window medians, slope per hour after the first window, a flat verdict."""
     if not samples:
@@ -396,7 +507,7 @@ def summarize(samples: list[dict], window_s: float = WINDOW_S, thresholds: dict 
     end = samples[-1]["t_s"]
     series = {}
     for name, tol in thresholds.items():
-        points = [(s["t_s"], float(s[name])) for s in samples if s.get(name) is not None]
+        points = [(s["t_s"], float(v)) for s in samples if (v := series_value(s, name)) is not None]
         if not points:
             continue
         first = [v for t, v in points if t <= window_s]
@@ -499,6 +610,14 @@ def main() -> None:
     p.add_argument("--max-viewers", type=int, default=8)
     p.add_argument("--seed", type=int, default=36)
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the first frame")
+    p.add_argument("--tracemalloc", type=int, default=None, metavar="FRAMES",
+                   help="trace the serving process's Python allocations (tracemalloc, tracebacks FRAMES deep; "
+                        "slows it) and write the allocation sites and object types that grow, and glibc's heap "
+                        "figures per sample, into the JSON; 0: heap figures and object counts only, no "
+                        "tracing; default off")
+    p.add_argument("--tracemalloc-every-s", type=float, default=300.0, help="seconds between memory snapshots")
+    p.add_argument("--tracemalloc-first-s", type=float, default=300.0,
+                   help="when the first (baseline) memory snapshot is taken: after start-up growth")
     p.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="summarize and plot an existing run")
     args = p.parse_args()
     if args.plot_only is not None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from .app import create_app
 from .connections import ConnectionLimits, guarded_runner, install_log_rate_limit, listen
 from .generator_process import PipelineSpec, ProcessPipeline
+from .memtrace import start_from_env as start_memory_tracing
 from .playlist import Limits, Playlist, PlaylistItem, PromptBoard, PromptChange, RequestError, load_playlist
 from .schedule import Schedule, ScheduleEntry, load_schedule, parse_schedule
 from .stream_server import FORMATS, ServerConfig, StreamServer
@@ -51,6 +52,7 @@ def serve(pipe, sampling: "Settings | dict", config: ServerConfig = ServerConfig
     startup_cancelled: a threading.Event; set while the model loads, the child is ended and
     StartupInterrupted raised (`skyrt serve` sets it on SIGTERM).
     schedule: a Schedule (schedule.py: `load_schedule`) run by the wall clock instead of a playlist."""
+    start_memory_tracing()  # only with $SKYRT_TRACEMALLOC (memtrace.py): soaks looking for growth
     if host_is_name(host) and host.lower() not in config.allowed_hosts:
         config = dataclasses.replace(config, allowed_hosts=(*config.allowed_hosts, host.lower()))
     if isinstance(pipe, PipelineSpec):

@@ -33,6 +33,7 @@ except ImportError:  # Python 3.10: aiohttp's own dependency
 from .connections import admission
 from .guard import (MAX_JSON_DEPTH, Refusal, check_content_type, check_host, check_origin, json_depth_exceeds,
                     token_matches)
+from .memtrace import add_debug_routes
 from .outputs import Serving
 from .playlist import RequestError, parse_playlist, parse_prompt_change
 from .schedule import add_schedule_routes
@@ -300,6 +301,7 @@ def create_app(server):
         if output.add_routes is not None:
             output.add_routes(app, serving)
     add_off_routes(app, server)
+    add_debug_routes(app, server, authorized, _error)  # GET /debug/memory: only with $SKYRT_TRACEMALLOC, token only
 
     async def start(_app):
         server.start(asyncio.get_running_loop())
