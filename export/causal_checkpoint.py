@@ -30,12 +30,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from skyrt.runtime.model_config import DiTConfig
 
-from .checkpoint import CheckpointError, StateDict, cast_floats, load_strict
+from .checkpoint import CheckpointError, StateDict, cast_floats, check_keys_and_shapes, load_strict
 
 # Top-level entries of their training checkpoints that hold the generator, in order of preference.
 GENERATOR_KEYS = ("generator", "model")
@@ -201,8 +202,12 @@ def merge_lora(state: StateDict, lora: dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------ model
-def load_causal_generator(files, dtype: torch.dtype = torch.float32):
-    """The WanDiT of a causal-family folder (files: runtime.causal_family.CausalFiles), LoRA merged."""
+def load_causal_generator(files, dtype: torch.dtype = torch.float32, precision: Optional[str] = None):
+    """The WanDiT of a causal-family folder (files: runtime.causal_family.CausalFiles), LoRA merged.
+
+    precision ("fp16"/"bf16"): load straight into what an export of that precision traces (the
+    weights cast_dit would give, fp32 islands included) without the fp32 model in between, tensor by
+    tensor: the real 1.3B's fp32 model (5.7 GB) plus its cast copy never exist. `dtype` is then unused."""
     from .dit import WanDiT
 
     obj = read_pickled_checkpoint(files.checkpoint)
@@ -214,9 +219,45 @@ def load_causal_generator(files, dtype: torch.dtype = torch.float32):
         state = merge_lora(state, lora, files.lora_scale(lora_rank(lora, files.lora)), files.lora, files.checkpoint)
     with torch.device("meta"):
         model = WanDiT(config)
-    model = model.to_empty(device="cpu").to(dtype)
     source = f"{files.preset} generator weights in {files.checkpoint} ['{entry}']"
+    if precision is not None:
+        return load_cast_assign(model, state, precision, source)
+    model = model.to_empty(device="cpu").to(dtype)
     return load_strict(model, cast_floats(state, dtype), source)
+
+
+def load_cast_assign(meta_model, state: StateDict, precision: str, source: str):
+    """Load `state` into `meta_model` (built on the meta device) in the dtypes an export of
+    `precision` traces (export/onnx_export.py cast_dit on the meta model decides them, and the values
+are the ones cast_dit gives: every float rounded to the half dtype), one tensor
+    at a time: each checkpoint tensor is cast (a real copy: nothing shares the checkpoint's storage,
+    so the checkpoint can be dropped) and assigned; `state` is emptied as it goes.
+
+    Peak: the model in its export dtypes + the checkpoint (mmap-backed for a .pt read with mmap),
+    instead of the checkpoint + an fp32 copy + the fp32 model + its cast."""
+    from .onnx_export import _TORCH_DTYPES, cast_dit
+
+    half = _TORCH_DTYPES[precision]
+    cast_dit(meta_model, precision, in_place=True)  # on meta: only the per-tensor dtypes change
+    expected = meta_model.state_dict()
+    check_keys_and_shapes(expected, state, source)
+    loaded: StateDict = {}
+    for key in list(state):
+        tensor = state.pop(key)  # [shape of `key`]; released here as soon as its copy is made
+        if tensor.is_floating_point():
+            # through `half` first, the fp32 islands too: cast_dit casts the whole model and then
+            # widens the islands back, so their values are half-rounded; the same weights here
+            loaded[key] = tensor.to(half).to(expected[key].dtype, copy=True).contiguous()
+        else:
+            loaded[key] = tensor.clone()
+        del tensor
+    meta_model.load_state_dict(loaded, strict=True, assign=True)
+    del loaded
+    left = [name for name, t in [*meta_model.named_parameters(), *meta_model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: {len(left)} tensor(s) not in the checkpoint stayed unmaterialised "
+                              f"(first: {left[0]}); load without precision= (the fp32 path)")
+    return meta_model
 
 
 def checkpoint_config(files) -> DiTConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -28,15 +29,19 @@ from .vae import VAEConfig, WanVAE, convert_diffusers_vae_state_dict, infer_vae_
 
 
 def load_components(
-    spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    export_precision: Optional[str] = None,
 ) -> tuple[WanDiT, WanVAE, TextEncoder]:
     """(DiT, VAE, text encoder) of a model folder, in eval mode on `device`.
 
     The DiT takes `dtype`; the VAE and the text encoder stay fp32 (the official pipeline keeps the
     VAE in fp32; fp32 umT5 is the reference — the official code runs it in bf16).
+    export_precision ("fp16"/"bf16", causal layout): the DiT loaded straight into the dtypes an
+    export of that precision traces, tensor by tensor (export/causal_checkpoint.py load_cast_assign;
+    the real 1.3B then never exists in fp32); other layouts load `dtype` as before.
     """
     if spec.layout == "causal":
-        dit, vae, text_encoder = _load_causal(spec, dtype)
+        dit, vae, text_encoder = _load_causal(spec, dtype, export_precision)
     else:
         loader = _load_official if spec.layout == "official" else _load_diffusers
         dit, vae, text_encoder = loader(spec.path, dtype)
@@ -77,11 +82,11 @@ def _load_official(path: Path, dtype: torch.dtype):
     return dit, vae, _official_text_encoder(path, dit.config.text_len)
 
 
-def _load_causal(spec: ModelSpec, dtype: torch.dtype):
+def _load_causal(spec: ModelSpec, dtype: torch.dtype, export_precision: Optional[str] = None):
     """A causal-family preset's folder: its generator checkpoint (LoRA merged) + the Wan2.1 VAE and umT5."""
     from .causal_checkpoint import load_causal_generator
 
-    dit = load_causal_generator(spec.family, dtype)
+    dit = load_causal_generator(spec.family, dtype, precision=export_precision)
     vae = load_vae(spec.path / OFFICIAL_VAE, "official")
     text_encoder = _official_text_encoder(spec.path, dit.config.text_len)
     return dit, vae, text_encoder

@@ -535,13 +535,47 @@ def _name_output_dims(model, spec: GraphSpec, shapes: list[tuple[int, ...]]) -> 
                 dim.dim_value = int(size)
 
 
-def _initializer_bytes(model) -> int:
+def _initializer_bytes(model, base_dir: Optional[Path] = None) -> int:
+    """Bytes of the graph's initializers, in the proto or (base_dir: not loaded yet) in external files."""
     from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     total = 0
     for init in model.graph.initializer:
-        total += len(init.raw_data) if init.HasField("raw_data") else numpy_helper.to_array(init).nbytes
+        if uses_external_data(init):
+            info = ExternalDataInfo(init)
+            total += info.length if info.length else (Path(base_dir) / info.location).stat().st_size - (info.offset or 0)
+        elif init.HasField("raw_data"):
+            total += len(init.raw_data)
+        else:
+            total += numpy_helper.to_array(init).nbytes
     return total
+
+
+def _save_external_streamed(model, src_dir: Path, out_dir: Path, data_name: str, size_threshold: int = 1024) -> None:
+    """What onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+    size_threshold=...) writes for `model` once its external data (in src_dir: torch's export) were
+    loaded, without loading them all: one initializer at a time is read, appended to out_dir/data_name
+    (onnx's own writer: the same offsets) and dropped. The same files; the peak is one tensor instead
+    of the whole model's weights in the proto (2.8 GB at the real 1.3B in fp16).
+    The caller saves the graph (tensors' data now external) with onnx.save_model."""
+    import sys
+
+    from onnx.external_data_helper import (_get_attribute_tensors, _get_initializer_tensors,
+                                           load_external_data_for_tensor, save_external_data, set_external_data,
+                                           uses_external_data)
+
+    for tensor in _get_initializer_tensors(model):  # onnx writes initializers first, in this order
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(src_dir))
+        # sys.getsizeof: onnx's own size test (convert_model_to_external_data)
+        if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= size_threshold:
+            set_external_data(tensor, data_name)
+            save_external_data(tensor, str(out_dir))
+            tensor.ClearField("raw_data")
+    for tensor in _get_attribute_tensors(model):  # attributes stay in the graph (convert_attribute=False)
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(src_dir))
 
 
 def export_graph(spec: GraphSpec, out_dir: Path, opset: int, external_data_threshold: int,
@@ -552,6 +586,7 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int, external_data_thres
     shapes_only: trace without computing the activations (export/shape_trace.py; the same graph,
     for graphs in SHAPE_TRACE_GRAPHS, whose spec.args may then be uncomputed tensors)."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     tmp = out_dir / f".tmp-{spec.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -563,18 +598,19 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int, external_data_thres
             torch.onnx.export(recorder, spec.args, str(tmp / "graph.onnx"), dynamo=False,
                               opset_version=opset, input_names=spec.input_names, output_names=spec.output_names,
                               dynamic_axes=spec.dynamic_axes or None, do_constant_folding=True)
-        model = onnx.load(str(tmp / "graph.onnx"), load_external_data=True)
+        # the weights stay in torch's files until written out one by one (_save_external_streamed)
+        model = onnx.load(str(tmp / "graph.onnx"), load_external_data=False)
         _name_output_dims(model, spec, recorder.shapes)
         target = out_dir / f"{spec.name}.onnx"
         data_name = f"{spec.name}.onnx.data"
         for stale in (target, out_dir / data_name):
             stale.unlink(missing_ok=True)
-        external = _initializer_bytes(model) > external_data_threshold
+        external = _initializer_bytes(model, tmp) > external_data_threshold
         if external:
-            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            _save_external_streamed(model, tmp, out_dir, data_name, size_threshold=1024)
         else:
-            onnx.save_model(model, str(target))
+            load_external_data_for_model(model, str(tmp))
+        onnx.save_model(model, str(target))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     onnx.checker.check_model(str(target), full_check=False)  # path-based: covers external data
@@ -679,7 +715,12 @@ def export_onnx(
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown:
         raise ValueError(f"unknown graph(s) {', '.join(unknown)}; known: {', '.join(GRAPHS)}")
-    dit, vae, text_encoder = components or load_components(spec, dtype=torch.float32)
+    traced_precision = FP8_BASE_PRECISION if profile.precision == "fp8" else profile.precision
+    # a folder loaded here goes straight into the traced dtypes (causal layout: tensor by tensor, no
+    # fp32 model in between: 5.7 GB + its cast at the real 1.3B); cast_dit below is then a no-op
+    low_memory = components is None and traced_precision != "fp32"
+    dit, vae, text_encoder = components or load_components(
+        spec, dtype=torch.float32, export_precision=traced_precision if low_memory else None)
     cfg = dit.config
     if cfg.model_type != "t2v":
         raise ValueError(f"model_type={cfg.model_type!r}: the ONNX export covers t2v DiTs (SkyReels-V2 DF); "
@@ -690,7 +731,6 @@ def export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     if trace not in TRACES:
         raise ValueError(f"trace={trace!r} is not one of {TRACES}")
-    traced_precision = FP8_BASE_PRECISION if profile.precision == "fp8" else profile.precision
     # a folder loaded here is ours: cast in place (a 1.3B fp32 DiT is 5.7 GB; its copy would double it)
     graph_dit = cast_dit(dit, traced_precision, in_place=components is None)
     del dit
