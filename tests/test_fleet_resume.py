@@ -98,6 +98,8 @@ def test_a_fleet_restart_continues_each_stream_with_its_schedule_and_threads(off
         wait_until(lambda: snapshot_blocks(still) >= stopped_at + 4, 120, fleet.log_tail)
         data = still.read_bytes()  # one whole file (written by rename)
         kept = _status(fleet, "still")["generator_process"]["snapshots"]
+        # The schedule came back with the stream: its entry is what the fresh stream generates.
+        wait_until(lambda: _status(fleet, "clock")["prompt_active"] == SCHEDULED, 60, fleet.log_tail)
         restarted = _status(fleet, "clock")
         described = get_json(f"{fleet.url}/streams/clock/schedule")
         fleet.stop()
@@ -107,9 +109,58 @@ def test_a_fleet_restart_continues_each_stream_with_its_schedule_and_threads(off
     assert (refused["resumes"], refused["refusals"]) == (0, 1), refused
     assert "other settings: shift was" in refused["last_refusal"], refused
     assert restarted["generator_process"]["threads"]["torch"] == 2
-    assert restarted["prompt_active"] == SCHEDULED  # the schedule came back with the stream
     assert described["entries"] == put["entries"] and described["current"]["index"] == 0
 
     header = snapshot_header(data)
     assert header["state"]["blocks"] >= stopped_at + 4
     assert_same_stream_state(snapshot_arrays(data), uninterrupted_state(official_pipeline, header))
+
+
+def test_a_gpu_worker_resumes_the_streams_it_runs_from_their_snapshots(official_dir, official_pipeline, tmp_path):
+    """A stream booked on a logical GPU generates in that GPU's worker (gpu_worker.WorkerStreams, no Ray
+    needed): its snapshot is written there at the stop, a restarted worker resumes it (the same stream state
+    as an uninterrupted run, blocks later), and one taken with other settings is refused and counted."""
+    from dataclasses import dataclass
+
+    from skyrt.runtime.fleet.gpu_worker import WorkerStreams
+    from skyrt.runtime.fleet.shared_models import ModelCache, model_key
+    from skyrt.runtime.server.generator_process import PipelineSpec
+
+    @dataclass(frozen=True)
+    class Loaded(PipelineSpec):
+        def load(self):  # the weights this session loaded already (each worker "loads" the same copy)
+            return official_pipeline
+
+    path = tmp_path / "s.stream.npz"
+    spec = Loaded(str(official_dir), snapshot_path=str(path), snapshot_every_s=0)  # 0: only when asked
+    key = model_key(spec, "fp32")
+
+    def request(seed: int):
+        return official_pipeline.resolve({"prompt": "a red circle", "seed": seed, "ar_step": 2, "window_blocks": 2},
+                                         stream=True).request
+
+    def run(seed: int, chunks: int) -> dict:
+        """A worker's life: open the stream, `chunks` chunks, the snapshot at the stop; its figures."""
+        worker = WorkerStreams(ModelCache(), "g0")
+        worker.open("s", 1, key, spec, request(seed), {})
+        for _ in range(chunks):
+            chunk = worker.next_chunk("s", 1)[0]
+            assert chunk.dtype.name == "uint8" and chunk.ndim == 4
+        assert worker.snapshot_now("s")
+        figures = worker.snapshot_figures("s")
+        worker.forget("s")
+        return figures
+
+    first = run(3, 3)
+    assert (first["resumes"], first["refusals"], snapshot_blocks(path)) == (0, 0, 3)
+    second = run(3, 3)  # a restarted worker
+    assert (second["resumes"], second["resumed_from_block"], second["refusals"]) == (1, 3, 0)
+    data = path.read_bytes()
+    header = snapshot_header(data)
+    assert header["state"]["blocks"] == 6
+    assert_same_stream_state(snapshot_arrays(data), uninterrupted_state(official_pipeline, header))
+
+    other = run(4, 1)  # another seed: the snapshot does not fit; a fresh stream of seed 4
+    assert (other["resumes"], other["refusals"]) == (0, 1)
+    assert "other settings: seed was 3, now 4" in other["last_refusal"], other
+    assert snapshot_blocks(path) == 1

@@ -77,37 +77,16 @@ class _SnapshotFigures:
             self.last_refusal, self.snapshots.last_refusal = self.snapshots.last_refusal, None
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=32)
-class GpuWorker:
-    """One logical GPU's process (see the module docstring). Calls come from the stream actors' threads."""
+class WorkerStreams:
+    """The stream runs of one GPU worker, on the models of its ModelCache (no Ray here): open a run
+    (from the stream's snapshot when it has one that fits), its chunks (the streams of one model take
+    turns, one chunk each), prompt changes, snapshots (resume.py's StreamSnapshots per stream) and close."""
 
-    def __init__(self, fleet: str, gpu: str):
-        from ..threads import apply_thread_count, owned_thread_count, threads_in_use
-
-        self.fleet, self.gpu = fleet, gpu
-        # Before any model loads (torch reads OMP_NUM_THREADS at import): the CPUs this actor owns.
-        apply_thread_count(owned_thread_count(ray.get_runtime_context().get_assigned_resources().get("CPU")))
-        self.models = ModelCache()
+    def __init__(self, models: ModelCache, name: str):
+        self.models, self.name = models, name
         self._streams: dict[tuple[str, int], _Run] = {}  # (stream id, n) -> its open run
         self._snapshots: dict[str, _SnapshotFigures] = {}  # stream id -> its snapshots, while attached
         self._lock = threading.Lock()
-        node_id = ray.get_runtime_context().get_node_id()
-        self.placement = {"node_id": node_id, "gpus": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid(),
-                          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-        self._threads_in_use = threads_in_use
-
-    @property
-    def threads(self) -> dict:
-        return self._threads_in_use()
-
-    def attach(self, stream_id: str, key: ModelKey, spec) -> dict:
-        """Load (or share) the stream's model; returns its layers (requests resolve against them in the
-        stream actor) and where it runs."""
-        pipe = self.models.acquire(key, stream_id, spec.load)
-        log.info("fleet %s gpu %s: stream %s on %s (%d model load(s) in this process)", self.fleet, self.gpu,
-                 stream_id, key.label(), self.models.loads)
-        return {"layers": pipe.layers, "placement": self.placement, "model_object_id": id(pipe),
-                "threads": self.threads}
 
     def _snapshots_of(self, stream_id: str, spec) -> _SnapshotFigures | None:
         """The stream's snapshots (made at its first open; None when its spec names no snapshot path)."""
@@ -146,7 +125,7 @@ class GpuWorker:
             run = self._streams.get((stream_id, n))
             figures = self._snapshots.get(stream_id)
         if run is None:
-            raise RuntimeError(f"stream {stream_id!r} run {n} is not open in gpu worker {self.gpu!r} (it restarted?)")
+            raise RuntimeError(f"stream {stream_id!r} run {n} is not open in gpu worker {self.name!r} (it restarted?)")
         started = time.monotonic()
         with self.models.lock_of(run.key):  # the streams of one model take turns, one chunk each
             try:
@@ -213,15 +192,69 @@ class GpuWorker:
         except Exception:
             pass
 
-    def detach(self, stream_id: str) -> list[str]:
-        """The stream left: its runs end and its model is freed if no other stream uses it."""
+    def forget(self, stream_id: str) -> None:
+        """The stream left the worker: its runs end, its snapshot bookkeeping goes (its file stays)."""
         self.close(stream_id, None)
         with self._lock:
             self._snapshots.pop(stream_id, None)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=32)
+class GpuWorker:
+    """One logical GPU's process (see the module docstring). Calls come from the stream actors' threads."""
+
+    def __init__(self, fleet: str, gpu: str):
+        from ..threads import apply_thread_count, owned_thread_count, threads_in_use
+
+        self.fleet, self.gpu = fleet, gpu
+        # Before any model loads (torch reads OMP_NUM_THREADS at import): the CPUs this actor owns.
+        apply_thread_count(owned_thread_count(ray.get_runtime_context().get_assigned_resources().get("CPU")))
+        self.models = ModelCache()
+        self.streams = WorkerStreams(self.models, gpu)
+        node_id = ray.get_runtime_context().get_node_id()
+        self.placement = {"node_id": node_id, "gpus": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid(),
+                          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        self._threads_in_use = threads_in_use
+
+    @property
+    def threads(self) -> dict:
+        return self._threads_in_use()
+
+    def attach(self, stream_id: str, key: ModelKey, spec) -> dict:
+        """Load (or share) the stream's model; returns its layers (requests resolve against them in the
+        stream actor) and where it runs."""
+        pipe = self.models.acquire(key, stream_id, spec.load)
+        log.info("fleet %s gpu %s: stream %s on %s (%d model load(s) in this process)", self.fleet, self.gpu,
+                 stream_id, key.label(), self.models.loads)
+        return {"layers": pipe.layers, "placement": self.placement, "model_object_id": id(pipe),
+                "threads": self.threads}
+
+    def detach(self, stream_id: str) -> list[str]:
+        """The stream left: its runs end and its model is freed if no other stream uses it."""
+        self.streams.forget(stream_id)
         freed = self.models.release(stream_id)
         for key in freed:
             log.info("fleet %s gpu %s: %s freed (no stream uses it)", self.fleet, self.gpu, key.label())
         return [key.label() for key in freed]
+
+    # The streams' runs (WorkerStreams): called from the stream actors' RemotePipeline / RemoteStream.
+    def open(self, stream_id: str, n: int, key: ModelKey, spec, request, inputs: dict) -> None:
+        self.streams.open(stream_id, n, key, spec, request, inputs)
+
+    def next_chunk(self, stream_id: str, n: int) -> tuple | None:
+        return self.streams.next_chunk(stream_id, n)
+
+    def set_prompt(self, stream_id: str, n: int, prompt: str, negative_prompt, recache: bool) -> None:
+        self.streams.set_prompt(stream_id, n, prompt, negative_prompt, recache)
+
+    def close(self, stream_id: str, n: int | None) -> None:
+        self.streams.close(stream_id, n)
+
+    def snapshot_now(self, stream_id: str) -> bool:
+        return self.streams.snapshot_now(stream_id)
+
+    def snapshot_figures(self, stream_id: str) -> dict | None:
+        return self.streams.snapshot_figures(stream_id)
 
     def info(self) -> dict:
         """Where this worker runs and which models it holds for which streams."""
