@@ -136,8 +136,9 @@ def test_a_gpu_worker_resumes_the_streams_it_runs_from_their_snapshots(official_
     key = model_key(spec, "fp32")
 
     def request(seed: int):
-        return official_pipeline.resolve({"prompt": "a red circle", "seed": seed, "ar_step": 2, "window_blocks": 2},
-                                         stream=True).request
+        settings = {"prompt": "a red circle", "seed": seed, "mode": "kvcache", "height": 32, "width": 32,
+                    "ar_step": 2, "window_blocks": 2}
+        return official_pipeline.resolve(settings, stream=True).request
 
     def run(seed: int, chunks: int) -> dict:
         """A worker's life: open the stream, `chunks` chunks, the snapshot at the stop; its figures."""
