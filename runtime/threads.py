@@ -9,7 +9,8 @@ made 72 (benchmarks/fleet.py; benchmarks/threads.py measures it under 0 / 4 / 8 
 So the generator process sets its own count before the model loads:
     --threads N   N threads; 0 leaves the libraries' own defaults (the behaviour before this flag)
     (not given)   cores this process may run on, minus SERVING_THREADS, at least 1
-A fleet stream passes the CPUs its Ray actor owns (runtime/fleet/actors.py).
+A fleet stream passes the CPUs its Ray actor owns (runtime/fleet/actors.py), and a fleet GPU worker
+(runtime/fleet/gpu_worker.py) sets its own process's count from the CPUs Ray gave it (`owned_thread_count`).
 
 torch reads OMP_NUM_THREADS when it is first imported, which in the generator child happens while
 the model loads, after `apply_thread_count`; a torch already imported is set through its own call,
@@ -59,6 +60,20 @@ def resolve_thread_count(requested: int | None, cores: int | None = None) -> Thr
     if requested == 0:
         return ThreadCount(None, "library defaults")
     return ThreadCount(requested, "--threads")
+
+
+def owned_thread_count(assigned_cpus: float | None) -> ThreadCount:
+    """The count for a process that owns `assigned_cpus` CPUs (a Ray actor's share): the whole CPUs it
+    owns, at least one (a GPU actor may own none; a fraction is less than a core)."""
+    return ThreadCount(max(1, int(assigned_cpus or 0)), "CPUs the actor owns")
+
+
+def threads_in_use() -> dict:
+    """What this process's libraries run with: OMP_NUM_THREADS and torch's intra-op threads (None while
+    torch is not loaded): what /status reports."""
+    torch = sys.modules.get("torch")
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "torch": None if torch is None else torch.get_num_threads()}
 
 
 def apply_thread_count(threads: ThreadCount, environ=os.environ) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -194,3 +195,67 @@ async def until(predicate, seconds: float = 60.0) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("timed out")
+
+
+# ---------------------------------------------------------------- stream snapshots (runtime/snapshot.py)
+def snapshot_header(data: bytes) -> dict:
+    """The JSON header of a stream snapshot's bytes."""
+    import numpy as np
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return json.loads(npz["__header__"].tobytes())
+
+
+def snapshot_arrays(data: bytes) -> dict:
+    """A stream snapshot's arrays by name (everything but the header)."""
+    import numpy as np
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files if k != "__header__"}
+
+
+def snapshot_blocks(path) -> int:
+    """The block count the snapshot at `path` was taken at; -1 while there is none (or a half-read one)."""
+    try:
+        return int(snapshot_header(Path(path).read_bytes())["state"]["blocks"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def uninterrupted_state(pipe, header: dict) -> dict:
+    """The arrays of an in-process stream of the snapshot's own request (its settings + prompt) taken to
+    the snapshot's block: what a stream never interrupted holds there."""
+    import warnings
+
+    from skyrt.runtime.request import GenerationRequest
+
+    state = header["state"]
+    request = GenerationRequest(**header["settings"], prompt=state["prompt"], negative_prompt=state["negative_prompt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        stream = pipe.stream(request=request)
+        for _ in range(state["blocks"]):
+            next(stream)
+    _, arrays = stream.export_state()
+    stream.close()
+    return arrays
+
+
+def assert_same_stream_state(resumed: dict, want: dict, tolerance: float = 1e-5) -> float:
+    """A resumed stream's snapshot arrays hold what the uninterrupted stream's do: the clean latents in
+    the ring, the blocks in flight with their sampler history, the ring K/V and the decoder caches within
+    fp32 `tolerance`; the same blocks at the same positions exactly. Returns the largest difference."""
+    import numpy as np
+
+    worst = 0.0
+    for name in ("core/store", "core/slot_latents", "core/slot_history", "core/cache_k", "core/cache_v"):
+        diff = float(np.abs(resumed[name].astype(np.float64) - want[name]).max())
+        print(f"{name}: max |resumed - uninterrupted| = {diff:.3g}")
+        worst = max(worst, diff)
+    for name in [k for k in want if k.startswith("decoder/")]:
+        worst = max(worst, float(np.abs(resumed[name] - want[name]).max()))
+    print(f"max |resumed - uninterrupted| = {worst:.3g}")
+    assert worst <= tolerance
+    for name in ("core/schedule", "core/ring", "core/ring_slot_block", "core/store_block"):
+        assert np.array_equal(resumed[name], want[name]), name  # the same blocks, at the same positions
+    return worst

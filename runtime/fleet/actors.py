@@ -77,9 +77,11 @@ def with_owned_threads(config: StreamConfig, assigned_cpus: float | None) -> Str
     the CPUs its actor owns, unless the stream sets `threads` itself. The actor's process sees every
     core of the node, so the serve default (usable cores minus one) would oversubscribe a node that
     Ray packs with several streams. At least one thread (a GPU stream may own no CPU)."""
+    from ..threads import owned_thread_count
+
     if "threads" in config.serve:
         return config
-    owned = max(1, int(assigned_cpus or 0))
+    owned = owned_thread_count(assigned_cpus).count
     return dataclasses.replace(config, serve={**config.serve, "threads": owned})
 
 
@@ -142,8 +144,10 @@ class FleetController:
     """The fleet's one owner of its streams and their state (an async actor: one event loop)."""
 
     def __init__(self, fleet: str, state_dir: str, allowed_hosts: tuple[str, ...], settings: dict | None = None):
-        self.fleet, self.allowed_hosts, self.settings = fleet, tuple(allowed_hosts), settings or {}
+        self.fleet, self.allowed_hosts = fleet, tuple(allowed_hosts)
         self.store = FleetStore(state_dir, fleet)
+        # Every stream snapshots its stream state beside the state file (unless the settings say otherwise).
+        self.settings = {"snapshot_dir": str(self.store.snapshot_dir), **(settings or {})}
         self.state: FleetState = self.store.load()
         self.actor_ids: dict[str, str] = {}
         self._probes: dict[str, asyncio.Future] = {}
@@ -238,6 +242,7 @@ class FleetController:
         if handle is not None:
             await self._stop_actor(stream_id, handle)
         del self.state.streams[stream_id]
+        self.store.forget_snapshot(stream_id)
         self.admission.release(stream_id)
         self.refused.pop(stream_id, None)
         self._save()

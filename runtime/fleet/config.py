@@ -53,6 +53,7 @@ SERVE_KEYS = {
        for f in cli_settings(exclude=(*STREAM_EXCLUDED, "prompt"))},
     "formats": list, "max_connections": int, "max_connections_per_address": int, "stall_timeout": float,
     "send_buffer_kib": int, "threads": int, "generator_stall": float,
+    "snapshot_every": float,  # seconds between stream snapshots (store.py: kept beside the state file)
 }
 # Stream keys of the fleet itself.
 FLEET_STREAM_KEYS = {"id", "prompt", "playlist", "token_file", "no_token", "gpus", "cpus", "precision"}

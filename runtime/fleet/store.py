@@ -5,6 +5,11 @@ The controller is its only writer. The file is replaced atomically (temp file, f
 runtime/atomic_file.py's `write_atomically`) and created readable by its owner only, since it holds tokens. It is
 what makes a fleet's streams outlive `skyrt fleet down` + `up`, a restarted controller, and a stream
 restarted on another node.
+
+Beside it, `<fleet>.snapshots/<stream id>.stream.npz` holds each stream's own snapshot (the stream state
+runtime/snapshot.py writes, as `skyrt serve --state` does), written by the stream's generator on the
+node it runs on: a stream restarted on the same node, or on any node when state_dir is shared storage,
+continues where its snapshot stood.
 """
 from __future__ import annotations
 
@@ -58,7 +63,12 @@ class FleetStore:
 
     def __init__(self, state_dir: str | Path, fleet: str):
         self.path = Path(state_dir).expanduser() / f"{fleet}.json"
+        self.snapshot_dir = self.path.with_name(f"{fleet}.snapshots")
         self.saves = 0
+
+    def forget_snapshot(self, stream_id: str) -> None:
+        """A removed stream's snapshot goes with it (a stream added later under its id starts fresh)."""
+        stream_snapshot_path(self.snapshot_dir, stream_id).unlink(missing_ok=True)
 
     def load(self) -> FleetState:
         """The saved state; an empty one if there is none. A file that is not a fleet state is named
@@ -81,6 +91,11 @@ class FleetStore:
                 "streams": {sid: rec.to_json() for sid, rec in state.streams.items()}}
         write_atomically(self.path, json.dumps(data, indent=1).encode())
         self.saves += 1
+
+
+def stream_snapshot_path(snapshot_dir: str | Path, stream_id: str) -> Path:
+    """Where stream `stream_id` keeps its stream snapshot (runtime/snapshot.py's format)."""
+    return Path(snapshot_dir) / f"{stream_id}.stream.npz"
 
 
 def merge_declared(state: FleetState, declared: StreamConfig, token: str | None) -> tuple[StreamRecord, bool]:

@@ -4,9 +4,15 @@
                          StreamServer and its aiohttp app on the node's address, port chosen by the OS
       ├─ watchdog      ── a generator in a fault loop, a dead generator or pacer thread, or no new
       │                   frame for `stall_s`: calls `on_fatal` (the actor exits; Ray restarts it)
-      └─ control push  ── the prompt, the playlist position and the HTTP settings layer (/settings,
-                          settings_control.py) go to `on_control` after every control request (before
-                          its 200), every playlist step, and every `position_push_s`
+      ├─ control push  ── the prompt, the playlist position, the schedule (schedule.py) and the HTTP
+      │                   settings layer (/settings, settings_control.py) go to `on_control` after every
+      │                   control request (before its 200), every playlist step or schedule switch, and
+      │                   every `position_push_s`
+      └─ snapshots     ── with `snapshot_dir`, the generator keeps the stream state in
+                          `<snapshot_dir>/<id>.stream.npz` (runtime/server/resume.py, the file `skyrt serve
+                          --state` keeps) every `snapshot_every` seconds and at the stop, and a restarted
+                          stream continues from it; one that does not fit is refused (logged, counted in
+                          /status generator_process.snapshots and /metrics) and the stream starts fresh
 
 The pipeline child is started from this long-lived thread on purpose: it dies with the thread that
 made it (PR_SET_PDEATHSIG), and this thread lives as long as the stream.
@@ -34,6 +40,7 @@ class HostSettings:
     bind: str = "127.0.0.1"  # the node's address (the actor binds the IP Ray knows the node by)
     stall_s: float = 120.0  # no new generated frame for this long after the first one is fatal
     position_push_s: float = 5.0  # the playlist's elapsed time is pushed at least this often
+    snapshot_dir: str | None = None  # the fleet's stream snapshots (store.py); None: no snapshots
 
 
 def cross_origin_video(request, response) -> None:
@@ -91,7 +98,7 @@ class StreamHost(threading.Thread):
         config = replace(config, max_webrtc_sessions_per_address=config.max_webrtc_sessions)
         prompt = replace(prompt, prompt=self.stream.prompt)
         if self._pipe is None:
-            self._pipe = (self._make_pipe or ProcessPipeline)(pipeline_spec(args))
+            self._pipe = (self._make_pipe or ProcessPipeline)(self._pipeline_spec(pipeline_spec(args)))
             self._pipe.start(self._stop_requested)  # the model loads in the child; a load error is raised here
         host = self
 
@@ -112,15 +119,31 @@ class StreamHost(threading.Thread):
             # The /settings layer saved beside it: resolved again over this start's settings, and one that
             # no longer resolves (the fleet YAML changed the stream) is logged and left out.
             server.settings_control.restore(self.control)
+            # The schedule saved with it (PUT /schedule) runs again: the entry active now shows from the first block.
+            if server.schedule.restore(self.control, server.limits):
+                server.schedule.select_now()
         server.board.on_playlist_step(self._control_dirty.set)
+        server.schedule.on_switch = self._control_dirty.set
         return server
 
+    def _pipeline_spec(self, spec):
+        """`skyrt serve`'s spec for this stream, with its snapshot in the fleet's snapshot folder."""
+        from .store import stream_snapshot_path
+
+        if self.settings.snapshot_dir is None:
+            return spec
+        path = stream_snapshot_path(self.settings.snapshot_dir, self.stream.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return replace(spec, snapshot_path=str(path))
+
     def control_snapshot(self) -> dict:
-        """What the fleet keeps for this stream: the board's snapshot (prompt, playlist and position) and
-        the HTTP settings layer under "settings", the keys a `skyrt serve --state` file holds."""
+        """What the fleet keeps for this stream: the board's snapshot (prompt, playlist and position), the
+        schedule and the HTTP settings layer under "schedule" and "settings", the keys a `skyrt serve
+        --state` file holds."""
         if self.server is None:
             return {}
-        return {**self.server.board.snapshot(), "settings": self.server.settings_control.snapshot()}
+        return {**self.server.board.snapshot(), "schedule": self.server.schedule.snapshot(),
+                "settings": self.server.settings_control.snapshot()}
 
     # -------------------------------------------------------------------------------------- run
     def run(self) -> None:

@@ -27,8 +27,9 @@ parent -> child:
     ("snapshot", stream_id)          write the stream snapshot now (resume.py), then set the shared event
     ("server_state", stream_id, d)   what the server adds to the next snapshots (JSON)
 With a snapshot path (--state), the child resumes a stream from its snapshot and writes one every
-`snapshot_every_s` (runtime/server/resume.py); ("resumed", stream_id, server_state) tells the parent
-before the first chunk of a resumed stream.
+`snapshot_every_s` (runtime/server/resume.py); ("resumed", stream_id, server_state, block) tells the parent
+before the first chunk of a resumed stream, ("snapshot_refused", stream_id, reason) that a snapshot was
+refused and the stream starts fresh (the parent counts both: `ProcessPipeline.snapshot_figures`).
 Messages of a stream the parent has closed are skipped by their id. The parent ends the child with
 SIGKILL at a stop (it holds no state worth saving); on Linux the child also dies with its parent (PDEATHSIG).
 """
@@ -92,16 +93,6 @@ def _set_threads(spec: PipelineSpec) -> None:
     apply_thread_count(ThreadCount(spec.threads, "spec"))
 
 
-def _threads_in_use() -> dict:
-    """What the loaded libraries run with: OMP_NUM_THREADS and torch's intra-op threads (if loaded)."""
-    import os
-    import sys
-
-    torch = sys.modules.get("torch")
-    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "torch": None if torch is None else torch.get_num_threads()}
-
-
 def _child_main(conn, spec: PipelineSpec, log_level: int, snapshot_done=None) -> None:
     """The child process: load the pipeline, then run the streams the parent asks for."""
     # The parent owns shutdown: Ctrl-C or a SIGTERM sent to the whole group must not kill this
@@ -111,13 +102,15 @@ def _child_main(conn, spec: PipelineSpec, log_level: int, snapshot_done=None) ->
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     _set_threads(spec)
+    from ..threads import threads_in_use
+
     try:
         pipe = spec.load()
     except BaseException as err:  # reported to the parent, which raises it where the server starts
         conn.send(("load_failed", type(err).__name__, str(err), traceback.format_exc()))
         return
     conn.send(("loaded", {"model": spec.model, "backend": spec.backend, "device": spec.device, "layers": pipe.layers,
-                          "threads": _threads_in_use()}))
+                          "threads": threads_in_use()}))
     try:
         _ChildLoop(conn, pipe, _snapshots(spec), snapshot_done).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -138,6 +131,7 @@ class _ChildLoop:
         self.stream, self.stream_id = None, None
         self.snapshots, self.snapshot_done = snapshots, snapshot_done
         self.request, self.inputs, self.resuming = None, {}, False
+        self.resumed_block = None  # the block of the snapshot being resumed
 
     def run(self) -> None:
         while True:
@@ -154,6 +148,8 @@ class _ChildLoop:
             self.request, self.inputs = message[2], message[3]
             snapshot = None if self.snapshots is None else self.snapshots.load(self.request)
             self.resuming = snapshot is not None
+            self.resumed_block = None if snapshot is None else snapshot.state.get("blocks")
+            self._tell_refusal()
             try:
                 self.stream = self.pipe.stream(request=self.request, resume=snapshot, **self.inputs)
             except Exception as err:
@@ -182,6 +178,7 @@ class _ChildLoop:
         except Exception as err:
             if self.resuming:  # the snapshot passed its checks but does not fit the stream: start fresh
                 self.snapshots.refuse(err)
+                self._tell_refusal()
                 self._close()
                 self.resuming = False
                 self._handle(("start", self.stream_id, self.request, self.inputs))
@@ -190,7 +187,7 @@ class _ChildLoop:
             return
         if self.resuming:
             self.resuming = False
-            self.conn.send(("resumed", self.stream_id, self.snapshots.server_state))
+            self.conn.send(("resumed", self.stream_id, self.snapshots.server_state, self.resumed_block))
         chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
         drift = getattr(self.stream, "drift_status", None)
         self.conn.send(("chunk", self.stream_id, chunk.shape, time.monotonic() - started, self.stream.prompt,
@@ -198,6 +195,12 @@ class _ChildLoop:
         self.conn.send_bytes(chunk.reshape(-1))  # 1-D: Connection slices a view by its first axis
         if self.snapshots is not None:
             self.snapshots.write_if_due(self.stream, self.request)
+
+    def _tell_refusal(self) -> None:
+        """A snapshot refused since the last call: the parent counts it (status, metrics)."""
+        if self.snapshots is not None and self.snapshots.last_refusal is not None:
+            self.conn.send(("snapshot_refused", self.stream_id, self.snapshots.last_refusal))
+            self.snapshots.last_refusal = None
 
     def _report(self, err: Exception) -> None:
         self.conn.send(("error", self.stream_id, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
@@ -231,6 +234,10 @@ class ProcessPipeline:
         self._snapshot_done = (self._context.Event(), self._context.Value("b", 0))  # (answered, written)
         self._stream_id = None  # the stream running in the child now
         self.threads = None  # the child's intra-op threads as it reported them at load
+        # Snapshot outcomes the child reported (resume.py): streams resumed, snapshots refused.
+        self.snapshot_resumes, self.snapshot_refusals = 0, 0
+        self.resumed_from_block: int | None = None
+        self.last_snapshot_refusal: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -328,6 +335,23 @@ class ProcessPipeline:
         self.send(("snapshot", self._stream_id))
         return answered.wait(timeout) and bool(written.value)
 
+    def snapshot_figures(self) -> dict | None:
+        """The stream snapshot's path and outcomes (None without snapshots): for /status and /metrics."""
+        if self.spec.snapshot_path is None:
+            return None
+        return {"path": self.spec.snapshot_path, "every_s": self.spec.snapshot_every_s,
+                "resumes": self.snapshot_resumes, "resumed_from_block": self.resumed_from_block,
+                "refusals": self.snapshot_refusals, "last_refusal": self.last_snapshot_refusal}
+
+    def note_snapshot(self, kind: str, detail) -> None:
+        """Count a snapshot outcome the child reported (the generator thread, reading its stream)."""
+        if kind == "resumed":
+            self.snapshot_resumes += 1
+            self.resumed_from_block = detail
+        else:
+            self.snapshot_refusals += 1
+            self.last_snapshot_refusal = detail
+
     def stop(self) -> None:
         """Kill the child (any thread; for good): it holds nothing worth saving, and a blocked
         `receive` on the generator thread returns at once."""
@@ -374,6 +398,10 @@ class ChildStream:
             kind = message[0]
             if kind == "resumed":  # a resumed stream: what the server saved with the snapshot
                 self.resumed_server_state = message[2]
+                self.owner.note_snapshot("resumed", message[3])
+                continue
+            if kind == "snapshot_refused":  # the stream starts fresh; counted
+                self.owner.note_snapshot("refused", message[2])
                 continue
             if kind == "chunk":
                 _, _, shape, seconds, prompt, self._drift = message

@@ -54,6 +54,7 @@ class StreamSnapshots:
         self.writes = 0
         self.last_size: int | None = None
         self.refused_once = False  # a snapshot whose import failed is not tried again by this process
+        self.last_refusal: str | None = None  # why the last snapshot was refused (the parent counts them)
 
     @property
     def identity(self) -> str:
@@ -69,6 +70,7 @@ class StreamSnapshots:
             snapshot = read_snapshot(self.path, request_settings(request), self.identity)
         except SnapshotRefused as err:
             log.warning("not resuming: %s; the stream starts fresh", err)
+            self.last_refusal = str(err)
             return None
         log.info("resuming the stream from snapshot %s (block %s)", self.path, snapshot.state.get("blocks"))
         return snapshot
@@ -76,6 +78,7 @@ class StreamSnapshots:
     def refuse(self, error: Exception) -> None:
         """The snapshot could not be put into the stream: say so; this process starts fresh from now on."""
         self.refused_once = True
+        self.last_refusal = f"snapshot {self.path} does not fit this stream ({error})"
         log.warning("not resuming: snapshot %s does not fit this stream (%s); the stream starts fresh",
                     self.path, error)
 

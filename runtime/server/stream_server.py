@@ -182,6 +182,7 @@ class StreamServer:
                                          video=self.video)
         self.generator.between_blocks = self.schedule.check
         self.metrics.sections.append(self.schedule.prometheus)
+        self.metrics.sections.append(self._snapshot_prometheus)
         self.settings_control = SettingsControl(self)
         if self.state is not None:
             self.state.sections["settings"] = self.settings_control.snapshot
@@ -246,8 +247,10 @@ class StreamServer:
             broadcast.close()
         if self.captioner is not None:
             self.captioner.stop()
-        # --state: the stream resumes from here (asked before the generator ends the child's stream).
-        if isinstance(self.pipe, ProcessPipeline) and self.pipe.snapshot_now(SNAPSHOT_STOP_WAIT_S):
+        # --state (or a fleet stream): the stream resumes from here (asked before the generator ends its
+        # stream). A ProcessPipeline's child writes it, a fleet GPU worker's RemotePipeline its worker.
+        snapshot_now = getattr(self.pipe, "snapshot_now", None)
+        if snapshot_now is not None and snapshot_now(SNAPSHOT_STOP_WAIT_S):
             log.info("wrote the stream snapshot for the next start")
         self.generator.stop()
         if self.stall_watchdog is not None:
@@ -317,12 +320,25 @@ class StreamServer:
         return merged
 
     def _generator_process(self) -> dict | None:
-        """The child process that runs the pipeline (None when it runs in this process)."""
+        """The child process that runs the pipeline (None when it runs in this process); a fleet stream's GPU
+        worker (runtime/fleet/gpu_worker.py) describes itself."""
         if not isinstance(self.pipe, ProcessPipeline):
-            return None
+            describe = getattr(self.pipe, "generator_status", None)
+            return None if describe is None else describe()
         pid = self.pipe.pid
         rss = process_resources(pid)[0] if pid is not None else -1
-        return {"pid": pid, "starts": self.pipe.starts, "resident_memory_bytes": rss, "threads": self.pipe.threads}
+        return {"pid": pid, "starts": self.pipe.starts, "resident_memory_bytes": rss, "threads": self.pipe.threads,
+                "snapshots": self.pipe.snapshot_figures()}
+
+    def _snapshot_prometheus(self) -> str:
+        """Streams resumed from a snapshot and snapshots refused (a fresh start), when snapshots are on."""
+        figures = getattr(self.pipe, "snapshot_figures", lambda: None)()
+        if figures is None:
+            return ""
+        return ("# HELP skyrt_snapshot_resumes_total Streams resumed from the stream snapshot.\n"
+                f"# TYPE skyrt_snapshot_resumes_total counter\nskyrt_snapshot_resumes_total {figures['resumes']}\n"
+                "# HELP skyrt_snapshot_refusals_total Stream snapshots refused (the stream started fresh).\n"
+                f"# TYPE skyrt_snapshot_refusals_total counter\nskyrt_snapshot_refusals_total {figures['refusals']}\n")
 
 
 def block_seconds(req: GenerationRequest) -> float:
