@@ -235,7 +235,7 @@ are the ones cast_dit gives: every float rounded to the half dtype), one tensor
 
     Peak: the model in its export dtypes + the checkpoint (mmap-backed for a .pt read with mmap),
     instead of the checkpoint + an fp32 copy + the fp32 model + its cast."""
-    from .onnx_export import _TORCH_DTYPES, cast_dit
+    from .dit import HALF_DTYPES as _TORCH_DTYPES, cast_dit
 
     half = _TORCH_DTYPES[precision]
     cast_dit(meta_model, precision, in_place=True)  # on meta: only the per-tensor dtypes change

@@ -25,6 +25,7 @@ Run its tests: python -m pytest tests/test_dit.py -q
 """
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -650,3 +651,26 @@ def convert_diffusers_state_dict(state: dict) -> dict:
     from .checkpoint import rename_keys
 
     return rename_keys(state, diffusers_to_official_key)
+
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # export precisions -> torch dtypes
+
+
+def cast_dit(dit: WanDiT, precision: str, in_place: bool = False) -> WanDiT:
+    """The DiT an export of `precision` traces: fp32 as is; fp16/bf16 = a copy (in_place: `dit` itself)
+    with the big matmuls in that dtype and the fp32 islands (norms, modulation tables, time/fps
+    embeddings) kept fp32 in storage too."""
+    if precision == "fp32":
+        return dit
+    half = (dit if in_place else copy.deepcopy(dit)).to(HALF_DTYPES[precision])
+    keep = [half.time_embedding, half.time_projection]
+    if half.config.inject_sample_info:
+        keep += [half.fps_embedding, half.fps_projection]
+    keep += [m for m in half.modules() if isinstance(m, (RMSNorm, LayerNorm32))]
+    for module in keep:
+        module.float()
+    with torch.no_grad():
+        for name, param in half.named_parameters():
+            if name.endswith("modulation"):
+                param.data = param.data.float()
+    return half

@@ -88,7 +88,7 @@ import torch
 from torch import nn
 
 from .cached_step import CachedStep
-from .dit import CrossKV, LayerNorm32, RMSNorm, WanDiT
+from .dit import CrossKV, WanDiT, cast_dit
 from .shape_trace import shape_only
 from .vae import WanVAE
 from skyrt.runtime.engine_manifest import file_sha256 as sha256_file  # one owner of file hashing
@@ -102,7 +102,6 @@ PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # weight-only): FP8 is a GEMM-only type in TensorRT(-RTX), so everything else stays as in the fp16 graphs.
 FP8_BASE_PRECISION = "fp16"
 FP8_GRAPHS = ("cross_kv", "dit_window", "dit_window_causal", "dit_step", "dit_step_full")
-_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 WINDOW_ATTENTION = ("full", "causal", "both")
 
 # Every graph, in export order. Groups are what a lazily exporting runtime asks for together, and
@@ -298,26 +297,6 @@ class VAEStepGraph(nn.Module):
         step = self.vae.encode_step if self.encode else self.vae.decode_step
         out, new = step(x, caches, self.first)
         return (out, *new)
-
-
-def cast_dit(dit: WanDiT, precision: str, in_place: bool = False) -> WanDiT:
-    """The DiT an export of `precision` traces: fp32 as is; fp16/bf16 = a copy (in_place: `dit` itself)
-    with the big matmuls in that dtype and the fp32 islands (norms, modulation tables, time/fps
-    embeddings) kept fp32 in storage too."""
-    if precision == "fp32":
-        return dit
-    half = (dit if in_place else copy.deepcopy(dit)).to(_TORCH_DTYPES[precision])
-    keep = [half.time_embedding, half.time_projection]
-    if half.config.inject_sample_info:
-        keep += [half.fps_embedding, half.fps_projection]
-    keep += [m for m in half.modules() if isinstance(m, (RMSNorm, LayerNorm32))]
-    for module in keep:
-        module.float()
-    with torch.no_grad():
-        for name, param in half.named_parameters():
-            if name.endswith("modulation"):
-                param.data = param.data.float()
-    return half
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from causal_checkpoints import dit_config, load_recipes, write_family_files
 from skyrt.export.causal_checkpoint import load_causal_generator
 from skyrt.export.checkpoint import CheckpointError
-from skyrt.export.onnx_export import cast_dit
+from skyrt.export.dit import cast_dit
 from skyrt.runtime.causal_family import PRESETS, find_causal_files
 
 RECIPES = load_recipes()
