@@ -121,3 +121,15 @@ def prompt_rows(recipe: dict) -> list[np.ndarray]:
     dim = recipe["dit"]["text_dim"]
     return [np.random.default_rng(p["seed"]).standard_normal((p["tokens"], dim)).astype(np.float32)
             for p in recipe["prompts"]]
+
+
+def model_folders(recipes: dict[str, dict], tmp_path_factory) -> dict[str, Path]:
+    """One model folder per recipe name; recipes sharing weights share a folder (written once)."""
+    out: dict[str, Path] = {}
+    by_weights: dict[str, Path] = {}
+    for name, recipe in recipes.items():
+        key = recipe["weights_sha256"]
+        if key not in by_weights:
+            by_weights[key] = write_model_folder(recipe, tmp_path_factory.mktemp(name) / "model")
+        out[name] = by_weights[key]
+    return out

@@ -97,6 +97,15 @@ def wait_until(predicate, timeout: float, message=lambda: "timed out"):
         time.sleep(0.2)
 
 
+def get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """(status, body) of a GET; 4xx/5xx do not raise."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
 def get_json(url: str, timeout: float = 5.0):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())

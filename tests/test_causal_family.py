@@ -32,8 +32,8 @@ import torch
 
 import skyrt
 import causal_rollout_reference
-from causal_checkpoints import (FIXTURES, dit_config, generator_weights, load_recipes, lora_weights, prompt_context,
-                                weights_digest, write_family_files, write_model_folder)
+from causal_checkpoints import (FIXTURES, dit_config, generator_weights, load_recipes, lora_weights, model_folders,
+                                prompt_context, weights_digest, write_family_files)
 from rolling_forcing_reference import Variant, rolling_forcing_latents
 from skyrt.export.causal_checkpoint import load_causal_generator
 from skyrt.export.checkpoint import CheckpointError
@@ -58,13 +58,7 @@ def fixture(name: str):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     """One model folder per checkpoint layout (recipes sharing weights share a folder)."""
-    out: dict[str, Path] = {}
-    for name, recipe in RECIPES.items():
-        key = recipe["weights_sha256"]
-        if key not in out:
-            out[key] = write_model_folder(recipe, tmp_path_factory.mktemp(name) / "model")
-        out[name] = out[key]
-    return out
+    return model_folders(RECIPES, tmp_path_factory)
 
 
 def load_preset(folders, name: str, preset: str | None = None, **options):

@@ -7,12 +7,10 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
-from serving import require_tool, running_server, wait_until
+from serving import get, require_tool, running_server, wait_until
 from test_server_browser import _chromium, _watch_page
 
 from skyrt.runtime.server.broadcast import Broadcast
@@ -124,14 +122,6 @@ def test_every_preload_hint_names_a_part_that_is_then_made():
     assert any(name.endswith("_0.m4s") and at > 0 for name, at in settled.items())  # a next segment's first part
 
 # ---------------------------------------------------------------- a real server
-def get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
 @pytest.fixture(scope="module")
 def server(official_dir):
     with running_server(official_dir, "--formats", "hls") as (base, proc):

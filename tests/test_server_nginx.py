@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 from benchmark_scripts import load_benchmark
-from serving import free_port, get_json, require_tool, running_server, wait_until
+from serving import free_port, get, get_json, require_tool, running_server, wait_until
 
 crowd = load_benchmark("nginx_crowd")
 
@@ -33,14 +33,6 @@ def fetch_error(url: str) -> str:
             return f"HTTP {r.status}: {r.read()[:300]!r}"
     except Exception as err:  # what the wait saw, for the failure message
         return f"{type(err).__name__}: {err}"
-
-
-def get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
 
 
 HINT = re.compile(r'PRELOAD-HINT:TYPE=PART,URI="(llpart_\w+?_(\d+)_(\d+)\.m4s)"')

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import skyrt
-from causal_checkpoints import load_recipes, write_model_folder
+from causal_checkpoints import load_recipes, model_folders
 from skyrt.export import torch_backend as tb
 from skyrt.export.static_step import FULL
 from skyrt.runtime import kvcache
@@ -46,13 +46,7 @@ STEP_TOLERANCE = 1e-6
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    out, by_weights = {}, {}
-    for name, recipe in RECIPES.items():
-        key = recipe["weights_sha256"]
-        if key not in by_weights:
-            by_weights[key] = write_model_folder(recipe, tmp_path_factory.mktemp(name) / "model")
-        out[name] = by_weights[key]
-    return out
+    return model_folders(RECIPES, tmp_path_factory)
 
 
 def load(folders, name: str, **options):
